@@ -1,0 +1,160 @@
+"""Δ (the selective time step) of a Mamba layer, and the delta-sensitive channels (METHODS.md §4).
+
+Δ is recomputed from the captured mixer input (ssm.py) and every forward is verified against the
+mixer's real output before any Δ is used.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models import get_adapter, require_mamba
+from ssm import MixerInternals, ReconstructionCheck, check_reconstruction, recompute_mixer
+from utils import trace
+
+logger = logging.getLogger(__name__)
+
+
+def mixer_internals(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                    ) -> tuple[MixerInternals, ReconstructionCheck]:
+    """Run the model up to layer `layer_idx`'s mixer, recompute the mixer's internals from its input and
+    verify them against its real output (ReconstructionError on mismatch)."""
+    adapter = get_adapter(model)
+    require_mamba(adapter)
+    path = adapter.mixer_path(layer_idx)
+    with torch.no_grad(), trace(model, [path], retain_input=True, stop=True) as traces:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    h_in, real_out = traces[path].input, traces[path].output  # (b, L, d) each
+    internals = recompute_mixer(adapter.mixer(layer_idx), h_in, attention_mask)
+    return internals, check_reconstruction(internals.out, real_out)
+
+
+def extract_deltas(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Δ of layer `layer_idx` for `input_ids` (b, L): a float32 tensor (b, L, e), verified."""
+    return mixer_internals(model, layer_idx, input_ids, attention_mask)[0].delta
+
+
+@dataclass
+class DeltaStats:
+    """Per-channel Δ statistics of one layer over a text set (METHODS §4). Arrays have shape (e,)."""
+
+    layer: int
+    n_texts: int
+    n_tokens: int
+    mean_delta: np.ndarray  # mean Δ over every token of every text
+    text_variance: np.ndarray  # variance across texts of each text's mean Δ (ddof=0): the ranking key
+    token_variance: np.ndarray  # within-text variance over tokens (ddof=0), averaged over texts
+    max_reconstruction_error: float  # worst max|ours - real| / max|real| over the texts
+    reconstruction_tolerance: float
+    example_delta: np.ndarray  # (L, e) Δ of the first text, for the heatmap
+    example_tokens: list[str] = field(default_factory=list)
+
+    def top(self, k: int) -> list[tuple[int, float]]:
+        """The k channels with the highest across-text variance, highest first: [(channel, variance)]."""
+        order = np.argsort(-self.text_variance, kind="stable")[:k]
+        return [(int(c), float(self.text_variance[c])) for c in order]
+
+    def to_dict(self, top_k: int) -> dict:
+        return {
+            "layer": self.layer, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
+            "n_channels": int(self.mean_delta.shape[0]),
+            "top_neurons": [{"channel": c, "variance": v, "mean_delta": float(self.mean_delta[c]),
+                             "token_variance": float(self.token_variance[c])} for c, v in self.top(top_k)],
+            "per_channel": {"mean_delta": self.mean_delta, "text_variance": self.text_variance,
+                            "token_variance": self.token_variance},
+            "reconstruction": {"max_relative_error": self.max_reconstruction_error,
+                               "tolerance": self.reconstruction_tolerance},
+            "definitions": {
+                "text_variance": "variance across texts (ddof=0) of the per-text mean of Δ over tokens",
+                "token_variance": "variance over the tokens of one text (ddof=0), averaged over texts",
+                "mean_delta": "mean of Δ over all tokens of all texts",
+            },
+        }
+
+
+def delta_channel_statistics(model, tokenizer, texts_ids: list[torch.Tensor], layer_idx: int = 0,
+                             progress: bool = True) -> DeltaStats:
+    """Δ statistics over texts, each given as input ids (1, L_i); at least two texts are needed for an
+    across-text variance."""
+    from tqdm.auto import tqdm
+
+    require_mamba(get_adapter(model))
+    if len(texts_ids) < 2:
+        raise ValueError(f"delta sensitivity needs at least 2 texts (got {len(texts_ids)}): the ranking is "
+                         "a variance across texts")
+    device = next(model.parameters()).device
+    means, token_vars, n_tokens, worst, tol = [], [], 0, 0.0, None
+    total = None
+    example = None
+    for i, ids in enumerate(tqdm(texts_ids, desc=f"Δ layer {layer_idx}", disable=not progress)):
+        internals, check = mixer_internals(model, layer_idx, ids.to(device))
+        delta = internals.delta[0].double()  # (L, e)
+        means.append(delta.mean(0).cpu().numpy())  # (e,)
+        token_vars.append(delta.var(0, unbiased=False).cpu().numpy())  # (e,)
+        total = delta.sum(0) if total is None else total + delta.sum(0)  # (e,)
+        n_tokens += delta.shape[0]
+        worst, tol = max(worst, check.relative_error), check.tolerance
+        if i == 0:
+            example = internals.delta[0].cpu().numpy()  # (L, e)
+    means = np.stack(means)  # (n_texts, e)
+    tokens = [tokenizer.decode([t]) for t in texts_ids[0][0].tolist()]
+    return DeltaStats(
+        layer=layer_idx, n_texts=len(texts_ids), n_tokens=n_tokens,
+        mean_delta=(total / n_tokens).cpu().numpy(), text_variance=means.var(0),
+        token_variance=np.stack(token_vars).mean(0), max_reconstruction_error=worst,
+        reconstruction_tolerance=tol, example_delta=example, example_tokens=tokens)
+
+
+def find_delta_sensitive_neurons(model, tokenizer, texts, layer_idx: int = 0, top_k: int = 10,
+                                 max_length: int = 256) -> list[tuple[int, float]]:
+    """The original tool's interface: texts as strings -> [(channel, variance)], highest variance first."""
+    from utils import tokenize_texts
+
+    ids = tokenize_texts(tokenizer, texts, max_length).input_ids
+    return delta_channel_statistics(model, tokenizer, ids, layer_idx).top(top_k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (consume DeltaStats only)
+# --------------------------------------------------------------------------------------------------
+def plot_delta_variance(stats: DeltaStats, top_k: int, plots_dir, prefix: str) -> str:
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    e = stats.text_variance.shape[0]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), constrained_layout=True)
+    ax1.plot(np.arange(e), stats.text_variance, lw=0.8, color="tab:blue")
+    top = stats.top(top_k)
+    ax1.scatter([c for c, _ in top], [v for _, v in top], color="tab:red", s=18, zorder=3,
+                label=f"top {len(top)} delta-sensitive channels")
+    ax1.set(xlabel="channel (e)", ylabel="variance across texts of mean Δ",
+            title=f"Δ sensitivity, layer {stats.layer} ({stats.n_texts} texts, {stats.n_tokens} tokens)")
+    ax1.legend(loc="upper right")
+    ax2.plot(np.arange(e), stats.mean_delta, lw=0.8, color="tab:green", label="mean Δ")
+    ax2.plot(np.arange(e), np.sqrt(stats.token_variance), lw=0.8, color="tab:orange",
+             label="within-text std of Δ (mean over texts)")
+    ax2.set(xlabel="channel (e)", ylabel="Δ", yscale="log")
+    ax2.legend(loc="upper right")
+    return save_figure(fig, plots_dir, f"{prefix}_delta_variance_layer{stats.layer}")
+
+
+def plot_delta_heatmap(stats: DeltaStats, plots_dir, prefix: str) -> str:
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    delta = stats.example_delta.T  # (e, L)
+    fig, ax = plt.subplots(figsize=(11, 6), constrained_layout=True)
+    im = ax.imshow(delta, aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(im, ax=ax, label="Δ")
+    L = delta.shape[1]
+    if L <= 48:
+        ax.set_xticks(range(L), [repr(t)[1:-1] for t in stats.example_tokens], rotation=90, fontsize=7)
+    ax.set(xlabel="token position", ylabel="channel (e)",
+           title=f"Δ per channel and token, layer {stats.layer}, first text ({L} tokens)")
+    return save_figure(fig, plots_dir, f"{prefix}_delta_heatmap_layer{stats.layer}_text0")

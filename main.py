@@ -1,0 +1,285 @@
+"""Mamba neuron analysis: command line and pipeline.
+
+    python main.py --model PATH_OR_HUB_ID [--layer 0] [--save_results] ...
+
+`run_comprehensive_analysis` runs the analysis stages in order and fills one `analysis_results` dict;
+`main` prints its summary, and with --save_results writes it as JSON. Exit status: 0 all stages ran
+(or did not apply), 1 a stage failed (listed in the summary), 2 bad input.
+Heavy imports live inside functions so that `--help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("mamba_neurons")
+
+# Fixed stage names, in run order (later issues add the ones not yet in STAGE_FUNCTIONS).
+ALL_STAGES = ("delta", "causal", "inter_layer", "cross_layer", "attention", "sparsity", "efficiency", "comparison")
+MAMBA_ONLY_STAGES = {"delta", "attention"}
+ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")
+DEFAULT_MODEL = "state-spaces/mamba-130m-hf"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Open up a Mamba language model neuron by neuron (and hold it against a Transformer).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face hub id or local save_pretrained folder. Supported: Mamba-1 "
+                        "(MambaForCausalLM), GPT-2, GPT-NeoX/Pythia")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (analyses compute in float32)")
+    g = p.add_argument_group("texts")
+    g.add_argument("--texts_file", default=None,
+                   help="text file, one text per line (blank lines skipped); default: WikiText-2 v1 train "
+                        "through `datasets`, or the repo's data/offline_texts.txt when that is unreachable")
+    g.add_argument("--text_limit", type=int, default=100, help="use at most this many texts (>= 1)")
+    g.add_argument("--max_length", type=int, default=256, help="truncate each text to this many tokens")
+    g = p.add_argument_group("analysis")
+    g.add_argument("--layer", type=int, default=0, help="layer to analyse (0-based)")
+    g.add_argument("--top_k", type=int, default=10, help="how many top neurons to report")
+    g.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help=f"run only these stages (space or comma separated): {', '.join(ALL_STAGES)}; "
+                        "default: every stage available in this version")
+    g.add_argument("--enable_attention", action="store_true", help="run the attention-neuron stage")
+    g.add_argument("--attention_methods", nargs="+", default=list(ATTENTION_METHODS), metavar="METHOD",
+                   help=f"attention-neuron methods: {', '.join(ATTENTION_METHODS)}")
+    g = p.add_argument_group("output")
+    g.add_argument("--save_results", action="store_true", help="write analysis_results as JSON to --output_dir")
+    g.add_argument("--output_dir", default="analysis_outputs", help="folder for the JSON results")
+    g.add_argument("--plots_dir", default="plots", help="folder for the PNG plots")
+    g.add_argument("--seed", type=int, default=0, help="random seed (torch, numpy, random)")
+    g.add_argument("--log_level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    g.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class StageContext:
+    model: object
+    tokenizer: object
+    adapter: object
+    tokens: object  # utils.TokenizedTexts
+    layer: int
+    top_k: int
+    plots_dir: str
+    prefix: str  # model label used in plot file names
+    progress: bool
+
+
+def stage_delta(ctx: StageContext):
+    import delta_extraction as de
+
+    stats = de.delta_channel_statistics(ctx.model, ctx.tokenizer, ctx.tokens.input_ids, ctx.layer, ctx.progress)
+    plots = [de.plot_delta_variance(stats, ctx.top_k, ctx.plots_dir, ctx.prefix),
+             de.plot_delta_heatmap(stats, ctx.plots_dir, ctx.prefix)]
+    return stats.to_dict(ctx.top_k), plots
+
+
+STAGE_FUNCTIONS = {"delta": stage_delta}
+
+
+def resolve_stages(requested: list[str] | None, family: str | None = None) -> list[str]:
+    """Stage names to run, in pipeline order. UserInputError for unknown or not-yet-available names,
+    or for an explicitly requested Mamba-only stage on a Transformer."""
+    from utils import UserInputError
+
+    if requested is None:
+        return [s for s in ALL_STAGES if s in STAGE_FUNCTIONS]
+    names = [n for item in requested for n in item.split(",") if n]
+    for n in names:
+        if n not in ALL_STAGES:
+            raise UserInputError(f"--stages {n}: unknown stage; choose from {', '.join(ALL_STAGES)}")
+        if n not in STAGE_FUNCTIONS:
+            raise UserInputError(f"--stages {n}: this stage is not available in this version; "
+                                 f"available: {', '.join(STAGE_FUNCTIONS)}")
+        if family is not None and family != "mamba" and n in MAMBA_ONLY_STAGES:
+            raise UserInputError(f"--stages {n}: a Mamba-only analysis, not applicable to {family}; "
+                                 "drop it from --stages or pass a Mamba model")
+    return [s for s in ALL_STAGES if s in names]
+
+
+def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: int = 10, stages=None,
+                               plots_dir="plots", max_length: int = 256, prefix: str = "model",
+                               progress: bool = True) -> dict:
+    """Run the stages in order on `texts` (strings) and return `analysis_results`:
+    {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
+    "error", "plots"}}. A failing stage is recorded and the others go on."""
+    from models import NotApplicable, get_adapter
+    from utils import tokenize_texts
+
+    adapter = get_adapter(model)
+    adapter.check_layer(layer)
+    stages = resolve_stages(stages)
+    tokens = tokenize_texts(tokenizer, texts, max_length)
+    results: dict = {"texts": {"n_texts": len(texts), "n_tokens": int(sum(tokens.lengths)),
+                               "max_length": max_length, "n_truncated": tokens.n_truncated},
+                     "architecture": adapter.describe()}
+    ctx = StageContext(model, tokenizer, adapter, tokens, layer, top_k, str(plots_dir), prefix, progress)
+    for name in stages:
+        t0 = time.perf_counter()
+        try:
+            out, plots = STAGE_FUNCTIONS[name](ctx)
+            entry = {"status": "ok", "results": out, "plots": plots}
+        except NotApplicable as exc:
+            entry = {"status": "not_applicable", "reason": str(exc)}
+        except Exception as exc:  # a failed stage is recorded with its error; the other stages go on
+            logger.debug("stage %s failed", name, exc_info=True)
+            entry = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        entry["wall_time_s"] = round(time.perf_counter() - t0, 4)
+        results[name] = entry
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------------
+def print_summary(results: dict, stages: list[str]) -> None:
+    run = results["run"]
+    print(f"\n=== Mamba neuron analysis: {run['model']} ({run['model_class']}, {run['model_source']}) ===")
+    print(f"layer {run['layer']} | {run['dtype']} on {run['device']} | seed {run['seed']}")
+    t = results["texts"]
+    print(f"texts: {t['n_texts']} from {t['source']} | {t['n_tokens']} tokens | "
+          f"{t['n_truncated']} truncated to {t['max_length']} tokens")
+    if t.get("warning"):
+        print(f"warning: {t['warning']}")
+    for name in stages:
+        e = results[name]
+        head = f"[{name}] {e['status']} ({e['wall_time_s']:.2f} s)"
+        if e["status"] == "not_applicable":
+            print(f"{head}: {e['reason']}")
+        elif e["status"] == "error":
+            print(f"{head}: {e['error']}")
+        else:
+            print(head)
+            SUMMARIES.get(name, lambda r: None)(e["results"])
+            for p in e.get("plots", []):
+                print(f"    plot: {p}")
+    for note in run.get("notes", []):
+        print(f"note: {note}")
+    errors = [n for n in stages if results[n]["status"] == "error"]
+    if errors:
+        print(f"FAILED stages: {', '.join(errors)}")
+
+
+def summarize_delta(r: dict) -> None:
+    rec = r["reconstruction"]
+    print(f"    {r['n_channels']} channels, {r['n_texts']} texts, {r['n_tokens']} tokens; mixer reconstruction "
+          f"max rel. error {rec['max_relative_error']:.2e} (tolerance {rec['tolerance']:.0e})")
+    print("    top delta-sensitive channels (variance across texts of mean Δ | mean Δ | within-text var):")
+    for n in r["top_neurons"]:
+        print(f"      channel {n['channel']:>5}: {n['variance']:.4e} | {n['mean_delta']:.4e} | "
+              f"{n['token_variance']:.4e}")
+
+
+SUMMARIES = {"delta": summarize_delta}
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+def model_prefix(name: str) -> str:
+    """A file-name-safe label for a model: hub id with '/' -> '_', or a folder's name."""
+    p = Path(name)
+    label = p.name if p.is_dir() else name.replace("/", "_")
+    return re.sub(r"[^\w.\-]+", "_", label) or "model"
+
+
+def run_metadata(args, argv, loaded, device, dtype, start) -> dict:
+    import platform
+
+    import numpy
+    import torch
+    import transformers
+
+    return {"argv": argv, "model": args.model, "model_source": loaded.source.origin,
+            "resolved_path": loaded.source.resolved_path, "model_class": type(loaded.model).__name__,
+            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
+            "layer": args.layer, "top_k": args.top_k,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "numpy": numpy.__version__},
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "notes": []}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from utils import UserInputError
+
+    try:
+        return _main(args, argv)
+    except UserInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args, argv) -> int:
+    start = time.time()
+    from utils import UserInputError
+
+    for flag, value in (("--text_limit", args.text_limit), ("--top_k", args.top_k),
+                        ("--max_length", args.max_length)):
+        if value < 1:
+            raise UserInputError(f"{flag} {value}: must be at least 1")
+    bad = [m for m in args.attention_methods if m not in ATTENTION_METHODS]
+    if bad:
+        raise UserInputError(f"--attention_methods {bad[0]}: unknown; choose from {', '.join(ATTENTION_METHODS)}")
+    stages = resolve_stages(args.stages)  # names checked before anything slow happens
+    if args.texts_file is not None:
+        from utils import read_texts_file
+
+        read_texts_file(args.texts_file)  # missing/empty file: fail before loading the model
+    from models import resolve_model_source
+
+    resolve_model_source(args.model)  # missing folder / unknown id while offline: fail in well under a second
+
+    import transformers
+
+    from models import get_adapter, load_model_and_tokenizer
+    from utils import load_texts, resolve_device, resolve_dtype, set_seed, use_agg_backend, write_json
+
+    transformers.logging.set_verbosity_error()
+    use_agg_backend()
+    set_seed(args.seed)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    loaded = load_model_and_tokenizer(args.model, device, dtype)
+    adapter = get_adapter(loaded.model)
+    adapter.check_layer(args.layer)
+    if args.stages is not None:
+        stages = resolve_stages(args.stages, adapter.family)
+    textset = load_texts(args.texts_file, args.text_limit)
+    if textset.warning:
+        logger.warning(textset.warning)
+
+    results = {"run": run_metadata(args, argv, loaded, device, dtype, start)}
+    if args.enable_attention:
+        results["run"]["notes"].append("--enable_attention: the attention stage is not part of this version "
+                                       "yet; nothing was computed for it")
+    results.update(run_comprehensive_analysis(
+        loaded.model, loaded.tokenizer, textset.texts, layer=args.layer, top_k=args.top_k, stages=stages,
+        plots_dir=args.plots_dir, max_length=args.max_length, prefix=model_prefix(args.model),
+        progress=not args.no_progress))
+    results["texts"].update(source=textset.source, warning=textset.warning)
+    results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
+    results["run"]["total_time_s"] = round(time.time() - start, 3)
+    print_summary(results, stages)
+    if args.save_results:
+        path = Path(args.output_dir) / f"{model_prefix(args.model)}_layer{args.layer}_results.json"
+        write_json(path, results)
+        print(f"results: {path}")
+    return 1 if any(results[s]["status"] == "error" for s in stages) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Model loading and architecture adapters.
+
+An adapter names, for one model family, where its layers live and where each neuron *site* is
+(METHODS.md §5): the module path to hook, whether the site is that module's input or output, and its
+width. Everything else in the tool addresses layers and sites through the adapter, never by raw path
+or raw `hidden_states` index (those differ between families: HF Mamba's has no embedding entry and
+ends with the final norm's output; GPT-2's starts with the embeddings and its last entry is the last
+layer's output after the final norm).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils import UserInputError, hub_offline, hub_reachable
+
+logger = logging.getLogger(__name__)
+
+class NotApplicable(Exception):
+    """An analysis that does not apply to this architecture (e.g. Δ on a Transformer)."""
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    path: str  # module path template with {layer}
+    capture: str  # "output" or "input" of that module
+    size_attr: str  # adapter attribute holding the site's width
+    description: str
+
+
+@dataclass(frozen=True)
+class Site:
+    """One neuron site at one layer: hook `path`, read its `capture`, `size` dimensions."""
+
+    name: str
+    layer: int
+    path: str
+    capture: str
+    size: int
+
+
+class ArchitectureAdapter:
+    family: str = ""
+    layers_path: str = ""
+    sites: dict[str, SiteSpec] = {}
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:  # d
+        return int(self.config.hidden_size)
+
+    @property
+    def inner_size(self) -> int:  # e (Mamba d_inner) or the MLP width
+        raise NotImplementedError
+
+    @property
+    def is_mamba(self) -> bool:
+        return self.family == "mamba"
+
+    def check_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.n_layers:
+            raise UserInputError(
+                f"--layer {layer} is out of range for this {self.family} model with {self.n_layers} layers; "
+                f"valid layers are 0..{self.n_layers - 1}")
+        return layer
+
+    def layer_path(self, layer: int) -> str:
+        return f"{self.layers_path}.{self.check_layer(layer)}"
+
+    def site(self, name: str, layer: int) -> Site:
+        if name not in self.sites:
+            raise UserInputError(
+                f"site {name!r} does not exist for {self.family}; choose one of {', '.join(self.sites)}")
+        spec = self.sites[name]
+        return Site(name, self.check_layer(layer), spec.path.format(layer=layer), spec.capture,
+                    int(getattr(self, spec.size_attr)))
+
+    def describe(self) -> dict:
+        return {"family": self.family, "n_layers": self.n_layers, "hidden_size": self.hidden_size,
+                "inner_size": self.inner_size,
+                "sites": {n: {"path": s.path, "capture": s.capture, "size": int(getattr(self, s.size_attr)),
+                              "description": s.description} for n, s in self.sites.items()}}
+
+
+class MambaAdapter(ArchitectureAdapter):
+    family = "mamba"
+    layers_path = "backbone.layers"
+    sites = {
+        "mixer_out": SiteSpec("backbone.layers.{layer}.mixer", "output", "hidden_size",
+                              "mixer output before the residual add (d)"),
+        "ssm": SiteSpec("backbone.layers.{layer}.mixer.out_proj", "input", "inner_size",
+                        "u = y * SiLU(z), the gated scan output entering out_proj (e)"),
+        "residual": SiteSpec("backbone.layers.{layer}", "output", "hidden_size",
+                             "residual stream after the block (d)"),
+    }
+
+    @property
+    def inner_size(self) -> int:
+        return int(self.config.intermediate_size)
+
+    def mixer(self, layer: int):
+        return self.model.backbone.layers[self.check_layer(layer)].mixer
+
+    def mixer_path(self, layer: int) -> str:
+        return f"{self.layer_path(layer)}.mixer"
+
+
+def _transformer_sites(block: str, attn: str) -> dict[str, SiteSpec]:
+    return {
+        "mlp": SiteSpec(block + ".mlp.act", "output", "inner_size", "MLP hidden units after the activation"),
+        "attn_out": SiteSpec(block + "." + attn, "output", "hidden_size", "attention output (d)"),
+        "mlp_out": SiteSpec(block + ".mlp", "output", "hidden_size", "MLP output (d)"),
+        "residual": SiteSpec(block, "output", "hidden_size", "residual stream after the block (d)"),
+    }
+
+
+class GPT2Adapter(ArchitectureAdapter):
+    family = "gpt2"
+    layers_path = "transformer.h"
+    sites = _transformer_sites("transformer.h.{layer}", "attn")
+
+    @property
+    def inner_size(self) -> int:
+        return int(self.config.n_inner or 4 * self.config.hidden_size)
+
+
+class GPTNeoXAdapter(ArchitectureAdapter):
+    family = "gpt_neox"
+    layers_path = "gpt_neox.layers"
+    sites = _transformer_sites("gpt_neox.layers.{layer}", "attention")
+
+    @property
+    def inner_size(self) -> int:
+        return int(self.config.intermediate_size)
+
+
+ADAPTERS = {"mamba": MambaAdapter, "gpt2": GPT2Adapter, "gpt_neox": GPTNeoXAdapter}
+SUPPORTED = "Mamba-1 (MambaForCausalLM), GPT-2 (GPT2LMHeadModel), GPT-NeoX/Pythia (GPTNeoXForCausalLM)"
+
+
+def require_mamba(adapter: ArchitectureAdapter, why: str = "Δ exists only in Mamba layers") -> None:
+    if not adapter.is_mamba:
+        raise NotApplicable(f"not applicable to {adapter.family}: {why}")
+
+
+def check_supported(config) -> str:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        extra = " (Mamba-2 needs its own recomputation, not built yet)" if model_type == "mamba2" else ""
+        raise UserInputError(f"architecture {model_type!r} is not supported{extra}; supported: {SUPPORTED}")
+    return model_type
+
+
+def get_adapter(model) -> ArchitectureAdapter:
+    return ADAPTERS[check_supported(model.config)](model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelSource:
+    requested: str  # what the user asked for
+    resolved_path: str | None  # the local folder the weights were read from
+    origin: str  # "local", "hub-cache" or "hub"
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    source: ModelSource
+
+    def __iter__(self):  # model, tokenizer, source = load_model_and_tokenizer(...)
+        return iter((self.model, self.tokenizer, self.source))
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or not HUB_ID.match(name)
+
+
+def _from_pretrained(name: str, local_only: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only)
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    return model, tokenizer
+
+
+def resolve_model_source(name_or_path: str) -> ModelSource:
+    """Decide where a model comes from without importing torch/transformers: an existing local folder,
+    the local Hugging Face cache, or the hub (probed for a couple of seconds at most). Bad input ->
+    UserInputError naming the value and the fix."""
+    name = str(name_or_path)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UserInputError(f"--model {name}: the folder has no config.json; "
+                                 "give a folder written by save_pretrained")
+        return ModelSource(name, str(folder.resolve()), "local")
+    if _looks_like_path(name) or folder.exists():
+        raise UserInputError(f"--model {name}: no such folder; give an existing save_pretrained folder "
+                             "or a Hugging Face hub id such as state-spaces/mamba-130m-hf")
+    cached = _cached_folder(name)
+    if cached is not None:
+        return ModelSource(name, cached, "hub-cache")
+    if not hub_reachable():
+        raise UserInputError(
+            f"--model {name}: not in the local Hugging Face cache and the hub is unreachable; "
+            "pass a local folder made with save_pretrained, or retry with network access")
+    return ModelSource(name, None, "hub")
+
+
+def load_model_and_tokenizer(name_or_path: str, device="cpu", dtype="float32") -> LoadedModel:
+    """Load a supported causal LM and its tokenizer from a local folder or a hub id, in eval mode.
+
+    A local folder (save_pretrained layout) is read directly; a hub id from the local cache when it is
+    there, else from the hub if that answers (see `resolve_model_source`). Failures are UserInputError.
+    """
+    from utils import resolve_device, resolve_dtype
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    source = resolve_model_source(name_or_path)
+    if source.origin == "local":
+        model, tokenizer = _load_or_explain(source.resolved_path, local_only=True)
+    elif source.origin == "hub-cache":
+        with hub_offline():
+            model, tokenizer = _load_or_explain(source.requested, local_only=True)
+    else:
+        model, tokenizer = _load_or_explain(source.requested, local_only=False)
+        source.resolved_path = _cached_folder(source.requested)
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    logger.info("loaded %s (%s) from %s on %s as %s", source.requested, type(model).__name__,
+                source.resolved_path, device, dtype)
+    return LoadedModel(model, tokenizer, source)
+
+
+def _load_or_explain(name: str, local_only: bool):
+    try:
+        return _from_pretrained(name, local_only)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"--model {name}: could not be loaded ({first[:200]}); "
+                             "check the hub id or the folder's contents") from None
+
+
+def _cached_folder(repo_id: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return str(Path(hit).parent) if isinstance(hit, str) else None

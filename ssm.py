@@ -1,0 +1,133 @@
+"""Selective-scan math for Mamba-1 layers, recomputed from the mixer input and the layer's weights.
+
+Shape glossary (used in the shape comments throughout the project):
+    b  batch            l / L  sequence length
+    d  d_model (hidden_size)        e  d_inner (intermediate_size = expand * d)
+    n  SSM state size   r  dt rank  k  conv kernel width
+
+The recomputation follows METHODS.md §1 step by step, in float32 whatever the model's dtype, and is
+verified by `check_reconstruction`: `out_proj(u)` must equal the mixer's real output. Hugging Face does
+not call `conv1d` / `dt_proj` as modules (and fuses everything on CUDA), so hooks on them capture
+nothing; the mixer's *input* is the only reliable capture point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Largest allowed reconstruction error, max|ours - real| / max|real|, by the dtype the model ran in.
+# float32: the issue's 1e-4. bfloat16/float16: the model itself rounds every projection to 8 / 11
+# mantissa bits while we compute in float32, so agreement is limited by the model's own rounding.
+RECONSTRUCTION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+class ReconstructionError(RuntimeError):
+    """The recomputed mixer output does not match the model's own: the recomputed Δ cannot be trusted."""
+
+
+@dataclass
+class MixerInternals:
+    """Everything inside one Mamba-1 mixer for one input, in float32."""
+
+    x: torch.Tensor  # (b, L, e) conv1d + SiLU output: the scan input
+    z: torch.Tensor  # (b, L, e) gate
+    delta: torch.Tensor  # (b, L, e) Δ = softplus(dt_proj(dt_low))
+    B: torch.Tensor  # (b, L, n)
+    C: torch.Tensor  # (b, L, n)
+    A: torch.Tensor  # (e, n) = -exp(A_log)
+    D: torch.Tensor  # (e,)
+    y: torch.Tensor  # (b, L, e) scan output including the D skip, before the gate
+    u: torch.Tensor  # (b, L, e) y * SiLU(z), the input of out_proj
+    out: torch.Tensor  # (b, L, d) out_proj(u): must equal the mixer's output
+
+
+def mixer_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Steps 1-5 of METHODS §1: x, z, Δ, B, C, A, D from the mixer input `hidden_states` (b, L, d)."""
+    f32 = torch.float32
+    h = hidden_states.to(f32)  # (b, L, d)
+    mask = None if attention_mask is None else attention_mask.to(f32)[:, :, None]  # (b, L, 1)
+    if mask is not None:
+        h = h * mask
+    w_in = mixer.in_proj.weight.to(f32)  # (2e, d)
+    b_in = None if mixer.in_proj.bias is None else mixer.in_proj.bias.to(f32)
+    xz = F.linear(h, w_in, b_in)  # (b, L, 2e)
+    x0, z = xz.chunk(2, dim=-1)  # (b, L, e) each
+    L = h.shape[1]
+    e = x0.shape[-1]
+    conv_w = mixer.conv1d.weight.to(f32)  # (e, 1, k)
+    conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias.to(f32)
+    k = conv_w.shape[-1]
+    x = F.conv1d(x0.transpose(1, 2), conv_w, conv_b, padding=k - 1, groups=e)[..., :L]  # (b, e, L)
+    x = mixer.act(x).transpose(1, 2)  # (b, L, e)
+    if mask is not None:
+        x = x * mask
+    r, n = int(mixer.time_step_rank), int(mixer.ssm_state_size)
+    dt_low, B, C = torch.split(F.linear(x, mixer.x_proj.weight.to(f32)), [r, n, n], dim=-1)  # (b,L,r),(b,L,n)x2
+    delta = F.softplus(F.linear(dt_low, mixer.dt_proj.weight.to(f32), mixer.dt_proj.bias.to(f32)))  # (b, L, e)
+    A = -torch.exp(mixer.A_log.to(f32))  # (e, n)
+    D = mixer.D.to(f32)  # (e,)
+    return x, z, delta, B, C, A, D
+
+
+def selective_scan_reference(x, delta, A, B, C, D):
+    """Plain sequential scan (METHODS §1 step 6), the reference every faster scan is tested against.
+
+    x, delta: (b, L, e); A: (e, n); B, C: (b, L, n); D: (e,). Returns y (b, L, e), D skip included.
+    """
+    b, L, e = x.shape
+    dA = torch.exp(delta[..., None] * A)  # (b, L, e, n)  Ā_t = exp(Δ_t A)
+    dBx = delta[..., None] * B[:, :, None, :] * x[..., None]  # (b, L, e, n)  Δ_t B_t x_t
+    s = x.new_zeros(b, e, A.shape[1])  # (b, e, n)
+    ys = []
+    for t in range(L):
+        s = dA[:, t] * s + dBx[:, t]  # (b, e, n)
+        ys.append((s * C[:, t, None, :]).sum(-1))  # (b, e)
+    return torch.stack(ys, dim=1) + x * D  # (b, L, e)
+
+
+def recompute_mixer(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+                    ) -> MixerInternals:
+    """Recompute a Mamba-1 mixer's forward from its input (b, L, d), in float32, keeping every internal."""
+    with torch.no_grad():
+        x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
+        y = selective_scan_reference(x, delta, A, B, C, D)  # (b, L, e)
+        u = y * F.silu(z)  # (b, L, e)
+        w_out = mixer.out_proj.weight.to(torch.float32)  # (d, e)
+        b_out = None if mixer.out_proj.bias is None else mixer.out_proj.bias.to(torch.float32)
+        out = F.linear(u, w_out, b_out)  # (b, L, d)
+    return MixerInternals(x, z, delta, B, C, A, D, y, u, out)
+
+
+@dataclass
+class ReconstructionCheck:
+    relative_error: float  # max|ours - real| / max|real|
+    max_abs_error: float
+    tolerance: float
+    dtype: str
+
+    @property
+    def ok(self) -> bool:
+        return self.relative_error <= self.tolerance
+
+
+def check_reconstruction(recomputed_out: torch.Tensor, real_out: torch.Tensor, raise_on_mismatch: bool = True
+                         ) -> ReconstructionCheck:
+    """Compare our `out_proj(u)` (b, L, d) with the mixer's real output (b, L, d).
+
+    The tolerance depends on the dtype the model ran in (RECONSTRUCTION_TOLERANCE). A mismatch raises
+    ReconstructionError (unless `raise_on_mismatch=False`): never fall back to unverified numbers.
+    """
+    real = real_out.detach().to(torch.float32)
+    diff = (recomputed_out.to(torch.float32) - real).abs().max().item()
+    scale = real.abs().max().item()
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    tol = RECONSTRUCTION_TOLERANCE.get(real_out.dtype, 1e-4)
+    check = ReconstructionCheck(rel, diff, tol, str(real_out.dtype).replace("torch.", ""))
+    if raise_on_mismatch and not check.ok:
+        raise ReconstructionError(
+            f"recomputed mixer output differs from the model's: relative error {rel:.3g} > {tol:g} "
+            f"({check.dtype}); this transformers version's Mamba mixer may compute differently from "
+            "METHODS.md §1")
+    return check

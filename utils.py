@@ -1,0 +1,397 @@
+"""Shared plumbing: the one hook context manager, seeding, device/dtype, hub access, JSON, plots, texts.
+
+Heavy libraries (torch, transformers, datasets, matplotlib) are imported inside the functions that need
+them, so that `python main.py --help` stays fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+logger = logging.getLogger(__name__)
+
+REPO_DIR = Path(__file__).resolve().parent
+OFFLINE_TEXTS_PATH = REPO_DIR / "data" / "offline_texts.txt"
+DEFAULT_DATASET = ("Salesforce/wikitext", "wikitext-2-v1", "train")
+
+
+class UserInputError(ValueError):
+    """Bad input from the user: main.py prints the message on one line and exits with status 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early once everything asked for is captured."""
+
+
+@dataclass
+class Trace:
+    """What one hooked module saw in one forward pass (detached clones)."""
+
+    name: str
+    input: Any = None  # the module's first positional (or first keyword) input tensor
+    output: Any = None  # the module's output; the first element when the module returns a tuple
+    calls: int = 0
+
+
+def _first_tensor(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return value
+
+
+def _clone(value):
+    import torch
+
+    value = _first_tensor(value)
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+@contextlib.contextmanager
+def trace(
+    model,
+    paths: Sequence[str],
+    retain_input: bool = False,
+    retain_output: bool = True,
+    edit_output: Callable[[str, Any], Any] | None = None,
+    stop: bool = False,
+    check_fired: bool = True,
+) -> Iterator[dict[str, Trace]]:
+    """Hook the modules at `paths` (their `model.named_modules()` names) for the duration of the block.
+
+    Yields `{path: Trace}`; each Trace holds detached clones of the module's input and/or output from
+    the last call. `edit_output(path, output)` may return a replacement output (interventions).
+    With `stop=True` the forward pass is ended (and the StopForward swallowed) as soon as every hooked
+    module has run, so work after the last hooked module is skipped.
+
+    Hooks are registered on enter and removed in `finally`, also when the block raises. A path that
+    is not a module raises LookupError before anything is registered; on a normal exit, a hook that
+    never fired raises RuntimeError (so a wrong path can never yield silently empty results).
+    """
+    modules = dict(model.named_modules())
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        raise LookupError(f"no module named {missing} in {type(model).__name__}")
+    traces = {p: Trace(p) for p in paths}
+    handles = []
+
+    def make_hook(path):
+        def hook(module, args, kwargs, output):
+            t = traces[path]
+            t.calls += 1
+            if retain_input:
+                t.input = _clone(args[0] if args else next(iter(kwargs.values()), None))
+            if edit_output is not None:
+                new = edit_output(path, output)
+                output = output if new is None else new
+            if retain_output:
+                t.output = _clone(output)
+            if stop and all(tr.calls for tr in traces.values()):
+                raise StopForward
+            return output if edit_output is not None else None
+
+        return hook
+
+    try:
+        for p in paths:
+            handles.append(modules[p].register_forward_hook(make_hook(p), with_kwargs=True))
+        try:
+            yield traces
+        except StopForward:
+            pass
+        if check_fired:
+            silent = [p for p, t in traces.items() if t.calls == 0]
+            if silent:
+                raise RuntimeError(f"hooks registered on {silent} never fired during the forward pass")
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeding, device, dtype
+# --------------------------------------------------------------------------------------------------
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is available here; use --device cpu")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserInputError("--device mps: MPS is not available here; use --device cpu")
+    if name not in DEVICES:
+        raise UserInputError(f"--device {name!r} is unknown; choose one of {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str = "float32"):
+    import torch
+
+    if name not in DTYPES:
+        raise UserInputError(f"--dtype {name!r} is unknown; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub access: decide fast whether the Hugging Face hub can be reached
+# --------------------------------------------------------------------------------------------------
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True if a TCP connection to the hub endpoint opens within `timeout` s (cached per process).
+
+    HF_HUB_OFFLINE=1 in the environment means unreachable without trying.
+    """
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is not None:
+        return _HUB_REACHABLE
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        _HUB_REACHABLE = False
+        return False
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result = [False]
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result[0] = True
+        except OSError:
+            result[0] = False
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)  # getaddrinfo has no timeout of its own: never wait on it longer
+    _HUB_REACHABLE = result[0]
+    logger.info("hub %s:%s reachable: %s", host, port, _HUB_REACHABLE)
+    return _HUB_REACHABLE
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Make huggingface_hub / datasets use only their local caches inside the block (no retries)."""
+    import huggingface_hub.constants as hub_constants
+
+    saved_env = os.environ.get("HF_HUB_OFFLINE")
+    targets = [hub_constants]
+    try:
+        import datasets.config as datasets_config
+
+        targets.append(datasets_config)
+    except ImportError:
+        pass
+    saved = [(t, t.HF_HUB_OFFLINE) for t in targets]
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for t in targets:
+        t.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for t, value in saved:
+            t.HF_HUB_OFFLINE = value
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON and plots, written atomically
+# --------------------------------------------------------------------------------------------------
+def to_jsonable(value):
+    """Plain-Python copy of `value`: numpy/torch scalars and arrays become numbers and lists,
+    dataclasses become dicts, Paths become strings, and every NaN/inf becomes None (JSON null)."""
+    import dataclasses
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    mod = type(value).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return to_jsonable(value.detach().cpu().float().tolist() if value.is_floating_point()
+                               else value.detach().cpu().tolist())
+        if isinstance(value, (torch.dtype, torch.device)):
+            return str(value)
+    if mod == "numpy":
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return to_jsonable(value.tolist())
+        if isinstance(value, np.generic):
+            return to_jsonable(value.item())
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write to a temporary file in the same folder, then rename over `path` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path, data) -> Path:
+    """Atomically write `data` as strict JSON (NaN/inf as null; see `to_jsonable`)."""
+    text = json.dumps(to_jsonable(data), indent=2, allow_nan=False)
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
+
+def save_figure(fig, plots_dir, name: str) -> str:
+    """Atomically save a matplotlib figure as `plots_dir/name.png`, close it, return the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(plots_dir) / f"{name}.png"
+    try:
+        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+    return str(path)
+
+
+def use_agg_backend() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+# --------------------------------------------------------------------------------------------------
+# Texts
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TextSet:
+    texts: list[str]
+    source: str  # "wikitext-2-v1 train (datasets)", "file:PATH" or "offline:PATH"
+    warning: str | None = None
+
+
+def read_texts_file(path) -> list[str]:
+    """One text per line; blank lines are skipped. Missing or empty file -> UserInputError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"--texts_file {path}: no such file; give a text file with one text per line")
+    texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise UserInputError(f"--texts_file {path}: the file has no non-blank lines; put one text per line")
+    return texts
+
+
+def load_texts(texts_file=None, limit: int = 100) -> TextSet:
+    """The analysis texts: `texts_file` if given, else WikiText-2 (v1) train through `datasets`
+    (non-blank lines, as the original tool), else the repo's own offline texts with a warning."""
+    if limit < 1:
+        raise UserInputError(f"--text_limit {limit}: must be at least 1")
+    if texts_file is not None:
+        return TextSet(read_texts_file(texts_file)[:limit], f"file:{Path(texts_file).resolve()}")
+    name, config, split = DEFAULT_DATASET
+    try:
+        texts = _load_dataset_texts(name, config, split, limit)
+        return TextSet(texts, f"{name} {config} {split} (datasets)")
+    except (OSError, ImportError, _datasets_error()) as exc:  # unreachable or uncached: say so, use ours
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    warning = (f"default corpus {name}/{config} is not available ({reason[:160]}); "
+               f"using the {OFFLINE_TEXTS_PATH.name} texts shipped in the repo instead")
+    return TextSet(read_texts_file(OFFLINE_TEXTS_PATH)[:limit], f"offline:{OFFLINE_TEXTS_PATH}", warning)
+
+
+def _datasets_error():
+    try:
+        from datasets.exceptions import DatasetsError
+
+        return DatasetsError
+    except ImportError:
+        return ImportError
+
+
+def _load_dataset_texts(name, config, split, limit) -> list[str]:
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    ctx = contextlib.nullcontext() if hub_reachable() else hub_offline()
+    with ctx:
+        ds = datasets.load_dataset(name, config, split=split)
+    texts = []
+    for t in ds["text"]:
+        if t.strip():
+            texts.append(t.strip())
+            if len(texts) >= limit:
+                break
+    return texts
+
+
+@dataclass
+class TokenizedTexts:
+    input_ids: list  # one LongTensor (1, L_i) per text
+    n_truncated: int
+    max_length: int
+    lengths: list[int] = field(default_factory=list)
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 256) -> TokenizedTexts:
+    """Tokenize each text on its own (no padding), truncating to `max_length` tokens; empty results
+    are an error (a text the tokenizer maps to nothing cannot be analysed)."""
+    if max_length < 1:
+        raise UserInputError(f"--max_length {max_length}: must be at least 1")
+    ids, n_truncated = [], 0
+    for t in texts:
+        full = tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"]  # (1, L)
+        if full.shape[1] == 0:
+            raise UserInputError(f"text {t[:40]!r} tokenizes to no tokens; remove it from the texts")
+        if full.shape[1] > max_length:
+            n_truncated += 1
+            full = full[:, :max_length]
+        ids.append(full)
+    return TokenizedTexts(ids, n_truncated, max_length, [int(x.shape[1]) for x in ids])

@@ -249,7 +249,8 @@ def _main(args, argv) -> int:
     from models import get_adapter, load_model_and_tokenizer
     from utils import load_texts, resolve_device, resolve_dtype, set_seed, use_agg_backend, write_json
 
-    transformers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()  # kernel-fallback notices; errors still surface
+    transformers.logging.disable_progress_bar()  # stderr stays clean for our one-line errors
     use_agg_backend()
     set_seed(args.seed)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)

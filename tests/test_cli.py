@@ -1,0 +1,121 @@
+"""main.py end to end, as a user runs it: results, JSON, plots, exit codes, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+MAIN = str(REPO / "main.py")
+
+
+def run_main(args, cwd, env_extra=None, drop_offline=False):
+    env = dict(os.environ, **(env_extra or {}))
+    if drop_offline:
+        env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, MAIN, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=300)
+    p.elapsed = time.perf_counter() - t0
+    return p
+
+
+@pytest.fixture(scope="module")
+def texts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts") / "texts.txt"
+    path.write_text("\n\n".join(read_texts_file(OFFLINE_TEXTS_PATH)[:12]) + "\n")
+    return path
+
+
+def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts_file, tmp_path, tokenizer):
+    args = ["--model", str(model_dirs["mamba_b"]), "--texts_file", str(texts_file), "--layer", "1",
+            "--top_k", "4", "--max_length", "20", "--save_results", "--output_dir", "out",
+            "--plots_dir", "figs", "--seed", "3", "--no_progress"]
+    p = run_main(args, tmp_path)
+    assert p.returncode == 0, p.stderr
+    files = list((tmp_path / "out").glob("*.json"))
+    assert len(files) == 1 and files[0].name == f"{model_dirs['mamba_b'].name}_layer1_results.json"
+    res = json.loads(files[0].read_text())
+    run = res["run"]
+    assert run["argv"] == args and run["model_class"] == "MambaForCausalLM" and run["seed"] == 3
+    assert run["resolved_path"] == str(model_dirs["mamba_b"].resolve()) and run["model_source"] == "local"
+    assert {"torch", "transformers"} <= set(run["versions"]) and run["dtype"] == "float32"
+    assert set(run["stage_timings_s"]) == {"delta"} and run["start_time"].endswith("Z")
+    texts = read_texts_file(texts_file)
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert res["texts"]["n_texts"] == 12 and res["texts"]["n_truncated"] == sum(n > 20 for n in lengths)
+    assert res["texts"]["n_tokens"] == sum(min(n, 20) for n in lengths)
+
+    delta = res["delta"]
+    assert delta["status"] == "ok" and delta["wall_time_s"] > 0
+    assert delta["results"]["reconstruction"]["max_relative_error"] < 1e-4
+    # the same numbers as the library computes in this process
+    from conftest import make_model
+    from delta_extraction import find_delta_sensitive_neurons
+
+    expected = find_delta_sensitive_neurons(make_model("mamba_b"), tokenizer, texts, 1, 4, max_length=20)
+    got = [(n["channel"], n["variance"]) for n in delta["results"]["top_neurons"]]
+    assert [c for c, _ in got] == [c for c, _ in expected]
+    assert got == pytest.approx(expected, rel=1e-9)
+    for c, _ in got:
+        assert f"channel {c:>5}" in p.stdout
+    assert len(delta["plots"]) == 2
+    for plot in delta["plots"]:
+        data = (tmp_path / plot).read_bytes()
+        assert data[:4] == b"\x89PNG" and len(data) > 5000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{missing}"], "no such folder"),
+    (["--model", "{mamba}", "--layer", "5"], "valid layers are 0..2"),
+    (["--model", "{mamba}", "--texts_file", "{missing}"], "no such file"),
+    (["--model", "{mamba}", "--texts_file", "{empty}"], "no non-blank lines"),
+    (["--model", "{mamba}", "--text_limit", "0"], "--text_limit 0"),
+    (["--model", "{mamba}", "--stages", "nonsense"], "unknown stage"),
+    (["--model", "{gpt2}", "--stages", "delta"], "not applicable to gpt2"),
+    (["--model", "{mamba}", "--attention_methods", "magic"], "--attention_methods magic"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, model_dirs, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    subs = {"{missing}": str(tmp_path / "missing"), "{mamba}": str(model_dirs["mamba_b"]),
+            "{gpt2}": str(model_dirs["gpt2"]), "{empty}": str(tmp_path / "empty.txt")}
+    p = run_main([subs.get(a, a) for a in args], tmp_path)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    assert not (tmp_path / "plots").exists()
+
+
+def test_unknown_hub_id_offline_fails_fast(tmp_path):
+    p = run_main(["--model", "nobody-has/this-model-xyz"], tmp_path, drop_offline=True)
+    assert p.returncode == 2 and "hub is unreachable" in p.stderr and p.elapsed < 5
+
+
+def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_file, tmp_path):
+    p = run_main(["--model", str(model_dirs["gpt2"]), "--texts_file", str(texts_file), "--save_results",
+                  "--output_dir", "out", "--no_progress"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert res["delta"]["status"] == "not_applicable" and "not applicable to gpt2" in res["delta"]["reason"]
+    assert "not applicable to gpt2" in p.stdout
+
+
+def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp_path):
+    p = run_main(["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--text_limit", "1",
+                  "--save_results", "--output_dir", "out", "--enable_attention", "--no_progress"], tmp_path)
+    assert p.returncode == 1
+    res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert res["delta"]["status"] == "error" and "at least 2 texts" in res["delta"]["error"]
+    assert "FAILED stages: delta" in p.stdout
+    assert any("--enable_attention" in n for n in res["run"]["notes"])
+
+
+def test_help_is_fast(tmp_path):
+    p = run_main(["--help"], tmp_path)
+    assert p.returncode == 0 and "--enable_attention" in p.stdout and "attention_weighted" in p.stdout
+    assert p.elapsed < 2

@@ -1,0 +1,74 @@
+"""JSON writer, plot saver, texts."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from utils import UserInputError, load_texts, read_texts_file, to_jsonable, tokenize_texts, write_json
+
+
+def test_to_jsonable_converts_numpy_torch_and_nonfinite():
+    data = {"a": np.float32(1.5), "b": np.arange(3), "c": torch.tensor([[1.0, float("nan")]]),
+            "d": [float("inf"), -float("inf"), 2], "e": torch.tensor(7), "f": np.bool_(True),
+            "g": torch.bfloat16}
+    out = to_jsonable(data)
+    assert out == {"a": 1.5, "b": [0, 1, 2], "c": [[1.0, None]], "d": [None, None, 2], "e": 7, "f": True,
+                   "g": "torch.bfloat16"}
+    json.dumps(out, allow_nan=False)
+
+
+def test_write_json_is_atomic_and_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_json(path, {"x": np.float64(math.pi)})
+    assert json.loads(path.read_text()) == {"x": math.pi}
+    with pytest.raises(TypeError):
+        write_json(path, {"x": object()})
+    assert json.loads(path.read_text()) == {"x": math.pi}  # the earlier file is intact
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary left behind
+
+
+def test_save_figure_writes_a_png(tmp_path):
+    utils.use_agg_backend()
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = utils.save_figure(fig, tmp_path / "plots", "line")
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert not plt.get_fignums()  # closed
+
+
+def test_read_texts_file(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("first text\n\n   \nsecond text  \n")
+    assert read_texts_file(f) == ["first text", "second text"]
+    with pytest.raises(UserInputError, match="no such file"):
+        read_texts_file(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(UserInputError, match="no non-blank lines"):
+        read_texts_file(tmp_path / "empty.txt")
+    assert load_texts(f, limit=1).texts == ["first text"]
+    with pytest.raises(UserInputError):
+        load_texts(f, limit=0)
+
+
+def test_default_texts_fall_back_to_shipped_texts_with_a_warning(monkeypatch):
+    monkeypatch.setattr(utils, "_HUB_REACHABLE", False)
+    ts = load_texts(None, limit=7)  # no WikiText in the cache here and no hub: the shipped texts
+    if ts.source.startswith("offline:"):
+        assert ts.warning and "shipped in the repo" in ts.warning
+        assert ts.texts == read_texts_file(utils.OFFLINE_TEXTS_PATH)[:7]
+    else:  # a machine that has WikiText-2 cached uses it, silently
+        assert ts.warning is None and len(ts.texts) == 7
+
+
+def test_tokenize_texts_truncates_and_counts(tokenizer):
+    texts = ["a b c d e f g h i j k l m n o p", "short"]
+    full = len(tokenizer(texts[0], add_special_tokens=False)["input_ids"])
+    tt = tokenize_texts(tokenizer, texts, max_length=5)
+    assert full > 5 and tt.n_truncated == 1 and tt.lengths[0] == 5
+    assert tt.input_ids[1].shape == (1, len(tokenizer("short", add_special_tokens=False)["input_ids"]))

@@ -17,13 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from models import DEFAULT_MODELS  # light: models.py imports torch/transformers only inside functions
+
 logger = logging.getLogger("mamba_neurons")
 
 # Fixed stage names, in run order (later issues add the ones not yet in STAGE_FUNCTIONS).
 ALL_STAGES = ("delta", "causal", "inter_layer", "cross_layer", "attention", "sparsity", "efficiency", "comparison")
 MAMBA_ONLY_STAGES = {"delta", "attention"}
 ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")
-DEFAULT_MODEL = "state-spaces/mamba-130m-hf"
+DEFAULT_MODEL = DEFAULT_MODELS["mamba"][0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open up a Mamba language model neuron by neuron (and hold it against a Transformer).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="Hugging Face hub id or local save_pretrained folder. Supported: Mamba-1 "
-                        "(MambaForCausalLM), GPT-2, GPT-NeoX/Pythia")
+    g.add_argument("--model", default=None,
+                   help=f"Hugging Face hub id or local save_pretrained folder. Supported: Mamba-1 "
+                        f"(MambaForCausalLM), GPT-2, GPT-NeoX/Pythia. Default: {DEFAULT_MODEL}, or the "
+                        "shipped reference Mamba (reference_models/mamba) when that is neither cached nor reachable")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (analyses compute in float32)")
     g = p.add_argument_group("texts")
@@ -188,10 +191,12 @@ SUMMARIES = {"delta": summarize_delta}
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
-def model_prefix(name: str) -> str:
-    """A file-name-safe label for a model: hub id with '/' -> '_', or a folder's name."""
+def model_prefix(name: str, origin: str = "") -> str:
+    """A file-name-safe label for a model: hub id with '/' -> '_', or a folder's name
+    ('reference_mamba' for the shipped reference model)."""
     p = Path(name)
     label = p.name if p.is_dir() else name.replace("/", "_")
+    label = f"reference_{label}" if origin == "reference" else label
     return re.sub(r"[^\w.\-]+", "_", label) or "model"
 
 
@@ -240,9 +245,15 @@ def _main(args, argv) -> int:
         from utils import read_texts_file
 
         read_texts_file(args.texts_file)  # missing/empty file: fail before loading the model
-    from models import resolve_model_source
+    from models import resolve_default_model, resolve_model_source
 
-    resolve_model_source(args.model)  # missing folder / unknown id while offline: fail in well under a second
+    if args.model is None:
+        source, warning = resolve_default_model("mamba")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+    else:  # missing folder / unknown id while offline: fail in well under a second
+        source, warning = resolve_model_source(args.model), None
+    args.model = source.requested
 
     import transformers
 
@@ -254,7 +265,7 @@ def _main(args, argv) -> int:
     use_agg_backend()
     set_seed(args.seed)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    loaded = load_model_and_tokenizer(args.model, device, dtype)
+    loaded = load_model_and_tokenizer(source, device, dtype)
     adapter = get_adapter(loaded.model)
     adapter.check_layer(args.layer)
     if args.stages is not None:
@@ -264,19 +275,21 @@ def _main(args, argv) -> int:
         logger.warning(textset.warning)
 
     results = {"run": run_metadata(args, argv, loaded, device, dtype, start)}
+    if warning:
+        results["run"]["notes"].append(warning)
     if args.enable_attention:
         results["run"]["notes"].append("--enable_attention: the attention stage is not part of this version "
                                        "yet; nothing was computed for it")
     results.update(run_comprehensive_analysis(
         loaded.model, loaded.tokenizer, textset.texts, layer=args.layer, top_k=args.top_k, stages=stages,
-        plots_dir=args.plots_dir, max_length=args.max_length, prefix=model_prefix(args.model),
+        plots_dir=args.plots_dir, max_length=args.max_length, prefix=model_prefix(args.model, source.origin),
         progress=not args.no_progress))
     results["texts"].update(source=textset.source, warning=textset.warning)
     results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
     results["run"]["total_time_s"] = round(time.time() - start, 3)
     print_summary(results, stages)
     if args.save_results:
-        path = Path(args.output_dir) / f"{model_prefix(args.model)}_layer{args.layer}_results.json"
+        path = Path(args.output_dir) / f"{model_prefix(args.model, source.origin)}_layer{args.layer}_results.json"
         write_json(path, results)
         print(f"results: {path}")
     return 1 if any(results[s]["status"] == "error" for s in stages) else 0

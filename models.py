@@ -22,6 +22,11 @@ class NotApplicable(Exception):
     """An analysis that does not apply to this architecture (e.g. Δ on a Transformer)."""
 
 
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference_models"
+# Family -> (default hub model, shipped reference model of the same architecture)
+DEFAULT_MODELS = {"mamba": ("state-spaces/mamba-130m-hf", REFERENCE_DIR / "mamba"),
+                  "transformer": ("gpt2", REFERENCE_DIR / "transformer")}
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -225,8 +230,27 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
     return ModelSource(name, None, "hub")
 
 
-def load_model_and_tokenizer(name_or_path: str, device="cpu", dtype="float32") -> LoadedModel:
-    """Load a supported causal LM and its tokenizer from a local folder or a hub id, in eval mode.
+def resolve_default_model(kind: str = "mamba") -> tuple[ModelSource, str | None]:
+    """The model to use when the user named none: the default hub model if it is cached or the hub
+    answers (decided in seconds), else the shipped reference model of the same architecture, with a
+    warning. Returns (source, warning or None). Never used for a model the user named."""
+    hub_id, reference = DEFAULT_MODELS[kind]
+    cached = _cached_folder(hub_id)
+    if cached is not None:
+        return ModelSource(hub_id, cached, "hub-cache"), None
+    if hub_reachable():
+        return ModelSource(hub_id, None, "hub"), None
+    if not (reference / "config.json").is_file():
+        raise UserInputError(f"{hub_id} is neither cached nor reachable and the shipped reference model "
+                             f"{reference} is missing; pass --model, or run train_reference_models.py")
+    warning = (f"{hub_id} is neither in the local cache nor reachable; using the shipped reference {kind} "
+               f"({reference.relative_to(reference.parents[1])}, see reference_models/MODEL_CARD.md)")
+    return ModelSource(str(reference), str(reference), "reference"), warning
+
+
+def load_model_and_tokenizer(name_or_path, device="cpu", dtype="float32") -> LoadedModel:
+    """Load a supported causal LM and its tokenizer from a local folder or a hub id (or an already
+    resolved ModelSource), in eval mode.
 
     A local folder (save_pretrained layout) is read directly; a hub id from the local cache when it is
     there, else from the hub if that answers (see `resolve_model_source`). Failures are UserInputError.
@@ -235,8 +259,8 @@ def load_model_and_tokenizer(name_or_path: str, device="cpu", dtype="float32") -
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
-    source = resolve_model_source(name_or_path)
-    if source.origin == "local":
+    source = name_or_path if isinstance(name_or_path, ModelSource) else resolve_model_source(name_or_path)
+    if source.origin in ("local", "reference"):
         model, tokenizer = _load_or_explain(source.resolved_path, local_only=True)
     elif source.origin == "hub-cache":
         with hub_offline():

@@ -131,3 +131,85 @@ def check_reconstruction(recomputed_out: torch.Tensor, real_out: torch.Tensor, r
             f"({check.dtype}); this transformers version's Mamba mixer may compute differently from "
             "METHODS.md §1")
     return check
+
+
+# --------------------------------------------------------------------------------------------------
+# Fast scan for training: the same recurrence, with a hand-written backward
+# --------------------------------------------------------------------------------------------------
+class _SelectiveScan(torch.autograd.Function):
+    """y = scan(x, Δ, A, B, C) + D x with an explicit reverse-time backward.
+
+    Autograd through the step-by-step slow path records one indexing op per step on a (b, L, e, n)
+    tensor, and each of their backwards writes a full-size gradient: O(L²) memory traffic. Here the
+    forward stores the states h (b, L, e, n) and the backward runs the adjoint recurrence
+        G_t = C_t g_t + Ā_{t+1} G_{t+1}          (G_t = ∂loss/∂h_t, g_t = ∂loss/∂y_t)
+    once, then every parameter gradient is one vectorised expression. O(b L e n) time and memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D):
+        b, L, e = x.shape
+        dA = torch.exp(delta[..., None] * A)  # (b, L, e, n)
+        h = delta[..., None] * B[:, :, None, :] * x[..., None]  # (b, L, e, n): Δ_t B_t x_t, overwritten by h_t
+        for t in range(1, L):
+            h[:, t].addcmul_(dA[:, t], h[:, t - 1])  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t
+        y = torch.einsum("blen,bln->ble", h, C) + x * D  # (b, L, e)
+        ctx.save_for_backward(x, delta, A, B, C, D, dA, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, delta, A, B, C, D, dA, h = ctx.saved_tensors
+        L = x.shape[1]
+        G = gy[..., None] * C[:, :, None, :]  # (b, L, e, n): ∂loss/∂h_t through y_t, then through h_{t+1}
+        for t in range(L - 2, -1, -1):
+            G[:, t].addcmul_(dA[:, t + 1], G[:, t + 1])
+        gC = torch.einsum("blen,ble->bln", h, gy)  # (b, L, n)
+        GB = torch.einsum("blen,bln->ble", G, B)  # (b, L, e)
+        gB = torch.einsum("blen,ble->bln", G, delta * x)  # (b, L, n)
+        # ∂loss/∂(Δ_t A) = G_t ⊙ h_{t-1} ⊙ Ā_t, zero at t = 0 (h_{-1} = 0); G is not needed after this
+        g_logdA = G[:, 1:].mul_(dA[:, 1:]).mul_(h[:, :-1])  # (b, L-1, e, n)
+        g_delta = GB * x  # (b, L, e)
+        g_delta[:, 1:] += torch.einsum("blen,en->ble", g_logdA, A)
+        gA = torch.einsum("blen,ble->en", g_logdA, delta[:, 1:])  # (e, n)
+        gx = GB * delta + gy * D  # (b, L, e)
+        gD = (gy * x).sum((0, 1))  # (e,)
+        return gx, g_delta, gA, gB, gC, gD
+
+
+def selective_scan_fast(x, delta, A, B, C, D):
+    """Same contract as `selective_scan_reference`, with a cheap backward (for training)."""
+    return _SelectiveScan.apply(x, delta, A, B, C, D)
+
+
+def mixer_forward(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  scan=selective_scan_fast) -> torch.Tensor:
+    """A Mamba-1 mixer's forward (METHODS §1) with a chosen scan, differentiable; float32 inside, the
+    input's dtype out. Used in training in place of the Hugging Face slow path."""
+    x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
+    u = scan(x, delta, A, B, C, D) * F.silu(z)  # (b, L, e)
+    b_out = None if mixer.out_proj.bias is None else mixer.out_proj.bias.to(torch.float32)
+    return F.linear(u, mixer.out_proj.weight.to(torch.float32), b_out).to(hidden_states.dtype)  # (b, L, d)
+
+
+class fast_scan_training:
+    """Context manager: every Mamba mixer of `model` runs `mixer_forward` (fast scan) inside the block.
+
+    Only the forward method is swapped, on the instances; the weights stay the model's own, so what is
+    saved afterwards is a plain MambaForCausalLM checkpoint. Caching (generation) is not supported
+    inside the block.
+    """
+
+    def __init__(self, model):
+        self.mixers = [layer.mixer for layer in model.backbone.layers]
+
+    def __enter__(self):
+        for m in self.mixers:
+            m.forward = (lambda mixer: lambda hidden_states, cache_params=None, attention_mask=None, **kw:
+                         mixer_forward(mixer, hidden_states, attention_mask))(m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mixers:
+            m.__dict__.pop("forward", None)
+        return False

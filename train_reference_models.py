@@ -317,7 +317,7 @@ def main(argv=None) -> int:
             "n_heldout_tokens": len(heldout_ids), "args": vars(args), "spec": asdict(spec),
             "unigram": {"loss": u_loss, "ppl": math.exp(u_loss)},
             "machine": f"{platform.machine()}, torch {torch.__version__}",
-            "command": "python train_reference_models.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": " ".join(["python train_reference_models.py", *(argv if argv is not None else sys.argv[1:])]),
             "results": {}, "continuations": {}}
     for kind in args.models:
         model = build_model(kind, len(tokenizer), spec, args.seed)

@@ -18,17 +18,23 @@ from utils import trace
 logger = logging.getLogger(__name__)
 
 
-def mixer_internals(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                    ) -> tuple[MixerInternals, ReconstructionCheck]:
-    """Run the model up to layer `layer_idx`'s mixer, recompute the mixer's internals from its input and
-    verify them against its real output (ReconstructionError on mismatch)."""
+def capture_mixer_io(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and the real output (b, L, d) of layer `layer_idx`'s mixer; the forward stops there."""
     adapter = get_adapter(model)
     require_mamba(adapter)
     path = adapter.mixer_path(layer_idx)
     with torch.no_grad(), trace(model, [path], retain_input=True, stop=True) as traces:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    h_in, real_out = traces[path].input, traces[path].output  # (b, L, d) each
-    internals = recompute_mixer(adapter.mixer(layer_idx), h_in, attention_mask)
+    return traces[path].input, traces[path].output
+
+
+def mixer_internals(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                    ) -> tuple[MixerInternals, ReconstructionCheck]:
+    """Run the model up to layer `layer_idx`'s mixer, recompute the mixer's internals from its input and
+    verify them against its real output (ReconstructionError on mismatch)."""
+    h_in, real_out = capture_mixer_io(model, layer_idx, input_ids, attention_mask)  # (b, L, d) each
+    internals = recompute_mixer(get_adapter(model).mixer(layer_idx), h_in, attention_mask)
     return internals, check_reconstruction(internals.out, real_out)
 
 

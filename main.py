@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"run only these stages (space or comma separated): {', '.join(ALL_STAGES)}; "
                         "default: every stage available in this version")
-    g.add_argument("--enable_attention", action="store_true", help="run the attention-neuron stage")
+    g.add_argument("--enable_attention", action="store_true",
+                   help="run the attention stage (hidden attention and attention neurons; Mamba only)")
     g.add_argument("--attention_methods", nargs="+", default=list(ATTENTION_METHODS), metavar="METHOD",
                    help=f"attention-neuron methods: {', '.join(ATTENTION_METHODS)}")
     g = p.add_argument_group("output")
@@ -78,6 +79,7 @@ class StageContext:
     plots_dir: str
     prefix: str  # model label used in plot file names
     progress: bool
+    attention_methods: tuple = ATTENTION_METHODS
 
 
 def stage_delta(ctx: StageContext):
@@ -89,16 +91,54 @@ def stage_delta(ctx: StageContext):
     return stats.to_dict(ctx.top_k), plots
 
 
-STAGE_FUNCTIONS = {"delta": stage_delta}
+def stage_attention(ctx: StageContext):
+    """Hidden attention at --layer over every text; each method's channel scores averaged over texts."""
+    from tqdm.auto import tqdm
+
+    import attention_neurons as an
+
+    analyzer = an.MambaAttentionNeurons(ctx.model)  # NotApplicable for Transformers
+    layer = ctx.layer
+    sums = {m: [0.0, 0.0] for m in ctx.attention_methods}  # method -> [Σ activations, Σ importance]
+    first, worst = {}, 0.0
+    for k, ids in enumerate(tqdm(ctx.tokens.input_ids, desc=f"attention layer {layer}", disable=not ctx.progress)):
+        data = analyzer.extract_attention_vectors(ids, [layer])
+        worst = max(worst, data[layer]["reconstruction"].relative_error)
+        for m in ctx.attention_methods:
+            s = analyzer.create_mamba_neurons(data, m)[layer]
+            sums[m][0] = sums[m][0] + s.neuron_activations
+            sums[m][1] = sums[m][1] + s.neuron_importance
+            if k == 0:
+                first[m] = s.token_map
+        if k == 0:
+            vector = data[layer]["attention_vectors"][0].cpu().numpy()  # (L, L) channel-mean α, first text
+    n = len(ctx.tokens.input_ids)
+    results = {"layer": layer, "n_texts": n, "max_reconstruction_error": worst,
+               "attention_vector_first_text": vector, "methods": {}}
+    plots = [an.plot_attention_vector(vector, layer, ctx.plots_dir, ctx.prefix)]
+    for m in ctx.attention_methods:
+        neurons = {layer: an.NeuronScores(m, sums[m][0] / n, sums[m][1] / n, first[m])}
+        results["methods"][m] = {**analyzer.analyze_neuron_behavior(neurons, layer, ctx.top_k),
+                                 "neuron_activations": neurons[layer].neuron_activations,
+                                 "neuron_importance": neurons[layer].neuron_importance,
+                                 "token_map_first_text": first[m]}
+        plots.append(analyzer.visualize_neurons(neurons, layer, ctx.plots_dir, ctx.prefix, ctx.top_k))
+    results["definitions"] = {m: an.DEFINITIONS[m] for m in ctx.attention_methods}
+    return results, plots
 
 
-def resolve_stages(requested: list[str] | None, family: str | None = None) -> list[str]:
-    """Stage names to run, in pipeline order. UserInputError for unknown or not-yet-available names,
-    or for an explicitly requested Mamba-only stage on a Transformer."""
+STAGE_FUNCTIONS = {"delta": stage_delta, "attention": stage_attention}
+
+
+def resolve_stages(requested: list[str] | None, family: str | None = None, enable_attention: bool = True
+                   ) -> list[str]:
+    """Stage names to run, in pipeline order: by default every available stage (the attention stage only
+    with `enable_attention`). UserInputError for unknown or not-yet-available names, or for an explicitly
+    requested Mamba-only stage on a Transformer."""
     from utils import UserInputError
 
     if requested is None:
-        return [s for s in ALL_STAGES if s in STAGE_FUNCTIONS]
+        return [s for s in ALL_STAGES if s in STAGE_FUNCTIONS and (enable_attention or s != "attention")]
     names = [n for item in requested for n in item.split(",") if n]
     for n in names:
         if n not in ALL_STAGES:
@@ -114,7 +154,7 @@ def resolve_stages(requested: list[str] | None, family: str | None = None) -> li
 
 def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: int = 10, stages=None,
                                plots_dir="plots", max_length: int = 256, prefix: str = "model",
-                               progress: bool = True) -> dict:
+                               progress: bool = True, attention_methods=ATTENTION_METHODS) -> dict:
     """Run the stages in order on `texts` (strings) and return `analysis_results`:
     {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
     "error", "plots"}}. A failing stage is recorded and the others go on."""
@@ -128,7 +168,8 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
     results: dict = {"texts": {"n_texts": len(texts), "n_tokens": int(sum(tokens.lengths)),
                                "max_length": max_length, "n_truncated": tokens.n_truncated},
                      "architecture": adapter.describe()}
-    ctx = StageContext(model, tokenizer, adapter, tokens, layer, top_k, str(plots_dir), prefix, progress)
+    ctx = StageContext(model, tokenizer, adapter, tokens, layer, top_k, str(plots_dir), prefix, progress,
+                       tuple(attention_methods))
     for name in stages:
         t0 = time.perf_counter()
         try:
@@ -154,8 +195,6 @@ def print_summary(results: dict, stages: list[str]) -> None:
     t = results["texts"]
     print(f"texts: {t['n_texts']} from {t['source']} | {t['n_tokens']} tokens | "
           f"{t['n_truncated']} truncated to {t['max_length']} tokens")
-    if t.get("warning"):
-        print(f"warning: {t['warning']}")
     for name in stages:
         e = results[name]
         head = f"[{name}] {e['status']} ({e['wall_time_s']:.2f} s)"
@@ -185,7 +224,16 @@ def summarize_delta(r: dict) -> None:
               f"{n['token_variance']:.4e}")
 
 
-SUMMARIES = {"delta": summarize_delta}
+def summarize_attention(r: dict) -> None:
+    print(f"    hidden attention over {r['n_texts']} texts; (α x + D x) reconstruction max rel. error "
+          f"{r['max_reconstruction_error']:.2e}")
+    for m, a in r["methods"].items():
+        top = ", ".join(f"{t['channel']} ({t['activation']:.3g})" for t in a["top_neurons"][:5])
+        print(f"    {m}: {a['num_neurons']} channels, mean activation {a['mean_activation']:.4g} "
+              f"(std {a['activation_std']:.3g}), diversity {a['neuron_diversity']:.3f}; top: {top}")
+
+
+SUMMARIES = {"delta": summarize_delta, "attention": summarize_attention}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +288,7 @@ def _main(args, argv) -> int:
     bad = [m for m in args.attention_methods if m not in ATTENTION_METHODS]
     if bad:
         raise UserInputError(f"--attention_methods {bad[0]}: unknown; choose from {', '.join(ATTENTION_METHODS)}")
-    stages = resolve_stages(args.stages)  # names checked before anything slow happens
+    stages = resolve_stages(args.stages, enable_attention=args.enable_attention)  # checked before anything slow
     if args.texts_file is not None:
         from utils import read_texts_file
 
@@ -272,18 +320,15 @@ def _main(args, argv) -> int:
         stages = resolve_stages(args.stages, adapter.family)
     textset = load_texts(args.texts_file, args.text_limit)
     if textset.warning:
-        logger.warning(textset.warning)
+        print(f"warning: {textset.warning}", file=sys.stderr)
 
     results = {"run": run_metadata(args, argv, loaded, device, dtype, start)}
     if warning:
         results["run"]["notes"].append(warning)
-    if args.enable_attention:
-        results["run"]["notes"].append("--enable_attention: the attention stage is not part of this version "
-                                       "yet; nothing was computed for it")
     results.update(run_comprehensive_analysis(
         loaded.model, loaded.tokenizer, textset.texts, layer=args.layer, top_k=args.top_k, stages=stages,
         plots_dir=args.plots_dir, max_length=args.max_length, prefix=model_prefix(args.model, source.origin),
-        progress=not args.no_progress))
+        progress=not args.no_progress, attention_methods=args.attention_methods))
     results["texts"].update(source=textset.source, warning=textset.warning)
     results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
     results["run"]["total_time_s"] = round(time.time() - start, 3)

@@ -5,7 +5,7 @@ Shape glossary (used in the shape comments throughout the project):
     d  d_model (hidden_size)        e  d_inner (intermediate_size = expand * d)
     n  SSM state size   r  dt rank  k  conv kernel width
 
-The recomputation follows METHODS.md §1 step by step, in float32 whatever the model's dtype, and is
+The recomputation follows METHODS.md §1 step by step, in float32 (float64 for a float64 model), and is
 verified by `check_reconstruction`: `out_proj(u)` must equal the mixer's real output. Hugging Face does
 not call `conv1d` / `dt_proj` as modules (and fuses everything on CUDA), so hooks on them capture
 nothing; the mixer's *input* is the only reliable capture point.
@@ -29,7 +29,7 @@ class ReconstructionError(RuntimeError):
 
 @dataclass
 class MixerInternals:
-    """Everything inside one Mamba-1 mixer for one input, in float32."""
+    """Everything inside one Mamba-1 mixer for one input, in float32 (float64 for a float64 model)."""
 
     x: torch.Tensor  # (b, L, e) conv1d + SiLU output: the scan input
     z: torch.Tensor  # (b, L, e) gate
@@ -44,8 +44,9 @@ class MixerInternals:
 
 
 def mixer_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Steps 1-5 of METHODS §1: x, z, Δ, B, C, A, D from the mixer input `hidden_states` (b, L, d)."""
-    f32 = torch.float32
+    """Steps 1-5 of METHODS §1: x, z, Δ, B, C, A, D from the mixer input `hidden_states` (b, L, d).
+    Computed in float32 (float64 for a float64 model)."""
+    f32 = torch.promote_types(hidden_states.dtype, torch.float32)
     h = hidden_states.to(f32)  # (b, L, d)
     mask = None if attention_mask is None else attention_mask.to(f32)[:, :, None]  # (b, L, 1)
     if mask is not None:
@@ -87,16 +88,21 @@ def selective_scan_reference(x, delta, A, B, C, D):
     return torch.stack(ys, dim=1) + x * D  # (b, L, e)
 
 
+def project_out(mixer, u: torch.Tensor) -> torch.Tensor:
+    """out_proj(u) in u's dtype (float32 or float64): (b, L, e) -> (b, L, d)."""
+    b_out = None if mixer.out_proj.bias is None else mixer.out_proj.bias.to(u.dtype)
+    return F.linear(u, mixer.out_proj.weight.to(u.dtype), b_out)
+
+
 def recompute_mixer(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
                     ) -> MixerInternals:
-    """Recompute a Mamba-1 mixer's forward from its input (b, L, d), in float32, keeping every internal."""
+    """Recompute a Mamba-1 mixer's forward from its input (b, L, d), in float32 (float64 for a float64
+    model), keeping every internal."""
     with torch.no_grad():
         x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
         y = selective_scan_reference(x, delta, A, B, C, D)  # (b, L, e)
         u = y * F.silu(z)  # (b, L, e)
-        w_out = mixer.out_proj.weight.to(torch.float32)  # (d, e)
-        b_out = None if mixer.out_proj.bias is None else mixer.out_proj.bias.to(torch.float32)
-        out = F.linear(u, w_out, b_out)  # (b, L, d)
+        out = project_out(mixer, u)  # (b, L, d)
     return MixerInternals(x, z, delta, B, C, A, D, y, u, out)
 
 
@@ -119,8 +125,9 @@ def check_reconstruction(recomputed_out: torch.Tensor, real_out: torch.Tensor, r
     The tolerance depends on the dtype the model ran in (RECONSTRUCTION_TOLERANCE). A mismatch raises
     ReconstructionError (unless `raise_on_mismatch=False`): never fall back to unverified numbers.
     """
-    real = real_out.detach().to(torch.float32)
-    diff = (recomputed_out.to(torch.float32) - real).abs().max().item()
+    wide = torch.promote_types(real_out.dtype, torch.float32)
+    real = real_out.detach().to(wide)
+    diff = (recomputed_out.detach().to(wide) - real).abs().max().item()
     scale = real.abs().max().item()
     rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
     tol = RECONSTRUCTION_TOLERANCE.get(real_out.dtype, 1e-4)
@@ -188,8 +195,7 @@ def mixer_forward(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tens
     input's dtype out. Used in training in place of the Hugging Face slow path."""
     x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
     u = scan(x, delta, A, B, C, D) * F.silu(z)  # (b, L, e)
-    b_out = None if mixer.out_proj.bias is None else mixer.out_proj.bias.to(torch.float32)
-    return F.linear(u, mixer.out_proj.weight.to(torch.float32), b_out).to(hidden_states.dtype)  # (b, L, d)
+    return project_out(mixer, u).to(hidden_states.dtype)  # (b, L, d)
 
 
 class fast_scan_training:
@@ -213,3 +219,44 @@ class fast_scan_training:
         for m in self.mixers:
             m.__dict__.pop("forward", None)
         return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Hidden attention (METHODS §2)
+# --------------------------------------------------------------------------------------------------
+def hidden_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     max_chunk_elements: int = 1 << 25) -> torch.Tensor:
+    """The scan unrolled as one causal attention matrix per channel, float32 (or float64 for float64
+    inputs), shape (b, e, L, L):
+
+        α^c[i, j] = Σ_n C_i[n] · exp(A[c, n] · (S^c_i − S^c_j)) · Δ^c_j · B_j[n]  for j ≤ i, else 0,
+        S^c_t = Σ_{k ≤ t} Δ^c_k,
+
+    so that y^c_i = Σ_j α^c[i, j] x^c_j + D_c x^c_i exactly (the D skip is not part of α).
+    delta (b, L, e), A (e, n), B and C (b, L, n). The exponent's argument is formed and the entries
+    j > i are zeroed *before* exp, so nothing overflows for any Δ; channels are processed in chunks so
+    that the (b, L, L, chunk, n) intermediate stays under `max_chunk_elements` floats (128 MB).
+    """
+    f32 = torch.promote_types(delta.dtype, torch.float32)
+    delta, A, B, C = delta.to(f32), A.to(f32), B.to(f32), C.to(f32)
+    b, L, e = delta.shape
+    n = A.shape[1]
+    S = torch.cumsum(delta, dim=1)  # (b, L, e)
+    causal = torch.ones(L, L, dtype=torch.bool, device=delta.device).tril()  # (L, L) [i, j]: j <= i
+    alpha = delta.new_zeros(b, e, L, L)  # (b, e, L, L)
+    chunk = max(1, min(e, max_chunk_elements // max(1, b * L * L * n)))
+    for c0 in range(0, e, chunk):
+        cs = slice(c0, min(e, c0 + chunk))
+        diff = S[:, :, None, cs] - S[:, None, :, cs]  # (b, L, L, c): S_i − S_j
+        diff = diff.masked_fill_(~causal[None, :, :, None], 0.0)  # j > i -> 0 before exp
+        decay = torch.exp(diff[..., None] * A[cs])  # (b, L, L, c, n), every entry in (0, 1]
+        decay.mul_(B[:, None, :, None, :])  # · B_j[n]
+        a = torch.einsum("bijcn,bin->bcij", decay, C)  # (b, c, L, L): Σ_n C_i[n] (...)
+        a.mul_(delta[:, None, :, cs].permute(0, 3, 1, 2))  # · Δ^c_j, broadcast over i
+        alpha[:, cs] = a.masked_fill_(~causal, 0.0)
+    return alpha
+
+
+def apply_hidden_attention(alpha: torch.Tensor, x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """y (b, L, e) = Σ_j α^c[i, j] x^c_j + D_c x^c_i, from α (b, e, L, L), x (b, L, e), D (e,)."""
+    return torch.einsum("bcij,bjc->bic", alpha, x.to(alpha.dtype)) + x * D

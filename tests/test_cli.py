@@ -112,10 +112,33 @@ def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp
     res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert res["delta"]["status"] == "error" and "at least 2 texts" in res["delta"]["error"]
     assert "FAILED stages: delta" in p.stdout
-    assert any("--enable_attention" in n for n in res["run"]["notes"])
+    assert res["attention"]["status"] == "ok"  # the other stages go on
 
 
 def test_help_is_fast(tmp_path):
     p = run_main(["--help"], tmp_path)
     assert p.returncode == 0 and "--enable_attention" in p.stdout and "attention_weighted" in p.stdout
     assert p.elapsed < 2
+
+
+def test_default_run_offline_uses_the_reference_mamba(tmp_path):
+    """README's command with no hub and an empty cache: the shipped reference Mamba, one warning line
+    for the model and one for the texts, results recorded as such."""
+    p = run_main(["--enable_attention", "--save_results", "--no_progress"], tmp_path,
+                 env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")})
+    assert p.returncode == 0, p.stderr
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and "reference mamba" in warnings[0] and "offline_texts.txt" in warnings[1]
+    res = json.loads((tmp_path / "analysis_outputs" / "reference_mamba_layer0_results.json").read_text())
+    assert res["run"]["model_source"] == "reference" and res["run"]["model_class"] == "MambaForCausalLM"
+    assert res["run"]["resolved_path"] == str(REPO / "reference_models" / "mamba")
+    assert res["texts"]["source"].startswith("offline:") and res["texts"]["n_texts"] == 50
+    assert res["delta"]["status"] == "ok"
+    assert res["delta"]["results"]["reconstruction"]["max_relative_error"] < 1e-4
+    assert (tmp_path / "plots" / "reference_mamba_delta_variance_layer0.png").stat().st_size > 5000
+
+
+def test_a_named_model_is_never_substituted(tmp_path):
+    p = run_main(["--model", "state-spaces/mamba-130m-hf"], tmp_path,
+                 env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")})
+    assert p.returncode == 2 and "hub is unreachable" in p.stderr and "reference" not in p.stderr

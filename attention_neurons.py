@@ -1,0 +1,304 @@
+"""Attention neurons of Mamba: the e channels seen through their hidden attention (METHODS.md §2-3).
+
+Every α is computed by `ssm.hidden_attention` from the recomputed Δ, A, B, C and verified: `(α x + D x) ·
+SiLU(z)` through `out_proj` must equal the mixer's real output, or ReconstructionError is raised.
+
+The method functions (`attention_weighted`, `gradient_guided`, `rollout_layer`) are pure functions of one
+example's arrays; `MambaAttentionNeurons` wires them to a model. Shapes: α (e, L, L) indexed [c, i, j]
+(query i, key j), x and g (L, e).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import get_adapter, require_mamba
+from ssm import apply_hidden_attention, check_reconstruction, hidden_attention, project_out, recompute_mixer
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("attention_weighted", "gradient_guided", "rollout")
+DEFINITIONS = {
+    "attention_weighted": "contrib^c[i,j] = |alpha^c[i,j] x^c_j|; activation = mean of contrib^c over causal "
+                          "entries (j <= i); importance = std over query positions i of row sums sum_j contrib^c[i,j]; "
+                          "token map = mean over channels of contrib^c",
+    "gradient_guided": "contrib^c[i,j] = ReLU(g^c_i alpha^c[i,j] x^c_j), g^c_i = d logit[target] / d y^c_i by autograd, "
+                       "target = predicted next token at the last position; activation, importance and token map "
+                       "as for attention_weighted",
+    "rollout": "R_l = rownorm(mean_c normalise(|alpha^c_l|) + I) R_{l-1}, R_{-1} = I; channel map "
+               "C^c = rownorm(normalise(|alpha^c_l|) + I) R_{l-1}; activation = mean over i of 1 - C^c[i,i] (share "
+               "of token i's end-to-end relevance from other tokens); importance = its std over i; token map = R_l",
+}
+
+
+@dataclass
+class NeuronScores:
+    """One method's scores for one layer."""
+
+    method: str
+    neuron_activations: np.ndarray  # (e,)
+    neuron_importance: np.ndarray  # (e,)
+    token_map: np.ndarray  # (L, L) [query i, key j]
+
+
+def _causal(L: int, device=None) -> torch.Tensor:
+    return torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L): j <= i
+
+
+def _contribution_scores(method: str, contrib: torch.Tensor) -> NeuronScores:
+    """activation_c = mean of contrib^c over the L(L+1)/2 causal entries;
+    importance_c = std (ddof=0) over query positions i of the row sums Σ_j contrib^c[i, j];
+    token map = mean over channels of contrib^c."""
+    L = contrib.shape[-1]
+    n_causal = L * (L + 1) / 2
+    activations = contrib.sum((-1, -2)) / n_causal  # (e,)
+    importance = contrib.sum(-1).std(-1, unbiased=False)  # (e,)
+    return NeuronScores(method, activations.cpu().numpy(), importance.cpu().numpy(),
+                        contrib.mean(0).cpu().numpy())
+
+
+def attention_weighted(alpha: torch.Tensor, x: torch.Tensor) -> NeuronScores:
+    """contrib^c[i, j] = |α^c[i, j] · x^c_j|: what token j sends to token i through channel c.
+    Scores as in `_contribution_scores`. α (e, L, L), x (L, e)."""
+    contrib = (alpha * x.T[:, None, :]).abs()  # (e, L, L)
+    return _contribution_scores("attention_weighted", contrib)
+
+
+def gradient_guided(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> NeuronScores:
+    """contrib^c[i, j] = ReLU(g^c_i · α^c[i, j] · x^c_j) with g^c_i = ∂ logit[target] / ∂ y^c_i (autograd;
+    target = the model's predicted next token at the last position). Scores as in
+    `_contribution_scores`. α (e, L, L), x and g (L, e)."""
+    contrib = F.relu(g.T[:, :, None] * alpha * x.T[:, None, :])  # (e, L, L)
+    return _contribution_scores("gradient_guided", contrib)
+
+
+def _normalise(m: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation of non-negative (..., L, L) maps over their last two dims; the masked upper
+    triangle makes the minimum 0, so this is m / max(m) (an all-zero map stays zero)."""
+    lo = m.amin((-1, -2), keepdim=True)
+    span = m.amax((-1, -2), keepdim=True) - lo
+    return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(m))
+
+
+def _rownorm(m: torch.Tensor) -> torch.Tensor:
+    return m / m.sum(-1, keepdim=True)
+
+
+def rollout_step(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """R_ℓ = Â_ℓ · R_{ℓ-1} with Â_ℓ = rownorm(mean_c normalise(|α^c_ℓ|) + I) and R_{-1} = I. α (e, L, L)."""
+    L = alpha.shape[-1]
+    eye = torch.eye(L, dtype=alpha.dtype, device=alpha.device)
+    previous = eye if previous is None else previous
+    return _rownorm(_normalise(alpha.abs()).mean(0) + eye) @ previous  # (L, L)
+
+
+def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> tuple[NeuronScores, torch.Tensor]:
+    """One step of attention rollout (Abnar & Zuidema 2020, as in Mamba-Rollout).
+
+    Â_ℓ = rownorm(mean_c normalise(|α^c_ℓ|) + I);  R_ℓ = Â_ℓ · R_{ℓ-1}  (R_{-1} = I).
+    Channel c's end-to-end map: Ĉ^c = rownorm(normalise(|α^c_ℓ|) + I) · R_{ℓ-1}, rows summing to 1.
+    activation_c = mean over query positions i of 1 − Ĉ^c[i, i], the share of token i's end-to-end
+    relevance that comes from *other* tokens; importance_c = its std (ddof=0) over i.
+    Token map = R_ℓ. Returns (scores, R_ℓ). α (e, L, L), previous (L, L).
+    """
+    L = alpha.shape[-1]
+    eye = torch.eye(L, dtype=alpha.dtype, device=alpha.device)
+    previous = eye if previous is None else previous
+    per_channel = _rownorm(_normalise(alpha.abs()) + eye) @ previous  # (e, L, L)
+    carried = 1.0 - torch.diagonal(per_channel, dim1=-2, dim2=-1)  # (e, L)
+    R = rollout_step(alpha, previous)
+    scores = NeuronScores("rollout", carried.mean(-1).cpu().numpy(), carried.std(-1, unbiased=False).cpu().numpy(),
+                          R.cpu().numpy())
+    return scores, R
+
+
+def neuron_diversity(activations: np.ndarray) -> float:
+    """Entropy of p_c = a_c / Σ a, divided by log(e): 1 = all channels equal, 0 = one channel carries all."""
+    a = np.asarray(activations, dtype=np.float64)
+    total = a.sum()
+    if a.size < 2 or total <= 0:
+        return float("nan")
+    p = a[a > 0] / total
+    return float(-(p * np.log(p)).sum() / np.log(a.size))
+
+
+class MambaAttentionNeurons:
+    """Hidden attention and attention neurons of a Hugging Face Mamba-1 model."""
+
+    def __init__(self, model):
+        self.model = model
+        self.adapter = get_adapter(model)
+        require_mamba(self.adapter, "hidden attention exists only in Mamba layers")
+
+    @staticmethod
+    def _ids(inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(inputs, torch.Tensor):
+            return inputs, None
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError("padded batches are not supported (the maps and the last-position target would "
+                             "include padding): pass texts one at a time or of equal length")
+        return inputs["input_ids"], mask
+
+    def extract_attention_vectors(self, inputs, layer_indices) -> dict:
+        """{layer: {"attention_matrix": α (b, e, L, L), "attention_vectors": mean_c α (b, L, L),
+        "x": (b, L, e), "z": (b, L, e), "D": (e,), "reconstruction": ReconstructionCheck, "input_ids"}}.
+        `inputs`: input ids (b, L) or a tokenizer output dict. α is verified against the mixer output."""
+        from delta_extraction import capture_mixer_io
+
+        ids, mask = self._ids(inputs)
+        ids = ids.to(next(self.model.parameters()).device)
+        data = {}
+        for layer in layer_indices:
+            h_in, real_out = capture_mixer_io(self.model, layer, ids, mask)  # (b, L, d) each
+            mixer = self.adapter.mixer(layer)
+            it = recompute_mixer(mixer, h_in, mask)
+            alpha = hidden_attention(it.delta, it.A, it.B, it.C)  # (b, e, L, L)
+            y = apply_hidden_attention(alpha, it.x, it.D)  # (b, L, e)
+            check = check_reconstruction(project_out(mixer, y * F.silu(it.z)), real_out)
+            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": it.x, "z": it.z,
+                           "D": it.D, "reconstruction": check, "input_ids": ids, "attention_mask": mask}
+        return data
+
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer`, target (b,) = the predicted next token at
+        the last position. The mixer's output is replaced by out_proj(y · SiLU(z)) computed from a leaf
+        y (numerically the mixer's own output, verified), so autograd reaches y exactly."""
+        from delta_extraction import capture_mixer_io
+        from utils import trace
+
+        h_in, real_out = capture_mixer_io(self.model, layer, input_ids, attention_mask)
+        mixer = self.adapter.mixer(layer)
+        it = recompute_mixer(mixer, h_in, attention_mask)
+        y = it.y.clone().requires_grad_(True)  # (b, L, e)
+        with torch.enable_grad():
+            out = project_out(mixer, y * F.silu(it.z))  # (b, L, d)
+            check_reconstruction(out.detach(), real_out)
+            path = self.adapter.mixer_path(layer)
+            with trace(self.model, [path], retain_output=False,
+                       edit_output=lambda name, o: out.to(o.dtype)):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            last = logits[:, -1].float()  # (b, V)
+            target = last.argmax(-1)  # (b,)
+            g, = torch.autograd.grad(last.gather(1, target[:, None]).sum(), y)
+        return g.detach(), target
+
+    def create_mamba_neurons(self, attention_data: dict, method: str, layers=None) -> dict:
+        """{layer: NeuronScores} for `method` (METHODS) at `layers` (default: every layer in the data);
+        activations and importance are averaged over the batch, the token map is the first example's.
+        Rollout computes any lower layer missing from the data on the fly (one at a time)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        out = {}
+        for layer in (attention_data if layers is None else layers):
+            d = attention_data[layer]
+            alpha, x = d["attention_matrix"], d["x"]  # (b, e, L, L), (b, L, e)
+            if method == "gradient_guided":
+                g, _ = self.output_gradient(d["input_ids"], layer, d["attention_mask"])
+                per = [gradient_guided(alpha[k], x[k], g[k]) for k in range(alpha.shape[0])]
+            elif method == "attention_weighted":
+                per = [attention_weighted(alpha[k], x[k]) for k in range(alpha.shape[0])]
+            else:
+                per = self._rollout(attention_data, layer)
+            out[layer] = NeuronScores(method, np.mean([p.neuron_activations for p in per], axis=0),
+                                      np.mean([p.neuron_importance for p in per], axis=0), per[0].token_map)
+        return out
+
+    def _rollout(self, attention_data: dict, layer: int) -> list[NeuronScores]:
+        d = attention_data[layer]
+        inputs = {"input_ids": d["input_ids"], "attention_mask": d["attention_mask"]}
+        b = d["attention_matrix"].shape[0]
+        R = [None] * b
+        for lo in range(layer):  # lower layers: only the rolled-out product is kept
+            a = (attention_data[lo] if lo in attention_data else
+                 self.extract_attention_vectors(inputs, [lo])[lo])["attention_matrix"]  # (b, e, L, L)
+            R = [rollout_step(a[k], R[k]) for k in range(b)]
+        return [rollout_layer(d["attention_matrix"][k], R[k])[0] for k in range(b)]
+
+    @staticmethod
+    def analyze_neuron_behavior(neurons: dict, layer_idx: int, top_k: int = 10) -> dict:
+        s: NeuronScores = neurons[layer_idx]
+        a = np.asarray(s.neuron_activations, dtype=np.float64)
+        order = np.argsort(-a, kind="stable")[:top_k]
+        return {"method": s.method, "layer": layer_idx, "num_neurons": int(a.size),
+                "mean_activation": float(a.mean()), "activation_std": float(a.std()),
+                "top_neurons": [{"channel": int(c), "activation": float(a[c]),
+                                 "importance": float(s.neuron_importance[c])} for c in order],
+                "neuron_diversity": neuron_diversity(a)}
+
+    @staticmethod
+    def visualize_neurons(neurons: dict, layer_idx: int, plots_dir, prefix: str = "model", top_k: int = 10) -> str:
+        """The 6-panel figure: activation histogram, top neurons, activation vs importance, token map,
+        diversity (cumulative share of activation), statistics table. Returns the PNG path."""
+        import matplotlib.pyplot as plt
+
+        from utils import save_figure
+
+        s: NeuronScores = neurons[layer_idx]
+        stats = MambaAttentionNeurons.analyze_neuron_behavior(neurons, layer_idx, top_k)
+        a, imp = np.asarray(s.neuron_activations), np.asarray(s.neuron_importance)
+        fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+        fig.suptitle(f"Attention neurons, layer {layer_idx}, method {s.method}")
+        ax = axes[0, 0]
+        ax.hist(a, bins=min(50, max(5, a.size // 4)), color="tab:blue")
+        ax.set(title="activation distribution", xlabel="activation", ylabel="channels")
+        ax = axes[0, 1]
+        top = stats["top_neurons"]
+        ax.bar(range(len(top)), [t["activation"] for t in top], color="tab:red")
+        ax.set_xticks(range(len(top)), [str(t["channel"]) for t in top], rotation=45)
+        ax.set(title=f"top {len(top)} channels", xlabel="channel", ylabel="activation")
+        ax = axes[0, 2]
+        ax.scatter(a, imp, s=6, alpha=0.6)
+        ax.set(title="activation vs importance", xlabel="activation", ylabel="importance")
+        ax = axes[1, 0]
+        im = ax.imshow(s.token_map, cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax)
+        ax.set(title="token map (first text)", xlabel="key token j", ylabel="query token i")
+        ax = axes[1, 1]
+        share = np.cumsum(np.sort(a)[::-1]) / max(a.sum(), 1e-300)
+        ax.plot(np.arange(1, a.size + 1) / a.size, share, color="tab:purple")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+        ax.set(title=f"diversity {stats['neuron_diversity']:.3f} (1 = uniform)",
+               xlabel="fraction of channels (most active first)", ylabel="share of total activation")
+        ax = axes[1, 2]
+        ax.axis("off")
+        rows = [["neurons", f"{stats['num_neurons']}"], ["mean activation", f"{stats['mean_activation']:.4g}"],
+                ["activation std", f"{stats['activation_std']:.4g}"],
+                ["diversity", f"{stats['neuron_diversity']:.4f}"],
+                ["top channel", f"{top[0]['channel']} ({top[0]['activation']:.4g})"]]
+        ax.table(cellText=rows, colLabels=["statistic", "value"], loc="center").scale(1, 1.6)
+        ax.set(title="statistics")
+        return save_figure(fig, plots_dir, f"{prefix}_attention_neurons_{s.method}_layer{layer_idx}")
+
+
+def plot_attention_vector(vector: np.ndarray, layer: int, plots_dir, prefix: str) -> str:
+    """The layer's attention vector (channel mean of α, one text), |·| min-max normalised for display."""
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    shown = np.abs(vector)
+    span = shown.max() - shown.min()
+    shown = (shown - shown.min()) / span if span > 0 else np.zeros_like(shown)
+    fig, ax = plt.subplots(figsize=(7, 6), constrained_layout=True)
+    im = ax.imshow(shown, cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="|mean_c α| (min-max normalised)")
+    ax.set(title=f"Hidden attention, layer {layer}, first text", xlabel="key token j", ylabel="query token i")
+    return save_figure(fig, plots_dir, f"{prefix}_hidden_attention_layer{layer}_text0")
+
+
+def integrate_mamba_attention_neurons(model, inputs, layer_indices=(0,), methods=METHODS, top_k: int = 10) -> dict:
+    """Hidden attention for `layer_indices`, every method's neurons, and their analysis:
+    {"attention_data", "mamba_neurons": {method: {layer: NeuronScores}}, "analysis_results":
+    {method: {layer: dict}}, "analyzer"}."""
+    analyzer = MambaAttentionNeurons(model)
+    data = analyzer.extract_attention_vectors(inputs, list(layer_indices))
+    neurons = {m: analyzer.create_mamba_neurons(data, m) for m in methods}
+    analysis = {m: {lay: analyzer.analyze_neuron_behavior(neurons[m], lay, top_k) for lay in layer_indices}
+                for m in methods}
+    return {"attention_data": data, "mamba_neurons": neurons, "analysis_results": analysis, "analyzer": analyzer}

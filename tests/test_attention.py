@@ -1,0 +1,150 @@
+"""Hidden attention (ssm.hidden_attention) and the attention-neuron methods."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention_neurons import (MambaAttentionNeurons, attention_weighted, gradient_guided,
+                               integrate_mamba_attention_neurons, neuron_diversity, rollout_layer, rollout_step)
+from conftest import make_model
+from delta_extraction import capture_mixer_io, mixer_internals
+from models import NotApplicable
+from ssm import apply_hidden_attention, hidden_attention, project_out, recompute_mixer
+from utils import trace
+
+
+def _ids(L=29, b=2, seed=0):
+    return torch.randint(0, 300, (b, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_hidden_attention_reproduces_the_mixer_output(mamba):
+    ids = _ids()
+    for layer in range(mamba.config.num_hidden_layers):
+        h_in, real = capture_mixer_io(mamba, layer, ids)
+        mixer = mamba.backbone.layers[layer].mixer
+        it = recompute_mixer(mixer, h_in)
+        alpha = hidden_attention(it.delta, it.A, it.B, it.C)  # (b, e, L, L)
+        out = project_out(mixer, apply_hidden_attention(alpha, it.x, it.D) * F.silu(it.z))
+        rel = ((out - real).abs().max() / real.abs().max()).item()
+        print(f"layer {layer}: max relative difference {rel:.2e}")
+        assert rel < 1e-4
+        assert alpha.shape == (2, mamba.config.intermediate_size, 29, 29)
+
+
+def test_upper_triangle_is_exactly_zero_and_large_delta_is_finite():
+    model = make_model("mamba_b")
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.dt_proj.bias.add_(8.0)  # large Δ: exp(A ΔS) spans hundreds of e-folds
+    it, _ = mixer_internals(model, 0, _ids(L=256, b=1))
+    S_total = it.delta.sum(1).min()  # (b, e) -> smallest cumulative Δ over the text
+    assert (it.A.abs().min() * S_total) > 88  # exp(-A (S_i - S_j)) above the diagonal would overflow float32
+    alpha = hidden_attention(it.delta, it.A, it.B, it.C, max_chunk_elements=1 << 20)
+    assert torch.isfinite(alpha).all()
+    upper = ~torch.ones(256, 256, dtype=torch.bool).tril()
+    assert (alpha[..., upper] == 0).all()
+    chunked_once = hidden_attention(it.delta, it.A, it.B, it.C, max_chunk_elements=1 << 40)
+    assert torch.equal(alpha, chunked_once)  # chunking changes nothing
+
+
+def test_hand_built_three_token_case():
+    alpha = torch.tensor([[[1.0, 0, 0], [0.5, 0.25, 0], [-0.2, 0.4, 0.1]]], dtype=torch.float64)  # (e=1, 3, 3)
+    x = torch.tensor([[2.0], [-1.0], [4.0]], dtype=torch.float64)  # (L, e)
+    g = torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
+    # attention_weighted: |α x_j| = [[2], [1, .25], [.4, .4, .4]]; sum 4.45 over 6 causal entries;
+    # row sums (2, 1.25, 1.2): std 0.365908
+    aw = attention_weighted(alpha, x)
+    assert aw.neuron_activations[0] == pytest.approx(4.45 / 6)
+    assert aw.neuron_importance[0] == pytest.approx(0.3659083, rel=1e-6)
+    np.testing.assert_allclose(aw.token_map, [[2, 0, 0], [1, 0.25, 0], [0.4, 0.4, 0.4]])
+    # gradient_guided: ReLU(g_i α_ij x_j) = [[2], [0, .5], [0, 0, .2]]; sum 2.7 / 6; row sums (2, .5, .2)
+    gg = gradient_guided(alpha, x, g)
+    assert gg.neuron_activations[0] == pytest.approx(0.45)
+    assert gg.neuron_importance[0] == pytest.approx(0.7874008, rel=1e-6)
+    # rollout: normalise(|α|) = |α| (max 1); + I, row-normalised:
+    # [[1, 0, 0], [2/7, 5/7, 0], [2/17, 4/17, 11/17]]; carried = 1 - diag = (0, 2/7, 6/17)
+    ro, R = rollout_layer(alpha)
+    np.testing.assert_allclose(R, [[1, 0, 0], [2 / 7, 5 / 7, 0], [2 / 17, 4 / 17, 11 / 17]], rtol=1e-12)
+    carried = np.array([0, 2 / 7, 6 / 17])
+    assert ro.neuron_activations[0] == pytest.approx(carried.mean())
+    assert ro.neuron_importance[0] == pytest.approx(carried.std())
+
+
+def test_rollout_of_identity_attention_is_identity():
+    eye = torch.eye(5, dtype=torch.float64).expand(3, 5, 5)  # (e, L, L)
+    R = None
+    for _ in range(4):
+        scores, R = rollout_layer(eye, R)
+    torch.testing.assert_close(R, torch.eye(5, dtype=torch.float64))
+    assert np.all(scores.neuron_activations == 0)
+    torch.testing.assert_close(rollout_step(eye, R), R)
+
+
+def test_rollout_rows_are_distributions_and_causal(mamba):
+    an = MambaAttentionNeurons(mamba)
+    top = mamba.config.num_hidden_layers - 1
+    data = an.extract_attention_vectors(_ids(b=1), [top])  # lower layers fetched on the fly
+    R = an.create_mamba_neurons(data, "rollout")[top].token_map
+    np.testing.assert_allclose(R.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(R, 1) == 0) and np.all(R >= 0)
+
+
+def test_gradient_equals_finite_difference():
+    model = make_model("mamba_a").double()
+    with torch.no_grad():  # away from init, so the logit depends on y noticeably
+        for blk in model.backbone.layers:
+            blk.mixer.dt_proj.bias.add_(2.0)
+            blk.mixer.out_proj.weight.mul_(5.0)
+    an = MambaAttentionNeurons(model)
+    ids = _ids(L=9, b=1)
+    layer = 0
+    g, target = an.output_gradient(ids, layer)
+    mixer = model.backbone.layers[layer].mixer
+    h_in, _ = capture_mixer_io(model, layer, ids)
+    it = recompute_mixer(mixer, h_in)
+    path = an.adapter.mixer_path(layer)
+
+    def logit(y):
+        with torch.no_grad(), trace(model, [path], retain_output=False,
+                                    edit_output=lambda n, o: project_out(mixer, y * F.silu(it.z))):
+            # the LM head by hand, in float64 (transformers casts the model's logits to float32)
+            last = model.backbone(input_ids=ids, use_cache=False).last_hidden_state[0, -1]  # (d,)
+            return (last @ model.lm_head.weight[target[0]]).item()
+
+    # HF's RMSNorm computes in float32 even in a float64 model, so the logit carries float32 rounding:
+    # a central difference with eps = 1e-3 is accurate to about 1e-4 relative (a wrong gradient, e.g.
+    # without the SiLU(z) gate factor, is off by order one).
+    eps = 1e-3
+    positions = [(i, int(g[0, i].abs().argmax())) for i in (5, 7, 8)] + [(8, 3), (2, 11)]
+    for i, c in positions:
+        bump = torch.zeros_like(it.y)
+        bump[0, i, c] = eps
+        fd = (logit(it.y + bump) - logit(it.y - bump)) / (2 * eps)
+        print(f"g[{i},{c}] autograd {g[0, i, c].item():.8e} finite difference {fd:.8e}")
+        assert g[0, i, c].item() == pytest.approx(fd, rel=1e-3, abs=1e-5)
+    assert g[0, :, :].abs().sum() > 0
+
+
+def test_diversity_known_values():
+    assert neuron_diversity(np.ones(8)) == pytest.approx(1.0)
+    assert neuron_diversity(np.eye(8)[2]) == pytest.approx(0.0)
+
+
+def test_integrate_and_visualize(tmp_path):
+    model = make_model("mamba_b")
+    res = integrate_mamba_attention_neurons(model, {"input_ids": _ids(b=2)}, layer_indices=[1])
+    assert set(res["mamba_neurons"]) == {"attention_weighted", "gradient_guided", "rollout"}
+    e = model.config.intermediate_size
+    for method, by_layer in res["analysis_results"].items():
+        stats = by_layer[1]
+        acts = res["mamba_neurons"][method][1].neuron_activations
+        assert stats["num_neurons"] == e and stats["mean_activation"] == pytest.approx(acts.mean())
+        assert stats["top_neurons"][0]["channel"] == int(np.argmax(acts))
+        assert 0 <= stats["neuron_diversity"] <= 1
+    assert res["attention_data"][1]["attention_vectors"].shape == (2, 29, 29)
+    path = res["analyzer"].visualize_neurons(res["mamba_neurons"]["rollout"], 1, tmp_path, "m")
+    assert open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_not_applicable_to_transformers():
+    with pytest.raises(NotApplicable, match="gpt2"):
+        MambaAttentionNeurons(make_model("gpt2"))

@@ -160,25 +160,28 @@ class MambaAttentionNeurons:
             alpha = hidden_attention(it.delta, it.A, it.B, it.C)  # (b, e, L, L)
             y = apply_hidden_attention(alpha, it.x, it.D)  # (b, L, e)
             check = check_reconstruction(project_out(mixer, y * F.silu(it.z)), real_out)
-            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": it.x, "z": it.z,
-                           "D": it.D, "reconstruction": check, "input_ids": ids, "attention_mask": mask}
+            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": it.x, "y": it.y,
+                           "z": it.z, "D": it.D, "reconstruction": check, "input_ids": ids, "attention_mask": mask}
         return data
 
-    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer`, target (b,) = the predicted next token at
         the last position. The mixer's output is replaced by out_proj(y · SiLU(z)) computed from a leaf
-        y (numerically the mixer's own output, verified), so autograd reaches y exactly."""
+        y (numerically the mixer's own output, verified), so autograd reaches y exactly. `y`, `z`
+        (b, L, e): already verified internals of this layer for these inputs, to skip recomputing them."""
         from delta_extraction import capture_mixer_io
         from utils import trace
 
-        h_in, real_out = capture_mixer_io(self.model, layer, input_ids, attention_mask)
         mixer = self.adapter.mixer(layer)
-        it = recompute_mixer(mixer, h_in, attention_mask)
-        y = it.y.clone().requires_grad_(True)  # (b, L, e)
+        if y is None or z is None:
+            h_in, real_out = capture_mixer_io(self.model, layer, input_ids, attention_mask)
+            it = recompute_mixer(mixer, h_in, attention_mask)
+            check_reconstruction(it.out, real_out)
+            y, z = it.y, it.z
+        y = y.clone().requires_grad_(True)  # (b, L, e)
         with torch.enable_grad():
-            out = project_out(mixer, y * F.silu(it.z))  # (b, L, d)
-            check_reconstruction(out.detach(), real_out)
+            out = project_out(mixer, y * F.silu(z))  # (b, L, d)
             path = self.adapter.mixer_path(layer)
             with trace(self.model, [path], retain_output=False,
                        edit_output=lambda name, o: out.to(o.dtype)):
@@ -199,7 +202,7 @@ class MambaAttentionNeurons:
             d = attention_data[layer]
             alpha, x = d["attention_matrix"], d["x"]  # (b, e, L, L), (b, L, e)
             if method == "gradient_guided":
-                g, _ = self.output_gradient(d["input_ids"], layer, d["attention_mask"])
+                g, _ = self.output_gradient(d["input_ids"], layer, d["attention_mask"], d["y"], d["z"])
                 per = [gradient_guided(alpha[k], x[k], g[k]) for k in range(alpha.shape[0])]
             elif method == "attention_weighted":
                 per = [attention_weighted(alpha[k], x[k]) for k in range(alpha.shape[0])]

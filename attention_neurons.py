@@ -258,6 +258,8 @@ class MambaAttentionNeurons:
         ax = axes[0, 2]
         ax.scatter(a, imp, s=6, alpha=0.6)
         ax.set(title="activation vs importance", xlabel="activation", ylabel="importance")
+        for ax_ in (axes[0, 0], axes[0, 2]):
+            ax_.ticklabel_format(axis="both", style="sci", scilimits=(-3, 3))
         ax = axes[1, 0]
         im = ax.imshow(s.token_map, cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax)

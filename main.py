@@ -55,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the attention stage (hidden attention and attention neurons; Mamba only)")
     g.add_argument("--attention_methods", nargs="+", default=list(ATTENTION_METHODS), metavar="METHOD",
                    help=f"attention-neuron methods: {', '.join(ATTENTION_METHODS)}")
+    g = p.add_argument_group("causal (ablation)")
+    g.add_argument("--prompts_file", default=None,
+                   help="prompts for the causal stages, one per line; default: five factual prompts")
+    g.add_argument("--causal_site", default=None,
+                   help="site to ablate: Mamba mixer_out (default), ssm, residual; Transformers mlp, attn_out, "
+                        "mlp_out (default), residual")
+    g.add_argument("--causal_dims", type=int, nargs="+", default=None, metavar="DIM",
+                   help="limit the causal scan to these dimensions (default: every dimension of the site); "
+                        "also the dimensions of inter_layer / cross_layer (default: the causal stage's top 3)")
+    g.add_argument("--ablation", default="zero", help="zero (multiply by --intervention_scale) or mean")
+    g.add_argument("--intervention_scale", type=float, default=0.0, help="factor for --ablation zero (0 = zero)")
+    g.add_argument("--causal_batch_size", type=int, default=None,
+                   help="ablations per forward pass (default: chosen from free memory)")
     g = p.add_argument_group("output")
     g.add_argument("--save_results", action="store_true", help="write analysis_results as JSON to --output_dir")
     g.add_argument("--output_dir", default="analysis_outputs", help="folder for the JSON results")
@@ -80,6 +93,8 @@ class StageContext:
     prefix: str  # model label used in plot file names
     progress: bool
     attention_methods: tuple = ATTENTION_METHODS
+    causal: dict = None  # prompts, site, dims, ablation, intervention_scale, batch_size
+    results: dict = None  # the results of the stages run so far
 
 
 def stage_delta(ctx: StageContext):
@@ -127,7 +142,84 @@ def stage_attention(ctx: StageContext):
     return results, plots
 
 
-STAGE_FUNCTIONS = {"delta": stage_delta, "attention": stage_attention}
+def _causal_opts(ctx: StageContext) -> dict:
+    c = ctx.causal or {}
+    return {"site": c.get("site") or ctx.adapter.default_causal_site, "prompts": c.get("prompts") or
+            __import__("causal_analysis").DEFAULT_PROMPTS, "dims": c.get("dims"),
+            "ablation": c.get("ablation", "zero"), "scale": c.get("intervention_scale", 0.0),
+            "batch_size": c.get("batch_size")}
+
+
+def stage_causal(ctx: StageContext):
+    """KL impact of ablating every dimension (or --causal_dims) of the site at --layer, over the prompts."""
+    import numpy as np
+
+    import causal_analysis as ca
+
+    o = _causal_opts(ctx)
+    scores = ca.causal_impact_scores(ctx.model, ctx.tokenizer, o["prompts"], ctx.layer, o["site"], o["scale"],
+                                     o["ablation"], o["dims"], o["batch_size"], ctx.progress)
+    dims = np.arange(len(scores)) if o["dims"] is None else np.asarray(o["dims"])
+    order = np.argsort(-scores, kind="stable")[:ctx.top_k]
+    results = {"layer": ctx.layer, "site": o["site"], "ablation": o["ablation"], "intervention_scale": o["scale"],
+               "prompts": o["prompts"], "n_dims": int(len(scores)),
+               "top_neurons": [{"dim": int(dims[i]), "score": float(scores[i])} for i in order],
+               "dims": dims, "scores": scores, "n_zero": int((scores == 0).sum()),
+               "definition": "mean over prompts of KL(p_clean || p_ablated) of the next-token distribution "
+                             "at the last position"}
+    return results, ca.plot_causal_impacts(scores, dims, ctx.top_k, ctx.layer, o["site"], ctx.plots_dir, ctx.prefix)
+
+
+def _chosen_dims(ctx: StageContext, o: dict, n: int = 3) -> list[int]:
+    if o["dims"]:
+        return list(o["dims"])[:n]
+    causal = (ctx.results or {}).get("causal", {})
+    if causal.get("status") != "ok":
+        raise ValueError("needs --causal_dims or a successful causal stage to choose its dimensions")
+    return [t["dim"] for t in causal["results"]["top_neurons"][:n]]
+
+
+def stage_inter_layer(ctx: StageContext):
+    """Impact of ablating each chosen dimension at every layer in turn (mean over the prompts)."""
+    import causal_analysis as ca
+
+    o = _causal_opts(ctx)
+    dims = _chosen_dims(ctx, o)
+    curves = {}
+    for d in dims:
+        curves[d] = [(layer, float(ca.causal_impact_scores(
+            ctx.model, ctx.tokenizer, o["prompts"], layer, o["site"], o["scale"], o["ablation"], [d],
+            o["batch_size"], progress=False)[0])) for layer in range(ctx.adapter.n_layers)]
+    results = {"site": o["site"], "dims": dims,
+               "curves": {str(d): [{"layer": la, "relative_depth": la / max(1, ctx.adapter.n_layers - 1),
+                                    "score": sc} for la, sc in c] for d, c in curves.items()}}
+    return results, [ca.plot_inter_layer(curves, o["site"], ctx.plots_dir, ctx.prefix)]
+
+
+def stage_cross_layer(ctx: StageContext):
+    """Ablate each chosen dimension at every source layer, read it in the residual stream after every
+    target layer (last position), averaged over the prompts."""
+    import numpy as np
+
+    import causal_analysis as ca
+
+    o = _causal_opts(ctx)
+    site = o["site"] if ctx.adapter.site(o["site"], 0).size == ctx.adapter.hidden_size else "residual"
+    dims = [d for d in _chosen_dims(ctx, o) if d < ctx.adapter.hidden_size]
+    if not dims:
+        raise ValueError(f"no chosen dimension lies in the residual stream (width {ctx.adapter.hidden_size})")
+    per = [ca.cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site, o["scale"]) for p in o["prompts"]]
+    m = {k: np.mean([x[k] for x in per], axis=0) for k in ("clean", "ablated", "change")}
+    m.update(dims=per[0]["dims"], sources=per[0]["sources"], targets=per[0]["targets"])
+    results = {"site": site, "readout": "residual stream after each target layer, last position, "
+                                        "mean over prompts", **m,
+               "max_abs_change_before_source": float(max(np.abs(m["change"][:, s, :s]).max(initial=0.0)
+                                                         for s in range(ctx.adapter.n_layers)))}
+    return results, [ca.plot_cross_layer(m, site, ctx.plots_dir, ctx.prefix)]
+
+
+STAGE_FUNCTIONS = {"delta": stage_delta, "causal": stage_causal, "inter_layer": stage_inter_layer,
+                   "cross_layer": stage_cross_layer, "attention": stage_attention}
 
 
 def resolve_stages(requested: list[str] | None, family: str | None = None, enable_attention: bool = True
@@ -154,7 +246,7 @@ def resolve_stages(requested: list[str] | None, family: str | None = None, enabl
 
 def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: int = 10, stages=None,
                                plots_dir="plots", max_length: int = 256, prefix: str = "model",
-                               progress: bool = True, attention_methods=ATTENTION_METHODS) -> dict:
+                               progress: bool = True, attention_methods=ATTENTION_METHODS, causal=None) -> dict:
     """Run the stages in order on `texts` (strings) and return `analysis_results`:
     {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
     "error", "plots"}}. A failing stage is recorded and the others go on."""
@@ -169,7 +261,7 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
                                "max_length": max_length, "n_truncated": tokens.n_truncated},
                      "architecture": adapter.describe()}
     ctx = StageContext(model, tokenizer, adapter, tokens, layer, top_k, str(plots_dir), prefix, progress,
-                       tuple(attention_methods))
+                       tuple(attention_methods), causal or {}, results)
     for name in stages:
         t0 = time.perf_counter()
         try:
@@ -233,7 +325,25 @@ def summarize_attention(r: dict) -> None:
               f"(std {a['activation_std']:.3g}), diversity {a['neuron_diversity']:.3f}; top: {top}")
 
 
-SUMMARIES = {"delta": summarize_delta, "attention": summarize_attention}
+def summarize_causal(r: dict) -> None:
+    print(f"    {r['n_dims']} dims of {r['site']} at layer {r['layer']}, {len(r['prompts'])} prompts, "
+          f"{r['ablation']} ablation; {r['n_zero']} dims with impact exactly 0")
+    print("    top causal dims (mean KL): " + ", ".join(f"{t['dim']} ({t['score']:.3e})" for t in r["top_neurons"]))
+
+
+def summarize_inter_layer(r: dict) -> None:
+    for d, curve in r["curves"].items():
+        best = max(curve, key=lambda c: c["score"])
+        print(f"    dim {d}: largest impact at layer {best['layer']} ({best['score']:.3e})")
+
+
+def summarize_cross_layer(r: dict) -> None:
+    print(f"    dims {list(map(int, r['dims']))} of {r['site']}; largest |change| before the source layer: "
+          f"{r['max_abs_change_before_source']:.1e} (causality: must be 0)")
+
+
+SUMMARIES = {"delta": summarize_delta, "attention": summarize_attention, "causal": summarize_causal,
+             "inter_layer": summarize_inter_layer, "cross_layer": summarize_cross_layer}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +398,15 @@ def _main(args, argv) -> int:
     bad = [m for m in args.attention_methods if m not in ATTENTION_METHODS]
     if bad:
         raise UserInputError(f"--attention_methods {bad[0]}: unknown; choose from {', '.join(ATTENTION_METHODS)}")
+    if args.ablation not in ("zero", "mean"):
+        raise UserInputError(f"--ablation {args.ablation}: unknown; choose zero or mean")
+    if args.causal_batch_size is not None and args.causal_batch_size < 1:
+        raise UserInputError(f"--causal_batch_size {args.causal_batch_size}: must be at least 1")
+    prompts = None
+    if args.prompts_file is not None:
+        from utils import read_texts_file
+
+        prompts = read_texts_file(args.prompts_file, flag="--prompts_file")
     stages = resolve_stages(args.stages, enable_attention=args.enable_attention)  # checked before anything slow
     if args.texts_file is not None:
         from utils import read_texts_file
@@ -316,6 +435,13 @@ def _main(args, argv) -> int:
     loaded = load_model_and_tokenizer(source, device, dtype)
     adapter = get_adapter(loaded.model)
     adapter.check_layer(args.layer)
+    if args.causal_site is not None:
+        adapter.site(args.causal_site, args.layer)  # unknown site for this family: UserInputError
+    width = adapter.site(args.causal_site or adapter.default_causal_site, args.layer).size
+    bad_dims = [d for d in args.causal_dims or [] if not 0 <= d < width]
+    if bad_dims:
+        raise UserInputError(f"--causal_dims {bad_dims[0]}: out of range for this site of width {width}; "
+                             f"valid dims are 0..{width - 1}")
     if args.stages is not None:
         stages = resolve_stages(args.stages, adapter.family)
     textset = load_texts(args.texts_file, args.text_limit)
@@ -328,7 +454,9 @@ def _main(args, argv) -> int:
     results.update(run_comprehensive_analysis(
         loaded.model, loaded.tokenizer, textset.texts, layer=args.layer, top_k=args.top_k, stages=stages,
         plots_dir=args.plots_dir, max_length=args.max_length, prefix=model_prefix(args.model, source.origin),
-        progress=not args.no_progress, attention_methods=args.attention_methods))
+        progress=not args.no_progress, attention_methods=args.attention_methods,
+        causal={"prompts": prompts, "site": args.causal_site, "dims": args.causal_dims, "ablation": args.ablation,
+                "intervention_scale": args.intervention_scale, "batch_size": args.causal_batch_size}))
     results["texts"].update(source=textset.source, warning=textset.warning)
     results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
     results["run"]["total_time_s"] = round(time.time() - start, 3)

@@ -53,6 +53,8 @@ class ArchitectureAdapter:
     family: str = ""
     layers_path: str = ""
     sites: dict[str, SiteSpec] = {}
+    default_causal_site: str = "residual"
+    position_embedding_path: str | None = None  # absolute position embeddings added to the input embeddings
 
     def __init__(self, model):
         self.model = model
@@ -102,6 +104,7 @@ class ArchitectureAdapter:
 class MambaAdapter(ArchitectureAdapter):
     family = "mamba"
     layers_path = "backbone.layers"
+    default_causal_site = "mixer_out"
     sites = {
         "mixer_out": SiteSpec("backbone.layers.{layer}.mixer", "output", "hidden_size",
                               "mixer output before the residual add (d)"),
@@ -134,6 +137,8 @@ def _transformer_sites(block: str, attn: str) -> dict[str, SiteSpec]:
 class GPT2Adapter(ArchitectureAdapter):
     family = "gpt2"
     layers_path = "transformer.h"
+    default_causal_site = "mlp_out"
+    position_embedding_path = "transformer.wpe"
     sites = _transformer_sites("transformer.h.{layer}", "attn")
 
     @property
@@ -144,6 +149,7 @@ class GPT2Adapter(ArchitectureAdapter):
 class GPTNeoXAdapter(ArchitectureAdapter):
     family = "gpt_neox"
     layers_path = "gpt_neox.layers"
+    default_causal_site = "mlp_out"
     sites = _transformer_sites("gpt_neox.layers.{layer}", "attention")
 
     @property

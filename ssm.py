@@ -156,8 +156,8 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D):
         b, L, e = x.shape
-        dA = torch.exp(delta[..., None] * A)  # (b, L, e, n)
-        h = delta[..., None] * B[:, :, None, :] * x[..., None]  # (b, L, e, n): Δ_t B_t x_t, overwritten by h_t
+        dA = torch.exp_(delta[..., None] * A)  # (b, L, e, n)
+        h = (delta * x)[..., None] * B[:, :, None, :]  # (b, L, e, n): Δ_t B_t x_t, overwritten by h_t
         for t in range(1, L):
             h[:, t].addcmul_(dA[:, t], h[:, t - 1])  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t
         y = torch.einsum("blen,bln->ble", h, C) + x * D  # (b, L, e)
@@ -195,7 +195,8 @@ def mixer_forward(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tens
     input's dtype out. Used in training in place of the Hugging Face slow path."""
     x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
     u = scan(x, delta, A, B, C, D) * F.silu(z)  # (b, L, e)
-    return project_out(mixer, u).to(hidden_states.dtype)  # (b, L, d)
+    # out_proj is called as a module (not through its weights) so that hooks on it fire as in the model
+    return mixer.out_proj(u.to(mixer.out_proj.weight.dtype)).to(hidden_states.dtype)  # (b, L, d)
 
 
 class fast_scan_training:

@@ -70,13 +70,15 @@ def trace(
     retain_input: bool = False,
     retain_output: bool = True,
     edit_output: Callable[[str, Any], Any] | None = None,
+    edit_input: Callable[[str, Any], Any] | None = None,
     stop: bool = False,
     check_fired: bool = True,
 ) -> Iterator[dict[str, Trace]]:
     """Hook the modules at `paths` (their `model.named_modules()` names) for the duration of the block.
 
     Yields `{path: Trace}`; each Trace holds detached clones of the module's input and/or output from
-    the last call. `edit_output(path, output)` may return a replacement output (interventions).
+    the last call. `edit_output(path, output)` may return a replacement output, `edit_input(path, first
+    input)` a replacement first input (interventions; the trace then records the edited values).
     With `stop=True` the forward pass is ended (and the StopForward swallowed) as soon as every hooked
     module has run, so work after the last hooked module is skipped.
 
@@ -108,8 +110,19 @@ def trace(
 
         return hook
 
+    def make_pre_hook(path):
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (edit_input(path, args[0]), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: edit_input(path, kwargs[key])}
+
+        return pre_hook
+
     try:
         for p in paths:
+            if edit_input is not None:
+                handles.append(modules[p].register_forward_pre_hook(make_pre_hook(p), with_kwargs=True))
             handles.append(modules[p].register_forward_hook(make_hook(p), with_kwargs=True))
         try:
             yield traces
@@ -321,14 +334,14 @@ class TextSet:
     warning: str | None = None
 
 
-def read_texts_file(path) -> list[str]:
+def read_texts_file(path, flag: str = "--texts_file") -> list[str]:
     """One text per line; blank lines are skipped. Missing or empty file -> UserInputError."""
     p = Path(path)
     if not p.is_file():
-        raise UserInputError(f"--texts_file {path}: no such file; give a text file with one text per line")
+        raise UserInputError(f"{flag} {path}: no such file; give a text file with one text per line")
     texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
-        raise UserInputError(f"--texts_file {path}: the file has no non-blank lines; put one text per line")
+        raise UserInputError(f"{flag} {path}: the file has no non-blank lines; put one text per line")
     return texts
 
 

@@ -44,7 +44,8 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     assert run["argv"] == args and run["model_class"] == "MambaForCausalLM" and run["seed"] == 3
     assert run["resolved_path"] == str(model_dirs["mamba_b"].resolve()) and run["model_source"] == "local"
     assert {"torch", "transformers"} <= set(run["versions"]) and run["dtype"] == "float32"
-    assert set(run["stage_timings_s"]) == {"delta"} and run["start_time"].endswith("Z")
+    assert set(run["stage_timings_s"]) == {"delta", "causal", "inter_layer", "cross_layer"}
+    assert run["start_time"].endswith("Z")
     texts = read_texts_file(texts_file)
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert res["texts"]["n_texts"] == 12 and res["texts"]["n_truncated"] == sum(n > 20 for n in lengths)
@@ -64,7 +65,19 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     for c, _ in got:
         assert f"channel {c:>5}" in p.stdout
     assert len(delta["plots"]) == 2
-    for plot in delta["plots"]:
+    # causal stages: every dimension scored; the library gives the same ranking; causality holds
+    import causal_analysis as ca
+
+    causal = res["causal"]["results"]
+    assert res["causal"]["status"] == "ok" and len(causal["scores"]) == 24 and causal["site"] == "mixer_out"
+    lib = ca.find_causal_neurons(make_model("mamba_b"), tokenizer, ca.DEFAULT_PROMPTS, 1, 4, progress=False)
+    assert [t["dim"] for t in causal["top_neurons"]] == [d for d, _ in lib]
+    assert [t["score"] for t in causal["top_neurons"]] == pytest.approx([s for _, s in lib], rel=1e-6)
+    assert res["inter_layer"]["results"]["dims"] == [d for d, _ in lib[:3]]
+    assert res["cross_layer"]["results"]["max_abs_change_before_source"] == 0.0
+    plots = [p for s in ("delta", "causal", "inter_layer", "cross_layer") for p in res[s]["plots"]]
+    assert len(plots) == 6
+    for plot in plots:
         data = (tmp_path / plot).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000
 
@@ -78,6 +91,10 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     (["--model", "{mamba}", "--stages", "nonsense"], "unknown stage"),
     (["--model", "{gpt2}", "--stages", "delta"], "not applicable to gpt2"),
     (["--model", "{mamba}", "--attention_methods", "magic"], "--attention_methods magic"),
+    (["--model", "{mamba}", "--causal_dims", "3", "999"], "valid dims are 0..23"),
+    (["--model", "{mamba}", "--causal_site", "mlp"], "site 'mlp' does not exist for mamba"),
+    (["--model", "{mamba}", "--prompts_file", "{missing}"], "--prompts_file"),
+    (["--model", "{mamba}", "--ablation", "half"], "--ablation half"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, model_dirs, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")

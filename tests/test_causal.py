@@ -1,0 +1,121 @@
+"""Causal impacts: equal to a plain one-ablation-at-a-time reference; planted and dead dimensions;
+cross-layer causality."""
+import numpy as np
+import pytest
+import torch
+
+import causal_analysis as ca
+from conftest import make_model
+from models import get_adapter
+from utils import trace
+
+PROMPTS = ["The capital of France is", "Water boils", "A prime number has exactly two divisors, one and"]
+
+
+def reference_scores(model, tokenizer, layer, site, dims, scale=0.0, mean=False):
+    """The original's method: for every (dim, prompt), a clean run and a full ablated run, batch 1."""
+    s = get_adapter(model).site(site, layer)
+    pick = (lambda tr: tr[s.path].input) if s.capture == "input" else (lambda tr: tr[s.path].output)
+    means = None
+    if mean:
+        acts = []
+        for p in PROMPTS:
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids
+            with torch.no_grad(), trace(model, [s.path], retain_input=True) as tr:
+                model(input_ids=ids)
+            acts.append(pick(tr)[0])
+        means = torch.cat(acts).double().mean(0)
+    out = []
+    for k in dims:
+        total = 0.0
+        for p in PROMPTS:
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids
+            with torch.no_grad():
+                clean = model(input_ids=ids).logits[0, -1].double().log_softmax(-1)
+
+            def edit(name, v):
+                a = (v[0] if isinstance(v, tuple) else v).clone()
+                a[..., k] = means[k] if mean else a[..., k] * scale
+                return (a, *v[1:]) if isinstance(v, tuple) else a
+
+            kw = {"edit_input": edit} if s.capture == "input" else {"edit_output": edit}
+            with torch.no_grad(), trace(model, [s.path], retain_output=False, **kw):
+                abl = model(input_ids=ids).logits[0, -1].double().log_softmax(-1)
+            total += torch.nn.functional.kl_div(abl, clean, log_target=True, reduction="sum").item()
+        out.append(total / len(PROMPTS))
+    return np.array(out)
+
+
+CASES = [("mamba_b", "mixer_out", 1, {}), ("mamba_b", "ssm", 2, {}), ("mamba_a", "residual", 0, {"scale": 0.5}),
+         ("gpt2", "mlp", 1, {}), ("gpt2", "mlp_out", 0, {"mean": True}), ("gpt_neox", "attn_out", 1, {})]
+
+
+@pytest.mark.parametrize("kind, site, layer, opts", CASES)
+def test_scores_equal_one_at_a_time_reference(kind, site, layer, opts, tokenizer):
+    model = make_model(kind)
+    width = get_adapter(model).site(site, layer).size
+    dims = list(range(width)) if width <= 32 else list(range(0, width, 3))
+    ours = ca.causal_impact_scores(model, tokenizer, PROMPTS, layer, site, dims=dims, batch_size=7,
+                                   intervention_scale=opts.get("scale", 0.0),
+                                   ablation="mean" if opts.get("mean") else "zero", progress=False)
+    ref = reference_scores(model, tokenizer, layer, site, dims, opts.get("scale", 0.0), opts.get("mean", False))
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"{kind} {site} L{layer}: max relative difference {rel:.2e} (largest impact {ref.max():.2e})")
+    assert rel < 1e-5 and ref.max() > 0
+
+
+def test_automatic_batch_size_gives_the_same_scores(tokenizer):
+    model = make_model("mamba_b")
+    a = ca.causal_impact_scores(model, tokenizer, PROMPTS, 0, progress=False)
+    b = ca.causal_impact_scores(model, tokenizer, PROMPTS, 0, batch_size=1, progress=False)
+    assert a.shape == (24,)
+    assert np.abs(a - b).max() / np.abs(b).max() < 1e-5  # batched BLAS rounding only
+
+
+@pytest.mark.parametrize("kind", ["mamba_b", "gpt2"])
+def test_planted_dominant_dimension_ranks_first_and_dead_dimension_scores_zero(kind, tokenizer):
+    model = make_model(kind)
+    adapter = get_adapter(model)
+    planted, dead = 5, 11
+    with torch.no_grad():
+        if adapter.is_mamba:  # mixer_out dim k = out_proj row k
+            proj = model.backbone.layers[1].mixer.out_proj
+            proj.weight[planted] *= 30.0
+            proj.weight[dead] = 0.0
+            proj.bias[dead] = 0.0
+        else:  # mlp_out dim k = c_proj column k (Conv1D weight is (in, out))
+            proj = model.transformer.h[1].mlp.c_proj
+            proj.weight[:, planted] *= 30.0
+            proj.weight[:, dead] = 0.0
+            proj.bias[dead] = 0.0
+    top = ca.find_causal_neurons(model, tokenizer, PROMPTS, layer_idx=1, top_k=3, progress=False)
+    assert top[0][0] == planted and top[0][1] > 3 * top[1][1]
+    scores = ca.causal_impact_scores(model, tokenizer, PROMPTS, 1, progress=False)
+    print(f"{kind}: planted {scores[planted]:.3e}, dead {scores[dead]:.3e}, median {np.median(scores):.3e}")
+    assert scores[dead] < 1e-12 < np.median(scores)
+
+
+def test_inter_layer_equals_per_layer_scores(tokenizer):
+    model = make_model("mamba_b")
+    curve = ca.inter_layer_causal_impact_all_layers(model, tokenizer, PROMPTS[0], 3)
+    assert [layer for layer, _ in curve] == [0, 1, 2]
+    for layer, score in curve:
+        assert score == pytest.approx(ca.causal_impact_scores(model, tokenizer, PROMPTS[:1], layer, dims=[3],
+                                                              progress=False)[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("kind, site", [("mamba_b", "mixer_out"), ("gpt2", "residual")])
+def test_cross_layer_is_causal(kind, site, tokenizer):
+    model = make_model(kind)
+    n = get_adapter(model).n_layers
+    m = ca.cross_layer_matrix(model, tokenizer, PROMPTS[2], dims=[2, 9], site=site)
+    assert m["change"].shape == (2, n, n)
+    for s in range(n):
+        assert np.all(m["change"][:, s, :s] == 0.0)  # targets before the source: exactly unchanged
+    assert np.abs(m["change"][:, :, -1]).max() > 0
+    if site == "residual":  # zero-ablating residual dim k after layer s leaves 0 there
+        for s in range(n):
+            assert np.all(m["ablated"][:, s, s] == 0.0)
+    one = ca.cross_layer_causal_influence(model, tokenizer, PROMPTS[2], 9, 0, n - 1, site=site)
+    assert one["change"] == pytest.approx(m["change"][1, 0, n - 1], rel=1e-6, abs=1e-9)
+    assert one["change"] == pytest.approx(one["ablated"] - one["clean"])

@@ -226,12 +226,12 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
     rows = torch.arange(len(dims))
 
     def read(tr):  # (K, n_layers): dimension dims[i] of row i, last position, after each layer
-        return torch.stack([tr[p].output[rows if tr[p].output.shape[0] > 1 else 0, -1, dims].double()
-                            for p in readouts], dim=-1)
+        return torch.stack([tr[p].output[rows, -1, dims].double() for p in readouts], dim=-1)
 
-    with torch.no_grad(), trace(model, readouts) as tr:
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    clean = read(tr).expand(len(dims), -1)  # (K, n_layers)
+    batch = ids.expand(len(dims), -1)  # (K, L): the clean pass has the ablated passes' batch shape, so the
+    with torch.no_grad(), trace(model, readouts) as tr:  # unaffected entries match bit for bit
+        model(input_ids=batch, use_cache=False, logits_to_keep=1)
+    clean = read(tr)  # (K, n_layers)
     ablated = torch.zeros(len(dims), len(sources), adapter.n_layers, dtype=torch.float64)
     for j, s in enumerate(sources):
         src = adapter.site(site, s)
@@ -239,7 +239,7 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
         # the edit is registered first, so a readout on the same module (residual source) sees the edited value
         with torch.no_grad(), trace(model, [src.path], retain_output=False, **_edit_kwargs(src, edit)), \
                 trace(model, readouts) as tr:
-            model(input_ids=ids.expand(len(dims), -1), use_cache=False, logits_to_keep=1)
+            model(input_ids=batch, use_cache=False, logits_to_keep=1)
         ablated[:, j] = read(tr)
     change = ablated - clean[:, None, :]
     return {"dims": dims.numpy(), "sources": np.asarray(sources), "targets": np.arange(adapter.n_layers),

@@ -119,3 +119,18 @@ def test_cross_layer_is_causal(kind, site, tokenizer):
     one = ca.cross_layer_causal_influence(model, tokenizer, PROMPTS[2], 9, 0, n - 1, site=site)
     assert one["change"] == pytest.approx(m["change"][1, 0, n - 1], rel=1e-6, abs=1e-9)
     assert one["change"] == pytest.approx(one["ablated"] - one["clean"])
+
+
+def test_cross_layer_is_exactly_causal_on_the_reference_mamba():
+    """On a trained model, batch-shape rounding would show up before the source layer if the clean
+    and ablated passes were computed differently."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import REPO
+
+    path = REPO / "reference_models" / "mamba"
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    m = ca.cross_layer_matrix(model, tok, ca.DEFAULT_PROMPTS[0], dims=[24, 159, 185], site="mixer_out")
+    for s in range(model.config.num_hidden_layers):
+        assert np.all(m["change"][:, s, :s] == 0.0)
+    assert np.abs(m["change"]).max() > 1e-3

@@ -185,11 +185,10 @@ def stage_inter_layer(ctx: StageContext):
 
     o = _causal_opts(ctx)
     dims = _chosen_dims(ctx, o)
-    curves = {}
-    for d in dims:
-        curves[d] = [(layer, float(ca.causal_impact_scores(
-            ctx.model, ctx.tokenizer, o["prompts"], layer, o["site"], o["scale"], o["ablation"], [d],
-            o["batch_size"], progress=False)[0])) for layer in range(ctx.adapter.n_layers)]
+    per_layer = [ca.causal_impact_scores(ctx.model, ctx.tokenizer, o["prompts"], layer, o["site"], o["scale"],
+                                         o["ablation"], dims, o["batch_size"], progress=False)  # (n_dims,)
+                 for layer in range(ctx.adapter.n_layers)]  # all chosen dims share each layer's clean runs
+    curves = {d: [(layer, float(sc[i])) for layer, sc in enumerate(per_layer)] for i, d in enumerate(dims)}
     results = {"site": o["site"], "dims": dims,
                "curves": {str(d): [{"layer": la, "relative_depth": la / max(1, ctx.adapter.n_layers - 1),
                                     "score": sc} for la, sc in c] for d, c in curves.items()}}

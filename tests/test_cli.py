@@ -74,6 +74,9 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     assert [t["dim"] for t in causal["top_neurons"]] == [d for d, _ in lib]
     assert [t["score"] for t in causal["top_neurons"]] == pytest.approx([s for _, s in lib], rel=1e-6)
     assert res["inter_layer"]["results"]["dims"] == [d for d, _ in lib[:3]]
+    for d, score in lib[:3]:  # the curve at the analysed layer is the causal stage's own number
+        at_layer = res["inter_layer"]["results"]["curves"][str(d)][1]
+        assert at_layer["layer"] == 1 and at_layer["score"] == pytest.approx(score, rel=1e-5)
     assert res["cross_layer"]["results"]["max_abs_change_before_source"] == 0.0
     plots = [p for s in ("delta", "causal", "inter_layer", "cross_layer") for p in res[s]["plots"]]
     assert len(plots) == 6

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from models import get_adapter, require_mamba
-from ssm import apply_hidden_attention, check_reconstruction, hidden_attention, project_out, recompute_mixer
+from ssm import (apply_hidden_attention, check_reconstruction, hidden_attention, mixer_projections, project_out,
+                 recompute_mixer)
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class MambaAttentionNeurons:
 
     def extract_attention_vectors(self, inputs, layer_indices) -> dict:
         """{layer: {"attention_matrix": α (b, e, L, L), "attention_vectors": mean_c α (b, L, L),
-        "x": (b, L, e), "z": (b, L, e), "D": (e,), "reconstruction": ReconstructionCheck, "input_ids"}}.
+        "x", "y" (= α x + D x), "z": (b, L, e), "D": (e,), "reconstruction": ReconstructionCheck,
+        "input_ids", "attention_mask"}}.
         `inputs`: input ids (b, L) or a tokenizer output dict. α is verified against the mixer output."""
         from delta_extraction import capture_mixer_io
 
@@ -156,12 +158,13 @@ class MambaAttentionNeurons:
         for layer in layer_indices:
             h_in, real_out = capture_mixer_io(self.model, layer, ids, mask)  # (b, L, d) each
             mixer = self.adapter.mixer(layer)
-            it = recompute_mixer(mixer, h_in, mask)
-            alpha = hidden_attention(it.delta, it.A, it.B, it.C)  # (b, e, L, L)
-            y = apply_hidden_attention(alpha, it.x, it.D)  # (b, L, e)
-            check = check_reconstruction(project_out(mixer, y * F.silu(it.z)), real_out)
-            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": it.x, "y": it.y,
-                           "z": it.z, "D": it.D, "reconstruction": check, "input_ids": ids, "attention_mask": mask}
+            with torch.no_grad():
+                x, z, delta, B, C, A, D = mixer_projections(mixer, h_in, mask)  # no sequential scan needed:
+                alpha = hidden_attention(delta, A, B, C)  # (b, e, L, L)
+                y = apply_hidden_attention(alpha, x, D)  # (b, L, e), the scan output via α
+                check = check_reconstruction(project_out(mixer, y * F.silu(z)), real_out)
+            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": x, "y": y,
+                           "z": z, "D": D, "reconstruction": check, "input_ids": ids, "attention_mask": mask}
         return data
 
     def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None

@@ -143,9 +143,11 @@ def stage_attention(ctx: StageContext):
 
 
 def _causal_opts(ctx: StageContext) -> dict:
+    from causal_analysis import DEFAULT_PROMPTS
+
     c = ctx.causal or {}
-    return {"site": c.get("site") or ctx.adapter.default_causal_site, "prompts": c.get("prompts") or
-            __import__("causal_analysis").DEFAULT_PROMPTS, "dims": c.get("dims"),
+    return {"site": c.get("site") or ctx.adapter.default_causal_site, "prompts": c.get("prompts") or DEFAULT_PROMPTS,
+            "dims": c.get("dims"),
             "ablation": c.get("ablation", "zero"), "scale": c.get("intervention_scale", 0.0),
             "batch_size": c.get("batch_size")}
 

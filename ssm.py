@@ -12,6 +12,7 @@ nothing; the mixer's *input* is the only reliable capture point.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -199,6 +200,10 @@ def mixer_forward(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tens
     return mixer.out_proj(u.to(mixer.out_proj.weight.dtype)).to(hidden_states.dtype)  # (b, L, d)
 
 
+def _fast_mixer_call(mixer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+    return mixer_forward(mixer, hidden_states, attention_mask)
+
+
 class fast_scan_training:
     """Context manager: every Mamba mixer of `model` runs `mixer_forward` (fast scan) inside the block.
 
@@ -212,8 +217,7 @@ class fast_scan_training:
 
     def __enter__(self):
         for m in self.mixers:
-            m.forward = (lambda mixer: lambda hidden_states, cache_params=None, attention_mask=None, **kw:
-                         mixer_forward(mixer, hidden_states, attention_mask))(m)
+            m.forward = functools.partial(_fast_mixer_call, m)
         return self
 
     def __exit__(self, *exc):

@@ -133,6 +133,22 @@ def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp
     assert res["delta"]["status"] == "error" and "at least 2 texts" in res["delta"]["error"]
     assert "FAILED stages: delta" in p.stdout
     assert res["attention"]["status"] == "ok"  # the other stages go on
+    # the attention stage's JSON numbers are the library's for that one text
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attention_neurons import MambaAttentionNeurons
+    from utils import tokenize_texts
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["mamba_a"]).eval()
+    tok = AutoTokenizer.from_pretrained(model_dirs["mamba_a"])
+    ids = tokenize_texts(tok, read_texts_file(texts_file)[:1], 256).input_ids[0]
+    an = MambaAttentionNeurons(model)
+    data = an.extract_attention_vectors(ids, [0])
+    for method, r in res["attention"]["results"]["methods"].items():
+        lib = an.create_mamba_neurons(data, method)[0]
+        np.testing.assert_allclose(r["neuron_activations"], lib.neuron_activations, rtol=1e-5)
+        np.testing.assert_allclose(r["neuron_importance"], lib.neuron_importance, rtol=1e-5, atol=1e-12)
 
 
 def test_help_is_fast(tmp_path):

@@ -7,7 +7,8 @@ over all positions of all prompts in the clean runs.
 
 Speed by construction: one clean run per prompt caches the residual stream entering layer ℓ; every
 ablated run starts there (`run_from_layer`), K ablations go through the model as one batch (row i
-ablates dims[i]), and only the last position's logits are computed. Prompts are processed one at a time,
+ablates dims[i]), only the last position's logits are computed, and Mamba mixers run a cache-blocked
+copy of transformers' own forward (`ssm.mixer_forward_blocked`, same operations in the same order). Prompts are processed one at a time,
 so prompts of different lengths need no padding.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from models import ArchitectureAdapter, Site, get_adapter
-from ssm import ReconstructionError
+from ssm import ReconstructionError, blocked_inference
 from utils import trace
 
 logger = logging.getLogger(__name__)
@@ -44,13 +45,17 @@ ABLATIONS = ("zero", "mean")
 def run_from_layer(model, adapter: ArchitectureAdapter, layer: int):
     """Inside the block, `model(inputs_embeds=h)` runs layers `layer`.. only, with `h` (b, L, d) the
     residual stream entering `layer` (absolute position embeddings are switched off, so h is used as
-    is). Layer paths inside the block are relative: the first block is `LAYERS.0`. Restored on exit."""
+    is). Layer paths inside the block are relative: the first block is `LAYERS.0`. Mamba mixers run
+    `ssm.mixer_forward_blocked` (transformers' operations, cache-blocked for many-row batches); callers
+    check that the unablated pass reproduces the model's own clean run. Restored on exit."""
     parent_path, attr = adapter.layers_path.rsplit(".", 1)
     parent = model.get_submodule(parent_path)
     full = getattr(parent, attr)
     with contextlib.ExitStack() as stack:
         setattr(parent, attr, torch.nn.ModuleList(list(full)[adapter.check_layer(layer):]))
         stack.callback(setattr, parent, attr, full)
+        if adapter.is_mamba:
+            stack.enter_context(blocked_inference(model))
         if adapter.position_embedding_path is not None:
             stack.enter_context(trace(model, [adapter.position_embedding_path], retain_output=False,
                                       edit_output=lambda name, out: torch.zeros_like(out)))

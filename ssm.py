@@ -159,8 +159,11 @@ class _SelectiveScan(torch.autograd.Function):
         b, L, e = x.shape
         dA = torch.exp_(delta[..., None] * A)  # (b, L, e, n)
         h = (delta * x)[..., None] * B[:, :, None, :]  # (b, L, e, n): Δ_t B_t x_t, overwritten by h_t
-        for t in range(1, L):
-            h[:, t].addcmul_(dA[:, t], h[:, t - 1])  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t
+        hs, dAs = h.unbind(1), dA.unbind(1)  # L views (b, c, n) each
+        step = torch.empty_like(hs[0])  # (b, c, n)
+        for t in range(1, L):  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t: a multiply, then an add (not fused), as there
+            torch.mul(dAs[t], hs[t - 1], out=step)
+            hs[t].add_(step)
         y = torch.einsum("blen,bln->ble", h, C) + x * D  # (b, L, e)
         ctx.save_for_backward(x, delta, A, B, C, D, dA, h)
         return y
@@ -204,26 +207,105 @@ def _fast_mixer_call(mixer, hidden_states, cache_params=None, attention_mask=Non
     return mixer_forward(mixer, hidden_states, attention_mask)
 
 
-class fast_scan_training:
-    """Context manager: every Mamba mixer of `model` runs `mixer_forward` (fast scan) inside the block.
+class swapped_mixer_forward:
+    """Context manager: every Mamba mixer of `model` runs `fn(mixer, hidden_states, cache_params=None,
+    attention_mask=None, **kwargs)` instead of its own forward inside the block. Only the forward method
+    is swapped, on the instances (hooks on the mixer and its submodules still fire); the weights stay
+    the model's own."""
 
-    Only the forward method is swapped, on the instances; the weights stay the model's own, so what is
-    saved afterwards is a plain MambaForCausalLM checkpoint. Caching (generation) is not supported
-    inside the block.
-    """
-
-    def __init__(self, model):
+    def __init__(self, model, fn):
         self.mixers = [layer.mixer for layer in model.backbone.layers]
+        self.fn = fn
 
     def __enter__(self):
         for m in self.mixers:
-            m.forward = functools.partial(_fast_mixer_call, m)
+            m.forward = functools.partial(self.fn, m)
         return self
 
     def __exit__(self, *exc):
         for m in self.mixers:
             m.__dict__.pop("forward", None)
         return False
+
+
+def fast_scan_training(model) -> swapped_mixer_forward:
+    """Every mixer runs `mixer_forward` (fast scan, cheap backward) inside the block; what is saved
+    afterwards is a plain MambaForCausalLM checkpoint. Caching (generation) is not supported inside."""
+    return swapped_mixer_forward(model, _fast_mixer_call)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward-only mixer for many-row inference (ablation scans): transformers' operations, cache-blocked
+# --------------------------------------------------------------------------------------------------
+# Floats per (b, L, c, n) block on a CPU: 2^19 (2 MB) keeps a channel chunk's scan tensors in cache.
+CPU_BLOCK_ELEMENTS = 1 << 19
+
+
+def mixer_forward_blocked(mixer, hidden_states, cache_params=None, attention_mask=None,
+                          block_elements: int | None = None, **kwargs) -> torch.Tensor:
+    """transformers' slow-path MambaMixer forward (no cache) with the same operations in the same
+    order and dtypes, so that it gives the same numbers (bitwise on the machines tested), but with the
+    (b, e, L, n) scan tensors computed one channel chunk at a time in (b, L, c, n) layout. On a CPU the
+    slow path's full-size tensors fall out of cache, and at many rows (ablation batches) that memory
+    traffic costs as much as the matmuls. Forward only. Per step, as there:
+    h_t = Ā_t h_{t-1} + Δ_t B_t x_t (a multiply, then an add), y_t = h_t · C_t by matmul.
+
+    `block_elements`: floats per chunk (default CPU_BLOCK_ELEMENTS on a CPU, all channels at once on an
+    accelerator). Callers verify the result against the model's own forward (causal_analysis does, for
+    every prompt)."""
+    if cache_params is not None:
+        raise ValueError("mixer_forward_blocked runs without a cache (use_cache=False)")
+    dtype = hidden_states.dtype
+    if attention_mask is not None:  # as transformers' apply_mask_to_padding_states
+        hidden_states = (hidden_states * attention_mask[:, :, None]).to(dtype)
+    b, L, _ = hidden_states.shape
+    x, gate = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, e, L) each
+    w = mixer.conv1d.weight  # (e, 1, k)
+    x = F.conv1d(x.to(w.dtype), w, mixer.conv1d.bias, padding=w.shape[-1] - 1, groups=w.shape[0])[..., :L]
+    x = mixer.act(x).to(dtype).transpose(1, 2)  # (b, L, e)
+    if attention_mask is not None:
+        x = (x * attention_mask[:, :, None]).to(dtype)
+    r, n = int(mixer.time_step_rank), int(mixer.ssm_state_size)
+    dt, B, C = torch.split(mixer.x_proj(x), [r, n, n], dim=-1)  # (b, L, r), (b, L, n), (b, L, n)
+    dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (b, e, L)
+    if mixer.dt_proj.bias is not None:
+        dt = dt + mixer.dt_proj.bias.float().to(dt.dtype)[..., None]  # in dt's dtype, as there
+    dt = F.softplus(dt).transpose(1, 2).contiguous()  # (b, L, e), contiguous: the blocks below are (b, L, c, n)
+    A = -torch.exp(mixer.A_log.float())  # (e, n)
+    u = x.float()  # (b, L, e)
+    Bf = B.float()[:, :, None, :]  # (b, L, 1, n)
+    Cm = C[..., None]  # (b, L, n, 1)
+    e = A.shape[0]
+    budget = block_elements or (CPU_BLOCK_ELEMENTS if hidden_states.device.type == "cpu" else b * L * e * n)
+    # batch 1: all channels at once and y step by step, as there: a batch-1 matmul is a matrix-vector
+    # product whose rounding depends on its row count, so channel chunks would not give the same bits
+    chunk = e if b == 1 else max(1, min(e, budget // (b * L * n)))
+    # y laid out (b, e, L) as there: out_proj then gets the same transposed view (a matmul rounds by layout)
+    y = torch.empty(b, e, L, dtype=torch.promote_types(dtype, C.dtype), device=x.device)  # (b, e, L)
+    for c0 in range(0, e, chunk):
+        cs = slice(c0, min(e, c0 + chunk))
+        dtc = dt[:, :, cs, None]  # (b, L, c, 1)
+        dA = torch.exp(A[cs] * dtc)  # (b, L, c, n)
+        h = dtc * Bf  # (b, L, c, n): (Δ B) then · x, transformers' order; becomes the states h_t
+        h.mul_(u[:, :, cs, None])
+        hs, dAs = h.unbind(1), dA.unbind(1)  # L views (b, c, n) each
+        step = torch.empty_like(hs[0])  # (b, c, n)
+        for t in range(1, L):  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t: a multiply, then an add (not fused), as there
+            torch.mul(dAs[t], hs[t - 1], out=step)
+            hs[t].add_(step)
+        if b == 1:
+            for t in range(L):
+                y[:, cs, t] = torch.matmul(hs[t].to(dtype), Cm[:, t])[..., 0]  # (1, c)
+        else:
+            y[:, cs] = torch.matmul(h.to(dtype), Cm)[..., 0].transpose(1, 2)  # (b, c, L)
+    y = y + x.transpose(1, 2) * mixer.D.float()[:, None]  # (b, e, L): the skip in the input dtype, as there
+    y = y * F.silu(gate)  # (b, e, L)
+    return mixer.out_proj(y.transpose(1, 2).to(dtype))  # (b, L, d)
+
+
+def blocked_inference(model, block_elements: int | None = None) -> swapped_mixer_forward:
+    """Every mixer runs `mixer_forward_blocked` inside the block (forward only, no cache)."""
+    return swapped_mixer_forward(model, functools.partial(mixer_forward_blocked, block_elements=block_elements))
 
 
 # --------------------------------------------------------------------------------------------------

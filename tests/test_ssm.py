@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from conftest import make_model
 from delta_extraction import extract_deltas, mixer_internals
-from ssm import ReconstructionError, check_reconstruction, recompute_mixer, selective_scan_reference
+from ssm import (ReconstructionError, blocked_inference, check_reconstruction, mixer_forward_blocked, recompute_mixer,
+                 selective_scan_reference)
 from utils import trace
 
 
@@ -111,3 +112,58 @@ def test_reference_scan_matches_closed_form_single_step():
     s2 = torch.exp(torch.tensor(-0.25)) * s1 + 0.25 * -1.0 * 3.0
     expected = torch.tensor([[[2.0 * s1 + 0.1 * 2.0], [4.0 * s2 + 0.1 * 3.0]]])
     torch.testing.assert_close(y, expected)
+
+
+# the blocked forward-only mixer (ablation scans) against transformers' own slow path, by dtype
+BLOCKED_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", list(BLOCKED_TOLERANCE))
+@pytest.mark.parametrize("b, L", [(1, 1), (1, 23), (3, 5), (4, 23)])
+@pytest.mark.parametrize("block_elements", [None, 50])
+def test_blocked_mixer_equals_model_mixer(mamba, dtype, b, L, block_elements):
+    """Same numbers as the model's mixer (bitwise on the machines tested; printed), for one channel
+    chunk and for many (block_elements=50: chunks of 1-2 channels), batch 1 and batched, every layer."""
+    model = mamba.to(dtype)
+    g = torch.Generator().manual_seed(b * 100 + L)
+    h = torch.randn(b, L, model.config.hidden_size, generator=g).to(dtype)
+    worst = 0.0
+    for blk in model.backbone.layers:
+        with torch.no_grad():
+            real = blk.mixer(h)
+            ours = mixer_forward_blocked(blk.mixer, h, block_elements=block_elements)
+        assert ours.dtype == real.dtype and ours.shape == real.shape
+        worst = max(worst, ((ours.double() - real.double()).abs().max() / real.double().abs().max()).item())
+    print(f"{dtype} b={b} L={L} block={block_elements}: max relative difference {worst:.1e}")
+    assert worst <= BLOCKED_TOLERANCE[dtype]
+
+
+def test_blocked_mixer_with_padding_mask(mamba):
+    ids = _ids(mamba, b=3, L=11)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 2:] = 0
+    h = mamba.backbone.embeddings(ids)
+    mixer = mamba.backbone.layers[0].mixer
+    with torch.no_grad():
+        real = mixer(h, attention_mask=mask)
+        ours = mixer_forward_blocked(mixer, h, attention_mask=mask, block_elements=50)
+    print(f"max |difference| {(ours - real).abs().max().item():.1e}")
+    torch.testing.assert_close(ours, real, rtol=1e-6, atol=1e-7)
+
+
+def test_blocked_inference_whole_model_logits_and_restore(mamba):
+    """All mixers swapped inside the block: whole-model logits unchanged; hooks on out_proj still fire;
+    the model's own forward is back afterwards."""
+    ids = _ids(mamba, b=5, L=13)
+    with torch.no_grad():
+        real = mamba(input_ids=ids, use_cache=False).logits
+        path = "backbone.layers.0.mixer.out_proj"
+        with blocked_inference(mamba, block_elements=64), trace(mamba, [path], retain_input=True) as tr:
+            ours = mamba(input_ids=ids, use_cache=False).logits
+        assert tr[path].input.shape == (5, 13, mamba.config.intermediate_size)
+    print(f"max |logit difference| {(ours - real).abs().max().item():.1e}")
+    torch.testing.assert_close(ours, real, rtol=1e-6, atol=1e-6)
+    assert all("forward" not in blk.mixer.__dict__ for blk in mamba.backbone.layers)
+    with pytest.raises(ValueError, match="without a cache"):
+        mixer_forward_blocked(mamba.backbone.layers[0].mixer, real[..., :16], cache_params=object())

@@ -21,7 +21,7 @@ from models import DEFAULT_MODELS  # light: models.py imports torch/transformers
 
 logger = logging.getLogger("mamba_neurons")
 
-# Fixed stage names, in run order (later issues add the ones not yet in STAGE_FUNCTIONS).
+# Fixed stage names, in run order.
 ALL_STAGES = ("delta", "causal", "inter_layer", "cross_layer", "attention", "sparsity", "efficiency", "comparison")
 MAMBA_ONLY_STAGES = {"delta", "attention"}
 ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")
@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--intervention_scale", type=float, default=0.0, help="factor for --ablation zero (0 = zero)")
     g.add_argument("--causal_batch_size", type=int, default=None,
                    help="ablations per forward pass (default: chosen from free memory)")
+    g = p.add_argument_group("sparsity, efficiency, comparison")
+    g.add_argument("--sparsity_layers", type=int, nargs="+", default=None, metavar="LAYER",
+                   help="layers of the multi-layer sparsity analysis (default: 0 1 2, those the model has)")
+    g.add_argument("--sparsity_threshold", type=float, default=None,
+                   help="absolute threshold of traditional sparsity and of 'active' neurons (default: Mamba "
+                        "0.01, Transformers 1e-5; scale-dependent)")
+    g.add_argument("--dead_eps", type=float, default=1e-6, help="a neuron is dead when |a| < this on every token")
+    g.add_argument("--compare_model", default=None,
+                   help="the model the comparison stage holds the main model against: hub id or folder. "
+                        "Default beside a Mamba: gpt2, or the shipped reference Transformer "
+                        "(reference_models/transformer) when that is neither cached nor reachable; beside a "
+                        "Transformer: state-spaces/mamba-130m-hf, or the reference Mamba")
+    g.add_argument("--seq_lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048], metavar="L",
+                   help="sequence lengths of the measured time / memory scaling curve")
+    g.add_argument("--efficiency_budget", type=float, default=15.0,
+                   help="seconds per model for the scaling curve; longer lengths are skipped (and recorded)")
     g = p.add_argument_group("output")
     g.add_argument("--save_results", action="store_true", help="write analysis_results as JSON to --output_dir")
     g.add_argument("--output_dir", default="analysis_outputs", help="folder for the JSON results")
@@ -95,6 +111,8 @@ class StageContext:
     attention_methods: tuple = ATTENTION_METHODS
     causal: dict = None  # prompts, site, dims, ablation, intervention_scale, batch_size
     results: dict = None  # the results of the stages run so far
+    texts: tuple = ()  # the texts as strings (the comparison model tokenizes them itself)
+    options: dict = None  # sparsity_layers, threshold, dead_eps, compare_model, seq_lengths, budget, device, dtype
 
 
 def stage_delta(ctx: StageContext):
@@ -219,8 +237,92 @@ def stage_cross_layer(ctx: StageContext):
     return results, [ca.plot_cross_layer(m, site, ctx.plots_dir, ctx.prefix)]
 
 
+def _sparsity_layers(ctx: StageContext) -> list[int]:
+    chosen = (ctx.options or {}).get("sparsity_layers")
+    if chosen is None:
+        return [la for la in (0, 1, 2) if la < ctx.adapter.n_layers]
+    return [ctx.adapter.check_layer(la) for la in chosen]
+
+
+def stage_sparsity(ctx: StageContext):
+    """Every sparsity method for the neuron site at --layer, and across --sparsity_layers (streamed)."""
+    import sparsity as sp
+
+    o = ctx.options or {}
+    multi = _sparsity_layers(ctx)
+    stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, sorted({ctx.layer, *multi}),
+                              o.get("threshold"), o.get("dead_eps", sp.DEAD_EPS), progress=ctx.progress)
+    single = stats[ctx.layer]
+    chosen = {la: stats[la] for la in multi}
+    plots = sp.sparsity_plots([(ctx.prefix, single)], [(ctx.prefix, chosen)], ctx.plots_dir, ctx.prefix,
+                              tag=f"_layer{ctx.layer}")
+    results = {"site": single["site"], "layer": ctx.layer, "sparsity_layers": multi, "single": single,
+               "layers": chosen, "multilayer": sp.multilayer_table(chosen), "note": sp.SCALE_NOTE,
+               "definitions": sp.__doc__}
+    return results, plots
+
+
+def stage_efficiency(ctx: StageContext):
+    """Parameters, neurons, active neurons at --layer, measured time / memory against sequence length."""
+    import torch
+
+    import efficiency as ef
+    import sparsity as sp
+
+    o = ctx.options or {}
+    done = (ctx.results or {}).get("sparsity", {})
+    if done.get("status") == "ok":
+        stats = done["results"]["single"]
+    else:
+        stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, [ctx.layer], o.get("threshold"),
+                                  o.get("dead_eps", sp.DEAD_EPS), progress=ctx.progress)[ctx.layer]
+    pool = torch.cat([ids[0] for ids in ctx.tokens.input_ids]).cpu().numpy()
+    res = ef.efficiency_metrics(ctx.model, ctx.adapter, pool, stats, o.get("seq_lengths") or ef.SEQ_LENGTHS,
+                                o.get("budget", 15.0), ctx.progress)
+    plots = [ef.plot_efficiency([(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_efficiency_layer{ctx.layer}"),
+             ef.plot_scaling([(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_scaling")]
+    return res, plots
+
+
+def _efficiency_if_done(ctx: StageContext):
+    done = (ctx.results or {}).get("efficiency", {})
+    return done["results"] if done.get("status") == "ok" else None
+
+
+def stage_comparison(ctx: StageContext):
+    """Both models through sparsity (every layer), efficiency and (when the causal stage ran) causal
+    impacts, on the same texts; layers matched by relative depth."""
+    import comparison_plots as cp
+    import comparison_wrapper as cw
+    from models import load_model_and_tokenizer
+
+    o = ctx.options or {}
+    if o.get("compare_source") is not None:  # resolved (and its fallback warned about) by main
+        source, warning = o["compare_source"], o.get("compare_warning")
+    else:
+        source, warning = cw.resolve_compare_model(o.get("compare_model"), ctx.adapter.family)
+    loaded = load_model_and_tokenizer(source, o.get("device", "cpu"), o.get("dtype", "float32"))
+    label = model_prefix(source.requested, source.origin)
+    if label == ctx.prefix:
+        label += "_compare"
+    from models import get_adapter
+
+    main_run = cw.ModelRun(ctx.prefix, ctx.model, ctx.tokenizer, ctx.adapter, "main")
+    other = cw.ModelRun(label, loaded.model, loaded.tokenizer, get_adapter(loaded.model), source.origin)
+    causal = (ctx.results or {}).get("causal", {})
+    comp = cw.compare_models(main_run, other, list(ctx.texts), ctx.layer, ctx.tokens.max_length, o.get("threshold"),
+                             o.get("dead_eps", 1e-6), _sparsity_layers(ctx), o.get("seq_lengths"),
+                             o.get("budget", 15.0), causal["results"] if causal.get("status") == "ok" else None,
+                             ctx.causal, ctx.progress, main_efficiency=_efficiency_if_done(ctx))
+    comp["compare_model"] = {"requested": source.requested, "source": source.origin,
+                             "resolved_path": source.resolved_path, "warning": warning}
+    comp["methods_at_matched_layers"] = cp.methods_table(comp)
+    return comp, cp.comparison_plots(comp, ctx.plots_dir, f"{ctx.prefix}_vs_{label}")
+
+
 STAGE_FUNCTIONS = {"delta": stage_delta, "causal": stage_causal, "inter_layer": stage_inter_layer,
-                   "cross_layer": stage_cross_layer, "attention": stage_attention}
+                   "cross_layer": stage_cross_layer, "attention": stage_attention, "sparsity": stage_sparsity,
+                   "efficiency": stage_efficiency, "comparison": stage_comparison}
 
 
 def resolve_stages(requested: list[str] | None, family: str | None = None, enable_attention: bool = True
@@ -247,7 +349,8 @@ def resolve_stages(requested: list[str] | None, family: str | None = None, enabl
 
 def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: int = 10, stages=None,
                                plots_dir="plots", max_length: int = 256, prefix: str = "model",
-                               progress: bool = True, attention_methods=ATTENTION_METHODS, causal=None) -> dict:
+                               progress: bool = True, attention_methods=ATTENTION_METHODS, causal=None,
+                               options=None) -> dict:
     """Run the stages in order on `texts` (strings) and return `analysis_results`:
     {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
     "error", "plots"}}. A failing stage is recorded and the others go on."""
@@ -262,7 +365,7 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
                                "max_length": max_length, "n_truncated": tokens.n_truncated},
                      "architecture": adapter.describe()}
     ctx = StageContext(model, tokenizer, adapter, tokens, layer, top_k, str(plots_dir), prefix, progress,
-                       tuple(attention_methods), causal or {}, results)
+                       tuple(attention_methods), causal or {}, results, tuple(texts), options or {})
     for name in stages:
         t0 = time.perf_counter()
         try:
@@ -343,8 +446,51 @@ def summarize_cross_layer(r: dict) -> None:
           f"{r['max_abs_change_before_source']:.1e} (causality: must be 0)")
 
 
+def _sparsity_line(s: dict) -> str:
+    p50 = s["percentile"]["sparsity"][s["percentile"]["percentiles"].index(50)]
+    return (f"traditional {s['traditional']['sparsity']:.3f} (< {s['traditional']['threshold']:g}), percentile-50 "
+            f"{p50:.3f}, entropy {s['entropy']['sparsity']:.3f}, Gini {s['gini']:.3f}, Hoyer {s['hoyer']:.3f}, "
+            f"dead {s['dead_neurons']['count']}")
+
+
+def summarize_sparsity(r: dict) -> None:
+    s = r["single"]
+    print(f"    site {r['site']} ({s['n_neurons']} neurons), {s['n_tokens']} tokens")
+    print(f"    layer {r['layer']}: {_sparsity_line(s)}")
+    for la, st in r["layers"].items():
+        if la != r["layer"]:
+            print(f"    layer {la}: {_sparsity_line(st)}")
+    print(f"    note: {r['note']}")
+
+
+def summarize_efficiency(r: dict) -> None:
+    p, n = r["parameters"], r["neurons"]
+    print(f"    parameters {p['total']:,} (embeddings {p['embeddings']:,}, layers {p['layers']:,}, head "
+          f"{p['lm_head']:,}{', tied' if p['tied_embeddings'] else ''}); {n['per_layer']} neurons per layer "
+          f"({n['site']}), {n['total']} in all")
+    if "active" in n:
+        print(f"    layer {n['layer']}: {n['active']} active (mean |a| > {n['threshold']:g}), efficiency ratio "
+              f"{n['efficiency_ratio']:.3f}")
+    for pt in r["scaling"]["points"]:
+        print(f"    L={pt['seq_len']:>5}: {pt['time_s'] * 1e3:9.1f} ms, peak {pt['peak_memory_bytes'] / 2 ** 20:8.1f} MiB,"
+              f" {pt['flops_per_token'] / 1e6:.2f} MFLOP/token")
+    for sk in r["scaling"]["skipped"]:
+        print(f"    L={sk['seq_len']:>5}: skipped ({sk['reason']})")
+
+
+def summarize_comparison(r: dict) -> None:
+    labels = [s["label"] for s in r["models"]]
+    c = r["compare_model"]
+    print(f"    compared with {c['requested']} ({c['source']})" + (f"; {c['warning']}" if c["warning"] else ""))
+    width = max(len(row["metric"]) for row in r["summary"])
+    print("    " + " " * width + " | " + " | ".join(f"{lab:>24}" for lab in labels))
+    for row in r["summary"]:
+        print(f"    {row['metric']:<{width}} | " + " | ".join(f"{str(row[lab]):>24}" for lab in labels))
+
+
 SUMMARIES = {"delta": summarize_delta, "attention": summarize_attention, "causal": summarize_causal,
-             "inter_layer": summarize_inter_layer, "cross_layer": summarize_cross_layer}
+             "inter_layer": summarize_inter_layer, "cross_layer": summarize_cross_layer,
+             "sparsity": summarize_sparsity, "efficiency": summarize_efficiency, "comparison": summarize_comparison}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,6 +547,12 @@ def _main(args, argv) -> int:
         raise UserInputError(f"--attention_methods {bad[0]}: unknown; choose from {', '.join(ATTENTION_METHODS)}")
     if args.ablation not in ("zero", "mean"):
         raise UserInputError(f"--ablation {args.ablation}: unknown; choose zero or mean")
+    for flag, value in (("--seq_lengths", min(args.seq_lengths)), ("--efficiency_budget", args.efficiency_budget),
+                        ("--dead_eps", args.dead_eps)):
+        if value <= 0:
+            raise UserInputError(f"{flag} {value}: must be positive")
+    if args.sparsity_threshold is not None and args.sparsity_threshold < 0:
+        raise UserInputError(f"--sparsity_threshold {args.sparsity_threshold}: must be at least 0")
     if args.causal_batch_size is not None and args.causal_batch_size < 1:
         raise UserInputError(f"--causal_batch_size {args.causal_batch_size}: must be at least 1")
     prompts = None
@@ -443,8 +595,19 @@ def _main(args, argv) -> int:
     if bad_dims:
         raise UserInputError(f"--causal_dims {bad_dims[0]}: out of range for this site of width {width}; "
                              f"valid dims are 0..{width - 1}")
+    bad_layers = [la for la in args.sparsity_layers or [] if not 0 <= la < adapter.n_layers]
+    if bad_layers:
+        raise UserInputError(f"--sparsity_layers {bad_layers[0]}: out of range for this {adapter.family} model "
+                             f"with {adapter.n_layers} layers; valid layers are 0..{adapter.n_layers - 1}")
     if args.stages is not None:
         stages = resolve_stages(args.stages, adapter.family)
+    compare_source = compare_warning = None
+    if "comparison" in stages:  # a missing folder / unknown id fails here, before any stage runs
+        from comparison_wrapper import resolve_compare_model
+
+        compare_source, compare_warning = resolve_compare_model(args.compare_model, adapter.family)
+        if compare_warning:
+            print(f"warning: {compare_warning}", file=sys.stderr)
     textset = load_texts(args.texts_file, args.text_limit)
     if textset.warning:
         print(f"warning: {textset.warning}", file=sys.stderr)
@@ -457,7 +620,11 @@ def _main(args, argv) -> int:
         plots_dir=args.plots_dir, max_length=args.max_length, prefix=model_prefix(args.model, source.origin),
         progress=not args.no_progress, attention_methods=args.attention_methods,
         causal={"prompts": prompts, "site": args.causal_site, "dims": args.causal_dims, "ablation": args.ablation,
-                "intervention_scale": args.intervention_scale, "batch_size": args.causal_batch_size}))
+                "intervention_scale": args.intervention_scale, "batch_size": args.causal_batch_size},
+        options={"sparsity_layers": args.sparsity_layers, "threshold": args.sparsity_threshold,
+                 "dead_eps": args.dead_eps, "compare_model": args.compare_model, "seq_lengths": args.seq_lengths,
+                 "budget": args.efficiency_budget, "device": device, "dtype": dtype,
+                 "compare_source": compare_source, "compare_warning": compare_warning}))
     results["texts"].update(source=textset.source, warning=textset.warning)
     results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
     results["run"]["total_time_s"] = round(time.time() - start, 3)

@@ -34,7 +34,7 @@ def texts_file(tmp_path_factory):
 def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts_file, tmp_path, tokenizer):
     args = ["--model", str(model_dirs["mamba_b"]), "--texts_file", str(texts_file), "--layer", "1",
             "--top_k", "4", "--max_length", "20", "--save_results", "--output_dir", "out",
-            "--plots_dir", "figs", "--seed", "3", "--no_progress"]
+            "--plots_dir", "figs", "--seed", "3", "--no_progress", "--stages", "delta,causal,inter_layer,cross_layer"]
     p = run_main(args, tmp_path)
     assert p.returncode == 0, p.stderr
     files = list((tmp_path / "out").glob("*.json"))
@@ -98,6 +98,9 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     (["--model", "{mamba}", "--causal_site", "mlp"], "site 'mlp' does not exist for mamba"),
     (["--model", "{mamba}", "--prompts_file", "{missing}"], "--prompts_file"),
     (["--model", "{mamba}", "--ablation", "half"], "--ablation half"),
+    (["--model", "{mamba}", "--sparsity_layers", "0", "3"], "--sparsity_layers 3: out of range"),
+    (["--model", "{mamba}", "--compare_model", "{missing}"], "no such folder"),
+    (["--model", "{mamba}", "--efficiency_budget", "0"], "--efficiency_budget 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, model_dirs, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -118,7 +121,8 @@ def test_unknown_hub_id_offline_fails_fast(tmp_path):
 
 def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_file, tmp_path):
     p = run_main(["--model", str(model_dirs["gpt2"]), "--texts_file", str(texts_file), "--save_results",
-                  "--output_dir", "out", "--no_progress"], tmp_path)
+                  "--output_dir", "out", "--no_progress", "--seq_lengths", "16", "32", "--compare_model",
+                  str(model_dirs["mamba_a"])], tmp_path)
     assert p.returncode == 0, p.stderr
     res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert res["delta"]["status"] == "not_applicable" and "not applicable to gpt2" in res["delta"]["reason"]
@@ -127,7 +131,7 @@ def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_f
 
 def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp_path):
     p = run_main(["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--text_limit", "1",
-                  "--save_results", "--output_dir", "out", "--enable_attention", "--no_progress"], tmp_path)
+                  "--save_results", "--output_dir", "out", "--stages", "delta", "attention", "--no_progress"], tmp_path)
     assert p.returncode == 1
     res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert res["delta"]["status"] == "error" and "at least 2 texts" in res["delta"]["error"]
@@ -164,7 +168,8 @@ def test_default_run_offline_uses_the_reference_mamba(tmp_path):
                  env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")})
     assert p.returncode == 0, p.stderr
     warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 2 and "reference mamba" in warnings[0] and "offline_texts.txt" in warnings[1]
+    assert len(warnings) == 3 and "reference mamba" in warnings[0] and "reference transformer" in warnings[1]
+    assert "offline_texts.txt" in warnings[2]
     res = json.loads((tmp_path / "analysis_outputs" / "reference_mamba_layer0_results.json").read_text())
     assert res["run"]["model_source"] == "reference" and res["run"]["model_class"] == "MambaForCausalLM"
     assert res["run"]["resolved_path"] == str(REPO / "reference_models" / "mamba")
@@ -172,6 +177,14 @@ def test_default_run_offline_uses_the_reference_mamba(tmp_path):
     assert res["delta"]["status"] == "ok"
     assert res["delta"]["results"]["reconstruction"]["max_relative_error"] < 1e-4
     assert (tmp_path / "plots" / "reference_mamba_delta_variance_layer0.png").stat().st_size > 5000
+    assert all(res[s]["status"] == "ok" for s in res["run"]["stage_timings_s"])
+    comp = res["comparison"]["results"]
+    assert comp["compare_model"]["source"] == "reference"
+    assert [m["label"] for m in comp["models"]] == ["reference_mamba", "reference_transformer"]
+    assert "causal" in comp  # the causal stage ran, so both distributions are there
+    for name in res["run"]["stage_timings_s"]:
+        for path in res[name].get("plots", []):
+            assert (tmp_path / path).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_named_model_is_never_substituted(tmp_path):

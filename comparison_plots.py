@@ -1,0 +1,97 @@
+"""Plots of a Mamba-vs-Transformer comparison (consume `comparison_wrapper.compare_models`' dict):
+every sparsity method side by side at the matched layers, multi-layer and over relative depth, activation
+variance, efficiency metrics and scaling curves, causal-impact distributions, and a summary table."""
+from __future__ import annotations
+
+import numpy as np
+
+import efficiency as ef
+import sparsity as sp
+from utils import save_figure
+
+METHODS = (("traditional", lambda s: s["traditional"]["sparsity"]),
+           ("percentile p50", lambda s: s["percentile"]["sparsity"][s["percentile"]["percentiles"].index(50)]),
+           ("entropy", lambda s: s["entropy"]["sparsity"]), ("Gini", lambda s: s["gini"]),
+           ("Hoyer", lambda s: s["hoyer"]),
+           ("optimal τ(50%)\nneuron sparsity", lambda s: s["optimal_threshold"]["neuron_sparsity"][0]),
+           ("dead fraction", lambda s: s["dead_neurons"]["fraction"]))
+
+
+def methods_table(comparison: dict) -> dict:
+    """{model label: {method: value}} at the matched layers: the numbers of `plot_methods`."""
+    return {s["label"]: {m.replace("\n", " "): float(f(s["sparsity_by_layer"][s["layer"]])) for m, f in METHODS}
+            for s in comparison["models"]}
+
+
+def plot_methods(comparison: dict, plots_dir, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    sides = comparison["models"]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    w = 0.8 / len(sides)
+    for i, s in enumerate(sides):
+        st = s["sparsity_by_layer"][s["layer"]]
+        vals = [f(st) for _, f in METHODS]
+        bars = ax.bar(np.arange(len(METHODS)) + (i - (len(sides) - 1) / 2) * w, vals, width=w, color=f"C{i}",
+                      label=f"{s['label']} (layer {s['layer']}, depth {s['relative_depth']:.2f})")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(METHODS)), [m for m, _ in METHODS], fontsize=8)
+    ax.set(ylabel="sparsity (0 dense … 1 sparse)", title="Every sparsity method at the matched layers "
+                                                         "(traditional is scale-dependent)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, plots_dir, name)
+
+
+def plot_causal(comparison: dict, plots_dir, name: str) -> str:
+    """Distribution (complementary CDF) of the per-dimension causal impacts of both models."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    c = comparison["causal"]
+    for i, s in enumerate(comparison["models"]):
+        e = c[s["label"]]
+        v = np.sort(np.asarray(e["scores"], dtype=float))[::-1]
+        v = v[v > 0]
+        if len(v):
+            ax.plot(v, np.arange(1, len(v) + 1) / len(e["scores"]), color=f"C{i}",
+                    label=f"{s['label']} {e['site']} layer {e['layer']} ({len(e['scores'])} dims)")
+    ax.set(xscale="log", xlabel="impact: mean KL(p_clean ‖ p_ablated)", ylabel="fraction of dims with impact ≥ x",
+           title="Causal-impact distributions at the matched layers")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, plots_dir, name)
+
+
+def plot_summary_table(comparison: dict, plots_dir, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    rows = comparison["summary"]
+    labels = [s["label"] for s in comparison["models"]]
+    fig, ax = plt.subplots(figsize=(11, 0.38 * len(rows) + 1))
+    ax.axis("off")
+    table = ax.table(cellText=[[r["metric"], *[str(r[lab]) for lab in labels]] for r in rows],
+                     colLabels=["metric", *labels], loc="center", cellLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.3)
+    ax.set_title("Mamba vs Transformer: summary")
+    return save_figure(fig, plots_dir, name)
+
+
+def comparison_plots(comparison: dict, plots_dir, prefix: str) -> list[str]:
+    """Every comparison plot; returns the paths written."""
+    sides = comparison["models"]
+    at_layer = [(s["label"], s["sparsity_by_layer"][s["layer"]]) for s in sides]
+    chosen = [(s["label"], {la: s["sparsity_by_layer"][la] for la in comparison["sparsity_layers"][s["label"]]})
+              for s in sides]
+    every = [(s["label"], s["sparsity_by_layer"]) for s in sides]
+    paths = [plot_methods(comparison, plots_dir, f"{prefix}_sparsity_methods"),
+             *sp.sparsity_plots(at_layer, chosen, plots_dir, prefix),
+             sp.plot_multilayer(every, plots_dir, f"{prefix}_layer_dynamics", relative=True),
+             ef.plot_efficiency([(s["label"], s["efficiency"]) for s in sides], plots_dir, f"{prefix}_efficiency"),
+             ef.plot_scaling([(s["label"], s["efficiency"]) for s in sides], plots_dir, f"{prefix}_scaling"),
+             plot_summary_table(comparison, plots_dir, f"{prefix}_summary_table")]
+    if "causal" in comparison:
+        paths.append(plot_causal(comparison, plots_dir, f"{prefix}_causal_distributions"))
+    return paths

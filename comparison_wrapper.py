@@ -1,0 +1,144 @@
+"""Mamba vs Transformer (METHODS.md §8): both models through the same measurements on the same texts.
+
+Each model is profiled on its own tokenization of the same texts: the sparsity of its neuron site at
+every layer (streamed), efficiency (parameters, neurons, measured time and memory against sequence
+length, analytic FLOPs), and, when the main model's causal stage ran, the causal impacts of the other
+model at the layer of the same relative depth. Layers are matched by relative depth
+layer / (n_layers − 1), always through the model adapters, never by raw hidden-state index.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRun:
+    """One side of the comparison."""
+
+    label: str
+    model: object
+    tokenizer: object
+    adapter: object
+    source: str = ""  # local, hub-cache, hub or reference
+
+
+def relative_depth(layer: int, n_layers: int) -> float:
+    return layer / max(1, n_layers - 1)
+
+
+def matched_layer(rel: float, n_layers: int) -> int:
+    """The layer of `n_layers` closest to relative depth `rel` (ties to the lower layer)."""
+    return int(min(n_layers - 1, max(0, np.floor(rel * (n_layers - 1) + 0.5 - 1e-9))))
+
+
+def resolve_compare_model(name: str | None, main_family: str):
+    """(ModelSource, warning or None): the named model, or by default the other family's default model
+    (gpt2 beside a Mamba, mamba-130m beside a Transformer), falling back to the shipped reference model
+    of that family exactly as --model does."""
+    from models import resolve_default_model, resolve_model_source
+
+    if name is None:
+        return resolve_default_model("transformer" if main_family == "mamba" else "mamba")
+    return resolve_model_source(name), None
+
+
+def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: float | None, eps: float,
+                  seq_lengths, budget_s: float, progress: bool = False, efficiency: dict | None = None) -> dict:
+    """Every layer's sparsity, the multi-layer table and the efficiency metrics of one model (`efficiency`:
+    already measured for this model, e.g. by the efficiency stage, and then not measured again)."""
+    import torch
+
+    import efficiency as ef
+    import sparsity as sp
+    from utils import tokenize_texts
+
+    limit = ef.max_positions(run.adapter)
+    tokens = tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
+    per_layer = sp.layer_sparsity(run.model, run.adapter, tokens.input_ids, range(run.adapter.n_layers), threshold,
+                                  eps, progress=progress)
+    pool = torch.cat([ids[0] for ids in tokens.input_ids]).cpu().numpy()
+    eff = efficiency or ef.efficiency_metrics(run.model, run.adapter, pool, per_layer[layer], seq_lengths, budget_s,
+                                              progress)
+    return {"label": run.label, "family": run.adapter.family, "source": run.source, "n_layers": run.adapter.n_layers,
+            "layer": layer, "relative_depth": relative_depth(layer, run.adapter.n_layers),
+            "n_tokens": int(sum(tokens.lengths)), "max_length": tokens.max_length, "n_truncated": tokens.n_truncated,
+            "sparsity_by_layer": per_layer, "multilayer": sp.multilayer_table(per_layer), "efficiency": eff}
+
+
+def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_length: int = 256,
+                   threshold: float | None = None, eps: float = 1e-6, sparsity_layers=(0, 1, 2),
+                   seq_lengths=None, budget_s: float = 15.0, causal: dict | None = None,
+                   causal_opts: dict | None = None, progress: bool = False, main_efficiency: dict | None = None
+                   ) -> dict:
+    """Both models through the same measurements. `layer` is the main model's; the other model is read
+    at the layer of the same relative depth. `causal`: the main model's causal-stage results (scores
+    over a site); when given, the other model's impacts are computed at its matched layer with the same
+    prompts and ablation, on its default site. `main_efficiency`: the main model's efficiency metrics if
+    already measured (with the same threshold)."""
+    import efficiency as ef
+
+    seq_lengths = seq_lengths or ef.SEQ_LENGTHS
+    rel = relative_depth(layer, main.adapter.n_layers)
+    other_layer = matched_layer(rel, other.adapter.n_layers)
+    sides = [profile_model(run, texts, la, max_length, threshold, eps, seq_lengths, budget_s, progress, eff)
+             for run, la, eff in ((main, layer, main_efficiency), (other, other_layer, None))]
+    out = {"models": sides, "matched_layers": {main.label: layer, other.label: other_layer},
+           "relative_depth": rel,
+           "sparsity_layers": {s["label"]: [la for la in sparsity_layers if la < s["n_layers"]] for s in sides},
+           "threshold_note": "each model's traditional threshold is its family default unless "
+                             "--sparsity_threshold was given (then the same for both)"}
+    if causal is not None:
+        import causal_analysis as ca
+
+        o = causal_opts or {}
+        scores = ca.causal_impact_scores(other.model, other.tokenizer, causal["prompts"], other_layer, None,
+                                         causal.get("intervention_scale", 0.0), causal.get("ablation", "zero"),
+                                         None, o.get("batch_size"), progress)
+        out["causal"] = {
+            main.label: {"layer": layer, "site": causal["site"], "scores": np.asarray(causal["scores"])},
+            other.label: {"layer": other_layer, "site": other.adapter.default_causal_site, "scores": scores},
+            "prompts": causal["prompts"], "ablation": causal.get("ablation", "zero")}
+    out["summary"] = summary_rows(out)
+    return out
+
+
+def summary_rows(comparison: dict) -> list[dict]:
+    """The numbers of the summary table, one row per metric with one value per model."""
+    rows = []
+    sides = comparison["models"]
+
+    def add(name, f):
+        rows.append({"metric": name, **{s["label"]: f(s) for s in sides}})
+
+    add("family", lambda s: s["family"])
+    add("layers", lambda s: s["n_layers"])
+    add("matched layer (relative depth)", lambda s: f"{s['layer']} ({s['relative_depth']:.2f})")
+    add("parameters (M)", lambda s: round(s["efficiency"]["parameters"]["total"] / 1e6, 3))
+    add("neurons per layer", lambda s: s["efficiency"]["neurons"]["per_layer"])
+    add("active neurons", lambda s: s["efficiency"]["neurons"].get("active"))
+    add("efficiency ratio", lambda s: round(s["efficiency"]["neurons"].get("efficiency_ratio", float("nan")), 4))
+    layer_stats = {s["label"]: s["sparsity_by_layer"][s["layer"]] for s in sides}
+    add("traditional sparsity (threshold)", lambda s: f"{layer_stats[s['label']]['traditional']['sparsity']:.3f} "
+                                                      f"({layer_stats[s['label']]['traditional']['threshold']:g})")
+    add("entropy sparsity", lambda s: round(layer_stats[s["label"]]["entropy"]["sparsity"], 4))
+    add("Gini", lambda s: round(layer_stats[s["label"]]["gini"], 4))
+    add("Hoyer", lambda s: round(layer_stats[s["label"]]["hoyer"], 4))
+    add("dead neurons", lambda s: layer_stats[s["label"]]["dead_neurons"]["count"])
+    add("mean activation variance", lambda s: f"{layer_stats[s['label']]['activation_variance']['mean']:.3g}")
+
+    def longest(s):
+        pts = s["efficiency"]["scaling"]["points"]
+        return f"{pts[-1]['time_s'] * 1e3:.1f} ms @ {pts[-1]['seq_len']}" if pts else "not measured"
+
+    add("forward time (longest length measured)", longest)
+    add("FLOPs per token at L=256 (M)", lambda s: round(s["efficiency"]["flops_per_token_at_256"]["total"] / 1e6, 2))
+    if "causal" in comparison:
+        c = comparison["causal"]
+        add("max causal impact (mean KL)", lambda s: f"{np.max(c[s['label']]['scores']):.3e}")
+        add("median causal impact (mean KL)", lambda s: f"{np.median(c[s['label']]['scores']):.3e}")
+    return rows

@@ -1,0 +1,242 @@
+"""Efficiency (METHODS.md §7): parameters, neurons, active neurons, measured forward time and peak memory
+against sequence length, with the analytic FLOPs per token beside the measurement.
+
+Analytic forward FLOPs per token (a multiply-add counts 2; elementwise operations 1 each; norms, biases
+and activation functions left out), d = hidden size, V = vocabulary, per layer:
+- Mamba-1: in_proj 2·d·2e + conv 2·k·e + x_proj 2·e·(r + 2n) + dt_proj 2·r·e + scan 7·e·n
+  (Δ·A, exp, Δ·B, ·x, Ā·h, +, h·C as multiply-adds 2) + D skip and gate 3·e + out_proj 2·e·d;
+- Transformer at context L (causal, averaged over positions): QKV 6·d² + scores and weighted sum
+  2·d·(L + 1) + output 2·d² + MLP 4·d·f;
+plus the LM head 2·d·V.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SEQ_LENGTHS = (64, 128, 256, 512, 1024, 2048)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters and neurons
+# --------------------------------------------------------------------------------------------------
+def parameter_counts(model, adapter) -> dict:
+    """Total parameters (tied weights counted once) and by component: embeddings, layers (and the
+    components of one layer), final norm, LM head (0 when tied to the embeddings)."""
+    seen, groups, layer0 = set(), {"embeddings": 0, "layers": 0, "final_norm": 0, "lm_head": 0, "other": 0}, {}
+    prefix = adapter.layers_path + "."
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        n = p.numel()
+        if name.startswith(prefix):
+            groups["layers"] += n
+            layer, rest = name[len(prefix):].split(".", 1)
+            if layer == "0":
+                comp = rest.rsplit(".", 1)[0]  # e.g. mixer.in_proj, attn.c_attn, mlp.c_fc, norm
+                layer0[comp] = layer0.get(comp, 0) + n
+        elif p is emb or "wpe" in name or "embed" in name:
+            groups["embeddings"] += n
+        elif out is not None and p is out.weight:
+            groups["lm_head"] += n
+        elif "norm" in name or "ln_f" in name:
+            groups["final_norm"] += n
+        else:
+            groups["other"] += n
+    return {"total": int(sum(groups.values())), **{k: int(v) for k, v in groups.items()},
+            "per_layer": int(groups["layers"] // adapter.n_layers), "layer0_components": layer0,
+            "tied_embeddings": bool(tied)}
+
+
+def neuron_counts(adapter, site_stats: dict | None = None) -> dict:
+    """Neurons per layer (the inner site), in all layers, and — from a sparsity dict of one layer —
+    active neurons (mean |a| above the traditional threshold) and the efficiency ratio active / total."""
+    from sparsity import neuron_site
+
+    per_layer = adapter.site(neuron_site(adapter), 0).size
+    out = {"site": neuron_site(adapter), "per_layer": per_layer, "total": per_layer * adapter.n_layers}
+    if site_stats is not None:
+        means = np.asarray(site_stats["neuron_mean_abs"])
+        thr = site_stats["traditional"]["threshold"]
+        active = int((means > thr).sum())
+        out.update(layer=site_stats.get("layer"), threshold=thr, active=active, efficiency_ratio=active / per_layer,
+                   activation_variance_mean=site_stats["activation_variance"]["mean"],
+                   gini=site_stats["gini"], hoyer=site_stats["hoyer"], entropy_sparsity=site_stats["entropy"]["sparsity"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Analytic FLOPs
+# --------------------------------------------------------------------------------------------------
+def flops_per_token(adapter, seq_len: int) -> dict:
+    """Analytic forward FLOPs per token at context `seq_len` (formulas in the module doc)."""
+    c = adapter.config
+    d, V = adapter.hidden_size, int(c.vocab_size)
+    if adapter.is_mamba:
+        e, n, r, k = int(c.intermediate_size), int(c.state_size), int(c.time_step_rank), int(c.conv_kernel)
+        layer = 2 * d * 2 * e + 2 * k * e + 2 * e * (r + 2 * n) + 2 * r * e + 7 * e * n + 3 * e + 2 * e * d
+        attention = 0
+    else:
+        f = adapter.inner_size
+        attention = 2 * d * (seq_len + 1)
+        layer = 6 * d * d + attention + 2 * d * d + 4 * d * f
+    head = 2 * d * V
+    return {"per_layer": int(layer), "attention_per_layer": int(attention), "head": int(head),
+            "total": int(adapter.n_layers * layer + head)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured time and memory
+# --------------------------------------------------------------------------------------------------
+def max_positions(adapter) -> int | None:
+    c = adapter.config
+    for attr in ("n_positions", "max_position_embeddings"):
+        if getattr(c, attr, None):
+            return int(getattr(c, attr))
+    return None  # Mamba: no positional limit
+
+
+def peak_forward_memory(model, input_ids) -> int:
+    """Peak bytes allocated by PyTorch during one forward beyond what was allocated before it
+    (activations and workspaces; the weights are not counted). CUDA: the allocator's peak; CPU: the
+    running sum of the profiler's allocation events."""
+    import torch
+
+    device = input_ids.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(input_ids=input_ids, use_cache=False)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    running = np.cumsum([b for _, b in events]) if events else np.zeros(1)
+    return int(max(0, running.max()))
+
+
+def _timed_forward(model, input_ids) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda *a: None)
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=input_ids, use_cache=False)
+    sync()
+    return time.perf_counter() - t0
+
+
+def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: float = 15.0, repeats: int = 3,
+                  progress: bool = False) -> dict:
+    """Forward time (best of `repeats`, after one warm-up) and peak memory at batch 1 for each length,
+    with analytic FLOPs per token. `token_ids` (1-D) are cycled to each length. Lengths beyond the
+    model's positions are skipped, and so is every length whose predicted cost (the last measured time
+    × the last growth factor, × (repeats + 2)) would overrun `budget_s`; each skip is recorded."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pool = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).ravel()
+    if len(pool) == 0:
+        raise ValueError("no tokens to build the sequences from")
+    limit = max_positions(adapter)
+    points, skipped, spent = [], [], 0.0
+    t_start = time.perf_counter()
+    for L in tqdm(seq_lengths, desc="efficiency", disable=not progress, leave=False):
+        if limit is not None and L > limit:
+            skipped.append({"seq_len": L, "reason": f"beyond the model's {limit} positions"})
+            continue
+        if len(points) >= 1:
+            growth = points[-1]["time_s"] / points[-2]["time_s"] if len(points) >= 2 else 2.0
+            predicted = points[-1]["time_s"] * max(growth, 1.0) * (repeats + 2)
+            spent = time.perf_counter() - t_start
+            if spent + predicted > budget_s:
+                skipped.append({"seq_len": L, "reason": f"predicted {predicted:.1f} s would overrun the "
+                                                        f"{budget_s:g} s budget"})
+                continue
+        ids = pool.repeat(L // len(pool) + 1)[:L][None].to(device)  # (1, L)
+        _timed_forward(model, ids)  # warm-up
+        t = min(_timed_forward(model, ids) for _ in range(repeats))
+        mem = peak_forward_memory(model, ids)
+        fl = flops_per_token(adapter, L)
+        points.append({"seq_len": L, "time_s": t, "tokens_per_s": L / t, "peak_memory_bytes": mem,
+                       "flops_per_token": fl["total"], "measured_gflops_per_s": fl["total"] * L / t / 1e9})
+    return {"points": points, "skipped": skipped, "budget_s": budget_s, "repeats": repeats, "batch_size": 1,
+            "device": str(device), "memory_note": "peak bytes PyTorch allocated during the forward beyond what "
+                                                  "was allocated before it (weights not counted)"}
+
+
+def efficiency_metrics(model, adapter, token_ids, site_stats: dict | None, seq_lengths=SEQ_LENGTHS,
+                       budget_s: float = 15.0, progress: bool = False) -> dict:
+    return {"parameters": parameter_counts(model, adapter), "neurons": neuron_counts(adapter, site_stats),
+            "flops_per_token_at_256": flops_per_token(adapter, 256),
+            "scaling": scaling_curve(model, adapter, token_ids, seq_lengths, budget_s, progress=progress),
+            "flops_formulas": __doc__.split("\n\n", 1)[1].strip()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (consume the dicts above; one entry per model)
+# --------------------------------------------------------------------------------------------------
+def plot_efficiency(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
+    """Bars of parameters, neurons per layer, total and active neurons, efficiency ratio, per model."""
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    labels = [lab for lab, _ in entries]
+    panels = [("parameters (M)", [e["parameters"]["total"] / 1e6 for _, e in entries]),
+              ("neurons per layer", [e["neurons"]["per_layer"] for _, e in entries]),
+              ("neurons, all layers", [e["neurons"]["total"] for _, e in entries]),
+              ("active neurons (analysed layer)", [e["neurons"].get("active", np.nan) for _, e in entries]),
+              ("efficiency ratio (active / neurons)", [e["neurons"].get("efficiency_ratio", np.nan) for _, e in entries]),
+              ("FLOPs per token at L=256 (M)", [e["flops_per_token_at_256"]["total"] / 1e6 for _, e in entries])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (title, vals) in zip(axes.ravel(), panels):
+        bars = ax.bar(labels, vals, color=[f"C{i}" for i in range(len(labels))])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("Efficiency metrics (active: mean |a| above each model's traditional threshold)")
+    fig.tight_layout()
+    return save_figure(fig, plots_dir, name)
+
+
+def plot_scaling(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
+    """Measured forward time and peak memory against sequence length (log-log), analytic FLOPs/token."""
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for i, (lab, e) in enumerate(entries):
+        pts = e["scaling"]["points"]
+        if not pts:
+            continue
+        L = [p["seq_len"] for p in pts]
+        axes[0].plot(L, [p["time_s"] for p in pts], "o-", color=f"C{i}", label=lab)
+        axes[1].plot(L, [p["peak_memory_bytes"] / 2 ** 20 for p in pts], "o-", color=f"C{i}", label=lab)
+        axes[2].plot(L, [p["flops_per_token"] / 1e6 for p in pts], "o-", color=f"C{i}", label=lab)
+    for ax, title in zip(axes, ["forward time (s), batch 1", "peak activation memory (MiB)",
+                                "analytic FLOPs per token (M)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, plots_dir, name)

@@ -1,0 +1,531 @@
+"""Activation sparsity of one layer's neurons (METHODS.md §6), in memory and streamed.
+
+"Neurons" are the inner site of a layer: Mamba `ssm` (u = y·SiLU(z), width e), Transformer `mlp` (the
+MLP's hidden units after the activation). `a` below is an activations array (tokens, neurons) over the
+text set; `c` the per-neuron mean |a|.
+
+- traditional: fraction of neurons with c < threshold (Mamba 0.01, Transformer 1e-5 by default);
+  scale-dependent, so not comparable across architectures.
+- percentile: for p in PERCENTILES, τ_p = the p-th percentile of all |a| of the layer, and the fraction
+  of neurons with c < τ_p.
+- entropy: per token q_k = a_k² / Σ a², H = −Σ q log q / log N; sparsity = 1 − mean H over tokens
+  (tokens whose activations are all 0 have no distribution: counted apart, left out of the mean).
+- gini (Hurley & Rickard 2009) and hoyer of c.
+- optimal threshold: the τ below or at which a target fraction of all |a| falls.
+- dead neurons: max over every token of |a| < eps.
+
+Quantiles (τ_p, optimal thresholds) are order statistics of |a| rounded to float32, "inverted CDF":
+the smallest value v with at least a fraction q of all |a| ≤ v (numpy's method="inverted_cdf").
+Streamed, they are found exactly by a two-pass radix select on the float32 bit patterns (which order
+like the values for |a| ≥ 0): pass 1 counts the top 16 bits, pass 2 the low 16 bits inside the bins that
+hold the wanted ranks. Every other statistic is a running sum in float64; nothing keeps all tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
+TARGET_FRACTIONS = (0.5, 0.9)
+TRADITIONAL_THRESHOLDS = {"mamba": 0.01, "transformer": 1e-5}
+DEAD_EPS = 1e-6
+ENTROPY_BINS = np.linspace(0.0, 1.0, 21)  # edges of the per-token entropy histogram
+SCALE_NOTE = ("traditional sparsity uses an absolute threshold, so it depends on the activation scale "
+              "and is not comparable across architectures; percentile, entropy, Gini and Hoyer are "
+              "scale-free")
+
+
+def default_threshold(family: str) -> float:
+    return TRADITIONAL_THRESHOLDS["mamba" if family == "mamba" else "transformer"]
+
+
+def neuron_site(adapter) -> str:
+    """The inner neuron site of a family: Mamba `ssm` (e), Transformers `mlp`."""
+    return "ssm" if adapter.is_mamba else "mlp"
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions over an activations array (tokens, neurons)
+# --------------------------------------------------------------------------------------------------
+def _as_2d(a) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"activations must be (tokens, neurons); got shape {a.shape}")
+    return a
+
+
+def _abs32(a) -> np.ndarray:
+    """|a| rounded to float32, flattened: the values the quantiles are order statistics of."""
+    x = np.abs(np.asarray(a, dtype=np.float32)).ravel()
+    if np.isnan(x).any():
+        raise ValueError("activations contain NaN")
+    return x
+
+
+def neuron_means(a) -> np.ndarray:
+    """c: mean |a| per neuron, float64 (N,)."""
+    return np.abs(_as_2d(a)).mean(axis=0)
+
+
+def traditional(a, threshold: float) -> float:
+    return float((neuron_means(a) < threshold).mean())
+
+
+def abs_quantiles(a, fractions) -> np.ndarray:
+    """Order statistics of |a| (float32) at the given fractions, inverted CDF (see module doc)."""
+    return np.quantile(_abs32(a), np.asarray(fractions, dtype=np.float64), method="inverted_cdf").astype(np.float64)
+
+
+def percentile(a, percentiles=PERCENTILES) -> dict:
+    """{"percentiles", "thresholds" τ_p, "sparsity": fraction of neurons with mean |a| < τ_p}."""
+    tau = abs_quantiles(a, np.asarray(percentiles, dtype=np.float64) / 100.0)
+    return _percentile_table(percentiles, tau, neuron_means(a))
+
+
+def token_entropy(a) -> np.ndarray:
+    """Normalised entropy H per token (tokens,), float64; NaN for a token whose activations are all 0."""
+    a = _as_2d(a)
+    n = a.shape[1]
+    sq = a * a
+    total = sq.sum(axis=1, keepdims=True)  # (T, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = sq / total  # (T, N)
+        plogp = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
+    h = -plogp.sum(axis=1) / math.log(n) if n > 1 else np.zeros(len(a))
+    h[total[:, 0] == 0] = np.nan
+    return h
+
+
+def entropy(a) -> float:
+    h = token_entropy(a)
+    return float(1.0 - np.nanmean(h)) if np.isfinite(h).any() else float("nan")
+
+
+def _vector(c) -> np.ndarray:
+    c = np.asarray(c, dtype=np.float64)
+    c = neuron_means(c) if c.ndim == 2 else np.abs(c)
+    if c.ndim != 1 or len(c) == 0:
+        raise ValueError(f"need a vector of per-neuron values or a (tokens, neurons) array; got shape {c.shape}")
+    return c
+
+
+def gini(c) -> float:
+    """Gini index of the per-neuron mean |a| (or of a given non-negative vector): 0 for a uniform vector,
+    1 − 1/N for a one-hot. NaN for an all-zero vector (undefined)."""
+    c = np.sort(_vector(c))
+    n, l1 = len(c), c.sum()
+    if l1 == 0:
+        return float("nan")
+    k = np.arange(1, n + 1)
+    return float(1.0 - 2.0 * np.sum((c / l1) * (n - k + 0.5) / n))
+
+
+def hoyer(c) -> float:
+    """Hoyer sparsity (√N − ‖c‖₁/‖c‖₂)/(√N − 1): 0 uniform, 1 one-hot; NaN for N = 1 or all zeros."""
+    c = _vector(c)
+    n, l2 = len(c), np.sqrt(np.sum(c * c))
+    if n == 1 or l2 == 0:
+        return float("nan")
+    return float((math.sqrt(n) - c.sum() / l2) / (math.sqrt(n) - 1.0))
+
+
+def optimal_threshold(a, target: float = 0.5) -> float:
+    """The smallest τ among the |a| with at least `target` of all |a| ≤ τ."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target fraction {target} must lie in (0, 1]")
+    return float(abs_quantiles(a, [target])[0])
+
+
+def dead_neurons(a, eps: float = DEAD_EPS) -> np.ndarray:
+    """Indices of the neurons with |a| < eps on every token."""
+    return np.flatnonzero(np.abs(_as_2d(a)).max(axis=0) < eps)
+
+
+def comprehensive_sparsity(a, threshold: float, eps: float = DEAD_EPS, percentiles=PERCENTILES,
+                           targets=TARGET_FRACTIONS) -> dict:
+    """Every statistic of the module doc for one layer's activations held in memory (the reference the
+    streamed statistics are tested against)."""
+    a = _as_2d(a)
+    x = _abs32(a)
+    fractions = [p / 100.0 for p in percentiles] + list(targets)
+    tau = abs_quantiles(a, fractions)
+    h = token_entropy(a)
+    return _summarise(
+        n_tokens=a.shape[0], means=neuron_means(a), variances=a.var(axis=0), max_abs=np.abs(a).max(axis=0),
+        entropy_sum=float(np.nansum(h)), entropy_count=int(np.isfinite(h).sum()),
+        entropy_hist=np.histogram(h[np.isfinite(h)], ENTROPY_BINS)[0],
+        percentiles=percentiles, tau_p=tau[:len(percentiles)], targets=targets, tau_t=tau[len(percentiles):],
+        at_or_below_t=np.array([(x <= t).sum() for t in tau[len(percentiles):]]),
+        threshold=threshold, eps=eps)
+
+
+def _percentile_table(percentiles, tau, means) -> dict:
+    return {"percentiles": list(percentiles), "thresholds": [float(t) for t in tau],
+            "sparsity": [float((means < t).mean()) for t in tau]}
+
+
+def _summarise(n_tokens, means, variances, max_abs, entropy_sum, entropy_count, entropy_hist, percentiles, tau_p,
+               targets, tau_t, at_or_below_t, threshold, eps) -> dict:
+    """The result dict shared by the in-memory and the streamed computation."""
+    n = len(means)
+    dead = np.flatnonzero(max_abs < eps)
+    mean_h = entropy_sum / entropy_count if entropy_count else float("nan")
+    return {
+        "n_tokens": int(n_tokens), "n_neurons": int(n),
+        "traditional": {"threshold": float(threshold), "sparsity": float((means < threshold).mean()),
+                        "note": SCALE_NOTE},
+        "percentile": _percentile_table(percentiles, tau_p, means),
+        "entropy": {"sparsity": 1.0 - mean_h, "mean_entropy": mean_h, "n_zero_tokens": int(n_tokens - entropy_count),
+                    "histogram_edges": ENTROPY_BINS, "histogram_counts": np.asarray(entropy_hist, dtype=np.int64)},
+        "gini": gini(means), "hoyer": hoyer(means),
+        "optimal_threshold": {"targets": list(targets), "thresholds": [float(t) for t in tau_t],
+                              "fraction_at_or_below": [float(c) / (n_tokens * n) for c in at_or_below_t],
+                              "neuron_sparsity": [float((means < t).mean()) for t in tau_t]},
+        "dead_neurons": {"eps": float(eps), "count": int(len(dead)), "fraction": len(dead) / n, "indices": dead},
+        "activation_variance": {"mean": float(np.mean(variances)), "median": float(np.median(variances)),
+                                "max": float(np.max(variances))},
+        "neuron_mean_abs": means, "neuron_variance": variances,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Streamed statistics
+# --------------------------------------------------------------------------------------------------
+def _bits(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32, copy=False).view(np.uint32)
+
+
+def _inverted_cdf_rank(n: int, q: float) -> int:
+    """0-based rank of the inverted-CDF quantile q of n values, computed as numpy does."""
+    v = n * q - 1.0
+    k = math.floor(v) + (1 if v - math.floor(v) > 0 else 0)
+    return min(max(k, 0), n - 1)
+
+
+@dataclass
+class SparsityAccumulator:
+    """Running statistics of one layer's activations, fed chunk by chunk of tokens (T, N).
+
+    Pass 1: `update(chunk)` for every chunk. If quantiles are wanted, pass 2: `start_refine(fractions)`,
+    then `refine(chunk)` for the same chunks again. `result(...)` gives what `comprehensive_sparsity`
+    gives for all chunks stacked."""
+
+    n_neurons: int
+    n_tokens: int = 0
+    mean: np.ndarray = None  # (N,) running mean of a (Chan's parallel update)
+    m2: np.ndarray = None  # (N,) running Σ (a − mean)²
+    sum_abs: np.ndarray = None  # (N,)
+    max_abs: np.ndarray = None  # (N,)
+    entropy_sum: float = 0.0
+    entropy_count: int = 0
+    entropy_hist: np.ndarray = None
+    hist_hi: np.ndarray = None  # (65536,) counts of the top 16 bits of |a| (float32)
+    fractions: list = field(default_factory=list)
+    _ranks: list = field(default_factory=list)  # [(fraction, rank, hi bin, rank within the bin)]
+    _hist_lo: dict = field(default_factory=dict)  # hi bin -> (65536,) counts of the low 16 bits
+
+    def __post_init__(self):
+        n = self.n_neurons
+        self.mean, self.m2, self.sum_abs = np.zeros(n), np.zeros(n), np.zeros(n)
+        self.max_abs = np.zeros(n)
+        self.entropy_hist = np.zeros(len(ENTROPY_BINS) - 1, dtype=np.int64)
+        self.hist_hi = np.zeros(1 << 16, dtype=np.int64)
+
+    def update(self, chunk) -> None:
+        a = _as_2d(chunk)
+        if a.shape[1] != self.n_neurons:
+            raise ValueError(f"chunk has {a.shape[1]} neurons, expected {self.n_neurons}")
+        t = a.shape[0]
+        if t == 0:
+            return
+        mean_c, m2_c = a.mean(axis=0), ((a - a.mean(axis=0)) ** 2).sum(axis=0)  # (N,) each
+        total = self.n_tokens + t
+        delta = mean_c - self.mean
+        self.m2 += m2_c + delta * delta * self.n_tokens * t / total
+        self.mean += delta * t / total
+        self.n_tokens = total
+        absa = np.abs(a)
+        self.sum_abs += absa.sum(axis=0)
+        np.maximum(self.max_abs, absa.max(axis=0), out=self.max_abs)
+        h = token_entropy(a)
+        ok = np.isfinite(h)
+        self.entropy_sum += float(h[ok].sum())
+        self.entropy_count += int(ok.sum())
+        self.entropy_hist += np.histogram(h[ok], ENTROPY_BINS)[0]
+        self.hist_hi += np.bincount(_bits(_abs32(a)) >> 16, minlength=1 << 16)
+
+    def start_refine(self, fractions) -> None:
+        """After pass 1: locate the top-16-bit bin of each wanted rank; pass 2 counts inside them."""
+        total = self.n_tokens * self.n_neurons
+        if total == 0:
+            raise ValueError("no activations were seen")
+        cum = np.cumsum(self.hist_hi)
+        self.fractions, self._ranks, self._hist_lo = list(fractions), [], {}
+        for q in self.fractions:
+            k = _inverted_cdf_rank(total, q)
+            hi = int(np.searchsorted(cum, k, side="right"))  # first bin whose cumulative count exceeds k
+            self._ranks.append((q, k, hi, k - (int(cum[hi - 1]) if hi else 0)))
+            self._hist_lo.setdefault(hi, np.zeros(1 << 16, dtype=np.int64))
+
+    def refine(self, chunk) -> None:
+        bits = _bits(_abs32(_as_2d(chunk)))
+        hi = bits >> 16
+        for b, counts in self._hist_lo.items():
+            counts += np.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16)
+
+    def quantiles(self) -> np.ndarray:
+        out = []
+        for _q, _k, hi, within in self._ranks:
+            lo = int(np.searchsorted(np.cumsum(self._hist_lo[hi]), within, side="right"))
+            out.append(float(np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0]))
+        return np.array(out)
+
+    def count_at_or_below(self, tau: float) -> int:
+        """How many |a| are ≤ tau, for a tau found by `quantiles` (exact from the two histograms)."""
+        bits = int(np.array([tau], dtype=np.float32).view(np.uint32)[0])
+        hi, lo = bits >> 16, bits & 0xFFFF
+        return int(self.hist_hi[:hi].sum() + self._hist_lo[hi][:lo + 1].sum())
+
+    def result(self, threshold: float, eps: float = DEAD_EPS, percentiles=PERCENTILES,
+               targets=TARGET_FRACTIONS) -> dict:
+        tau = self.quantiles()
+        if len(tau) != len(percentiles) + len(targets):
+            raise ValueError("start_refine must be given the percentiles / 100 followed by the targets")
+        return _summarise(
+            n_tokens=self.n_tokens, means=self.sum_abs / self.n_tokens, variances=self.m2 / self.n_tokens,
+            max_abs=self.max_abs, entropy_sum=self.entropy_sum, entropy_count=self.entropy_count,
+            entropy_hist=self.entropy_hist, percentiles=percentiles, tau_p=tau[:len(percentiles)],
+            targets=targets, tau_t=tau[len(percentiles):],
+            at_or_below_t=np.array([self.count_at_or_below(t) for t in tau[len(percentiles):]]),
+            threshold=threshold, eps=eps)
+
+
+def stream_sparsity(chunks, n_neurons: int, threshold: float, eps: float = DEAD_EPS,
+                    percentiles=PERCENTILES, targets=TARGET_FRACTIONS) -> dict:
+    """`comprehensive_sparsity` over the chunks from `chunks()`: a function returning a fresh iterable of
+    (T, N) arrays, or of {key: (T, N) array} dicts (then the result is {key: dict}). It is called twice,
+    once per pass; nothing but running statistics is kept between chunks."""
+    accs: dict = {}
+    keyed = True
+    for c in chunks():
+        if not isinstance(c, dict):
+            keyed, c = False, {None: c}
+        for key, a in c.items():
+            accs.setdefault(key, SparsityAccumulator(n_neurons)).update(a)
+    for acc in accs.values():
+        acc.start_refine([p / 100.0 for p in percentiles] + list(targets))
+    for c in chunks():
+        for key, a in (c if keyed else {None: c}).items():
+            accs[key].refine(a)
+    out = {key: acc.result(threshold, eps, percentiles, targets) for key, acc in accs.items()}
+    return out if keyed else out[None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Collecting activations from a model
+# --------------------------------------------------------------------------------------------------
+def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None = None, progress: bool = False,
+                            desc: str = "activations"):
+    """A function returning a fresh generator of {layer: (L_i, N) float32 numpy} per text: the neuron
+    site of every requested layer captured in one forward per text (stopped after the last of them)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from utils import trace
+
+    site = site or neuron_site(adapter)
+    sites = {layer: adapter.site(site, layer) for layer in layers}
+    paths = list(dict.fromkeys(s.path for s in sites.values()))
+
+    def chunks():
+        for ids in tqdm(input_ids, desc=desc, disable=not progress, leave=False):
+            with torch.no_grad(), trace(model, paths, retain_input=True, stop=True) as tr:
+                model(input_ids=ids, use_cache=False)
+            yield {layer: (tr[s.path].input if s.capture == "input" else tr[s.path].output)[0]
+                   .float().cpu().numpy() for layer, s in sites.items()}  # (L, N) per layer
+
+    return chunks
+
+
+def layer_sparsity(model, adapter, input_ids, layers, threshold: float | None = None, eps: float = DEAD_EPS,
+                   site: str | None = None, progress: bool = False) -> dict:
+    """{layer: comprehensive sparsity dict} of the neuron site of each layer over the texts, streamed
+    (two forward passes over the texts; every layer captured in the same pass)."""
+    threshold = default_threshold(adapter.family) if threshold is None else threshold
+    layers = list(dict.fromkeys(adapter.check_layer(la) for la in layers))
+    site = site or neuron_site(adapter)
+    n = adapter.site(site, layers[0]).size
+    stats = stream_sparsity(layer_activation_chunks(model, adapter, input_ids, layers, site, progress), n,
+                            threshold, eps)
+    return {la: {"layer": la, "relative_depth": la / max(1, adapter.n_layers - 1), "site": site, **stats[la]}
+            for la in layers}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots: each consumes [(label, one layer's sparsity dict)], one entry per model (or per layer)
+# --------------------------------------------------------------------------------------------------
+def _figure(ncols: int = 1, width: float = 6.0):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width * ncols, 4.2), squeeze=False)
+
+
+def _save(fig, plots_dir, name: str) -> str:
+    from utils import save_figure
+
+    fig.tight_layout()
+    return save_figure(fig, plots_dir, name)
+
+
+def _label(label: str, s: dict) -> str:
+    return f"{label} (layer {s['layer']})" if "layer" in s else label
+
+
+def plot_percentile(entries, plots_dir, name: str) -> str:
+    fig, axes = _figure(2)
+    ax0, ax1 = axes[0]
+    for i, (lab, s) in enumerate(entries):
+        p = s["percentile"]
+        ax0.plot(p["percentiles"], p["sparsity"], "o-", color=f"C{i}", label=_label(lab, s))
+        ax1.plot(p["percentiles"], p["thresholds"], "o-", color=f"C{i}", label=_label(lab, s))
+    ax0.plot([0, 100], [0, 1], ":", color="grey", lw=1, label="all neurons alike")
+    ax0.set(xlabel="percentile p of all |a|", ylabel="fraction of neurons with mean |a| < τ_p",
+            title="Percentile sparsity (scale-adaptive)")
+    ax1.set(xlabel="percentile p", ylabel="τ_p", yscale="log", title="Thresholds τ_p")
+    ax0.legend(fontsize=8)
+    ax1.legend(fontsize=8)
+    return _save(fig, plots_dir, name)
+
+
+def plot_entropy(entries, plots_dir, name: str) -> str:
+    fig, axes = _figure()
+    ax = axes[0][0]
+    for i, (lab, s) in enumerate(entries):
+        e = s["entropy"]
+        counts = np.asarray(e["histogram_counts"], dtype=float)
+        edges = np.asarray(e["histogram_edges"])
+        ax.stairs(counts / max(1.0, counts.sum()), edges, color=f"C{i}", lw=2,
+                  label=f"{_label(lab, s)}: sparsity 1 − mean H = {e['sparsity']:.3f}")
+    ax.set(xlabel="normalised entropy H of a token's activation energy (1 = spread evenly)",
+           ylabel="fraction of tokens", title="Entropy sparsity")
+    ax.legend(fontsize=8)
+    return _save(fig, plots_dir, name)
+
+
+def plot_gini(entries, plots_dir, name: str) -> str:
+    """Lorenz curves of the per-neuron mean |a|, with Gini and Hoyer."""
+    fig, axes = _figure()
+    ax = axes[0][0]
+    for i, (lab, s) in enumerate(entries):
+        c = np.sort(np.asarray(s["neuron_mean_abs"], dtype=float))
+        cum = np.concatenate([[0.0], np.cumsum(c) / c.sum()]) if c.sum() > 0 else np.zeros(len(c) + 1)
+        ax.plot(np.linspace(0, 1, len(cum)), cum, color=f"C{i}",
+                label=f"{_label(lab, s)}: Gini {s['gini']:.3f}, Hoyer {s['hoyer']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="uniform (Gini 0)")
+    ax.set(xlabel="fraction of neurons (ascending mean |a|)", ylabel="fraction of total mean |a|",
+           title="Gini: Lorenz curve of per-neuron mean |a|")
+    ax.legend(fontsize=8)
+    return _save(fig, plots_dir, name)
+
+
+def plot_optimal_threshold(entries, plots_dir, name: str) -> str:
+    fig, axes = _figure(2)
+    ax0, ax1 = axes[0]
+    n = len(entries)
+    for i, (lab, s) in enumerate(entries):
+        o = s["optimal_threshold"]
+        x = np.arange(len(o["targets"])) + (i - (n - 1) / 2) * 0.8 / n
+        ax0.bar(x, o["thresholds"], width=0.8 / n, color=f"C{i}", label=_label(lab, s))
+        ax1.bar(x, o["neuron_sparsity"], width=0.8 / n, color=f"C{i}", label=_label(lab, s))
+    for ax in (ax0, ax1):
+        ax.set_xticks(range(len(TARGET_FRACTIONS)), [f"{t:.0%} of |a| ≤ τ" for t in entries[0][1]["optimal_threshold"]["targets"]])
+        ax.legend(fontsize=8)
+    ax0.set(ylabel="τ", yscale="log", title="Optimal threshold τ for a target fraction of |a|")
+    ax1.set(ylabel="fraction of neurons with mean |a| < τ", title="Neuron sparsity at τ")
+    return _save(fig, plots_dir, name)
+
+
+def plot_traditional(entries, plots_dir, name: str) -> str:
+    fig, axes = _figure()
+    ax = axes[0][0]
+    for i, (lab, s) in enumerate(entries):
+        c = np.asarray(s["neuron_mean_abs"], dtype=float)
+        c = c[c > 0]
+        if len(c):
+            ax.hist(np.log10(c), bins=40, color=f"C{i}", alpha=0.5, density=True,
+                    label=f"{_label(lab, s)}: {s['traditional']['sparsity']:.3f} below {s['traditional']['threshold']:g}")
+        ax.axvline(np.log10(s["traditional"]["threshold"]), color=f"C{i}", ls="--")
+    ax.set(xlabel="log10 mean |a| per neuron", ylabel="density",
+           title="Traditional sparsity (absolute threshold, dashed): scale-dependent")
+    ax.legend(fontsize=8)
+    return _save(fig, plots_dir, name)
+
+
+def plot_activation_variance(entries, plots_dir, name: str) -> str:
+    fig, axes = _figure()
+    ax = axes[0][0]
+    for i, (lab, s) in enumerate(entries):
+        v = np.asarray(s["neuron_variance"], dtype=float)
+        v = v[v > 0]
+        if len(v):
+            ax.hist(np.log10(v), bins=40, color=f"C{i}", alpha=0.5, density=True,
+                    label=f"{_label(lab, s)}: mean {s['activation_variance']['mean']:.3g}")
+    ax.set(xlabel="log10 variance over tokens, per neuron", ylabel="density", title="Activation variance")
+    ax.legend(fontsize=8)
+    return _save(fig, plots_dir, name)
+
+
+MULTILAYER_METRICS = (("traditional", lambda s: s["traditional"]["sparsity"]),
+                      ("percentile p50", lambda s: s["percentile"]["sparsity"][s["percentile"]["percentiles"].index(50)]),
+                      ("entropy", lambda s: s["entropy"]["sparsity"]),
+                      ("Gini", lambda s: s["gini"]), ("Hoyer", lambda s: s["hoyer"]),
+                      ("dead fraction", lambda s: s["dead_neurons"]["fraction"]))
+
+
+def multilayer_table(per_layer: dict) -> dict:
+    """{metric: [value per layer]} plus layers and relative depths: the numbers `plot_multilayer` shows."""
+    layers = sorted(per_layer)
+    out = {"layers": layers, "relative_depth": [per_layer[la]["relative_depth"] for la in layers]}
+    out.update({m: [float(f(per_layer[la])) for la in layers] for m, f in MULTILAYER_METRICS})
+    out["activation_variance_mean"] = [per_layer[la]["activation_variance"]["mean"] for la in layers]
+    return out
+
+
+def plot_multilayer(models: list[tuple[str, dict]], plots_dir, name: str, relative: bool = False) -> str:
+    """Every method against layer (or relative depth), one line per model: `models` = [(label, {layer: dict})]."""
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m, _ in MULTILAYER_METRICS] + ["activation_variance_mean"]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    for i, (lab, per_layer) in enumerate(models):
+        t = multilayer_table(per_layer)
+        x = t["relative_depth"] if relative else t["layers"]
+        for ax, m in zip(axes.ravel(), metrics):
+            ax.plot(x, t[m], "o-", color=f"C{i}", label=lab)
+    for ax, m in zip(axes.ravel(), metrics):
+        ax.set_title(m.replace("_", " "), fontsize=10)
+        ax.set_xlabel("relative depth (layer / (layers − 1))" if relative else "layer")
+        ax.legend(fontsize=7)
+    axes[1][2].set_yscale("log")
+    axes.ravel()[-1].axis("off")
+    fig.suptitle("Sparsity across layers")
+    fig.tight_layout()
+    from utils import save_figure
+
+    return save_figure(fig, plots_dir, name)
+
+
+def sparsity_plots(entries, models_by_layer, plots_dir, prefix: str, tag: str = "", relative: bool = False
+                   ) -> list[str]:
+    """The full sparsity plot set: percentile, entropy, Gini, optimal threshold, traditional and
+    activation variance for `entries` (one layer per model; file names end in `tag`), and the
+    multi-layer plot for `models_by_layer` = [(label, {layer: dict})]."""
+    return [plot_percentile(entries, plots_dir, f"{prefix}_sparsity_percentile{tag}"),
+            plot_entropy(entries, plots_dir, f"{prefix}_sparsity_entropy{tag}"),
+            plot_gini(entries, plots_dir, f"{prefix}_sparsity_gini{tag}"),
+            plot_optimal_threshold(entries, plots_dir, f"{prefix}_sparsity_optimal_threshold{tag}"),
+            plot_traditional(entries, plots_dir, f"{prefix}_sparsity_traditional{tag}"),
+            plot_activation_variance(entries, plots_dir, f"{prefix}_activation_variance{tag}"),
+            plot_multilayer(models_by_layer, plots_dir, f"{prefix}_sparsity_multilayer", relative)]

@@ -1,0 +1,100 @@
+"""The sparsity, efficiency and comparison stages end to end on tiny models: every claimed plot exists,
+the JSON holds the numbers the plots show, layers are matched by relative depth."""
+import json
+
+import numpy as np
+import pytest
+
+import comparison_plots as cp
+import sparsity as sp
+from comparison_wrapper import matched_layer, relative_depth
+from test_cli import run_main
+
+
+def test_matched_layer_by_relative_depth():
+    assert matched_layer(0.0, 4) == 0 and matched_layer(1.0, 4) == 3
+    assert matched_layer(relative_depth(3, 7), 4) == 1  # depth 0.5 -> 1.5: ties go to the lower layer
+    assert matched_layer(relative_depth(4, 7), 4) == 2  # 0.667 -> 2.0
+    assert matched_layer(0.7, 1) == 0 and relative_depth(0, 1) == 0.0
+
+
+@pytest.fixture(scope="module")
+def comparison_run(model_dirs, tmp_path_factory):
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+    tmp = tmp_path_factory.mktemp("comparison")
+    (tmp / "texts.txt").write_text("\n".join(read_texts_file(OFFLINE_TEXTS_PATH)[:8]) + "\n")
+    args = ["--model", str(model_dirs["mamba_b"]), "--compare_model", str(model_dirs["gpt2"]), "--layer", "2",
+            "--texts_file", "texts.txt", "--max_length", "40", "--stages", "causal", "sparsity", "efficiency",
+            "comparison", "--sparsity_layers", "0", "2", "--seq_lengths", "16", "32", "64", "--save_results",
+            "--no_progress"]
+    p = run_main(args, tmp)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(next((tmp / "analysis_outputs").glob("*.json")).read_text())
+    return tmp, res, p.stdout
+
+
+def test_every_claimed_plot_is_a_png(comparison_run):
+    tmp, res, _ = comparison_run
+    claimed = [p for s in ("sparsity", "efficiency", "comparison") for p in res[s]["plots"]]
+    assert len(claimed) == 7 + 2 + 13
+    kinds = {"percentile", "entropy", "gini", "optimal_threshold", "traditional", "multilayer",
+             "activation_variance", "efficiency", "scaling", "summary_table", "layer_dynamics", "causal_distributions",
+             "sparsity_methods"}
+    assert all(any(k in p for p in claimed) for k in kinds)
+    for p in claimed:
+        data = (tmp / p).read_bytes()
+        assert data[:4] == b"\x89PNG" and len(data) > 3000, p
+
+
+def test_sparsity_stage_json_holds_the_plotted_numbers(comparison_run):
+    _, res, stdout = comparison_run
+    r = res["sparsity"]["results"]
+    assert r["site"] == "ssm" and r["layer"] == 2 and r["sparsity_layers"] == [0, 2]
+    single = r["single"]
+    assert single["n_neurons"] == 72 and len(single["neuron_mean_abs"]) == 72  # e = 3 x 24
+    # the multi-layer table is the per-layer numbers
+    layers = {int(k): v for k, v in r["layers"].items()}
+    assert r["multilayer"]["Gini"] == [layers[0]["gini"], layers[2]["gini"]]
+    # Gini / Hoyer / traditional recomputed from the stored per-neuron means
+    c = np.array(single["neuron_mean_abs"])
+    assert single["gini"] == pytest.approx(sp.gini(c), rel=1e-12)
+    assert single["hoyer"] == pytest.approx(sp.hoyer(c), rel=1e-12)
+    assert single["traditional"]["sparsity"] == pytest.approx((c < 0.01).mean())
+    assert "scale" in r["note"] and "not comparable across architectures" in stdout
+
+
+def test_comparison_json_and_matching(comparison_run):
+    _, res, stdout = comparison_run
+    comp = res["comparison"]["results"]
+    mamba, gpt2 = comp["models"]
+    assert (mamba["n_layers"], gpt2["n_layers"]) == (3, 2)
+    assert comp["matched_layers"] == {mamba["label"]: 2, gpt2["label"]: 1}  # relative depth 1.0 on both
+    assert comp["sparsity_layers"] == {mamba["label"]: [0, 2], gpt2["label"]: [0]}
+    assert set(mamba["sparsity_by_layer"]) == {"0", "1", "2"} and set(gpt2["sparsity_by_layer"]) == {"0", "1"}
+    # the side-by-side bars are the per-layer numbers of the matched layers
+    for side in (mamba, gpt2):
+        st = side["sparsity_by_layer"][str(side["layer"])]
+        bars = comp["methods_at_matched_layers"][side["label"]]
+        assert bars["Gini"] == st["gini"] and bars["entropy"] == st["entropy"]["sparsity"]
+        assert bars["dead fraction"] == st["dead_neurons"]["fraction"]
+    assert gpt2["sparsity_by_layer"]["1"]["site"] == "mlp" and gpt2["sparsity_by_layer"]["1"]["n_neurons"] == 128
+    assert gpt2["sparsity_by_layer"]["1"]["traditional"]["threshold"] == 1e-5
+    # the main model's efficiency is the efficiency stage's, not measured twice
+    assert mamba["efficiency"]["scaling"]["points"] == res["efficiency"]["results"]["scaling"]["points"]
+    pts = gpt2["efficiency"]["scaling"]["points"]
+    assert [p["seq_len"] for p in pts] == [16, 32, 64]
+    # causal distributions: the main model's scores are the causal stage's; the other model's site is d wide
+    c = comp["causal"]
+    assert c[mamba["label"]]["scores"] == res["causal"]["results"]["scores"]
+    assert c[gpt2["label"]]["site"] == "mlp_out" and len(c[gpt2["label"]]["scores"]) == 32
+    assert c[gpt2["label"]]["layer"] == 1
+    # the summary table printed is the JSON's
+    rows = {r["metric"]: r for r in comp["summary"]}
+    assert rows["layers"][mamba["label"]] == 3 and rows["layers"][gpt2["label"]] == 2
+    assert rows["Gini"][gpt2["label"]] == round(gpt2["sparsity_by_layer"]["1"]["gini"], 4)
+    assert "Gini" in stdout and gpt2["label"] in stdout
+
+
+def test_methods_table_matches_plotted_methods():
+    assert [m for m, _ in cp.METHODS][0] == "traditional" and len(cp.METHODS) == 7

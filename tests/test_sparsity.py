@@ -1,0 +1,108 @@
+"""Sparsity measures: known values, invariances, streamed == in-memory, dead neurons in a real model."""
+import numpy as np
+import pytest
+import torch
+
+import sparsity as sp
+from conftest import make_model
+from models import get_adapter
+
+
+@pytest.mark.parametrize("n", [2, 7, 100])
+def test_gini_and_hoyer_known_values(n):
+    uniform, onehot = np.full(n, 3.0), np.eye(n)[n // 2] * 5.0
+    assert sp.gini(uniform) == pytest.approx(0.0, abs=1e-12)
+    assert sp.gini(onehot) == pytest.approx(1.0 - 1.0 / n, abs=1e-12)
+    assert sp.hoyer(uniform) == pytest.approx(0.0, abs=1e-12)
+    assert sp.hoyer(onehot) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_gini_scale_invariance_and_robin_hood():
+    rng = np.random.default_rng(0)
+    c = rng.gamma(0.7, 1.0, 50)
+    g = sp.gini(c)
+    assert sp.gini(c * 1e-4) == pytest.approx(g, rel=1e-12) and sp.gini(c * 37.0) == pytest.approx(g, rel=1e-12)
+    assert sp.hoyer(c * 1e3) == pytest.approx(sp.hoyer(c), rel=1e-12)
+    rich, poor = int(np.argmax(c)), int(np.argmin(c))
+    t = (c[rich] - c[poor]) / 4  # a transfer from rich to poor that keeps their order
+    d = c.copy()
+    d[rich] -= t
+    d[poor] += t
+    assert sp.gini(d) < g
+    # the 2-D form is the Gini of the per-neuron mean |a|
+    a = rng.standard_normal((30, 50))
+    assert sp.gini(a) == sp.gini(np.abs(a).mean(0))
+    assert np.isnan(sp.gini(np.zeros(4)))
+
+
+def test_entropy_sparsity_known_values():
+    assert sp.entropy(np.full((5, 8), -2.0)) == pytest.approx(0.0, abs=1e-12)  # uniform energy: H = 1
+    assert sp.entropy(np.eye(8)[[1, 3, 3]] * 4.0) == pytest.approx(1.0, abs=1e-12)  # one neuron per token: H = 0
+    two = np.array([[1.0, 1.0, 0.0, 0.0]])  # two equal neurons of four: H = log 2 / log 4
+    assert sp.entropy(two) == pytest.approx(0.5, abs=1e-12)
+    h = sp.token_entropy(np.array([[0.0, 0.0], [1.0, 1.0]]))
+    assert np.isnan(h[0]) and h[1] == pytest.approx(1.0)
+
+
+def test_traditional_percentile_and_optimal_threshold():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((400, 64)) * np.geomspace(1e-4, 10, 64)
+    c = np.abs(a).mean(0)
+    assert sp.traditional(a, 0.01) == pytest.approx((c < 0.01).mean())
+    p = sp.percentile(a)
+    tau = np.percentile(np.abs(a.astype(np.float32)), sp.PERCENTILES, method="inverted_cdf")
+    np.testing.assert_array_equal(p["thresholds"], tau)
+    np.testing.assert_array_equal(p["sparsity"], [(c < t).mean() for t in tau])
+    x = np.abs(a.astype(np.float32)).ravel()
+    for target in (0.5, 0.9, 0.37):
+        tau = sp.optimal_threshold(a, target)
+        # τ hits the target: at least that fraction of |a| is ≤ τ, less than it is < τ
+        assert (x <= tau).mean() >= target > (x < tau).mean()
+        assert tau in x
+
+
+def test_streamed_statistics_equal_in_memory():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((1013, 48)) * rng.gamma(0.5, 1.0, 48)
+    a[:, 5] = 0.0  # a dead neuron
+    a[:, 9] = 1e-7  # ties at a tiny value
+    a[17] = 0.0  # an all-zero token
+    ref = sp.comprehensive_sparsity(a, threshold=0.01, eps=1e-6)
+    for size in (1, 64, 1013):
+        got = sp.stream_sparsity(lambda: (a[i:i + size] for i in range(0, len(a), size)), 48, 0.01, 1e-6)
+        for key in ("percentile", "optimal_threshold", "traditional"):
+            assert got[key] == ref[key], key  # exact order statistics and counts
+        for key in ("gini", "hoyer"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-12)
+        np.testing.assert_allclose(got["neuron_mean_abs"], ref["neuron_mean_abs"], rtol=1e-12)
+        np.testing.assert_allclose(got["neuron_variance"], ref["neuron_variance"], rtol=1e-10, atol=1e-30)
+        assert got["entropy"]["sparsity"] == pytest.approx(ref["entropy"]["sparsity"], rel=1e-12)
+        assert got["entropy"]["n_zero_tokens"] == ref["entropy"]["n_zero_tokens"] == 1
+        np.testing.assert_array_equal(got["entropy"]["histogram_counts"], ref["entropy"]["histogram_counts"])
+        np.testing.assert_array_equal(got["dead_neurons"]["indices"], ref["dead_neurons"]["indices"])
+    assert list(ref["dead_neurons"]["indices"]) == [5, 9]
+    np.testing.assert_allclose(ref["neuron_variance"], a.var(0), rtol=1e-12, atol=1e-30)
+
+
+@pytest.mark.parametrize("kind", ["mamba_a", "gpt2"])
+def test_dead_neurons_found_in_a_tiny_model(kind, tokenizer):
+    """Zero the weights that feed three neurons of layer 1's inner site: exactly those are dead, streamed
+    over several texts, and the other layer has none."""
+    model = make_model(kind)
+    adapter = get_adapter(model)
+    dead = [2, 7, 11]
+    with torch.no_grad():
+        if kind == "gpt2":  # mlp.act = gelu(c_fc(x)): c_fc is a Conv1D (in, out)
+            fc = model.transformer.h[1].mlp.c_fc
+            fc.weight[:, dead] = 0.0
+            fc.bias[dead] = 0.0
+        else:  # ssm = y · SiLU(z): the gate rows of in_proj -> z = 0 -> SiLU(0) = 0
+            mixer = model.backbone.layers[1].mixer
+            e = mixer.intermediate_size
+            mixer.in_proj.weight[[e + d for d in dead]] = 0.0
+    ids = [tokenizer(t, return_tensors="pt").input_ids for t in ["The cat sat.", "A much longer text, with words."]]
+    stats = sp.layer_sparsity(model, adapter, ids, [0, 1])
+    assert list(stats[1]["dead_neurons"]["indices"]) == dead
+    assert stats[0]["dead_neurons"]["count"] == 0
+    assert stats[1]["n_tokens"] == sum(x.shape[1] for x in ids)
+    assert stats[1]["traditional"]["threshold"] == (0.01 if kind == "mamba_a" else 1e-5)

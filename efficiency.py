@@ -43,10 +43,10 @@ def parameter_counts(model, adapter) -> dict:
             if layer == "0":
                 comp = rest.rsplit(".", 1)[0]  # e.g. mixer.in_proj, attn.c_attn, mlp.c_fc, norm
                 layer0[comp] = layer0.get(comp, 0) + n
+        elif out is not None and p is out.weight and not tied:
+            groups["lm_head"] += n
         elif p is emb or "wpe" in name or "embed" in name:
             groups["embeddings"] += n
-        elif out is not None and p is out.weight:
-            groups["lm_head"] += n
         elif "norm" in name or "ln_f" in name:
             groups["final_norm"] += n
         else:

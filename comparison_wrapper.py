@@ -131,11 +131,13 @@ def summary_rows(comparison: dict) -> list[dict]:
     add("dead neurons", lambda s: layer_stats[s["label"]]["dead_neurons"]["count"])
     add("mean activation variance", lambda s: f"{layer_stats[s['label']]['activation_variance']['mean']:.3g}")
 
-    def longest(s):
-        pts = s["efficiency"]["scaling"]["points"]
-        return f"{pts[-1]['time_s'] * 1e3:.1f} ms @ {pts[-1]['seq_len']}" if pts else "not measured"
-
-    add("forward time (longest length measured)", longest)
+    measured = [{p["seq_len"]: p for p in s["efficiency"]["scaling"]["points"]} for s in sides]
+    common = set.intersection(*(set(m) for m in measured))
+    if common:  # the longest length measured on both models
+        L = max(common)
+        add(f"forward time at L={L} (ms)", lambda s: round(measured[sides.index(s)][L]["time_s"] * 1e3, 2))
+        add(f"peak activation memory at L={L} (MiB)",
+            lambda s: round(measured[sides.index(s)][L]["peak_memory_bytes"] / 2 ** 20, 2))
     add("FLOPs per token at L=256 (M)", lambda s: round(s["efficiency"]["flops_per_token_at_256"]["total"] / 1e6, 2))
     if "causal" in comparison:
         c = comparison["causal"]

@@ -234,7 +234,8 @@ def plot_scaling(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
     for ax, title in zip(axes, ["forward time (s), batch 1", "peak activation memory (MiB)",
                                 "analytic FLOPs per token (M)"]):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if ax is not axes[2]:
+            ax.set_yscale("log")
         ax.set_xlabel("sequence length")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)

@@ -93,6 +93,7 @@ def test_comparison_json_and_matching(comparison_run):
     rows = {r["metric"]: r for r in comp["summary"]}
     assert rows["layers"][mamba["label"]] == 3 and rows["layers"][gpt2["label"]] == 2
     assert rows["Gini"][gpt2["label"]] == round(gpt2["sparsity_by_layer"]["1"]["gini"], 4)
+    assert rows["forward time at L=64 (ms)"][gpt2["label"]] == round(pts[-1]["time_s"] * 1e3, 2)
     assert "Gini" in stdout and gpt2["label"] in stdout
 
 

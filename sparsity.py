@@ -447,34 +447,37 @@ def plot_optimal_threshold(entries, plots_dir, name: str) -> str:
     return _save(fig, plots_dir, name)
 
 
-def plot_traditional(entries, plots_dir, name: str) -> str:
+def _log_histograms(entries, values, legend, plots_dir, name: str, xlabel: str, title: str, lines=None) -> str:
+    """One log10 histogram per entry of values(s) (zeros cannot be placed on it: counted in the legend),
+    with optional vertical lines at lines(s)."""
     fig, axes = _figure()
     ax = axes[0][0]
     for i, (lab, s) in enumerate(entries):
-        c = np.asarray(s["neuron_mean_abs"], dtype=float)
-        c = c[c > 0]
-        if len(c):
-            ax.hist(np.log10(c), bins=40, color=f"C{i}", alpha=0.5, density=True,
-                    label=f"{_label(lab, s)}: {s['traditional']['sparsity']:.3f} below {s['traditional']['threshold']:g}")
-        ax.axvline(np.log10(s["traditional"]["threshold"]), color=f"C{i}", ls="--")
-    ax.set(xlabel="log10 mean |a| per neuron", ylabel="density",
-           title="Traditional sparsity (absolute threshold, dashed): scale-dependent")
-    ax.legend(fontsize=8)
-    return _save(fig, plots_dir, name)
-
-
-def plot_activation_variance(entries, plots_dir, name: str) -> str:
-    fig, axes = _figure()
-    ax = axes[0][0]
-    for i, (lab, s) in enumerate(entries):
-        v = np.asarray(s["neuron_variance"], dtype=float)
+        v = np.asarray(values(s), dtype=float)
+        zeros = int((v <= 0).sum())
         v = v[v > 0]
         if len(v):
             ax.hist(np.log10(v), bins=40, color=f"C{i}", alpha=0.5, density=True,
-                    label=f"{_label(lab, s)}: mean {s['activation_variance']['mean']:.3g}")
-    ax.set(xlabel="log10 variance over tokens, per neuron", ylabel="density", title="Activation variance")
+                    label=f"{_label(lab, s)}: {legend(s)}" + (f" ({zeros} zeros not shown)" if zeros else ""))
+        if lines is not None and lines(s) > 0:
+            ax.axvline(np.log10(lines(s)), color=f"C{i}", ls="--")
+    ax.set(xlabel=xlabel, ylabel="density", title=title)
     ax.legend(fontsize=8)
     return _save(fig, plots_dir, name)
+
+
+def plot_traditional(entries, plots_dir, name: str) -> str:
+    return _log_histograms(
+        entries, lambda s: s["neuron_mean_abs"],
+        lambda s: f"{s['traditional']['sparsity']:.3f} below {s['traditional']['threshold']:g}", plots_dir, name,
+        "log10 mean |a| per neuron", "Traditional sparsity (absolute threshold, dashed): scale-dependent",
+        lines=lambda s: s["traditional"]["threshold"])
+
+
+def plot_activation_variance(entries, plots_dir, name: str) -> str:
+    return _log_histograms(entries, lambda s: s["neuron_variance"],
+                           lambda s: f"mean {s['activation_variance']['mean']:.3g}", plots_dir, name,
+                           "log10 variance over tokens, per neuron", "Activation variance")
 
 
 MULTILAYER_METRICS = (("traditional", lambda s: s["traditional"]["sparsity"]),

@@ -390,7 +390,6 @@ def plot_percentile(entries, plots_dir, name: str) -> str:
         p = s["percentile"]
         ax0.plot(p["percentiles"], p["sparsity"], "o-", color=f"C{i}", label=_label(lab, s))
         ax1.plot(p["percentiles"], p["thresholds"], "o-", color=f"C{i}", label=_label(lab, s))
-    ax0.plot([0, 100], [0, 1], ":", color="grey", lw=1, label="all neurons alike")
     ax0.set(xlabel="percentile p of all |a|", ylabel="fraction of neurons with mean |a| < τ_p",
             title="Percentile sparsity (scale-adaptive)")
     ax1.set(xlabel="percentile p", ylabel="τ_p", yscale="log", title="Thresholds τ_p")

@@ -7,9 +7,10 @@ over all positions of all prompts in the clean runs.
 
 Speed by construction: one clean run per prompt caches the residual stream entering layer ℓ; every
 ablated run starts there (`run_from_layer`), K ablations go through the model as one batch (row i
-ablates dims[i]), only the last position's logits are computed, and Mamba mixers run a cache-blocked
-copy of transformers' own forward (`ssm.mixer_forward_blocked`, same operations in the same order). Prompts are processed one at a time,
-so prompts of different lengths need no padding.
+ablates dims[i]; the batch enters as one row and is expanded to K rows at the site, so layer ℓ up to
+the site runs once), only the last position's logits are computed, and Mamba mixers run a
+cache-blocked copy of transformers' own forward (`ssm.mixer_forward_blocked`, same operations in the
+same order). Prompts are processed one at a time, so prompts of different lengths need no padding.
 """
 from __future__ import annotations
 
@@ -72,14 +73,16 @@ def _with_first(value, new):
 
 def _ablator(dims: torch.Tensor, scale: float, values: torch.Tensor | None):
     """Edit function for `trace`: in row i of the batch, dimension dims[i] (every position) is multiplied
-    by `scale`, or set to values[i] when `values` is given."""
+    by `scale`, or set to values[i] when `values` is given. A one-row activation (1, L, W) is first
+    expanded to K = len(dims) rows, so the part of the model before the site runs once, not K times."""
     def edit(name, value):
-        act = _first(value).clone()  # (K, L, W)
+        act = _first(value).expand(len(dims), -1, -1).clone()  # (K, L, W)
         rows = torch.arange(act.shape[0], device=act.device)
+        cols = dims.to(act.device)
         if values is None:
-            act[rows, :, dims] = act[rows, :, dims] * scale  # (K, L)
+            act[rows, :, cols] = act[rows, :, cols] * scale  # (K, L)
         else:
-            act[rows, :, dims] = values[:, None].to(act.dtype)
+            act[rows, :, cols] = values[:, None].to(act.device, act.dtype)
         return _with_first(value, act)
 
     return edit
@@ -186,9 +189,10 @@ def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | 
                 chunk = dims[start:start + bs].to(device)  # (K,)
                 values = None if means is None else means.to(device)[chunk]
                 edit = _ablator(chunk, intervention_scale, values)
+                # one row in: the ablated layer runs once up to the site, where the edit makes K rows
                 with trace(model, [local.path], retain_output=False, **_edit_kwargs(local, edit)):
-                    h = c.resid_in.expand(len(chunk), -1, -1)  # (K, L, d)
-                    logits = model(inputs_embeds=h, use_cache=False, logits_to_keep=1).logits[:, -1]  # (K, V)
+                    out = model(inputs_embeds=c.resid_in, use_cache=False, logits_to_keep=1)  # c.resid_in (1, L, d)
+                    logits = out.logits[:, -1]  # (K, V)
                 scores[start:start + len(chunk)] += kl_last(c.logp, logits).cpu()
                 bar.update(len(chunk))
     bar.close()
@@ -226,12 +230,13 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
         raise ValueError(f"cross-layer influence reads the residual stream (width {adapter.hidden_size}); "
                          f"site {site!r} has a different width")
     sources = list(range(adapter.n_layers)) if sources is None else list(sources)
-    ids = _tokenize(tokenizer, [prompt], next(model.parameters()).device)[0]
+    device = next(model.parameters()).device
+    ids = _tokenize(tokenizer, [prompt], device)[0]
     readouts = [adapter.site("residual", t).path for t in range(adapter.n_layers)]
-    rows = torch.arange(len(dims))
+    rows, cols = torch.arange(len(dims), device=device), dims.to(device)
 
-    def read(tr):  # (K, n_layers): dimension dims[i] of row i, last position, after each layer
-        return torch.stack([tr[p].output[rows, -1, dims].double() for p in readouts], dim=-1)
+    def read(tr):  # (K, n_layers) on the CPU: dimension dims[i] of row i, last position, after each layer
+        return torch.stack([tr[p].output[rows, -1, cols].double() for p in readouts], dim=-1).cpu()
 
     batch = ids.expand(len(dims), -1)  # (K, L): the clean pass has the ablated passes' batch shape, so the
     with torch.no_grad(), trace(model, readouts) as tr:  # unaffected entries match bit for bit

@@ -338,11 +338,12 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
     site = site or neuron_site(adapter)
     sites = {layer: adapter.site(site, layer) for layer in layers}
     paths = list(dict.fromkeys(s.path for s in sites.values()))
+    device = next(model.parameters()).device
 
     def chunks():
         for ids in tqdm(input_ids, desc=desc, disable=not progress, leave=False):
             with torch.no_grad(), trace(model, paths, retain_input=True, stop=True) as tr:
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids.to(device), use_cache=False)
             yield {layer: (tr[s.path].input if s.capture == "input" else tr[s.path].output)[0]
                    .float().cpu().numpy() for layer, s in sites.items()}  # (L, N) per layer
 

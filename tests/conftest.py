@@ -15,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 from utils import OFFLINE_TEXTS_PATH  # noqa: E402
 
 VOCAB = 300
+# The device-aware tests (Mamba mixer numerics, causal scans, peak memory) run on TEST_DEVICE, default
+# cpu; on a GPU machine: TEST_DEVICE=cuda python -m pytest tests/test_ssm.py tests/test_causal.py ...
+DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
 
 
 def build_tokenizer(path: Path):
@@ -87,4 +90,4 @@ def model_dirs(tmp_path_factory, tokenizer):
 
 @pytest.fixture(params=list(MAMBA_SHAPES))
 def mamba(request):
-    return make_model(request.param)
+    return make_model(request.param).to(DEVICE)

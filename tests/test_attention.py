@@ -18,7 +18,7 @@ def _ids(L=29, b=2, seed=0):
 
 
 def test_hidden_attention_reproduces_the_mixer_output(mamba):
-    ids = _ids()
+    ids = _ids().to(mamba.device)
     for layer in range(mamba.config.num_hidden_layers):
         h_in, real = capture_mixer_io(mamba, layer, ids)
         mixer = mamba.backbone.layers[layer].mixer
@@ -82,7 +82,7 @@ def test_rollout_of_identity_attention_is_identity():
 def test_rollout_rows_are_distributions_and_causal(mamba):
     an = MambaAttentionNeurons(mamba)
     top = mamba.config.num_hidden_layers - 1
-    data = an.extract_attention_vectors(_ids(b=1), [top])  # lower layers fetched on the fly
+    data = an.extract_attention_vectors(_ids(b=1).to(mamba.device), [top])  # lower layers fetched on the fly
     R = an.create_mamba_neurons(data, "rollout")[top].token_map
     np.testing.assert_allclose(R.sum(-1), 1.0, rtol=1e-5)
     assert np.all(np.triu(R, 1) == 0) and np.all(R >= 0)

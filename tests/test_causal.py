@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import causal_analysis as ca
-from conftest import make_model
+from conftest import DEVICE, make_model
 from models import get_adapter
 from utils import trace
 
@@ -20,7 +20,7 @@ def reference_scores(model, tokenizer, layer, site, dims, scale=0.0, mean=False)
     if mean:
         acts = []
         for p in PROMPTS:
-            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids.to(DEVICE)
             with torch.no_grad(), trace(model, [s.path], retain_input=True) as tr:
                 model(input_ids=ids)
             acts.append(pick(tr)[0])
@@ -29,7 +29,7 @@ def reference_scores(model, tokenizer, layer, site, dims, scale=0.0, mean=False)
     for k in dims:
         total = 0.0
         for p in PROMPTS:
-            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids.to(DEVICE)
             with torch.no_grad():
                 clean = model(input_ids=ids).logits[0, -1].double().log_softmax(-1)
 
@@ -52,7 +52,7 @@ CASES = [("mamba_b", "mixer_out", 1, {}), ("mamba_b", "ssm", 2, {}), ("mamba_a",
 
 @pytest.mark.parametrize("kind, site, layer, opts", CASES)
 def test_scores_equal_one_at_a_time_reference(kind, site, layer, opts, tokenizer):
-    model = make_model(kind)
+    model = make_model(kind).to(DEVICE)
     width = get_adapter(model).site(site, layer).size
     dims = list(range(width)) if width <= 32 else list(range(0, width, 3))
     ours = ca.causal_impact_scores(model, tokenizer, PROMPTS, layer, site, dims=dims, batch_size=7,
@@ -65,7 +65,7 @@ def test_scores_equal_one_at_a_time_reference(kind, site, layer, opts, tokenizer
 
 
 def test_automatic_batch_size_gives_the_same_scores(tokenizer):
-    model = make_model("mamba_b")
+    model = make_model("mamba_b").to(DEVICE)
     a = ca.causal_impact_scores(model, tokenizer, PROMPTS, 0, progress=False)
     b = ca.causal_impact_scores(model, tokenizer, PROMPTS, 0, batch_size=1, progress=False)
     assert a.shape == (24,)
@@ -74,7 +74,7 @@ def test_automatic_batch_size_gives_the_same_scores(tokenizer):
 
 @pytest.mark.parametrize("kind", ["mamba_b", "gpt2"])
 def test_planted_dominant_dimension_ranks_first_and_dead_dimension_scores_zero(kind, tokenizer):
-    model = make_model(kind)
+    model = make_model(kind).to(DEVICE)
     adapter = get_adapter(model)
     planted, dead = 5, 11
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_planted_dominant_dimension_ranks_first_and_dead_dimension_scores_zero(k
 
 
 def test_inter_layer_equals_per_layer_scores(tokenizer):
-    model = make_model("mamba_b")
+    model = make_model("mamba_b").to(DEVICE)
     curve = ca.inter_layer_causal_impact_all_layers(model, tokenizer, PROMPTS[0], 3)
     assert [layer for layer, _ in curve] == [0, 1, 2]
     for layer, score in curve:
@@ -106,7 +106,7 @@ def test_inter_layer_equals_per_layer_scores(tokenizer):
 
 @pytest.mark.parametrize("kind, site", [("mamba_b", "mixer_out"), ("gpt2", "residual")])
 def test_cross_layer_is_causal(kind, site, tokenizer):
-    model = make_model(kind)
+    model = make_model(kind).to(DEVICE)
     n = get_adapter(model).n_layers
     m = ca.cross_layer_matrix(model, tokenizer, PROMPTS[2], dims=[2, 9], site=site)
     assert m["change"].shape == (2, n, n)
@@ -129,7 +129,7 @@ def test_cross_layer_is_exactly_causal_on_the_reference_mamba():
     from conftest import REPO
 
     path = REPO / "reference_models" / "mamba"
-    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval().to(DEVICE), AutoTokenizer.from_pretrained(path)
     m = ca.cross_layer_matrix(model, tok, ca.DEFAULT_PROMPTS[0], dims=[24, 159, 185], site="mixer_out")
     for s in range(model.config.num_hidden_layers):
         assert np.all(m["change"][:, s, :s] == 0.0)

@@ -7,13 +7,16 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import DEVICE, REPO
 from utils import OFFLINE_TEXTS_PATH, read_texts_file
 
 MAIN = str(REPO / "main.py")
 
 
 def run_main(args, cwd, env_extra=None, drop_offline=False):
+    """main.py in a subprocess; on TEST_DEVICE (when not cpu) unless the args name a device."""
+    if DEVICE.type != "cpu" and "--device" not in args and "--help" not in args:
+        args = [*args, "--device", DEVICE.type]
     env = dict(os.environ, **(env_extra or {}))
     if drop_offline:
         env.pop("HF_HUB_OFFLINE", None)
@@ -41,7 +44,7 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     assert len(files) == 1 and files[0].name == f"{model_dirs['mamba_b'].name}_layer1_results.json"
     res = json.loads(files[0].read_text())
     run = res["run"]
-    assert run["argv"] == args and run["model_class"] == "MambaForCausalLM" and run["seed"] == 3
+    assert run["argv"] == p.args[2:] and run["model_class"] == "MambaForCausalLM" and run["seed"] == 3
     assert run["resolved_path"] == str(model_dirs["mamba_b"].resolve()) and run["model_source"] == "local"
     assert {"torch", "transformers"} <= set(run["versions"]) and run["dtype"] == "float32"
     assert set(run["stage_timings_s"]) == {"delta", "causal", "inter_layer", "cross_layer"}
@@ -58,7 +61,7 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     from conftest import make_model
     from delta_extraction import find_delta_sensitive_neurons
 
-    expected = find_delta_sensitive_neurons(make_model("mamba_b"), tokenizer, texts, 1, 4, max_length=20)
+    expected = find_delta_sensitive_neurons(make_model("mamba_b").to(DEVICE), tokenizer, texts, 1, 4, max_length=20)
     got = [(n["channel"], n["variance"]) for n in delta["results"]["top_neurons"]]
     assert [c for c, _ in got] == [c for c, _ in expected]
     assert got == pytest.approx(expected, rel=1e-9)
@@ -70,7 +73,8 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
 
     causal = res["causal"]["results"]
     assert res["causal"]["status"] == "ok" and len(causal["scores"]) == 24 and causal["site"] == "mixer_out"
-    lib = ca.find_causal_neurons(make_model("mamba_b"), tokenizer, ca.DEFAULT_PROMPTS, 1, 4, progress=False)
+    lib = ca.find_causal_neurons(make_model("mamba_b").to(DEVICE), tokenizer, ca.DEFAULT_PROMPTS, 1, 4,
+                                 progress=False)
     assert [t["dim"] for t in causal["top_neurons"]] == [d for d, _ in lib]
     assert [t["score"] for t in causal["top_neurons"]] == pytest.approx([s for _, s in lib], rel=1e-6)
     assert res["inter_layer"]["results"]["dims"] == [d for d, _ in lib[:3]]

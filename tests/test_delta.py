@@ -14,7 +14,7 @@ TEXTS = read_texts_file(OFFLINE_TEXTS_PATH)[:8]
 def test_statistics_equal_the_definitions(mamba, tokenizer):
     ids = tokenize_texts(tokenizer, TEXTS, 64).input_ids
     stats = delta_channel_statistics(mamba, tokenizer, ids, layer_idx=1, progress=False)
-    deltas = [extract_deltas(mamba, 1, x)[0].double().numpy() for x in ids]  # each (L, e)
+    deltas = [extract_deltas(mamba, 1, x.to(mamba.device))[0].double().cpu().numpy() for x in ids]  # each (L, e)
     per_text_mean = np.stack([d.mean(0) for d in deltas])  # (n_texts, e)
     np.testing.assert_allclose(stats.text_variance, per_text_mean.var(0), rtol=1e-10)
     np.testing.assert_allclose(stats.token_variance, np.mean([d.var(0) for d in deltas], axis=0), rtol=1e-10)

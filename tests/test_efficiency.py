@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import efficiency as ef
-from conftest import make_model
+from conftest import DEVICE, make_model
 from models import get_adapter
 
 
@@ -34,7 +34,7 @@ def test_flops_per_token_by_hand():
 
 
 def test_scaling_curve_limits_and_memory_growth():
-    m = make_model("gpt2")  # 512 positions
+    m = make_model("gpt2").to(DEVICE)  # 512 positions
     adapter = get_adapter(m)
     curve = ef.scaling_curve(m, adapter, np.arange(50), seq_lengths=(16, 64, 256, 1024), budget_s=60, repeats=1)
     assert [p["seq_len"] for p in curve["points"]] == [16, 64, 256]
@@ -54,8 +54,8 @@ def test_peak_memory_counts_a_known_allocation():
 
     class Alloc(torch.nn.Module):
         def forward(self, input_ids, use_cache=False):
-            buf = torch.ones(1000, 1000)
+            buf = torch.ones(1000, 1000, device=input_ids.device)
             return buf.sum()
 
-    peak = ef.peak_forward_memory(Alloc(), torch.zeros(1, 3, dtype=torch.long))
+    peak = ef.peak_forward_memory(Alloc(), torch.zeros(1, 3, dtype=torch.long, device=DEVICE))
     assert 4_000_000 <= peak < 4_100_000

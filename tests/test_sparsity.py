@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsity as sp
-from conftest import make_model
+from conftest import DEVICE, make_model
 from models import get_adapter
 
 
@@ -88,7 +88,7 @@ def test_streamed_statistics_equal_in_memory():
 def test_dead_neurons_found_in_a_tiny_model(kind, tokenizer):
     """Zero the weights that feed three neurons of layer 1's inner site: exactly those are dead, streamed
     over several texts, and the other layer has none."""
-    model = make_model(kind)
+    model = make_model(kind).to(DEVICE)
     adapter = get_adapter(model)
     dead = [2, 7, 11]
     with torch.no_grad():

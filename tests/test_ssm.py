@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model
+from conftest import DEVICE, make_model
 from delta_extraction import extract_deltas, mixer_internals
 from ssm import (ReconstructionError, blocked_inference, check_reconstruction, mixer_forward_blocked, recompute_mixer,
                  selective_scan_reference)
@@ -12,7 +12,7 @@ from utils import trace
 
 def _ids(model, b=2, L=37, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (b, L), generator=g)
+    return torch.randint(0, model.config.vocab_size, (b, L), generator=g).to(model.device)
 
 
 @pytest.mark.parametrize("layer", [0, -1])
@@ -32,9 +32,9 @@ def test_reconstruction_on_perturbed_weights(mamba):
     with torch.no_grad():
         for mixer in (blk.mixer for blk in mamba.backbone.layers):
             mixer.dt_proj.bias.add_(2.0)  # large Δ
-            mixer.A_log.add_(torch.randn(mixer.A_log.shape, generator=g))
+            mixer.A_log.add_(torch.randn(mixer.A_log.shape, generator=g).to(DEVICE))
             mixer.in_proj.weight.mul_(3.0)
-            mixer.x_proj.weight.add_(0.3 * torch.randn(mixer.x_proj.weight.shape, generator=g))
+            mixer.x_proj.weight.add_(0.3 * torch.randn(mixer.x_proj.weight.shape, generator=g).to(DEVICE))
             mixer.D.mul_(-2.0)
     for layer in range(mamba.config.num_hidden_layers):
         _, check = mixer_internals(mamba, layer, _ids(mamba, L=64))
@@ -52,7 +52,7 @@ def test_reconstruction_with_padding_mask(mamba):
 
 
 def test_bfloat16_model_reconstructs_in_float32():
-    model = make_model("mamba_a").to(torch.bfloat16)
+    model = make_model("mamba_a").to(DEVICE, torch.bfloat16)
     internals, check = mixer_internals(model, 1, _ids(model))
     print(f"bf16: max relative difference {check.relative_error:.3e} (tolerance {check.tolerance})")
     assert internals.delta.dtype == torch.float32 and check.dtype == "bfloat16"
@@ -126,7 +126,7 @@ def test_blocked_mixer_equals_model_mixer(mamba, dtype, b, L, block_elements):
     chunk and for many (block_elements=50: chunks of 1-2 channels), batch 1 and batched, every layer."""
     model = mamba.to(dtype)
     g = torch.Generator().manual_seed(b * 100 + L)
-    h = torch.randn(b, L, model.config.hidden_size, generator=g).to(dtype)
+    h = torch.randn(b, L, model.config.hidden_size, generator=g).to(DEVICE, dtype)
     worst = 0.0
     for blk in model.backbone.layers:
         with torch.no_grad():

@@ -15,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 from utils import OFFLINE_TEXTS_PATH  # noqa: E402
 
 VOCAB = 300
-# The device-aware tests (Mamba mixer numerics, causal scans, peak memory) run on TEST_DEVICE, default
-# cpu; on a GPU machine: TEST_DEVICE=cuda python -m pytest tests/test_ssm.py tests/test_causal.py ...
+# The device-aware tests (mixer numerics, causal scans, sparsity, peak memory, the CLI end to end) run
+# on TEST_DEVICE, default cpu; on a GPU machine: TEST_DEVICE=cuda python -m pytest -q tests
 DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
 
 

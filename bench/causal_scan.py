@@ -105,7 +105,7 @@ def main():
     print(f"batched scan from the cached layer input (all dims): {t_scan * 1e3:.2f} ms per (dim, prompt)")
     print(f"speed-up: {t_ref / t_scan:.1f}x (goal >= 10x); max relative score difference on the sample {rel:.1e}")
     print(f"scan throughput {flops / t_scan / 1e9:.1f} GFLOP/s = {flops / t_scan / peak:.1%} of this "
-          f"{device.type.upper()}'s measured fp32 matmul {peak / 1e9:.1f} GFLOP/s "
+          f"{'CPU' if device.type == 'cpu' else 'GPU'}'s measured fp32 matmul {peak / 1e9:.1f} GFLOP/s "
           f"(analytic {flops / 1e6:.1f} MFLOP per ablated row)")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch
 
 from models import ArchitectureAdapter, Site, get_adapter
 from ssm import ReconstructionError, blocked_inference
-from utils import trace
+from utils import text_list, trace
 
 logger = logging.getLogger(__name__)
 
@@ -163,15 +164,25 @@ def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | 
     `site`: one of the adapter's sites (default Mamba `mixer_out`, Transformers `mlp_out`)."""
     from tqdm.auto import tqdm
 
+    prompts = text_list(prompts, "prompts")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation {ablation!r} is unknown; choose one of {', '.join(ABLATIONS)}")
+    if not math.isfinite(intervention_scale):
+        raise ValueError(f"intervention_scale {intervention_scale}: must be a finite number")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size {batch_size!r}: must be a whole number of at least 1 (or None: automatic)")
     adapter = get_adapter(model)
     site_name = site or adapter.default_causal_site
     s = adapter.site(site_name, layer_idx)
     local = adapter.site(site_name, 0)  # the same site inside run_from_layer
-    dims = torch.arange(s.size) if dims is None else torch.as_tensor(list(dims), dtype=torch.long)
-    if len(dims) and (dims.min() < 0 or dims.max() >= s.size):
+    if isinstance(dims, (str, bytes)):
+        raise ValueError(f"dims must be a list of whole numbers, not a string: {dims!r}")
+    asked = torch.arange(s.size) if dims is None else torch.as_tensor(list(dims), dtype=torch.long)  # (K,)
+    if dims is not None and len(asked) == 0:
+        raise ValueError("dims is empty; give at least one dimension, or None for every dimension")
+    if asked.min() < 0 or asked.max() >= s.size:
         raise ValueError(f"dims must lie in 0..{s.size - 1} for site {site_name} of width {s.size}")
+    dims, back = torch.unique(asked, return_inverse=True)  # a repeated dim is scanned once; back: (K,) into it
     device = next(model.parameters()).device
     cleans = [clean_run(model, adapter, ids, layer_idx, s) for ids in _tokenize(tokenizer, prompts, device)]
     means = None
@@ -196,7 +207,12 @@ def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | 
                 scores[start:start + len(chunk)] += kl_last(c.logp, logits).cpu()
                 bar.update(len(chunk))
     bar.close()
-    return (scores / len(cleans)).numpy()
+    bad = dims[~torch.isfinite(scores)]
+    if len(bad):
+        raise FloatingPointError(f"the ablated forward gave non-finite logits for dims {bad[:5].tolist()} (scale "
+                                 f"{intervention_scale:g} overflows {next(model.parameters()).dtype}); use a smaller "
+                                 "intervention scale")
+    return (scores / len(cleans))[back].numpy()  # in the order asked, repeats included
 
 
 def find_causal_neurons(model, tokenizer, prompts, layer_idx: int = 0, top_k: int = 5, **kwargs
@@ -212,6 +228,8 @@ def find_causal_neurons(model, tokenizer, prompts, layer_idx: int = 0, top_k: in
 def inter_layer_causal_impact_all_layers(model, tokenizer, prompt: str, dim: int, site: str | None = None,
                                          **kwargs) -> list[tuple[int, float]]:
     """[(layer, impact)] of ablating `dim` of the site at each layer in turn (one prompt)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be one string; got {type(prompt).__name__}")
     adapter = get_adapter(model)
     kwargs.setdefault("progress", False)
     return [(layer, float(causal_impact_scores(model, tokenizer, [prompt], layer, site, dims=[dim], **kwargs)[0]))
@@ -225,7 +243,15 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
     entries with t < s are measured, and are exactly 0 by causality. Returns float64 arrays:
     clean (n_dims, n_layers), ablated and change = ablated − clean (n_dims, n_sources, n_layers)."""
     adapter = get_adapter(model)
-    dims = torch.as_tensor(list(dims), dtype=torch.long)
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be one string; got {type(prompt).__name__} (call once per prompt)")
+    if isinstance(dims, (str, bytes)):
+        raise ValueError(f"dims must be a list of whole numbers, not a string: {dims!r}")
+    dims = torch.as_tensor(list(dims), dtype=torch.long)  # (K,)
+    if len(dims) == 0 or dims.min() < 0 or dims.max() >= adapter.hidden_size:
+        raise ValueError(f"dims must be a non-empty list in 0..{adapter.hidden_size - 1}; got {dims.tolist()}")
+    if not math.isfinite(intervention_scale):
+        raise ValueError(f"intervention_scale {intervention_scale}: must be a finite number")
     if adapter.site(site, 0).size != adapter.hidden_size:
         raise ValueError(f"cross-layer influence reads the residual stream (width {adapter.hidden_size}); "
                          f"site {site!r} has a different width")
@@ -252,6 +278,9 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
             model(input_ids=batch, use_cache=False, logits_to_keep=1)
         ablated[:, j] = read(tr)
     change = ablated - clean[:, None, :]
+    if not (torch.isfinite(clean).all() and torch.isfinite(ablated).all()):
+        raise FloatingPointError(f"non-finite residual readouts (intervention scale {intervention_scale:g} "
+                                 "overflows the model's dtype); use a smaller intervention scale")
     return {"dims": dims.numpy(), "sources": np.asarray(sources), "targets": np.arange(adapter.n_layers),
             "clean": clean.numpy(), "ablated": ablated.numpy(), "change": change.numpy()}
 

@@ -44,7 +44,7 @@ def resolve_compare_model(name: str | None, main_family: str):
 
     if name is None:
         return resolve_default_model("transformer" if main_family == "mamba" else "mamba")
-    return resolve_model_source(name), None
+    return resolve_model_source(name, "--compare_model"), None
 
 
 def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: float | None, eps: float,
@@ -57,7 +57,7 @@ def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: 
     import sparsity as sp
     from utils import tokenize_texts
 
-    limit = ef.max_positions(run.adapter)
+    limit = run.adapter.max_positions
     tokens = tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
     per_layer = sp.layer_sparsity(run.model, run.adapter, tokens.input_ids, range(run.adapter.n_layers), threshold,
                                   eps, progress=progress)

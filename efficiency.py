@@ -12,6 +12,7 @@ plus the LM head 2·d·V.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -96,14 +97,6 @@ def flops_per_token(adapter, seq_len: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Measured time and memory
 # --------------------------------------------------------------------------------------------------
-def max_positions(adapter) -> int | None:
-    c = adapter.config
-    for attr in ("n_positions", "max_position_embeddings"):
-        if getattr(c, attr, None):
-            return int(getattr(c, attr))
-    return None  # Mamba: no positional limit
-
-
 def peak_forward_memory(model, input_ids) -> int:
     """Peak bytes allocated by PyTorch during one forward beyond what was allocated before it
     (activations and workspaces; the weights are not counted). CUDA: the allocator's peak; CPU: the
@@ -121,6 +114,9 @@ def peak_forward_memory(model, input_ids) -> int:
         return int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
+    # The profiler's C++ side prints "USDT: ... profiler_start/stop" on stderr at each use unless its log
+    # level is above 5; it reads the variable when it first starts. A user's own setting is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(input_ids=input_ids, use_cache=False)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -154,7 +150,10 @@ def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: 
     pool = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).ravel()
     if len(pool) == 0:
         raise ValueError("no tokens to build the sequences from")
-    limit = max_positions(adapter)
+    seq_lengths = sorted({int(L) for L in seq_lengths})  # the curve runs from short to long (the budget's
+    if not seq_lengths or seq_lengths[0] < 1:          # prediction extrapolates from the last two lengths)
+        raise ValueError(f"seq_lengths must be positive; got {seq_lengths}")
+    limit = adapter.max_positions
     points, skipped, spent = [], [], 0.0
     t_start = time.perf_counter()
     for L in tqdm(seq_lengths, desc="efficiency", disable=not progress, leave=False):

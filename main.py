@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import sys
 import time
@@ -26,10 +27,34 @@ ALL_STAGES = ("delta", "causal", "inter_layer", "cross_layer", "attention", "spa
 MAMBA_ONLY_STAGES = {"delta", "attention"}
 ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")
 DEFAULT_MODEL = DEFAULT_MODELS["mamba"][0]
+DEFAULT_MAX_LENGTH = 256
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SEED_RANGE = (0, 2 ** 32 - 1)  # numpy's seed range (torch's is wider)
+MIN_TEXTS = {"delta": 2}  # the delta ranking is a variance across texts: one text cannot rank anything
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other bad input (main prints them, exit 2)."""
+
+    def error(self, message):
+        from utils import UserInputError
+
+        raise UserInputError(f"{message}; see python main.py --help")
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a float that is neither nan nor ±inf (no flag may turn a result into NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a finite value")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Open up a Mamba language model neuron by neuron (and hold it against a Transformer).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
@@ -44,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, one text per line (blank lines skipped); default: WikiText-2 v1 train "
                         "through `datasets`, or the repo's data/offline_texts.txt when that is unreachable")
     g.add_argument("--text_limit", type=int, default=100, help="use at most this many texts (>= 1)")
-    g.add_argument("--max_length", type=int, default=256, help="truncate each text to this many tokens")
+    g.add_argument("--max_length", type=int, default=None,
+                   help=f"truncate each text to this many tokens (default {DEFAULT_MAX_LENGTH}, or a Transformer's "
+                        "positions when it has fewer; more than its positions is an error)")
     g = p.add_argument_group("analysis")
     g.add_argument("--layer", type=int, default=0, help="layer to analyse (0-based)")
     g.add_argument("--top_k", type=int, default=10, help="how many top neurons to report")
@@ -65,16 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="limit the causal scan to these dimensions (default: every dimension of the site); "
                         "also the dimensions of inter_layer / cross_layer (default: the causal stage's top 3)")
     g.add_argument("--ablation", default="zero", help="zero (multiply by --intervention_scale) or mean")
-    g.add_argument("--intervention_scale", type=float, default=0.0, help="factor for --ablation zero (0 = zero)")
+    g.add_argument("--intervention_scale", type=_finite_float, default=0.0, help="factor for --ablation zero (0 = zero)")
     g.add_argument("--causal_batch_size", type=int, default=None,
                    help="ablations per forward pass (default: chosen from free memory)")
     g = p.add_argument_group("sparsity, efficiency, comparison")
     g.add_argument("--sparsity_layers", type=int, nargs="+", default=None, metavar="LAYER",
                    help="layers of the multi-layer sparsity analysis (default: 0 1 2, those the model has)")
-    g.add_argument("--sparsity_threshold", type=float, default=None,
+    g.add_argument("--sparsity_threshold", type=_finite_float, default=None,
                    help="absolute threshold of traditional sparsity and of 'active' neurons (default: Mamba "
                         "0.01, Transformers 1e-5; scale-dependent)")
-    g.add_argument("--dead_eps", type=float, default=1e-6, help="a neuron is dead when |a| < this on every token")
+    g.add_argument("--dead_eps", type=_finite_float, default=1e-6, help="a neuron is dead when |a| < this on every token")
     g.add_argument("--compare_model", default=None,
                    help="the model the comparison stage holds the main model against: hub id or folder. "
                         "Default beside a Mamba: gpt2, or the shipped reference Transformer "
@@ -82,14 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "Transformer: state-spaces/mamba-130m-hf, or the reference Mamba")
     g.add_argument("--seq_lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048], metavar="L",
                    help="sequence lengths of the measured time / memory scaling curve")
-    g.add_argument("--efficiency_budget", type=float, default=15.0,
+    g.add_argument("--efficiency_budget", type=_finite_float, default=15.0,
                    help="seconds per model for the scaling curve; longer lengths are skipped (and recorded)")
     g = p.add_argument_group("output")
     g.add_argument("--save_results", action="store_true", help="write analysis_results as JSON to --output_dir")
     g.add_argument("--output_dir", default="analysis_outputs", help="folder for the JSON results")
     g.add_argument("--plots_dir", default="plots", help="folder for the PNG plots")
-    g.add_argument("--seed", type=int, default=0, help="random seed (torch, numpy, random)")
-    g.add_argument("--log_level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    g.add_argument("--seed", type=int, default=0,
+                   help=f"random seed (torch, numpy, random), {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+    g.add_argument("--log_level", default="WARNING", help=", ".join(LOG_LEVELS))
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
     return p
 
@@ -301,7 +329,8 @@ def stage_comparison(ctx: StageContext):
         source, warning = o["compare_source"], o.get("compare_warning")
     else:
         source, warning = cw.resolve_compare_model(o.get("compare_model"), ctx.adapter.family)
-    loaded = load_model_and_tokenizer(source, o.get("device", "cpu"), o.get("dtype", "float32"))
+    loaded = load_model_and_tokenizer(source, o.get("device", "cpu"), o.get("dtype", "float32"), "--compare_model",
+                                      files=o.get("compare_files"))
     label = model_prefix(source.requested, source.origin)
     if label == ctx.prefix:
         label += "_compare"
@@ -334,7 +363,9 @@ def resolve_stages(requested: list[str] | None, family: str | None = None, enabl
 
     if requested is None:
         return [s for s in ALL_STAGES if s in STAGE_FUNCTIONS and (enable_attention or s != "attention")]
-    names = [n for item in requested for n in item.split(",") if n]
+    names = [n.strip() for item in requested for n in item.split(",") if n.strip()]
+    if not names:
+        raise UserInputError(f"--stages {' '.join(requested)!r}: names no stage; choose from {', '.join(ALL_STAGES)}")
     for n in names:
         if n not in ALL_STAGES:
             raise UserInputError(f"--stages {n}: unknown stage; choose from {', '.join(ALL_STAGES)}")
@@ -353,20 +384,32 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
                                options=None) -> dict:
     """Run the stages in order on `texts` (strings) and return `analysis_results`:
     {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
-    "error", "plots"}}. A failing stage is recorded and the others go on."""
+    "error", "plots"}}. A failing stage is recorded and the others go on. Input that no stage could use
+    (a bare string for `texts`, too few texts for a stage asked for, a text without tokens, token ids
+    beyond the model's vocabulary) raises UserInputError before the first stage."""
     from models import NotApplicable, get_adapter
-    from utils import tokenize_texts
+    from utils import UserInputError, text_list, tokenize_texts
 
     adapter = get_adapter(model)
     adapter.check_layer(layer)
+    texts = text_list(texts)
     stages = resolve_stages(stages)
+    for stage, need in MIN_TEXTS.items():
+        if stage in stages and len(texts) < need and not (stage in MAMBA_ONLY_STAGES and not adapter.is_mamba):
+            raise UserInputError(f"the {stage} stage needs at least {need} texts; got {len(texts)}")
     tokens = tokenize_texts(tokenizer, texts, max_length)
+    vocab = model.get_input_embeddings().num_embeddings
+    top = max(int(ids.max()) for ids in tokens.input_ids)
+    if top >= vocab:
+        raise UserInputError(f"the tokenizer gives token id {top}, beyond the model's {vocab} embeddings: "
+                             "tokenizer and model do not belong together")
     results: dict = {"texts": {"n_texts": len(texts), "n_tokens": int(sum(tokens.lengths)),
                                "max_length": max_length, "n_truncated": tokens.n_truncated},
                      "architecture": adapter.describe()}
     ctx = StageContext(model, tokenizer, adapter, tokens, layer, top_k, str(plots_dir), prefix, progress,
                        tuple(attention_methods), causal or {}, results, tuple(texts), options or {})
     for name in stages:
+        logger.info("stage %s: started", name)
         t0 = time.perf_counter()
         try:
             out, plots = STAGE_FUNCTIONS[name](ctx)
@@ -386,7 +429,8 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
 # --------------------------------------------------------------------------------------------------
 def print_summary(results: dict, stages: list[str]) -> None:
     run = results["run"]
-    print(f"\n=== Mamba neuron analysis: {run['model']} ({run['model_class']}, {run['model_source']}) ===")
+    family = results["architecture"]["display_name"]
+    print(f"\n=== {family} neuron analysis: {run['model']} ({run['model_class']}, {run['model_source']}) ===")
     print(f"layer {run['layer']} | {run['dtype']} on {run['device']} | seed {run['seed']}")
     t = results["texts"]
     print(f"texts: {t['n_texts']} from {t['source']} | {t['n_tokens']} tokens | "
@@ -522,71 +566,97 @@ def run_metadata(args, argv, loaded, device, dtype, start) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Returns the exit status: 0 ok, 1 a stage failed, 2 bad input, 130 interrupted."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from utils import UserInputError
+    from utils import WRITTEN, UserInputError
 
+    written_before = len(WRITTEN)
     try:
+        args = build_parser().parse_args(argv)
+        level = args.log_level.upper()
+        if level not in LOG_LEVELS:
+            raise UserInputError(f"--log_level {args.log_level}: unknown; choose one of {', '.join(LOG_LEVELS)}")
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return _main(args, argv)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line; files are written atomically, so none is half-written
+        print(_interrupted_message(WRITTEN[written_before:]), file=sys.stderr)
+        return 130
 
 
-def _main(args, argv) -> int:
-    start = time.time()
+def _interrupted_message(written: list[str]) -> str:
+    if not written:
+        return "interrupted; nothing written"
+    folders = sorted({str(Path(p).parent) for p in written})
+    return (f"interrupted; no results file written (the {len(written)} plots of the stages that finished are in "
+            f"{', '.join(folders)})")
+
+
+def check_values(args) -> list[str]:
+    """Every check of the flag values that needs no file and no model (run first: it costs nothing).
+    Drops repeated values from the list flags (a dimension is scanned once); returns notes on what it
+    changed."""
     from utils import UserInputError
 
     for flag, value in (("--text_limit", args.text_limit), ("--top_k", args.top_k),
-                        ("--max_length", args.max_length)):
-        if value < 1:
+                        ("--max_length", args.max_length), ("--causal_batch_size", args.causal_batch_size)):
+        if value is not None and value < 1:
             raise UserInputError(f"{flag} {value}: must be at least 1")
-    bad = [m for m in args.attention_methods if m not in ATTENTION_METHODS]
-    if bad:
-        raise UserInputError(f"--attention_methods {bad[0]}: unknown; choose from {', '.join(ATTENTION_METHODS)}")
-    if args.ablation not in ("zero", "mean"):
-        raise UserInputError(f"--ablation {args.ablation}: unknown; choose zero or mean")
     for flag, value in (("--seq_lengths", min(args.seq_lengths)), ("--efficiency_budget", args.efficiency_budget),
                         ("--dead_eps", args.dead_eps)):
         if value <= 0:
             raise UserInputError(f"{flag} {value}: must be positive")
     if args.sparsity_threshold is not None and args.sparsity_threshold < 0:
         raise UserInputError(f"--sparsity_threshold {args.sparsity_threshold}: must be at least 0")
-    if args.causal_batch_size is not None and args.causal_batch_size < 1:
-        raise UserInputError(f"--causal_batch_size {args.causal_batch_size}: must be at least 1")
-    prompts = None
-    if args.prompts_file is not None:
-        from utils import read_texts_file
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise UserInputError(f"--seed {args.seed}: must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]} (numpy's seed range)")
+    bad = [m for m in args.attention_methods if m not in ATTENTION_METHODS]
+    if bad:
+        raise UserInputError(f"--attention_methods {bad[0]}: unknown; choose from {', '.join(ATTENTION_METHODS)}")
+    if args.ablation not in ("zero", "mean"):
+        raise UserInputError(f"--ablation {args.ablation}: unknown; choose zero or mean")
+    notes = []
+    for flag in ("causal_dims", "attention_methods", "sparsity_layers", "seq_lengths"):
+        values = getattr(args, flag)
+        if values is not None and len(set(values)) < len(values):
+            setattr(args, flag, list(dict.fromkeys(values)))
+            notes.append(f"--{flag}: repeated values dropped (each is analysed once): {getattr(args, flag)}")
+    return notes
 
-        prompts = read_texts_file(args.prompts_file, flag="--prompts_file")
-    stages = resolve_stages(args.stages, enable_attention=args.enable_attention)  # checked before anything slow
-    if args.texts_file is not None:
-        from utils import read_texts_file
 
-        read_texts_file(args.texts_file)  # missing/empty file: fail before loading the model
-    from models import resolve_default_model, resolve_model_source
+def check_text_count(stages, family: str, n_texts: int, args) -> None:
+    """Refuse a text set too small for a stage asked for (see MIN_TEXTS)."""
+    from utils import UserInputError
 
-    if args.model is None:
-        source, warning = resolve_default_model("mamba")
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
-    else:  # missing folder / unknown id while offline: fail in well under a second
-        source, warning = resolve_model_source(args.model), None
-    args.model = source.requested
+    for stage, need in MIN_TEXTS.items():
+        if stage in stages and n_texts < need and not (stage in MAMBA_ONLY_STAGES and family != "mamba"):
+            given = (f"--texts_file {args.texts_file} gives {n_texts}" if args.texts_file is not None
+                     and n_texts < args.text_limit else f"--text_limit {args.text_limit}")
+            raise UserInputError(f"{given}: the {stage} stage needs at least {need} texts (its ranking is a variance "
+                                 f"across texts); give more texts or drop {stage} from --stages")
 
-    import transformers
 
-    from models import get_adapter, load_model_and_tokenizer
-    from utils import load_texts, resolve_device, resolve_dtype, set_seed, use_agg_backend, write_json
+def check_prompts(tokenizer, prompts, limit: int | None, where: str) -> None:
+    """Every prompt must give at least one token and fit the model's positions (`limit`, None: no limit)."""
+    from utils import UserInputError
 
-    transformers.logging.set_verbosity_error()  # kernel-fallback notices; errors still surface
-    transformers.logging.disable_progress_bar()  # stderr stays clean for our one-line errors
-    use_agg_backend()
-    set_seed(args.seed)
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    loaded = load_model_and_tokenizer(source, device, dtype)
-    adapter = get_adapter(loaded.model)
+    for i, p in enumerate(prompts):
+        n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
+        if n == 0:
+            raise UserInputError(f"{where}: prompt {i + 1} ({p[:40]!r}) tokenizes to no tokens; remove it")
+        if limit is not None and n > limit:
+            raise UserInputError(f"{where}: prompt {i + 1} ({p[:40]!r}) has {n} tokens, more than the model's "
+                                 f"{limit} positions; shorten it")
+
+
+def check_model_flags(args, adapter) -> int:
+    """The flags that depend on the model's shape (layer, site, dims, layers, positions), checked from its
+    config. Returns the max_length to use: --max_length, else the default capped at a Transformer's
+    positions."""
+    from utils import UserInputError
+
     adapter.check_layer(args.layer)
     if args.causal_site is not None:
         adapter.site(args.causal_site, args.layer)  # unknown site for this family: UserInputError
@@ -599,40 +669,114 @@ def _main(args, argv) -> int:
     if bad_layers:
         raise UserInputError(f"--sparsity_layers {bad_layers[0]}: out of range for this {adapter.family} model "
                              f"with {adapter.n_layers} layers; valid layers are 0..{adapter.n_layers - 1}")
+    limit = adapter.max_positions
+    if args.max_length is not None and limit is not None and args.max_length > limit:
+        raise UserInputError(f"--max_length {args.max_length}: this {adapter.family} model has {limit} positions; "
+                             f"use --max_length {limit} or less")
+    return args.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+
+
+def results_path(output_dir, prefix: str, layer: int) -> Path:
+    return Path(output_dir) / f"{prefix}_layer{layer}_results.json"
+
+
+def _main(args, argv) -> int:
+    """Everything that can be checked is checked before the first stage, the cheap checks first: flag
+    values, input files, output folders; then the model's config, tokenizer and weight files, and the flags
+    that depend on its shape (layer, site, dims, layers, positions, prompts); the texts; the comparison
+    model. Only then do the weights load. Warnings are printed once every check has passed, so that a
+    refusal is one line."""
+    start = time.time()
+    warnings = {}
+    from utils import UserInputError, check_writable_dir, read_texts_file
+
+    notes = check_values(args)
+    stages = resolve_stages(args.stages, enable_attention=args.enable_attention)
+    prompts = None if args.prompts_file is None else read_texts_file(args.prompts_file, flag="--prompts_file")
+    if args.texts_file is not None:
+        read_texts_file(args.texts_file)  # missing / empty / not UTF-8: fail before loading anything
+    check_writable_dir(args.plots_dir, "--plots_dir")
+    if args.save_results:
+        check_writable_dir(args.output_dir, "--output_dir")
+
+    from models import config_adapter, inspect_model, max_positions, resolve_default_model, resolve_model_source
+    from utils import resolve_device, resolve_dtype
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    if args.model is None:
+        source, warnings["model"] = resolve_default_model("mamba")
+    else:  # missing folder / unknown id while offline: fail in well under a second
+        source = resolve_model_source(args.model)
+    args.model = source.requested
+    prefix = model_prefix(args.model, source.origin)
+    json_path = results_path(args.output_dir, prefix, args.layer)
+    if args.save_results and json_path.is_dir():
+        raise UserInputError(f"--output_dir {args.output_dir}: the results file {json_path} is a folder; "
+                             "move it away or choose another --output_dir")
+    files = inspect_model(source, "--model")  # config, tokenizer, weight files: before the weights load
+    adapter = config_adapter(files.config)
     if args.stages is not None:
         stages = resolve_stages(args.stages, adapter.family)
-    compare_source = compare_warning = None
-    if "comparison" in stages:  # a missing folder / unknown id fails here, before any stage runs
+    max_length = check_model_flags(args, adapter)
+    if max_length != (args.max_length or DEFAULT_MAX_LENGTH):
+        notes.append(f"texts truncated to this model's {max_length} positions (the default --max_length is "
+                     f"{DEFAULT_MAX_LENGTH})")
+    from causal_analysis import DEFAULT_PROMPTS
+
+    where = f"--prompts_file {args.prompts_file}" if prompts else "the default prompts"
+    if {"causal", "inter_layer", "cross_layer"} & set(stages):
+        check_prompts(files.tokenizer, prompts or DEFAULT_PROMPTS, adapter.max_positions, where)
+
+    from utils import load_texts
+
+    textset = load_texts(args.texts_file, args.text_limit)
+    warnings["texts"] = textset.warning
+    check_text_count(stages, adapter.family, len(textset.texts), args)
+    compare_source = compare_warning = compare_files = None
+    if "comparison" in stages:  # a missing or broken comparison model fails here, before any stage runs
         from comparison_wrapper import resolve_compare_model
 
         compare_source, compare_warning = resolve_compare_model(args.compare_model, adapter.family)
-        if compare_warning:
-            print(f"warning: {compare_warning}", file=sys.stderr)
-    textset = load_texts(args.texts_file, args.text_limit)
-    if textset.warning:
-        print(f"warning: {textset.warning}", file=sys.stderr)
+        warnings["compare"] = compare_warning
+        compare_files = inspect_model(compare_source, "--compare_model")
+        if "causal" in stages:  # the comparison scores the same prompts on the other model
+            check_prompts(compare_files.tokenizer, prompts or DEFAULT_PROMPTS, max_positions(compare_files.config),
+                          f"{where} on --compare_model {compare_source.requested}")
+
+    import transformers
+
+    from models import load_model_and_tokenizer
+    from utils import set_seed, use_agg_backend, write_json
+
+    transformers.logging.set_verbosity_error()  # kernel-fallback notices; errors still surface
+    transformers.logging.disable_progress_bar()  # stderr stays clean for our one-line errors
+    use_agg_backend()
+    set_seed(args.seed)
+    for key in ("model", "compare", "texts"):  # every check has passed
+        if warnings.get(key):
+            print(f"warning: {warnings[key]}", file=sys.stderr)
+    loaded = load_model_and_tokenizer(source, device, dtype, files=files)
 
     results = {"run": run_metadata(args, argv, loaded, device, dtype, start)}
-    if warning:
-        results["run"]["notes"].append(warning)
+    results["run"]["notes"] += [n for n in (warnings.get("model"), *notes) if n]
     results.update(run_comprehensive_analysis(
         loaded.model, loaded.tokenizer, textset.texts, layer=args.layer, top_k=args.top_k, stages=stages,
-        plots_dir=args.plots_dir, max_length=args.max_length, prefix=model_prefix(args.model, source.origin),
+        plots_dir=args.plots_dir, max_length=max_length, prefix=prefix,
         progress=not args.no_progress, attention_methods=args.attention_methods,
         causal={"prompts": prompts, "site": args.causal_site, "dims": args.causal_dims, "ablation": args.ablation,
                 "intervention_scale": args.intervention_scale, "batch_size": args.causal_batch_size},
         options={"sparsity_layers": args.sparsity_layers, "threshold": args.sparsity_threshold,
                  "dead_eps": args.dead_eps, "compare_model": args.compare_model, "seq_lengths": args.seq_lengths,
                  "budget": args.efficiency_budget, "device": device, "dtype": dtype,
-                 "compare_source": compare_source, "compare_warning": compare_warning}))
+                 "compare_source": compare_source, "compare_warning": compare_warning,
+                 "compare_files": compare_files}))
     results["texts"].update(source=textset.source, warning=textset.warning)
     results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
     results["run"]["total_time_s"] = round(time.time() - start, 3)
     print_summary(results, stages)
     if args.save_results:
-        path = Path(args.output_dir) / f"{model_prefix(args.model, source.origin)}_layer{args.layer}_results.json"
-        write_json(path, results)
-        print(f"results: {path}")
+        write_json(json_path, results)
+        print(f"results: {json_path}")
     return 1 if any(results[s]["status"] == "error" for s in stages) else 0
 
 

@@ -9,6 +9,7 @@ layer's output after the final norm).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Site:
 
 class ArchitectureAdapter:
     family: str = ""
+    display_name: str = ""  # how the summary names the family
     layers_path: str = ""
     sites: dict[str, SiteSpec] = {}
     default_causal_site: str = "residual"
@@ -71,6 +73,10 @@ class ArchitectureAdapter:
     @property
     def inner_size(self) -> int:  # e (Mamba d_inner) or the MLP width
         raise NotImplementedError
+
+    @property
+    def max_positions(self) -> int | None:
+        return max_positions(self.config)
 
     @property
     def is_mamba(self) -> bool:
@@ -95,7 +101,7 @@ class ArchitectureAdapter:
                     int(getattr(self, spec.size_attr)))
 
     def describe(self) -> dict:
-        return {"family": self.family, "n_layers": self.n_layers, "hidden_size": self.hidden_size,
+        return {"family": self.family, "display_name": self.display_name, "n_layers": self.n_layers, "hidden_size": self.hidden_size,
                 "inner_size": self.inner_size,
                 "sites": {n: {"path": s.path, "capture": s.capture, "size": int(getattr(self, s.size_attr)),
                               "description": s.description} for n, s in self.sites.items()}}
@@ -103,6 +109,7 @@ class ArchitectureAdapter:
 
 class MambaAdapter(ArchitectureAdapter):
     family = "mamba"
+    display_name = "Mamba"
     layers_path = "backbone.layers"
     default_causal_site = "mixer_out"
     sites = {
@@ -136,6 +143,7 @@ def _transformer_sites(block: str, attn: str) -> dict[str, SiteSpec]:
 
 class GPT2Adapter(ArchitectureAdapter):
     family = "gpt2"
+    display_name = "GPT-2"
     layers_path = "transformer.h"
     default_causal_site = "mlp_out"
     position_embedding_path = "transformer.wpe"
@@ -148,6 +156,7 @@ class GPT2Adapter(ArchitectureAdapter):
 
 class GPTNeoXAdapter(ArchitectureAdapter):
     family = "gpt_neox"
+    display_name = "GPT-NeoX"
     layers_path = "gpt_neox.layers"
     default_causal_site = "mlp_out"
     sites = _transformer_sites("gpt_neox.layers.{layer}", "attention")
@@ -161,21 +170,38 @@ ADAPTERS = {"mamba": MambaAdapter, "gpt2": GPT2Adapter, "gpt_neox": GPTNeoXAdapt
 SUPPORTED = "Mamba-1 (MambaForCausalLM), GPT-2 (GPT2LMHeadModel), GPT-NeoX/Pythia (GPTNeoXForCausalLM)"
 
 
+def max_positions(config) -> int | None:
+    """How many positions a Transformer's position embeddings cover; None for Mamba (no limit)."""
+    for attr in ("n_positions", "max_position_embeddings"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    return None
+
+
 def require_mamba(adapter: ArchitectureAdapter, why: str = "Δ exists only in Mamba layers") -> None:
     if not adapter.is_mamba:
         raise NotApplicable(f"not applicable to {adapter.family}: {why}")
 
 
-def check_supported(config) -> str:
+def check_supported(config, flag: str = "--model", name: str = "") -> str:
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         extra = " (Mamba-2 needs its own recomputation, not built yet)" if model_type == "mamba2" else ""
-        raise UserInputError(f"architecture {model_type!r} is not supported{extra}; supported: {SUPPORTED}")
+        who = f"{flag} {name}: " if name else ""
+        raise UserInputError(f"{who}architecture {model_type!r} is not supported{extra}; supported: {SUPPORTED}")
     return model_type
 
 
 def get_adapter(model) -> ArchitectureAdapter:
     return ADAPTERS[check_supported(model.config)](model)
+
+
+def config_adapter(config) -> ArchitectureAdapter:
+    """The adapter of a model known only by its config (layers, sites, widths, positions; no module),
+    for checking a run's flags before the weights load."""
+    from types import SimpleNamespace
+
+    return ADAPTERS[check_supported(config)](SimpleNamespace(config=config))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,36 +228,28 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or not HUB_ID.match(name)
 
 
-def _from_pretrained(name: str, local_only: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(name, local_files_only=local_only)
-    check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only)
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-    return model, tokenizer
-
-
-def resolve_model_source(name_or_path: str) -> ModelSource:
+def resolve_model_source(name_or_path: str, flag: str = "--model") -> ModelSource:
     """Decide where a model comes from without importing torch/transformers: an existing local folder,
     the local Hugging Face cache, or the hub (probed for a couple of seconds at most). Bad input ->
-    UserInputError naming the value and the fix."""
+    UserInputError naming `flag`, the value and the fix."""
     name = str(name_or_path)
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise UserInputError(f"--model {name}: the folder has no config.json; "
+            raise UserInputError(f"{flag} {name}: the folder has no config.json; "
                                  "give a folder written by save_pretrained")
         return ModelSource(name, str(folder.resolve()), "local")
-    if _looks_like_path(name) or folder.exists():
-        raise UserInputError(f"--model {name}: no such folder; give an existing save_pretrained folder "
+    if folder.exists():
+        raise UserInputError(f"{flag} {name}: is a file, not a folder; give a save_pretrained folder or a hub id")
+    if _looks_like_path(name):
+        raise UserInputError(f"{flag} {name}: no such folder; give an existing save_pretrained folder "
                              "or a Hugging Face hub id such as state-spaces/mamba-130m-hf")
     cached = _cached_folder(name)
     if cached is not None:
         return ModelSource(name, cached, "hub-cache")
     if not hub_reachable():
         raise UserInputError(
-            f"--model {name}: not in the local Hugging Face cache and the hub is unreachable; "
+            f"{flag} {name}: not in the local Hugging Face cache and the hub is unreachable; "
             "pass a local folder made with save_pretrained, or retry with network access")
     return ModelSource(name, None, "hub")
 
@@ -254,40 +272,128 @@ def resolve_default_model(kind: str = "mamba") -> tuple[ModelSource, str | None]
     return ModelSource(str(reference), str(reference), "reference"), warning
 
 
-def load_model_and_tokenizer(name_or_path, device="cpu", dtype="float32") -> LoadedModel:
+@dataclass
+class ModelFiles:
+    """What `inspect_model` read: everything of a model but its weights."""
+
+    config: object
+    tokenizer: object
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+def _load_errors() -> tuple:
+    """What a damaged or incomplete model folder raises inside from_pretrained."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError
+
+
+def _from_where(source: ModelSource) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, local_files_only)."""
+    if source.origin in ("local", "reference"):
+        return source.resolved_path, True
+    return source.requested, source.origin == "hub-cache"
+
+
+@contextlib.contextmanager
+def _reading(source: ModelSource, flag: str):
+    """Inside: read `source` (from the cache only, for a cached hub model); a load failure becomes one
+    UserInputError naming `flag`, the model and the first line of the cause."""
+    try:
+        with hub_offline() if source.origin == "hub-cache" else contextlib.nullcontext():
+            yield
+    except UserInputError:
+        raise
+    except _load_errors() as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"{flag} {source.requested}: could not be loaded ({first[:200]}); "
+                             "check the hub id or the folder's contents") from None
+
+
+def inspect_model(source: ModelSource, flag: str = "--model") -> ModelFiles:
+    """Everything about a model that can be checked without loading its weights, in about a second: the
+    config (its architecture must be supported), a tokenizer that turns text into tokens, and for a
+    folder on disk weight files that exist and whose safetensors headers are intact (a truncated file
+    fails here). Failures are one UserInputError naming `flag`, the model and what is wrong."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    name, local_only = _from_where(source)
+    with _reading(source, flag):
+        config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+        check_supported(config, flag, source.requested)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    if not tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+        raise UserInputError(f"{flag} {source.requested}: its tokenizer turns text into no tokens (are the "
+                             "tokenizer files missing?); save them there with tokenizer.save_pretrained")
+    if source.origin in ("local", "reference"):
+        _check_weight_files(Path(source.resolved_path), flag, source.requested)
+    return ModelFiles(config, tokenizer)
+
+
+def _check_weight_files(folder: Path, flag: str, name: str) -> None:
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        raise UserInputError(f"{flag} {name}: no weight files (model.safetensors or pytorch_model.bin) in the "
+                             "folder; give a folder written by save_pretrained")
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise UserInputError(f"{flag} {name}: {index.name} is damaged ({type(exc).__name__}); "
+                                 "save the model again") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise UserInputError(f"{flag} {name}: {index.name} names {missing[0]}, which is missing; "
+                                 "copy the whole folder again")
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserInputError(f"{flag} {name}: weight file {f.name} is damaged ({first[:160]}); copy or save "
+                                 "the model again") from None
+
+
+def load_model_and_tokenizer(name_or_path, device="cpu", dtype="float32", flag: str = "--model",
+                             files: ModelFiles | None = None) -> LoadedModel:
     """Load a supported causal LM and its tokenizer from a local folder or a hub id (or an already
     resolved ModelSource), in eval mode.
 
     A local folder (save_pretrained layout) is read directly; a hub id from the local cache when it is
-    there, else from the hub if that answers (see `resolve_model_source`). Failures are UserInputError.
+    there, else from the hub if that answers (see `resolve_model_source`). Everything `inspect_model`
+    checks is checked first (`files`: its result, when the caller has it already); every failure is a
+    one-line UserInputError naming `flag`.
     """
+    from transformers import AutoModelForCausalLM
+
     from utils import resolve_device, resolve_dtype
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
-    source = name_or_path if isinstance(name_or_path, ModelSource) else resolve_model_source(name_or_path)
-    if source.origin in ("local", "reference"):
-        model, tokenizer = _load_or_explain(source.resolved_path, local_only=True)
-    elif source.origin == "hub-cache":
-        with hub_offline():
-            model, tokenizer = _load_or_explain(source.requested, local_only=True)
-    else:
-        model, tokenizer = _load_or_explain(source.requested, local_only=False)
+    source = (name_or_path if isinstance(name_or_path, ModelSource)
+              else resolve_model_source(name_or_path, flag))
+    files = files or inspect_model(source, flag)
+    name, local_only = _from_where(source)
+    with _reading(source, flag):
+        model = AutoModelForCausalLM.from_pretrained(name, config=files.config, local_files_only=local_only)
+    if source.origin == "hub":
         source.resolved_path = _cached_folder(source.requested)
     model.to(device=device, dtype=dtype)
     model.eval()
     logger.info("loaded %s (%s) from %s on %s as %s", source.requested, type(model).__name__,
                 source.resolved_path, device, dtype)
-    return LoadedModel(model, tokenizer, source)
-
-
-def _load_or_explain(name: str, local_only: bool):
-    try:
-        return _from_pretrained(name, local_only)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserInputError(f"--model {name}: could not be loaded ({first[:200]}); "
-                             "check the hub id or the folder's contents") from None
+    return LoadedModel(model, files.tokenizer, source)
 
 
 def _cached_folder(repo_id: str) -> str | None:

@@ -49,18 +49,38 @@ def neuron_site(adapter) -> str:
 # --------------------------------------------------------------------------------------------------
 # Pure functions over an activations array (tokens, neurons)
 # --------------------------------------------------------------------------------------------------
-def _as_2d(a) -> np.ndarray:
+def _as_2d(a, allow_no_tokens: bool = False) -> np.ndarray:
+    """`a` as float64 (tokens, neurons). ValueError for another shape, no neurons, no tokens (unless
+    `allow_no_tokens`: an empty chunk of a stream), or any NaN / infinite value: no statistic here is
+    defined on them, and none is returned for them."""
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"activations must be (tokens, neurons); got shape {a.shape}")
+    if a.shape[1] == 0 or (a.shape[0] == 0 and not allow_no_tokens):
+        raise ValueError(f"activations are empty (shape {a.shape}); need at least one token and one neuron")
+    _check_finite(a, "activations")
     return a
 
 
-def _abs32(a) -> np.ndarray:
-    """|a| rounded to float32, flattened: the values the quantiles are order statistics of."""
-    x = np.abs(np.asarray(a, dtype=np.float32)).ravel()
-    if np.isnan(x).any():
-        raise ValueError("activations contain NaN")
+def _check_finite(a: np.ndarray, what: str) -> None:
+    finite = np.isfinite(a)
+    if not finite.all():
+        n_nan = int(np.isnan(a).sum())
+        raise ValueError(f"{what} contain {n_nan} NaN and {int((~finite).sum()) - n_nan} infinite values")
+
+
+def _finite_number(name: str, value) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} {value}: must be a finite number")
+    return value
+
+
+def _abs32(a: np.ndarray) -> np.ndarray:
+    """|a| (checked by `_as_2d`) rounded to float32, flattened: the values the quantiles are order
+    statistics of."""
+    x = np.abs(a.astype(np.float32)).ravel()
+    _check_finite(x, "activations (as float32)")
     return x
 
 
@@ -70,12 +90,13 @@ def neuron_means(a) -> np.ndarray:
 
 
 def traditional(a, threshold: float) -> float:
-    return float((neuron_means(a) < threshold).mean())
+    return float((neuron_means(a) < _finite_number("threshold", threshold)).mean())
 
 
 def abs_quantiles(a, fractions) -> np.ndarray:
     """Order statistics of |a| (float32) at the given fractions, inverted CDF (see module doc)."""
-    return np.quantile(_abs32(a), np.asarray(fractions, dtype=np.float64), method="inverted_cdf").astype(np.float64)
+    return np.quantile(_abs32(_as_2d(a)), np.asarray(fractions, dtype=np.float64),
+                       method="inverted_cdf").astype(np.float64)
 
 
 def percentile(a, percentiles=PERCENTILES) -> dict:
@@ -108,6 +129,7 @@ def _vector(c) -> np.ndarray:
     c = neuron_means(c) if c.ndim == 2 else np.abs(c)
     if c.ndim != 1 or len(c) == 0:
         raise ValueError(f"need a vector of per-neuron values or a (tokens, neurons) array; got shape {c.shape}")
+    _check_finite(c, "per-neuron values")
     return c
 
 
@@ -140,7 +162,7 @@ def optimal_threshold(a, target: float = 0.5) -> float:
 
 def dead_neurons(a, eps: float = DEAD_EPS) -> np.ndarray:
     """Indices of the neurons with |a| < eps on every token."""
-    return np.flatnonzero(np.abs(_as_2d(a)).max(axis=0) < eps)
+    return np.flatnonzero(np.abs(_as_2d(a)).max(axis=0) < _finite_number("eps", eps))
 
 
 def comprehensive_sparsity(a, threshold: float, eps: float = DEAD_EPS, percentiles=PERCENTILES,
@@ -169,6 +191,7 @@ def _percentile_table(percentiles, tau, means) -> dict:
 def _summarise(n_tokens, means, variances, max_abs, entropy_sum, entropy_count, entropy_hist, percentiles, tau_p,
                targets, tau_t, at_or_below_t, threshold, eps) -> dict:
     """The result dict shared by the in-memory and the streamed computation."""
+    threshold, eps = _finite_number("threshold", threshold), _finite_number("eps", eps)
     n = len(means)
     dead = np.flatnonzero(max_abs < eps)
     mean_h = entropy_sum / entropy_count if entropy_count else float("nan")
@@ -234,7 +257,7 @@ class SparsityAccumulator:
         self.hist_hi = np.zeros(1 << 16, dtype=np.int64)
 
     def update(self, chunk) -> None:
-        a = _as_2d(chunk)
+        a = _as_2d(chunk, allow_no_tokens=True)
         if a.shape[1] != self.n_neurons:
             raise ValueError(f"chunk has {a.shape[1]} neurons, expected {self.n_neurons}")
         t = a.shape[0]
@@ -270,7 +293,7 @@ class SparsityAccumulator:
             self._hist_lo.setdefault(hi, np.zeros(1 << 16, dtype=np.int64))
 
     def refine(self, chunk) -> None:
-        bits = _bits(_abs32(_as_2d(chunk)))
+        bits = _bits(_abs32(_as_2d(chunk, allow_no_tokens=True)))
         hi = bits >> 16
         for b, counts in self._hist_lo.items():
             counts += np.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16)
@@ -314,6 +337,8 @@ def stream_sparsity(chunks, n_neurons: int, threshold: float, eps: float = DEAD_
             keyed, c = False, {None: c}
         for key, a in c.items():
             accs.setdefault(key, SparsityAccumulator(n_neurons)).update(a)
+    if not accs:
+        raise ValueError("no activations were seen: the chunks were empty")
     for acc in accs.values():
         acc.start_refine([p / 100.0 for p in percentiles] + list(targets))
     for c in chunks():

@@ -282,6 +282,30 @@ def to_jsonable(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+WRITTEN: list[str] = []  # every file this process has written through _atomic_write, in order
+
+
+def check_writable_dir(path, flag: str) -> Path:
+    """Check, without creating anything, that `path` is a folder this process can write in or create:
+    its nearest existing ancestor must be a folder in which a file can be made (probed with a temporary
+    file that is removed at once). UserInputError naming `flag` otherwise."""
+    p = Path(path).expanduser()
+    probe = p
+    while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file, not a folder" if probe == p else f"cannot be created, {probe} is a file"
+        raise UserInputError(f"{flag} {path}: {where}; choose another folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        what = "cannot write in it" if probe == p else f"cannot be created in {probe}"
+        raise UserInputError(f"{flag} {path}: {what} ({exc.strerror or exc}); choose a writable folder") from None
+    return p
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write to a temporary file in the same folder, then rename over `path` (never half-written)."""
     path = Path(path)
@@ -294,6 +318,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions of a plain open()
         os.replace(tmp, path)
+        WRITTEN.append(str(path))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -335,14 +360,49 @@ class TextSet:
 
 
 def read_texts_file(path, flag: str = "--texts_file") -> list[str]:
-    """One text per line; blank lines are skipped. Missing or empty file -> UserInputError."""
-    p = Path(path)
+    """One text per line, UTF-8 (a leading byte-order mark is dropped); blank lines are skipped.
+    A missing, unreadable, non-UTF-8 or empty file, or a folder, -> UserInputError naming it."""
+    p = Path(path).expanduser()
+    fix = "give a UTF-8 text file with one text per line"
+    if p.is_dir():
+        raise UserInputError(f"{flag} {path}: is a folder, not a file; {fix}")
+    if not p.exists():
+        raise UserInputError(f"{flag} {path}: no such file; {fix}")
     if not p.is_file():
-        raise UserInputError(f"{flag} {path}: no such file; give a text file with one text per line")
-    texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise UserInputError(f"{flag} {path}: not a regular file; {fix}")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UserInputError(f"{flag} {path}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark is not text
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        pos = exc.start + skip
+        line = data.count(b"\n", 0, pos) + 1
+        raise UserInputError(f"{flag} {path}: not UTF-8 (byte 0x{data[pos]:02x} at byte position {pos}, line "
+                             f"{line}); convert it to UTF-8, e.g. with iconv") from None
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
     if not texts:
         raise UserInputError(f"{flag} {path}: the file has no non-blank lines; put one text per line")
     return texts
+
+
+def text_list(value, what: str = "texts") -> list[str]:
+    """`value` as a non-empty list of strings: ValueError for a bare string (which would otherwise be
+    read character by character), an empty sequence, or an item that is not a string."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{what} must be a list of strings, not a single string; wrap it: [{value[:30]!r}]")
+    try:
+        items = list(value)
+    except TypeError:
+        raise ValueError(f"{what} must be a list of strings; got {type(value).__name__}") from None
+    if not items:
+        raise ValueError(f"{what} is empty; give at least one")
+    bad = [type(t).__name__ for t in items if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"{what} must be strings; got an item of type {bad[0]}")
+    return items
 
 
 def load_texts(texts_file=None, limit: int = 100) -> TextSet:
@@ -402,7 +462,7 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 256) -> To
     if max_length < 1:
         raise UserInputError(f"--max_length {max_length}: must be at least 1")
     ids, n_truncated = [], 0
-    for t in texts:
+    for t in text_list(texts):
         full = tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"]  # (1, L)
         if full.shape[1] == 0:
             raise UserInputError(f"text {t[:40]!r} tokenizes to no tokens; remove it from the texts")

@@ -134,3 +134,54 @@ def test_cross_layer_is_exactly_causal_on_the_reference_mamba():
     for s in range(model.config.num_hidden_layers):
         assert np.all(m["change"][:, s, :s] == 0.0)
     assert np.abs(m["change"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([], {}, "prompts is empty"),
+    ("The capital of France is", {}, "not a single string"),
+    ([PROMPTS[0], 7], {}, "must be strings"),
+    (PROMPTS, {"batch_size": 0}, "batch_size 0"),
+    (PROMPTS, {"batch_size": -2}, "batch_size -2"),
+    (PROMPTS, {"batch_size": 1.5}, "batch_size 1.5"),
+    (PROMPTS, {"dims": []}, "dims is empty"),
+    (PROMPTS, {"dims": "12"}, "not a string"),
+    (PROMPTS, {"dims": [3, 24]}, "dims must lie in 0..23"),
+    (PROMPTS, {"intervention_scale": float("nan")}, "intervention_scale nan"),
+    (PROMPTS, {"ablation": "half"}, "ablation 'half'"),
+])
+def test_causal_scores_refuse_what_they_cannot_answer(prompts, kwargs, message, tokenizer):
+    model = make_model("mamba_b").to(DEVICE)
+    with pytest.raises(ValueError, match=message):
+        ca.causal_impact_scores(model, tokenizer, prompts, 0, progress=False, **kwargs)
+
+
+def test_repeated_dims_are_scanned_once_and_returned_in_the_order_asked(tokenizer, monkeypatch):
+    model = make_model("mamba_b").to(DEVICE)
+    seen = []
+    real = ca._ablator
+    monkeypatch.setattr(ca, "_ablator", lambda dims, *a: seen.extend(dims.tolist()) or real(dims, *a))
+    got = ca.causal_impact_scores(model, tokenizer, PROMPTS, 1, dims=[7, 2, 7, 2, 7], progress=False)
+    assert sorted(seen) == sorted([2, 7] * len(PROMPTS))
+    once = ca.causal_impact_scores(model, tokenizer, PROMPTS, 1, dims=[7, 2], progress=False)
+    np.testing.assert_array_equal(got, once[[0, 1, 0, 1, 0]])
+
+
+def test_an_overflowing_scale_is_an_error_not_nan(tokenizer):
+    """GPT-2's LayerNorm turns a 1e38-scaled dimension into inf/NaN logits: that must raise, never
+    come back as NaN scores (Mamba's RMSNorm rescales it, so its scores stay finite and are returned)."""
+    model = make_model("gpt2").to(DEVICE)
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        ca.causal_impact_scores(model, tokenizer, PROMPTS, 0, dims=[0, 1], intervention_scale=1e38, progress=False)
+    with pytest.raises(FloatingPointError, match="non-finite residual"):
+        ca.cross_layer_matrix(model, tokenizer, PROMPTS[0], [0], "residual", 1e38)
+    finite = ca.causal_impact_scores(make_model("mamba_a").to(DEVICE), tokenizer, PROMPTS, 0, dims=[0, 1],
+                                     intervention_scale=1e38, progress=False)
+    assert np.isfinite(finite).all() and (finite > 0).all()
+
+
+@pytest.mark.parametrize("prompt, dims, message", [
+    (PROMPTS, [1], "one string"), (PROMPTS[0], [], "non-empty"), (PROMPTS[0], [99], "in 0..23"),
+    (PROMPTS[0], "3", "not a string")])
+def test_cross_layer_refuses_bad_arguments(prompt, dims, message, tokenizer):
+    with pytest.raises(ValueError, match=message):
+        ca.cross_layer_matrix(make_model("mamba_b"), tokenizer, prompt, dims, "mixer_out")

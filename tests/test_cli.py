@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import DEVICE, REPO
@@ -89,33 +90,232 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
         assert data[:4] == b"\x89PNG" and len(data) > 5000
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "{missing}"], "no such folder"),
-    (["--model", "{mamba}", "--layer", "5"], "valid layers are 0..2"),
-    (["--model", "{mamba}", "--texts_file", "{missing}"], "no such file"),
-    (["--model", "{mamba}", "--texts_file", "{empty}"], "no non-blank lines"),
-    (["--model", "{mamba}", "--text_limit", "0"], "--text_limit 0"),
-    (["--model", "{mamba}", "--stages", "nonsense"], "unknown stage"),
-    (["--model", "{gpt2}", "--stages", "delta"], "not applicable to gpt2"),
-    (["--model", "{mamba}", "--attention_methods", "magic"], "--attention_methods magic"),
-    (["--model", "{mamba}", "--causal_dims", "3", "999"], "valid dims are 0..23"),
-    (["--model", "{mamba}", "--causal_site", "mlp"], "site 'mlp' does not exist for mamba"),
-    (["--model", "{mamba}", "--prompts_file", "{missing}"], "--prompts_file"),
-    (["--model", "{mamba}", "--ablation", "half"], "--ablation half"),
-    (["--model", "{mamba}", "--sparsity_layers", "0", "3"], "--sparsity_layers 3: out of range"),
-    (["--model", "{mamba}", "--compare_model", "{missing}"], "no such folder"),
-    (["--model", "{mamba}", "--efficiency_budget", "0"], "--efficiency_budget 0"),
-])
-def test_bad_input_is_one_line_and_exit_2(args, message, model_dirs, tmp_path):
-    (tmp_path / "empty.txt").write_text("\n  \n")
-    subs = {"{missing}": str(tmp_path / "missing"), "{mamba}": str(model_dirs["mamba_b"]),
-            "{gpt2}": str(model_dirs["gpt2"]), "{empty}": str(tmp_path / "empty.txt")}
-    p = run_main([subs.get(a, a) for a in args], tmp_path)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
-    assert "Traceback" not in p.stderr and p.stdout == ""
-    assert not (tmp_path / "plots").exists()
+@pytest.fixture(scope="module")
+def bad_inputs(model_dirs, tmp_path_factory):
+    """Broken model folders and awkward input files, made once."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+
+    def model_copy(name, change):
+        path = root / name
+        shutil.copytree(model_dirs["mamba_b"], path)
+        change(path)
+        return path
+
+    def truncate(path):
+        f = path / "model.safetensors"
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+
+    def unsupported(path):
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "model_type": "bert", "architectures": ["BertModel"]}))
+
+    out = {
+        "trunc": model_copy("trunc", truncate),
+        "notok": model_copy("notok", lambda p: [f.unlink() for f in p.glob("*token*")]),
+        "badcfg": model_copy("badcfg", lambda p: (p / "config.json").write_text("{broken")),
+        "noweights": model_copy("noweights", lambda p: (p / "model.safetensors").unlink()),
+        "unsupported": model_copy("unsupported", unsupported),
+        "afile": root / "afile.txt", "afolder": root / "afolder", "empty": root / "empty.txt",
+        "latin1": root / "latin1.txt", "one": root / "one.txt", "long": root / "long_prompt.txt",
+        "mamba": model_dirs["mamba_b"], "gpt2": model_dirs["gpt2"],
+    }
+    out["afile"].write_text("a file\n")
+    out["afolder"].mkdir()
+    out["empty"].write_text("\n  \n")
+    out["latin1"].write_bytes("first line\nthe caf\u00e9 is open\n".encode("latin-1"))  # é = 0xe9 at byte 18
+    out["one"].write_text("only one text here\n")
+    out["long"].write_text("word " * 600 + "\n")  # more tokens than the tiny GPT-2's 512 positions
+    return out
+
+
+def call_main(args, cwd, monkeypatch, capsys):
+    """main.main in this process, with every stage function replaced by a spy: (exit status, stdout,
+    stderr, names of the stages that were started)."""
+    import main
+
+    started = []
+
+    def spy(name):
+        def run(ctx):
+            started.append(name)
+            raise AssertionError("the spy stage ran")
+        return run
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(main, "STAGE_FUNCTIONS", {n: spy(n) for n in main.STAGE_FUNCTIONS})
+    if DEVICE.type != "cpu" and "--device" not in args:
+        args = [*args, "--device", DEVICE.type]
+    code = main.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err, started
+
+
+def tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+M, G = "{mamba}", "{gpt2}"
+REFUSALS = [  # (arguments, a fragment of the one-line message)
+    # the model and the comparison model
+    (["--model", "{missing}"], "--model {missing}: no such folder"),
+    (["--model", "{afile}"], "is a file, not a folder"),
+    (["--model", "{trunc}"], "weight file model.safetensors is damaged"),
+    (["--model", "{notok}"], "its tokenizer turns text into no tokens"),
+    (["--model", "{badcfg}"], "--model {badcfg}: could not be loaded"),
+    (["--model", "{noweights}"], "no weight files"),
+    (["--model", "{unsupported}"], "--model {unsupported}: architecture 'bert' is not supported"),
+    (["--model", M, "--compare_model", "{missing}"], "--compare_model {missing}: no such folder"),
+    (["--model", M, "--compare_model", "{unsupported}"], "--compare_model {unsupported}: architecture 'bert'"),
+    (["--model", M, "--compare_model", "{trunc}"], "--compare_model {trunc}: weight file model.safetensors is damaged"),
+    (["--model", M, "--compare_model", "{notok}"], "--compare_model {notok}: its tokenizer"),
+    # flags checked against the model's shape
+    (["--model", M, "--layer", "5"], "valid layers are 0..2"),
+    (["--model", M, "--layer", "-1"], "valid layers are 0..2"),
+    (["--model", M, "--causal_dims", "3", "999"], "valid dims are 0..23"),
+    (["--model", M, "--causal_site", "mlp"], "site 'mlp' does not exist for mamba"),
+    (["--model", M, "--sparsity_layers", "0", "3"], "--sparsity_layers 3: out of range"),
+    (["--model", G, "--stages", "delta"], "not applicable to gpt2"),
+    (["--model", G, "--max_length", "600"], "--max_length 600: this gpt2 model has 512 positions"),
+    (["--model", G, "--prompts_file", "{long}"], "prompt 1 ('word word word"),
+    (["--model", M, "--stages", "causal,comparison", "--compare_model", G, "--prompts_file", "{long}"],
+     "on --compare_model {gpt2}: prompt 1"),
+    # texts and prompts
+    (["--model", M, "--texts_file", "{missing}"], "no such file"),
+    (["--model", M, "--texts_file", "{empty}"], "no non-blank lines"),
+    (["--model", M, "--texts_file", "{afolder}"], "--texts_file {afolder}: is a folder, not a file"),
+    (["--model", M, "--texts_file", "{latin1}"], "not UTF-8 (byte 0xe9 at byte position 18, line 2)"),
+    (["--model", M, "--prompts_file", "{latin1}"], "--prompts_file {latin1}: not UTF-8"),
+    (["--model", M, "--prompts_file", "{missing}"], "--prompts_file"),
+    (["--model", M, "--text_limit", "0"], "--text_limit 0"),
+    (["--model", M, "--text_limit", "1"], "--text_limit 1: the delta stage needs at least 2 texts"),
+    (["--model", M, "--texts_file", "{one}"], "--texts_file {one} gives 1: the delta stage needs at least 2"),
+    # output folders
+    (["--model", M, "--plots_dir", "{afile}"], "--plots_dir {afile}: is a file, not a folder"),
+    (["--model", M, "--plots_dir", "{afile}/sub"], "cannot be created, {afile} is a file"),
+    (["--model", M, "--plots_dir", "/proc/mamba_plots"], "--plots_dir /proc/mamba_plots: cannot be created"),
+    (["--model", M, "--save_results", "--output_dir", "{afile}"], "--output_dir {afile}: is a file"),
+    (["--model", M, "--save_results", "--output_dir", "/sys/mamba_out"], "--output_dir /sys/mamba_out"),
+    (["--model", M, "--save_results", "--output_dir", "out"], "is a folder; move it away"),
+    # flag values
+    (["--model", M, "--stages", "nonsense"], "unknown stage"),
+    (["--model", M, "--stages", ""], "names no stage"),
+    (["--model", M, "--stages", ",,"], "names no stage"),
+    (["--model", M, "--attention_methods", "magic"], "--attention_methods magic"),
+    (["--model", M, "--ablation", "half"], "--ablation half"),
+    (["--model", M, "--efficiency_budget", "0"], "--efficiency_budget 0"),
+    (["--model", M, "--seed", "-1"], "--seed -1: must lie in 0..4294967295"),
+    (["--model", M, "--seed", str(2 ** 32)], "--seed 4294967296"),
+    (["--model", M, "--log_level", "LOUD"], "--log_level LOUD: unknown"),
+    (["--model", M, "--layer", "abc"], "argument --layer: invalid int value: 'abc'"),
+    (["--model", M, "--device", "tpu"], "--device 'tpu' is unknown"),
+    (["--model", M, "--causal_batch_size", "0"], "--causal_batch_size 0"),
+    (["--model", M, "--intervention_scale", "nan"], "argument --intervention_scale: 'nan' is not a finite number"),
+    (["--model", M, "--intervention_scale=-inf"], "argument --intervention_scale: '-inf' is not a finite"),
+    (["--model", M, "--sparsity_threshold", "inf"], "argument --sparsity_threshold: 'inf' is not a finite"),
+    (["--model", M, "--dead_eps", "NaN"], "argument --dead_eps: 'NaN' is not a finite number"),
+    (["--model", M, "--efficiency_budget", "inf"], "argument --efficiency_budget: 'inf' is not a finite"),
+]
+
+
+@pytest.mark.parametrize("args, message", REFUSALS, ids=[" ".join(a[2:]) or a[1] for a, _ in REFUSALS])
+def test_bad_input_is_refused_in_one_line_before_any_stage(args, message, bad_inputs, tmp_path, monkeypatch,
+                                                            capsys):
+    """Exit 2, one line naming the value, no traceback, nothing written, and no stage started."""
+    subs = {"{missing}": str(tmp_path / "missing"), **{f"{{{k}}}": str(v) for k, v in bad_inputs.items()}}
+
+    def sub(text):
+        for k, v in subs.items():
+            text = text.replace(k, v)
+        return text
+
+    (tmp_path / "out" / f"{bad_inputs['mamba'].name}_layer0_results.json").mkdir(parents=True)  # in the way
+    before = tree(tmp_path)
+    code, out, err, started = call_main([sub(a) for a in args], tmp_path, monkeypatch, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and sub(message) in lines[0], err
+    assert "Traceback" not in err and out == ""
+    assert started == [] and tree(tmp_path) == before
+
+
+def test_a_missing_tokenizer_is_not_blamed_on_the_texts(bad_inputs, tmp_path, monkeypatch, capsys):
+    code, _, err, _ = call_main(["--model", bad_inputs["notok"]], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "tokenizer" in err and "text '" not in err and "remove it from the texts" not in err
+
+
+def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp_path, monkeypatch, capsys):
+    """A stage that raises (planted here) is recorded with its error; the other stages go on."""
+    import main
+
+    def broken(ctx):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(main.STAGE_FUNCTIONS, "delta", broken)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--text_limit", "2",
+            "--save_results", "--output_dir", "out", "--stages", "delta", "attention", "--no_progress"]
+    if DEVICE.type != "cpu":
+        args += ["--device", DEVICE.type]
+    assert main.main(args) == 1
+    out = capsys.readouterr().out
+    res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert res["delta"] == {"status": "error", "error": "RuntimeError: planted failure",
+                            "wall_time_s": res["delta"]["wall_time_s"]}
+    assert "FAILED stages: delta" in out and "[delta] error" in out
+    assert res["attention"]["status"] == "ok"  # the other stages go on
+    # the attention stage's JSON numbers are the library's, averaged over the two texts
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attention_neurons import MambaAttentionNeurons
+    from utils import tokenize_texts
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["mamba_a"]).eval()
+    tok = AutoTokenizer.from_pretrained(model_dirs["mamba_a"])
+    an = MambaAttentionNeurons(model)
+    scores = [an.create_mamba_neurons(an.extract_attention_vectors(ids, [0]), m)[0]
+              for ids in tokenize_texts(tok, read_texts_file(texts_file)[:2], 256).input_ids
+              for m in ("attention_weighted", "gradient_guided", "rollout")]
+    for i, (method, r) in enumerate(res["attention"]["results"]["methods"].items()):
+        a = (scores[i].neuron_activations + scores[i + 3].neuron_activations) / 2
+        imp = (scores[i].neuron_importance + scores[i + 3].neuron_importance) / 2
+        np.testing.assert_allclose(r["neuron_activations"], a, rtol=1e-5)
+        np.testing.assert_allclose(r["neuron_importance"], imp, rtol=1e-5, atol=1e-12)
+
+
+def test_repeated_causal_dims_are_scanned_once(model_dirs, texts_file, tmp_path, monkeypatch, capsys):
+    import causal_analysis as ca
+    import main
+
+    seen = []
+    real = ca._ablator
+
+    def counting(dims, scale, values):
+        seen.extend(dims.tolist())
+        return real(dims, scale, values)
+
+    monkeypatch.setattr(ca, "_ablator", counting)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--save_results",
+            "--output_dir", "out", "--stages", "causal", "--causal_dims", "5", "3", "5", "3", "--no_progress"]
+    assert main.main(args + (["--device", DEVICE.type] if DEVICE.type != "cpu" else [])) == 0
+    res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert res["causal"]["results"]["dims"] == [5, 3] and len(res["causal"]["results"]["scores"]) == 2
+    assert sorted(seen) == sorted([3, 5] * len(ca.DEFAULT_PROMPTS))  # each dim once per prompt
+    assert any("--causal_dims: repeated values dropped" in n for n in res["run"]["notes"])
+    scores = ca.causal_impact_scores(*main_model_and_tokenizer(model_dirs["mamba_a"]), ca.DEFAULT_PROMPTS, 0,
+                                     dims=[5, 3], progress=False)
+    np.testing.assert_allclose(res["causal"]["results"]["scores"], scores, rtol=1e-6)
+
+
+def main_model_and_tokenizer(path):
+    from models import load_model_and_tokenizer
+
+    loaded = load_model_and_tokenizer(str(path), DEVICE.type)
+    return loaded.model, loaded.tokenizer
 
 
 def test_unknown_hub_id_offline_fails_fast(tmp_path):
@@ -131,32 +331,9 @@ def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_f
     res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert res["delta"]["status"] == "not_applicable" and "not applicable to gpt2" in res["delta"]["reason"]
     assert "not applicable to gpt2" in p.stdout
-
-
-def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp_path):
-    p = run_main(["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--text_limit", "1",
-                  "--save_results", "--output_dir", "out", "--stages", "delta", "attention", "--no_progress"], tmp_path)
-    assert p.returncode == 1
-    res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
-    assert res["delta"]["status"] == "error" and "at least 2 texts" in res["delta"]["error"]
-    assert "FAILED stages: delta" in p.stdout
-    assert res["attention"]["status"] == "ok"  # the other stages go on
-    # the attention stage's JSON numbers are the library's for that one text
-    import numpy as np
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from attention_neurons import MambaAttentionNeurons
-    from utils import tokenize_texts
-
-    model = AutoModelForCausalLM.from_pretrained(model_dirs["mamba_a"]).eval()
-    tok = AutoTokenizer.from_pretrained(model_dirs["mamba_a"])
-    ids = tokenize_texts(tok, read_texts_file(texts_file)[:1], 256).input_ids[0]
-    an = MambaAttentionNeurons(model)
-    data = an.extract_attention_vectors(ids, [0])
-    for method, r in res["attention"]["results"]["methods"].items():
-        lib = an.create_mamba_neurons(data, method)[0]
-        np.testing.assert_allclose(r["neuron_activations"], lib.neuron_activations, rtol=1e-5)
-        np.testing.assert_allclose(r["neuron_importance"], lib.neuron_importance, rtol=1e-5, atol=1e-12)
+    assert "=== GPT-2 neuron analysis: " in p.stdout and "Mamba neuron analysis" not in p.stdout
+    assert res["efficiency"]["status"] == "ok" and res["efficiency"]["results"]["scaling"]["points"]
+    assert "USDT" not in p.stderr + p.stdout and "profiler_start" not in p.stderr  # the profiler is quiet
 
 
 def test_help_is_fast(tmp_path):
@@ -195,3 +372,37 @@ def test_a_named_model_is_never_substituted(tmp_path):
     p = run_main(["--model", "state-spaces/mamba-130m-hf"], tmp_path,
                  env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")})
     assert p.returncode == 2 and "hub is unreachable" in p.stderr and "reference" not in p.stderr
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ("efficiency", "interrupted; nothing written"),
+    ("delta,efficiency", "interrupted; no results file written (the 2 plots of the stages that finished are in"),
+])
+def test_ctrl_c_ends_in_one_line_with_status_130_and_no_partial_file(stages, expected, model_dirs, texts_file,
+                                                                    tmp_path):
+    """SIGINT while a stage runs: exit 130, one closing line that says what was written, no traceback, no
+    results file and no temporary file left behind."""
+    import signal
+
+    args = [sys.executable, MAIN, "--model", str(model_dirs["mamba_b"]), "--texts_file", str(texts_file),
+            "--stages", stages, "--save_results", "--output_dir", "out", "--no_progress", "--log_level", "INFO",
+            "--seq_lengths", "64", "1024", "16384", "--efficiency_budget", "100"]
+    if DEVICE.type != "cpu":
+        args += ["--device", DEVICE.type]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:
+            if "stage efficiency: started" in line:
+                p.send_signal(signal.SIGINT)
+                break
+        _, rest = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, rest
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith(expected), rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+    assert not (tmp_path / "out").exists()
+    assert not [f for f in tmp_path.rglob("*") if f.name.endswith(".tmp")]
+    assert len(list((tmp_path / "plots").glob("*.png")) if (tmp_path / "plots").exists() else []) == \
+        (2 if "delta" in stages else 0)

@@ -106,3 +106,39 @@ def test_dead_neurons_found_in_a_tiny_model(kind, tokenizer):
     assert stats[0]["dead_neurons"]["count"] == 0
     assert stats[1]["n_tokens"] == sum(x.shape[1] for x in ids)
     assert stats[1]["traditional"]["threshold"] == (0.01 if kind == "mamba_a" else 1e-5)
+
+
+NAN = np.array([[1.0, np.nan], [0.5, 2.0]])
+INF = np.array([[1.0, np.inf], [0.5, 2.0]])
+
+
+@pytest.mark.parametrize("f", [
+    lambda a: sp.traditional(a, 0.01), sp.percentile, sp.entropy, sp.token_entropy, sp.gini, sp.hoyer,
+    sp.optimal_threshold, sp.dead_neurons, sp.neuron_means, lambda a: sp.comprehensive_sparsity(a, 0.01),
+    lambda a: sp.stream_sparsity(lambda: [a], a.shape[1] if a.ndim == 2 else 0, 0.01)],
+    ids=["traditional", "percentile", "entropy", "token_entropy", "gini", "hoyer", "optimal_threshold",
+         "dead_neurons", "neuron_means", "comprehensive", "streamed"])
+@pytest.mark.parametrize("a, message", [
+    (np.zeros((0, 5)), "empty|no activations were seen"), (np.zeros((4, 0)), "empty|got shape"), (NAN, "1 NaN"), (INF, "1 infinite"),
+    (np.zeros(0), "shape|empty")], ids=["no tokens", "no neurons", "nan", "inf", "empty vector"])
+def test_sparsity_measures_refuse_empty_and_nonfinite_input(f, a, message):
+    with pytest.raises(ValueError, match=message):
+        f(a)
+
+
+def test_sparsity_thresholds_must_be_finite_and_streams_not_empty():
+    a = np.abs(np.random.default_rng(1).standard_normal((20, 6)))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold"):
+            sp.traditional(a, bad)
+        with pytest.raises(ValueError, match="threshold"):
+            sp.comprehensive_sparsity(a, bad)
+        with pytest.raises(ValueError, match="eps"):
+            sp.dead_neurons(a, bad)
+    with pytest.raises(ValueError, match="no activations were seen"):
+        sp.stream_sparsity(lambda: [], 6, 0.01)
+    with pytest.raises(ValueError, match="no activations were seen"):
+        sp.stream_sparsity(lambda: [np.zeros((0, 6))], 6, 0.01)
+    # a NaN in a later chunk of a stream is found too
+    with pytest.raises(ValueError, match="NaN"):
+        sp.stream_sparsity(lambda: [a, np.full((2, 6), np.nan)], 6, 0.01)

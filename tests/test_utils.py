@@ -1,6 +1,7 @@
 """JSON writer, plot saver, texts."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -72,3 +73,57 @@ def test_tokenize_texts_truncates_and_counts(tokenizer):
     tt = tokenize_texts(tokenizer, texts, max_length=5)
     assert full > 5 and tt.n_truncated == 1 and tt.lengths[0] == 5
     assert tt.input_ids[1].shape == (1, len(tokenizer("short", add_special_tokens=False)["input_ids"]))
+
+
+def test_read_texts_file_refuses_folders_and_non_utf8_and_drops_the_byte_order_mark(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfThe first text\r\nthe second\r\n")
+    assert read_texts_file(bom) == ["The first text", "the second"]  # no U+FEFF in the first text
+    with pytest.raises(UserInputError, match="is a folder, not a file"):
+        read_texts_file(tmp_path)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xef\xbb\xbfok\nstill ok\nnot \xff ok\n")
+    with pytest.raises(UserInputError, match=r"bad.txt: not UTF-8 \(byte 0xff at byte position 19, line 3\)"):
+        read_texts_file(bad, flag="--prompts_file")
+    assert bad.read_bytes()[19] == 0xFF
+
+
+def test_text_list_refuses_a_bare_string_and_empty_input(tokenizer):
+    from utils import text_list
+
+    assert text_list(("a", "b")) == ["a", "b"]
+    for value, message in (("one text", "not a single string"), ([], "is empty"), (["a", None], "must be strings"),
+                           (5, "list of strings")):
+        with pytest.raises(ValueError, match=message):
+            text_list(value)
+    with pytest.raises(ValueError, match="not a single string"):
+        tokenize_texts(tokenizer, "a text passed bare", 16)
+
+
+def test_check_writable_dir_creates_nothing_and_names_the_problem(tmp_path):
+    from utils import check_writable_dir
+
+    assert check_writable_dir(tmp_path / "new" / "deeper", "--plots_dir") == tmp_path / "new" / "deeper"
+    assert list(tmp_path.iterdir()) == []  # probed, not created
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserInputError, match="--plots_dir .*f: is a file, not a folder"):
+        check_writable_dir(tmp_path / "f", "--plots_dir")
+    with pytest.raises(UserInputError, match="cannot be created, .*f is a file"):
+        check_writable_dir(tmp_path / "f" / "sub", "--plots_dir")
+    with pytest.raises(UserInputError, match="--output_dir /proc/x: cannot be created in /proc"):
+        check_writable_dir("/proc/x", "--output_dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a read-only folder")
+def test_check_writable_dir_refuses_a_read_only_folder(tmp_path):
+    from utils import check_writable_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(UserInputError, match="cannot write in it"):
+            check_writable_dir(ro, "--output_dir")
+    finally:
+        ro.chmod(0o755)

@@ -219,8 +219,9 @@ def stage_causal(ctx: StageContext):
 
 
 def _chosen_dims(ctx: StageContext, o: dict, n: int = 3) -> list[int]:
+    """Every --causal_dims dimension, else the causal stage's top `n`."""
     if o["dims"]:
-        return list(o["dims"])[:n]
+        return list(o["dims"])
     causal = (ctx.results or {}).get("causal", {})
     if causal.get("status") != "ok":
         raise ValueError("needs --causal_dims or a successful causal stage to choose its dimensions")
@@ -252,7 +253,8 @@ def stage_cross_layer(ctx: StageContext):
 
     o = _causal_opts(ctx)
     site = o["site"] if ctx.adapter.site(o["site"], 0).size == ctx.adapter.hidden_size else "residual"
-    dims = [d for d in _chosen_dims(ctx, o) if d < ctx.adapter.hidden_size]
+    chosen = _chosen_dims(ctx, o)
+    dims = [d for d in chosen if d < ctx.adapter.hidden_size]
     if not dims:
         raise ValueError(f"no chosen dimension lies in the residual stream (width {ctx.adapter.hidden_size})")
     per = [ca.cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site, o["scale"]) for p in o["prompts"]]
@@ -260,6 +262,7 @@ def stage_cross_layer(ctx: StageContext):
     m.update(dims=per[0]["dims"], sources=per[0]["sources"], targets=per[0]["targets"])
     results = {"site": site, "readout": "residual stream after each target layer, last position, "
                                         "mean over prompts", **m,
+               "left_out_dims": [d for d in chosen if d not in dims],
                "max_abs_change_before_source": float(max(np.abs(m["change"][:, s, :s]).max(initial=0.0)
                                                          for s in range(ctx.adapter.n_layers)))}
     return results, [ca.plot_cross_layer(m, site, ctx.plots_dir, ctx.prefix)]
@@ -488,6 +491,8 @@ def summarize_inter_layer(r: dict) -> None:
 def summarize_cross_layer(r: dict) -> None:
     print(f"    dims {list(map(int, r['dims']))} of {r['site']}; largest |change| before the source layer: "
           f"{r['max_abs_change_before_source']:.1e} (causality: must be 0)")
+    if r["left_out_dims"]:
+        print(f"    dims {r['left_out_dims']} left out: beyond the residual stream's width")
 
 
 def _sparsity_line(s: dict) -> str:
@@ -577,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         if level not in LOG_LEVELS:
             raise UserInputError(f"--log_level {args.log_level}: unknown; choose one of {', '.join(LOG_LEVELS)}")
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "fsspec"):  # their DEBUG lines are not ours
+            logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
         return _main(args, argv)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -651,7 +658,7 @@ def check_prompts(tokenizer, prompts, limit: int | None, where: str) -> None:
                                  f"{limit} positions; shorten it")
 
 
-def check_model_flags(args, adapter) -> int:
+def check_model_flags(args, adapter, stages) -> int:
     """The flags that depend on the model's shape (layer, site, dims, layers, positions), checked from its
     config. Returns the max_length to use: --max_length, else the default capped at a Transformer's
     positions."""
@@ -665,6 +672,10 @@ def check_model_flags(args, adapter) -> int:
     if bad_dims:
         raise UserInputError(f"--causal_dims {bad_dims[0]}: out of range for this site of width {width}; "
                              f"valid dims are 0..{width - 1}")
+    d = adapter.hidden_size
+    if "cross_layer" in stages and args.causal_dims and min(args.causal_dims) >= d:
+        raise UserInputError(f"--causal_dims {args.causal_dims[0]}: cross_layer reads the residual stream, of width "
+                             f"{d}; give a dim below {d} as well, or drop cross_layer from --stages")
     bad_layers = [la for la in args.sparsity_layers or [] if not 0 <= la < adapter.n_layers]
     if bad_layers:
         raise UserInputError(f"--sparsity_layers {bad_layers[0]}: out of range for this {adapter.family} model "
@@ -717,7 +728,7 @@ def _main(args, argv) -> int:
     adapter = config_adapter(files.config)
     if args.stages is not None:
         stages = resolve_stages(args.stages, adapter.family)
-    max_length = check_model_flags(args, adapter)
+    max_length = check_model_flags(args, adapter, stages)
     if max_length != (args.max_length or DEFAULT_MAX_LENGTH):
         notes.append(f"texts truncated to this model's {max_length} positions (the default --max_length is "
                      f"{DEFAULT_MAX_LENGTH})")

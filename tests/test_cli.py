@@ -177,6 +177,7 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--causal_dims", "3", "999"], "valid dims are 0..23"),
     (["--model", M, "--causal_site", "mlp"], "site 'mlp' does not exist for mamba"),
     (["--model", M, "--sparsity_layers", "0", "3"], "--sparsity_layers 3: out of range"),
+    (["--model", M, "--causal_site", "ssm", "--causal_dims", "30", "70"], "cross_layer reads the residual stream"),
     (["--model", G, "--stages", "delta"], "not applicable to gpt2"),
     (["--model", G, "--max_length", "600"], "--max_length 600: this gpt2 model has 512 positions"),
     (["--model", G, "--prompts_file", "{long}"], "prompt 1 ('word word word"),
@@ -406,3 +407,25 @@ def test_ctrl_c_ends_in_one_line_with_status_130_and_no_partial_file(stages, exp
     assert not [f for f in tmp_path.rglob("*") if f.name.endswith(".tmp")]
     assert len(list((tmp_path / "plots").glob("*.png")) if (tmp_path / "plots").exists() else []) == \
         (2 if "delta" in stages else 0)
+
+
+def test_default_max_length_is_capped_at_a_transformers_positions_with_a_note(tokenizer, texts_file, tmp_path,
+                                                                             monkeypatch, capsys):
+    """A GPT-2 with 64 positions: the default --max_length (256) becomes 64, said in the notes; the texts
+    are truncated there instead of failing inside a stage."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import main
+
+    path = tmp_path / "short_gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=1, n_embd=16, n_head=2, n_positions=64)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(path), "--texts_file", str(texts_file), "--stages", "sparsity", "--save_results",
+            "--no_progress"] + (["--device", DEVICE.type] if DEVICE.type != "cpu" else [])
+    assert main.main(args) == 0
+    res = json.loads(next((tmp_path / "analysis_outputs").glob("*.json")).read_text())
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in read_texts_file(texts_file))
+    assert longest > 64 and res["texts"]["max_length"] == 64 and res["texts"]["n_truncated"] >= 1
+    assert any("truncated to this model's 64 positions" in n for n in res["run"]["notes"])
+    assert "truncated to this model's 64 positions" in capsys.readouterr().out

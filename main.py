@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -591,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line; files are written atomically, so none is half-written
         print(_interrupted_message(WRITTEN[written_before:]), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `python main.py | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _interrupted_message(written: list[str]) -> str:
@@ -699,13 +703,16 @@ def _main(args, argv) -> int:
     refusal is one line."""
     start = time.time()
     warnings = {}
-    from utils import UserInputError, check_writable_dir, read_texts_file
+    from utils import UserInputError, check_writable_dir, load_texts, read_texts_file
 
+    for flag in ("texts_file", "prompts_file", "plots_dir", "output_dir"):  # "--plots_dir=~/x" reaches us as is
+        if getattr(args, flag) is not None:
+            setattr(args, flag, str(Path(getattr(args, flag)).expanduser()))
     notes = check_values(args)
     stages = resolve_stages(args.stages, enable_attention=args.enable_attention)
     prompts = None if args.prompts_file is None else read_texts_file(args.prompts_file, flag="--prompts_file")
     if args.texts_file is not None:
-        read_texts_file(args.texts_file)  # missing / empty / not UTF-8: fail before loading anything
+        textset = load_texts(args.texts_file, args.text_limit)  # missing / empty / not UTF-8: fail now
     check_writable_dir(args.plots_dir, "--plots_dir")
     if args.save_results:
         check_writable_dir(args.output_dir, "--output_dir")
@@ -738,10 +745,9 @@ def _main(args, argv) -> int:
     if {"causal", "inter_layer", "cross_layer"} & set(stages):
         check_prompts(files.tokenizer, prompts or DEFAULT_PROMPTS, adapter.max_positions, where)
 
-    from utils import load_texts
-
-    textset = load_texts(args.texts_file, args.text_limit)
-    warnings["texts"] = textset.warning
+    if args.texts_file is None:  # the default corpus: from the datasets cache or hub, else the shipped texts
+        textset = load_texts(None, args.text_limit)
+        warnings["texts"] = textset.warning
     check_text_count(stages, adapter.family, len(textset.texts), args)
     compare_source = compare_warning = compare_files = None
     if "comparison" in stages:  # a missing or broken comparison model fails here, before any stage runs
@@ -785,10 +791,15 @@ def _main(args, argv) -> int:
     results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
     results["run"]["total_time_s"] = round(time.time() - start, 3)
     print_summary(results, stages)
+    failed = any(results[s]["status"] == "error" for s in stages)
     if args.save_results:
-        write_json(json_path, results)
+        try:
+            write_json(json_path, results)
+        except OSError as exc:  # e.g. the disk filled up during the run: say so in one line
+            print(f"error: results not written to {json_path} ({exc.strerror or exc})", file=sys.stderr)
+            return 1
         print(f"results: {json_path}")
-    return 1 if any(results[s]["status"] == "error" for s in stages) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -429,3 +429,25 @@ def test_default_max_length_is_capped_at_a_transformers_positions_with_a_note(to
     assert longest > 64 and res["texts"]["max_length"] == 64 and res["texts"]["n_truncated"] >= 1
     assert any("truncated to this model's 64 positions" in n for n in res["run"]["notes"])
     assert "truncated to this model's 64 positions" in capsys.readouterr().out
+
+
+def test_a_results_file_that_cannot_be_written_is_one_line_and_exit_1(model_dirs, texts_file, tmp_path,
+                                                                     monkeypatch, capsys):
+    """The disk fills up during a run: the summary is still printed, then one error line, exit 1."""
+    import errno
+
+    import main
+    import utils
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(utils, "write_json", full)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--stages", "delta",
+            "--save_results", "--no_progress"] + (["--device", DEVICE.type] if DEVICE.type != "cpu" else [])
+    assert main.main(args) == 1
+    out, err = capsys.readouterr()
+    assert "[delta] ok" in out
+    assert err.strip().splitlines() == [f"error: results not written to analysis_outputs/{model_dirs['mamba_a'].name}"
+                                        f"_layer0_results.json (No space left on device)"]

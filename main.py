@@ -735,6 +735,9 @@ def _main(args, argv) -> int:
     adapter = config_adapter(files.config)
     if args.stages is not None:
         stages = resolve_stages(args.stages, adapter.family)
+    elif args.enable_attention and not adapter.is_mamba:
+        raise UserInputError(f"--enable_attention: the attention stage is Mamba-only in this version, not applicable "
+                             f"to {adapter.family}; drop --enable_attention or pass a Mamba model")
     max_length = check_model_flags(args, adapter, stages)
     if max_length != (args.max_length or DEFAULT_MAX_LENGTH):
         notes.append(f"texts truncated to this model's {max_length} positions (the default --max_length is "

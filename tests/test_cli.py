@@ -179,6 +179,7 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--sparsity_layers", "0", "3"], "--sparsity_layers 3: out of range"),
     (["--model", M, "--causal_site", "ssm", "--causal_dims", "30", "70"], "cross_layer reads the residual stream"),
     (["--model", G, "--stages", "delta"], "not applicable to gpt2"),
+    (["--model", G, "--enable_attention"], "--enable_attention: the attention stage is Mamba-only"),
     (["--model", G, "--max_length", "600"], "--max_length 600: this gpt2 model has 512 positions"),
     (["--model", G, "--prompts_file", "{long}"], "prompt 1 ('word word word"),
     (["--model", M, "--stages", "causal,comparison", "--compare_model", G, "--prompts_file", "{long}"],

@@ -1,4 +1,4 @@
-"""Attention neurons of Mamba: the e channels seen through their hidden attention (METHODS.md §2-3).
+"""Attention neurons of Mamba: the e channels seen through their hidden attention.
 
 Every α is computed by `ssm.hidden_attention` from the recomputed Δ, A, B, C and verified: `(α x + D x) ·
 SiLU(z)` through `out_proj` must equal the mixer's real output, or ReconstructionError is raised.

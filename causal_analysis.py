@@ -1,4 +1,4 @@
-"""Causal neurons by ablation (METHODS.md §5): exact KL impacts for every dimension of a site.
+"""Causal neurons by ablation: exact KL impacts for every dimension of a site.
 
 Impact of dimension k at a site of layer ℓ: the mean over prompts of KL(p_clean ‖ p_ablated) of the
 next-token distribution at the last position, where the ablation multiplies dimension k at every

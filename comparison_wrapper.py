@@ -1,4 +1,4 @@
-"""Mamba vs Transformer (METHODS.md §8): both models through the same measurements on the same texts.
+"""Mamba vs Transformer: both models through the same measurements on the same texts.
 
 Each model is profiled on its own tokenization of the same texts: the sparsity of its neuron site at
 every layer (streamed), efficiency (parameters, neurons, measured time and memory against sequence

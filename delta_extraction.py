@@ -1,4 +1,4 @@
-"""Δ (the selective time step) of a Mamba layer, and the delta-sensitive channels (METHODS.md §4).
+"""Δ (the selective time step) of a Mamba layer, and the delta-sensitive channels.
 
 Δ is recomputed from the captured mixer input (ssm.py) and every forward is verified against the
 mixer's real output before any Δ is used.
@@ -46,7 +46,7 @@ def extract_deltas(model, layer_idx: int, input_ids: torch.Tensor, attention_mas
 
 @dataclass
 class DeltaStats:
-    """Per-channel Δ statistics of one layer over a text set (METHODS §4). Arrays have shape (e,)."""
+    """Per-channel Δ statistics of one layer over a text set. Arrays have shape (e,)."""
 
     layer: int
     n_texts: int

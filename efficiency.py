@@ -1,4 +1,4 @@
-"""Efficiency (METHODS.md §7): parameters, neurons, active neurons, measured forward time and peak memory
+"""Efficiency: parameters, neurons, active neurons, measured forward time and peak memory
 against sequence length, with the analytic FLOPs per token beside the measurement.
 
 Analytic forward FLOPs per token (a multiply-add counts 2; elementwise operations 1 each; norms, biases

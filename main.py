@@ -398,9 +398,9 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
     adapter.check_layer(layer)
     texts = text_list(texts)
     stages = resolve_stages(stages)
-    for stage, need in MIN_TEXTS.items():
-        if stage in stages and len(texts) < need and not (stage in MAMBA_ONLY_STAGES and not adapter.is_mamba):
-            raise UserInputError(f"the {stage} stage needs at least {need} texts; got {len(texts)}")
+    short = too_few_texts(stages, adapter.is_mamba, len(texts))
+    if short:
+        raise UserInputError(f"the {short[0]} stage needs at least {short[1]} texts; got {len(texts)}")
     tokens = tokenize_texts(tokenizer, texts, max_length)
     vocab = model.get_input_embeddings().num_embeddings
     top = max(int(ids.max()) for ids in tokens.input_ids)
@@ -637,16 +637,26 @@ def check_values(args) -> list[str]:
     return notes
 
 
-def check_text_count(stages, family: str, n_texts: int, args) -> None:
-    """Refuse a text set too small for a stage asked for (see MIN_TEXTS)."""
+def too_few_texts(stages, is_mamba: bool, n_texts: int) -> tuple[str, int] | None:
+    """(stage, texts it needs) for the first stage asked for that `n_texts` texts are too few for (see
+    MIN_TEXTS; a Mamba-only stage does not run on a Transformer), else None."""
+    for stage, need in MIN_TEXTS.items():
+        if stage in stages and n_texts < need and (is_mamba or stage not in MAMBA_ONLY_STAGES):
+            return stage, need
+    return None
+
+
+def check_text_count(stages, is_mamba: bool, n_texts: int, args) -> None:
+    """Refuse, naming the flag that limited them, a text set too small for a stage asked for."""
     from utils import UserInputError
 
-    for stage, need in MIN_TEXTS.items():
-        if stage in stages and n_texts < need and not (stage in MAMBA_ONLY_STAGES and family != "mamba"):
-            given = (f"--texts_file {args.texts_file} gives {n_texts}" if args.texts_file is not None
-                     and n_texts < args.text_limit else f"--text_limit {args.text_limit}")
-            raise UserInputError(f"{given}: the {stage} stage needs at least {need} texts (its ranking is a variance "
-                                 f"across texts); give more texts or drop {stage} from --stages")
+    short = too_few_texts(stages, is_mamba, n_texts)
+    if short:
+        stage, need = short
+        given = (f"--texts_file {args.texts_file} gives {n_texts}" if args.texts_file is not None
+                 and n_texts < args.text_limit else f"--text_limit {args.text_limit}")
+        raise UserInputError(f"{given}: the {stage} stage needs at least {need} texts (its ranking is a variance "
+                             f"across texts); give more texts or drop {stage} from --stages")
 
 
 def check_prompts(tokenizer, prompts, limit: int | None, where: str) -> None:
@@ -751,7 +761,7 @@ def _main(args, argv) -> int:
     if args.texts_file is None:  # the default corpus: from the datasets cache or hub, else the shipped texts
         textset = load_texts(None, args.text_limit)
         warnings["texts"] = textset.warning
-    check_text_count(stages, adapter.family, len(textset.texts), args)
+    check_text_count(stages, adapter.is_mamba, len(textset.texts), args)
     compare_source = compare_warning = compare_files = None
     if "comparison" in stages:  # a missing or broken comparison model fails here, before any stage runs
         from comparison_wrapper import resolve_compare_model

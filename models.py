@@ -1,7 +1,7 @@
 """Model loading and architecture adapters.
 
-An adapter names, for one model family, where its layers live and where each neuron *site* is
-(METHODS.md §5): the module path to hook, whether the site is that module's input or output, and its
+An adapter names, for one model family, where its layers live and where each neuron *site* is: the
+module path to hook, whether the site is that module's input or output, and its
 width. Everything else in the tool addresses layers and sites through the adapter, never by raw path
 or raw `hidden_states` index (those differ between families: HF Mamba's has no embedding entry and
 ends with the final norm's output; GPT-2's starts with the embeddings and its last entry is the last

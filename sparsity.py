@@ -1,4 +1,4 @@
-"""Activation sparsity of one layer's neurons (METHODS.md §6), in memory and streamed.
+"""Activation sparsity of one layer's neurons, in memory and streamed.
 
 "Neurons" are the inner site of a layer: Mamba `ssm` (u = y·SiLU(z), width e), Transformer `mlp` (the
 MLP's hidden units after the activation). `a` below is an activations array (tokens, neurons) over the

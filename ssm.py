@@ -5,7 +5,15 @@ Shape glossary (used in the shape comments throughout the project):
     d  d_model (hidden_size)        e  d_inner (intermediate_size = expand * d)
     n  SSM state size   r  dt rank  k  conv kernel width
 
-The recomputation follows METHODS.md §1 step by step, in float32 (float64 for a float64 model), and is
+The Mamba-1 mixer, step by step as transformers' slow path computes it, from the mixer input h (b, L, d):
+    1. in_proj(h) splits into x0 (b, L, e) and the gate z (b, L, e);
+    2. x = SiLU(causal depthwise conv1d of x0 over time, width k, left-padded, with bias)   (b, L, e);
+    3. x_proj(x) splits into dt_low (b, L, r), B (b, L, n), C (b, L, n);
+    4. Δ = softplus(dt_low · dt_proj.weightᵀ + dt_proj.bias)   (b, L, e): "delta";
+    5. A = −exp(A_log) (e, n); discretised Ā_t = exp(Δ_t A), and the input term Δ_t B_t x_t;
+    6. the scan, per channel and state: s_t = Ā_t s_{t−1} + Δ_t B_t x_t, y_t = C_t · s_t + D x_t;
+    7. u = y · SiLU(z) (b, L, e), and out_proj(u) (b, L, d) is the mixer's output.
+The recomputation follows these steps, in float32 (float64 for a float64 model), and is
 verified by `check_reconstruction`: `out_proj(u)` must equal the mixer's real output. Hugging Face does
 not call `conv1d` / `dt_proj` as modules (and fuses everything on CUDA), so hooks on them capture
 nothing; the mixer's *input* is the only reliable capture point.
@@ -45,7 +53,7 @@ class MixerInternals:
 
 
 def mixer_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Steps 1-5 of METHODS §1: x, z, Δ, B, C, A, D from the mixer input `hidden_states` (b, L, d).
+    """Steps 1-5 of the module doc: x, z, Δ, B, C, A, D from the mixer input `hidden_states` (b, L, d).
     Computed in float32 (float64 for a float64 model)."""
     f32 = torch.promote_types(hidden_states.dtype, torch.float32)
     h = hidden_states.to(f32)  # (b, L, d)
@@ -74,7 +82,7 @@ def mixer_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.
 
 
 def selective_scan_reference(x, delta, A, B, C, D):
-    """Plain sequential scan (METHODS §1 step 6), the reference every faster scan is tested against.
+    """Plain sequential scan (step 6 of the module doc), the reference every faster scan is tested against.
 
     x, delta: (b, L, e); A: (e, n); B, C: (b, L, n); D: (e,). Returns y (b, L, e), D skip included.
     """
@@ -136,8 +144,8 @@ def check_reconstruction(recomputed_out: torch.Tensor, real_out: torch.Tensor, r
     if raise_on_mismatch and not check.ok:
         raise ReconstructionError(
             f"recomputed mixer output differs from the model's: relative error {rel:.3g} > {tol:g} "
-            f"({check.dtype}); this transformers version's Mamba mixer may compute differently from "
-            "METHODS.md §1")
+            f"({check.dtype}); this transformers version's Mamba mixer may compute differently from the "
+            "steps in ssm.py's module doc")
     return check
 
 
@@ -195,7 +203,7 @@ def selective_scan_fast(x, delta, A, B, C, D):
 
 def mixer_forward(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   scan=selective_scan_fast) -> torch.Tensor:
-    """A Mamba-1 mixer's forward (METHODS §1) with a chosen scan, differentiable; float32 inside, the
+    """A Mamba-1 mixer's forward with a chosen scan, differentiable; float32 inside, the
     input's dtype out. Used in training in place of the Hugging Face slow path."""
     x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
     u = scan(x, delta, A, B, C, D) * F.silu(z)  # (b, L, e)
@@ -309,7 +317,7 @@ def blocked_inference(model, block_elements: int | None = None) -> swapped_mixer
 
 
 # --------------------------------------------------------------------------------------------------
-# Hidden attention (METHODS §2)
+# Hidden attention
 # --------------------------------------------------------------------------------------------------
 def hidden_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                      max_chunk_elements: int = 1 << 24) -> torch.Tensor:

@@ -41,3 +41,19 @@ def test_not_applicable_to_transformers_and_needs_two_texts(tokenizer):
         delta_channel_statistics(make_model("gpt2"), tokenizer, ids)
     with pytest.raises(ValueError, match="at least 2 texts"):
         delta_channel_statistics(make_model("mamba_a"), tokenizer, ids[:1])
+
+
+def test_the_pipeline_refuses_unusable_texts_before_any_stage(tokenizer, tmp_path):
+    from main import run_comprehensive_analysis
+    from utils import UserInputError
+
+    model = make_model("mamba_a")
+    with pytest.raises(ValueError, match="not a single string"):
+        run_comprehensive_analysis(model, tokenizer, "one text passed bare", stages=["delta"], plots_dir=tmp_path)
+    with pytest.raises(UserInputError, match="the delta stage needs at least 2 texts; got 1"):
+        run_comprehensive_analysis(model, tokenizer, ["only one"], stages=["delta"], plots_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before the stage wrote its plots
+    small = make_model("mamba_a")
+    small.resize_token_embeddings(50)  # the tokenizer's ids reach 299
+    with pytest.raises(UserInputError, match="beyond the model's 50 embeddings"):
+        run_comprehensive_analysis(small, tokenizer, ["one text", "another text"], stages=["delta"], plots_dir=tmp_path)

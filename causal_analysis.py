@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 
 from models import ArchitectureAdapter, Site, get_adapter
 from ssm import ReconstructionError, blocked_inference
-from utils import text_list, trace
+from utils import free_memory_bytes, text_list, trace
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +95,7 @@ def _edit_kwargs(site: Site, edit) -> dict:
 def _auto_batch_size(adapter: ArchitectureAdapter, L: int, n_dims: int, device) -> int:
     """How many ablations fit in a quarter of the free memory, by a generous per-row estimate
     (L positions × the widest per-layer activations: Mamba's (e, n) scan tensors, MLP width)."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = free_memory_bytes(device)
     state = int(getattr(adapter.config, "state_size", 1))
     per_row = L * adapter.inner_size * (state + 8) * 4 * 4 + adapter.config.vocab_size * 16
     cap = 256 if device.type == "cuda" else 32  # on a CPU, larger batches fall out of cache (measured)

@@ -77,6 +77,19 @@ def neuron_counts(adapter, site_stats: dict | None = None) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Analytic FLOPs
 # --------------------------------------------------------------------------------------------------
+def forward_bytes_estimate(adapter, seq_len: int) -> int:
+    """A generous estimate of the activation memory of one batch-1 forward at `seq_len`, made before
+    running it, so that a length that cannot fit is skipped instead of exhausting the machine: the
+    float32 logits L·V·4, plus per layer Mamba's (L, e, n) scan tensors L·e·(n + 8)·16 or a Transformer's
+    L·(f + 4d)·16 and its attention scores 3·h·L²·4 (a few tensors of each kind live at once)."""
+    c, L = adapter.config, int(seq_len)
+    logits = L * int(c.vocab_size) * 4
+    if adapter.is_mamba:
+        return logits + L * adapter.inner_size * (int(c.state_size) + 8) * 16
+    heads = int(getattr(c, "n_head", None) or c.num_attention_heads)
+    return logits + L * (adapter.inner_size + 4 * adapter.hidden_size) * 16 + 3 * heads * L * L * 4
+
+
 def flops_per_token(adapter, seq_len: int) -> dict:
     """Analytic forward FLOPs per token at context `seq_len` (formulas in the module doc)."""
     c = adapter.config
@@ -146,6 +159,8 @@ def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: 
     import torch
     from tqdm.auto import tqdm
 
+    from utils import free_memory_bytes
+
     device = next(model.parameters()).device
     pool = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).ravel()
     if len(pool) == 0:
@@ -159,6 +174,11 @@ def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: 
     for L in tqdm(seq_lengths, desc="efficiency", disable=not progress, leave=False):
         if limit is not None and L > limit:
             skipped.append({"seq_len": L, "reason": f"beyond the model's {limit} positions"})
+            continue
+        need, free = forward_bytes_estimate(adapter, L), free_memory_bytes(device)
+        if need > free / 2:
+            skipped.append({"seq_len": L, "reason": f"would need about {need / 2 ** 30:.3g} GiB (estimated), more "
+                                                    f"than half the {free / 2 ** 30:.3g} GiB free"})
             continue
         if len(points) >= 1:
             growth = points[-1]["time_s"] / points[-2]["time_s"] if len(points) >= 2 else 2.0

@@ -763,13 +763,13 @@ def _main(args, argv) -> int:
         warnings["texts"] = textset.warning
     check_text_count(stages, adapter.is_mamba, len(textset.texts), args)
     compare_source = compare_warning = compare_files = None
-    if "comparison" in stages:  # a missing or broken comparison model fails here, before any stage runs
+    if "comparison" in stages or args.compare_model is not None:  # a missing or broken one fails here
         from comparison_wrapper import resolve_compare_model
 
         compare_source, compare_warning = resolve_compare_model(args.compare_model, adapter.family)
         warnings["compare"] = compare_warning
         compare_files = inspect_model(compare_source, "--compare_model")
-        if "causal" in stages:  # the comparison scores the same prompts on the other model
+        if {"causal", "comparison"} <= set(stages):  # the comparison scores the same prompts on the other model
             check_prompts(compare_files.tokenizer, prompts or DEFAULT_PROMPTS, max_positions(compare_files.config),
                           f"{where} on --compare_model {compare_source.requested}")
 

@@ -149,6 +149,15 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def free_memory_bytes(device) -> int:
+    """Memory free for new tensors now: the GPU's free memory on CUDA, else the host's free pages."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
 

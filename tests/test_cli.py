@@ -171,6 +171,7 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--compare_model", "{unsupported}"], "--compare_model {unsupported}: architecture 'bert'"),
     (["--model", M, "--compare_model", "{trunc}"], "--compare_model {trunc}: weight file model.safetensors is damaged"),
     (["--model", M, "--compare_model", "{notok}"], "--compare_model {notok}: its tokenizer"),
+    (["--model", M, "--stages", "delta", "--compare_model", "{badcfg}"], "--compare_model {badcfg}: could not be"),
     # flags checked against the model's shape
     (["--model", M, "--layer", "5"], "valid layers are 0..2"),
     (["--model", M, "--layer", "-1"], "valid layers are 0..2"),

@@ -59,3 +59,18 @@ def test_peak_memory_counts_a_known_allocation():
 
     peak = ef.peak_forward_memory(Alloc(), torch.zeros(1, 3, dtype=torch.long, device=DEVICE))
     assert 4_000_000 <= peak < 4_100_000
+
+
+@pytest.mark.parametrize("kind", ["mamba_b", "gpt2"])
+def test_a_length_that_cannot_fit_is_skipped_before_it_runs(kind):
+    """The memory estimate bounds what was measured, and a length far beyond the machine's memory is
+    skipped with the estimate as its reason (never run, so never an out-of-memory kill)."""
+    model = make_model(kind).to(DEVICE)
+    adapter = get_adapter(model)
+    r = ef.scaling_curve(model, adapter, np.arange(50), [10 ** 12, 64, 256, 256], budget_s=60)
+    assert [p["seq_len"] for p in r["points"]] == [64, 256]  # sorted, repeats once
+    for p in r["points"]:
+        assert p["peak_memory_bytes"] <= ef.forward_bytes_estimate(adapter, p["seq_len"])
+    (skip,) = r["skipped"]
+    assert skip["seq_len"] == 10 ** 12
+    assert ("positions" in skip["reason"]) if adapter.max_positions else ("estimated" in skip["reason"])

@@ -336,6 +336,7 @@ def inspect_model(source: ModelSource, flag: str = "--model") -> ModelFiles:
 
 def _check_weight_files(folder: Path, flag: str, name: str) -> None:
     import json
+    import zipfile
 
     from safetensors import SafetensorError, safe_open
 
@@ -354,12 +355,16 @@ def _check_weight_files(folder: Path, flag: str, name: str) -> None:
             raise UserInputError(f"{flag} {name}: {index.name} names {missing[0]}, which is missing; "
                                  "copy the whole folder again")
     for f in files:
-        if f.suffix != ".safetensors":
-            continue
         try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
+            if f.suffix == ".safetensors":  # the header must parse and cover the whole file
+                with safe_open(str(f), framework="pt"):
+                    pass
+            else:
+                with open(f, "rb") as fh:
+                    zipped = fh.read(4) == b"PK\x03\x04"
+                if zipped:  # torch.save's zip format: a truncated file has no central directory
+                    zipfile.ZipFile(f).close()
+        except (SafetensorError, OSError, zipfile.BadZipFile) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserInputError(f"{flag} {name}: weight file {f.name} is damaged ({first[:160]}); copy or save "
                                  "the model again") from None

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import DEVICE, REPO
 from utils import OFFLINE_TEXTS_PATH, read_texts_file
@@ -112,8 +113,17 @@ def bad_inputs(model_dirs, tmp_path_factory):
         cfg = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**cfg, "model_type": "bert", "architectures": ["BertModel"]}))
 
+    def truncated_bin(path):  # the older torch.save format, cut in half
+        from safetensors.torch import load_file
+
+        torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+        f = path / "pytorch_model.bin"
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+
     out = {
-        "trunc": model_copy("trunc", truncate),
+        "trunc": model_copy("trunc", truncate), "truncbin": model_copy("truncbin", truncated_bin),
         "notok": model_copy("notok", lambda p: [f.unlink() for f in p.glob("*token*")]),
         "badcfg": model_copy("badcfg", lambda p: (p / "config.json").write_text("{broken")),
         "noweights": model_copy("noweights", lambda p: (p / "model.safetensors").unlink()),
@@ -163,6 +173,7 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", "{missing}"], "--model {missing}: no such folder"),
     (["--model", "{afile}"], "is a file, not a folder"),
     (["--model", "{trunc}"], "weight file model.safetensors is damaged"),
+    (["--model", "{truncbin}"], "weight file pytorch_model.bin is damaged"),
     (["--model", "{notok}"], "its tokenizer turns text into no tokens"),
     (["--model", "{badcfg}"], "--model {badcfg}: could not be loaded"),
     (["--model", "{noweights}"], "no weight files"),

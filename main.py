@@ -385,12 +385,13 @@ def resolve_stages(requested: list[str] | None, family: str | None = None, enabl
 def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: int = 10, stages=None,
                                plots_dir="plots", max_length: int = 256, prefix: str = "model",
                                progress: bool = True, attention_methods=ATTENTION_METHODS, causal=None,
-                               options=None) -> dict:
+                               options=None, on_start=None, on_stage=None) -> dict:
     """Run the stages in order on `texts` (strings) and return `analysis_results`:
     {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
     "error", "plots"}}. A failing stage is recorded and the others go on. Input that no stage could use
     (a bare string for `texts`, too few texts for a stage asked for, a text without tokens, token ids
-    beyond the model's vocabulary) raises UserInputError before the first stage."""
+    beyond the model's vocabulary) raises UserInputError before the first stage. `on_start(results)` is
+    called once the texts are tokenized, `on_stage(name, entry)` as each stage ends (main prints them)."""
     from models import NotApplicable, get_adapter
     from utils import UserInputError, text_list, tokenize_texts
 
@@ -412,6 +413,8 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
                      "architecture": adapter.describe()}
     ctx = StageContext(model, tokenizer, adapter, tokens, layer, top_k, str(plots_dir), prefix, progress,
                        tuple(attention_methods), causal or {}, results, tuple(texts), options or {})
+    if on_start is not None:
+        on_start(results)
     for name in stages:
         logger.info("stage %s: started", name)
         t0 = time.perf_counter()
@@ -425,33 +428,42 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
             entry = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
         entry["wall_time_s"] = round(time.perf_counter() - t0, 4)
         results[name] = entry
+        if on_stage is not None:
+            on_stage(name, entry)
     return results
 
 
 # --------------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------------
-def print_summary(results: dict, stages: list[str]) -> None:
+def print_header(results: dict) -> None:
+    """The summary's first lines: model, layer, dtype, device, seed, texts."""
     run = results["run"]
     family = results["architecture"]["display_name"]
     print(f"\n=== {family} neuron analysis: {run['model']} ({run['model_class']}, {run['model_source']}) ===")
     print(f"layer {run['layer']} | {run['dtype']} on {run['device']} | seed {run['seed']}")
     t = results["texts"]
     print(f"texts: {t['n_texts']} from {t['source']} | {t['n_tokens']} tokens | "
-          f"{t['n_truncated']} truncated to {t['max_length']} tokens")
-    for name in stages:
-        e = results[name]
-        head = f"[{name}] {e['status']} ({e['wall_time_s']:.2f} s)"
-        if e["status"] == "not_applicable":
-            print(f"{head}: {e['reason']}")
-        elif e["status"] == "error":
-            print(f"{head}: {e['error']}")
-        else:
-            print(head)
-            SUMMARIES.get(name, lambda r: None)(e["results"])
-            for p in e.get("plots", []):
-                print(f"    plot: {p}")
-    for note in run.get("notes", []):
+          f"{t['n_truncated']} truncated to {t['max_length']} tokens", flush=True)
+
+
+def print_stage(name: str, e: dict) -> None:
+    """One stage's summary (main prints it as soon as the stage ends)."""
+    head = f"[{name}] {e['status']} ({e['wall_time_s']:.2f} s)"
+    if e["status"] == "not_applicable":
+        print(f"{head}: {e['reason']}")
+    elif e["status"] == "error":
+        print(f"{head}: {e['error']}")
+    else:
+        print(head)
+        SUMMARIES.get(name, lambda r: None)(e["results"])
+        for p in e.get("plots", []):
+            print(f"    plot: {p}")
+    sys.stdout.flush()  # a user watching a long run (or a tee'd log) sees each stage when it ends
+
+
+def print_footer(results: dict, stages: list[str]) -> None:
+    for note in results["run"].get("notes", []):
         print(f"note: {note}")
     errors = [n for n in stages if results[n]["status"] == "error"]
     if errors:
@@ -789,6 +801,11 @@ def _main(args, argv) -> int:
 
     results = {"run": run_metadata(args, argv, loaded, device, dtype, start)}
     results["run"]["notes"] += [n for n in (warnings.get("model"), *notes) if n]
+
+    def on_start(partial: dict) -> None:  # the header as soon as the texts are tokenized
+        partial["texts"].update(source=textset.source, warning=textset.warning)
+        print_header({"run": results["run"], **partial})
+
     results.update(run_comprehensive_analysis(
         loaded.model, loaded.tokenizer, textset.texts, layer=args.layer, top_k=args.top_k, stages=stages,
         plots_dir=args.plots_dir, max_length=max_length, prefix=prefix,
@@ -799,11 +816,10 @@ def _main(args, argv) -> int:
                  "dead_eps": args.dead_eps, "compare_model": args.compare_model, "seq_lengths": args.seq_lengths,
                  "budget": args.efficiency_budget, "device": device, "dtype": dtype,
                  "compare_source": compare_source, "compare_warning": compare_warning,
-                 "compare_files": compare_files}))
-    results["texts"].update(source=textset.source, warning=textset.warning)
+                 "compare_files": compare_files}, on_start=on_start, on_stage=print_stage))
     results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
     results["run"]["total_time_s"] = round(time.time() - start, 3)
-    print_summary(results, stages)
+    print_footer(results, stages)
     failed = any(results[s]["status"] == "error" for s in stages)
     if args.save_results:
         try:

@@ -464,3 +464,24 @@ def test_a_results_file_that_cannot_be_written_is_one_line_and_exit_1(model_dirs
     assert "[delta] ok" in out
     assert err.strip().splitlines() == [f"error: results not written to analysis_outputs/{model_dirs['mamba_a'].name}"
                                         f"_layer0_results.json (No space left on device)"]
+
+
+def test_each_stage_is_printed_as_soon_as_it_ends(model_dirs, texts_file, tmp_path, monkeypatch, capsys):
+    """While the second stage runs, the header and the first stage's summary are already on stdout."""
+    import main
+
+    seen = {}
+    real = main.STAGE_FUNCTIONS["causal"]
+
+    def watching(ctx):
+        seen["before causal"] = capsys.readouterr().out
+        return real(ctx)
+
+    monkeypatch.setitem(main.STAGE_FUNCTIONS, "causal", watching)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--stages", "delta,causal",
+            "--no_progress"] + (["--device", DEVICE.type] if DEVICE.type != "cpu" else [])
+    assert main.main(args) == 0
+    before, after = seen["before causal"], capsys.readouterr().out
+    assert "=== Mamba neuron analysis" in before and "[delta] ok" in before and "top delta-sensitive" in before
+    assert "[causal]" not in before and "[causal] ok" in after and "[delta]" not in after

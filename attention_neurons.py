@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from models import get_adapter, require_mamba
-from ssm import (apply_hidden_attention, check_reconstruction, hidden_attention, mixer_projections, project_out,
-                 recompute_mixer)
+from ssm import (apply_hidden_attention, check_reconstruction, fast_scan_training, hidden_attention_chunked,
+                 mixer_projections, project_out, recompute_mixer)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ def _normalise(m: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(m))
 
 
+def _normalised_abs(alpha: torch.Tensor) -> torch.Tensor:
+    """`_normalise(alpha.abs())` with one new tensor and fewer passes over it: when every map's minimum
+    is 0 (any causal map with L >= 2) the normalisation is a per-map scale, applied in place."""
+    m = alpha.abs()
+    lo, hi = m.amin((-1, -2), keepdim=True), m.amax((-1, -2), keepdim=True)
+    if bool((lo == 0).all()):
+        return m.mul_(torch.where(hi > 0, 1.0 / torch.where(hi > 0, hi, 1.0), 0.0))
+    return _normalise(m)
+
+
 def _rownorm(m: torch.Tensor) -> torch.Tensor:
     return m / m.sum(-1, keepdim=True)
 
@@ -94,7 +104,7 @@ def rollout_step(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> t
     L = alpha.shape[-1]
     eye = torch.eye(L, dtype=alpha.dtype, device=alpha.device)
     previous = eye if previous is None else previous
-    return _rownorm(_normalise(alpha.abs()).mean(0) + eye) @ previous  # (L, L)
+    return _rownorm(_normalised_abs(alpha).mean(0) + eye) @ previous  # (L, L)
 
 
 def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> tuple[NeuronScores, torch.Tensor]:
@@ -109,9 +119,13 @@ def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> 
     L = alpha.shape[-1]
     eye = torch.eye(L, dtype=alpha.dtype, device=alpha.device)
     previous = eye if previous is None else previous
-    per_channel = _rownorm(_normalise(alpha.abs()) + eye) @ previous  # (e, L, L)
-    carried = 1.0 - torch.diagonal(per_channel, dim1=-2, dim2=-1)  # (e, L)
-    R = rollout_step(alpha, previous)
+    # only the diagonal of Ĉ^c is used: Ĉ^c[i, i] = Σ_k (N^c[i, k] + δ_ik) R[k, i] / Σ_k (N^c[i, k] + δ_ik),
+    # N^c = normalise(|α^c|): e·L² work instead of the e·L³ of forming every Ĉ^c
+    N = _normalised_abs(alpha)  # (e, L, L)
+    diag_R = torch.diagonal(previous)  # (L,)
+    own = (N * previous.T).sum(-1) + diag_R  # (e, L)
+    carried = 1.0 - own / (N.sum(-1) + 1.0)  # (e, L)
+    R = _rownorm(N.mean(0) + eye) @ previous  # (L, L), = rollout_step(alpha, previous)
     scores = NeuronScores("rollout", carried.mean(-1).cpu().numpy(), carried.std(-1, unbiased=False).cpu().numpy(),
                           R.cpu().numpy())
     return scores, R
@@ -160,7 +174,7 @@ class MambaAttentionNeurons:
             mixer = self.adapter.mixer(layer)
             with torch.no_grad():
                 x, z, delta, B, C, A, D = mixer_projections(mixer, h_in, mask)  # no sequential scan needed:
-                alpha = hidden_attention(delta, A, B, C)  # (b, e, L, L)
+                alpha = hidden_attention_chunked(delta, A, B, C)  # (b, e, L, L); == hidden_attention (tested)
                 y = apply_hidden_attention(alpha, x, D)  # (b, L, e), the scan output via α
                 check = check_reconstruction(project_out(mixer, y * F.silu(z)), real_out)
             data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": x, "y": y,
@@ -183,7 +197,9 @@ class MambaAttentionNeurons:
             check_reconstruction(it.out, real_out)
             y, z = it.y, it.z
         y = y.clone().requires_grad_(True)  # (b, L, e)
-        with torch.enable_grad():
+        # the layers above run the same recurrence through the fast scan, whose hand-written backward is
+        # O(b L e n); autograd through transformers' step-by-step slow path costs O(L²) memory traffic
+        with torch.enable_grad(), fast_scan_training(self.model):
             out = project_out(mixer, y * F.silu(z))  # (b, L, d)
             path = self.adapter.mixer_path(layer)
             with trace(self.model, [path], retain_output=False,

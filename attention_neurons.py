@@ -56,8 +56,9 @@ def _contribution_scores(method: str, contrib: torch.Tensor) -> NeuronScores:
     token map = mean over channels of contrib^c."""
     L = contrib.shape[-1]
     n_causal = L * (L + 1) / 2
-    activations = contrib.sum((-1, -2)) / n_causal  # (e,)
-    importance = contrib.sum(-1).std(-1, unbiased=False)  # (e,)
+    rows = contrib.sum(-1)  # (e, L): Σ_j contrib^c[i, j]
+    activations = rows.sum(-1) / n_causal  # (e,)
+    importance = rows.std(-1, unbiased=False)  # (e,)
     return NeuronScores(method, activations.cpu().numpy(), importance.cpu().numpy(),
                         contrib.mean(0).cpu().numpy())
 
@@ -65,7 +66,7 @@ def _contribution_scores(method: str, contrib: torch.Tensor) -> NeuronScores:
 def attention_weighted(alpha: torch.Tensor, x: torch.Tensor) -> NeuronScores:
     """contrib^c[i, j] = |α^c[i, j] · x^c_j|: what token j sends to token i through channel c.
     Scores as in `_contribution_scores`. α (e, L, L), x (L, e)."""
-    contrib = (alpha * x.T[:, None, :]).abs()  # (e, L, L)
+    contrib = torch.mul(alpha, x.T[:, None, :]).abs_()  # (e, L, L), one new tensor
     return _contribution_scores("attention_weighted", contrib)
 
 
@@ -73,7 +74,7 @@ def gradient_guided(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> Ne
     """contrib^c[i, j] = ReLU(g^c_i · α^c[i, j] · x^c_j) with g^c_i = ∂ logit[target] / ∂ y^c_i (autograd;
     target = the model's predicted next token at the last position). Scores as in
     `_contribution_scores`. α (e, L, L), x and g (L, e)."""
-    contrib = F.relu(g.T[:, :, None] * alpha * x.T[:, None, :])  # (e, L, L)
+    contrib = torch.mul(alpha, g.T[:, :, None]).mul_(x.T[:, None, :]).relu_()  # (e, L, L), one new tensor
     return _contribution_scores("gradient_guided", contrib)
 
 

@@ -48,9 +48,11 @@ def resolve_compare_model(name: str | None, main_family: str):
 
 
 def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: float | None, eps: float,
-                  seq_lengths, budget_s: float, progress: bool = False, efficiency: dict | None = None) -> dict:
-    """Every layer's sparsity, the multi-layer table and the efficiency metrics of one model (`efficiency`:
-    already measured for this model, e.g. by the efficiency stage, and then not measured again)."""
+                  seq_lengths, budget_s: float, progress: bool = False, efficiency: dict | None = None,
+                  sparsity: dict | None = None) -> dict:
+    """Every layer's sparsity, the multi-layer table and the efficiency metrics of one model. `efficiency`
+    and `sparsity` ({layer: dict} for every layer): already measured for this model on these texts with
+    the same threshold and eps (e.g. by the efficiency and sparsity stages), and then not measured again."""
     import torch
 
     import efficiency as ef
@@ -59,8 +61,11 @@ def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: 
 
     limit = run.adapter.max_positions
     tokens = tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
-    per_layer = sp.layer_sparsity(run.model, run.adapter, tokens.input_ids, range(run.adapter.n_layers), threshold,
-                                  eps, progress=progress)
+    if sparsity is not None and set(sparsity) == set(range(run.adapter.n_layers)):
+        per_layer = sparsity
+    else:
+        per_layer = sp.layer_sparsity(run.model, run.adapter, tokens.input_ids, range(run.adapter.n_layers),
+                                      threshold, eps, progress=progress)
     pool = torch.cat([ids[0] for ids in tokens.input_ids]).cpu().numpy()
     eff = efficiency or ef.efficiency_metrics(run.model, run.adapter, pool, per_layer[layer], seq_lengths, budget_s,
                                               progress)
@@ -73,20 +78,20 @@ def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: 
 def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_length: int = 256,
                    threshold: float | None = None, eps: float = 1e-6, sparsity_layers=(0, 1, 2),
                    seq_lengths=None, budget_s: float = 15.0, causal: dict | None = None,
-                   causal_opts: dict | None = None, progress: bool = False, main_efficiency: dict | None = None
-                   ) -> dict:
+                   causal_opts: dict | None = None, progress: bool = False, main_efficiency: dict | None = None,
+                   main_sparsity: dict | None = None) -> dict:
     """Both models through the same measurements. `layer` is the main model's; the other model is read
     at the layer of the same relative depth. `causal`: the main model's causal-stage results (scores
     over a site); when given, the other model's impacts are computed at its matched layer with the same
     prompts and ablation, on its default site. `main_efficiency`: the main model's efficiency metrics if
-    already measured (with the same threshold)."""
+    already measured (with the same threshold); `main_sparsity`: its sparsity at every layer, likewise."""
     import efficiency as ef
 
     seq_lengths = seq_lengths or ef.SEQ_LENGTHS
     rel = relative_depth(layer, main.adapter.n_layers)
     other_layer = matched_layer(rel, other.adapter.n_layers)
-    sides = [profile_model(run, texts, la, max_length, threshold, eps, seq_lengths, budget_s, progress, eff)
-             for run, la, eff in ((main, layer, main_efficiency), (other, other_layer, None))]
+    sides = [profile_model(run, texts, la, max_length, threshold, eps, seq_lengths, budget_s, progress, eff, spars)
+             for run, la, eff, spars in ((main, layer, main_efficiency, main_sparsity), (other, other_layer, None, None))]
     out = {"models": sides, "matched_layers": {main.label: layer, other.label: other_layer},
            "relative_depth": rel,
            "sparsity_layers": {s["label"]: [la for la in sparsity_layers if la < s["n_layers"]] for s in sides},

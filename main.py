@@ -142,6 +142,8 @@ class StageContext:
     results: dict = None  # the results of the stages run so far
     texts: tuple = ()  # the texts as strings (the comparison model tokenizes them itself)
     options: dict = None  # sparsity_layers, threshold, dead_eps, compare_model, seq_lengths, budget, device, dtype
+    stages: tuple = ()  # the stages of this run, in order
+    shared: dict = None  # what a stage measured for a later one, kept out of the results (not in the JSON)
 
 
 def stage_delta(ctx: StageContext):
@@ -282,8 +284,13 @@ def stage_sparsity(ctx: StageContext):
 
     o = ctx.options or {}
     multi = _sparsity_layers(ctx)
-    stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, sorted({ctx.layer, *multi}),
+    # the comparison needs every layer: measured here in the same two passes, so it need not pass again
+    every = "comparison" in ctx.stages
+    layers = range(ctx.adapter.n_layers) if every else sorted({ctx.layer, *multi})
+    stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, layers,
                               o.get("threshold"), o.get("dead_eps", sp.DEAD_EPS), progress=ctx.progress)
+    if every and ctx.shared is not None:
+        ctx.shared["sparsity_every_layer"] = stats
     single = stats[ctx.layer]
     chosen = {la: stats[la] for la in multi}
     plots = sp.sparsity_plots([(ctx.prefix, single)], [(ctx.prefix, chosen)], ctx.plots_dir, ctx.prefix,
@@ -343,10 +350,13 @@ def stage_comparison(ctx: StageContext):
     main_run = cw.ModelRun(ctx.prefix, ctx.model, ctx.tokenizer, ctx.adapter, "main")
     other = cw.ModelRun(label, loaded.model, loaded.tokenizer, get_adapter(loaded.model), source.origin)
     causal = (ctx.results or {}).get("causal", {})
+    limit = ctx.adapter.max_positions
+    same_tokens = limit is None or ctx.tokens.max_length <= limit  # as the comparison tokenizes the texts
     comp = cw.compare_models(main_run, other, list(ctx.texts), ctx.layer, ctx.tokens.max_length, o.get("threshold"),
                              o.get("dead_eps", 1e-6), _sparsity_layers(ctx), o.get("seq_lengths"),
                              o.get("budget", 15.0), causal["results"] if causal.get("status") == "ok" else None,
-                             ctx.causal, ctx.progress, main_efficiency=_efficiency_if_done(ctx))
+                             ctx.causal, ctx.progress, main_efficiency=_efficiency_if_done(ctx),
+                             main_sparsity=(ctx.shared or {}).get("sparsity_every_layer") if same_tokens else None)
     comp["compare_model"] = {"requested": source.requested, "source": source.origin,
                              "resolved_path": source.resolved_path, "warning": warning}
     comp["methods_at_matched_layers"] = cp.methods_table(comp)
@@ -412,7 +422,8 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
                                "max_length": max_length, "n_truncated": tokens.n_truncated},
                      "architecture": adapter.describe()}
     ctx = StageContext(model, tokenizer, adapter, tokens, layer, top_k, str(plots_dir), prefix, progress,
-                       tuple(attention_methods), causal or {}, results, tuple(texts), options or {})
+                       tuple(attention_methods), causal or {}, results, tuple(texts), options or {}, tuple(stages),
+                       {})
     if on_start is not None:
         on_start(results)
     for name in stages:

@@ -99,3 +99,32 @@ def test_comparison_json_and_matching(comparison_run):
 
 def test_methods_table_matches_plotted_methods():
     assert [m for m, _ in cp.METHODS][0] == "traditional" and len(cp.METHODS) == 7
+
+
+def test_the_comparison_reuses_the_sparsity_stage_and_gets_the_same_numbers(model_dirs, tmp_path, monkeypatch):
+    """With the sparsity stage in the run, the main model's activations are streamed once (every layer,
+    in the sparsity stage's two passes), and the comparison's per-layer sparsity of the main model
+    equals what it measures on its own."""
+    import comparison_wrapper as cw
+    from main import run_comprehensive_analysis
+    from models import get_adapter, load_model_and_tokenizer
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+    main_model, tok, _ = load_model_and_tokenizer(str(model_dirs["mamba_b"]))
+    texts = read_texts_file(OFFLINE_TEXTS_PATH)[:6]
+    calls = []
+    real = sp.layer_sparsity
+    monkeypatch.setattr(sp, "layer_sparsity", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    opts = {"compare_model": str(model_dirs["gpt2"]), "seq_lengths": [16], "budget": 5.0}
+    res = run_comprehensive_analysis(main_model, tok, texts, layer=1, stages=["sparsity", "comparison"],
+                                     plots_dir=tmp_path, max_length=40, progress=False, options=opts)
+    assert res["comparison"]["status"] == "ok", res["comparison"].get("error")
+    assert sum(m is main_model for m in calls) == 1  # the sparsity stage's pass only
+    alone = cw.profile_model(cw.ModelRun("m", main_model, tok, get_adapter(main_model)), texts, 1, 40, None, 1e-6,
+                             [16], 5.0)
+    shared = res["comparison"]["results"]["models"][0]["sparsity_by_layer"]
+    assert set(shared) == set(alone["sparsity_by_layer"]) == {0, 1, 2}
+    for la, stats in alone["sparsity_by_layer"].items():
+        assert shared[la]["gini"] == stats["gini"] and shared[la]["percentile"] == stats["percentile"]
+        np.testing.assert_array_equal(shared[la]["neuron_mean_abs"], stats["neuron_mean_abs"])
+    assert res["sparsity"]["results"]["single"]["gini"] == shared[1]["gini"]

@@ -142,3 +142,31 @@ def test_sparsity_thresholds_must_be_finite_and_streams_not_empty():
     # a NaN in a later chunk of a stream is found too
     with pytest.raises(ValueError, match="NaN"):
         sp.stream_sparsity(lambda: [a, np.full((2, 6), np.nan)], 6, 0.01)
+
+
+def test_model_sparsity_equals_the_model_own_forward_and_a_wrong_fast_forward_is_caught(tokenizer, monkeypatch):
+    """layer_sparsity streams a Mamba through the blocked mixer forward: its statistics equal those of the
+    activations captured through the model's own forward, and a blocked forward that computed something
+    else is refused on the first text."""
+    import ssm
+    from utils import tokenize_texts, trace, OFFLINE_TEXTS_PATH, read_texts_file
+
+    model = make_model("mamba_b").to(DEVICE)
+    adapter = get_adapter(model)
+    ids = tokenize_texts(tokenizer, read_texts_file(OFFLINE_TEXTS_PATH)[:5], 32).input_ids
+    site = adapter.site("ssm", 1)
+    own = []
+    for x in ids:
+        with torch.no_grad(), trace(model, [site.path], retain_input=True) as tr:
+            model(input_ids=x.to(DEVICE), use_cache=False)
+        own.append(tr[site.path].input[0].float().cpu().numpy())  # (L, e)
+    expected = sp.comprehensive_sparsity(np.concatenate(own), 0.01)
+    got = sp.layer_sparsity(model, adapter, ids, [1], 0.01)[1]
+    for key in ("gini", "hoyer", "percentile", "optimal_threshold"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-9), key
+    np.testing.assert_allclose(got["neuron_mean_abs"], expected["neuron_mean_abs"], rtol=1e-9)
+
+    real = ssm.mixer_forward_blocked
+    monkeypatch.setattr(ssm, "mixer_forward_blocked", lambda mixer, h, *a, **k: real(mixer, h, *a, **k) * 1.001)
+    with pytest.raises(ssm.ReconstructionError, match="blocked mixer forward differs"):
+        sp.layer_sparsity(model, adapter, ids, [1, 2], 0.01)

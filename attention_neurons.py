@@ -1,6 +1,7 @@
 """Attention neurons of Mamba: the e channels seen through their hidden attention.
 
-Every α is computed by `ssm.hidden_attention` from the recomputed Δ, A, B, C and verified: `(α x + D x) ·
+Every α is computed by `ssm.hidden_attention_chunked` (block-wise; equal to the direct
+`ssm.hidden_attention` to float rounding, tested) from the recomputed Δ, A, B, C and verified: `(α x + D x) ·
 SiLU(z)` through `out_proj` must equal the mixer's real output, or ReconstructionError is raised.
 
 The method functions (`attention_weighted`, `gradient_guided`, `rollout_layer`) are pure functions of one
@@ -186,7 +187,9 @@ class MambaAttentionNeurons:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer`, target (b,) = the predicted next token at
         the last position. The mixer's output is replaced by out_proj(y · SiLU(z)) computed from a leaf
-        y (numerically the mixer's own output, verified), so autograd reaches y exactly. `y`, `z`
+        y (numerically the mixer's own output, verified), so autograd reaches y exactly. Every mixer runs
+        the fast scan in this pass (`ssm.fast_scan_training`: the same recurrence, tested against the
+        reference scan, so the logits equal the model's to float rounding) for its cheap backward. `y`, `z`
         (b, L, e): already verified internals of this layer for these inputs, to skip recomputing them."""
         from delta_extraction import capture_mixer_io
         from utils import trace

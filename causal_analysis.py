@@ -88,6 +88,21 @@ def _ablator(dims: torch.Tensor, scale: float, values: torch.Tensor | None):
     return edit
 
 
+def _ablation_dims(dims, width: int, where: str, intervention_scale: float) -> torch.Tensor:
+    """`dims` as a LongTensor (K,), checked: a non-empty list of whole numbers in 0..width−1 (a bare
+    string is refused, not read character by character), with a finite intervention scale."""
+    if not math.isfinite(intervention_scale):
+        raise ValueError(f"intervention_scale {intervention_scale}: must be a finite number")
+    if isinstance(dims, (str, bytes)):
+        raise ValueError(f"dims must be a list of whole numbers, not a string: {dims!r}")
+    out = torch.as_tensor(list(dims), dtype=torch.long)  # (K,)
+    if len(out) == 0:
+        raise ValueError("dims is empty; give at least one dimension (None: every dimension)")
+    if out.min() < 0 or out.max() >= width:
+        raise ValueError(f"dims must lie in 0..{width - 1} for {where} of width {width}; got {out.tolist()[:8]}")
+    return out
+
+
 def _edit_kwargs(site: Site, edit) -> dict:
     return {"edit_input": edit} if site.capture == "input" else {"edit_output": edit}
 
@@ -163,21 +178,13 @@ def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | 
     prompts = text_list(prompts, "prompts")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation {ablation!r} is unknown; choose one of {', '.join(ABLATIONS)}")
-    if not math.isfinite(intervention_scale):
-        raise ValueError(f"intervention_scale {intervention_scale}: must be a finite number")
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size {batch_size!r}: must be a whole number of at least 1 (or None: automatic)")
     adapter = get_adapter(model)
     site_name = site or adapter.default_causal_site
     s = adapter.site(site_name, layer_idx)
     local = adapter.site(site_name, 0)  # the same site inside run_from_layer
-    if isinstance(dims, (str, bytes)):
-        raise ValueError(f"dims must be a list of whole numbers, not a string: {dims!r}")
-    asked = torch.arange(s.size) if dims is None else torch.as_tensor(list(dims), dtype=torch.long)  # (K,)
-    if dims is not None and len(asked) == 0:
-        raise ValueError("dims is empty; give at least one dimension, or None for every dimension")
-    if asked.min() < 0 or asked.max() >= s.size:
-        raise ValueError(f"dims must lie in 0..{s.size - 1} for site {site_name} of width {s.size}")
+    asked = _ablation_dims(range(s.size) if dims is None else dims, s.size, f"site {site_name}", intervention_scale)
     dims, back = torch.unique(asked, return_inverse=True)  # a repeated dim is scanned once; back: (K,) into it
     device = next(model.parameters()).device
     cleans = [clean_run(model, adapter, ids, layer_idx, s) for ids in _tokenize(tokenizer, prompts, device)]
@@ -241,13 +248,7 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
     adapter = get_adapter(model)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be one string; got {type(prompt).__name__} (call once per prompt)")
-    if isinstance(dims, (str, bytes)):
-        raise ValueError(f"dims must be a list of whole numbers, not a string: {dims!r}")
-    dims = torch.as_tensor(list(dims), dtype=torch.long)  # (K,)
-    if len(dims) == 0 or dims.min() < 0 or dims.max() >= adapter.hidden_size:
-        raise ValueError(f"dims must be a non-empty list in 0..{adapter.hidden_size - 1}; got {dims.tolist()}")
-    if not math.isfinite(intervention_scale):
-        raise ValueError(f"intervention_scale {intervention_scale}: must be a finite number")
+    dims = _ablation_dims(dims, adapter.hidden_size, "the residual stream", intervention_scale)  # (K,)
     if adapter.site(site, 0).size != adapter.hidden_size:
         raise ValueError(f"cross-layer influence reads the residual stream (width {adapter.hidden_size}); "
                          f"site {site!r} has a different width")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import UserInputError, hub_offline, hub_reachable
+from utils import UserInputError, first_line, hub_offline, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class ArchitectureAdapter:
                     int(getattr(self, spec.size_attr)))
 
     def describe(self) -> dict:
-        return {"family": self.family, "display_name": self.display_name, "n_layers": self.n_layers, "hidden_size": self.hidden_size,
+        return {"family": self.family, "display_name": self.display_name, "n_layers": self.n_layers,
+                "hidden_size": self.hidden_size,
                 "inner_size": self.inner_size,
                 "sites": {n: {"path": s.path, "capture": s.capture, "size": int(getattr(self, s.size_attr)),
                               "description": s.description} for n, s in self.sites.items()}}
@@ -309,8 +310,7 @@ def _reading(source: ModelSource, flag: str):
     except UserInputError:
         raise
     except _load_errors() as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserInputError(f"{flag} {source.requested}: could not be loaded ({first[:200]}); "
+        raise UserInputError(f"{flag} {source.requested}: could not be loaded ({first_line(exc)[:200]}); "
                              "check the hub id or the folder's contents") from None
 
 
@@ -365,8 +365,7 @@ def _check_weight_files(folder: Path, flag: str, name: str) -> None:
                 if zipped:  # torch.save's zip format: a truncated file has no central directory
                     zipfile.ZipFile(f).close()
         except (SafetensorError, OSError, zipfile.BadZipFile) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserInputError(f"{flag} {name}: weight file {f.name} is damaged ({first[:160]}); copy or save "
+            raise UserInputError(f"{flag} {name}: weight file {f.name} is damaged ({first_line(exc)[:160]}); copy or save "
                                  "the model again") from None
 
 

@@ -79,8 +79,10 @@ def _finite_number(name: str, value) -> float:
 def _abs32(a: np.ndarray) -> np.ndarray:
     """|a| (checked by `_as_2d`) rounded to float32, flattened: the values the quantiles are order
     statistics of."""
-    x = np.abs(a.astype(np.float32)).ravel()
-    _check_finite(x, "activations (as float32)")
+    with np.errstate(over="ignore"):  # an overflow is reported just below, in words
+        x = np.abs(a.astype(np.float32)).ravel()
+    if x.size and not np.isfinite(x.max()):  # finite in float64, beyond float32's range: |a| > 3.4e38
+        raise ValueError("activations overflow float32 (|a| > 3.4e38)")
     return x
 
 
@@ -107,7 +109,11 @@ def percentile(a, percentiles=PERCENTILES) -> dict:
 
 def token_entropy(a) -> np.ndarray:
     """Normalised entropy H per token (tokens,), float64; NaN for a token whose activations are all 0."""
-    a = _as_2d(a)
+    return _token_entropy(_as_2d(a))
+
+
+def _token_entropy(a: np.ndarray) -> np.ndarray:
+    """`token_entropy` of an array already checked by `_as_2d` (not checked again on the streamed path)."""
     n = a.shape[1]
     sq = a * a
     total = sq.sum(axis=1, keepdims=True)  # (T, 1)
@@ -272,7 +278,7 @@ class SparsityAccumulator:
         absa = np.abs(a)
         self.sum_abs += absa.sum(axis=0)
         np.maximum(self.max_abs, absa.max(axis=0), out=self.max_abs)
-        h = token_entropy(a)
+        h = _token_entropy(a)
         ok = np.isfinite(h)
         self.entropy_sum += float(h[ok].sum())
         self.entropy_count += int(ok.sum())

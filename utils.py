@@ -29,6 +29,12 @@ class UserInputError(ValueError):
     """Bad input from the user: main.py prints the message on one line and exits with status 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # --------------------------------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +432,7 @@ def load_texts(texts_file=None, limit: int = 100) -> TextSet:
         texts = _load_dataset_texts(name, config, split, limit)
         return TextSet(texts, f"{name} {config} {split} (datasets)")
     except (OSError, ImportError, _datasets_error()) as exc:  # unreachable or uncached: say so, use ours
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
     warning = (f"default corpus {name}/{config} is not available ({reason[:160]}); "
                f"using the {OFFLINE_TEXTS_PATH.name} texts shipped in the repo instead")
     return TextSet(read_texts_file(OFFLINE_TEXTS_PATH)[:limit], f"offline:{OFFLINE_TEXTS_PATH}", warning)

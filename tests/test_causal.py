@@ -180,7 +180,7 @@ def test_an_overflowing_scale_is_an_error_not_nan(tokenizer):
 
 
 @pytest.mark.parametrize("prompt, dims, message", [
-    (PROMPTS, [1], "one string"), (PROMPTS[0], [], "non-empty"), (PROMPTS[0], [99], "in 0..23"),
+    (PROMPTS, [1], "one string"), (PROMPTS[0], [], "dims is empty"), (PROMPTS[0], [99], "in 0..23"),
     (PROMPTS[0], "3", "not a string")])
 def test_cross_layer_refuses_bad_arguments(prompt, dims, message, tokenizer):
     with pytest.raises(ValueError, match=message):

@@ -139,6 +139,8 @@ def test_sparsity_thresholds_must_be_finite_and_streams_not_empty():
         sp.stream_sparsity(lambda: [], 6, 0.01)
     with pytest.raises(ValueError, match="no activations were seen"):
         sp.stream_sparsity(lambda: [np.zeros((0, 6))], 6, 0.01)
+    with pytest.raises(ValueError, match="overflow float32"):  # finite in float64, not as float32 order statistics
+        sp.percentile(np.full((3, 2), 1e39))
     # a NaN in a later chunk of a stream is found too
     with pytest.raises(ValueError, match="NaN"):
         sp.stream_sparsity(lambda: [a, np.full((2, 6), np.nan)], 6, 0.01)

@@ -71,19 +71,39 @@ def _with_first(value, new):
     return (new, *value[1:]) if isinstance(value, tuple) else new
 
 
-def _ablator(dims: torch.Tensor, scale: float, values: torch.Tensor | None):
-    """Edit function for `trace`: in row i of the batch, dimension dims[i] (every position) is multiplied
-    by `scale`, or set to values[i] when `values` is given. A one-row activation (1, L, W) is first
-    expanded to K = len(dims) rows, so the part of the model before the site runs once, not K times."""
+def _ablator(dims: torch.Tensor, scale: float, values: torch.Tensor | None, first_row: int = 0):
+    """Edit function for `trace`: in row first_row + i of the batch, dimension dims[i] (every position) is
+    multiplied by `scale`, or set to values[i] when `values` is given. A one-row activation (1, L, W) is
+    first expanded to first_row + K rows (K = len(dims)), so the part of the model before the site runs
+    once, not once per ablation."""
     def edit(name, value):
-        act = _first(value).expand(len(dims), -1, -1).clone()  # (K, L, W)
-        rows = torch.arange(act.shape[0], device=act.device)
+        act = _first(value)  # (B, L, W)
+        if act.shape[0] == 1:
+            act = act.expand(first_row + len(dims), -1, -1)
+        act = act.clone()  # (B, L, W)
+        rows = torch.arange(first_row, first_row + len(dims), device=act.device)
         cols = dims.to(act.device)
         if values is None:
             act[rows, :, cols] = act[rows, :, cols] * scale  # (K, L)
         else:
             act[rows, :, cols] = values[:, None].to(act.device, act.dtype)
         return _with_first(value, act)
+
+    return edit
+
+
+def _chain(first, second):
+    """Two edit functions on one module, applied in turn."""
+    return lambda path, value: second(path, first(path, value))
+
+
+def _grower(rows_by_path: dict):
+    """Edit function for `trace` on layer inputs: the batch entering the layer at `path` gets copies of
+    row 0 appended up to rows_by_path[path] rows (the rows that are ablated from that layer on)."""
+    def edit(path, value):
+        h = _first(value)  # (B, L, d)
+        extra = rows_by_path[path] - h.shape[0]
+        return _with_first(value, torch.cat([h, h[:1].expand(extra, -1, -1)]) if extra > 0 else h)
 
     return edit
 
@@ -103,8 +123,8 @@ def _ablation_dims(dims, width: int, where: str, intervention_scale: float) -> t
     return out
 
 
-def _edit_kwargs(site: Site, edit) -> dict:
-    return {"edit_input": edit} if site.capture == "input" else {"edit_output": edit}
+def _edit_kwargs(capture: str, edit) -> dict:
+    return {"edit_input": edit} if capture == "input" else {"edit_output": edit}
 
 
 def _auto_batch_size(adapter: ArchitectureAdapter, L: int, n_dims: int, device) -> int:
@@ -123,18 +143,22 @@ def _auto_batch_size(adapter: ArchitectureAdapter, L: int, n_dims: int, device) 
 @dataclass
 class CleanRun:
     input_ids: torch.Tensor  # (1, L)
-    resid_in: torch.Tensor  # (1, L, d): residual stream entering the ablated layer
-    site_act: torch.Tensor  # (1, L, W): the site's clean activations
+    resid_in: dict  # layer -> (1, L, d): the residual stream entering the layer
+    site_act: dict  # layer -> (1, L, W): the site's clean activations
     logp: torch.Tensor  # (V,) float64 log p_clean at the last position
 
 
-def clean_run(model, adapter: ArchitectureAdapter, input_ids: torch.Tensor, layer: int, site: Site) -> CleanRun:
-    block = adapter.layer_path(layer)
-    paths = list(dict.fromkeys([block, site.path]))
+def clean_run(model, adapter: ArchitectureAdapter, input_ids: torch.Tensor, layers, site_name: str) -> CleanRun:
+    """One forward of the model itself, keeping each of `layers`' input and site activations."""
+    layers = list(layers)
+    blocks = {la: adapter.layer_path(la) for la in layers}
+    sites = {la: adapter.site(site_name, la) for la in layers}
+    paths = list(dict.fromkeys([*blocks.values(), *(s.path for s in sites.values())]))
     with torch.no_grad(), trace(model, paths, retain_input=True) as tr:
         logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
-    act = tr[site.path].input if site.capture == "input" else tr[site.path].output
-    return CleanRun(input_ids, tr[block].input, act, torch.log_softmax(logits.double(), -1))
+    act = {la: tr[s.path].input if s.capture == "input" else tr[s.path].output for la, s in sites.items()}
+    return CleanRun(input_ids, {la: tr[p].input for la, p in blocks.items()}, act,
+                    torch.log_softmax(logits.double(), -1))
 
 
 def _tokenize(tokenizer, prompts, device) -> list[torch.Tensor]:
@@ -147,16 +171,6 @@ def _tokenize(tokenizer, prompts, device) -> list[torch.Tensor]:
     return out
 
 
-def _check_start_from_layer(model, c: CleanRun, tolerance: float = 1e-4) -> None:
-    """Inside run_from_layer: the unablated pass from the cached layer input must give the model's own
-    clean last-position distribution (it differs only by batched rounding, ~1e-6 in log p)."""
-    logits = model(inputs_embeds=c.resid_in, use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
-    err = (torch.log_softmax(logits.double(), -1) - c.logp).abs().max().item()
-    if err > tolerance:
-        raise ReconstructionError(f"the ablation path does not reproduce the clean run: max |Δ log p| {err:.3g} "
-                                  f"> {tolerance:g}")
-
-
 def kl_last(logp_clean: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(p_clean ‖ q) per row: logp_clean (V,) float64, logits (K, V) -> (K,) float64
     (what F.kl_div(log q, p) sums)."""
@@ -165,14 +179,62 @@ def kl_last(logp_clean: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# Ablated passes
+# --------------------------------------------------------------------------------------------------
+CHECK_TOLERANCE = 1e-4  # max |Δ log p| of the unablated pass against the model's own clean run
+
+
+def _check_start_from_layer(model, c: CleanRun, start: int) -> None:
+    """Inside run_from_layer(start): the unablated one-row pass from the cached layer input must give the
+    model's own clean last-position distribution (the same operations at the same batch shape: it
+    differs by rounding at most, usually not at all)."""
+    logits = model(inputs_embeds=c.resid_in[start], use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
+    err = (torch.log_softmax(logits.double(), -1) - c.logp).abs().max().item()
+    if err > CHECK_TOLERANCE:
+        raise ReconstructionError(f"the ablation path does not reproduce the clean run: max |Δ log p| {err:.3g} "
+                                  f"> {CHECK_TOLERANCE:g}")
+
+
+def _ablated_pass(model, adapter: ArchitectureAdapter, c: CleanRun, site_name: str, plan, scale: float
+                  ) -> torch.Tensor:
+    """Logits (R, V) at the last position of R = Σ K_ℓ ablated rows, for `plan` = [(layer ℓ, dims (K_ℓ,),
+    values (K_ℓ,) or None)] with ascending layers. Call inside `run_from_layer(model, adapter, start)`
+    with start = the first plan layer: the pass starts from c.resid_in[start] as one row. Rows are laid
+    out [an unablated row 0 when the plan has several layers] + each layer's K_ℓ rows, and a layer's
+    rows join the batch only at that layer (copies of row 0 appended at the layer's input; the first
+    layer's at its site), so each ablated row runs from its own layer on and no further back."""
+    start = plan[0][0]
+    base = 1 if len(plan) > 1 else 0  # later layers copy row 0, which must then stay unablated
+    site_edits, grow, offset = {}, {}, base
+    for layer, dims, values in plan:
+        local = adapter.site(site_name, layer - start)  # paths are relative inside run_from_layer
+        site_edits[local.path] = _ablator(dims, scale, values, offset)
+        if layer != start:
+            grow[adapter.layer_path(layer - start)] = offset + len(dims)
+        offset += len(dims)
+    capture = adapter.site(site_name, 0).capture
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(trace(model, list(site_edits), retain_output=False,
+                                  **_edit_kwargs(capture, lambda path, v: site_edits[path](path, v))))
+        if grow:
+            stack.enter_context(trace(model, list(grow), retain_output=False, edit_input=_grower(grow)))
+        logits = model(inputs_embeds=c.resid_in[start], use_cache=False, logits_to_keep=1).logits[:, -1]
+    return logits[base:]  # (R, V)
+
+
+# --------------------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------------------
-def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | None = None,
-                         intervention_scale: float = 0.0, ablation: str = "zero", dims=None,
-                         batch_size: int | None = None, progress: bool = True) -> np.ndarray:
+def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
+                           intervention_scale: float = 0.0, ablation: str = "zero", dims=None,
+                           batch_size: int | None = None, progress: bool = True) -> np.ndarray:
     """Mean over prompts of KL(p_clean ‖ p_ablated) at the last position, for every dimension of the
-    site (or the given `dims`), as a float64 array in the order of `dims` (default: 0..width-1).
-    `site`: one of the adapter's sites (default Mamba `mixer_out`, Transformers `mlp_out`)."""
+    site (or the given `dims`) ablated at each of `layers` in turn: float64 (n_layers, n_dims), in the
+    order of `layers` and `dims` (default: 0..width-1).
+
+    One clean run per prompt keeps every layer's input; each ablated row starts at its own layer. Up to
+    `batch_size` (layer, dim) pairs share a forward pass (default: chosen from free memory). Before the
+    first pass from each start layer, an unablated one-row pass from there must reproduce the clean run."""
     from tqdm.auto import tqdm
 
     prompts = text_list(prompts, "prompts")
@@ -182,40 +244,61 @@ def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | 
         raise ValueError(f"batch_size {batch_size!r}: must be a whole number of at least 1 (or None: automatic)")
     adapter = get_adapter(model)
     site_name = site or adapter.default_causal_site
-    s = adapter.site(site_name, layer_idx)
-    local = adapter.site(site_name, 0)  # the same site inside run_from_layer
-    asked = _ablation_dims(range(s.size) if dims is None else dims, s.size, f"site {site_name}", intervention_scale)
+    layers = [adapter.check_layer(la) for la in layers]
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct and at least one; got {layers}")
+    width = adapter.site(site_name, layers[0]).size
+    asked = _ablation_dims(range(width) if dims is None else dims, width, f"site {site_name}", intervention_scale)
     dims, back = torch.unique(asked, return_inverse=True)  # a repeated dim is scanned once; back: (K,) into it
     device = next(model.parameters()).device
-    cleans = [clean_run(model, adapter, ids, layer_idx, s) for ids in _tokenize(tokenizer, prompts, device)]
+    order = sorted(range(len(layers)), key=lambda i: layers[i])  # passes run in ascending layer order
+    cleans = [clean_run(model, adapter, ids, layers, site_name) for ids in _tokenize(tokenizer, prompts, device)]
     means = None
-    if ablation == "mean":
-        means = torch.cat([c.site_act[0] for c in cleans]).double().mean(0)  # (W,) over every position
-    scores = torch.zeros(len(dims), dtype=torch.float64)
-    bar = tqdm(total=len(dims) * len(cleans), desc=f"ablate {site_name} L{layer_idx}", disable=not progress)
-    # each prompt's unablated pass from the cached layer input must reproduce the clean logits first
-    with torch.no_grad(), run_from_layer(model, adapter, layer_idx):
+    if ablation == "mean":  # (W,) per layer, over every position of every prompt
+        means = {la: torch.cat([c.site_act[la][0] for c in cleans]).double().mean(0).to(device) for la in layers}
+    scores = torch.zeros(len(layers), len(dims), dtype=torch.float64)
+    pairs = [(i, j) for i in order for j in range(len(dims))]  # (layer index, dim index), by ascending layer
+    where = f"L{layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
+    bar = tqdm(total=len(pairs) * len(cleans), desc=f"ablate {site_name} {where}", disable=not progress)
+    with torch.no_grad():
         for c in cleans:
-            _check_start_from_layer(model, c)
             L = c.input_ids.shape[1]
-            bs = batch_size or _auto_batch_size(adapter, L, len(dims), device)
-            for start in range(0, len(dims), bs):
-                chunk = dims[start:start + bs].to(device)  # (K,)
-                values = None if means is None else means.to(device)[chunk]
-                edit = _ablator(chunk, intervention_scale, values)
-                # one row in: the ablated layer runs once up to the site, where the edit makes K rows
-                with trace(model, [local.path], retain_output=False, **_edit_kwargs(local, edit)):
-                    out = model(inputs_embeds=c.resid_in, use_cache=False, logits_to_keep=1)  # c.resid_in (1, L, d)
-                    logits = out.logits[:, -1]  # (K, V)
-                scores[start:start + len(chunk)] += kl_last(c.logp, logits).cpu()
+            bs = batch_size or _auto_batch_size(adapter, L, len(pairs), device)
+            checked = set()
+            for p0 in range(0, len(pairs), bs):
+                chunk = pairs[p0:p0 + bs]
+                plan = []
+                for i in dict.fromkeys(i for i, _ in chunk):
+                    js = torch.tensor([j for i2, j in chunk if i2 == i])  # (K_ℓ,)
+                    d = dims[js].to(device)
+                    plan.append((layers[i], d, None if means is None else means[layers[i]][d]))
+                start = plan[0][0]
+                with run_from_layer(model, adapter, start):
+                    if start not in checked:
+                        _check_start_from_layer(model, c, start)
+                        checked.add(start)
+                    logits = _ablated_pass(model, adapter, c, site_name, plan, intervention_scale)  # (R, V)
+                kl = kl_last(c.logp, logits).cpu()  # (R,)
+                for r, (i, j) in enumerate(chunk):
+                    scores[i, j] += kl[r]
                 bar.update(len(chunk))
     bar.close()
-    bad = dims[~torch.isfinite(scores)]
-    if len(bad):
-        raise FloatingPointError(f"the ablated forward gave non-finite logits for dims {bad[:5].tolist()} (scale "
-                                 f"{intervention_scale:g} overflows {next(model.parameters()).dtype}); use a smaller "
-                                 "intervention scale")
-    return (scores / len(cleans))[back].numpy()  # in the order asked, repeats included
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        raise FloatingPointError(f"the ablated forward gave non-finite logits for dims {dims[bad.any(0)][:5].tolist()} "
+                                 f"(scale {intervention_scale:g} overflows {next(model.parameters()).dtype}); use a "
+                                 "smaller intervention scale")
+    return (scores / len(cleans))[:, back].numpy()  # in the order asked, repeats included
+
+
+def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | None = None,
+                         intervention_scale: float = 0.0, ablation: str = "zero", dims=None,
+                         batch_size: int | None = None, progress: bool = True) -> np.ndarray:
+    """Mean over prompts of KL(p_clean ‖ p_ablated) at the last position, for every dimension of the
+    site (or the given `dims`), as a float64 array in the order of `dims` (default: 0..width-1).
+    `site`: one of the adapter's sites (default Mamba `mixer_out`, Transformers `mlp_out`)."""
+    return causal_impact_by_layer(model, tokenizer, prompts, [layer_idx], site, intervention_scale, ablation, dims,
+                                  batch_size, progress)[0]
 
 
 def find_causal_neurons(model, tokenizer, prompts, layer_idx: int = 0, top_k: int = 5, **kwargs
@@ -235,16 +318,19 @@ def inter_layer_causal_impact_all_layers(model, tokenizer, prompt: str, dim: int
         raise ValueError(f"prompt must be one string; got {type(prompt).__name__}")
     adapter = get_adapter(model)
     kwargs.setdefault("progress", False)
-    return [(layer, float(causal_impact_scores(model, tokenizer, [prompt], layer, site, dims=[dim], **kwargs)[0]))
-            for layer in range(adapter.n_layers)]
+    scores = causal_impact_by_layer(model, tokenizer, [prompt], range(adapter.n_layers), site, dims=[dim], **kwargs)
+    return [(layer, float(scores[layer, 0])) for layer in range(adapter.n_layers)]
 
 
 def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residual", intervention_scale: float = 0.0,
-                       sources=None) -> dict:
+                       sources=None, batch_size: int | None = None) -> dict:
     """Ablate dimension k of `site` at each source layer s and read dimension k of the residual stream
     after each target layer t, at the last position. Full forward passes (not started at s), so the
-    entries with t < s are measured, and are exactly 0 by causality. Returns float64 arrays:
-    clean (n_dims, n_layers), ablated and change = ablated − clean (n_dims, n_sources, n_layers)."""
+    entries with t < s are measured, and are exactly 0 by causality. The (source, dim) rows share
+    forward passes (up to `batch_size` rows, default from free memory), and each pass has a clean twin
+    of the same batch shape, so rows that no ablation has reached match it bit for bit. Returns float64
+    arrays: clean (n_dims, n_layers), ablated and change (n_dims, n_sources, n_layers), where change is
+    ablated − the twin's same row (= ablated − clean up to batch-shape rounding, ~1e-7 relative)."""
     adapter = get_adapter(model)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be one string; got {type(prompt).__name__} (call once per prompt)")
@@ -252,29 +338,44 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
     if adapter.site(site, 0).size != adapter.hidden_size:
         raise ValueError(f"cross-layer influence reads the residual stream (width {adapter.hidden_size}); "
                          f"site {site!r} has a different width")
-    sources = list(range(adapter.n_layers)) if sources is None else list(sources)
+    sources = list(range(adapter.n_layers)) if sources is None else [adapter.check_layer(s) for s in sources]
     device = next(model.parameters()).device
-    ids = _tokenize(tokenizer, [prompt], device)[0]
+    ids = _tokenize(tokenizer, [prompt], device)[0]  # (1, L)
+    K = len(dims)
     readouts = [adapter.site("residual", t).path for t in range(adapter.n_layers)]
-    rows, cols = torch.arange(len(dims), device=device), dims.to(device)
+    capture = adapter.site(site, 0).capture
+    per_pass = max(1, (batch_size or _auto_batch_size(adapter, ids.shape[1], K * len(sources), device)) // K)
+    per_pass = math.ceil(len(sources) / math.ceil(len(sources) / per_pass))  # even passes: fewer clean twins
 
-    def read(tr):  # (K, n_layers) on the CPU: dimension dims[i] of row i, last position, after each layer
+    def run(n_sources, edits=None):  # (n_sources·K, n_layers) readouts: row j·K + i reads dims[i]
+        rows = torch.arange(n_sources * K, device=device)
+        cols = dims.to(device).repeat(n_sources)
+        swap = blocked_inference(model) if adapter.is_mamba else contextlib.nullcontext()
+        with torch.no_grad(), swap, contextlib.ExitStack() as stack:
+            if edits:  # registered first, so a readout on the same module (residual source) sees the edit
+                stack.enter_context(trace(model, list(edits), retain_output=False,
+                                          **_edit_kwargs(capture, lambda path, v: edits[path](path, v))))
+            tr = stack.enter_context(trace(model, readouts))
+            model(input_ids=ids.expand(n_sources * K, -1), use_cache=False, logits_to_keep=1)
         return torch.stack([tr[p].output[rows, -1, cols].double() for p in readouts], dim=-1).cpu()
 
-    batch = ids.expand(len(dims), -1)  # (K, L): the clean pass has the ablated passes' batch shape, so the
-    with torch.no_grad(), trace(model, readouts) as tr:  # unaffected entries match bit for bit
-        model(input_ids=batch, use_cache=False, logits_to_keep=1)
-    clean = read(tr)  # (K, n_layers)
-    ablated = torch.zeros(len(dims), len(sources), adapter.n_layers, dtype=torch.float64)
-    for j, s in enumerate(sources):
-        src = adapter.site(site, s)
-        edit = _ablator(dims, intervention_scale, None)
-        # the edit is registered first, so a readout on the same module (residual source) sees the edited value
-        with torch.no_grad(), trace(model, [src.path], retain_output=False, **_edit_kwargs(src, edit)), \
-                trace(model, readouts) as tr:
-            model(input_ids=batch, use_cache=False, logits_to_keep=1)
-        ablated[:, j] = read(tr)
-    change = ablated - clean[:, None, :]
+    clean_by_size = {}  # pass rows -> its clean twin's readouts
+    ablated = torch.zeros(K, len(sources), adapter.n_layers, dtype=torch.float64)
+    change = torch.zeros_like(ablated)
+    for j0 in range(0, len(sources), per_pass):
+        group = sources[j0:j0 + per_pass]
+        edits = {}
+        for g, s in enumerate(group):  # source group[g] ablates rows g·K .. g·K + K − 1
+            path = adapter.site(site, s).path
+            edit = _ablator(dims, intervention_scale, None, g * K)
+            edits[path] = edit if path not in edits else _chain(edits[path], edit)  # a source given twice
+        if len(group) not in clean_by_size:
+            clean_by_size[len(group)] = run(len(group))
+        out = run(len(group), edits).reshape(len(group), K, -1).transpose(0, 1)  # (K, len(group), n_layers)
+        twin = clean_by_size[len(group)].reshape(len(group), K, -1).transpose(0, 1)  # same rows, unablated
+        ablated[:, j0:j0 + len(group)] = out
+        change[:, j0:j0 + len(group)] = out - twin
+    clean = clean_by_size[min(len(sources), per_pass)][:K]  # (K, n_layers): the first pass's first block
     if not (torch.isfinite(clean).all() and torch.isfinite(ablated).all()):
         raise FloatingPointError(f"non-finite residual readouts (intervention scale {intervention_scale:g} "
                                  "overflows the model's dtype); use a smaller intervention scale")

@@ -237,9 +237,10 @@ def stage_inter_layer(ctx: StageContext):
 
     o = _causal_opts(ctx)
     dims = _chosen_dims(ctx, o)
-    per_layer = [ca.causal_impact_scores(ctx.model, ctx.tokenizer, o["prompts"], layer, o["site"], o["scale"],
-                                         o["ablation"], dims, o["batch_size"], progress=False)  # (n_dims,)
-                 for layer in range(ctx.adapter.n_layers)]  # all chosen dims share each layer's clean runs
+    # one clean run per prompt for every layer; (layer, dim) ablations share passes
+    per_layer = ca.causal_impact_by_layer(ctx.model, ctx.tokenizer, o["prompts"], range(ctx.adapter.n_layers),
+                                          o["site"], o["scale"], o["ablation"], dims, o["batch_size"],
+                                          ctx.progress)  # (n_layers, n_dims)
     curves = {d: [(layer, float(sc[i])) for layer, sc in enumerate(per_layer)] for i, d in enumerate(dims)}
     results = {"site": o["site"], "dims": dims,
                "curves": {str(d): [{"layer": la, "relative_depth": la / max(1, ctx.adapter.n_layers - 1),
@@ -260,7 +261,8 @@ def stage_cross_layer(ctx: StageContext):
     dims = [d for d in chosen if d < ctx.adapter.hidden_size]
     if not dims:
         raise ValueError(f"no chosen dimension lies in the residual stream (width {ctx.adapter.hidden_size})")
-    per = [ca.cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site, o["scale"]) for p in o["prompts"]]
+    per = [ca.cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site, o["scale"], batch_size=o["batch_size"])
+           for p in o["prompts"]]
     m = {k: np.mean([x[k] for x in per], axis=0) for k in ("clean", "ablated", "change")}
     m.update(dims=per[0]["dims"], sources=per[0]["sources"], targets=per[0]["targets"])
     results = {"site": site, "readout": "residual stream after each target layer, last position, "
@@ -284,7 +286,7 @@ def stage_sparsity(ctx: StageContext):
 
     o = ctx.options or {}
     multi = _sparsity_layers(ctx)
-    # the comparison needs every layer: measured here in the same two passes, so it need not pass again
+    # the comparison needs every layer: measured here in the same forwards, so it need not run them again
     every = "comparison" in ctx.stages
     layers = range(ctx.adapter.n_layers) if every else sorted({ctx.layer, *multi})
     stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, layers,

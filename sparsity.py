@@ -18,14 +18,19 @@ Quantiles (τ_p, optimal thresholds) are order statistics of |a| rounded to floa
 the smallest value v with at least a fraction q of all |a| ≤ v (numpy's method="inverted_cdf").
 Streamed, they are found exactly by a two-pass radix select on the float32 bit patterns (which order
 like the values for |a| ≥ 0): pass 1 counts the top 16 bits, pass 2 the low 16 bits inside the bins that
-hold the wanted ranks. Every other statistic is a running sum in float64; nothing keeps all tokens.
+hold the wanted ranks. Every other statistic is a running sum in float64. Pass 2 reads the bit patterns
+that pass 1 kept when they fit in a memory budget (a quarter of the free host memory by default), else it
+runs over the source again (for a model: a second forward per text); the result is the same.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
 TARGET_FRACTIONS = (0.5, 0.9)
@@ -262,13 +267,15 @@ class SparsityAccumulator:
         self.entropy_hist = np.zeros(len(ENTROPY_BINS) - 1, dtype=np.int64)
         self.hist_hi = np.zeros(1 << 16, dtype=np.int64)
 
-    def update(self, chunk) -> None:
+    def update(self, chunk) -> np.ndarray:
+        """Pass 1 on a (T, N) chunk; returns the float32 bit patterns of its |a| (T·N,) uint32, which
+        `refine_bits` takes in pass 2 in place of the chunk itself."""
         a = _as_2d(chunk, allow_no_tokens=True)
         if a.shape[1] != self.n_neurons:
             raise ValueError(f"chunk has {a.shape[1]} neurons, expected {self.n_neurons}")
         t = a.shape[0]
         if t == 0:
-            return
+            return np.zeros(0, dtype=np.uint32)
         mean_c, m2_c = a.mean(axis=0), ((a - a.mean(axis=0)) ** 2).sum(axis=0)  # (N,) each
         total = self.n_tokens + t
         delta = mean_c - self.mean
@@ -283,7 +290,9 @@ class SparsityAccumulator:
         self.entropy_sum += float(h[ok].sum())
         self.entropy_count += int(ok.sum())
         self.entropy_hist += np.histogram(h[ok], ENTROPY_BINS)[0]
-        self.hist_hi += np.bincount(_bits(_abs32(a)) >> 16, minlength=1 << 16)
+        bits = _bits(_abs32(a))  # (T·N,)
+        self.hist_hi += np.bincount(bits >> 16, minlength=1 << 16)
+        return bits
 
     def start_refine(self, fractions) -> None:
         """After pass 1: locate the top-16-bit bin of each wanted rank; pass 2 counts inside them."""
@@ -299,7 +308,10 @@ class SparsityAccumulator:
             self._hist_lo.setdefault(hi, np.zeros(1 << 16, dtype=np.int64))
 
     def refine(self, chunk) -> None:
-        bits = _bits(_abs32(_as_2d(chunk, allow_no_tokens=True)))
+        self.refine_bits(_bits(_abs32(_as_2d(chunk, allow_no_tokens=True))))
+
+    def refine_bits(self, bits: np.ndarray) -> None:
+        """Pass 2 on the bit patterns `update` returned for a chunk (the same counts as `refine`)."""
         hi = bits >> 16
         for b, counts in self._hist_lo.items():
             counts += np.bincount(bits[hi == b] & 0xFFFF, minlength=1 << 16)
@@ -331,25 +343,53 @@ class SparsityAccumulator:
             threshold=threshold, eps=eps)
 
 
+def default_cache_bytes() -> int:
+    """How much of the first pass `stream_sparsity` keeps for the second by default: a quarter of the
+    host's free memory now."""
+    import torch
+
+    from utils import free_memory_bytes
+
+    return free_memory_bytes(torch.device("cpu")) // 4
+
+
 def stream_sparsity(chunks, n_neurons: int, threshold: float, eps: float = DEAD_EPS,
-                    percentiles=PERCENTILES, targets=TARGET_FRACTIONS) -> dict:
+                    percentiles=PERCENTILES, targets=TARGET_FRACTIONS, cache_bytes: int | None = None) -> dict:
     """`comprehensive_sparsity` over the chunks from `chunks()`: a function returning a fresh iterable of
-    (T, N) arrays, or of {key: (T, N) array} dicts (then the result is {key: dict}). It is called twice,
-    once per pass; nothing but running statistics is kept between chunks."""
+    (T, N) arrays, or of {key: (T, N) array} dicts (then the result is {key: dict}).
+
+    The quantiles need a second pass over the same values. While the float32 bit patterns of every |a|
+    seen (4 bytes a value) fit in `cache_bytes` (default: a quarter of the free host memory), pass 1 keeps
+    them and pass 2 reads them back, so `chunks()` is called once (for a model: one forward per text).
+    Past that, the kept patterns are dropped at once and `chunks()` is called a second time. The numbers
+    are the same either way."""
+    budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
     accs: dict = {}
     keyed = True
+    kept, used = [], 0  # kept: [{key: bits}] per chunk, None once over the budget
     for c in chunks():
         if not isinstance(c, dict):
             keyed, c = False, {None: c}
-        for key, a in c.items():
-            accs.setdefault(key, SparsityAccumulator(n_neurons)).update(a)
+        row = {key: accs.setdefault(key, SparsityAccumulator(n_neurons)).update(a) for key, a in c.items()}
+        if kept is not None:
+            used += sum(b.nbytes for b in row.values())
+            if used > budget:
+                logger.info("sparsity: the first pass's |a| exceed %d bytes; the second pass recomputes them", budget)
+                kept = None
+            else:
+                kept.append(row)
     if not accs:
         raise ValueError("no activations were seen: the chunks were empty")
     for acc in accs.values():
         acc.start_refine([p / 100.0 for p in percentiles] + list(targets))
-    for c in chunks():
-        for key, a in (c if keyed else {None: c}).items():
-            accs[key].refine(a)
+    if kept is not None:
+        for row in kept:
+            for key, bits in row.items():
+                accs[key].refine_bits(bits)
+    else:
+        for c in chunks():
+            for key, a in (c if keyed else {None: c}).items():
+                accs[key].refine(a)
     out = {key: acc.result(threshold, eps, percentiles, targets) for key, acc in accs.items()}
     return out if keyed else out[None]
 
@@ -408,7 +448,8 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
 def layer_sparsity(model, adapter, input_ids, layers, threshold: float | None = None, eps: float = DEAD_EPS,
                    site: str | None = None, progress: bool = False) -> dict:
     """{layer: comprehensive sparsity dict} of the neuron site of each layer over the texts, streamed
-    (two forward passes over the texts; every layer captured in the same pass)."""
+    (every layer captured in the same forward; one forward per text while the first pass's |a| fit the
+    memory budget of `stream_sparsity`, else two)."""
     threshold = default_threshold(adapter.family) if threshold is None else threshold
     layers = list(dict.fromkeys(adapter.check_layer(la) for la in layers))
     site = site or neuron_site(adapter)

@@ -14,6 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+SHAPES = {"130m": {"hidden_size": 768, "num_hidden_layers": 24}, "mid": {"hidden_size": 256, "num_hidden_layers": 8}}
+
+
 def main():
     import numpy as np
     import torch
@@ -28,11 +31,13 @@ def main():
     ap.add_argument("--sample", type=int, default=8, help="dims timed with the one-at-a-time method")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--shape", default="130m", choices=sorted(SHAPES),
+                    help="130m: mamba-130m's config; mid: d_model 256, 8 layers (same vocabulary)")
     args = ap.parse_args()
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = MambaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=24)
+    cfg = MambaConfig(vocab_size=50280, **SHAPES[args.shape])
     device = torch.device(args.device)
     model = MambaForCausalLM(cfg).eval().to(device)
     adapter = get_adapter(model)

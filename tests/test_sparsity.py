@@ -84,6 +84,26 @@ def test_streamed_statistics_equal_in_memory():
     np.testing.assert_allclose(ref["neuron_variance"], a.var(0), rtol=1e-12, atol=1e-30)
 
 
+def test_second_pass_reads_the_kept_bits_within_the_budget_and_recomputes_past_it():
+    """With room for the first pass's |a| the source is read once, without room twice (the budget is
+    passed mid-stream: what was kept is dropped), and both give exactly the numbers of the in-memory
+    statistics."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((600, 32)) * rng.gamma(0.5, 1.0, 32)
+    ref = sp.comprehensive_sparsity(a, threshold=0.01, eps=1e-6)
+    for budget, calls_expected in ((a.size * 4, 1), (a.size * 4 - 1, 2), (0, 2)):
+        calls = []
+
+        def chunks():
+            calls.append(1)
+            return (a[i:i + 100] for i in range(0, len(a), 100))
+
+        got = sp.stream_sparsity(chunks, 32, 0.01, 1e-6, cache_bytes=budget)
+        assert len(calls) == calls_expected, budget
+        for key in ("percentile", "optimal_threshold", "traditional"):
+            assert got[key] == ref[key], (budget, key)
+
+
 @pytest.mark.parametrize("kind", ["mamba_a", "gpt2"])
 def test_dead_neurons_found_in_a_tiny_model(kind, tokenizer):
     """Zero the weights that feed three neurons of layer 1's inner site: exactly those are dead, streamed

@@ -208,7 +208,8 @@ class MambaAttentionNeurons:
             path = self.adapter.mixer_path(layer)
             with trace(self.model, [path], retain_output=False,
                        edit_output=lambda name, o: out.to(o.dtype)):
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                    logits_to_keep=1).logits  # (b, 1, V): the head at the last position only
             last = logits[:, -1].float()  # (b, V)
             target = last.argmax(-1)  # (b,)
             g, = torch.autograd.grad(last.gather(1, target[:, None]).sum(), y)

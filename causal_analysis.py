@@ -11,6 +11,8 @@ ablates dims[i]; the batch enters as one row and is expanded to K rows at the si
 the site runs once), only the last position's logits are computed, and Mamba mixers run a
 cache-blocked copy of transformers' own forward (`ssm.mixer_forward_blocked`, same operations in the
 same order). Prompts are processed one at a time, so prompts of different lengths need no padding.
+Ablations at several layers (`causal_impact_by_layer`) share one clean run per prompt and share passes:
+a layer's rows join the batch at that layer, so each still runs from its own layer on.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models import ArchitectureAdapter, Site, get_adapter
+from models import ArchitectureAdapter, get_adapter
 from ssm import ReconstructionError, blocked_inference
 from utils import free_memory_bytes, text_list, trace
 

@@ -395,7 +395,8 @@ def hidden_attention_chunked(delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
     inside = torch.ones(Q, Q, dtype=torch.bool, device=delta.device).tril()  # (Q, Q) [i, j]: j <= i
     CB = torch.einsum("bkin,bkjn->bkijn", Cc, Bc)[:, None]  # (b, 1, K, Q, Q, n)
     out = delta.new_zeros(b, e, K * Q, K * Q)  # (b, e, L', L'): blocks right of the diagonal stay 0
-    group = max(1, min(e, max_chunk_elements // max(1, b * K * Q * max(n, Q))))
+    # per channel the largest intermediate is the diagonal blocks' exp argument, (b, K, Q, Q, n)
+    group = max(1, min(e, max_chunk_elements // max(1, b * K * Q * Q * n)))
     idx = torch.arange(K, device=delta.device)
     for c0 in range(0, e, group):
         cs = slice(c0, min(e, c0 + group))

@@ -1,12 +1,15 @@
 """Attention neurons of Mamba: the e channels seen through their hidden attention.
 
-Every α is computed by `ssm.hidden_attention_chunked` (block-wise; equal to the direct
-`ssm.hidden_attention` to float rounding, tested) from the recomputed Δ, A, B, C and verified: `(α x + D x) ·
-SiLU(z)` through `out_proj` must equal the mixer's real output, or ReconstructionError is raised.
+Every α is computed block-wise by `ssm.hidden_attention_groups` (equal to the direct `ssm.hidden_attention`
+to float rounding, tested) from the recomputed Δ, A, B, C and verified: `(α x + D x) · SiLU(z)` through
+`out_proj` must equal the mixer's real output, or ReconstructionError is raised.
 
 The method functions (`attention_weighted`, `gradient_guided`, `rollout_layer`) are pure functions of one
-example's arrays; `MambaAttentionNeurons` wires them to a model. Shapes: α (e, L, L) indexed [c, i, j]
-(query i, key j), x and g (L, e).
+example's arrays: the reference path. Each is built from channel-local parts (per-channel rows and a sum
+over channels), so `MambaAttentionNeurons.text_scores` (what the attention stage runs) can score α one
+channel group at a time, as the groups are computed, and never hold α whole; it equals the reference path
+(`extract_attention_vectors` + `create_mamba_neurons`) to float rounding (tested). Shapes: α (e, L, L)
+indexed [c, i, j] (query i, key j), x and g (L, e).
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from models import get_adapter, require_mamba
-from ssm import (apply_hidden_attention, check_reconstruction, fast_scan_training, hidden_attention_chunked,
-                 mixer_projections, project_out, recompute_mixer)
+from ssm import (ReconstructionCheck, apply_hidden_attention, check_reconstruction, fast_scan_training,
+                 hidden_attention_chunked, hidden_attention_groups, mixer_projections, project_out, recompute_mixer)
 
 logger = logging.getLogger(__name__)
 
@@ -47,36 +50,58 @@ class NeuronScores:
     token_map: np.ndarray  # (L, L) [query i, key j]
 
 
-def _causal(L: int, device=None) -> torch.Tensor:
-    return torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L): j <= i
+@dataclass
+class TextScores:
+    """`MambaAttentionNeurons.text_scores` for one batch of texts at one layer."""
+
+    scores: dict  # {method: NeuronScores}: activations and importance averaged over the batch, first example's map
+    attention_vectors: torch.Tensor  # (b, L, L): mean over channels of α
+    reconstruction: ReconstructionCheck  # (α x + D x) through the gate and out_proj against the mixer's output
 
 
-def _contribution_scores(method: str, contrib: torch.Tensor) -> NeuronScores:
-    """activation_c = mean of contrib^c over the L(L+1)/2 causal entries;
-    importance_c = std (ddof=0) over query positions i of the row sums Σ_j contrib^c[i, j];
+def _batch_mean(method: str, per: list[NeuronScores]) -> NeuronScores:
+    """Activations and importance averaged over the examples of a batch; the first example's token map."""
+    return NeuronScores(method, np.mean([p.neuron_activations for p in per], axis=0),
+                        np.mean([p.neuron_importance for p in per], axis=0), per[0].token_map)
+
+
+def _contribution_parts(contrib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row sums Σ_j contrib^c[i, j] (c, L) and the channel sum Σ_c contrib^c (L, L) of contributions
+    (c, L, L). Channel-local, so channel groups can be done apart and joined."""
+    return contrib.sum(-1), contrib.sum(0)
+
+
+def _contribution_scores(method: str, rows: torch.Tensor, map_sum: torch.Tensor, e: int) -> NeuronScores:
+    """From the joined parts of all e channels: activation_c = mean of contrib^c over the L(L+1)/2 causal
+    entries; importance_c = std (ddof=0) over query positions i of the row sums Σ_j contrib^c[i, j];
     token map = mean over channels of contrib^c."""
-    L = contrib.shape[-1]
-    n_causal = L * (L + 1) / 2
-    rows = contrib.sum(-1)  # (e, L): Σ_j contrib^c[i, j]
-    activations = rows.sum(-1) / n_causal  # (e,)
+    L = rows.shape[-1]
+    activations = rows.sum(-1) / (L * (L + 1) / 2)  # (e,)
     importance = rows.std(-1, unbiased=False)  # (e,)
-    return NeuronScores(method, activations.cpu().numpy(), importance.cpu().numpy(),
-                        contrib.mean(0).cpu().numpy())
+    return NeuronScores(method, activations.cpu().numpy(), importance.cpu().numpy(), (map_sum / e).cpu().numpy())
+
+
+def _weighted_contrib(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.mul(alpha, x.T[:, None, :]).abs_()  # (c, L, L): |α^c[i, j] x^c_j|, one new tensor
+
+
+def _gradient_contrib(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return torch.mul(alpha, g.T[:, :, None]).mul_(x.T[:, None, :]).relu_()  # (c, L, L): ReLU(g_i α_ij x_j)
 
 
 def attention_weighted(alpha: torch.Tensor, x: torch.Tensor) -> NeuronScores:
     """contrib^c[i, j] = |α^c[i, j] · x^c_j|: what token j sends to token i through channel c.
     Scores as in `_contribution_scores`. α (e, L, L), x (L, e)."""
-    contrib = torch.mul(alpha, x.T[:, None, :]).abs_()  # (e, L, L), one new tensor
-    return _contribution_scores("attention_weighted", contrib)
+    return _contribution_scores("attention_weighted", *_contribution_parts(_weighted_contrib(alpha, x)),
+                                alpha.shape[0])
 
 
 def gradient_guided(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> NeuronScores:
     """contrib^c[i, j] = ReLU(g^c_i · α^c[i, j] · x^c_j) with g^c_i = ∂ logit[target] / ∂ y^c_i (autograd;
     target = the model's predicted next token at the last position). Scores as in
     `_contribution_scores`. α (e, L, L), x and g (L, e)."""
-    contrib = torch.mul(alpha, g.T[:, :, None]).mul_(x.T[:, None, :]).relu_()  # (e, L, L), one new tensor
-    return _contribution_scores("gradient_guided", contrib)
+    return _contribution_scores("gradient_guided", *_contribution_parts(_gradient_contrib(alpha, x, g)),
+                                alpha.shape[0])
 
 
 def _normalise(m: torch.Tensor) -> torch.Tensor:
@@ -109,6 +134,27 @@ def rollout_step(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> t
     return _rownorm(_normalised_abs(alpha).mean(0) + eye) @ previous  # (L, L)
 
 
+def _rollout_parts(alpha: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For channels α (c, L, L) and R_{ℓ-1} (L, L): carried (c, L) = 1 − Ĉ^c[i, i] (see `rollout_layer`) and
+    Σ_c N^c (L, L), N^c = normalise(|α^c|). Channel-local, so channel groups can be done apart and joined."""
+    # only the diagonal of Ĉ^c is used: Ĉ^c[i, i] = Σ_k (N^c[i, k] + δ_ik) R[k, i] / Σ_k (N^c[i, k] + δ_ik):
+    # c·L² work instead of the c·L³ of forming every Ĉ^c
+    N = _normalised_abs(alpha)  # (c, L, L)
+    own = (N * previous.T).sum(-1) + torch.diagonal(previous)  # (c, L)
+    carried = 1.0 - own / (N.sum(-1) + 1.0)  # (c, L)
+    return carried, N.sum(0)
+
+
+def _rollout_scores(carried: torch.Tensor, n_sum: torch.Tensor, e: int, previous: torch.Tensor
+                    ) -> tuple[NeuronScores, torch.Tensor]:
+    """`rollout_layer`'s result from the joined parts of all e channels: carried (e, L), Σ_c N^c (L, L)."""
+    eye = torch.eye(n_sum.shape[-1], dtype=n_sum.dtype, device=n_sum.device)
+    R = _rownorm(n_sum / e + eye) @ previous  # (L, L), = rollout_step(alpha, previous)
+    scores = NeuronScores("rollout", carried.mean(-1).cpu().numpy(), carried.std(-1, unbiased=False).cpu().numpy(),
+                          R.cpu().numpy())
+    return scores, R
+
+
 def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> tuple[NeuronScores, torch.Tensor]:
     """One step of attention rollout (Abnar & Zuidema 2020, as in Mamba-Rollout).
 
@@ -119,18 +165,8 @@ def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> 
     Token map = R_ℓ. Returns (scores, R_ℓ). α (e, L, L), previous (L, L).
     """
     L = alpha.shape[-1]
-    eye = torch.eye(L, dtype=alpha.dtype, device=alpha.device)
-    previous = eye if previous is None else previous
-    # only the diagonal of Ĉ^c is used: Ĉ^c[i, i] = Σ_k (N^c[i, k] + δ_ik) R[k, i] / Σ_k (N^c[i, k] + δ_ik),
-    # N^c = normalise(|α^c|): e·L² work instead of the e·L³ of forming every Ĉ^c
-    N = _normalised_abs(alpha)  # (e, L, L)
-    diag_R = torch.diagonal(previous)  # (L,)
-    own = (N * previous.T).sum(-1) + diag_R  # (e, L)
-    carried = 1.0 - own / (N.sum(-1) + 1.0)  # (e, L)
-    R = _rownorm(N.mean(0) + eye) @ previous  # (L, L), = rollout_step(alpha, previous)
-    scores = NeuronScores("rollout", carried.mean(-1).cpu().numpy(), carried.std(-1, unbiased=False).cpu().numpy(),
-                          R.cpu().numpy())
-    return scores, R
+    previous = torch.eye(L, dtype=alpha.dtype, device=alpha.device) if previous is None else previous
+    return _rollout_scores(*_rollout_parts(alpha, previous), alpha.shape[0], previous)
 
 
 def neuron_diversity(activations: np.ndarray) -> float:
@@ -215,6 +251,73 @@ class MambaAttentionNeurons:
             g, = torch.autograd.grad(last.gather(1, target[:, None]).sum(), y)
         return g.detach(), target
 
+    def text_scores(self, inputs, layer: int, methods=METHODS) -> TextScores:
+        """Every method's scores at `layer` for `inputs`, equal to `create_mamba_neurons` on
+        `extract_attention_vectors` (the reference path; tested) but with α consumed one channel group at a
+        time as `ssm.hidden_attention_groups` yields it: α is never held whole (peak memory about one
+        group's α instead of (b, e, L, L)), and each group is read by every method while in cache.
+
+        Per group: y = α x + D x (then checked against the mixer's real output, as in
+        `extract_attention_vectors`; ReconstructionError on mismatch), the channel sum of α, and each
+        method's channel-local parts. gradient_guided's g comes from one backward (`output_gradient`) from
+        the scan's y, itself checked against the mixer output first. Rollout at layer ℓ > 0 first streams
+        the layers below it (each checked the same way) for R_{ℓ-1}."""
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
+        ids, mask = self._ids(inputs)
+        ids = ids.to(next(self.model.parameters()).device)
+        previous = None
+        if "rollout" in methods:
+            for lo in range(layer):  # R_{ℓ-1}, one lower layer at a time
+                previous = self._stream_layer(ids, mask, lo, ("rollout",), previous)[2]
+        return self._stream_layer(ids, mask, layer, tuple(methods), previous)[0]
+
+    def _stream_layer(self, ids, mask, layer: int, methods: tuple, previous: list | None
+                      ) -> tuple[TextScores, dict, list | None]:
+        """(TextScores, {method: per-example NeuronScores}, per-example R_ℓ if rollout else None)."""
+        from delta_extraction import capture_mixer_io
+
+        h_in, real_out = capture_mixer_io(self.model, layer, ids, mask)  # (b, L, d) each
+        mixer = self.adapter.mixer(layer)
+        it = recompute_mixer(mixer, h_in, mask)  # x, z, Δ, B, C, A, D and the scan's y, (b, L, ·)
+        g = None
+        if "gradient_guided" in methods:
+            check_reconstruction(it.out, real_out)
+            g, _ = self.output_gradient(ids, layer, mask, it.y, it.z)  # (b, L, e)
+        b, L, e = it.x.shape
+        eye = torch.eye(L, dtype=it.x.dtype, device=it.x.device)
+        prev = [eye] * b if previous is None else previous
+        y = torch.empty_like(it.x)  # (b, L, e): α x + D x, filled group by group
+        channel_sum = it.x.new_zeros(b, L, L)  # (b, L, L): Σ_c α^c
+        rows = {m: [[] for _ in range(b)] for m in methods}  # per example, the groups' (g, L) parts in order
+        maps = {m: [0.0] * b for m in methods}  # per example, Σ_c of the method's (L, L) part
+        with torch.no_grad():
+            for cs, alpha in hidden_attention_groups(it.delta, it.A, it.B, it.C):  # (b, g, L, L)
+                y[:, :, cs] = apply_hidden_attention(alpha, it.x[:, :, cs], it.D[cs])
+                channel_sum += alpha.sum(1)
+                for k in range(b):
+                    x = it.x[k, :, cs]  # (L, g)
+                    for m in methods:
+                        if m == "attention_weighted":
+                            part = _contribution_parts(_weighted_contrib(alpha[k], x))
+                        elif m == "gradient_guided":
+                            part = _contribution_parts(_gradient_contrib(alpha[k], x, g[k, :, cs]))
+                        else:
+                            part = _rollout_parts(alpha[k], prev[k])
+                        rows[m][k].append(part[0])
+                        maps[m][k] = maps[m][k] + part[1]
+            check = check_reconstruction(project_out(mixer, y * F.silu(it.z)), real_out)
+        per, R = {}, None
+        for m in methods:
+            if m == "rollout":
+                done = [_rollout_scores(torch.cat(rows[m][k]), maps[m][k], e, prev[k]) for k in range(b)]
+                per[m], R = [s for s, _ in done], [r for _, r in done]
+            else:
+                per[m] = [_contribution_scores(m, torch.cat(rows[m][k]), maps[m][k], e) for k in range(b)]
+        scores = {m: _batch_mean(m, per[m]) for m in methods}
+        return TextScores(scores, channel_sum / e, check), per, R
+
     def create_mamba_neurons(self, attention_data: dict, method: str, layers=None) -> dict:
         """{layer: NeuronScores} for `method` (METHODS) at `layers` (default: every layer in the data);
         activations and importance are averaged over the batch, the token map is the first example's.
@@ -232,8 +335,7 @@ class MambaAttentionNeurons:
                 per = [attention_weighted(alpha[k], x[k]) for k in range(alpha.shape[0])]
             else:
                 per = self._rollout(attention_data, layer)
-            out[layer] = NeuronScores(method, np.mean([p.neuron_activations for p in per], axis=0),
-                                      np.mean([p.neuron_importance for p in per], axis=0), per[0].token_map)
+            out[layer] = _batch_mean(method, per)
         return out
 
     def _rollout(self, attention_data: dict, layer: int) -> list[NeuronScores]:

@@ -166,16 +166,16 @@ def stage_attention(ctx: StageContext):
     sums = {m: [0.0, 0.0] for m in ctx.attention_methods}  # method -> [Σ activations, Σ importance]
     first, worst = {}, 0.0
     for k, ids in enumerate(tqdm(ctx.tokens.input_ids, desc=f"attention layer {layer}", disable=not ctx.progress)):
-        data = analyzer.extract_attention_vectors(ids, [layer])
-        worst = max(worst, data[layer]["reconstruction"].relative_error)
+        ts = analyzer.text_scores(ids, layer, ctx.attention_methods)  # α streamed by channel group, verified
+        worst = max(worst, ts.reconstruction.relative_error)
         for m in ctx.attention_methods:
-            s = analyzer.create_mamba_neurons(data, m)[layer]
+            s = ts.scores[m]
             sums[m][0] = sums[m][0] + s.neuron_activations
             sums[m][1] = sums[m][1] + s.neuron_importance
             if k == 0:
                 first[m] = s.token_map
         if k == 0:
-            vector = data[layer]["attention_vectors"][0].cpu().numpy()  # (L, L) channel-mean α, first text
+            vector = ts.attention_vectors[0].cpu().numpy()  # (L, L) channel-mean α, first text
     n = len(ctx.tokens.input_ids)
     results = {"layer": layer, "n_texts": n, "max_reconstruction_error": worst,
                "attention_vector_first_text": vector, "methods": {}}

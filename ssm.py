@@ -358,60 +358,81 @@ def apply_hidden_attention(alpha: torch.Tensor, x: torch.Tensor, D: torch.Tensor
     return torch.einsum("bcij,bjc->bic", alpha, x.to(alpha.dtype)) + x * D
 
 
-def hidden_attention_chunked(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                             chunk: int = 8, max_chunk_elements: int = 1 << 24) -> torch.Tensor:
-    """`hidden_attention`'s α (b, e, L, L), computed block-wise over chunks of `chunk` positions (the
-    chunked "state space duality" form, per channel), without an exp per (channel, state, i, j).
+# Floats in the largest intermediate of one channel group of `hidden_attention_groups`: 2^21 (8 MB)
+# keeps a group's α and its temporaries in a CPU's last-level cache while the consumers read them (of
+# 2^20 .. 2^24, 2^21 and 2^22 were the fastest for the attention stage at L = 149 and 256 on a 2-core CPU).
+ATTENTION_GROUP_ELEMENTS = 1 << 21
 
-    With S^c_t = Σ_{k ≤ t} Δ^c_k, positions split into chunks, P_I the last position before chunk I
+
+def hidden_attention_groups(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                            chunk: int = 8, max_chunk_elements: int | None = None):
+    """`hidden_attention`'s α, one group of channels at a time, computed block-wise over chunks of `chunk`
+    positions (the chunked "state space duality" form, per channel) without an exp per (channel, state,
+    i, j). Yields `(cs, α_g)`: a slice of channels and their α (b, g, L, L) (a view, valid until the next
+    group is computed). `hidden_attention_chunked` assembles the whole α from it; the attention stage
+    consumes the groups as they come, so α is never held whole.
+
+    With S^c_t = Σ_{k ≤ t} Δ^c_k, positions split into K chunks, P_I the last position before chunk I
     (S at P_0 is 0) and E_J the last position of chunk J, an entry of α with i in chunk I and j in an
-    earlier chunk J is
+    earlier chunk J < I is
         α^c[i, j] = Σ_n U^c[i, n] · R^c_I[j, n],
         U^c[i, n] = C_i[n] exp(A[c, n] (S_i − S_{P_I})),
         R^c_I[j, n] = Δ^c_j B_j[n] exp(A[c, n] (S_{E_J} − S_j)) · exp(A[c, n] (S_{P_I} − S_{E_J})),
     the decay from j to i split at two chunk boundaries between them. Every exponent is ≤ 0 (A < 0, S
     non-decreasing, j ≤ E_J ≤ P_I < i), so every factor lies in [0, 1]: nothing overflows, and the
-    product equals the single exp up to float rounding. So the rows of chunk I left of the chunk are one
-    matrix product U_I R_I^T, (chunk × n)·(n × P_I), and only the causal half is computed. The diagonal
-    blocks (i, j in one chunk) are formed directly as in `hidden_attention` (argument masked before
-    exp). Cost: e·n·L·chunk exps and about e·n·L²/2 multiply-adds, against e·n·L² exps for the direct
-    form. The default chunk of 8 was the fastest of 4, 8, 16 and 32 on a 2-core CPU at e = 1536, n = 16,
-    L = 149 and 256. Channels are processed in groups so that the largest intermediate stays under
-    `max_chunk_elements` floats. delta (b, L, e), A (e, n), B and C (b, L, n).
+    product equals the single exp up to float rounding. R^c_I is zero for J ≥ I (its exponent is set to
+    −∞ before exp), so every row block of α is one matrix product U_I R_I^T, all blocks of a group in
+    one batched product. The diagonal blocks (i, j in one chunk) are then formed directly as in
+    `hidden_attention` (argument masked before exp). Cost per channel: L·chunk·n exps, about L²·n
+    multiply-adds and L²·n/chunk multiplies to form R, against L²·n exps for the direct form. Chunk 8
+    was the fastest of 4, 8, 16 and 32 on a 2-core CPU at e = 1536, n = 16, L = 149 and 256. Channels
+    are grouped so that the largest intermediate (R, the diagonal blocks' exp argument or α itself)
+    stays under `max_chunk_elements` floats (default ATTENTION_GROUP_ELEMENTS). delta (b, L, e), A (e, n),
+    B and C (b, L, n).
     """
     f32 = torch.promote_types(delta.dtype, torch.float32)
     delta, A, B, C = delta.to(f32), A.to(f32), B.to(f32), C.to(f32)
     b, L, e = delta.shape
     n, Q = A.shape[1], int(chunk)
     K = -(-L // Q)  # number of chunks
-    pad = K * Q - L  # padded positions have Δ = B = C = 0: they add nothing and are cut off at the end
-    if pad:
-        delta, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (delta, B, C))
+    Lp = K * Q  # padded length: padded positions have Δ = B = C = 0, so they add nothing; cut off below
+    if Lp > L:
+        delta, B, C = (F.pad(t, (0, 0, 0, Lp - L)) for t in (delta, B, C))
     S = torch.cumsum(delta, dim=1).transpose(1, 2).reshape(b, e, K, Q)  # (b, e, K, Q)
     S_end = S[..., -1]  # (b, e, K): S at E_J
     S_prev = F.pad(S_end[..., :-1], (1, 0))  # (b, e, K): S at P_I (0 before the first chunk)
     dt = delta.transpose(1, 2).reshape(b, e, K, Q)  # (b, e, K, Q)
     Bc, Cc = B.reshape(b, K, Q, n), C.reshape(b, K, Q, n)  # (b, K, Q, n)
     inside = torch.ones(Q, Q, dtype=torch.bool, device=delta.device).tril()  # (Q, Q) [i, j]: j <= i
+    earlier = torch.ones(K, K, dtype=torch.bool, device=delta.device).tril(-1)[..., None]  # (I, J, 1): J < I
     CB = torch.einsum("bkin,bkjn->bkijn", Cc, Bc)[:, None]  # (b, 1, K, Q, Q, n)
-    out = delta.new_zeros(b, e, K * Q, K * Q)  # (b, e, L', L'): blocks right of the diagonal stay 0
-    # per channel the largest intermediate is the diagonal blocks' exp argument, (b, K, Q, Q, n)
-    group = max(1, min(e, max_chunk_elements // max(1, b * K * Q * Q * n)))
     idx = torch.arange(K, device=delta.device)
+    per_channel = b * max(K * Lp * n, K * Q * Q * n, Lp * Lp)
+    group = max(1, min(e, (max_chunk_elements or ATTENTION_GROUP_ELEMENTS) // per_channel))
     for c0 in range(0, e, group):
         cs = slice(c0, min(e, c0 + group))
+        g = cs.stop - cs.start
         Ac = A[cs][None, :, None, None, :]  # (1, g, 1, 1, n)
         Sg, dtg = S[:, cs], dt[:, cs]  # (b, g, K, Q)
         U = Cc[:, None] * torch.exp((Sg - S_prev[:, cs, :, None])[..., None] * Ac)  # (b, g, K, Q, n)
         V = (Bc[:, None] * dtg[..., None]) * torch.exp((S_end[:, cs, :, None] - Sg)[..., None] * Ac)  # (b,g,K,Q,n)
-        og = out[:, cs].view(b, -1, K, Q, K * Q)  # (b, g, I, i, L'): row blocks of this group
-        for I in range(1, K):
-            W = torch.exp((S_prev[:, cs, I, None] - S_end[:, cs, :I])[..., None] * A[cs][None, :, None, :])  # (b,g,I,n)
-            R = (V[:, :, :I] * W[:, :, :, None, :]).reshape(b, -1, I * Q, n)  # (b, g, P_I, n)
-            torch.matmul(U[:, :, I], R.transpose(-1, -2), out=og[:, :, I, :, :I * Q])  # (b, g, Q, P_I)
+        arg = (S_prev[:, cs, :, None] - S_end[:, cs, None, :])[..., None] * Ac  # (b, g, I, J, n): <= 0 for J < I
+        W = torch.exp(arg.masked_fill_(~earlier, float("-inf")))  # (b, g, I, J, n): 0 for J >= I
+        R = (V[:, :, None] * W[..., None, :]).reshape(b, g, K, Lp, n)  # (b, g, I, L', n): R_I, every I
+        out = torch.matmul(U, R.transpose(-1, -2))  # (b, g, I, Q, L'): row blocks, 0 right of the diagonal
         # diagonal blocks, directly: Σ_n C_i B_j exp(A (S_i − S_j)) Δ_j for j <= i in one chunk
         diff = (Sg[..., :, None] - Sg[..., None, :]).masked_fill(~inside, 0.0)  # (b, g, K, Q, Q)
         diag = (torch.exp(diff[..., None] * Ac[:, :, :, None]) * CB).sum(-1)  # (b, g, K, Q, Q)
         diag = diag * dtg[..., None, :] * inside  # · Δ_j, exactly 0 above the diagonal
-        og.view(b, -1, K, Q, K, Q)[:, :, idx, :, idx, :] = diag.permute(2, 0, 1, 3, 4)  # advanced indexing: K first
-    return out[:, :, :L, :L] if pad else out
+        out.view(b, g, K, Q, K, Q)[:, :, idx, :, idx, :] = diag.permute(2, 0, 1, 3, 4)  # advanced indexing: K first
+        yield cs, out.view(b, g, Lp, Lp)[:, :, :L, :L]  # (b, g, L, L)
+
+
+def hidden_attention_chunked(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                             chunk: int = 8, max_chunk_elements: int | None = None) -> torch.Tensor:
+    """`hidden_attention`'s α (b, e, L, L), assembled from `hidden_attention_groups` (see there)."""
+    b, L, e = delta.shape
+    out = delta.new_empty(b, e, L, L, dtype=torch.promote_types(delta.dtype, torch.float32))  # (b, e, L, L)
+    for cs, alpha in hidden_attention_groups(delta, A, B, C, chunk, max_chunk_elements):
+        out[:, cs] = alpha
+    return out

@@ -1,11 +1,14 @@
 """Attention stage speed per text on a mamba-130m-shaped model (random init, 24 layers, e = 1536, n = 16),
 against one plain transformers forward of the same model on the same text, measured in the same process.
 
-Per text the stage runs: a forward up to the layer to capture the mixer input, α (e, L, L) block-wise
-(`ssm.hidden_attention_chunked`), the reconstruction check, then the three methods: attention_weighted
-(|α x| sums), gradient_guided (one forward and backward through the fast scan, then ReLU(g α x) sums) and
-rollout (channel scores from the diagonal of each channel's rolled-out map). The direct α
-(`ssm.hidden_attention`, the reference) is timed on one text beside it.
+Per text the stage (`MambaAttentionNeurons.text_scores`) runs: a forward up to the layer to capture the
+mixer input, the recomputed internals and their check, the gradient for gradient_guided (one forward and
+backward through the fast scan; timed again on its own, as "of which gradient"), then α block-wise one
+channel group at a time (`ssm.hidden_attention_groups`), each group read by every method while in cache:
+attention_weighted (|α x| sums), gradient_guided (ReLU(g α x) sums), rollout (channel scores from the
+diagonal of each channel's rolled-out map), and (α x + D x) for the reconstruction check. The reference
+path (the whole α from `extract_attention_vectors`, then `create_mamba_neurons` per method) is timed on
+the same texts, and the direct α (`ssm.hidden_attention`) against the block-wise one on one text.
 
 Floor: the gradient needs one forward and one backward of the layers above (about 3 forwards' FLOPs at
 layer 0); α, the contributions and the rollout maps are e·L² numbers each (e·n·L² multiply-adds to form
@@ -61,13 +64,16 @@ def main():
     for ids in texts:
         r = {}
         t0 = time.perf_counter()
+        analyzer.text_scores(ids, args.layer, an.METHODS)
+        r["stage: all methods"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        analyzer.output_gradient(ids, args.layer)
+        r["  of which gradient"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         data = analyzer.extract_attention_vectors(ids, [args.layer])
-        r["capture + α + check"] = time.perf_counter() - t0
         for m in an.METHODS:
-            t0 = time.perf_counter()
             analyzer.create_mamba_neurons(data, m)
-            r[m] = time.perf_counter() - t0
-        r["stage total"] = sum(r.values())
+        r["reference path"] = time.perf_counter() - t0
         rows.append(r)
 
     from delta_extraction import capture_mixer_io

@@ -8,7 +8,9 @@ WikiText-2 lines under the GPT-2 tokenizer). Prints the per-stage wall times fro
 total.
 
 Random weights give the same shapes, FLOPs and memory traffic as the trained checkpoints, so the times
-are what a user waits for; the numbers in the results are meaningless.
+are what a user waits for; the numbers in the results are meaningless. The machine's fp32 matmul rate
+(a 2048³ product, torch's default thread count, as main.py runs) is printed beside the table: the stages
+are mostly matmul- and memory-bound, so compare totals from different machines through it.
 
     python bench/full_run.py [--texts_file F | --join 5] [--text_limit 100] [--max_length 256] [--layer 0]
                              [-- EXTRA main.py ARGS]
@@ -41,6 +43,21 @@ def build_models(root: Path) -> tuple[Path, Path]:
     return paths
 
 
+def matmul_rate(m: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of an m×m matmul on the CPU with torch's default threads (the best of 3 rounds)."""
+    import torch
+
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return repeats * 2 * m ** 3 / best / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--texts_file", default=None)
@@ -55,6 +72,7 @@ def main():
         t0 = time.perf_counter()
         mamba, gpt2 = build_models(root)
         build = time.perf_counter() - t0
+        rate = matmul_rate()
         if args.texts_file is None:
             from utils import OFFLINE_TEXTS_PATH, read_texts_file
 
@@ -80,6 +98,7 @@ def main():
     for stage, seconds in res["run"]["stage_timings_s"].items():
         print(f"{stage:<12} {res[stage]['status']:<15} {seconds:>9.1f}")
     print(f"{'total (main.py wall, incl. loading)':<37} {wall:>9.1f}")
+    print(f"this machine's fp32 matmul rate: {rate:.0f} GFLOP/s (2048³, before the run)")
 
 
 if __name__ == "__main__":

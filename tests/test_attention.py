@@ -191,3 +191,50 @@ def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
                                atol=1e-15)
     np.testing.assert_allclose(R_next.numpy(), (_rownorm(_normalise(alpha.abs()).mean(0) + eye) @ R).numpy(),
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("group_elements", [None, 5 * 4096])  # one group; groups of 5 channels (72 = 14·5 + 2)
+@pytest.mark.parametrize("methods", [("attention_weighted", "gradient_guided", "rollout"), ("rollout",)])
+def test_streamed_text_scores_equal_the_reference_path(group_elements, methods, monkeypatch):
+    """text_scores consumes α one channel group at a time and never holds it whole; its scores must equal
+    create_mamba_neurons on the whole α from extract_attention_vectors, at every layer (rollout at the
+    top layer streams the layers below it), for a batch of two, and with several groups."""
+    import ssm
+
+    monkeypatch.setattr(ssm, "ATTENTION_GROUP_ELEMENTS", group_elements or ssm.ATTENTION_GROUP_ELEMENTS)
+    model = make_model("mamba_b")  # e = 72, n = 8; at L = 29, b = 2 a channel's largest intermediate is 4096 floats
+    an = MambaAttentionNeurons(model)
+    ids = _ids(L=29, b=2)
+    for layer in range(model.config.num_hidden_layers):
+        ts = an.text_scores(ids, layer, methods)
+        data = an.extract_attention_vectors(ids, [layer])
+        assert set(ts.scores) == set(methods)
+        torch.testing.assert_close(ts.attention_vectors, data[layer]["attention_vectors"], rtol=1e-5, atol=1e-7)
+        assert ts.reconstruction.ok and ts.reconstruction.relative_error < 1e-5
+        for m in methods:
+            ref, got = an.create_mamba_neurons(data, m)[layer], ts.scores[m]
+            for field in ("neuron_activations", "neuron_importance", "token_map"):
+                r, g = np.asarray(getattr(ref, field)), np.asarray(getattr(got, field))
+                rel = np.abs(r - g).max() / np.abs(r).max()
+                print(f"layer {layer} {m} {field}: max relative difference {rel:.2e}")
+                # gradient_guided: the streamed path's g is taken at the scan's y, the reference's at α x + D x
+                # (equal to float32 rounding), hence not bit for bit
+                assert r.shape == g.shape and rel < (1e-5 if m == "gradient_guided" else 1e-6)
+
+
+def test_streamed_text_scores_refuse_a_wrong_reconstruction(monkeypatch):
+    """A planted error in α (every group × 1.1: the output moves by 4e-4 relative, as α x is a small part
+    of this random-init mixer's output beside D x) must be caught by the (α x + D x) check, not scored."""
+    import attention_neurons
+    import ssm
+
+    real = ssm.hidden_attention_groups
+
+    def skewed(*a, **kw):
+        for cs, alpha in real(*a, **kw):
+            yield cs, alpha * 1.1
+
+    monkeypatch.setattr(attention_neurons, "hidden_attention_groups", skewed)
+    an = MambaAttentionNeurons(make_model("mamba_b"))
+    with pytest.raises(ssm.ReconstructionError):
+        an.text_scores(_ids(L=29, b=1), 1, ("attention_weighted",))

@@ -237,18 +237,27 @@ class MambaAttentionNeurons:
             check_reconstruction(it.out, real_out)
             y, z = it.y, it.z
         y = y.clone().requires_grad_(True)  # (b, L, e)
+        # only ∂/∂y is needed: the weights leave the graph for this pass (no weight-gradient work, e.g. the
+        # scan's ∂/∂A), and get their requires_grad back afterwards, also on error
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
         # the layers above run the same recurrence through the fast scan, whose hand-written backward is
         # O(b L e n); autograd through transformers' step-by-step slow path costs O(L²) memory traffic
-        with torch.enable_grad(), fast_scan_training(self.model):
-            out = project_out(mixer, y * F.silu(z))  # (b, L, d)
-            path = self.adapter.mixer_path(layer)
-            with trace(self.model, [path], retain_output=False,
-                       edit_output=lambda name, o: out.to(o.dtype)):
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                    logits_to_keep=1).logits  # (b, 1, V): the head at the last position only
-            last = logits[:, -1].float()  # (b, V)
-            target = last.argmax(-1)  # (b,)
-            g, = torch.autograd.grad(last.gather(1, target[:, None]).sum(), y)
+        try:
+            with torch.enable_grad(), fast_scan_training(self.model):
+                out = project_out(mixer, y * F.silu(z))  # (b, L, d)
+                path = self.adapter.mixer_path(layer)
+                with trace(self.model, [path], retain_output=False,
+                           edit_output=lambda name, o: out.to(o.dtype)):
+                    logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                        logits_to_keep=1).logits  # (b, 1, V): the head at the last position only
+                last = logits[:, -1].float()  # (b, V)
+                target = last.argmax(-1)  # (b,)
+                g, = torch.autograd.grad(last.gather(1, target[:, None]).sum(), y)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         return g.detach(), target
 
     def text_scores(self, inputs, layer: int, methods=METHODS) -> TextScores:

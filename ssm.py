@@ -190,9 +190,10 @@ class _SelectiveScan(torch.autograd.Function):
         g_logdA = G[:, 1:].mul_(dA[:, 1:]).mul_(h[:, :-1])  # (b, L-1, e, n)
         g_delta = GB * x  # (b, L, e)
         g_delta[:, 1:] += torch.einsum("blen,en->ble", g_logdA, A)
-        gA = torch.einsum("blen,ble->en", g_logdA, delta[:, 1:])  # (e, n)
+        # A and D are weights: their gradients only when asked for (training), not for input gradients
+        gA = torch.einsum("blen,ble->en", g_logdA, delta[:, 1:]) if ctx.needs_input_grad[2] else None  # (e, n)
         gx = GB * delta + gy * D  # (b, L, e)
-        gD = (gy * x).sum((0, 1))  # (e,)
+        gD = (gy * x).sum((0, 1)) if ctx.needs_input_grad[5] else None  # (e,)
         return gx, g_delta, gA, gB, gC, gD
 
 

@@ -144,6 +144,26 @@ def test_gradient_equals_finite_difference():
         print(f"g[{i},{c}] autograd {g[0, i, c].item():.8e} finite difference {fd:.8e}")
         assert g[0, i, c].item() == pytest.approx(fd, rel=1e-3, abs=1e-5)
     assert g[0, :, :].abs().sum() > 0
+    assert all(p.requires_grad for p in model.parameters())  # the pass froze the weights and gave them back
+
+
+def test_gradient_pass_gives_the_weights_back_on_error(monkeypatch):
+    """output_gradient takes the weights out of the graph for its pass; an error inside must not leave a
+    user's model frozen."""
+    import attention_neurons
+
+    model = make_model("mamba_a")
+    model.backbone.norm_f.weight.requires_grad_(False)  # a weight the user froze stays frozen
+    an = MambaAttentionNeurons(model)
+
+    def broken(*a, **kw):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(attention_neurons, "fast_scan_training", broken)
+    with pytest.raises(RuntimeError, match="planted"):
+        an.output_gradient(_ids(L=9, b=1), 0)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "backbone.norm_f.weight")
+    assert not model.backbone.norm_f.weight.requires_grad
 
 
 def test_diversity_known_values():

@@ -279,12 +279,13 @@ class MambaAttentionNeurons:
         previous = None
         if "rollout" in methods:
             for lo in range(layer):  # R_{ℓ-1}, one lower layer at a time
-                previous = self._stream_layer(ids, mask, lo, ("rollout",), previous)[2]
+                previous = self._stream_layer(ids, mask, lo, ("rollout",), previous)[1]
         return self._stream_layer(ids, mask, layer, tuple(methods), previous)[0]
 
     def _stream_layer(self, ids, mask, layer: int, methods: tuple, previous: list | None
-                      ) -> tuple[TextScores, dict, list | None]:
-        """(TextScores, {method: per-example NeuronScores}, per-example R_ℓ if rollout else None)."""
+                      ) -> tuple[TextScores, list | None]:
+        """(TextScores, per-example R_ℓ (L, L) if rollout is among `methods`, else None). `previous`:
+        per-example R_{ℓ-1}, None for the identity."""
         from delta_extraction import capture_mixer_io
 
         h_in, real_out = capture_mixer_io(self.model, layer, ids, mask)  # (b, L, d) each
@@ -325,7 +326,7 @@ class MambaAttentionNeurons:
             else:
                 per[m] = [_contribution_scores(m, torch.cat(rows[m][k]), maps[m][k], e) for k in range(b)]
         scores = {m: _batch_mean(m, per[m]) for m in methods}
-        return TextScores(scores, channel_sum / e, check), per, R
+        return TextScores(scores, channel_sum / e, check), R
 
     def create_mamba_neurons(self, attention_data: dict, method: str, layers=None) -> dict:
         """{layer: NeuronScores} for `method` (METHODS) at `layers` (default: every layer in the data);

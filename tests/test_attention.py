@@ -242,6 +242,22 @@ def test_streamed_text_scores_equal_the_reference_path(group_elements, methods, 
                 assert r.shape == g.shape and rel < (1e-5 if m == "gradient_guided" else 1e-6)
 
 
+@pytest.mark.parametrize("L", [1, 2, 8])  # one token (no off-diagonal entry), a partial chunk, exactly one chunk
+def test_streamed_text_scores_on_short_texts(L):
+    model = make_model("mamba_b")
+    an = MambaAttentionNeurons(model)
+    ids = _ids(L=L, b=1, seed=L)
+    top = model.config.num_hidden_layers - 1
+    ts = an.text_scores(ids, top)
+    data = an.extract_attention_vectors(ids, [top])
+    for m in ts.scores:
+        ref = an.create_mamba_neurons(data, m)[top]
+        for field in ("neuron_activations", "neuron_importance", "token_map"):
+            got = np.asarray(getattr(ts.scores[m], field))
+            assert np.isfinite(got).all()
+            np.testing.assert_allclose(got, getattr(ref, field), rtol=1e-5, atol=1e-9)
+
+
 def test_streamed_text_scores_refuse_a_wrong_reconstruction(monkeypatch):
     """A planted error in α (every group × 1.1: the output moves by 4e-4 relative, as α x is a small part
     of this random-init mixer's output beside D x) must be caught by the (α x + D x) check, not scored."""

@@ -460,18 +460,29 @@ def print_header(results: dict) -> None:
           f"{t['n_truncated']} truncated to {t['max_length']} tokens", flush=True)
 
 
+def stage_text(name: str, e: dict) -> str:
+    """One stage's summary as main prints it (and the HTML report shows it)."""
+    import contextlib
+    import io
+
+    head = f"[{name}] {e['status']} ({e['wall_time_s']:.2f} s)"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        if e["status"] == "not_applicable":
+            print(f"{head}: {e['reason']}")
+        elif e["status"] == "error":
+            print(f"{head}: {e['error']}")
+        else:
+            print(head)
+            SUMMARIES.get(name, lambda r: None)(e["results"])
+            for p in e.get("plots", []):
+                print(f"    plot: {p}")
+    return buf.getvalue()
+
+
 def print_stage(name: str, e: dict) -> None:
     """One stage's summary (main prints it as soon as the stage ends)."""
-    head = f"[{name}] {e['status']} ({e['wall_time_s']:.2f} s)"
-    if e["status"] == "not_applicable":
-        print(f"{head}: {e['reason']}")
-    elif e["status"] == "error":
-        print(f"{head}: {e['error']}")
-    else:
-        print(head)
-        SUMMARIES.get(name, lambda r: None)(e["results"])
-        for p in e.get("plots", []):
-            print(f"    plot: {p}")
+    print(stage_text(name, e), end="")
     sys.stdout.flush()  # a user watching a long run (or a tee'd log) sees each stage when it ends
 
 
@@ -730,6 +741,11 @@ def results_path(output_dir, prefix: str, layer: int) -> Path:
     return Path(output_dir) / f"{prefix}_layer{layer}_results.json"
 
 
+def report_path(output_dir, prefix: str, layer: int) -> Path:
+    """The HTML report, beside the results JSON."""
+    return Path(output_dir) / f"{prefix}_layer{layer}_report.html"
+
+
 def _main(args, argv) -> int:
     """Everything that can be checked is checked before the first stage, the cheap checks first: flag
     values, input files, output folders; then the model's config, tokenizer and weight files, and the flags
@@ -763,9 +779,11 @@ def _main(args, argv) -> int:
     args.model = source.requested
     prefix = model_prefix(args.model, source.origin)
     json_path = results_path(args.output_dir, prefix, args.layer)
-    if args.save_results and json_path.is_dir():
-        raise UserInputError(f"--output_dir {args.output_dir}: the results file {json_path} is a folder; "
-                             "move it away or choose another --output_dir")
+    html_path = report_path(args.output_dir, prefix, args.layer)
+    for kind, path in (("results file", json_path), ("report", html_path)):
+        if args.save_results and path.is_dir():
+            raise UserInputError(f"--output_dir {args.output_dir}: the {kind} {path} is a folder; "
+                                 "move it away or choose another --output_dir")
     files = inspect_model(source, "--model")  # config, tokenizer, weight files: before the weights load
     adapter = config_adapter(files.config)
     if args.stages is not None:
@@ -801,7 +819,7 @@ def _main(args, argv) -> int:
     import transformers
 
     from models import load_model_and_tokenizer
-    from utils import set_seed, use_agg_backend, write_json
+    from utils import set_seed, to_jsonable, use_agg_backend, write_json
 
     transformers.logging.set_verbosity_error()  # kernel-fallback notices; errors still surface
     transformers.logging.disable_progress_bar()  # stderr stays clean for our one-line errors
@@ -819,6 +837,12 @@ def _main(args, argv) -> int:
         partial["texts"].update(source=textset.source, warning=textset.warning)
         print_header({"run": results["run"], **partial})
 
+    summaries = {}  # stage -> its printed summary, for the HTML report
+
+    def on_stage(name: str, entry: dict) -> None:
+        summaries[name] = stage_text(name, entry)
+        print(summaries[name], end="", flush=True)  # each stage as soon as it ends
+
     results.update(run_comprehensive_analysis(
         loaded.model, loaded.tokenizer, textset.texts, layer=args.layer, top_k=args.top_k, stages=stages,
         plots_dir=args.plots_dir, max_length=max_length, prefix=prefix,
@@ -829,18 +853,22 @@ def _main(args, argv) -> int:
                  "dead_eps": args.dead_eps, "compare_model": args.compare_model, "seq_lengths": args.seq_lengths,
                  "budget": args.efficiency_budget, "device": device, "dtype": dtype,
                  "compare_source": compare_source, "compare_warning": compare_warning,
-                 "compare_files": compare_files}, on_start=on_start, on_stage=print_stage))
+                 "compare_files": compare_files}, on_start=on_start, on_stage=on_stage))
     results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
     results["run"]["total_time_s"] = round(time.time() - start, 3)
     print_footer(results, stages)
     failed = any(results[s]["status"] == "error" for s in stages)
     if args.save_results:
-        try:
-            write_json(json_path, results)
-        except OSError as exc:  # e.g. the disk filled up during the run: say so in one line
-            print(f"error: results not written to {json_path} ({exc.strerror or exc})", file=sys.stderr)
-            return 1
-        print(f"results: {json_path}")
+        from report import write_report
+
+        for kind, path, write in (("results", json_path, lambda p: write_json(p, results)),
+                                  ("report", html_path, lambda p: write_report(p, to_jsonable(results), summaries))):
+            try:
+                write(path)
+            except OSError as exc:  # e.g. the disk filled up during the run: say so in one line
+                print(f"error: {kind} not written to {path} ({exc.strerror or exc})", file=sys.stderr)
+                return 1
+        print(f"results: {json_path}\nreport: {html_path}")
     return 1 if failed else 0
 
 

@@ -340,10 +340,14 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def write_text(path, text: str) -> Path:
+    """Atomically write `text` (UTF-8) to `path`."""
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json(path, data) -> Path:
     """Atomically write `data` as strict JSON (NaN/inf as null; see `to_jsonable`)."""
-    text = json.dumps(to_jsonable(data), indent=2, allow_nan=False)
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    return write_text(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def save_figure(fig, plots_dir, name: str) -> str:

@@ -89,6 +89,17 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     for plot in plots:
         data = (tmp_path / plot).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000
+    # the HTML report beside the JSON: every plot of the run embedded byte for byte, every stage's summary
+    import base64
+
+    page = (tmp_path / "out" / f"{model_dirs['mamba_b'].name}_layer1_report.html").read_text()
+    assert f"report: out/{model_dirs['mamba_b'].name}_layer1_report.html" in p.stdout
+    assert page.count("data:image/png;base64,") == 6
+    for plot in plots:
+        assert base64.b64encode((tmp_path / plot).read_bytes()).decode() in page
+    for stage in ("delta", "causal", "inter_layer", "cross_layer"):
+        assert f'id="stage-{stage}"' in page and f"[{stage}] ok" in page
+    assert f"channel {got[0][0]:>5}" in page and "FAILED" not in page
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +224,7 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--save_results", "--output_dir", "{afile}"], "--output_dir {afile}: is a file"),
     (["--model", M, "--save_results", "--output_dir", "/sys/mamba_out"], "--output_dir /sys/mamba_out"),
     (["--model", M, "--save_results", "--output_dir", "out"], "is a folder; move it away"),
+    (["--model", M, "--save_results", "--output_dir", "out_report"], "--output_dir out_report: the report "),
     # flag values
     (["--model", M, "--stages", "nonsense"], "unknown stage"),
     (["--model", M, "--stages", ""], "names no stage"),
@@ -246,6 +258,7 @@ def test_bad_input_is_refused_in_one_line_before_any_stage(args, message, bad_in
         return text
 
     (tmp_path / "out" / f"{bad_inputs['mamba'].name}_layer0_results.json").mkdir(parents=True)  # in the way
+    (tmp_path / "out_report" / f"{bad_inputs['mamba'].name}_layer0_report.html").mkdir(parents=True)
     before = tree(tmp_path)
     code, out, err, started = call_main([sub(a) for a in args], tmp_path, monkeypatch, capsys)
     assert code == 2, err
@@ -279,6 +292,8 @@ def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp
     assert res["delta"] == {"status": "error", "error": "RuntimeError: planted failure",
                             "wall_time_s": res["delta"]["wall_time_s"]}
     assert "FAILED stages: delta" in out and "[delta] error" in out
+    page = next((tmp_path / "out").glob("*_report.html")).read_text()
+    assert "FAILED stages: delta" in page and "RuntimeError: planted failure" in page
     assert res["attention"]["status"] == "ok"  # the other stages go on
     # the attention stage's JSON numbers are the library's, averaged over the two texts
     import numpy as np
@@ -444,26 +459,30 @@ def test_default_max_length_is_capped_at_a_transformers_positions_with_a_note(to
     assert "truncated to this model's 64 positions" in capsys.readouterr().out
 
 
-def test_a_results_file_that_cannot_be_written_is_one_line_and_exit_1(model_dirs, texts_file, tmp_path,
-                                                                     monkeypatch, capsys):
-    """The disk fills up during a run: the summary is still printed, then one error line, exit 1."""
+@pytest.mark.parametrize("module, function, kind, suffix", [("utils", "write_json", "results", "results.json"),
+                                                        ("report", "write_report", "report", "report.html")])
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_1(module, function, kind, suffix, model_dirs,
+                                                                 texts_file, tmp_path, monkeypatch, capsys):
+    """The disk fills up during a run (before the JSON, or between the JSON and the report): the summary is
+    still printed, then one error line naming the file, exit 1; the JSON, when written, stays."""
     import errno
+    import importlib
 
     import main
-    import utils
 
-    def full(path, data):
+    def full(path, *a, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(utils, "write_json", full)
+    monkeypatch.setattr(importlib.import_module(module), function, full)
     monkeypatch.chdir(tmp_path)
     args = ["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--stages", "delta",
             "--save_results", "--no_progress"] + (["--device", DEVICE.type] if DEVICE.type != "cpu" else [])
     assert main.main(args) == 1
     out, err = capsys.readouterr()
     assert "[delta] ok" in out
-    assert err.strip().splitlines() == [f"error: results not written to analysis_outputs/{model_dirs['mamba_a'].name}"
-                                        f"_layer0_results.json (No space left on device)"]
+    name = f"analysis_outputs/{model_dirs['mamba_a'].name}_layer0_"
+    assert err.strip().splitlines() == [f"error: {kind} not written to {name}{suffix} (No space left on device)"]
+    assert (tmp_path / f"{name}results.json").is_file() == (kind == "report")
 
 
 def test_each_stage_is_printed_as_soon_as_it_ends(model_dirs, texts_file, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,91 @@
+"""The HTML report: self-contained, every plot embedded, errors shown plainly; rendered in headless Chromium."""
+import base64
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from report import render_report, write_report
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+
+
+def _png(path, color="tab:blue"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([0, 1, 2], [0, 2, 1], color=color)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return str(path)
+
+
+def _results(tmp_path, plots):
+    return {
+        "run": {"model": "m", "layer": 1, "seed": 3, "argv": ["--layer", "1"], "versions": {"torch": "x"},
+                "notes": ["a note <b>kept as text</b>"]},
+        "texts": {"n_texts": 2, "n_tokens": 17},
+        "architecture": {"display_name": "Mamba"},
+        "delta": {"status": "ok", "wall_time_s": 1.25, "plots": plots,
+                  "results": {"top_neurons": [{"channel": 7, "variance": 0.000123456}, {"channel": 3, "variance": 1e-5}]}},
+        "attention": {"status": "ok", "wall_time_s": 2.0, "plots": [],
+                      "results": {"methods": {"rollout": {"top_neurons": [{"channel": 11, "activation": 0.5}]}}}},
+        "causal": {"status": "error", "wall_time_s": 0.5, "error": "RuntimeError: planted <script>alert(1)</script>"},
+        "efficiency": {"status": "not_applicable", "wall_time_s": 0.0, "reason": "not for this model"},
+        "comparison": {"status": "ok", "wall_time_s": 3.0, "plots": [],
+                       "results": {"summary": [{"metric": "Gini", "a": 0.25, "b": 0.5}]}},
+    }
+
+
+def test_report_content_is_self_contained_and_shows_errors(tmp_path):
+    plot = _png(tmp_path / "p.png")
+    page = render_report(_results(tmp_path, [plot, str(tmp_path / "missing.png")]), {"delta": "[delta] ok\n  summary line"})
+    # every plot is embedded byte for byte; nothing is fetched from anywhere
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert embedded == [base64.b64encode(open(plot, "rb").read()).decode()]
+    assert not re.search(r'(src|href)="(?!data:|#)', page)
+    assert "plot missing: " + str(tmp_path / "missing.png") in page
+    # errors plainly, escaped; the banner names the failed stage
+    assert "FAILED stages: causal" in page
+    assert "RuntimeError: planted &lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
+    assert "not for this model" in page and "a note &lt;b&gt;kept as text&lt;/b&gt;" in page
+    # summaries and tables: top neurons of a stage and of a method, the comparison table
+    assert "summary line" in page
+    assert "<td class=\"num\">0.0001235</td>" in page and "top neurons: methods rollout" in page
+    assert "<h3>comparison table</h3>" in page and "<td>Gini</td>" in page
+    for stage in ("delta", "attention", "causal", "efficiency", "comparison"):
+        assert f'id="stage-{stage}"' in page and f'href="#stage-{stage}"' in page
+
+
+def _render(path, tmp_path):
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", path.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1000,1400", f"--screenshot={shot}", path.as_uri()],
+                   capture_output=True, timeout=120, cwd=tmp_path)
+    return dom, shot
+
+
+@needs_chromium
+def test_chromium_renders_every_plot_and_flags_a_broken_one(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    good = [_png(tmp_path / "a.png"), _png(tmp_path / "b.png", "tab:red")]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really a png")
+    page = write_report(tmp_path / "report.html", _results(tmp_path, good))
+    dom, shot = _render(page, tmp_path)
+    assert 'data-images-ok="2"' in dom and 'data-images-broken="0"' in dom, dom[:300]
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1400, 1000) and pixels.min() < 100 and pixels.mean() > 150  # text on a white page
+
+    page = write_report(tmp_path / "broken.html", _results(tmp_path, [*good, str(tmp_path / "bad.png")]))
+    dom, _ = _render(page, tmp_path)
+    assert 'data-images-ok="2"' in dom and 'data-images-broken="1"' in dom
+    assert "this plot did not decode: bad.png" in dom

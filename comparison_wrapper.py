@@ -78,7 +78,7 @@ def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: 
 def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_length: int = 256,
                    threshold: float | None = None, eps: float = 1e-6, sparsity_layers=(0, 1, 2),
                    seq_lengths=None, budget_s: float = 15.0, causal: dict | None = None,
-                   causal_opts: dict | None = None, progress: bool = False, main_efficiency: dict | None = None,
+                   causal_batch_size: int | None = None, progress: bool = False, main_efficiency: dict | None = None,
                    main_sparsity: dict | None = None) -> dict:
     """Both models through the same measurements. `layer` is the main model's; the other model is read
     at the layer of the same relative depth. `causal`: the main model's causal-stage results (scores
@@ -100,10 +100,9 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
     if causal is not None:
         import causal_analysis as ca
 
-        o = causal_opts or {}
         scores = ca.causal_impact_scores(other.model, other.tokenizer, causal["prompts"], other_layer, None,
-                                         causal.get("intervention_scale", 0.0), causal.get("ablation", "zero"),
-                                         None, o.get("batch_size"), progress)
+                                         causal["intervention_scale"], causal["ablation"], None, causal_batch_size,
+                                         progress)
         out["causal"] = {
             main.label: {"layer": layer, "site": causal["site"], "scores": np.asarray(causal["scores"])},
             other.label: {"layer": other_layer, "site": other.adapter.default_causal_site, "scores": scores},

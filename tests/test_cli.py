@@ -166,7 +166,11 @@ def call_main(args, cwd, monkeypatch, capsys):
         return run
 
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(main, "STAGE_FUNCTIONS", {n: spy(n) for n in main.STAGE_FUNCTIONS})
+    import dataclasses
+
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "STAGES", {n: dataclasses.replace(s, run=spy(n)) for n, s in pipeline.STAGES.items()})
     if DEVICE.type != "cpu" and "--device" not in args:
         args = [*args, "--device", DEVICE.type]
     code = main.main([str(a) for a in args])
@@ -280,7 +284,11 @@ def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp
     def broken(ctx):
         raise RuntimeError("planted failure")
 
-    monkeypatch.setitem(main.STAGE_FUNCTIONS, "delta", broken)
+    import dataclasses
+
+    import pipeline
+
+    monkeypatch.setitem(pipeline.STAGES, "delta", dataclasses.replace(pipeline.STAGES["delta"], run=broken))
     monkeypatch.chdir(tmp_path)
     args = ["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--text_limit", "2",
             "--save_results", "--output_dir", "out", "--stages", "delta", "attention", "--no_progress"]
@@ -490,13 +498,17 @@ def test_each_stage_is_printed_as_soon_as_it_ends(model_dirs, texts_file, tmp_pa
     import main
 
     seen = {}
-    real = main.STAGE_FUNCTIONS["causal"]
+    import dataclasses
+
+    import pipeline
+
+    real = pipeline.STAGES["causal"].run
 
     def watching(ctx):
         seen["before causal"] = capsys.readouterr().out
         return real(ctx)
 
-    monkeypatch.setitem(main.STAGE_FUNCTIONS, "causal", watching)
+    monkeypatch.setitem(pipeline.STAGES, "causal", dataclasses.replace(pipeline.STAGES["causal"], run=watching))
     monkeypatch.chdir(tmp_path)
     args = ["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--stages", "delta,causal",
             "--no_progress"] + (["--device", DEVICE.type] if DEVICE.type != "cpu" else [])

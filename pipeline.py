@@ -1,0 +1,587 @@
+"""The analysis pipeline: the stages, their registry, and `run_comprehensive_analysis`.
+
+A stage is one entry of `STAGES` (`Stage`: its name, the function that runs it, the one that prints its
+summary, the model families it applies to, and the stages whose results it reads), so that a new stage is
+written in one place; the run order follows from those stated needs. Options travel as one typed
+`Options` object, built once (by main.py from the command line, or from `run_comprehensive_analysis`'s
+arguments). Heavy imports live inside functions, so importing this module costs nothing (main.py's
+`--help` answers at once).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+from pathlib import Path
+
+logger = logging.getLogger("mamba_neurons")
+
+ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    """Every option of a run, typed, each default stated once here. main.py builds one from the command
+    line; `run_comprehensive_analysis` from its arguments. None means "the default of the model or of the
+    analysis", as the field's comment says."""
+
+    layer: int = 0
+    top_k: int = 10
+    max_length: int = 256
+    plots_dir: str = "plots"
+    prefix: str = "model"  # model label used in plot file names
+    progress: bool = True
+    attention_methods: tuple = ATTENTION_METHODS
+    # causal stages (causal, inter_layer, cross_layer, and the comparison's causal part)
+    prompts: tuple | None = None  # None: causal_analysis.DEFAULT_PROMPTS
+    causal_site: str | None = None  # None: the model's default causal site
+    causal_dims: tuple | None = None  # None: every dimension (causal); the causal stage's top 3 (inter/cross)
+    ablation: str = "zero"
+    intervention_scale: float = 0.0
+    causal_batch_size: int | None = None  # None: chosen from free memory
+    # sparsity, efficiency, comparison
+    sparsity_layers: tuple | None = None  # None: 0 1 2, those the model has
+    sparsity_threshold: float | None = None  # None: the family's default
+    dead_eps: float = 1e-6
+    seq_lengths: tuple | None = None  # None: efficiency.SEQ_LENGTHS
+    efficiency_budget: float = 15.0
+    compare_model: str | None = None  # None: the other family's default model
+    compare_source: object = None  # models.ModelSource, when main resolved it (and warned about a fallback)
+    compare_warning: str | None = None
+    compare_files: object = None  # models.inspect_model's result for the comparison model, when main has it
+    device: object = "cpu"
+    dtype: object = "float32"
+
+    @property
+    def prompt_list(self) -> list[str]:
+        from causal_analysis import DEFAULT_PROMPTS
+
+        return list(self.prompts or DEFAULT_PROMPTS)
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: the model, the tokenized texts, the options, and (through `upstream`) the results
+    of the stages it declared in its `needs`."""
+
+    model: object
+    tokenizer: object
+    adapter: object
+    tokens: object  # utils.TokenizedTexts
+    opts: Options
+    results: dict  # the results of the stages run so far
+    texts: tuple = ()  # the texts as strings (the comparison model tokenizes them itself)
+    stages: tuple = ()  # the stages of this run, in order
+    shared: dict = None  # {stage: {key: value}}: what a stage measured for a later one, kept out of the JSON
+    current: str = ""  # the stage running now
+
+    # the options every stage reads, by their short names
+    layer = property(lambda self: self.opts.layer)
+    top_k = property(lambda self: self.opts.top_k)
+    plots_dir = property(lambda self: self.opts.plots_dir)
+    prefix = property(lambda self: self.opts.prefix)
+    progress = property(lambda self: self.opts.progress)
+
+    def _declared(self, name: str) -> None:
+        if name not in STAGES[self.current].needs:
+            raise RuntimeError(f"stage {self.current} reads stage {name} without declaring it in its needs")
+
+    def upstream(self, name: str) -> dict | None:
+        """The results of stage `name` (one of this stage's needs) if it ran in this run and succeeded."""
+        self._declared(name)
+        entry = self.results.get(name, {})
+        return entry["results"] if entry.get("status") == "ok" else None
+
+    def share(self, key: str, value) -> None:
+        """Keep `value` for the stages that need this one (not written to the results)."""
+        self.shared.setdefault(self.current, {})[key] = value
+
+    def shared_by(self, name: str, key: str):
+        """What stage `name` (one of this stage's needs) kept under `key`, or None."""
+        self._declared(name)
+        return self.shared.get(name, {}).get(key)
+
+
+def stage_delta(ctx: StageContext):
+    import delta_extraction as de
+
+    stats = de.delta_channel_statistics(ctx.model, ctx.tokenizer, ctx.tokens.input_ids, ctx.layer, ctx.progress)
+    plots = [de.plot_delta_variance(stats, ctx.top_k, ctx.plots_dir, ctx.prefix),
+             de.plot_delta_heatmap(stats, ctx.plots_dir, ctx.prefix)]
+    return stats.to_dict(ctx.top_k), plots
+
+
+def stage_attention(ctx: StageContext):
+    """Hidden attention at --layer over every text; each method's channel scores averaged over texts."""
+    from tqdm.auto import tqdm
+
+    import attention_neurons as an
+
+    analyzer = an.MambaAttentionNeurons(ctx.model)  # NotApplicable for Transformers
+    layer, methods = ctx.layer, ctx.opts.attention_methods
+    sums = {m: [0.0, 0.0] for m in methods}  # method -> [Σ activations, Σ importance]
+    first, worst = {}, 0.0
+    for k, ids in enumerate(tqdm(ctx.tokens.input_ids, desc=f"attention layer {layer}", disable=not ctx.progress)):
+        ts = analyzer.text_scores(ids, layer, methods)  # α streamed by channel group, verified
+        worst = max(worst, ts.reconstruction.relative_error)
+        for m in methods:
+            s = ts.scores[m]
+            sums[m][0] = sums[m][0] + s.neuron_activations
+            sums[m][1] = sums[m][1] + s.neuron_importance
+            if k == 0:
+                first[m] = s.token_map
+        if k == 0:
+            vector = ts.attention_vectors[0].cpu().numpy()  # (L, L) channel-mean α, first text
+    n = len(ctx.tokens.input_ids)
+    results = {"layer": layer, "n_texts": n, "max_reconstruction_error": worst,
+               "attention_vector_first_text": vector, "methods": {}}
+    plots = [an.plot_attention_vector(vector, layer, ctx.plots_dir, ctx.prefix)]
+    for m in methods:
+        neurons = {layer: an.NeuronScores(m, sums[m][0] / n, sums[m][1] / n, first[m])}
+        results["methods"][m] = {**analyzer.analyze_neuron_behavior(neurons, layer, ctx.top_k),
+                                 "neuron_activations": neurons[layer].neuron_activations,
+                                 "neuron_importance": neurons[layer].neuron_importance,
+                                 "token_map_first_text": first[m]}
+        plots.append(analyzer.visualize_neurons(neurons, layer, ctx.plots_dir, ctx.prefix, ctx.top_k))
+    results["definitions"] = {m: an.DEFINITIONS[m] for m in methods}
+    return results, plots
+
+
+def _causal_site(ctx: StageContext) -> str:
+    return ctx.opts.causal_site or ctx.adapter.default_causal_site
+
+
+def stage_causal(ctx: StageContext):
+    """KL impact of ablating every dimension (or --causal_dims) of the site at --layer, over the prompts."""
+    import numpy as np
+
+    import causal_analysis as ca
+
+    o, site = ctx.opts, _causal_site(ctx)
+    scores = ca.causal_impact_scores(ctx.model, ctx.tokenizer, o.prompt_list, ctx.layer, site, o.intervention_scale,
+                                     o.ablation, o.causal_dims, o.causal_batch_size, ctx.progress)
+    dims = np.arange(len(scores)) if o.causal_dims is None else np.asarray(o.causal_dims)
+    order = np.argsort(-scores, kind="stable")[:ctx.top_k]
+    results = {"layer": ctx.layer, "site": site, "ablation": o.ablation, "intervention_scale": o.intervention_scale,
+               "prompts": o.prompt_list, "n_dims": int(len(scores)),
+               "top_neurons": [{"dim": int(dims[i]), "score": float(scores[i])} for i in order],
+               "dims": dims, "scores": scores, "n_zero": int((scores == 0).sum()),
+               "definition": "mean over prompts of KL(p_clean || p_ablated) of the next-token distribution "
+                             "at the last position"}
+    return results, ca.plot_causal_impacts(scores, dims, ctx.top_k, ctx.layer, site, ctx.plots_dir, ctx.prefix)
+
+
+def _chosen_dims(ctx: StageContext, n: int = 3) -> list[int]:
+    """Every --causal_dims dimension, else the causal stage's top `n`."""
+    if ctx.opts.causal_dims:
+        return list(ctx.opts.causal_dims)
+    causal = ctx.upstream("causal")
+    if causal is None:
+        raise ValueError("needs --causal_dims or a successful causal stage to choose its dimensions")
+    return [t["dim"] for t in causal["top_neurons"][:n]]
+
+
+def stage_inter_layer(ctx: StageContext):
+    """Impact of ablating each chosen dimension at every layer in turn (mean over the prompts)."""
+    import causal_analysis as ca
+
+    o, site = ctx.opts, _causal_site(ctx)
+    dims = _chosen_dims(ctx)
+    # one clean run per prompt for every layer; (layer, dim) ablations share passes
+    per_layer = ca.causal_impact_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, range(ctx.adapter.n_layers),
+                                          site, o.intervention_scale, o.ablation, dims, o.causal_batch_size,
+                                          ctx.progress)  # (n_layers, n_dims)
+    curves = {d: [(layer, float(sc[i])) for layer, sc in enumerate(per_layer)] for i, d in enumerate(dims)}
+    results = {"site": site, "dims": dims,
+               "curves": {str(d): [{"layer": la, "relative_depth": la / max(1, ctx.adapter.n_layers - 1),
+                                    "score": sc} for la, sc in c] for d, c in curves.items()}}
+    return results, [ca.plot_inter_layer(curves, site, ctx.plots_dir, ctx.prefix)]
+
+
+def stage_cross_layer(ctx: StageContext):
+    """Ablate each chosen dimension at every source layer, read it in the residual stream after every
+    target layer (last position), averaged over the prompts."""
+    import numpy as np
+
+    import causal_analysis as ca
+
+    o, site = ctx.opts, _causal_site(ctx)
+    site = site if ctx.adapter.site(site, 0).size == ctx.adapter.hidden_size else "residual"
+    chosen = _chosen_dims(ctx)
+    dims = [d for d in chosen if d < ctx.adapter.hidden_size]
+    if not dims:
+        raise ValueError(f"no chosen dimension lies in the residual stream (width {ctx.adapter.hidden_size})")
+    per = [ca.cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site, o.intervention_scale,
+                                 batch_size=o.causal_batch_size) for p in o.prompt_list]
+    m = {k: np.mean([x[k] for x in per], axis=0) for k in ("clean", "ablated", "change")}
+    m.update(dims=per[0]["dims"], sources=per[0]["sources"], targets=per[0]["targets"])
+    results = {"site": site, "readout": "residual stream after each target layer, last position, "
+                                        "mean over prompts", **m,
+               "left_out_dims": [d for d in chosen if d not in dims],
+               "max_abs_change_before_source": float(max(np.abs(m["change"][:, s, :s]).max(initial=0.0)
+                                                         for s in range(ctx.adapter.n_layers)))}
+    return results, [ca.plot_cross_layer(m, site, ctx.plots_dir, ctx.prefix)]
+
+
+def _sparsity_layers(ctx: StageContext) -> list[int]:
+    chosen = ctx.opts.sparsity_layers
+    if chosen is None:
+        return [la for la in (0, 1, 2) if la < ctx.adapter.n_layers]
+    return [ctx.adapter.check_layer(la) for la in chosen]
+
+
+def stage_sparsity(ctx: StageContext):
+    """Every sparsity method for the neuron site at --layer, and across --sparsity_layers (streamed)."""
+    import sparsity as sp
+
+    multi = _sparsity_layers(ctx)
+    # the comparison needs every layer: measured here in the same forwards, so it need not run them again
+    every = "comparison" in ctx.stages
+    layers = range(ctx.adapter.n_layers) if every else sorted({ctx.layer, *multi})
+    stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, layers, ctx.opts.sparsity_threshold,
+                              ctx.opts.dead_eps, progress=ctx.progress)
+    if every:
+        ctx.share("every_layer", stats)
+    single = stats[ctx.layer]
+    chosen = {la: stats[la] for la in multi}
+    plots = sp.sparsity_plots([(ctx.prefix, single)], [(ctx.prefix, chosen)], ctx.plots_dir, ctx.prefix,
+                              tag=f"_layer{ctx.layer}")
+    results = {"site": single["site"], "layer": ctx.layer, "sparsity_layers": multi, "single": single,
+               "layers": chosen, "multilayer": sp.multilayer_table(chosen), "note": sp.SCALE_NOTE,
+               "definitions": sp.__doc__}
+    return results, plots
+
+
+def stage_efficiency(ctx: StageContext):
+    """Parameters, neurons, active neurons at --layer, measured time / memory against sequence length."""
+    import torch
+
+    import efficiency as ef
+    import sparsity as sp
+
+    o = ctx.opts
+    done = ctx.upstream("sparsity")
+    if done is not None:
+        stats = done["single"]
+    else:
+        stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, [ctx.layer], o.sparsity_threshold,
+                                  o.dead_eps, progress=ctx.progress)[ctx.layer]
+    pool = torch.cat([ids[0] for ids in ctx.tokens.input_ids]).cpu().numpy()
+    res = ef.efficiency_metrics(ctx.model, ctx.adapter, pool, stats, o.seq_lengths or ef.SEQ_LENGTHS,
+                                o.efficiency_budget, ctx.progress)
+    plots = [ef.plot_efficiency([(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_efficiency_layer{ctx.layer}"),
+             ef.plot_scaling([(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_scaling")]
+    return res, plots
+
+
+def stage_comparison(ctx: StageContext):
+    """Both models through sparsity (every layer), efficiency and (when the causal stage ran) causal
+    impacts, on the same texts; layers matched by relative depth."""
+    import comparison_plots as cp
+    import comparison_wrapper as cw
+    from models import load_model_and_tokenizer
+
+    o = ctx.opts
+    if o.compare_source is not None:  # resolved (and its fallback warned about) by main
+        source, warning = o.compare_source, o.compare_warning
+    else:
+        source, warning = cw.resolve_compare_model(o.compare_model, ctx.adapter.family)
+    loaded = load_model_and_tokenizer(source, o.device, o.dtype, "--compare_model", files=o.compare_files)
+    label = model_prefix(source.requested, source.origin)
+    if label == ctx.prefix:
+        label += "_compare"
+    from models import get_adapter
+
+    main_run = cw.ModelRun(ctx.prefix, ctx.model, ctx.tokenizer, ctx.adapter, "main")
+    other = cw.ModelRun(label, loaded.model, loaded.tokenizer, get_adapter(loaded.model), source.origin)
+    limit = ctx.adapter.max_positions
+    same_tokens = limit is None or ctx.tokens.max_length <= limit  # as the comparison tokenizes the texts
+    comp = cw.compare_models(main_run, other, list(ctx.texts), ctx.layer, ctx.tokens.max_length, o.sparsity_threshold,
+                             o.dead_eps, _sparsity_layers(ctx), o.seq_lengths, o.efficiency_budget,
+                             ctx.upstream("causal"), o.causal_batch_size, ctx.progress,
+                             main_efficiency=ctx.upstream("efficiency"),
+                             main_sparsity=ctx.shared_by("sparsity", "every_layer") if same_tokens else None)
+    comp["compare_model"] = {"requested": source.requested, "source": source.origin,
+                             "resolved_path": source.resolved_path, "warning": warning}
+    comp["methods_at_matched_layers"] = cp.methods_table(comp)
+    return comp, cp.comparison_plots(comp, ctx.plots_dir, f"{ctx.prefix}_vs_{label}")
+
+
+def resolve_stages(requested: list[str] | None, family: str | None = None, enable_attention: bool = True
+                   ) -> list[str]:
+    """Stage names to run, in pipeline order: by default every stage (the attention stage only with
+    `enable_attention`). UserInputError for unknown names, or for an explicitly requested stage that does
+    not apply to the model's family (`family`)."""
+    from utils import UserInputError
+
+    if requested is None:
+        return [s for s in ALL_STAGES if enable_attention or s != "attention"]
+    names = [n.strip() for item in requested for n in item.split(",") if n.strip()]
+    if not names:
+        raise UserInputError(f"--stages {' '.join(requested)!r}: names no stage; choose from {', '.join(ALL_STAGES)}")
+    for n in names:
+        if n not in STAGES:
+            raise UserInputError(f"--stages {n}: unknown stage; choose from {', '.join(ALL_STAGES)}")
+        if family is not None and not STAGES[n].applies_to(family):
+            raise UserInputError(f"--stages {n}: a {'/'.join(sorted(STAGES[n].families))}-only analysis, not "
+                                 f"applicable to {family}; drop it from --stages or pass a Mamba model")
+    return [s for s in ALL_STAGES if s in names]
+
+
+def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: int = 10, stages=None,
+                               plots_dir="plots", max_length: int = 256, prefix: str = "model",
+                               progress: bool = True, attention_methods=ATTENTION_METHODS, causal=None,
+                               options=None, on_start=None, on_stage=None) -> dict:
+    """Run the stages in order on `texts` (strings) and return `analysis_results`:
+    {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
+    "error", "plots"}}. A failing stage is recorded and the others go on. Input that no stage could use
+    (a bare string for `texts`, too few texts for a stage asked for, a text without tokens, token ids
+    beyond the model's vocabulary) raises UserInputError before the first stage. `on_start(results)` is
+    called once the texts are tokenized, `on_stage(name, entry)` as each stage ends (main prints them).
+
+    The options: `layer`, `top_k`, ... as named; `causal`: {"prompts", "site", "dims", "ablation",
+    "intervention_scale", "batch_size"}; `options`: {"sparsity_layers", "threshold", "dead_eps",
+    "compare_model", "seq_lengths", "budget", "device", "dtype"}, or an `Options` object holding every
+    option (then the other option arguments are not used)."""
+    if not isinstance(options, Options):
+        c, o = dict(causal or {}), dict(options or {})
+        names = {"prompts": "prompts", "site": "causal_site", "dims": "causal_dims", "ablation": "ablation",
+                 "intervention_scale": "intervention_scale", "batch_size": "causal_batch_size",
+                 "sparsity_layers": "sparsity_layers", "threshold": "sparsity_threshold", "dead_eps": "dead_eps",
+                 "compare_model": "compare_model", "seq_lengths": "seq_lengths", "budget": "efficiency_budget",
+                 "device": "device", "dtype": "dtype", "compare_source": "compare_source",
+                 "compare_warning": "compare_warning", "compare_files": "compare_files"}
+        unknown = sorted((set(c) | set(o)) - set(names))
+        if unknown:
+            raise TypeError(f"unknown option {unknown[0]!r}; known: {', '.join(names)}")
+        given = {names[k]: tuple(v) if isinstance(v, list) else v for k, v in {**o, **c}.items() if v is not None}
+        options = Options(layer=layer, top_k=top_k, max_length=max_length, plots_dir=str(plots_dir), prefix=prefix,
+                          progress=progress, attention_methods=tuple(attention_methods), **given)
+    return run_pipeline(model, tokenizer, texts, options, stages, on_start, on_stage)
+
+
+def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=None, on_stage=None) -> dict:
+    """`run_comprehensive_analysis` with the options as one `Options` object."""
+    from models import NotApplicable, get_adapter
+    from utils import UserInputError, text_list, tokenize_texts
+
+    adapter = get_adapter(model)
+    adapter.check_layer(opts.layer)
+    texts = text_list(texts)
+    stages = resolve_stages(stages)
+    short = too_few_texts(stages, adapter.family, len(texts))
+    if short:
+        raise UserInputError(f"the {short[0]} stage needs at least {short[1]} texts; got {len(texts)}")
+    tokens = tokenize_texts(tokenizer, texts, opts.max_length)
+    vocab = model.get_input_embeddings().num_embeddings
+    top = max(int(ids.max()) for ids in tokens.input_ids)
+    if top >= vocab:
+        raise UserInputError(f"the tokenizer gives token id {top}, beyond the model's {vocab} embeddings: "
+                             "tokenizer and model do not belong together")
+    results: dict = {"texts": {"n_texts": len(texts), "n_tokens": int(sum(tokens.lengths)),
+                               "max_length": opts.max_length, "n_truncated": tokens.n_truncated},
+                     "architecture": adapter.describe()}
+    ctx = StageContext(model, tokenizer, adapter, tokens, opts, results, tuple(texts), tuple(stages), {})
+    if on_start is not None:
+        on_start(results)
+    for name in stages:
+        logger.info("stage %s: started", name)
+        ctx.current = name
+        t0 = time.perf_counter()
+        try:
+            out, plots = STAGES[name].run(ctx)
+            entry = {"status": "ok", "results": out, "plots": plots}
+        except NotApplicable as exc:
+            entry = {"status": "not_applicable", "reason": str(exc)}
+        except Exception as exc:  # a failed stage is recorded with its error; the other stages go on
+            logger.debug("stage %s failed", name, exc_info=True)
+            entry = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        entry["wall_time_s"] = round(time.perf_counter() - t0, 4)
+        results[name] = entry
+        if on_stage is not None:
+            on_stage(name, entry)
+    return results
+
+
+def too_few_texts(stages, family: str, n_texts: int) -> tuple[str, int] | None:
+    """(stage, texts it needs) for the first stage asked for that `n_texts` texts are too few for (its
+    `min_texts`; a stage that does not apply to `family` does not run), else None."""
+    for name in stages:
+        stage = STAGES[name]
+        if n_texts < stage.min_texts and stage.applies_to(family):
+            return name, stage.min_texts
+    return None
+
+
+def model_prefix(name: str, origin: str = "") -> str:
+    """A file-name-safe label for a model: hub id with '/' -> '_', or a folder's name
+    ('reference_mamba' for the shipped reference model)."""
+    p = Path(name)
+    label = p.name if p.is_dir() else name.replace("/", "_")
+    label = f"reference_{label}" if origin == "reference" else label
+    return re.sub(r"[^\w.\-]+", "_", label) or "model"
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------------
+def stage_text(name: str, e: dict) -> str:
+    """One stage's summary as main prints it (and the HTML report shows it)."""
+    import contextlib
+    import io
+
+    head = f"[{name}] {e['status']} ({e['wall_time_s']:.2f} s)"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        if e["status"] == "not_applicable":
+            print(f"{head}: {e['reason']}")
+        elif e["status"] == "error":
+            print(f"{head}: {e['error']}")
+        else:
+            print(head)
+            STAGES[name].summarize(e["results"])
+            for p in e.get("plots", []):
+                print(f"    plot: {p}")
+    return buf.getvalue()
+
+
+def summarize_delta(r: dict) -> None:
+    rec = r["reconstruction"]
+    print(f"    {r['n_channels']} channels, {r['n_texts']} texts, {r['n_tokens']} tokens; mixer reconstruction "
+          f"max rel. error {rec['max_relative_error']:.2e} (tolerance {rec['tolerance']:.0e})")
+    print("    top delta-sensitive channels (variance across texts of mean Δ | mean Δ | within-text var):")
+    for n in r["top_neurons"]:
+        print(f"      channel {n['channel']:>5}: {n['variance']:.4e} | {n['mean_delta']:.4e} | "
+              f"{n['token_variance']:.4e}")
+
+
+def summarize_attention(r: dict) -> None:
+    print(f"    hidden attention over {r['n_texts']} texts; (α x + D x) reconstruction max rel. error "
+          f"{r['max_reconstruction_error']:.2e}")
+    for m, a in r["methods"].items():
+        top = ", ".join(f"{t['channel']} ({t['activation']:.3g})" for t in a["top_neurons"][:5])
+        print(f"    {m}: {a['num_neurons']} channels, mean activation {a['mean_activation']:.4g} "
+              f"(std {a['activation_std']:.3g}), diversity {a['neuron_diversity']:.3f}; top: {top}")
+
+
+def summarize_causal(r: dict) -> None:
+    print(f"    {r['n_dims']} dims of {r['site']} at layer {r['layer']}, {len(r['prompts'])} prompts, "
+          f"{r['ablation']} ablation; {r['n_zero']} dims with impact exactly 0")
+    print("    top causal dims (mean KL): " + ", ".join(f"{t['dim']} ({t['score']:.3e})" for t in r["top_neurons"]))
+
+
+def summarize_inter_layer(r: dict) -> None:
+    for d, curve in r["curves"].items():
+        best = max(curve, key=lambda c: c["score"])
+        print(f"    dim {d}: largest impact at layer {best['layer']} ({best['score']:.3e})")
+
+
+def summarize_cross_layer(r: dict) -> None:
+    print(f"    dims {list(map(int, r['dims']))} of {r['site']}; largest |change| before the source layer: "
+          f"{r['max_abs_change_before_source']:.1e} (causality: must be 0)")
+    if r["left_out_dims"]:
+        print(f"    dims {r['left_out_dims']} left out: beyond the residual stream's width")
+
+
+def _sparsity_line(s: dict) -> str:
+    p50 = s["percentile"]["sparsity"][s["percentile"]["percentiles"].index(50)]
+    return (f"traditional {s['traditional']['sparsity']:.3f} (< {s['traditional']['threshold']:g}), percentile-50 "
+            f"{p50:.3f}, entropy {s['entropy']['sparsity']:.3f}, Gini {s['gini']:.3f}, Hoyer {s['hoyer']:.3f}, "
+            f"dead {s['dead_neurons']['count']}")
+
+
+def summarize_sparsity(r: dict) -> None:
+    s = r["single"]
+    print(f"    site {r['site']} ({s['n_neurons']} neurons), {s['n_tokens']} tokens")
+    print(f"    layer {r['layer']}: {_sparsity_line(s)}")
+    for la, st in r["layers"].items():
+        if la != r["layer"]:
+            print(f"    layer {la}: {_sparsity_line(st)}")
+    print(f"    note: {r['note']}")
+
+
+def summarize_efficiency(r: dict) -> None:
+    p, n = r["parameters"], r["neurons"]
+    print(f"    parameters {p['total']:,} (embeddings {p['embeddings']:,}, layers {p['layers']:,}, head "
+          f"{p['lm_head']:,}{', tied' if p['tied_embeddings'] else ''}); {n['per_layer']} neurons per layer "
+          f"({n['site']}), {n['total']} in all")
+    if "active" in n:
+        print(f"    layer {n['layer']}: {n['active']} active (mean |a| > {n['threshold']:g}), efficiency ratio "
+              f"{n['efficiency_ratio']:.3f}")
+    for pt in r["scaling"]["points"]:
+        print(f"    L={pt['seq_len']:>5}: {pt['time_s'] * 1e3:9.1f} ms, peak {pt['peak_memory_bytes'] / 2 ** 20:8.1f} MiB,"
+              f" {pt['flops_per_token'] / 1e6:.2f} MFLOP/token")
+    for sk in r["scaling"]["skipped"]:
+        print(f"    L={sk['seq_len']:>5}: skipped ({sk['reason']})")
+
+
+def summarize_comparison(r: dict) -> None:
+    labels = [s["label"] for s in r["models"]]
+    c = r["compare_model"]
+    print(f"    compared with {c['requested']} ({c['source']})" + (f"; {c['warning']}" if c["warning"] else ""))
+    width = max(len(row["metric"]) for row in r["summary"])
+    print("    " + " " * width + " | " + " | ".join(f"{lab:>24}" for lab in labels))
+    for row in r["summary"]:
+        print(f"    {row['metric']:<{width}} | " + " | ".join(f"{str(row[lab]):>24}" for lab in labels))
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry: one entry per stage
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One analysis stage. `run(ctx)` returns (results dict, [plot paths]); `summarize(results)` prints its
+    summary lines; `families`: the model families it applies to (None: every family); `needs`: the stages
+    whose results (or shared measurements) it reads when they ran in the same run: they run before it, and
+    reading any other stage's results is an error; `min_texts`: the fewest texts it can work with."""
+
+    name: str
+    run: Callable
+    summarize: Callable
+    families: frozenset | None = None
+    needs: tuple = ()
+    min_texts: int = 1
+
+    def applies_to(self, family: str) -> bool:
+        return self.families is None or family in self.families
+
+
+def _ordered(stages: list[Stage]) -> dict[str, Stage]:
+    """{name: Stage} in run order: the listed order, except that a stage runs after every stage it needs."""
+    by_name = {s.name: s for s in stages}
+    order: list[str] = []
+
+    def visit(name: str, path: tuple = ()) -> None:
+        if name in path:
+            raise ValueError(f"stages need each other in a cycle: {' -> '.join((*path, name))}")
+        if name not in order:
+            for need in by_name[name].needs:
+                if need not in by_name:
+                    raise ValueError(f"stage {name} needs {need}, which is not a stage")
+                visit(need, (*path, name))
+            order.append(name)
+
+    for s in stages:
+        visit(s.name)
+    return {name: by_name[name] for name in order}
+
+
+MAMBA = frozenset({"mamba"})
+STAGES = _ordered([
+    # the delta ranking is a variance across texts: one text cannot rank anything
+    Stage("delta", stage_delta, summarize_delta, families=MAMBA, min_texts=2),
+    Stage("causal", stage_causal, summarize_causal),
+    Stage("inter_layer", stage_inter_layer, summarize_inter_layer, needs=("causal",)),
+    Stage("cross_layer", stage_cross_layer, summarize_cross_layer, needs=("causal",)),
+    Stage("attention", stage_attention, summarize_attention, families=MAMBA),
+    Stage("sparsity", stage_sparsity, summarize_sparsity),
+    Stage("efficiency", stage_efficiency, summarize_efficiency, needs=("sparsity",)),
+    Stage("comparison", stage_comparison, summarize_comparison, needs=("causal", "sparsity", "efficiency")),
+])
+ALL_STAGES = tuple(STAGES)  # in run order

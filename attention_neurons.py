@@ -274,21 +274,22 @@ class MambaAttentionNeurons:
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
+        from delta_extraction import capture_mixer_ios
+
         ids, mask = self._ids(inputs)
         ids = ids.to(next(self.model.parameters()).device)
+        below = range(layer) if "rollout" in methods else range(0)
+        ios = capture_mixer_ios(self.model, [*below, layer], ids, mask)  # one forward for every layer needed
         previous = None
-        if "rollout" in methods:
-            for lo in range(layer):  # R_{ℓ-1}, one lower layer at a time
-                previous = self._stream_layer(ids, mask, lo, ("rollout",), previous)[1]
-        return self._stream_layer(ids, mask, layer, tuple(methods), previous)[0]
+        for lo in below:  # R_{ℓ-1}, one lower layer at a time
+            previous = self._stream_layer(ids, mask, lo, ios[lo], ("rollout",), previous)[1]
+        return self._stream_layer(ids, mask, layer, ios[layer], tuple(methods), previous)[0]
 
-    def _stream_layer(self, ids, mask, layer: int, methods: tuple, previous: list | None
+    def _stream_layer(self, ids, mask, layer: int, io: tuple, methods: tuple, previous: list | None
                       ) -> tuple[TextScores, list | None]:
-        """(TextScores, per-example R_ℓ (L, L) if rollout is among `methods`, else None). `previous`:
-        per-example R_{ℓ-1}, None for the identity."""
-        from delta_extraction import capture_mixer_io
-
-        h_in, real_out = capture_mixer_io(self.model, layer, ids, mask)  # (b, L, d) each
+        """(TextScores, per-example R_ℓ (L, L) if rollout is among `methods`, else None). `io`: the mixer's
+        captured input and real output (b, L, d); `previous`: per-example R_{ℓ-1}, None for the identity."""
+        h_in, real_out = io
         mixer = self.adapter.mixer(layer)
         it = recompute_mixer(mixer, h_in, mask)  # x, z, Δ, B, C, A, D and the scan's y, (b, L, ·)
         g = None

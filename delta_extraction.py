@@ -18,15 +18,22 @@ from utils import trace
 logger = logging.getLogger(__name__)
 
 
+def capture_mixer_ios(model, layers, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (input, real output)} (b, L, d) each of the mixers of `layers`, all from one forward that
+    stops after the last of them."""
+    adapter = get_adapter(model)
+    require_mamba(adapter)
+    paths = {layer: adapter.mixer_path(layer) for layer in layers}
+    with torch.no_grad(), trace(model, list(paths.values()), retain_input=True, stop=True) as traces:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return {layer: (traces[p].input, traces[p].output) for layer, p in paths.items()}
+
+
 def capture_mixer_io(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The input and the real output (b, L, d) of layer `layer_idx`'s mixer; the forward stops there."""
-    adapter = get_adapter(model)
-    require_mamba(adapter)
-    path = adapter.mixer_path(layer_idx)
-    with torch.no_grad(), trace(model, [path], retain_input=True, stop=True) as traces:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return traces[path].input, traces[path].output
+    return capture_mixer_ios(model, [layer_idx], input_ids, attention_mask)[layer_idx]
 
 
 def mixer_internals(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

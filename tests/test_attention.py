@@ -258,6 +258,18 @@ def test_streamed_text_scores_on_short_texts(L):
             np.testing.assert_allclose(got, getattr(ref, field), rtol=1e-5, atol=1e-9)
 
 
+def test_streamed_rollout_captures_every_lower_layer_in_one_forward():
+    """Rollout at the top layer needs every lower layer's α: their mixer inputs come from one forward (the
+    gradient for gradient_guided is one more)."""
+    model = make_model("mamba_b")
+    an = MambaAttentionNeurons(model)
+    top = model.config.num_hidden_layers - 1
+    for methods, forwards in ((("rollout",), 1), (("rollout", "gradient_guided"), 2)):
+        with trace(model, ["backbone.embeddings"], retain_output=False) as tr:
+            an.text_scores(_ids(L=9, b=1), top, methods)
+        assert tr["backbone.embeddings"].calls == forwards
+
+
 def test_streamed_text_scores_refuse_a_wrong_reconstruction(monkeypatch):
     """A planted error in α (every group × 1.1: the output moves by 4e-4 relative, as α x is a small part
     of this random-init mixer's output beside D x) must be caught by the (α x + D x) check, not scored."""

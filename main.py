@@ -21,7 +21,8 @@ from pathlib import Path
 
 from models import DEFAULT_MODELS  # light: models.py imports torch/transformers only inside functions
 from pipeline import (ALL_STAGES, ATTENTION_METHODS, Options, model_prefix,  # light, as models.py
-                      resolve_stages, run_pipeline, stage_text, too_few_texts)
+                      layer_tag, resolve_stages, run_pipeline, stage_entries, stage_text,
+                      too_few_texts)
 from pipeline import run_comprehensive_analysis  # noqa: F401  (the library entry point, kept importable from main)
 
 logger = logging.getLogger("mamba_neurons")
@@ -72,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"truncate each text to this many tokens (default {DEFAULT_MAX_LENGTH}, or a Transformer's "
                         "positions when it has fewer; more than its positions is an error)")
     g = p.add_argument_group("analysis")
-    g.add_argument("--layer", type=int, default=0, help="layer to analyse (0-based)")
+    g.add_argument("--layer", type=int, default=None, help="layer to analyse (0-based; default 0)")
+    g.add_argument("--layers", nargs="+", default=None, metavar="LAYERS",
+                   help="analyse several layers in one run: numbers, ranges like 0-23, or all (space or comma "
+                        "separated). The per-layer stages (delta, causal, attention, sparsity) run at each, sharing "
+                        "the model, the texts and the sparsity forwards; the others (inter_layer, cross_layer, "
+                        "efficiency, comparison) run once, at the first of them; depth profiles over relative "
+                        "depth are added. Not together with --layer")
     g.add_argument("--top_k", type=int, default=10, help="how many top neurons to report")
     g.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"run only these stages (space or comma separated): {', '.join(ALL_STAGES)}; "
@@ -129,18 +136,23 @@ def print_header(results: dict) -> None:
     run = results["run"]
     family = results["architecture"]["display_name"]
     print(f"\n=== {family} neuron analysis: {run['model']} ({run['model_class']}, {run['model_source']}) ===")
-    print(f"layer {run['layer']} | {run['dtype']} on {run['device']} | seed {run['seed']}")
+    where = f"layers {', '.join(map(str, run['layers']))}" if run.get("layers") else f"layer {run['layer']}"
+    print(f"{where} | {run['dtype']} on {run['device']} | seed {run['seed']}")
     t = results["texts"]
     print(f"texts: {t['n_texts']} from {t['source']} | {t['n_tokens']} tokens | "
           f"{t['n_truncated']} truncated to {t['max_length']} tokens", flush=True)
 
 
-def print_footer(results: dict, stages: list[str]) -> None:
+def failed_stages(results: dict) -> list[str]:
+    return [label for label, _, e in stage_entries(results) if e["status"] == "error"]
+
+
+def print_footer(results: dict) -> None:
     for note in results["run"].get("notes", []):
         print(f"note: {note}")
-    errors = [n for n in stages if results[n]["status"] == "error"]
+    errors = failed_stages(results)
     if errors:
-        print(f"FAILED stages: {', '.join(errors)}")
+        print(f"FAILED stages: {'; '.join(errors)}")
 
 
 
@@ -157,7 +169,7 @@ def run_metadata(args, argv, loaded, device, dtype, start) -> dict:
     return {"argv": argv, "model": args.model, "model_source": loaded.source.origin,
             "resolved_path": loaded.source.resolved_path, "model_class": type(loaded.model).__name__,
             "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
-            "layer": args.layer, "top_k": args.top_k,
+            "layer": args.layer, "layers": args.layers, "top_k": args.top_k,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "numpy": numpy.__version__},
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "notes": []}
@@ -220,6 +232,13 @@ def check_values(args) -> list[str]:
         raise UserInputError(f"--attention_methods {bad[0]}: unknown; choose from {', '.join(ATTENTION_METHODS)}")
     if args.ablation not in ("zero", "mean"):
         raise UserInputError(f"--ablation {args.ablation}: unknown; choose zero or mean")
+    if args.layers is not None:
+        if args.layer is not None:
+            raise UserInputError(f"--layer {args.layer} and --layers {' '.join(args.layers)}: give one of them "
+                                 "(--layers with one layer gives the several-layer layout)")
+        parse_layers(args.layers, None)  # the syntax now; the range once the model's layer count is known
+    elif args.layer is None:
+        args.layer = 0
     notes = []
     for flag in ("causal_dims", "attention_methods", "sparsity_layers", "seq_lengths"):
         values = getattr(args, flag)
@@ -255,12 +274,42 @@ def check_prompts(tokenizer, prompts, limit: int | None, where: str) -> None:
                                  f"{limit} positions; shorten it")
 
 
+def parse_layers(specs: list[str], n_layers: int | None) -> list[int]:
+    """--layers: numbers, ranges a-b (both ends included) and `all`, space or comma separated, as a sorted
+    list without repeats. With `n_layers` None only the syntax is checked (returns [])."""
+    from utils import UserInputError
+
+    items = [t.strip() for s in specs for t in s.split(",") if t.strip()]
+    if not items:
+        raise UserInputError(f"--layers {' '.join(specs)!r}: names no layer; give numbers, ranges like 0-3, or all")
+    layers = set()
+    for item in items:
+        if item == "all":
+            layers.update(range(n_layers or 0))
+            continue
+        lo, sep, hi = item.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise UserInputError(f"--layers {item}: not a layer number, a range like 0-3, or all") from None
+        if a > b:
+            raise UserInputError(f"--layers {item}: an empty range; write the lower layer first ({b}-{a})")
+        if n_layers is not None and not (0 <= a and b < n_layers):
+            raise UserInputError(f"--layers {item}: out of range for this model with {n_layers} layers; valid "
+                                 f"layers are 0..{n_layers - 1}")
+        layers.update(range(a, b + 1))
+    return sorted(layers) if n_layers is not None else []
+
+
 def check_model_flags(args, adapter, stages) -> int:
     """The flags that depend on the model's shape (layer, site, dims, layers, positions), checked from its
     config. Returns the max_length to use: --max_length, else the default capped at a Transformer's
     positions."""
     from utils import UserInputError
 
+    if args.layers is not None:
+        args.layers = parse_layers(args.layers, adapter.n_layers)
+        args.layer = args.layers[0]
     adapter.check_layer(args.layer)
     if args.causal_site is not None:
         adapter.site(args.causal_site, args.layer)  # unknown site for this family: UserInputError
@@ -284,13 +333,26 @@ def check_model_flags(args, adapter, stages) -> int:
     return args.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
 
 
-def results_path(output_dir, prefix: str, layer: int) -> Path:
-    return Path(output_dir) / f"{prefix}_layer{layer}_results.json"
+def results_path(output_dir, prefix: str, tag: str) -> Path:
+    return Path(output_dir) / f"{prefix}_{tag}_results.json"
 
 
-def report_path(output_dir, prefix: str, layer: int) -> Path:
+def report_path(output_dir, prefix: str, tag: str) -> Path:
     """The HTML report, beside the results JSON."""
-    return Path(output_dir) / f"{prefix}_layer{layer}_report.html"
+    return Path(output_dir) / f"{prefix}_{tag}_report.html"
+
+
+def check_result_paths(args, prefix: str) -> tuple[Path, Path]:
+    """The results JSON and HTML report paths; with --save_results, neither may be a folder."""
+    from utils import UserInputError
+
+    tag = layer_tag(args.layer, args.layers)
+    paths = results_path(args.output_dir, prefix, tag), report_path(args.output_dir, prefix, tag)
+    for kind, path in zip(("results file", "report"), paths):
+        if args.save_results and path.is_dir():
+            raise UserInputError(f"--output_dir {args.output_dir}: the {kind} {path} is a folder; "
+                                 "move it away or choose another --output_dir")
+    return paths
 
 
 def _main(args, argv) -> int:
@@ -325,12 +387,8 @@ def _main(args, argv) -> int:
         source = resolve_model_source(args.model)
     args.model = source.requested
     prefix = model_prefix(args.model, source.origin)
-    json_path = results_path(args.output_dir, prefix, args.layer)
-    html_path = report_path(args.output_dir, prefix, args.layer)
-    for kind, path in (("results file", json_path), ("report", html_path)):
-        if args.save_results and path.is_dir():
-            raise UserInputError(f"--output_dir {args.output_dir}: the {kind} {path} is a folder; "
-                                 "move it away or choose another --output_dir")
+    if args.layers is None:  # the file names are known now (with --layers, once the layer count is)
+        check_result_paths(args, prefix)
     files = inspect_model(source, "--model")  # config, tokenizer, weight files: before the weights load
     adapter = config_adapter(files.config)
     if args.stages is not None:
@@ -339,6 +397,7 @@ def _main(args, argv) -> int:
         raise UserInputError(f"--enable_attention: the attention stage is Mamba-only in this version, not applicable "
                              f"to {adapter.family}; drop --enable_attention or pass a Mamba model")
     max_length = check_model_flags(args, adapter, stages)
+    json_path, html_path = check_result_paths(args, prefix)
     if max_length != (args.max_length or DEFAULT_MAX_LENGTH):
         notes.append(f"texts truncated to this model's {max_length} positions (the default --max_length is "
                      f"{DEFAULT_MAX_LENGTH})")
@@ -387,13 +446,14 @@ def _main(args, argv) -> int:
     summaries = {}  # stage -> its printed summary, for the HTML report
 
     def on_stage(name: str, entry: dict) -> None:
-        summaries[name] = stage_text(name, entry)
-        print(summaries[name], end="", flush=True)  # each stage as soon as it ends
+        text = stage_text(name, entry)
+        summaries[f"{name}, layer {entry['layer']}" if "layer" in entry else name] = text
+        print(text, end="", flush=True)  # each stage as soon as it ends
 
     def tup(v):
         return None if v is None else tuple(v)
 
-    opts = Options(layer=args.layer, top_k=args.top_k, max_length=max_length, plots_dir=args.plots_dir, prefix=prefix,
+    opts = Options(layer=args.layer, layers=tup(args.layers), top_k=args.top_k, max_length=max_length, plots_dir=args.plots_dir, prefix=prefix,
                    progress=not args.no_progress, attention_methods=tuple(args.attention_methods),
                    prompts=tup(prompts), causal_site=args.causal_site, causal_dims=tup(args.causal_dims),
                    ablation=args.ablation, intervention_scale=args.intervention_scale,
@@ -403,10 +463,12 @@ def _main(args, argv) -> int:
                    compare_model=args.compare_model, compare_source=compare_source, compare_warning=compare_warning,
                    compare_files=compare_files, device=device, dtype=dtype)
     results.update(run_pipeline(loaded.model, loaded.tokenizer, textset.texts, opts, stages, on_start, on_stage))
-    results["run"]["stage_timings_s"] = {s: results[s]["wall_time_s"] for s in stages}
+    timings = results["run"]["stage_timings_s"] = {}  # per stage, summed over the layers of --layers
+    for _, name, e in stage_entries(results):
+        timings[name] = round(timings.get(name, 0.0) + e["wall_time_s"], 4)
     results["run"]["total_time_s"] = round(time.time() - start, 3)
-    print_footer(results, stages)
-    failed = any(results[s]["status"] == "error" for s in stages)
+    print_footer(results)
+    failed = bool(failed_stages(results))
     if args.save_results:
         from report import write_report
 

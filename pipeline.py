@@ -9,6 +9,7 @@ arguments). Heavy imports live inside functions, so importing this module costs 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -31,6 +32,7 @@ class Options:
     analysis", as the field's comment says."""
 
     layer: int = 0
+    layers: tuple | None = None  # --layers: the per-layer stages run at each (layer is then the first of them)
     top_k: int = 10
     max_length: int = 256
     plots_dir: str = "plots"
@@ -94,7 +96,7 @@ class StageContext:
     def upstream(self, name: str) -> dict | None:
         """The results of stage `name` (one of this stage's needs) if it ran in this run and succeeded."""
         self._declared(name)
-        entry = self.results.get(name, {})
+        entry = self.results.get(name) or self.results.get("layers", {}).get(self.layer, {}).get(name, {})
         return entry["results"] if entry.get("status") == "ok" else None
 
     def share(self, key: str, value) -> None:
@@ -240,11 +242,15 @@ def stage_sparsity(ctx: StageContext):
     import sparsity as sp
 
     multi = _sparsity_layers(ctx)
-    # the comparison needs every layer: measured here in the same forwards, so it need not run them again
+    # the comparison needs every layer: measured here in the same forwards, so it need not run them again;
+    # with --layers, every analysed layer is measured in the first run of this stage, and kept for the others
     every = "comparison" in ctx.stages
-    layers = range(ctx.adapter.n_layers) if every else sorted({ctx.layer, *multi})
-    stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, layers, ctx.opts.sparsity_threshold,
-                              ctx.opts.dead_eps, progress=ctx.progress)
+    layers = range(ctx.adapter.n_layers) if every else sorted({*(ctx.opts.layers or (ctx.layer,)), *multi})
+    kept = ctx.shared.setdefault("sparsity", {})
+    if "stats" not in kept:
+        kept["stats"] = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, layers,
+                                          ctx.opts.sparsity_threshold, ctx.opts.dead_eps, progress=ctx.progress)
+    stats = kept["stats"]
     if every:
         ctx.share("every_layer", stats)
     single = stats[ctx.layer]
@@ -386,26 +392,58 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
     results: dict = {"texts": {"n_texts": len(texts), "n_tokens": int(sum(tokens.lengths)),
                                "max_length": opts.max_length, "n_truncated": tokens.n_truncated},
                      "architecture": adapter.describe()}
+    layers = opts.layers
+    if layers is not None:  # every per-layer stage at each layer, then the others once, at the first layer
+        layers = tuple(adapter.check_layer(la) for la in layers)
+        opts = dataclasses.replace(opts, layers=layers, layer=layers[0])
+        results["layers"] = {la: {} for la in layers}
+        plan = [(n, la) for la in layers for n in stages if STAGES[n].per_layer]
+        plan += [(n, None) for n in stages if not STAGES[n].per_layer]
+    else:
+        plan = [(n, None) for n in stages]
     ctx = StageContext(model, tokenizer, adapter, tokens, opts, results, tuple(texts), tuple(stages), {})
     if on_start is not None:
         on_start(results)
-    for name in stages:
-        logger.info("stage %s: started", name)
+    for name, layer in plan:
+        ctx.opts = opts if layer is None else dataclasses.replace(opts, layer=layer)
         ctx.current = name
-        t0 = time.perf_counter()
-        try:
-            out, plots = STAGES[name].run(ctx)
-            entry = {"status": "ok", "results": out, "plots": plots}
-        except NotApplicable as exc:
-            entry = {"status": "not_applicable", "reason": str(exc)}
-        except Exception as exc:  # a failed stage is recorded with its error; the other stages go on
-            logger.debug("stage %s failed", name, exc_info=True)
-            entry = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-        entry["wall_time_s"] = round(time.perf_counter() - t0, 4)
-        results[name] = entry
+        entry = _run_stage(name, lambda: STAGES[name].run(ctx), NotApplicable)
+        if layer is None:
+            results[name] = entry
+        else:
+            entry["layer"] = layer
+            results["layers"][layer][name] = entry
         if on_stage is not None:
             on_stage(name, entry)
+    if layers is not None and any(STAGES[n].per_layer for n in stages):
+        entry = _run_stage("depth_profiles", lambda: _depth_profiles_stage(results, adapter, opts), NotApplicable)
+        results["depth_profiles"] = entry
+        if on_stage is not None:
+            on_stage("depth_profiles", entry)
     return results
+
+
+def stage_entries(results: dict) -> list[tuple[str, str, dict]]:
+    """Every stage entry of a results dict, in run order: (label, stage name, entry); the per-layer
+    entries of a --layers run labelled "stage, layer L", then the others (and the depth profiles)."""
+    out = [(f"{name}, layer {la}", name, e) for la, by in results.get("layers", {}).items() for name, e in by.items()]
+    return out + [(k, k, v) for k, v in results.items() if isinstance(v, dict) and "status" in v]
+
+
+def _run_stage(name: str, run, not_applicable) -> dict:
+    """One stage's entry: {"status", "results" + "plots" | "reason" | "error", "wall_time_s"}."""
+    logger.info("stage %s: started", name)
+    t0 = time.perf_counter()
+    try:
+        out, plots = run()
+        entry = {"status": "ok", "results": out, "plots": plots}
+    except not_applicable as exc:
+        entry = {"status": "not_applicable", "reason": str(exc)}
+    except Exception as exc:  # a failed stage is recorded with its error; the other stages go on
+        logger.debug("stage %s failed", name, exc_info=True)
+        entry = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    entry["wall_time_s"] = round(time.perf_counter() - t0, 4)
+    return entry
 
 
 def too_few_texts(stages, family: str, n_texts: int) -> tuple[str, int] | None:
@@ -428,6 +466,94 @@ def model_prefix(name: str, origin: str = "") -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Depth profiles (--layers): each per-layer stage's headline numbers over relative depth
+# --------------------------------------------------------------------------------------------------
+def _profile_metrics(stage: str, r: dict) -> dict:
+    """The headline numbers of one per-layer stage's results at one layer."""
+    import numpy as np
+
+    if stage == "delta":
+        v = np.asarray(r["per_channel"]["text_variance"], dtype=np.float64)
+        return {"delta: max text variance": float(v.max()), "delta: median text variance": float(np.median(v))}
+    if stage == "causal":
+        sc = np.asarray(r["scores"], dtype=np.float64)
+        return {"causal: max impact": float(sc.max()), "causal: median impact": float(np.median(sc))}
+    if stage == "attention":
+        return {f"attention: diversity, {m}": a["neuron_diversity"] for m, a in r["methods"].items()}
+    import sparsity as sp
+
+    return {f"sparsity: {name}": float(f(r["single"])) for name, f in sp.MULTILAYER_METRICS}
+
+
+PROFILE_DEFINITIONS = {
+    "delta": "max and median over channels of the across-text variance of the per-text mean of Δ",
+    "causal": "max and median over the site's dimensions of the causal impact (mean KL over the prompts)",
+    "attention": "neuron diversity of each method (normalised entropy of the channel activations, 1 = uniform)",
+    "sparsity": "each sparsity measure of the layer's neuron site (as in the sparsity stage's multi-layer table)",
+}
+
+
+def depth_profiles(layer_results: dict, n_layers: int) -> dict:
+    """{"layers", "relative_depth", "metrics": {metric: [value per layer, None where its stage did not
+    succeed]}, "definitions"} from {layer: {stage: entry}} (the per-layer stages of a --layers run)."""
+    layers = sorted(layer_results)
+    per = {la: {} for la in layers}
+    for la in layers:
+        for stage, entry in layer_results[la].items():
+            if entry.get("status") == "ok":
+                per[la].update(_profile_metrics(stage, entry["results"]))
+    names = list(dict.fromkeys(m for la in layers for m in per[la]))
+    return {"layers": layers, "relative_depth": [la / max(1, n_layers - 1) for la in layers],
+            "metrics": {m: [per[la].get(m) for la in layers] for m in names}, "definitions": PROFILE_DEFINITIONS}
+
+
+def plot_depth_profiles(profiles: dict, plots_dir, name: str) -> str:
+    """One panel per metric against relative depth (the layer numbers on a second axis row)."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    metrics = profiles["metrics"]
+    cols = min(4, max(1, len(metrics)))
+    rows = max(1, math.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, constrained_layout=True)
+    x = profiles["relative_depth"]
+    for ax, (metric, values) in zip(axes.ravel(), metrics.items()):
+        pts = [(xi, v, la) for xi, v, la in zip(x, values, profiles["layers"]) if v is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("relative depth (layer / (layers - 1))", fontsize=8)
+        ax.set_xlim(-0.05, 1.05)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"Depth profiles, layers {', '.join(map(str, profiles['layers']))}")
+    return save_figure(fig, plots_dir, name)
+
+
+def layer_tag(layer: int, layers: list[int] | None) -> str:
+    """The results files' name part: layer3, or for --layers e.g. layers0-3_5 (runs of layers as ranges)."""
+    if layers is None:
+        return f"layer{layer}"
+    runs, start = [], layers[0]
+    for prev, cur in zip(layers, [*layers[1:], None]):
+        if cur != prev + 1:
+            runs.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = cur
+    return "layers" + "_".join(runs)
+
+
+def _depth_profiles_stage(results: dict, adapter, opts: Options):
+    profiles = depth_profiles(results["layers"], adapter.n_layers)
+    if not profiles["metrics"]:
+        raise ValueError("no per-layer stage succeeded at any layer: nothing to profile")
+    name = f"{opts.prefix}_depth_profiles_{layer_tag(opts.layer, list(profiles['layers']))}"
+    return profiles, [plot_depth_profiles(profiles, opts.plots_dir, name)]
+
+
+# --------------------------------------------------------------------------------------------------
 # Summaries
 # --------------------------------------------------------------------------------------------------
 def stage_text(name: str, e: dict) -> str:
@@ -435,7 +561,8 @@ def stage_text(name: str, e: dict) -> str:
     import contextlib
     import io
 
-    head = f"[{name}] {e['status']} ({e['wall_time_s']:.2f} s)"
+    label = f"{name}, layer {e['layer']}" if "layer" in e else name
+    head = f"[{label}] {e['status']} ({e['wall_time_s']:.2f} s)"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         if e["status"] == "not_applicable":
@@ -444,7 +571,7 @@ def stage_text(name: str, e: dict) -> str:
             print(f"{head}: {e['error']}")
         else:
             print(head)
-            STAGES[name].summarize(e["results"])
+            (STAGES[name].summarize if name in STAGES else summarize_depth_profiles)(e["results"])
             for p in e.get("plots", []):
                 print(f"    plot: {p}")
     return buf.getvalue()
@@ -539,7 +666,8 @@ class Stage:
     """One analysis stage. `run(ctx)` returns (results dict, [plot paths]); `summarize(results)` prints its
     summary lines; `families`: the model families it applies to (None: every family); `needs`: the stages
     whose results (or shared measurements) it reads when they ran in the same run: they run before it, and
-    reading any other stage's results is an error; `min_texts`: the fewest texts it can work with."""
+    reading any other stage's results is an error; `min_texts`: the fewest texts it can work with;
+    `per_layer`: with --layers it runs at each chosen layer (its results under "layers"), the others once."""
 
     name: str
     run: Callable
@@ -547,6 +675,7 @@ class Stage:
     families: frozenset | None = None
     needs: tuple = ()
     min_texts: int = 1
+    per_layer: bool = False  # with --layers, runs at each chosen layer (the others run once)
 
     def applies_to(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -575,13 +704,20 @@ def _ordered(stages: list[Stage]) -> dict[str, Stage]:
 MAMBA = frozenset({"mamba"})
 STAGES = _ordered([
     # the delta ranking is a variance across texts: one text cannot rank anything
-    Stage("delta", stage_delta, summarize_delta, families=MAMBA, min_texts=2),
-    Stage("causal", stage_causal, summarize_causal),
+    Stage("delta", stage_delta, summarize_delta, families=MAMBA, min_texts=2, per_layer=True),
+    Stage("causal", stage_causal, summarize_causal, per_layer=True),
     Stage("inter_layer", stage_inter_layer, summarize_inter_layer, needs=("causal",)),
     Stage("cross_layer", stage_cross_layer, summarize_cross_layer, needs=("causal",)),
-    Stage("attention", stage_attention, summarize_attention, families=MAMBA),
-    Stage("sparsity", stage_sparsity, summarize_sparsity),
+    Stage("attention", stage_attention, summarize_attention, families=MAMBA, per_layer=True),
+    Stage("sparsity", stage_sparsity, summarize_sparsity, per_layer=True),
     Stage("efficiency", stage_efficiency, summarize_efficiency, needs=("sparsity",)),
     Stage("comparison", stage_comparison, summarize_comparison, needs=("causal", "sparsity", "efficiency")),
 ])
 ALL_STAGES = tuple(STAGES)  # in run order
+
+
+def summarize_depth_profiles(r: dict) -> None:
+    print(f"    over layers {', '.join(map(str, r['layers']))}:")
+    for metric, values in r["metrics"].items():
+        shown = ", ".join("-" if v is None else f"{v:.3g}" for v in values)
+        print(f"      {metric}: {shown}")

@@ -117,9 +117,13 @@ def _image(path: str) -> str:
             f"<figcaption>{_esc(path)}</figcaption></figure>")
 
 
-def _stage_section(name: str, entry: dict, summary: str) -> str:
+def _anchor(label: str) -> str:
+    return _esc(label.replace(", layer ", "-layer"))
+
+
+def _stage_section(label: str, name: str, entry: dict, summary: str) -> str:
     status = entry.get("status", "?")
-    parts = [f"<h2 id=\"stage-{_esc(name)}\">{_esc(name)} <span class=\"{_esc(status)}\">{_esc(status)}</span> "
+    parts = [f"<h2 id=\"stage-{_anchor(label)}\">{_esc(label)} <span class=\"{_esc(status)}\">{_esc(status)}</span> "
              f"({_fmt(entry.get('wall_time_s'))} s)</h2>"]
     if status == "error":
         parts.append(f"<div class=\"errorbox\">{_esc(entry.get('error', ''))}</div>")
@@ -140,19 +144,23 @@ def render_report(results: dict, summaries: dict | None = None) -> str:
     """The page for one run. `results`: main.py's analysis_results ("run", "texts", "architecture" and one
     entry per stage: {"status", "wall_time_s", "results" | "error" | "reason", "plots"}); `summaries`:
     {stage: the summary text main.py printed for it}."""
+    from pipeline import stage_entries
+
     summaries = summaries or {}
     run, texts = results.get("run", {}), results.get("texts", {})
-    stages = [k for k, v in results.items() if isinstance(v, dict) and "status" in v]
+    entries = stage_entries(results)  # (label, stage, entry); a --layers run's per-layer entries first
     family = results.get("architecture", {}).get("display_name", "")
-    title = f"{family} neuron analysis: {run.get('model', '?')}, layer {run.get('layer', '?')}"
-    rows = "".join(f"<tr><td><a href=\"#stage-{_esc(s)}\">{_esc(s)}</a></td>"
-                   f"<td class=\"{_esc(results[s]['status'])}\">{_esc(results[s]['status'])}</td>"
-                   f"{_cell(results[s].get('wall_time_s'), True)}"
-                   f"<td>{_esc(results[s].get('error') or results[s].get('reason') or '')}</td></tr>" for s in stages)
+    where = (f"layers {', '.join(map(str, run['layers']))}" if run.get("layers")
+             else f"layer {run.get('layer', '?')}")
+    title = f"{family} neuron analysis: {run.get('model', '?')}, {where}"
+    rows = "".join(f"<tr><td><a href=\"#stage-{_anchor(lab)}\">{_esc(lab)}</a></td>"
+                   f"<td class=\"{_esc(e['status'])}\">{_esc(e['status'])}</td>"
+                   f"{_cell(e.get('wall_time_s'), True)}"
+                   f"<td>{_esc(e.get('error') or e.get('reason') or '')}</td></tr>" for lab, _, e in entries)
     overview = ("<table><thead><tr><th>stage</th><th>status</th><th>seconds</th><th>error or reason</th></tr>"
                 f"</thead><tbody>{rows}</tbody></table>")
-    failed = [s for s in stages if results[s]["status"] == "error"]
-    banner = (f"<div class=\"errorbox\">FAILED stages: {_esc(', '.join(failed))}: their numbers are missing "
+    failed = [lab for lab, _, e in entries if e["status"] == "error"]
+    banner = (f"<div class=\"errorbox\">FAILED stages: {_esc('; '.join(failed))}: their numbers are missing "
               "from this report; the other stages ran.</div>") if failed else ""
     notes = "".join(f"<li>{_esc(n)}</li>" for n in run.get("notes", []))
     provenance = _table([{"field": k, "value": v} for k, v in _flat({**run, "texts": texts}) if k != "notes"],
@@ -160,7 +168,7 @@ def render_report(results: dict, summaries: dict | None = None) -> str:
     body = "\n".join([f"<h1>{_esc(title)}</h1>", banner, "<h2>stages</h2>", overview,
                       f"<h2>notes</h2><ul>{notes}</ul>" if notes else "",
                       "<h2>provenance</h2>", provenance,
-                      *(_stage_section(s, results[s], summaries.get(s, "")) for s in stages)])
+                      *(_stage_section(lab, name, e, summaries.get(lab, "")) for lab, name, e in entries)])
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
             f"<style>{STYLE}</style><script>{SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n")
 

@@ -102,6 +102,44 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     assert f"channel {got[0][0]:>5}" in page and "FAILED" not in page
 
 
+def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_file, tmp_path):
+    """--layers runs the per-layer stages at each layer in one process: every number equals the
+    one-layer run's (--layer L, the per-layer file names kept); the other stages run once; the depth
+    profiles are those numbers; one JSON and one report hold it all."""
+    base = ["--model", str(model_dirs["mamba_b"]), "--texts_file", str(texts_file), "--max_length", "20",
+            "--top_k", "3", "--save_results", "--output_dir", "out", "--no_progress",
+            "--stages", "delta,causal,inter_layer,attention,sparsity"]
+    p = run_main([*base, "--layers", "all"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    name = model_dirs["mamba_b"].name
+    many = json.loads((tmp_path / "out" / f"{name}_layers0-2_results.json").read_text())
+    assert many["run"]["layers"] == [0, 1, 2] and many["run"]["layer"] == 0 and set(many["layers"]) == {"0", "1", "2"}
+    assert many["inter_layer"]["status"] == "ok" and "inter_layer" not in many["layers"]["0"]
+    assert "[delta, layer 2] ok" in p.stdout and "[inter_layer] ok" in p.stdout
+    for layer in (1, 2):
+        q = run_main([*base, "--layer", str(layer)], tmp_path)
+        assert q.returncode == 0, q.stderr
+        one = json.loads((tmp_path / "out" / f"{name}_layer{layer}_results.json").read_text())
+        got = many["layers"][str(layer)]
+        assert got["delta"]["results"]["top_neurons"] == one["delta"]["results"]["top_neurons"]
+        np.testing.assert_array_equal(got["causal"]["results"]["scores"], one["causal"]["results"]["scores"])
+        for m, r in one["attention"]["results"]["methods"].items():
+            np.testing.assert_allclose(got["attention"]["results"]["methods"][m]["neuron_activations"],
+                                       r["neuron_activations"], rtol=1e-6)
+        assert got["sparsity"]["results"]["single"]["gini"] == one["sparsity"]["results"]["single"]["gini"]
+    prof = many["depth_profiles"]["results"]
+    assert prof["layers"] == [0, 1, 2] and prof["relative_depth"] == [0.0, 0.5, 1.0]
+    for i, layer in enumerate((0, 1, 2)):
+        scores = many["layers"][str(layer)]["causal"]["results"]["scores"]
+        assert prof["metrics"]["causal: max impact"][i] == max(scores)
+        sp = many["layers"][str(layer)]["sparsity"]["results"]["single"]
+        assert prof["metrics"]["sparsity: Gini"][i] == sp["gini"]
+    plot = many["depth_profiles"]["plots"][0]
+    assert plot.endswith(f"{name}_depth_profiles_layers0-2.png") and (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    page = (tmp_path / "out" / f"{name}_layers0-2_report.html").read_text()
+    assert 'id="stage-causal-layer2"' in page and 'id="stage-depth_profiles"' in page
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(model_dirs, tmp_path_factory):
     """Broken model folders and awkward input files, made once."""
@@ -230,6 +268,11 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--save_results", "--output_dir", "out"], "is a folder; move it away"),
     (["--model", M, "--save_results", "--output_dir", "out_report"], "--output_dir out_report: the report "),
     # flag values
+    (["--model", M, "--layers", "5"], "--layers 5: out of range for this model with 3 layers"),
+    (["--model", M, "--layers", "0", "2-1"], "--layers 2-1: an empty range; write the lower layer first (1-2)"),
+    (["--model", M, "--layers", "one"], "--layers one: not a layer number, a range like 0-3, or all"),
+    (["--model", M, "--layers", ","], "--layers ',': names no layer"),
+    (["--model", M, "--layer", "1", "--layers", "0-2"], "--layer 1 and --layers 0-2: give one of them"),
     (["--model", M, "--stages", "nonsense"], "unknown stage"),
     (["--model", M, "--stages", ""], "names no stage"),
     (["--model", M, "--stages", ",,"], "names no stage"),

@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence lengths of the measured time / memory scaling curve")
     g.add_argument("--efficiency_budget", type=_finite_float, default=15.0,
                    help="seconds per model for the scaling curve; longer lengths are skipped (and recorded)")
+    g = p.add_argument_group("merging saved runs")
+    g.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="instead of a run: merge saved results files of one model (one-layer runs of a shell loop, "
+                        "--layers runs) into depth profiles, a merged JSON and an HTML report in --output_dir; no "
+                        "model is loaded")
     g = p.add_argument_group("output")
     g.add_argument("--save_results", action="store_true", help="write analysis_results as JSON to --output_dir")
     g.add_argument("--output_dir", default="analysis_outputs", help="folder for the JSON results")
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "fsspec"):  # their DEBUG lines are not ours
             logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
-        return _main(args, argv)
+        return merge_reports(args) if args.report is not None else _main(args, argv)
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -340,6 +345,59 @@ def results_path(output_dir, prefix: str, tag: str) -> Path:
 def report_path(output_dir, prefix: str, tag: str) -> Path:
     """The HTML report, beside the results JSON."""
     return Path(output_dir) / f"{prefix}_{tag}_report.html"
+
+
+def merge_reports(args) -> int:
+    """--report FILES: the saved results of several runs of one model -> depth profiles (plot), one merged
+    JSON and one HTML report, written to --output_dir / --plots_dir. Exit 0, or 2 for unusable files."""
+    import json
+
+    from pipeline import depth_profiles, merge_layer_results, plot_depth_profiles
+    from report import write_report
+    from utils import UserInputError, check_writable_dir, use_agg_backend, write_json
+
+    runs = []
+    for name in args.report:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserInputError(f"--report {name}: {'is a folder' if path.is_dir() else 'no such file'}; give "
+                                 "results files (analysis_outputs/*_results.json)")
+        try:
+            runs.append((name, json.loads(path.read_text(encoding="utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserInputError(f"--report {name}: not a results JSON ({exc})") from None
+    merged_before = [name for name, res in runs if (res.get("run") or {}).get("merged_from")]
+    for name in merged_before:  # `--report analysis_outputs/*.json` run twice: the earlier merge is not an input
+        print(f"note: skipped {name}, itself a merge of saved runs")
+    runs = [(name, res) for name, res in runs if name not in merged_before]
+    if not runs:
+        raise UserInputError("--report: every file given is itself a merge; give the results files of the runs")
+    try:
+        layers, source = merge_layer_results(runs)
+    except ValueError as exc:
+        raise UserInputError(f"--report: {exc}") from None
+    if not layers:
+        raise UserInputError("--report: the files hold no per-layer stage results (delta, causal, attention, sparsity)")
+    check_writable_dir(args.plots_dir, "--plots_dir")
+    check_writable_dir(args.output_dir, "--output_dir")
+    first = runs[0][1]
+    run = {**first["run"], "merged_from": [name for name, _ in runs], "layers": list(layers),
+           "layer_sources": {la: source[la] for la in layers}, "notes": first["run"].get("notes", [])}
+    prefix = model_prefix(run["model"], run.get("model_source", ""))
+    tag = layer_tag(min(layers), list(layers))
+    profiles = depth_profiles(layers, first["architecture"]["n_layers"])
+    use_agg_backend()
+    plot = plot_depth_profiles(profiles, args.plots_dir, f"{prefix}_depth_profiles_{tag}_merged")
+    merged = {"run": run, "texts": first.get("texts", {}), "architecture": first["architecture"], "layers": layers,
+              "depth_profiles": {"status": "ok", "results": profiles, "plots": [plot], "wall_time_s": 0.0}}
+    json_path = Path(args.output_dir) / f"{prefix}_{tag}_merged_results.json"
+    html_path = Path(args.output_dir) / f"{prefix}_{tag}_merged_report.html"
+    write_json(json_path, merged)
+    write_report(html_path, json.loads(json_path.read_text(encoding="utf-8")),
+                 {"depth_profiles": stage_text("depth_profiles", merged["depth_profiles"])})
+    print(stage_text("depth_profiles", merged["depth_profiles"]), end="")
+    print(f"results: {json_path}\nreport: {html_path}")
+    return 0
 
 
 def check_result_paths(args, prefix: str) -> tuple[Path, Path]:

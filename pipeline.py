@@ -545,6 +545,33 @@ def layer_tag(layer: int, layers: list[int] | None) -> str:
     return "layers" + "_".join(runs)
 
 
+def merge_layer_results(runs: list[tuple[str, dict]]) -> tuple[dict, dict]:
+    """({layer: {stage: entry}}, {layer: file}) from saved results [(file name, results dict)]: one-layer
+    runs (`--layer L`) and --layers runs alike, of one model. ValueError naming the files when they hold
+    different models or the same layer twice."""
+    layers, source, first = {}, {}, None
+    for name, res in runs:
+        run = res.get("run") or {}
+        key = (run.get("model"), run.get("model_class"), (res.get("architecture") or {}).get("n_layers"))
+        if None in key:
+            raise ValueError(f"{name}: not a results file of this tool (no run metadata / architecture)")
+        if first is None:
+            first = (name, key)
+        elif key != first[1]:
+            raise ValueError(f"{name} holds {key[0]} ({key[1]}), {first[0]} holds {first[1][0]} ({first[1][1]}): "
+                             "merge the results of one model")
+        if res.get("layers"):
+            found = {int(la): by for la, by in res["layers"].items()}
+        else:
+            found = {int(run["layer"]): {n: e for n, e in res.items()
+                                         if n in STAGES and STAGES[n].per_layer and isinstance(e, dict)}}
+        for la, by in found.items():
+            if la in layers:
+                raise ValueError(f"layer {la} is in both {source[la]} and {name}: give each layer once")
+            layers[la], source[la] = by, name
+    return dict(sorted(layers.items())), source
+
+
 def _depth_profiles_stage(results: dict, adapter, opts: Options):
     profiles = depth_profiles(results["layers"], adapter.n_layers)
     if not profiles["metrics"]:

@@ -140,6 +140,38 @@ def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_fil
     assert 'id="stage-causal-layer2"' in page and 'id="stage-depth_profiles"' in page
 
 
+def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_file, tmp_path):
+    """`--report FILES` turns the JSON files of a loop over --layer into the depth profiles a --layers run
+    gives, without a model; an earlier merge among the files is skipped; mixed models and repeated layers
+    are refused in one line."""
+    base = ["--texts_file", str(texts_file), "--max_length", "20", "--save_results", "--output_dir", "out",
+            "--no_progress", "--stages", "delta,causal,sparsity"]
+    name = model_dirs["mamba_b"].name
+    for layer in ("0", "2"):
+        assert run_main(["--model", str(model_dirs["mamba_b"]), *base, "--layer", layer], tmp_path).returncode == 0
+    assert run_main(["--model", str(model_dirs["mamba_b"]), *base, "--layers", "0,2", "--output_dir", "both"],
+                    tmp_path).returncode == 0
+    together = json.loads((tmp_path / "both" / f"{name}_layers0_2_results.json").read_text())
+    files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").glob("*.json"))
+    for _ in range(2):  # the second time the first merge is among the files
+        p = run_main(["--report", *sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").glob("*.json")),
+                      "--output_dir", "out"], tmp_path)
+        assert p.returncode == 0, p.stderr
+    assert "note: skipped out/" in p.stdout
+    merged = json.loads((tmp_path / "out" / f"{name}_layers0_2_merged_results.json").read_text())
+    assert merged["run"]["merged_from"] == files and merged["run"]["layers"] == [0, 2]
+    assert merged["depth_profiles"]["results"]["metrics"] == together["depth_profiles"]["results"]["metrics"]
+    page = (tmp_path / "out" / f"{name}_layers0_2_merged_report.html").read_text()
+    assert 'id="stage-delta-layer2"' in page and "data:image/png;base64," in page
+    # refusals: a layer twice; two models
+    p = run_main(["--report", files[0], files[0]], tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("error: --report: layer 0 is in both")
+    assert run_main(["--model", str(model_dirs["mamba_a"]), *base, "--layer", "1", "--output_dir", "other"],
+                    tmp_path).returncode == 0
+    p = run_main(["--report", files[0], f"other/{model_dirs['mamba_a'].name}_layer1_results.json"], tmp_path)
+    assert p.returncode == 2 and "merge the results of one model" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(model_dirs, tmp_path_factory):
     """Broken model folders and awkward input files, made once."""

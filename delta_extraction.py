@@ -93,33 +93,47 @@ def delta_channel_statistics(model, tokenizer, texts_ids: list[torch.Tensor], la
                              progress: bool = True) -> DeltaStats:
     """Δ statistics over texts, each given as input ids (1, L_i); at least two texts are needed for an
     across-text variance."""
+    return delta_statistics_by_layer(model, tokenizer, texts_ids, [layer_idx], progress)[layer_idx]
+
+
+def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], layers, progress: bool = True
+                              ) -> dict[int, DeltaStats]:
+    """{layer: DeltaStats} for several layers, every layer's mixer input captured in one forward per text
+    (stopped after the last of them); each layer's internals recomputed and verified as in
+    `mixer_internals`."""
     from tqdm.auto import tqdm
 
-    require_mamba(get_adapter(model))
+    adapter = get_adapter(model)
+    require_mamba(adapter)
     if len(texts_ids) < 2:
         raise ValueError(f"delta sensitivity needs at least 2 texts (got {len(texts_ids)}): the ranking is "
                          "a variance across texts")
+    layers = list(dict.fromkeys(adapter.check_layer(la) for la in layers))
     device = next(model.parameters()).device
-    means, token_vars, n_tokens, worst, tol = [], [], 0, 0.0, None
-    total = None
-    example = None
-    for i, ids in enumerate(tqdm(texts_ids, desc=f"Δ layer {layer_idx}", disable=not progress)):
-        internals, check = mixer_internals(model, layer_idx, ids.to(device))
-        delta = internals.delta[0].double()  # (L, e)
-        means.append(delta.mean(0).cpu().numpy())  # (e,)
-        token_vars.append(delta.var(0, unbiased=False).cpu().numpy())  # (e,)
-        total = delta.sum(0) if total is None else total + delta.sum(0)  # (e,)
-        n_tokens += delta.shape[0]
-        worst, tol = max(worst, check.relative_error), check.tolerance
-        if i == 0:
-            example = internals.delta[0].cpu().numpy()  # (L, e)
-    means = np.stack(means)  # (n_texts, e)
+    acc = {la: {"means": [], "token_vars": [], "total": None, "worst": 0.0, "tol": None, "example": None}
+           for la in layers}
+    n_tokens = 0
+    desc = f"Δ layer {layers[0]}" if len(layers) == 1 else f"Δ layers {layers[0]}..{layers[-1]}"
+    for i, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
+        ios = capture_mixer_ios(model, layers, ids.to(device))
+        for la in layers:
+            internals = recompute_mixer(adapter.mixer(la), ios[la][0])
+            check = check_reconstruction(internals.out, ios[la][1])
+            a = acc[la]
+            delta = internals.delta[0].double()  # (L, e)
+            a["means"].append(delta.mean(0).cpu().numpy())  # (e,)
+            a["token_vars"].append(delta.var(0, unbiased=False).cpu().numpy())  # (e,)
+            a["total"] = delta.sum(0) if a["total"] is None else a["total"] + delta.sum(0)  # (e,)
+            a["worst"], a["tol"] = max(a["worst"], check.relative_error), check.tolerance
+            if i == 0:
+                a["example"] = internals.delta[0].cpu().numpy()  # (L, e)
+        n_tokens += int(ids.shape[-1])
     tokens = [tokenizer.decode([t]) for t in texts_ids[0][0].tolist()]
-    return DeltaStats(
-        layer=layer_idx, n_texts=len(texts_ids), n_tokens=n_tokens,
-        mean_delta=(total / n_tokens).cpu().numpy(), text_variance=means.var(0),
-        token_variance=np.stack(token_vars).mean(0), max_reconstruction_error=worst,
-        reconstruction_tolerance=tol, example_delta=example, example_tokens=tokens)
+    return {la: DeltaStats(
+        layer=la, n_texts=len(texts_ids), n_tokens=n_tokens,
+        mean_delta=(a["total"] / n_tokens).cpu().numpy(), text_variance=np.stack(a["means"]).var(0),
+        token_variance=np.stack(a["token_vars"]).mean(0), max_reconstruction_error=a["worst"],
+        reconstruction_tolerance=a["tol"], example_delta=a["example"], example_tokens=tokens) for la, a in acc.items()}
 
 
 def find_delta_sensitive_neurons(model, tokenizer, texts, layer_idx: int = 0, top_k: int = 10,

@@ -112,7 +112,11 @@ class StageContext:
 def stage_delta(ctx: StageContext):
     import delta_extraction as de
 
-    stats = de.delta_channel_statistics(ctx.model, ctx.tokenizer, ctx.tokens.input_ids, ctx.layer, ctx.progress)
+    kept = ctx.shared.setdefault("delta", {})  # with --layers: every chosen layer in the first run, one forward a text
+    if "stats" not in kept:
+        kept["stats"] = de.delta_statistics_by_layer(ctx.model, ctx.tokenizer, ctx.tokens.input_ids,
+                                                     ctx.opts.layers or [ctx.layer], ctx.progress)
+    stats = kept["stats"][ctx.layer]
     plots = [de.plot_delta_variance(stats, ctx.top_k, ctx.plots_dir, ctx.prefix),
              de.plot_delta_heatmap(stats, ctx.plots_dir, ctx.prefix)]
     return stats.to_dict(ctx.top_k), plots

@@ -57,6 +57,7 @@ class TextScores:
     scores: dict  # {method: NeuronScores}: activations and importance averaged over the batch, first example's map
     attention_vectors: torch.Tensor  # (b, L, L): mean over channels of α
     reconstruction: ReconstructionCheck  # (α x + D x) through the gate and out_proj against the mixer's output
+    rollout_R: list | None = None  # per example, the rolled-out map R_ℓ (L, L) when rollout was scored
 
 
 def _batch_mean(method: str, per: list[NeuronScores]) -> NeuronScores:
@@ -260,7 +261,7 @@ class MambaAttentionNeurons:
                 p.requires_grad_(True)
         return g.detach(), target
 
-    def text_scores(self, inputs, layer: int, methods=METHODS) -> TextScores:
+    def text_scores(self, inputs, layer: int, methods=METHODS, rolled: tuple | None = None) -> TextScores:
         """Every method's scores at `layer` for `inputs`, equal to `create_mamba_neurons` on
         `extract_attention_vectors` (the reference path; tested) but with α consumed one channel group at a
         time as `ssm.hidden_attention_groups` yields it: α is never held whole (peak memory about one
@@ -270,7 +271,9 @@ class MambaAttentionNeurons:
         `extract_attention_vectors`; ReconstructionError on mismatch), the channel sum of α, and each
         method's channel-local parts. gradient_guided's g comes from one backward (`output_gradient`) from
         the scan's y, itself checked against the mixer output first. Rollout at layer ℓ > 0 first streams
-        the layers below it (each checked the same way) for R_{ℓ-1}."""
+        the layers below it (each checked the same way) for R_{ℓ-1}; `rolled` = (layer k < ℓ, per-example
+        R_k), the `rollout_R` of an earlier call on the same inputs, starts from R_k instead (layers k+1 ..
+        ℓ-1 streamed). The result's `rollout_R` is R_ℓ per example (None without rollout)."""
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
@@ -278,12 +281,16 @@ class MambaAttentionNeurons:
 
         ids, mask = self._ids(inputs)
         ids = ids.to(next(self.model.parameters()).device)
-        below = range(layer) if "rollout" in methods else range(0)
+        start, previous = (-1, None) if rolled is None else rolled
+        if not start < layer:
+            raise ValueError(f"rolled starts at layer {start}, not below layer {layer}")
+        below = range(start + 1, layer) if "rollout" in methods else range(0)
         ios = capture_mixer_ios(self.model, [*below, layer], ids, mask)  # one forward for every layer needed
-        previous = None
         for lo in below:  # R_{ℓ-1}, one lower layer at a time
             previous = self._stream_layer(ids, mask, lo, ios[lo], ("rollout",), previous)[1]
-        return self._stream_layer(ids, mask, layer, ios[layer], tuple(methods), previous)[0]
+        scores, R = self._stream_layer(ids, mask, layer, ios[layer], tuple(methods), previous)
+        scores.rollout_R = R
+        return scores
 
     def _stream_layer(self, ids, mask, layer: int, io: tuple, methods: tuple, previous: list | None
                       ) -> tuple[TextScores, list | None]:

@@ -132,8 +132,13 @@ def stage_attention(ctx: StageContext):
     layer, methods = ctx.layer, ctx.opts.attention_methods
     sums = {m: [0.0, 0.0] for m in methods}  # method -> [Σ activations, Σ importance]
     first, worst = {}, 0.0
+    # with --layers, each text's rolled-out map of the previous chosen layer is kept, so that rollout at the
+    # next one streams only the layers between them
+    rolled = ctx.shared.setdefault("attention", {}).setdefault("rolled", {})  # text index -> (layer, R)
     for k, ids in enumerate(tqdm(ctx.tokens.input_ids, desc=f"attention layer {layer}", disable=not ctx.progress)):
-        ts = analyzer.text_scores(ids, layer, methods)  # α streamed by channel group, verified
+        ts = analyzer.text_scores(ids, layer, methods, rolled.get(k))  # α streamed by channel group, verified
+        if ts.rollout_R is not None and ctx.opts.layers:
+            rolled[k] = (layer, ts.rollout_R)
         worst = max(worst, ts.reconstruction.relative_error)
         for m in methods:
             s = ts.scores[m]
@@ -398,7 +403,7 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
                      "architecture": adapter.describe()}
     layers = opts.layers
     if layers is not None:  # every per-layer stage at each layer, then the others once, at the first layer
-        layers = tuple(adapter.check_layer(la) for la in layers)
+        layers = tuple(sorted({adapter.check_layer(la) for la in layers}))  # ascending: rollout builds on the last
         opts = dataclasses.replace(opts, layers=layers, layer=layers[0])
         results["layers"] = {la: {} for la in layers}
         plan = [(n, la) for la in layers for n in stages if STAGES[n].per_layer]

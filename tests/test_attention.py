@@ -270,6 +270,24 @@ def test_streamed_rollout_captures_every_lower_layer_in_one_forward():
         assert tr["backbone.embeddings"].calls == forwards
 
 
+def test_rollout_continues_from_an_earlier_layers_map():
+    """text_scores(..., rolled=(k, R_k)) streams only the layers between k and ℓ and gives the same scores
+    as rolling out from layer 0."""
+    model = make_model("mamba_b")
+    an = MambaAttentionNeurons(model)
+    ids = _ids(L=11, b=2)
+    first = an.text_scores(ids, 0, ("rollout",))
+    for layer in (1, 2):
+        whole = an.text_scores(ids, layer, ("rollout",))
+        cont = an.text_scores(ids, layer, ("rollout",), rolled=(0, first.rollout_R))
+        for field in ("neuron_activations", "neuron_importance", "token_map"):
+            np.testing.assert_array_equal(getattr(cont.scores["rollout"], field), getattr(whole.scores["rollout"], field))
+        for a, b in zip(cont.rollout_R, whole.rollout_R):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not below layer 1"):
+        an.text_scores(ids, 1, ("rollout",), rolled=(1, first.rollout_R))
+
+
 def test_streamed_text_scores_refuse_a_wrong_reconstruction(monkeypatch):
     """A planted error in α (every group × 1.1: the output moves by 4e-4 relative, as α x is a small part
     of this random-init mixer's output beside D x) must be caught by the (α x + D x) check, not scored."""

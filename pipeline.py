@@ -517,7 +517,8 @@ def depth_profiles(layer_results: dict, n_layers: int) -> dict:
 
 
 def plot_depth_profiles(profiles: dict, plots_dir, name: str) -> str:
-    """One panel per metric against relative depth (the layer numbers on a second axis row)."""
+    """One panel per metric against relative depth; a layer where the metric's stage did not succeed is
+    left out of its panel."""
     import math
 
     import matplotlib.pyplot as plt
@@ -530,7 +531,7 @@ def plot_depth_profiles(profiles: dict, plots_dir, name: str) -> str:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, constrained_layout=True)
     x = profiles["relative_depth"]
     for ax, (metric, values) in zip(axes.ravel(), metrics.items()):
-        pts = [(xi, v, la) for xi, v, la in zip(x, values, profiles["layers"]) if v is not None]
+        pts = [(xi, v) for xi, v in zip(x, values) if v is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("relative depth (layer / (layers - 1))", fontsize=8)

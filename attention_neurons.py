@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from models import get_adapter, require_mamba
 from ssm import (ReconstructionCheck, apply_hidden_attention, check_reconstruction, fast_scan_training,
-                 hidden_attention_chunked, hidden_attention_groups, mixer_projections, project_out, recompute_mixer)
+                 hidden_attention_chunked, hidden_attention_groups, mixer_projections, project_out)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,18 @@ class TextScores:
     attention_vectors: torch.Tensor  # (b, L, L): mean over channels of α
     reconstruction: ReconstructionCheck  # (α x + D x) through the gate and out_proj against the mixer's output
     rollout_R: list | None = None  # per example, the rolled-out map R_ℓ (L, L) when rollout was scored
+
+
+class MixerProjections(NamedTuple):
+    """`ssm.mixer_projections`' result by name: all that α needs (no scan output)."""
+
+    x: torch.Tensor  # (b, L, e)
+    z: torch.Tensor  # (b, L, e)
+    delta: torch.Tensor  # (b, L, e)
+    B: torch.Tensor  # (b, L, n)
+    C: torch.Tensor  # (b, L, n)
+    A: torch.Tensor  # (e, n)
+    D: torch.Tensor  # (e,)
 
 
 def _batch_mean(method: str, per: list[NeuronScores]) -> NeuronScores:
@@ -228,14 +241,12 @@ class MambaAttentionNeurons:
         the fast scan in this pass (`ssm.fast_scan_training`: the same recurrence, tested against the
         reference scan, so the logits equal the model's to float rounding) for its cheap backward. `y`, `z`
         (b, L, e): already verified internals of this layer for these inputs, to skip recomputing them."""
-        from delta_extraction import capture_mixer_io
+        from delta_extraction import mixer_internals
         from utils import trace
 
         mixer = self.adapter.mixer(layer)
         if y is None or z is None:
-            h_in, real_out = capture_mixer_io(self.model, layer, input_ids, attention_mask)
-            it = recompute_mixer(mixer, h_in, attention_mask)
-            check_reconstruction(it.out, real_out)
+            it, _ = mixer_internals(self.model, layer, input_ids, attention_mask)  # verified
             y, z = it.y, it.z
         y = y.clone().requires_grad_(True)  # (b, L, e)
         # only ∂/∂y is needed: the weights leave the graph for this pass (no weight-gradient work, e.g. the
@@ -296,13 +307,17 @@ class MambaAttentionNeurons:
                       ) -> tuple[TextScores, list | None]:
         """(TextScores, per-example R_ℓ (L, L) if rollout is among `methods`, else None). `io`: the mixer's
         captured input and real output (b, L, d); `previous`: per-example R_{ℓ-1}, None for the identity."""
+        from delta_extraction import verified_internals
+
         h_in, real_out = io
         mixer = self.adapter.mixer(layer)
-        it = recompute_mixer(mixer, h_in, mask)  # x, z, Δ, B, C, A, D and the scan's y, (b, L, ·)
         g = None
-        if "gradient_guided" in methods:
-            check_reconstruction(it.out, real_out)
+        if "gradient_guided" in methods:  # the gradient's leaf is the scan's y, checked against the mixer first
+            it, _ = verified_internals(mixer, io, mask)  # x, z, Δ, B, C, A, D and y, (b, L, ·)
             g, _ = self.output_gradient(ids, layer, mask, it.y, it.z)  # (b, L, e)
+        else:  # α needs no sequential scan (e.g. rollout's lower layers)
+            with torch.no_grad():
+                it = MixerProjections(*mixer_projections(mixer, h_in, mask))
         b, L, e = it.x.shape
         eye = torch.eye(L, dtype=it.x.dtype, device=it.x.device)
         prev = [eye] * b if previous is None else previous

@@ -40,8 +40,15 @@ def mixer_internals(model, layer_idx: int, input_ids: torch.Tensor, attention_ma
                     ) -> tuple[MixerInternals, ReconstructionCheck]:
     """Run the model up to layer `layer_idx`'s mixer, recompute the mixer's internals from its input and
     verify them against its real output (ReconstructionError on mismatch)."""
-    h_in, real_out = capture_mixer_io(model, layer_idx, input_ids, attention_mask)  # (b, L, d) each
-    internals = recompute_mixer(get_adapter(model).mixer(layer_idx), h_in, attention_mask)
+    io = capture_mixer_io(model, layer_idx, input_ids, attention_mask)  # (b, L, d) each
+    return verified_internals(get_adapter(model).mixer(layer_idx), io, attention_mask)
+
+
+def verified_internals(mixer, io: tuple, attention_mask: torch.Tensor | None = None
+                       ) -> tuple[MixerInternals, ReconstructionCheck]:
+    """The internals recomputed from a captured (mixer input, real output), checked against that output."""
+    h_in, real_out = io
+    internals = recompute_mixer(mixer, h_in, attention_mask)
     return internals, check_reconstruction(internals.out, real_out)
 
 
@@ -117,8 +124,7 @@ def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], l
     for i, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
         ios = capture_mixer_ios(model, layers, ids.to(device))
         for la in layers:
-            internals = recompute_mixer(adapter.mixer(la), ios[la][0])
-            check = check_reconstruction(internals.out, ios[la][1])
+            internals, check = verified_internals(adapter.mixer(la), ios[la])
             a = acc[la]
             delta = internals.delta[0].double()  # (L, e)
             a["means"].append(delta.mean(0).cpu().numpy())  # (e,)

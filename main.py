@@ -354,7 +354,7 @@ def merge_reports(args) -> int:
 
     from pipeline import depth_profiles, merge_layer_results, plot_depth_profiles
     from report import write_report
-    from utils import UserInputError, check_writable_dir, use_agg_backend, write_json
+    from utils import UserInputError, check_writable_dir, to_jsonable, use_agg_backend, write_json
 
     runs = []
     for name in args.report:
@@ -393,8 +393,7 @@ def merge_reports(args) -> int:
     json_path = Path(args.output_dir) / f"{prefix}_{tag}_merged_results.json"
     html_path = Path(args.output_dir) / f"{prefix}_{tag}_merged_report.html"
     write_json(json_path, merged)
-    write_report(html_path, json.loads(json_path.read_text(encoding="utf-8")),
-                 {"depth_profiles": stage_text("depth_profiles", merged["depth_profiles"])})
+    write_report(html_path, to_jsonable(merged), {"depth_profiles": stage_text("depth_profiles", merged["depth_profiles"])})
     print(stage_text("depth_profiles", merged["depth_profiles"]), end="")
     print(f"results: {json_path}\nreport: {html_path}")
     return 0

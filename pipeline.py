@@ -99,9 +99,10 @@ class StageContext:
         entry = self.results.get(name) or self.results.get("layers", {}).get(self.layer, {}).get(name, {})
         return entry["results"] if entry.get("status") == "ok" else None
 
-    def share(self, key: str, value) -> None:
-        """Keep `value` for the stages that need this one (not written to the results)."""
-        self.shared.setdefault(self.current, {})[key] = value
+    def kept(self) -> dict:
+        """The running stage's own store, kept across its runs at several layers (--layers) and readable by
+        the stages that need it (`shared_by`); not written to the results."""
+        return self.shared.setdefault(self.current, {})
 
     def shared_by(self, name: str, key: str):
         """What stage `name` (one of this stage's needs) kept under `key`, or None."""
@@ -112,7 +113,7 @@ class StageContext:
 def stage_delta(ctx: StageContext):
     import delta_extraction as de
 
-    kept = ctx.shared.setdefault("delta", {})  # with --layers: every chosen layer in the first run, one forward a text
+    kept = ctx.kept()  # with --layers: every chosen layer in the first run, one forward a text
     if "stats" not in kept:
         kept["stats"] = de.delta_statistics_by_layer(ctx.model, ctx.tokenizer, ctx.tokens.input_ids,
                                                      ctx.opts.layers or [ctx.layer], ctx.progress)
@@ -134,7 +135,7 @@ def stage_attention(ctx: StageContext):
     first, worst = {}, 0.0
     # with --layers, each text's rolled-out map of the previous chosen layer is kept, so that rollout at the
     # next one streams only the layers between them
-    rolled = ctx.shared.setdefault("attention", {}).setdefault("rolled", {})  # text index -> (layer, R)
+    rolled = ctx.kept().setdefault("rolled", {})  # text index -> (layer, R)
     for k, ids in enumerate(tqdm(ctx.tokens.input_ids, desc=f"attention layer {layer}", disable=not ctx.progress)):
         ts = analyzer.text_scores(ids, layer, methods, rolled.get(k))  # α streamed by channel group, verified
         if ts.rollout_R is not None and ctx.opts.layers:
@@ -255,13 +256,11 @@ def stage_sparsity(ctx: StageContext):
     # with --layers, every analysed layer is measured in the first run of this stage, and kept for the others
     every = "comparison" in ctx.stages
     layers = range(ctx.adapter.n_layers) if every else sorted({*(ctx.opts.layers or (ctx.layer,)), *multi})
-    kept = ctx.shared.setdefault("sparsity", {})
+    kept = ctx.kept()
     if "stats" not in kept:
         kept["stats"] = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, layers,
                                           ctx.opts.sparsity_threshold, ctx.opts.dead_eps, progress=ctx.progress)
     stats = kept["stats"]
-    if every:
-        ctx.share("every_layer", stats)
     single = stats[ctx.layer]
     chosen = {la: stats[la] for la in multi}
     plots = sp.sparsity_plots([(ctx.prefix, single)], [(ctx.prefix, chosen)], ctx.plots_dir, ctx.prefix,
@@ -320,7 +319,7 @@ def stage_comparison(ctx: StageContext):
                              o.dead_eps, _sparsity_layers(ctx), o.seq_lengths, o.efficiency_budget,
                              ctx.upstream("causal"), o.causal_batch_size, ctx.progress,
                              main_efficiency=ctx.upstream("efficiency"),
-                             main_sparsity=ctx.shared_by("sparsity", "every_layer") if same_tokens else None)
+                             main_sparsity=ctx.shared_by("sparsity", "stats") if same_tokens else None)
     comp["compare_model"] = {"requested": source.requested, "source": source.origin,
                              "resolved_path": source.resolved_path, "warning": warning}
     comp["methods_at_matched_layers"] = cp.methods_table(comp)

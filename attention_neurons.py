@@ -1,27 +1,42 @@
-"""Attention neurons of Mamba: the e channels seen through their hidden attention.
+"""Attention neurons: Mamba's hidden attention and a Transformer's attention, one set of definitions.
 
-Every α is computed block-wise by `ssm.hidden_attention_groups` (equal to the direct `ssm.hidden_attention`
-to float rounding, tested) from the recomputed Δ, A, B, C and verified: `(α x + D x) · SiLU(z)` through
-`out_proj` must equal the mixer's real output, or ReconstructionError is raised.
+Shapes: b batch, L tokens, e units of the layer, g the units of one group, H heads; α (e, L, L) indexed
+[c, i, j] (query i, key j); x and g (L, e).
+
+**The unit ("attention neuron") on each side.** Every layer is written as e independent token mixers
+y^c_i = Σ_j α^c[i, j] x^c_j (+ D_c x^c_i in Mamba), one per unit c:
+- Mamba-1: the e channels of the inner width (d_inner). α^c is channel c's hidden attention
+  α^c[i, j] = Σ_n C_i[n] exp(A[c, n] (S^c_i − S^c_j)) Δ^c_j B_j[n] (j ≤ i, S^c the cumulative Δ), x^c the
+  channel's scan input; the identity y = α x + D x is the selective scan. α is computed block-wise by
+  `ssm.hidden_attention_groups` from the recomputed Δ, A, B, C and verified: `(α x + D x) · SiLU(z)`
+  through `out_proj` must equal the mixer's real output, or ReconstructionError is raised.
+- Transformer (GPT-2, GPT-NeoX): the d dimensions of the attention output before the output projection
+  (H heads × d/H dims, c = head · d/H + k). α^c = A_h, the softmax attention weights of c's head h
+  (shared by its d/H dims), x^c the value dimension c; the identity y = α x (no D) is the attention
+  itself. A and the values are the model's own (eager attention weights, the q/k/v projection's output) and
+  are verified: the output projection of α x must equal the projection's real output.
+The same method functions then score both, so the numbers are of the same kind (their scale is not
+comparable across models: α x is Δ-weighted on one side and a convex mix on the other; the diversity is
+scale-free).
 
 The method functions (`attention_weighted`, `gradient_guided`, `rollout_layer`) are pure functions of one
-example's arrays: the reference path. Each is built from channel-local parts (per-channel rows and a sum
-over channels), so `MambaAttentionNeurons.text_scores` (what the attention stage runs) can score α one
-channel group at a time, as the groups are computed, and never hold α whole; it equals the reference path
-(`extract_attention_vectors` + `create_mamba_neurons`) to float rounding (tested). Shapes: α (e, L, L)
-indexed [c, i, j] (query i, key j), x and g (L, e).
+example's arrays: the reference path. Each is built from unit-local parts (per-unit rows and a sum over
+units), so `AttentionNeurons.text_scores` (what the attention stage runs) scores α one unit group at a
+time, as the groups are computed, and never holds α whole; it equals the reference path
+(`extract_attention_vectors` + `create_neurons`) to float rounding (tested).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import get_adapter, require_mamba
+from models import NotApplicable, get_adapter, require_mamba
 from ssm import (ReconstructionCheck, apply_hidden_attention, check_reconstruction, fast_scan_training,
                  hidden_attention_chunked, hidden_attention_groups, mixer_projections, project_out)
 
@@ -29,15 +44,24 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("attention_weighted", "gradient_guided", "rollout")
 DEFINITIONS = {
-    "attention_weighted": "contrib^c[i,j] = |alpha^c[i,j] x^c_j|; activation = mean of contrib^c over causal "
+    "attention_weighted": "contrib^c[i,j] = |alpha^c[i,j] x^c_j| for unit c; activation = mean of contrib^c over causal "
                           "entries (j <= i); importance = std over query positions i of row sums sum_j contrib^c[i,j]; "
-                          "token map = mean over channels of contrib^c",
+                          "token map = mean over units of contrib^c",
     "gradient_guided": "contrib^c[i,j] = ReLU(g^c_i alpha^c[i,j] x^c_j), g^c_i = d logit[target] / d y^c_i by autograd, "
                        "target = predicted next token at the last position; activation, importance and token map "
                        "as for attention_weighted",
-    "rollout": "R_l = rownorm(mean_c normalise(|alpha^c_l|) + I) R_{l-1}, R_{-1} = I; channel map "
-               "C^c = rownorm(normalise(|alpha^c_l|) + I) R_{l-1}; activation = mean over i of 1 - C^c[i,i] (share "
-               "of token i's end-to-end relevance from other tokens); importance = its std over i; token map = R_l",
+    "rollout": "R_l = rownorm(mean_c normalise(|alpha^c_l|) + I) R_{l-1}, R_{-1} = I (normalise = divide by the map's "
+               "max; for softmax attention this is Abnar & Zuidema's R_l = (A_l/2 + I/2) R_{l-1}, A_l the head mean); "
+               "unit map C^c = rownorm(normalise(|alpha^c_l|) + I) R_{l-1}; activation = mean over i of 1 - C^c[i,i] "
+               "(share of token i's end-to-end relevance from other tokens); importance = its std over i; "
+               "token map = R_l",
+}
+UNITS = {
+    "mamba": "channel c of the inner width (e units): alpha^c = the channel's hidden attention "
+             "sum_n C_i[n] exp(A[c,n] (S_i - S_j)) Delta_j B_j[n] (j <= i), x^c = its scan input, y = alpha x + D x "
+             "(the selective scan)",
+    "transformer": "dimension c of the attention output before the output projection (d units = H heads x d/H): "
+                   "alpha^c = A_h, the softmax attention of c's head h, x^c = value dimension c, y = alpha x",
 }
 
 
@@ -193,13 +217,91 @@ def neuron_diversity(activations: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / np.log(a.size))
 
 
-class MambaAttentionNeurons:
-    """Hidden attention and attention neurons of a Hugging Face Mamba-1 model."""
+class LayerView(NamedTuple):
+    """One layer of one batch, as the scoring loop reads it: the units' inputs x (b, L, e), the gradient g
+    (b, L, e) or None, `groups` yielding (unit slice, α of those units (b, g, L, L)), and `check()`, the
+    reconstruction check of the layer's output from the α seen (call it after the groups are consumed)."""
+
+    x: torch.Tensor
+    g: torch.Tensor | None
+    groups: Iterator
+    check: Callable[[], ReconstructionCheck]
+
+
+def score_groups(view: LayerView, methods: tuple, previous: list | None
+                 ) -> tuple[dict, torch.Tensor, list | None]:
+    """Every method's scores from α consumed group by group: ({method: NeuronScores} averaged over the batch
+    (first example's map), the unit mean of α (b, L, L), per-example R_ℓ (L, L) if rollout is among
+    `methods`, else None). `previous`: per-example R_{ℓ-1}, None for the identity."""
+    b, L, e = view.x.shape
+    eye = torch.eye(L, dtype=view.x.dtype, device=view.x.device)
+    prev = [eye] * b if previous is None else previous
+    unit_sum = view.x.new_zeros(b, L, L)  # (b, L, L): Σ_c α^c
+    rows = {m: [[] for _ in range(b)] for m in methods}  # per example, the groups' (g, L) parts in order
+    maps = {m: [0.0] * b for m in methods}  # per example, Σ_c of the method's (L, L) part
+    with torch.no_grad():
+        for cs, alpha in view.groups:  # (b, g, L, L)
+            unit_sum += alpha.sum(1)
+            for k in range(b):
+                x = view.x[k, :, cs]  # (L, g)
+                for m in methods:
+                    if m == "attention_weighted":
+                        part = _contribution_parts(_weighted_contrib(alpha[k], x))
+                    elif m == "gradient_guided":
+                        part = _contribution_parts(_gradient_contrib(alpha[k], x, view.g[k, :, cs]))
+                    else:
+                        part = _rollout_parts(alpha[k], prev[k])
+                    rows[m][k].append(part[0])
+                    maps[m][k] = maps[m][k] + part[1]
+    per, R = {}, None
+    for m in methods:
+        if m == "rollout":
+            done = [_rollout_scores(torch.cat(rows[m][k]), maps[m][k], e, prev[k]) for k in range(b)]
+            per[m], R = [s for s, _ in done], [r for _, r in done]
+        else:
+            per[m] = [_contribution_scores(m, torch.cat(rows[m][k]), maps[m][k], e) for k in range(b)]
+    return {m: _batch_mean(m, per[m]) for m in methods}, unit_sum / e, R
+
+
+def leaf_gradient(model, input_ids: torch.Tensor, attention_mask, path: str, y: torch.Tensor,
+                  rebuild: Callable, scan=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g = ∂ logit[target] / ∂ y (b, L, e), target (b,)), target = the model's predicted next token at the
+    last position. The output of the module at `path` is replaced by `rebuild(y)` computed from a leaf
+    copy of `y` (numerically the module's own output, verified by the caller), so autograd reaches y
+    exactly. The weights leave the graph for this pass (no weight-gradient work) and get their
+    requires_grad back afterwards, also on error. `scan`: a context to run the forward in (e.g. Mamba's
+    fast scan, for its cheap backward)."""
+    from utils import trace
+
+    y = y.clone().requires_grad_(True)  # (b, L, e)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), (scan or contextlib.nullcontext()):
+            out = rebuild(y)  # (b, L, d)
+            with trace(model, [path], retain_output=False, edit_output=lambda name, o: out.to(o.dtype)):
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                               logits_to_keep=1).logits  # (b, 1, V): the head at the last position only
+            last = logits[:, -1].float()  # (b, V)
+            target = last.argmax(-1)  # (b,)
+            g, = torch.autograd.grad(last.gather(1, target[:, None]).sum(), y)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return g.detach(), target
+
+
+class AttentionNeurons:
+    """Attention neurons of one model, family-agnostic: the scoring, rollout through the layers below, the
+    analysis and the figure. A subclass says how to capture a layer (`capture`), how to see it as unit
+    groups of α (`layer_view`), the whole-α reference (`extract_attention_vectors`) and the gradient."""
+
+    unit = "unit"  # what the units are called in summaries and plots
 
     def __init__(self, model):
         self.model = model
         self.adapter = get_adapter(model)
-        require_mamba(self.adapter, "hidden attention exists only in Mamba layers")
 
     @staticmethod
     def _ids(inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -211,150 +313,61 @@ class MambaAttentionNeurons:
                              "include padding): pass texts one at a time or of equal length")
         return inputs["input_ids"], mask
 
-    def extract_attention_vectors(self, inputs, layer_indices) -> dict:
-        """{layer: {"attention_matrix": α (b, e, L, L), "attention_vectors": mean_c α (b, L, L),
-        "x", "y" (= α x + D x), "z": (b, L, e), "D": (e,), "reconstruction": ReconstructionCheck,
-        "input_ids", "attention_mask"}}.
-        `inputs`: input ids (b, L) or a tokenizer output dict. α is verified against the mixer output."""
-        from delta_extraction import capture_mixer_io
-
+    def _device_ids(self, inputs):
         ids, mask = self._ids(inputs)
-        ids = ids.to(next(self.model.parameters()).device)
-        data = {}
-        for layer in layer_indices:
-            h_in, real_out = capture_mixer_io(self.model, layer, ids, mask)  # (b, L, d) each
-            mixer = self.adapter.mixer(layer)
-            with torch.no_grad():
-                x, z, delta, B, C, A, D = mixer_projections(mixer, h_in, mask)  # no sequential scan needed:
-                alpha = hidden_attention_chunked(delta, A, B, C)  # (b, e, L, L); == hidden_attention (tested)
-                y = apply_hidden_attention(alpha, x, D)  # (b, L, e), the scan output via α
-                check = check_reconstruction(project_out(mixer, y * F.silu(z)), real_out)
-            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": x, "y": y,
-                           "z": z, "D": D, "reconstruction": check, "input_ids": ids, "attention_mask": mask}
-        return data
+        return ids.to(next(self.model.parameters()).device), mask
 
-    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer`, target (b,) = the predicted next token at
-        the last position. The mixer's output is replaced by out_proj(y · SiLU(z)) computed from a leaf
-        y (numerically the mixer's own output, verified), so autograd reaches y exactly. Every mixer runs
-        the fast scan in this pass (`ssm.fast_scan_training`: the same recurrence, tested against the
-        reference scan, so the logits equal the model's to float rounding) for its cheap backward. `y`, `z`
-        (b, L, e): already verified internals of this layer for these inputs, to skip recomputing them."""
-        from delta_extraction import mixer_internals
-        from utils import trace
+    def describe_units(self) -> dict:
+        raise NotImplementedError
 
-        mixer = self.adapter.mixer(layer)
-        if y is None or z is None:
-            it, _ = mixer_internals(self.model, layer, input_ids, attention_mask)  # verified
-            y, z = it.y, it.z
-        y = y.clone().requires_grad_(True)  # (b, L, e)
-        # only ∂/∂y is needed: the weights leave the graph for this pass (no weight-gradient work, e.g. the
-        # scan's ∂/∂A), and get their requires_grad back afterwards, also on error
-        frozen = [p for p in self.model.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        # the layers above run the same recurrence through the fast scan, whose hand-written backward is
-        # O(b L e n); autograd through transformers' step-by-step slow path costs O(L²) memory traffic
-        try:
-            with torch.enable_grad(), fast_scan_training(self.model):
-                out = project_out(mixer, y * F.silu(z))  # (b, L, d)
-                path = self.adapter.mixer_path(layer)
-                with trace(self.model, [path], retain_output=False,
-                           edit_output=lambda name, o: out.to(o.dtype)):
-                    logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                        logits_to_keep=1).logits  # (b, 1, V): the head at the last position only
-                last = logits[:, -1].float()  # (b, V)
-                target = last.argmax(-1)  # (b,)
-                g, = torch.autograd.grad(last.gather(1, target[:, None]).sum(), y)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-        return g.detach(), target
+    def capture(self, ids, mask, layers) -> dict:
+        """{layer: what `layer_view` needs}, from one forward for all `layers`."""
+        raise NotImplementedError
 
-    def text_scores(self, inputs, layer: int, methods=METHODS, rolled: tuple | None = None) -> TextScores:
-        """Every method's scores at `layer` for `inputs`, equal to `create_mamba_neurons` on
-        `extract_attention_vectors` (the reference path; tested) but with α consumed one channel group at a
-        time as `ssm.hidden_attention_groups` yields it: α is never held whole (peak memory about one
-        group's α instead of (b, e, L, L)), and each group is read by every method while in cache.
+    def layer_view(self, ids, mask, layer: int, io, gradient: bool) -> LayerView:
+        raise NotImplementedError
 
-        Per group: y = α x + D x (then checked against the mixer's real output, as in
-        `extract_attention_vectors`; ReconstructionError on mismatch), the channel sum of α, and each
-        method's channel-local parts. gradient_guided's g comes from one backward (`output_gradient`) from
-        the scan's y, itself checked against the mixer output first. Rollout at layer ℓ > 0 first streams
-        the layers below it (each checked the same way) for R_{ℓ-1}; `rolled` = (layer k < ℓ, per-example
-        R_k), the `rollout_R` of an earlier call on the same inputs, starts from R_k instead (layers k+1 ..
-        ℓ-1 streamed). The result's `rollout_R` is R_ℓ per example (None without rollout)."""
+    def text_scores(self, inputs, layer: int, methods=METHODS, rolled: tuple | None = None) -> "TextScores":
+        """`scores_by_layer` at one layer."""
+        return next(iter(self.scores_by_layer(inputs, [layer], methods, rolled)))[1]
+
+    def scores_by_layer(self, inputs, layers, methods=METHODS, rolled: tuple | None = None
+                        ) -> Iterator[tuple[int, "TextScores"]]:
+        """(layer, TextScores) for each of `layers` in ascending order: every method's scores, equal to
+        `create_neurons` on `extract_attention_vectors` (the reference path; tested) but with α consumed one
+        unit group at a time: α is never held whole (peak memory about one group's α instead of
+        (b, e, L, L)), and each group is read by every method while in cache. One forward captures every
+        layer needed.
+
+        Per layer, the output rebuilt from the α seen is checked against the model's real output
+        (ReconstructionError on mismatch). gradient_guided's g comes from one backward (`output_gradient`).
+        Rollout at layer ℓ > 0 streams the layers below it for R_{ℓ-1}, continuing from each chosen layer to
+        the next; `rolled` = (layer k below the first of `layers`, per-example R_k), the `rollout_R` of an
+        earlier call on the same inputs, starts from R_k instead. Each result's `rollout_R` is R_ℓ per
+        example (None without rollout)."""
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
-        from delta_extraction import capture_mixer_ios
-
-        ids, mask = self._ids(inputs)
-        ids = ids.to(next(self.model.parameters()).device)
+        methods, layers = tuple(methods), sorted(set(layers))
+        ids, mask = self._device_ids(inputs)
         start, previous = (-1, None) if rolled is None else rolled
-        if not start < layer:
-            raise ValueError(f"rolled starts at layer {start}, not below layer {layer}")
-        below = range(start + 1, layer) if "rollout" in methods else range(0)
-        ios = capture_mixer_ios(self.model, [*below, layer], ids, mask)  # one forward for every layer needed
-        for lo in below:  # R_{ℓ-1}, one lower layer at a time
-            previous = self._stream_layer(ids, mask, lo, ios[lo], ("rollout",), previous)[1]
-        scores, R = self._stream_layer(ids, mask, layer, ios[layer], tuple(methods), previous)
-        scores.rollout_R = R
-        return scores
+        if not start < layers[0]:
+            raise ValueError(f"rolled starts at layer {start}, not below layer {layers[0]}")
+        needed = range(start + 1, layers[-1] + 1) if "rollout" in methods else layers
+        ios = self.capture(ids, mask, list(needed))
+        for la in needed:
+            chosen = la in layers
+            view = self.layer_view(ids, mask, la, ios.pop(la), chosen and "gradient_guided" in methods)
+            scores, vectors, R = score_groups(view, methods if chosen else ("rollout",), previous)
+            check = view.check()
+            previous = R
+            if chosen:
+                yield la, TextScores(scores, vectors, check, R)
 
-    def _stream_layer(self, ids, mask, layer: int, io: tuple, methods: tuple, previous: list | None
-                      ) -> tuple[TextScores, list | None]:
-        """(TextScores, per-example R_ℓ (L, L) if rollout is among `methods`, else None). `io`: the mixer's
-        captured input and real output (b, L, d); `previous`: per-example R_{ℓ-1}, None for the identity."""
-        from delta_extraction import verified_internals
-
-        h_in, real_out = io
-        mixer = self.adapter.mixer(layer)
-        g = None
-        if "gradient_guided" in methods:  # the gradient's leaf is the scan's y, checked against the mixer first
-            it, _ = verified_internals(mixer, io, mask)  # x, z, Δ, B, C, A, D and y, (b, L, ·)
-            g, _ = self.output_gradient(ids, layer, mask, it.y, it.z)  # (b, L, e)
-        else:  # α needs no sequential scan (e.g. rollout's lower layers)
-            with torch.no_grad():
-                it = MixerProjections(*mixer_projections(mixer, h_in, mask))
-        b, L, e = it.x.shape
-        eye = torch.eye(L, dtype=it.x.dtype, device=it.x.device)
-        prev = [eye] * b if previous is None else previous
-        y = torch.empty_like(it.x)  # (b, L, e): α x + D x, filled group by group
-        channel_sum = it.x.new_zeros(b, L, L)  # (b, L, L): Σ_c α^c
-        rows = {m: [[] for _ in range(b)] for m in methods}  # per example, the groups' (g, L) parts in order
-        maps = {m: [0.0] * b for m in methods}  # per example, Σ_c of the method's (L, L) part
-        with torch.no_grad():
-            for cs, alpha in hidden_attention_groups(it.delta, it.A, it.B, it.C):  # (b, g, L, L)
-                y[:, :, cs] = apply_hidden_attention(alpha, it.x[:, :, cs], it.D[cs])
-                channel_sum += alpha.sum(1)
-                for k in range(b):
-                    x = it.x[k, :, cs]  # (L, g)
-                    for m in methods:
-                        if m == "attention_weighted":
-                            part = _contribution_parts(_weighted_contrib(alpha[k], x))
-                        elif m == "gradient_guided":
-                            part = _contribution_parts(_gradient_contrib(alpha[k], x, g[k, :, cs]))
-                        else:
-                            part = _rollout_parts(alpha[k], prev[k])
-                        rows[m][k].append(part[0])
-                        maps[m][k] = maps[m][k] + part[1]
-            check = check_reconstruction(project_out(mixer, y * F.silu(it.z)), real_out)
-        per, R = {}, None
-        for m in methods:
-            if m == "rollout":
-                done = [_rollout_scores(torch.cat(rows[m][k]), maps[m][k], e, prev[k]) for k in range(b)]
-                per[m], R = [s for s, _ in done], [r for _, r in done]
-            else:
-                per[m] = [_contribution_scores(m, torch.cat(rows[m][k]), maps[m][k], e) for k in range(b)]
-        scores = {m: _batch_mean(m, per[m]) for m in methods}
-        return TextScores(scores, channel_sum / e, check), R
-
-    def create_mamba_neurons(self, attention_data: dict, method: str, layers=None) -> dict:
-        """{layer: NeuronScores} for `method` (METHODS) at `layers` (default: every layer in the data);
-        activations and importance are averaged over the batch, the token map is the first example's.
-        Rollout computes any lower layer missing from the data on the fly (one at a time)."""
+    def create_neurons(self, attention_data: dict, method: str, layers=None) -> dict:
+        """{layer: NeuronScores} for `method` (METHODS) at `layers` (default: every layer in the data), from
+        whole α (the reference path); activations and importance are averaged over the batch, the token map
+        is the first example's. Rollout computes any lower layer missing from the data on the fly."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         out = {}
@@ -362,7 +375,7 @@ class MambaAttentionNeurons:
             d = attention_data[layer]
             alpha, x = d["attention_matrix"], d["x"]  # (b, e, L, L), (b, L, e)
             if method == "gradient_guided":
-                g, _ = self.output_gradient(d["input_ids"], layer, d["attention_mask"], d["y"], d["z"])
+                g, _ = self.output_gradient(d["input_ids"], layer, d["attention_mask"], *d["leaf"])
                 per = [gradient_guided(alpha[k], x[k], g[k]) for k in range(alpha.shape[0])]
             elif method == "attention_weighted":
                 per = [attention_weighted(alpha[k], x[k]) for k in range(alpha.shape[0])]
@@ -382,19 +395,24 @@ class MambaAttentionNeurons:
             R = [rollout_step(a[k], R[k]) for k in range(b)]
         return [rollout_layer(d["attention_matrix"][k], R[k])[0] for k in range(b)]
 
-    @staticmethod
-    def analyze_neuron_behavior(neurons: dict, layer_idx: int, top_k: int = 10) -> dict:
+    def extract_attention_vectors(self, inputs, layer_indices) -> dict:
+        raise NotImplementedError
+
+    def analyze_neuron_behavior(self, neurons: dict, layer_idx: int, top_k: int = 10) -> dict:
         s: NeuronScores = neurons[layer_idx]
         a = np.asarray(s.neuron_activations, dtype=np.float64)
         order = np.argsort(-a, kind="stable")[:top_k]
         return {"method": s.method, "layer": layer_idx, "num_neurons": int(a.size),
                 "mean_activation": float(a.mean()), "activation_std": float(a.std()),
-                "top_neurons": [{"channel": int(c), "activation": float(a[c]),
+                "top_neurons": [{"channel": int(c), **self.unit_location(int(c)), "activation": float(a[c]),
                                  "importance": float(s.neuron_importance[c])} for c in order],
                 "neuron_diversity": neuron_diversity(a)}
 
-    @staticmethod
-    def visualize_neurons(neurons: dict, layer_idx: int, plots_dir, prefix: str = "model", top_k: int = 10) -> str:
+    def unit_location(self, c: int) -> dict:
+        """Where unit c sits beyond its index (a Transformer's head), for the top-neuron tables."""
+        return {}
+
+    def visualize_neurons(self, neurons: dict, layer_idx: int, plots_dir, prefix: str = "model", top_k: int = 10) -> str:
         """The 6-panel figure: activation histogram, top neurons, activation vs importance, token map,
         diversity (cumulative share of activation), statistics table. Returns the PNG path."""
         import matplotlib.pyplot as plt
@@ -402,18 +420,18 @@ class MambaAttentionNeurons:
         from utils import save_figure
 
         s: NeuronScores = neurons[layer_idx]
-        stats = MambaAttentionNeurons.analyze_neuron_behavior(neurons, layer_idx, top_k)
+        stats = self.analyze_neuron_behavior(neurons, layer_idx, top_k)
         a, imp = np.asarray(s.neuron_activations), np.asarray(s.neuron_importance)
         fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-        fig.suptitle(f"Attention neurons, layer {layer_idx}, method {s.method}")
+        fig.suptitle(f"Attention neurons ({self.unit}s), layer {layer_idx}, method {s.method}")
         ax = axes[0, 0]
         ax.hist(a, bins=min(50, max(5, a.size // 4)), color="tab:blue")
-        ax.set(title="activation distribution", xlabel="activation", ylabel="channels")
+        ax.set(title="activation distribution", xlabel="activation", ylabel=f"{self.unit}s")
         ax = axes[0, 1]
         top = stats["top_neurons"]
         ax.bar(range(len(top)), [t["activation"] for t in top], color="tab:red")
         ax.set_xticks(range(len(top)), [str(t["channel"]) for t in top], rotation=45)
-        ax.set(title=f"top {len(top)} channels", xlabel="channel", ylabel="activation")
+        ax.set(title=f"top {len(top)} {self.unit}s", xlabel=self.unit, ylabel="activation")
         ax = axes[0, 2]
         ax.scatter(a, imp, s=6, alpha=0.6)
         ax.set(title="activation vs importance", xlabel="activation", ylabel="importance")
@@ -428,41 +446,305 @@ class MambaAttentionNeurons:
         ax.plot(np.arange(1, a.size + 1) / a.size, share, color="tab:purple")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         ax.set(title=f"diversity {stats['neuron_diversity']:.3f} (1 = uniform)",
-               xlabel="fraction of channels (most active first)", ylabel="share of total activation")
+               xlabel=f"fraction of {self.unit}s (most active first)", ylabel="share of total activation")
         ax = axes[1, 2]
         ax.axis("off")
         rows = [["neurons", f"{stats['num_neurons']}"], ["mean activation", f"{stats['mean_activation']:.4g}"],
                 ["activation std", f"{stats['activation_std']:.4g}"],
                 ["diversity", f"{stats['neuron_diversity']:.4f}"],
-                ["top channel", f"{top[0]['channel']} ({top[0]['activation']:.4g})"]]
+                [f"top {self.unit}", f"{top[0]['channel']} ({top[0]['activation']:.4g})"]]
         ax.table(cellText=rows, colLabels=["statistic", "value"], loc="center").scale(1, 1.6)
         ax.set(title="statistics")
         return save_figure(fig, plots_dir, f"{prefix}_attention_neurons_{s.method}_layer{layer_idx}")
 
 
-def plot_attention_vector(vector: np.ndarray, layer: int, plots_dir, prefix: str) -> str:
-    """The layer's attention vector (channel mean of α, one text), |·| min-max normalised for display."""
+class MambaAttentionNeurons(AttentionNeurons):
+    """Hidden attention and attention neurons of a Hugging Face Mamba-1 model; the units are channels."""
+
+    unit = "channel"
+
+    def __init__(self, model):
+        super().__init__(model)
+        require_mamba(self.adapter, "hidden attention exists only in Mamba layers")
+
+    def describe_units(self) -> dict:
+        return {"unit": self.unit, "n_units": self.adapter.inner_size, "definition": UNITS["mamba"]}
+
+    def capture(self, ids, mask, layers) -> dict:
+        from delta_extraction import capture_mixer_ios
+
+        return capture_mixer_ios(self.model, layers, ids, mask)  # {layer: (input, real output) (b, L, d)}
+
+    def layer_view(self, ids, mask, layer: int, io, gradient: bool) -> LayerView:
+        from delta_extraction import verified_internals
+
+        h_in, real_out = io
+        mixer = self.adapter.mixer(layer)
+        g = None
+        if gradient:  # the gradient's leaf is the scan's y, checked against the mixer first
+            it, _ = verified_internals(mixer, io, mask)  # x, z, Δ, B, C, A, D and y, (b, L, ·)
+            g, _ = self.output_gradient(ids, layer, mask, it.y, it.z)  # (b, L, e)
+        else:  # α needs no sequential scan (e.g. rollout's lower layers)
+            with torch.no_grad():
+                it = MixerProjections(*mixer_projections(mixer, h_in, mask))
+        y = torch.empty_like(it.x)  # (b, L, e): α x + D x, filled group by group
+
+        def groups():
+            for cs, alpha in hidden_attention_groups(it.delta, it.A, it.B, it.C):  # (b, g, L, L)
+                y[:, :, cs] = apply_hidden_attention(alpha, it.x[:, :, cs], it.D[cs])
+                yield cs, alpha
+
+        def check():
+            with torch.no_grad():
+                return check_reconstruction(project_out(mixer, y * F.silu(it.z)), real_out)
+
+        return LayerView(it.x, g, groups(), check)
+
+    def extract_attention_vectors(self, inputs, layer_indices) -> dict:
+        """{layer: {"attention_matrix": α (b, e, L, L), "attention_vectors": mean_c α (b, L, L),
+        "x", "y" (= α x + D x), "z": (b, L, e), "D": (e,), "leaf": (y, z), "reconstruction":
+        ReconstructionCheck, "input_ids", "attention_mask"}}.
+        `inputs`: input ids (b, L) or a tokenizer output dict. α is verified against the mixer output."""
+        ids, mask = self._device_ids(inputs)
+        data = {}
+        for layer, (h_in, real_out) in self.capture(ids, mask, list(layer_indices)).items():
+            mixer = self.adapter.mixer(layer)
+            with torch.no_grad():
+                x, z, delta, B, C, A, D = mixer_projections(mixer, h_in, mask)  # no sequential scan needed:
+                alpha = hidden_attention_chunked(delta, A, B, C)  # (b, e, L, L); == hidden_attention (tested)
+                y = apply_hidden_attention(alpha, x, D)  # (b, L, e), the scan output via α
+                check = check_reconstruction(project_out(mixer, y * F.silu(z)), real_out)
+            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": x, "y": y,
+                           "z": z, "D": D, "leaf": (y, z), "reconstruction": check, "input_ids": ids,
+                           "attention_mask": mask}
+        return data
+
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer` by `leaf_gradient`: the mixer's output is
+        replaced by out_proj(y · SiLU(z)) from a leaf y. Every mixer runs the fast scan in this pass
+        (`ssm.fast_scan_training`: the same recurrence, tested against the reference scan, so the logits
+        equal the model's to float rounding) for its O(b L e n) hand-written backward; autograd through
+        transformers' step-by-step slow path costs O(L²) memory traffic. `y`, `z` (b, L, e): already
+        verified internals of this layer for these inputs, to skip recomputing them."""
+        from delta_extraction import mixer_internals
+
+        mixer = self.adapter.mixer(layer)
+        if y is None or z is None:
+            it, _ = mixer_internals(self.model, layer, input_ids, attention_mask)  # verified
+            y, z = it.y, it.z
+        return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.mixer_path(layer), y,
+                             lambda leaf: project_out(mixer, leaf * F.silu(z)), fast_scan_training(self.model))
+
+
+class TransformerAttentionNeurons(AttentionNeurons):
+    """Attention neurons of a GPT-2 or GPT-NeoX model; the units are the dimensions of the attention output
+    before the output projection, each mixed by its head's attention weights (see the module docstring)."""
+
+    unit = "dim"
+
+    def __init__(self, model):
+        super().__init__(model)
+        if self.adapter.is_mamba:
+            raise NotApplicable("a Mamba model: use MambaAttentionNeurons")
+
+    def describe_units(self) -> dict:
+        a = self.adapter
+        return {"unit": self.unit, "n_units": a.hidden_size, "n_heads": a.n_heads, "head_dim": a.head_dim,
+                "definition": UNITS["transformer"]}
+
+    def unit_location(self, c: int) -> dict:
+        return {"head": c // self.adapter.head_dim}
+
+    def capture(self, ids, mask, layers) -> dict:
+        """{layer: (A (b, H, L, L), values (b, H, L, d/H), y (b, L, d) the output projection's real input,
+        its real output (b, L, d))} from one eager-attention forward that stops after the last layer."""
+        from utils import trace
+
+        paths = {la: self.adapter.attention_paths(la) for la in layers}
+        with torch.no_grad(), self.adapter.eager_attention(), \
+                trace(self.model, [p.attention for p in paths.values()], retain_output=1, stop=True) as weights, \
+                trace(self.model, [q for p in paths.values() for q in (p.qkv, p.out_proj)], retain_input=True) as tr:
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        return {la: (weights[p.attention].output, self.adapter.split_values(tr[p.qkv].output),
+                     tr[p.out_proj].input, tr[p.out_proj].output) for la, p in paths.items()}
+
+    def _out_proj(self, layer: int):
+        return self.model.get_submodule(self.adapter.attention_paths(layer).out_proj)
+
+    def _project(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        proj = self._out_proj(layer)
+        return proj(y.to(next(proj.parameters()).dtype))
+
+    def _units(self, io) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A (b, H, L, L), x (b, L, d) the values as units, y_α = α x (b, L, d)) in float32 or wider."""
+        A, v, _, _ = io
+        f32 = torch.promote_types(A.dtype, torch.float32)
+        A, v = A.to(f32), v.to(f32)
+        b, H, L, hd = v.shape
+        x = v.transpose(1, 2).reshape(b, L, H * hd)  # (b, L, d): unit c = head c // hd, dim c % hd
+        y = (A @ v).transpose(1, 2).reshape(b, L, H * hd)  # (b, L, d): Σ_j A_h[i, j] v^c_j
+        return A, x, y
+
+    def layer_view(self, ids, mask, layer: int, io, gradient: bool) -> LayerView:
+        A, x, y = self._units(io)
+        g = self.output_gradient(ids, layer, mask, io[2])[0] if gradient else None  # (b, L, d)
+        hd = self.adapter.head_dim
+
+        def groups():
+            for h in range(A.shape[1]):  # one head's d/H units share its weights: a view, no copy
+                yield slice(h * hd, (h + 1) * hd), A[:, h:h + 1].expand(-1, hd, -1, -1)  # (b, hd, L, L)
+
+        def check():
+            with torch.no_grad():
+                return check_reconstruction(self._project(layer, y), io[3])
+
+        return LayerView(x, g, groups(), check)
+
+    def extract_attention_vectors(self, inputs, layer_indices) -> dict:
+        """{layer: {"attention_matrix": α (b, d, L, L) (each head's A repeated for its d/H units),
+        "attention_vectors": mean_c α = the head mean of A (b, L, L), "head_attention": A (b, H, L, L),
+        "x" (values) and "y" (= α x) (b, L, d), "leaf": (y,), "reconstruction": ReconstructionCheck,
+        "input_ids", "attention_mask"}}; α is verified against the output projection's real output."""
+        ids, mask = self._device_ids(inputs)
+        data = {}
+        for layer, io in self.capture(ids, mask, list(layer_indices)).items():
+            A, x, y = self._units(io)
+            with torch.no_grad():
+                check = check_reconstruction(self._project(layer, y), io[3])
+            alpha = A.repeat_interleave(self.adapter.head_dim, dim=1)  # (b, d, L, L)
+            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "head_attention": A,
+                           "x": x, "y": y, "leaf": (io[2],), "reconstruction": check, "input_ids": ids,
+                           "attention_mask": mask}
+        return data
+
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """g = ∂ logit[target] / ∂ y (b, L, d) at layer `layer` by `leaf_gradient`: y is the output
+        projection's input (the heads' concatenated output), and the projection's output is replaced by
+        its value at a leaf y. `y`: that input as captured for these inputs (captured here if None)."""
+        if y is None:
+            y = self.capture(*self._device_ids(input_ids), [layer])[layer][2]
+        return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.attention_paths(layer).out_proj,
+                             y, lambda leaf: self._project(layer, leaf))
+
+
+def attention_neurons_for(model) -> AttentionNeurons:
+    """The attention-neuron analyser of the model's family."""
+    return (MambaAttentionNeurons if get_adapter(model).is_mamba else TransformerAttentionNeurons)(model)
+
+
+def plot_attention_vector(vector: np.ndarray, layer: int, plots_dir, prefix: str, family: str = "mamba") -> str:
+    """The layer's attention vector for one text, |·| min-max normalised for display: Mamba's hidden
+    attention (channel mean of α), or a Transformer's head-mean attention weights."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
-    shown = np.abs(vector)
+    fig, ax = plt.subplots(figsize=(7, 6), constrained_layout=True)
+    draw_attention_map(ax, fig, vector, family)
+    ax.set_title(f"{ax.get_title()}, layer {layer}, first text")
+    stem = "hidden_attention" if family == "mamba" else "attention_map"
+    return save_figure(fig, plots_dir, f"{prefix}_{stem}_layer{layer}_text0")
+
+
+def draw_attention_map(ax, fig, vector: np.ndarray, family: str) -> None:
+    """One (L, L) attention vector on `ax`, |·| min-max normalised, titled by what it is."""
+    shown = np.abs(np.asarray(vector, dtype=np.float64))
     span = shown.max() - shown.min()
     shown = (shown - shown.min()) / span if span > 0 else np.zeros_like(shown)
-    fig, ax = plt.subplots(figsize=(7, 6), constrained_layout=True)
     im = ax.imshow(shown, cmap="magma", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="|mean_c α| (min-max normalised)")
-    ax.set(title=f"Hidden attention, layer {layer}, first text", xlabel="key token j", ylabel="query token i")
-    return save_figure(fig, plots_dir, f"{prefix}_hidden_attention_layer{layer}_text0")
+    what = "|mean_c α|" if family == "mamba" else "|mean_h A_h|"
+    fig.colorbar(im, ax=ax, label=f"{what} (min-max normalised)")
+    ax.set(title="Hidden attention (channel mean)" if family == "mamba" else "Attention (head mean)",
+           xlabel="key token j", ylabel="query token i")
 
 
-def integrate_mamba_attention_neurons(model, inputs, layer_indices=(0,), methods=METHODS, top_k: int = 10) -> dict:
-    """Hidden attention for `layer_indices`, every method's neurons, and their analysis:
-    {"attention_data", "mamba_neurons": {method: {layer: NeuronScores}}, "analysis_results":
+def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHODS, top_k: int = 10) -> dict:
+    """The reference path at `layer_indices` for either family: whole α, every method's neurons and their
+    analysis: {"attention_data", "neurons": {method: {layer: NeuronScores}}, "analysis_results":
     {method: {layer: dict}}, "analyzer"}."""
-    analyzer = MambaAttentionNeurons(model)
+    analyzer = attention_neurons_for(model)
     data = analyzer.extract_attention_vectors(inputs, list(layer_indices))
-    neurons = {m: analyzer.create_mamba_neurons(data, m) for m in methods}
+    neurons = {m: analyzer.create_neurons(data, m) for m in methods}
     analysis = {m: {lay: analyzer.analyze_neuron_behavior(neurons[m], lay, top_k) for lay in layer_indices}
                 for m in methods}
-    return {"attention_data": data, "mamba_neurons": neurons, "analysis_results": analysis, "analyzer": analyzer}
+    return {"attention_data": data, "neurons": neurons, "analysis_results": analysis, "analyzer": analyzer}
+
+
+def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=METHODS, top_k: int = 10,
+                      progress: bool = False, rolled: dict | None = None, desc: str = "attention") -> dict:
+    """Each method's scores at every one of `layers`, averaged over the texts (one text at a time, every
+    layer from one forward per text, rollout continuing from layer to layer):
+    {layer: {"layer", "n_texts", "max_reconstruction_error", "attention_vector_first_text" (L, L) the unit
+    mean of α of the first text, "methods": {method: `analyze_neuron_behavior`'s dict + the averaged
+    "neuron_activations" and "neuron_importance" (e,) and "token_map_first_text" (L, L)}}}.
+    `rolled`: {text index: (layer, R)} to start rollout from and to keep each text's last R in (--layers)."""
+    from tqdm.auto import tqdm
+
+    layers = sorted(set(layers))
+    sums = {la: {m: [0.0, 0.0] for m in methods} for la in layers}  # [Σ activations, Σ importance] over texts
+    first = {la: {} for la in layers}  # the first text's token maps
+    vectors, worst = {}, dict.fromkeys(layers, 0.0)
+    for k, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
+        start = None if rolled is None else rolled.get(k)
+        for la, ts in analyzer.scores_by_layer(ids, layers, methods, start):  # α streamed by unit group, verified
+            worst[la] = max(worst[la], ts.reconstruction.relative_error)
+            for m in methods:
+                s = ts.scores[m]
+                sums[la][m][0] = sums[la][m][0] + s.neuron_activations
+                sums[la][m][1] = sums[la][m][1] + s.neuron_importance
+                if k == 0:
+                    first[la][m] = s.token_map
+            if k == 0:
+                vectors[la] = ts.attention_vectors[0].cpu().numpy()  # (L, L)
+        if rolled is not None and ts.rollout_R is not None:
+            rolled[k] = (layers[-1], ts.rollout_R)
+    n = len(texts_ids)
+    out = {}
+    for la in layers:
+        entry = {"layer": la, "n_texts": n, "max_reconstruction_error": worst[la],
+                 "attention_vector_first_text": vectors[la], "methods": {}}
+        for m in methods:
+            neurons = {la: NeuronScores(m, sums[la][m][0] / n, sums[la][m][1] / n, first[la][m])}
+            entry["methods"][m] = {**analyzer.analyze_neuron_behavior(neurons, la, top_k),
+                                   "neuron_activations": neurons[la].neuron_activations,
+                                   "neuron_importance": neurons[la].neuron_importance,
+                                   "token_map_first_text": first[la][m]}
+        out[la] = entry
+    return out
+
+
+def neuron_scores(entry: dict, method: str) -> dict:
+    """{layer: NeuronScores} of one method from one layer's `attention_profile` entry (for the figures)."""
+    m = entry["methods"][method]
+    return {entry["layer"]: NeuronScores(method, np.asarray(m["neuron_activations"]),
+                                         np.asarray(m["neuron_importance"]), np.asarray(m["token_map_first_text"]))}
+
+
+def plot_attention_depth(series: list, plots_dir, name: str) -> str:
+    """Mean activation (top row, log scale) and diversity (bottom row) of each method over relative depth
+    (layer / (n_layers − 1)), one line per model. `series`: [(label, n_layers, {layer: profile entry})]."""
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    methods = list(dict.fromkeys(m for _, _, by in series for e in by.values() for m in e["methods"]))
+    fig, axes = plt.subplots(2, len(methods), figsize=(4.6 * len(methods), 7), squeeze=False,
+                             constrained_layout=True)
+    for i, (label, n_layers, by) in enumerate(series):
+        layers = sorted(by)
+        x = [la / max(1, n_layers - 1) for la in layers]
+        for col, m in enumerate(methods):
+            for row, key in enumerate(("mean_activation", "neuron_diversity")):
+                axes[row, col].plot(x, [by[la]["methods"][m][key] for la in layers], "o-", color=f"C{i}",
+                                    label=f"{label} (layers {', '.join(map(str, layers))})")
+    for col, m in enumerate(methods):
+        axes[0, col].set(title=m, ylabel="mean activation (log)", yscale="log")
+        axes[1, col].set(ylabel="diversity (1 = uniform)", xlabel="relative depth (layer / (layers - 1))")
+        for row in range(2):
+            axes[row, col].set_xlim(-0.05, 1.05)
+        axes[1, col].ticklabel_format(axis="y", useOffset=False)
+        axes[0, col].legend(fontsize=7)
+    fig.suptitle("Attention neurons over depth: mean activation (scale is model-specific) and diversity")
+    return save_figure(fig, plots_dir, name)

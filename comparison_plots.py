@@ -1,6 +1,7 @@
 """Plots of a Mamba-vs-Transformer comparison (consume `comparison_wrapper.compare_models`' dict):
 every sparsity method side by side at the matched layers, multi-layer and over relative depth, activation
-variance, efficiency metrics and scaling curves, causal-impact distributions, and a summary table."""
+variance, efficiency metrics and scaling curves, causal-impact distributions, attention neurons over
+relative depth and both models' attention maps of the first text, and a summary table."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,6 +64,25 @@ def plot_causal(comparison: dict, plots_dir, name: str) -> str:
     return save_figure(fig, plots_dir, name)
 
 
+def plot_attention_maps(comparison: dict, plots_dir, name: str) -> str:
+    """The first text's attention vector of each model at the matched layers side by side: Mamba's hidden
+    attention (channel mean of α) and a Transformer's head-mean attention weights, each over its own tokens."""
+    import matplotlib.pyplot as plt
+
+    from attention_neurons import draw_attention_map
+
+    att = comparison["attention"]
+    fig, axes = plt.subplots(1, len(att["models"]), figsize=(7 * len(att["models"]), 6), squeeze=False,
+                             constrained_layout=True)
+    for ax, (label, side) in zip(axes[0], att["models"].items()):
+        layer = att["matched_layers"][label]
+        vector = np.asarray(side["by_layer"][layer]["attention_vector_first_text"])
+        draw_attention_map(ax, fig, vector, "mamba" if side["family"] == "mamba" else "transformer")
+        ax.set_title(f"{label}: {ax.get_title().lower()}, layer {layer}, {vector.shape[0]} tokens", fontsize=10)
+    fig.suptitle("The same first text through both models at the matched layers (each on its own tokens)")
+    return save_figure(fig, plots_dir, name)
+
+
 def plot_summary_table(comparison: dict, plots_dir, name: str) -> str:
     import matplotlib.pyplot as plt
 
@@ -94,4 +114,11 @@ def comparison_plots(comparison: dict, plots_dir, prefix: str) -> list[str]:
              plot_summary_table(comparison, plots_dir, f"{prefix}_summary_table")]
     if "causal" in comparison:
         paths.append(plot_causal(comparison, plots_dir, f"{prefix}_causal_distributions"))
+    att = comparison.get("attention")
+    if att is not None and "skipped" not in att:
+        from attention_neurons import plot_attention_depth
+
+        paths += [plot_attention_depth([(label, side["n_layers"], side["by_layer"]) for label, side
+                                        in att["models"].items()], plots_dir, f"{prefix}_attention_by_depth"),
+                  plot_attention_maps(comparison, plots_dir, f"{prefix}_attention_maps")]
     return paths

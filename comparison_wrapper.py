@@ -2,8 +2,9 @@
 
 Each model is profiled on its own tokenization of the same texts: the sparsity of its neuron site at
 every layer (streamed), efficiency (parameters, neurons, measured time and memory against sequence
-length, analytic FLOPs), and, when the main model's causal stage ran, the causal impacts of the other
-model at the layer of the same relative depth. Layers are matched by relative depth
+length, analytic FLOPs), when the main model's causal stage ran, the causal impacts of the other
+model at the layer of the same relative depth, and with the attention stage, both models' attention
+neurons (`compare_attention`). Layers are matched by relative depth
 layer / (n_layers − 1), always through the model adapters, never by raw hidden-state index.
 """
 from __future__ import annotations
@@ -79,12 +80,14 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
                    threshold: float | None = None, eps: float = 1e-6, sparsity_layers=(0, 1, 2),
                    seq_lengths=None, budget_s: float = 15.0, causal: dict | None = None,
                    causal_batch_size: int | None = None, progress: bool = False, main_efficiency: dict | None = None,
-                   main_sparsity: dict | None = None) -> dict:
+                   main_sparsity: dict | None = None, attention: dict | None = None) -> dict:
     """Both models through the same measurements. `layer` is the main model's; the other model is read
     at the layer of the same relative depth. `causal`: the main model's causal-stage results (scores
     over a site); when given, the other model's impacts are computed at its matched layer with the same
     prompts and ablation, on its default site. `main_efficiency`: the main model's efficiency metrics if
-    already measured (with the same threshold); `main_sparsity`: its sparsity at every layer, likewise."""
+    already measured (with the same threshold); `main_sparsity`: its sparsity at every layer, likewise.
+    `attention`: `compare_attention`'s keyword arguments (methods, main_layers, main_by_layer, top_k), or
+    {"skipped": reason} to record why there is no attention part."""
     import efficiency as ef
 
     seq_lengths = seq_lengths or ef.SEQ_LENGTHS
@@ -107,8 +110,48 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
             main.label: {"layer": layer, "site": causal["site"], "scores": np.asarray(causal["scores"])},
             other.label: {"layer": other_layer, "site": other.adapter.default_causal_site, "scores": scores},
             "prompts": causal["prompts"], "ablation": causal.get("ablation", "zero")}
+    if attention is not None:
+        out["attention"] = attention if "skipped" in attention else compare_attention(
+            main, other, texts, max_length, progress=progress, **attention)
     out["summary"] = summary_rows(out)
     return out
+
+
+ATTENTION_NOTE = ("units: Mamba's channels (hidden attention α^c) and a Transformer's attention-output dims (their "
+                  "head's softmax weights), scored by the same formulas; diversity is scale-free and compares "
+                  "directly, mean activations are of the same kind but their scale is model-specific")
+
+
+def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, methods, main_layers,
+                      main_by_layer: dict | None = None, top_k: int = 10, progress: bool = False) -> dict:
+    """Both models' attention neurons (`attention_neurons.attention_profile`, each on its own tokenization of
+    the texts): the main model at `main_layers`, the other at the layers of the same relative depths.
+    `main_by_layer`: the main model's profile at `main_layers` if already measured on these texts (the
+    attention stage's), then not measured again. Returns {"methods", "note", "matched_layers" (the first main
+    layer and its match), "models": {label: {"family", "units", "n_layers", "layers", "relative_depth",
+    "by_layer": {layer: profile entry}}}}; each entry holds its first text's attention vector (L, L)."""
+    import attention_neurons as an
+    from utils import tokenize_texts
+
+    main_layers = sorted(main_layers)
+    other_layers = sorted({matched_layer(relative_depth(la, main.adapter.n_layers), other.adapter.n_layers)
+                           for la in main_layers})
+    models = {}
+    for run, layers, done in ((main, main_layers, main_by_layer), (other, other_layers, None)):
+        analyzer = an.attention_neurons_for(run.model)
+        if done is None:
+            limit = run.adapter.max_positions
+            tokens = tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
+            done = an.attention_profile(analyzer, tokens.input_ids, layers, methods, top_k, progress,
+                                        desc=f"attention {run.label}")
+        models[run.label] = {"family": run.adapter.family, "units": analyzer.describe_units(),
+                             "n_layers": run.adapter.n_layers, "layers": layers,
+                             "relative_depth": [relative_depth(la, run.adapter.n_layers) for la in layers],
+                             "by_layer": {la: done[la] for la in layers}}
+    first = main_layers[0]
+    return {"methods": list(methods), "note": ATTENTION_NOTE, "models": models,
+            "matched_layers": {main.label: first, other.label: matched_layer(
+                relative_depth(first, main.adapter.n_layers), other.adapter.n_layers)}}
 
 
 def summary_rows(comparison: dict) -> list[dict]:
@@ -147,4 +190,13 @@ def summary_rows(comparison: dict) -> list[dict]:
         c = comparison["causal"]
         add("max causal impact (mean KL)", lambda s: f"{np.max(c[s['label']]['scores']):.3e}")
         add("median causal impact (mean KL)", lambda s: f"{np.median(c[s['label']]['scores']):.3e}")
+    att = comparison.get("attention")
+    if att is not None and "skipped" not in att:
+        at = {s["label"]: att["models"][s["label"]]["by_layer"][att["matched_layers"][s["label"]]] for s in sides}
+        add("attention: layer (units)", lambda s: f"{att['matched_layers'][s['label']]} "
+                                                  f"({att['models'][s['label']]['units']['n_units']} "
+                                                  f"{att['models'][s['label']]['units']['unit']}s)")
+        for m in att["methods"]:
+            add(f"attention {m}: mean activation", lambda s: f"{at[s['label']]['methods'][m]['mean_activation']:.3e}")
+            add(f"attention {m}: diversity", lambda s: round(at[s["label"]]["methods"][m]["neuron_diversity"], 4))
     return rows

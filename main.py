@@ -85,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"run only these stages (space or comma separated): {', '.join(ALL_STAGES)}; "
                         "default: every stage available in this version")
     g.add_argument("--enable_attention", action="store_true",
-                   help="run the attention stage (hidden attention and attention neurons; Mamba only)")
+                   help="run the attention stage: attention neurons (Mamba: channels and their hidden attention; "
+                        "Transformers: attention-output dims and their head's attention weights); with the "
+                        "comparison, also both models' attention side by side")
+    g.add_argument("--attention_layers", nargs="+", default=None, metavar="LAYERS",
+                   help="the attention stage's layers beside --layer: numbers, ranges like 0-3, or all (default: "
+                        "--layer only); the comparison reads the other model at the same relative depths. Not "
+                        "together with --layers (which runs the stage at each of its layers)")
     g.add_argument("--attention_methods", nargs="+", default=list(ATTENTION_METHODS), metavar="METHOD",
                    help=f"attention-neuron methods: {', '.join(ATTENTION_METHODS)}")
     g = p.add_argument_group("causal (ablation)")
@@ -174,7 +180,7 @@ def run_metadata(args, argv, loaded, device, dtype, start) -> dict:
     return {"argv": argv, "model": args.model, "model_source": loaded.source.origin,
             "resolved_path": loaded.source.resolved_path, "model_class": type(loaded.model).__name__,
             "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
-            "layer": args.layer, "layers": args.layers, "top_k": args.top_k,
+            "layer": args.layer, "layers": args.layers, "attention_layers": args.attention_layers, "top_k": args.top_k,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "numpy": numpy.__version__},
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "notes": []}
@@ -244,6 +250,11 @@ def check_values(args) -> list[str]:
         parse_layers(args.layers, None)  # the syntax now; the range once the model's layer count is known
     elif args.layer is None:
         args.layer = 0
+    if args.attention_layers is not None:
+        if args.layers is not None:
+            raise UserInputError(f"--attention_layers {' '.join(args.attention_layers)} and --layers: --layers already "
+                                 "runs the attention stage at each of its layers; give one of them")
+        parse_layers(args.attention_layers, None, "--attention_layers")
     notes = []
     for flag in ("causal_dims", "attention_methods", "sparsity_layers", "seq_lengths"):
         values = getattr(args, flag)
@@ -279,14 +290,14 @@ def check_prompts(tokenizer, prompts, limit: int | None, where: str) -> None:
                                  f"{limit} positions; shorten it")
 
 
-def parse_layers(specs: list[str], n_layers: int | None) -> list[int]:
-    """--layers: numbers, ranges a-b (both ends included) and `all`, space or comma separated, as a sorted
+def parse_layers(specs: list[str], n_layers: int | None, flag: str = "--layers") -> list[int]:
+    """--layers (or `flag`): numbers, ranges a-b (both ends included) and `all`, space or comma separated, as a sorted
     list without repeats. With `n_layers` None only the syntax is checked (returns [])."""
     from utils import UserInputError
 
     items = [t.strip() for s in specs for t in s.split(",") if t.strip()]
     if not items:
-        raise UserInputError(f"--layers {' '.join(specs)!r}: names no layer; give numbers, ranges like 0-3, or all")
+        raise UserInputError(f"{flag} {' '.join(specs)!r}: names no layer; give numbers, ranges like 0-3, or all")
     layers = set()
     for item in items:
         if item == "all":
@@ -296,11 +307,11 @@ def parse_layers(specs: list[str], n_layers: int | None) -> list[int]:
         try:
             a, b = int(lo), int(hi) if sep else int(lo)
         except ValueError:
-            raise UserInputError(f"--layers {item}: not a layer number, a range like 0-3, or all") from None
+            raise UserInputError(f"{flag} {item}: not a layer number, a range like 0-3, or all") from None
         if a > b:
-            raise UserInputError(f"--layers {item}: an empty range; write the lower layer first ({b}-{a})")
+            raise UserInputError(f"{flag} {item}: an empty range; write the lower layer first ({b}-{a})")
         if n_layers is not None and not (0 <= a and b < n_layers):
-            raise UserInputError(f"--layers {item}: out of range for this model with {n_layers} layers; valid "
+            raise UserInputError(f"{flag} {item}: out of range for this model with {n_layers} layers; valid "
                                  f"layers are 0..{n_layers - 1}")
         layers.update(range(a, b + 1))
     return sorted(layers) if n_layers is not None else []
@@ -315,6 +326,11 @@ def check_model_flags(args, adapter, stages) -> int:
     if args.layers is not None:
         args.layers = parse_layers(args.layers, adapter.n_layers)
         args.layer = args.layers[0]
+    if args.attention_layers is not None:
+        if "attention" not in stages:
+            raise UserInputError(f"--attention_layers {' '.join(args.attention_layers)}: the attention stage is not "
+                                 "in this run; add --enable_attention (or attention to --stages)")
+        args.attention_layers = parse_layers(args.attention_layers, adapter.n_layers, "--attention_layers")
     adapter.check_layer(args.layer)
     if args.causal_site is not None:
         adapter.site(args.causal_site, args.layer)  # unknown site for this family: UserInputError
@@ -420,7 +436,7 @@ def _main(args, argv) -> int:
     refusal is one line."""
     start = time.time()
     warnings = {}
-    from utils import UserInputError, check_writable_dir, load_texts, read_texts_file
+    from utils import check_writable_dir, load_texts, read_texts_file
 
     for flag in ("texts_file", "prompts_file", "plots_dir", "output_dir"):  # "--plots_dir=~/x" reaches us as is
         if getattr(args, flag) is not None:
@@ -450,9 +466,6 @@ def _main(args, argv) -> int:
     adapter = config_adapter(files.config)
     if args.stages is not None:
         stages = resolve_stages(args.stages, adapter.family)
-    elif args.enable_attention and not adapter.is_mamba:
-        raise UserInputError(f"--enable_attention: the attention stage is Mamba-only in this version, not applicable "
-                             f"to {adapter.family}; drop --enable_attention or pass a Mamba model")
     max_length = check_model_flags(args, adapter, stages)
     json_path, html_path = check_result_paths(args, prefix)
     if max_length != (args.max_length or DEFAULT_MAX_LENGTH):
@@ -512,6 +525,7 @@ def _main(args, argv) -> int:
 
     opts = Options(layer=args.layer, layers=tup(args.layers), top_k=args.top_k, max_length=max_length, plots_dir=args.plots_dir, prefix=prefix,
                    progress=not args.no_progress, attention_methods=tuple(args.attention_methods),
+                   attention_layers=tup(args.attention_layers),
                    prompts=tup(prompts), causal_site=args.causal_site, causal_dims=tup(args.causal_dims),
                    ablation=args.ablation, intervention_scale=args.intervention_scale,
                    causal_batch_size=args.causal_batch_size, sparsity_layers=tup(args.sparsity_layers),

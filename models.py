@@ -142,29 +142,88 @@ def _transformer_sites(block: str, attn: str) -> dict[str, SiteSpec]:
     }
 
 
-class GPT2Adapter(ArchitectureAdapter):
+@dataclass(frozen=True)
+class AttentionPaths:
+    """A Transformer layer's attention modules by `named_modules()` path."""
+
+    attention: str  # the attention module: returns (output (b, L, d), weights (b, H, L, L) under eager attention)
+    qkv: str  # the projection whose output holds the values
+    out_proj: str  # the output projection: its input is the heads' concatenated output y (b, L, d)
+
+
+class TransformerAdapter(ArchitectureAdapter):
+    """GPT-2 and GPT-NeoX: where each layer's attention weights, values and output projection are."""
+
+    block: str = ""  # path template of one layer, with {layer}
+    attention_name: str = ""  # the attention module within the block
+    qkv_name: str = ""  # the q/k/v projection within the attention module
+    out_proj_name: str = ""  # the output projection within the attention module
+
+    @property
+    def n_heads(self) -> int:  # H
+        return int(self.config.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:  # d / H
+        return self.hidden_size // self.n_heads
+
+    def attention_paths(self, layer: int) -> AttentionPaths:
+        attn = f"{self.block.format(layer=self.check_layer(layer))}.{self.attention_name}"
+        return AttentionPaths(attn, f"{attn}.{self.qkv_name}", f"{attn}.{self.out_proj_name}")
+
+    def split_values(self, qkv_out):
+        """The values (b, H, L, d/H) from the q/k/v projection's output (b, L, 3d)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def eager_attention(self):
+        """Inside the block the model runs transformers' plain ("eager") attention, whose modules return
+        their attention weights; the model's own implementation (e.g. sdpa) is restored in `finally`."""
+        before = self.config._attn_implementation
+        if before != "eager":
+            self.model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if before != "eager":
+                self.model.set_attn_implementation(before)
+
+
+class GPT2Adapter(TransformerAdapter):
     family = "gpt2"
     display_name = "GPT-2"
     layers_path = "transformer.h"
     default_causal_site = "mlp_out"
     position_embedding_path = "transformer.wpe"
     sites = _transformer_sites("transformer.h.{layer}", "attn")
+    block, attention_name, qkv_name, out_proj_name = "transformer.h.{layer}", "attn", "c_attn", "c_proj"
 
     @property
     def inner_size(self) -> int:
         return int(self.config.n_inner or 4 * self.config.hidden_size)
 
+    def split_values(self, qkv_out):
+        b, L, _ = qkv_out.shape  # c_attn's output is [q (d) | k (d) | v (d)], each head-major
+        d = self.hidden_size
+        return qkv_out[..., 2 * d:].reshape(b, L, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, L, d/H)
 
-class GPTNeoXAdapter(ArchitectureAdapter):
+
+class GPTNeoXAdapter(TransformerAdapter):
     family = "gpt_neox"
     display_name = "GPT-NeoX"
     layers_path = "gpt_neox.layers"
     default_causal_site = "mlp_out"
     sites = _transformer_sites("gpt_neox.layers.{layer}", "attention")
+    block, attention_name, qkv_name, out_proj_name = "gpt_neox.layers.{layer}", "attention", "query_key_value", "dense"
 
     @property
     def inner_size(self) -> int:
         return int(self.config.intermediate_size)
+
+    def split_values(self, qkv_out):
+        b, L, _ = qkv_out.shape  # query_key_value's output is per head [q | k | v], each d/H wide
+        hd = self.head_dim
+        return qkv_out.reshape(b, L, self.n_heads, 3 * hd)[..., 2 * hd:].transpose(1, 2)  # (b, H, L, d/H)
 
 
 ADAPTERS = {"mamba": MambaAdapter, "gpt2": GPT2Adapter, "gpt_neox": GPTNeoXAdapter}

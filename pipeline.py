@@ -39,6 +39,7 @@ class Options:
     prefix: str = "model"  # model label used in plot file names
     progress: bool = True
     attention_methods: tuple = ATTENTION_METHODS
+    attention_layers: tuple | None = None  # --attention_layers: the attention stage's layers beside --layer
     # causal stages (causal, inter_layer, cross_layer, and the comparison's causal part)
     prompts: tuple | None = None  # None: causal_analysis.DEFAULT_PROMPTS
     causal_site: str | None = None  # None: the model's default causal site
@@ -123,45 +124,43 @@ def stage_delta(ctx: StageContext):
     return stats.to_dict(ctx.top_k), plots
 
 
-def stage_attention(ctx: StageContext):
-    """Hidden attention at --layer over every text; each method's channel scores averaged over texts."""
-    from tqdm.auto import tqdm
+def attention_layers(opts: Options) -> list[int]:
+    """The attention stage's layers: --layer and every --attention_layers layer."""
+    return sorted({opts.layer, *(opts.attention_layers or ())})
 
+
+def stage_attention(ctx: StageContext):
+    """Attention neurons at --layer (and every --attention_layers layer) over every text: each method's unit
+    scores averaged over texts. Mamba: hidden attention of the channels; Transformer: the attention
+    weights of the attention-output dims (attention_neurons.UNITS)."""
     import attention_neurons as an
 
-    analyzer = an.MambaAttentionNeurons(ctx.model)  # NotApplicable for Transformers
-    layer, methods = ctx.layer, ctx.opts.attention_methods
-    sums = {m: [0.0, 0.0] for m in methods}  # method -> [Σ activations, Σ importance]
-    first, worst = {}, 0.0
+    analyzer = an.attention_neurons_for(ctx.model)
+    layer, methods, layers = ctx.layer, ctx.opts.attention_methods, attention_layers(ctx.opts)
     # with --layers, each text's rolled-out map of the previous chosen layer is kept, so that rollout at the
     # next one streams only the layers between them
-    rolled = ctx.kept().setdefault("rolled", {})  # text index -> (layer, R)
-    for k, ids in enumerate(tqdm(ctx.tokens.input_ids, desc=f"attention layer {layer}", disable=not ctx.progress)):
-        ts = analyzer.text_scores(ids, layer, methods, rolled.get(k))  # α streamed by channel group, verified
-        if ts.rollout_R is not None and ctx.opts.layers:
-            rolled[k] = (layer, ts.rollout_R)
-        worst = max(worst, ts.reconstruction.relative_error)
-        for m in methods:
-            s = ts.scores[m]
-            sums[m][0] = sums[m][0] + s.neuron_activations
-            sums[m][1] = sums[m][1] + s.neuron_importance
-            if k == 0:
-                first[m] = s.token_map
-        if k == 0:
-            vector = ts.attention_vectors[0].cpu().numpy()  # (L, L) channel-mean α, first text
-    n = len(ctx.tokens.input_ids)
-    results = {"layer": layer, "n_texts": n, "max_reconstruction_error": worst,
-               "attention_vector_first_text": vector, "methods": {}}
-    plots = [an.plot_attention_vector(vector, layer, ctx.plots_dir, ctx.prefix)]
-    for m in methods:
-        neurons = {layer: an.NeuronScores(m, sums[m][0] / n, sums[m][1] / n, first[m])}
-        results["methods"][m] = {**analyzer.analyze_neuron_behavior(neurons, layer, ctx.top_k),
-                                 "neuron_activations": neurons[layer].neuron_activations,
-                                 "neuron_importance": neurons[layer].neuron_importance,
-                                 "token_map_first_text": first[m]}
-        plots.append(analyzer.visualize_neurons(neurons, layer, ctx.plots_dir, ctx.prefix, ctx.top_k))
-    results["definitions"] = {m: an.DEFINITIONS[m] for m in methods}
+    rolled = ctx.kept().setdefault("rolled", {}) if ctx.opts.layers else None  # text index -> (layer, R)
+    by_layer = an.attention_profile(analyzer, ctx.tokens.input_ids, layers, methods, ctx.top_k, ctx.progress,
+                                    rolled, desc=f"attention layer{'s' if len(layers) > 1 else ''} "
+                                                 f"{', '.join(map(str, layers))}")
+    family = "mamba" if ctx.adapter.is_mamba else "transformer"
+    results = {**by_layer[layer], "units": analyzer.describe_units(),
+               "definitions": {m: an.DEFINITIONS[m] for m in methods}}
+    plots = [an.plot_attention_vector(results["attention_vector_first_text"], layer, ctx.plots_dir, ctx.prefix,
+                                      family)]
+    plots += [analyzer.visualize_neurons(an.neuron_scores(results, m), layer, ctx.plots_dir, ctx.prefix, ctx.top_k)
+              for m in methods]
+    if len(layers) > 1:
+        results["attention_layers"] = layers
+        results["by_layer"] = by_layer
+        plots.append(an.plot_attention_depth([(ctx.prefix, ctx.adapter.n_layers, by_layer)], ctx.plots_dir,
+                                             f"{ctx.prefix}_attention_by_layer_{layer_tag(layers[0], layers)}"))
     return results, plots
+
+
+def attention_by_layer(results: dict) -> dict:
+    """{layer: profile entry} of an attention stage's results (one layer, or every --attention_layers layer)."""
+    return results.get("by_layer") or {results["layer"]: results}
 
 
 def _causal_site(ctx: StageContext) -> str:
@@ -294,8 +293,8 @@ def stage_efficiency(ctx: StageContext):
 
 
 def stage_comparison(ctx: StageContext):
-    """Both models through sparsity (every layer), efficiency and (when the causal stage ran) causal
-    impacts, on the same texts; layers matched by relative depth."""
+    """Both models through sparsity (every layer), efficiency, (when the causal stage ran) causal impacts
+    and (with the attention stage) attention neurons, on the same texts; layers matched by relative depth."""
     import comparison_plots as cp
     import comparison_wrapper as cw
     from models import load_model_and_tokenizer
@@ -315,11 +314,21 @@ def stage_comparison(ctx: StageContext):
     other = cw.ModelRun(label, loaded.model, loaded.tokenizer, get_adapter(loaded.model), source.origin)
     limit = ctx.adapter.max_positions
     same_tokens = limit is None or ctx.tokens.max_length <= limit  # as the comparison tokenizes the texts
+    attention = None
+    if "attention" in ctx.stages:  # both models' attention neurons, the main model's from its stage
+        done = ctx.upstream("attention")
+        if done is None:
+            attention = {"skipped": "the attention stage did not succeed (its error is listed with it)"}
+        else:
+            by_layer = attention_by_layer(done)
+            attention = {"methods": o.attention_methods, "main_layers": sorted(by_layer),
+                         "main_by_layer": by_layer if same_tokens else None, "top_k": ctx.top_k}
     comp = cw.compare_models(main_run, other, list(ctx.texts), ctx.layer, ctx.tokens.max_length, o.sparsity_threshold,
                              o.dead_eps, _sparsity_layers(ctx), o.seq_lengths, o.efficiency_budget,
                              ctx.upstream("causal"), o.causal_batch_size, ctx.progress,
                              main_efficiency=ctx.upstream("efficiency"),
-                             main_sparsity=ctx.shared_by("sparsity", "stats") if same_tokens else None)
+                             main_sparsity=ctx.shared_by("sparsity", "stats") if same_tokens else None,
+                             attention=attention)
     comp["compare_model"] = {"requested": source.requested, "source": source.origin,
                              "resolved_path": source.resolved_path, "warning": warning}
     comp["methods_at_matched_layers"] = cp.methods_table(comp)
@@ -623,13 +632,27 @@ def summarize_delta(r: dict) -> None:
               f"{n['token_variance']:.4e}")
 
 
+def _unit_label(t: dict) -> str:
+    """A top neuron's index, with its head for a Transformer's attention-output dims."""
+    return f"{t['channel']}" + (f"/h{t['head']}" if "head" in t else "")
+
+
 def summarize_attention(r: dict) -> None:
-    print(f"    hidden attention over {r['n_texts']} texts; (α x + D x) reconstruction max rel. error "
-          f"{r['max_reconstruction_error']:.2e}")
-    for m, a in r["methods"].items():
-        top = ", ".join(f"{t['channel']} ({t['activation']:.3g})" for t in a["top_neurons"][:5])
-        print(f"    {m}: {a['num_neurons']} channels, mean activation {a['mean_activation']:.4g} "
-              f"(std {a['activation_std']:.3g}), diversity {a['neuron_diversity']:.3f}; top: {top}")
+    units = r.get("units") or {"unit": "channel"}
+    unit = units["unit"]
+    if unit == "channel":
+        print(f"    hidden attention over {r['n_texts']} texts; units: channels of the inner width; (α x + D x) "
+              f"reconstruction max rel. error {r['max_reconstruction_error']:.2e}")
+    else:
+        print(f"    attention over {r['n_texts']} texts; units: the {units['n_units']} attention-output dims "
+              f"({units['n_heads']} heads x {units['head_dim']}), each mixed by its head's weights; (A v) through "
+              f"the output projection: max rel. error {r['max_reconstruction_error']:.2e}")
+    for la, e in attention_by_layer(r).items():
+        where = f"layer {la} " if "by_layer" in r else ""
+        for m, a in e["methods"].items():
+            top = ", ".join(_unit_label(t) + f" ({t['activation']:.3g})" for t in a["top_neurons"][:5])
+            print(f"    {where}{m}: {a['num_neurons']} {unit}s, mean activation {a['mean_activation']:.4g} "
+                  f"(std {a['activation_std']:.3g}), diversity {a['neuron_diversity']:.3f}; top: {top}")
 
 
 def summarize_causal(r: dict) -> None:
@@ -691,6 +714,9 @@ def summarize_comparison(r: dict) -> None:
     print("    " + " " * width + " | " + " | ".join(f"{lab:>24}" for lab in labels))
     for row in r["summary"]:
         print(f"    {row['metric']:<{width}} | " + " | ".join(f"{str(row[lab]):>24}" for lab in labels))
+    att = r.get("attention")
+    if att is not None:
+        print(f"    attention: {att['skipped'] if 'skipped' in att else att['note']}")
 
 
 
@@ -744,10 +770,11 @@ STAGES = _ordered([
     Stage("causal", stage_causal, summarize_causal, per_layer=True),
     Stage("inter_layer", stage_inter_layer, summarize_inter_layer, needs=("causal",)),
     Stage("cross_layer", stage_cross_layer, summarize_cross_layer, needs=("causal",)),
-    Stage("attention", stage_attention, summarize_attention, families=MAMBA, per_layer=True),
+    Stage("attention", stage_attention, summarize_attention, per_layer=True),
     Stage("sparsity", stage_sparsity, summarize_sparsity, per_layer=True),
     Stage("efficiency", stage_efficiency, summarize_efficiency, needs=("sparsity",)),
-    Stage("comparison", stage_comparison, summarize_comparison, needs=("causal", "sparsity", "efficiency")),
+    Stage("comparison", stage_comparison, summarize_comparison,
+          needs=("causal", "sparsity", "efficiency", "attention")),
 ])
 ALL_STAGES = tuple(STAGES)  # in run order
 

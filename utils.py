@@ -48,7 +48,7 @@ class Trace:
 
     name: str
     input: Any = None  # the module's first positional (or first keyword) input tensor
-    output: Any = None  # the module's output; the first element when the module returns a tuple
+    output: Any = None  # the module's output; the first element of a tuple output (or the one asked for)
     calls: int = 0
 
 
@@ -62,10 +62,10 @@ def _first_tensor(value):
     return value
 
 
-def _clone(value):
+def _clone(value, index: int | None = None):
     import torch
 
-    value = _first_tensor(value)
+    value = _first_tensor(value) if index is None else value[index]
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
@@ -74,7 +74,7 @@ def trace(
     model,
     paths: Sequence[str],
     retain_input: bool = False,
-    retain_output: bool = True,
+    retain_output: bool | int = True,
     edit_output: Callable[[str, Any], Any] | None = None,
     edit_input: Callable[[str, Any], Any] | None = None,
     stop: bool = False,
@@ -83,7 +83,8 @@ def trace(
     """Hook the modules at `paths` (their `model.named_modules()` names) for the duration of the block.
 
     Yields `{path: Trace}`; each Trace holds detached clones of the module's input and/or output from
-    the last call. `edit_output(path, output)` may return a replacement output, `edit_input(path, first
+    the last call (`retain_output` an int: that element of a tuple output, e.g. 1 for the attention
+    weights of a Transformer attention module, instead of the first). `edit_output(path, output)` may return a replacement output, `edit_input(path, first
     input)` a replacement first input (interventions; the trace then records the edited values).
     With `stop=True` the forward pass is ended (and the StopForward swallowed) as soon as every hooked
     module has run, so work after the last hooked module is skipped.
@@ -108,8 +109,8 @@ def trace(
             if edit_output is not None:
                 new = edit_output(path, output)
                 output = output if new is None else new
-            if retain_output:
-                t.output = _clone(output)
+            if retain_output is not False:
+                t.output = _clone(output, None if retain_output is True else retain_output)
             if stop and all(tr.calls for tr in traces.values()):
                 raise StopForward
             return output if edit_output is not None else None

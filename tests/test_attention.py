@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_neurons import (MambaAttentionNeurons, attention_weighted, gradient_guided,
-                               integrate_mamba_attention_neurons, neuron_diversity, rollout_layer, rollout_step)
+                               integrate_attention_neurons, neuron_diversity, rollout_layer, rollout_step)
 from conftest import make_model
 from delta_extraction import capture_mixer_io, mixer_internals
 from models import NotApplicable
@@ -105,7 +105,7 @@ def test_rollout_rows_are_distributions_and_causal(mamba):
     an = MambaAttentionNeurons(mamba)
     top = mamba.config.num_hidden_layers - 1
     data = an.extract_attention_vectors(_ids(b=1).to(mamba.device), [top])  # lower layers fetched on the fly
-    R = an.create_mamba_neurons(data, "rollout")[top].token_map
+    R = an.create_neurons(data, "rollout")[top].token_map
     np.testing.assert_allclose(R.sum(-1), 1.0, rtol=1e-5)
     assert np.all(np.triu(R, 1) == 0) and np.all(R >= 0)
 
@@ -173,17 +173,17 @@ def test_diversity_known_values():
 
 def test_integrate_and_visualize(tmp_path):
     model = make_model("mamba_b")
-    res = integrate_mamba_attention_neurons(model, {"input_ids": _ids(b=2)}, layer_indices=[1])
-    assert set(res["mamba_neurons"]) == {"attention_weighted", "gradient_guided", "rollout"}
+    res = integrate_attention_neurons(model, {"input_ids": _ids(b=2)}, layer_indices=[1])
+    assert set(res["neurons"]) == {"attention_weighted", "gradient_guided", "rollout"}
     e = model.config.intermediate_size
     for method, by_layer in res["analysis_results"].items():
         stats = by_layer[1]
-        acts = res["mamba_neurons"][method][1].neuron_activations
+        acts = res["neurons"][method][1].neuron_activations
         assert stats["num_neurons"] == e and stats["mean_activation"] == pytest.approx(acts.mean())
         assert stats["top_neurons"][0]["channel"] == int(np.argmax(acts))
         assert 0 <= stats["neuron_diversity"] <= 1
     assert res["attention_data"][1]["attention_vectors"].shape == (2, 29, 29)
-    path = res["analyzer"].visualize_neurons(res["mamba_neurons"]["rollout"], 1, tmp_path, "m")
+    path = res["analyzer"].visualize_neurons(res["neurons"]["rollout"], 1, tmp_path, "m")
     assert open(path, "rb").read(4) == b"\x89PNG"
 
 
@@ -217,7 +217,7 @@ def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
 @pytest.mark.parametrize("methods", [("attention_weighted", "gradient_guided", "rollout"), ("rollout",)])
 def test_streamed_text_scores_equal_the_reference_path(group_elements, methods, monkeypatch):
     """text_scores consumes α one channel group at a time and never holds it whole; its scores must equal
-    create_mamba_neurons on the whole α from extract_attention_vectors, at every layer (rollout at the
+    create_neurons on the whole α from extract_attention_vectors, at every layer (rollout at the
     top layer streams the layers below it), for a batch of two, and with several groups."""
     import ssm
 
@@ -232,7 +232,7 @@ def test_streamed_text_scores_equal_the_reference_path(group_elements, methods, 
         torch.testing.assert_close(ts.attention_vectors, data[layer]["attention_vectors"], rtol=1e-5, atol=1e-7)
         assert ts.reconstruction.ok and ts.reconstruction.relative_error < 1e-5
         for m in methods:
-            ref, got = an.create_mamba_neurons(data, m)[layer], ts.scores[m]
+            ref, got = an.create_neurons(data, m)[layer], ts.scores[m]
             for field in ("neuron_activations", "neuron_importance", "token_map"):
                 r, g = np.asarray(getattr(ref, field)), np.asarray(getattr(got, field))
                 rel = np.abs(r - g).max() / np.abs(r).max()
@@ -251,7 +251,7 @@ def test_streamed_text_scores_on_short_texts(L):
     ts = an.text_scores(ids, top)
     data = an.extract_attention_vectors(ids, [top])
     for m in ts.scores:
-        ref = an.create_mamba_neurons(data, m)[top]
+        ref = an.create_neurons(data, m)[top]
         for field in ("neuron_activations", "neuron_importance", "token_map"):
             got = np.asarray(getattr(ts.scores[m], field))
             assert np.isfinite(got).all()

@@ -276,7 +276,12 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--sparsity_layers", "0", "3"], "--sparsity_layers 3: out of range"),
     (["--model", M, "--causal_site", "ssm", "--causal_dims", "30", "70"], "cross_layer reads the residual stream"),
     (["--model", G, "--stages", "delta"], "not applicable to gpt2"),
-    (["--model", G, "--enable_attention"], "--enable_attention: the attention stage is Mamba-only"),
+    (["--model", M, "--enable_attention", "--attention_layers", "0", "3"],
+     "--attention_layers 3: out of range for this model with 3 layers"),
+    (["--model", M, "--enable_attention", "--attention_layers", "1-0"], "--attention_layers 1-0: an empty range"),
+    (["--model", M, "--attention_layers", "1"], "--attention_layers 1: the attention stage is not in this run"),
+    (["--model", M, "--enable_attention", "--layers", "0", "1", "--attention_layers", "1"],
+     "--attention_layers 1 and --layers: --layers already runs the attention stage"),
     (["--model", G, "--max_length", "600"], "--max_length 600: this gpt2 model has 512 positions"),
     (["--model", G, "--prompts_file", "{long}"], "prompt 1 ('word word word"),
     (["--model", M, "--stages", "causal,comparison", "--compare_model", G, "--prompts_file", "{long}"],
@@ -388,7 +393,7 @@ def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp
     model = AutoModelForCausalLM.from_pretrained(model_dirs["mamba_a"]).eval()
     tok = AutoTokenizer.from_pretrained(model_dirs["mamba_a"])
     an = MambaAttentionNeurons(model)
-    scores = [an.create_mamba_neurons(an.extract_attention_vectors(ids, [0]), m)[0]
+    scores = [an.create_neurons(an.extract_attention_vectors(ids, [0]), m)[0]
               for ids in tokenize_texts(tok, read_texts_file(texts_file)[:2], 256).input_ids
               for m in ("attention_weighted", "gradient_guided", "rollout")]
     for i, (method, r) in enumerate(res["attention"]["results"]["methods"].items()):

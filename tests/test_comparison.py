@@ -128,3 +128,95 @@ def test_the_comparison_reuses_the_sparsity_stage_and_gets_the_same_numbers(mode
         assert shared[la]["gini"] == stats["gini"] and shared[la]["percentile"] == stats["percentile"]
         np.testing.assert_array_equal(shared[la]["neuron_mean_abs"], stats["neuron_mean_abs"])
     assert res["sparsity"]["results"]["single"]["gini"] == shared[1]["gini"]
+
+
+@pytest.fixture(scope="module")
+def attention_comparison(model_dirs, tmp_path_factory):
+    """The attention stage at layers 0 and 2 of a 3-layer Mamba, then the comparison with a 2-layer GPT-2."""
+    from models import load_model_and_tokenizer
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+    tmp = tmp_path_factory.mktemp("attention_comparison")
+    main_model, tok, _ = load_model_and_tokenizer(str(model_dirs["mamba_b"]))
+    other, other_tok, _ = load_model_and_tokenizer(str(model_dirs["gpt2"]))
+    texts = read_texts_file(OFFLINE_TEXTS_PATH)[:4]
+    from pipeline import Options, run_pipeline
+
+    opts = Options(layer=0, attention_layers=(2,), max_length=30, plots_dir=str(tmp), prefix="m", progress=False,
+                   compare_model=str(model_dirs["gpt2"]), seq_lengths=(16,), efficiency_budget=5.0)
+    res = run_pipeline(main_model, tok, texts, opts, ["attention", "comparison"])
+    return res, (main_model, tok), (other, other_tok), texts
+
+
+def test_the_comparison_holds_both_models_attention_neurons(attention_comparison):
+    """The main model's side is the attention stage's own numbers (reused, not measured again); the other
+    model's equals attention_profile at the layers of the same relative depth on its own tokens; the
+    summary rows hold those numbers; the depth plot and the side-by-side maps exist."""
+    import attention_neurons as an
+    from utils import tokenize_texts
+
+    res, _, (other, other_tok), texts = attention_comparison
+    assert res["attention"]["status"] == "ok" and res["comparison"]["status"] == "ok", res["comparison"].get("error")
+    stage, comp = res["attention"]["results"], res["comparison"]["results"]
+    att = comp["attention"]
+    main_label, other_label = [s["label"] for s in comp["models"]]
+    assert att["matched_layers"] == {main_label: 0, other_label: 0}
+    assert att["models"][main_label]["layers"] == [0, 2] and att["models"][other_label]["layers"] == [0, 1]
+    assert att["models"][main_label]["by_layer"] is stage["by_layer"]  # reused, not measured again
+    assert att["models"][other_label]["units"]["unit"] == "dim"
+    ids = tokenize_texts(other_tok, texts, 30).input_ids
+    expect = an.attention_profile(an.attention_neurons_for(other), ids, [0, 1])
+    for la in (0, 1):
+        for m, e in expect[la]["methods"].items():
+            got = att["models"][other_label]["by_layer"][la]["methods"][m]
+            np.testing.assert_allclose(got["neuron_activations"], e["neuron_activations"], rtol=1e-6)
+            assert got["neuron_diversity"] == pytest.approx(e["neuron_diversity"], rel=1e-6)
+    rows = {r["metric"]: r for r in comp["summary"]}
+    for m in an.METHODS:
+        row = rows[f"attention {m}: diversity"]
+        assert row[main_label] == round(stage["by_layer"][0]["methods"][m]["neuron_diversity"], 4)
+        assert row[other_label] == round(expect[0]["methods"][m]["neuron_diversity"], 4)
+        assert float(rows[f"attention {m}: mean activation"][other_label]) == pytest.approx(
+            expect[0]["methods"][m]["mean_activation"], rel=1e-3)
+    names = [p.rsplit("/", 1)[-1] for p in res["comparison"]["plots"]]
+    assert any(n.endswith("_attention_by_depth.png") for n in names)
+    assert any(n.endswith("_attention_maps.png") for n in names)
+    for p in res["comparison"]["plots"]:
+        assert open(p, "rb").read(4) == b"\x89PNG"
+
+
+def test_the_attention_stage_over_several_layers_equals_one_layer_runs(attention_comparison, tmp_path):
+    """--attention_layers: the stage at layers 0 and 2 in one pass per text equals a one-layer stage at 2
+    (rollout at 2 continues from layer 0 instead of restarting), and its headline is --layer's."""
+    from pipeline import Options, run_pipeline
+
+    res, (model, tok), _, texts = attention_comparison
+    stage = res["attention"]["results"]
+    assert stage["layer"] == 0 and stage["attention_layers"] == [0, 2]
+    assert stage["methods"] == stage["by_layer"][0]["methods"]
+    alone = run_pipeline(model, tok, texts, Options(layer=2, max_length=30, progress=False, plots_dir=str(tmp_path),
+                                                    prefix="a"), ["attention"])
+    for m, e in alone["attention"]["results"]["methods"].items():
+        np.testing.assert_allclose(stage["by_layer"][2]["methods"][m]["neuron_activations"], e["neuron_activations"],
+                                   rtol=1e-5, atol=1e-12)
+
+
+def test_a_failed_attention_stage_leaves_the_comparison_without_an_attention_part(model_dirs, tmp_path, monkeypatch):
+    """A failing attention stage is listed with its error; the comparison records why it has no attention
+    part (nothing stands in for it) and keeps its other parts."""
+    import attention_neurons as an
+    from models import load_model_and_tokenizer
+    from pipeline import Options, run_pipeline
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+    def planted(*a, **k):
+        raise RuntimeError("planted attention failure")
+
+    monkeypatch.setattr(an, "attention_profile", planted)
+    model, tok, _ = load_model_and_tokenizer(str(model_dirs["mamba_b"]))
+    opts = Options(max_length=30, plots_dir=str(tmp_path), prefix="m", progress=False,
+                   compare_model=str(model_dirs["gpt2"]), seq_lengths=(16,), efficiency_budget=5.0)
+    res = run_pipeline(model, tok, read_texts_file(OFFLINE_TEXTS_PATH)[:3], opts, ["attention", "comparison"])
+    assert res["attention"]["status"] == "error" and "planted" in res["attention"]["error"]
+    comp = res["comparison"]["results"]
+    assert "skipped" in comp["attention"] and not any(r["metric"].startswith("attention") for r in comp["summary"])

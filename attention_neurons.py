@@ -77,7 +77,7 @@ class NeuronScores:
 
 @dataclass
 class TextScores:
-    """`MambaAttentionNeurons.text_scores` for one batch of texts at one layer."""
+    """`AttentionNeurons.text_scores` for one batch of texts at one layer."""
 
     scores: dict  # {method: NeuronScores}: activations and importance averaged over the batch, first example's map
     attention_vectors: torch.Tensor  # (b, L, L): mean over channels of α

@@ -441,11 +441,24 @@ def test_unknown_hub_id_offline_fails_fast(tmp_path):
 
 
 def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_file, tmp_path):
+    """A GPT-2 run: delta does not apply, the attention stage runs on its heads' weights at every layer
+    (--attention_layers all), and the comparison holds a Mamba's attention neurons beside them."""
     p = run_main(["--model", str(model_dirs["gpt2"]), "--texts_file", str(texts_file), "--save_results",
                   "--output_dir", "out", "--no_progress", "--seq_lengths", "16", "32", "--compare_model",
-                  str(model_dirs["mamba_a"])], tmp_path)
+                  str(model_dirs["mamba_a"]), "--enable_attention", "--attention_layers", "all"], tmp_path)
     assert p.returncode == 0, p.stderr
     res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    att = res["attention"]["results"]
+    assert att["units"] == {"unit": "dim", "n_units": 32, "n_heads": 2, "head_dim": 16,
+                            "definition": att["units"]["definition"]}
+    assert att["attention_layers"] == [0, 1] and set(att["by_layer"]) == {"0", "1"}
+    assert att["max_reconstruction_error"] < 1e-5
+    assert all(0 <= t["channel"] < 32 and t["head"] == t["channel"] // 16
+               for t in att["methods"]["attention_weighted"]["top_neurons"])
+    assert "units: the 32 attention-output dims (2 heads x 16)" in p.stdout
+    comp = res["comparison"]["results"]["attention"]
+    assert [m["family"] for m in comp["models"].values()] == ["gpt2", "mamba"]
+    assert [m["layers"] for m in comp["models"].values()] == [[0, 1], [0, 1]]  # 2 layers beside 2 layers
     assert res["delta"]["status"] == "not_applicable" and "not applicable to gpt2" in res["delta"]["reason"]
     assert "not applicable to gpt2" in p.stdout
     assert "=== GPT-2 neuron analysis: " in p.stdout and "Mamba neuron analysis" not in p.stdout

@@ -162,7 +162,7 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
     main_label, other_label = [s["label"] for s in comp["models"]]
     assert att["matched_layers"] == {main_label: 0, other_label: 0}
     assert att["models"][main_label]["layers"] == [0, 2] and att["models"][other_label]["layers"] == [0, 1]
-    assert att["models"][main_label]["by_layer"] is stage["by_layer"]  # reused, not measured again
+    assert all(att["models"][main_label]["by_layer"][la] is stage["by_layer"][la] for la in (0, 2))  # reused
     assert att["models"][other_label]["units"]["unit"] == "dim"
     ids = tokenize_texts(other_tok, texts, 30).input_ids
     expect = an.attention_profile(an.attention_neurons_for(other), ids, [0, 1])

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from models import NotApplicable, get_adapter, require_mamba
 from ssm import (ReconstructionCheck, apply_hidden_attention, check_reconstruction, fast_scan_training,
-                 hidden_attention_chunked, hidden_attention_groups, mixer_projections, project_out)
+                 gated_rms_norm, hidden_attention_chunked, hidden_attention_groups, hidden_attention_heads,
+                 mamba2_projections, mixer_projections, project_out)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ UNITS = {
     "mamba": "channel c of the inner width (e units): alpha^c = the channel's hidden attention "
              "sum_n C_i[n] exp(A[c,n] (S_i - S_j)) Delta_j B_j[n] (j <= i), x^c = its scan input, y = alpha x + D x "
              "(the selective scan)",
+    "mamba2": "channel c of the inner width (I units = H heads x P): alpha^c = alpha_h of c's head h, "
+              "(C_i . B_j) exp(A_h sum_{k=j+1..i} Delta_k) Delta_j (j <= i, B and C of h's group, one Delta and A per "
+              "head), x^c = its scan input, y = alpha x + D_h x (the scan, before the gated RMS norm)",
     "transformer": "dimension c of the attention output before the output projection (d units = H heads x d/H): "
                    "alpha^c = A_h, the softmax attention of c's head h, x^c = value dimension c, y = alpha x",
 }
@@ -466,6 +470,8 @@ class MambaAttentionNeurons(AttentionNeurons):
     def __init__(self, model):
         super().__init__(model)
         require_mamba(self.adapter, "hidden attention exists only in Mamba layers")
+        if self.adapter.ssm_kind != "mamba1":
+            raise NotApplicable(f"not a Mamba-1 model ({self.adapter.family}): use attention_neurons_for")
 
     def describe_units(self) -> dict:
         return {"unit": self.unit, "n_units": self.adapter.inner_size, "definition": UNITS["mamba"]}
@@ -537,6 +543,96 @@ class MambaAttentionNeurons(AttentionNeurons):
                              lambda leaf: project_out(mixer, leaf * F.silu(z)), fast_scan_training(self.model))
 
 
+class Mamba2AttentionNeurons(AttentionNeurons):
+    """Hidden attention of a Mamba-2 model: one α_h per head (`ssm.hidden_attention_heads`); the units are
+    the I inner channels, each mixed by its head's α (as a Transformer's attention-output dims are), with
+    y = α x + D x the scan, checked through the gated RMS norm and out_proj against the mixer's output."""
+
+    unit = "channel"
+
+    def __init__(self, model):
+        super().__init__(model)
+        if self.adapter.ssm_kind != "mamba2":
+            raise NotApplicable(f"not a Mamba-2 model ({self.adapter.family})")
+
+    def describe_units(self) -> dict:
+        a = self.adapter
+        return {"unit": self.unit, "n_units": a.inner_size, "n_heads": a.n_heads,
+                "head_dim": a.inner_size // a.n_heads, "definition": UNITS["mamba2"]}
+
+    def unit_location(self, c: int) -> dict:
+        return {"head": c // (self.adapter.inner_size // self.adapter.n_heads)}
+
+    def capture(self, ids, mask, layers) -> dict:
+        from delta_extraction import capture_mixer_ios
+
+        return capture_mixer_ios(self.model, layers, ids, mask)  # {layer: (input, real output) (b, L, d)}
+
+    def _alpha(self, it) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(the head's channels, its α_h (b, L, L)) per head."""
+        P = self.adapter.inner_size // self.adapter.n_heads
+        for h, alpha in hidden_attention_heads(it.delta, it.A, it.B, it.C):
+            yield h, slice(h * P, (h + 1) * P), alpha
+
+    def layer_view(self, ids, mask, layer: int, io, gradient: bool) -> LayerView:
+        from delta_extraction import verified_internals
+
+        h_in, real_out = io
+        mixer = self.adapter.mixer(layer)
+        g = None
+        if gradient:  # the gradient's leaf is the scan's y, checked against the mixer first
+            it, _ = verified_internals(mixer, io, mask)
+            g, _ = self.output_gradient(ids, layer, mask, it.y, it.z)  # (b, L, I)
+        else:
+            with torch.no_grad():
+                it = MixerProjections(*mamba2_projections(mixer, h_in, mask))
+        y = torch.empty_like(it.x)  # (b, L, I): α x + D x, filled head by head
+        P = self.adapter.inner_size // self.adapter.n_heads
+
+        def groups():
+            for h, cs, alpha in self._alpha(it):  # α_h (b, L, L)
+                y[:, :, cs] = alpha @ it.x[:, :, cs] + it.x[:, :, cs] * it.D[h]
+                yield cs, alpha[:, None].expand(-1, P, -1, -1)  # (b, P, L, L): a view, no copy
+
+        def check():
+            with torch.no_grad():
+                return check_reconstruction(project_out(mixer, gated_rms_norm(mixer, y, it.z)), real_out, mixer=mixer)
+
+        return LayerView(it.x, g, groups(), check)
+
+    def extract_attention_vectors(self, inputs, layer_indices) -> dict:
+        """As `MambaAttentionNeurons.extract_attention_vectors`, with "head_attention": α_h (b, H, L, L) and
+        "attention_matrix" α (b, I, L, L) (each head's α repeated for its channels)."""
+        ids, mask = self._device_ids(inputs)
+        data = {}
+        for layer, (h_in, real_out) in self.capture(ids, mask, list(layer_indices)).items():
+            mixer = self.adapter.mixer(layer)
+            with torch.no_grad():
+                it = MixerProjections(*mamba2_projections(mixer, h_in, mask))
+                heads = torch.stack([a for _, _, a in self._alpha(it)], dim=1)  # (b, H, L, L)
+                alpha = heads.repeat_interleave(it.x.shape[-1] // heads.shape[1], dim=1)  # (b, I, L, L)
+                y = apply_hidden_attention(alpha, it.x, it.D.repeat_interleave(alpha.shape[1] // heads.shape[1]))
+                check = check_reconstruction(project_out(mixer, gated_rms_norm(mixer, y, it.z)), real_out, mixer=mixer)
+            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "head_attention": heads,
+                           "x": it.x, "y": y, "z": it.z, "leaf": (y, it.z), "reconstruction": check,
+                           "input_ids": ids, "attention_mask": mask}
+        return data
+
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """g = ∂ logit[target] / ∂ y (b, L, I) at the scan output y (before the gated norm), by
+        `leaf_gradient`: the mixer's output is replaced by out_proj(gated_norm(y, z)) from a leaf y; the
+        layers above run the model's own (chunked) forward."""
+        from delta_extraction import mixer_internals
+
+        mixer = self.adapter.mixer(layer)
+        if y is None or z is None:
+            it, _ = mixer_internals(self.model, layer, input_ids, attention_mask)  # verified
+            y, z = it.y, it.z
+        return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.mixer_path(layer), y,
+                             lambda leaf: project_out(mixer, gated_rms_norm(mixer, leaf, z)))
+
+
 class TransformerAttentionNeurons(AttentionNeurons):
     """Attention neurons of a GPT-2 or GPT-NeoX model; the units are the dimensions of the attention output
     before the output projection, each mixed by its head's attention weights (see the module docstring)."""
@@ -545,7 +641,7 @@ class TransformerAttentionNeurons(AttentionNeurons):
 
     def __init__(self, model):
         super().__init__(model)
-        if self.adapter.is_mamba:
+        if self.adapter.is_ssm:
             raise NotApplicable("a Mamba model: use MambaAttentionNeurons")
 
     def describe_units(self) -> dict:
@@ -631,7 +727,8 @@ class TransformerAttentionNeurons(AttentionNeurons):
 
 def attention_neurons_for(model) -> AttentionNeurons:
     """The attention-neuron analyser of the model's family."""
-    return (MambaAttentionNeurons if get_adapter(model).is_mamba else TransformerAttentionNeurons)(model)
+    kind = get_adapter(model).ssm_kind
+    return {"mamba1": MambaAttentionNeurons, "mamba2": Mamba2AttentionNeurons}.get(kind, TransformerAttentionNeurons)(model)
 
 
 def plot_attention_vector(vector: np.ndarray, layer: int, plots_dir, prefix: str, family: str = "mamba") -> str:

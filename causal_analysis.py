@@ -57,7 +57,7 @@ def run_from_layer(model, adapter: ArchitectureAdapter, layer: int):
     with contextlib.ExitStack() as stack:
         setattr(parent, attr, torch.nn.ModuleList(list(full)[adapter.check_layer(layer):]))
         stack.callback(setattr, parent, attr, full)
-        if adapter.is_mamba:
+        if adapter.ssm_kind == "mamba1":
             stack.enter_context(blocked_inference(model))
         if adapter.position_embedding_path is not None:
             stack.enter_context(trace(model, [adapter.position_embedding_path], retain_output=False,
@@ -352,7 +352,7 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
     def run(n_sources, edits=None):  # (n_sources·K, n_layers) readouts: row j·K + i reads dims[i]
         rows = torch.arange(n_sources * K, device=device)
         cols = dims.to(device).repeat(n_sources)
-        swap = blocked_inference(model) if adapter.is_mamba else contextlib.nullcontext()
+        swap = blocked_inference(model) if adapter.ssm_kind == "mamba1" else contextlib.nullcontext()
         with torch.no_grad(), swap, contextlib.ExitStack() as stack:
             if edits:  # registered first, so a readout on the same module (residual source) sees the edit
                 stack.enter_context(trace(model, list(edits), retain_output=False,

@@ -70,6 +70,7 @@ def plot_attention_maps(comparison: dict, plots_dir, name: str) -> str:
     import matplotlib.pyplot as plt
 
     from attention_neurons import draw_attention_map
+    from models import SSM_FAMILIES
 
     att = comparison["attention"]
     fig, axes = plt.subplots(1, len(att["models"]), figsize=(7 * len(att["models"]), 6), squeeze=False,
@@ -77,7 +78,7 @@ def plot_attention_maps(comparison: dict, plots_dir, name: str) -> str:
     for ax, (label, side) in zip(axes[0], att["models"].items()):
         layer = att["matched_layers"][label]
         vector = np.asarray(side["by_layer"][layer]["attention_vector_first_text"])
-        draw_attention_map(ax, fig, vector, "mamba" if side["family"] == "mamba" else "transformer")
+        draw_attention_map(ax, fig, vector, "mamba" if side["family"] in SSM_FAMILIES else "transformer")
         ax.set_title(f"{label}: {ax.get_title().lower()}, layer {layer}, {vector.shape[0]} tokens", fontsize=10)
     fig.suptitle("The same first text through both models at the matched layers (each on its own tokens)")
     return save_figure(fig, plots_dir, name)

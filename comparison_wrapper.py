@@ -41,10 +41,10 @@ def resolve_compare_model(name: str | None, main_family: str):
     """(ModelSource, warning or None): the named model, or by default the other family's default model
     (gpt2 beside a Mamba, mamba-130m beside a Transformer), falling back to the shipped reference model
     of that family exactly as --model does."""
-    from models import resolve_default_model, resolve_model_source
+    from models import SSM_FAMILIES, resolve_default_model, resolve_model_source
 
     if name is None:
-        return resolve_default_model("transformer" if main_family == "mamba" else "mamba")
+        return resolve_default_model("transformer" if main_family in SSM_FAMILIES else "mamba")
     return resolve_model_source(name, "--compare_model"), None
 
 

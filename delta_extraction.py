@@ -49,7 +49,7 @@ def verified_internals(mixer, io: tuple, attention_mask: torch.Tensor | None = N
     """The internals recomputed from a captured (mixer input, real output), checked against that output."""
     h_in, real_out = io
     internals = recompute_mixer(mixer, h_in, attention_mask)
-    return internals, check_reconstruction(internals.out, real_out)
+    return internals, check_reconstruction(internals.out, real_out, mixer=mixer)
 
 
 def extract_deltas(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -72,6 +72,7 @@ class DeltaStats:
     reconstruction_tolerance: float
     example_delta: np.ndarray  # (L, e) Δ of the first text, for the heatmap
     example_tokens: list[str] = field(default_factory=list)
+    unit: str = "channel"  # what the index counts: a channel (Mamba-1, FalconMamba) or a head (Mamba-2)
 
     def top(self, k: int) -> list[tuple[int, float]]:
         """The k channels with the highest across-text variance, highest first: [(channel, variance)]."""
@@ -81,7 +82,7 @@ class DeltaStats:
     def to_dict(self, top_k: int) -> dict:
         return {
             "layer": self.layer, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
-            "n_channels": int(self.mean_delta.shape[0]),
+            "n_channels": int(self.mean_delta.shape[0]), "unit": self.unit,
             "top_neurons": [{"channel": c, "variance": v, "mean_delta": float(self.mean_delta[c]),
                              "token_variance": float(self.token_variance[c])} for c, v in self.top(top_k)],
             "per_channel": {"mean_delta": self.mean_delta, "text_variance": self.text_variance,
@@ -139,7 +140,8 @@ def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], l
         layer=la, n_texts=len(texts_ids), n_tokens=n_tokens,
         mean_delta=(a["total"] / n_tokens).cpu().numpy(), text_variance=np.stack(a["means"]).var(0),
         token_variance=np.stack(a["token_vars"]).mean(0), max_reconstruction_error=a["worst"],
-        reconstruction_tolerance=a["tol"], example_delta=a["example"], example_tokens=tokens) for la, a in acc.items()}
+        reconstruction_tolerance=a["tol"], example_delta=a["example"], example_tokens=tokens,
+        unit="head" if adapter.ssm_kind == "mamba2" else "channel") for la, a in acc.items()}
 
 
 def find_delta_sensitive_neurons(model, tokenizer, texts, layer_idx: int = 0, top_k: int = 10,
@@ -164,14 +166,14 @@ def plot_delta_variance(stats: DeltaStats, top_k: int, plots_dir, prefix: str) -
     ax1.plot(np.arange(e), stats.text_variance, lw=0.8, color="tab:blue")
     top = stats.top(top_k)
     ax1.scatter([c for c, _ in top], [v for _, v in top], color="tab:red", s=18, zorder=3,
-                label=f"top {len(top)} delta-sensitive channels")
-    ax1.set(xlabel="channel (e)", ylabel="variance across texts of mean Δ",
+                label=f"top {len(top)} delta-sensitive {stats.unit}s")
+    ax1.set(xlabel=stats.unit, ylabel="variance across texts of mean Δ",
             title=f"Δ sensitivity, layer {stats.layer} ({stats.n_texts} texts, {stats.n_tokens} tokens)")
     ax1.legend(loc="upper right")
     ax2.plot(np.arange(e), stats.mean_delta, lw=0.8, color="tab:green", label="mean Δ")
     ax2.plot(np.arange(e), np.sqrt(stats.token_variance), lw=0.8, color="tab:orange",
              label="within-text std of Δ (mean over texts)")
-    ax2.set(xlabel="channel (e)", ylabel="Δ", yscale="log")
+    ax2.set(xlabel=stats.unit, ylabel="Δ", yscale="log")
     ax2.legend(loc="upper right")
     return save_figure(fig, plots_dir, f"{prefix}_delta_variance_layer{stats.layer}")
 
@@ -188,6 +190,6 @@ def plot_delta_heatmap(stats: DeltaStats, plots_dir, prefix: str) -> str:
     L = delta.shape[1]
     if L <= 48:
         ax.set_xticks(range(L), [repr(t)[1:-1] for t in stats.example_tokens], rotation=90, fontsize=7)
-    ax.set(xlabel="token position", ylabel="channel (e)",
-           title=f"Δ per channel and token, layer {stats.layer}, first text ({L} tokens)")
+    ax.set(xlabel="token position", ylabel=stats.unit,
+           title=f"Δ per {stats.unit} and token, layer {stats.layer}, first text ({L} tokens)")
     return save_figure(fig, plots_dir, f"{prefix}_delta_heatmap_layer{stats.layer}_text0")

@@ -4,7 +4,11 @@ against sequence length, with the analytic FLOPs per token beside the measuremen
 Analytic forward FLOPs per token (a multiply-add counts 2; elementwise operations 1 each; norms, biases
 and activation functions left out), d = hidden size, V = vocabulary, per layer:
 - Mamba-1: in_proj 2·d·2e + conv 2·k·e + x_proj 2·e·(r + 2n) + dt_proj 2·r·e + scan 7·e·n
-  (Δ·A, exp, Δ·B, ·x, Ā·h, +, h·C as multiply-adds 2) + D skip and gate 3·e + out_proj 2·e·d;
+  (Δ·A, exp, Δ·B, ·x, Ā·h, +, h·C as multiply-adds 2) + D skip and gate 3·e + out_proj 2·e·d (FalconMamba
+  the same: its RMS norms of Δ's input, B and C are left out with the other norms);
+- Mamba-2, I = H·P inner width, G groups: in_proj 2·d·(2I + 2GN + H) + conv 2·k·(I + 2GN) + the scan as its
+  recurrence 6·I·N (Δ·x·B, Ā·h + that, h·C) + 2·H (Δ·A, exp) + D skip and gate 3·I + out_proj 2·I·d (the
+  chunked form transformers runs does the same work up to a factor near 1);
 - Transformer at context L (causal, averaged over positions): QKV 6·d² + scores and weighted sum
   2·d·(L + 1) + output 2·d² + MLP 4·d·f;
 plus the LM head 2·d·V.
@@ -84,7 +88,7 @@ def forward_bytes_estimate(adapter, seq_len: int) -> int:
     L·(f + 4d)·16 and its attention scores 3·h·L²·4 (a few tensors of each kind live at once)."""
     c, L = adapter.config, int(seq_len)
     logits = L * int(c.vocab_size) * 4
-    if adapter.is_mamba:
+    if adapter.is_ssm:  # Mamba-2's chunked scan holds tensors of the same order, (L, I, N) at most
         return logits + L * adapter.inner_size * (int(c.state_size) + 8) * 16
     heads = int(getattr(c, "n_head", None) or c.num_attention_heads)
     return logits + L * (adapter.inner_size + 4 * adapter.hidden_size) * 16 + 3 * heads * L * L * 4
@@ -94,7 +98,11 @@ def flops_per_token(adapter, seq_len: int) -> dict:
     """Analytic forward FLOPs per token at context `seq_len` (formulas in the module doc)."""
     c = adapter.config
     d, V = adapter.hidden_size, int(c.vocab_size)
-    if adapter.is_mamba:
+    if adapter.ssm_kind == "mamba2":
+        I, n, k, G, H = adapter.inner_size, int(c.state_size), int(c.conv_kernel), int(c.n_groups), adapter.n_heads
+        layer = 2 * d * (2 * I + 2 * G * n + H) + 2 * k * (I + 2 * G * n) + 6 * I * n + 2 * H + 3 * I + 2 * I * d
+        attention = 0
+    elif adapter.is_ssm:
         e, n, r, k = int(c.intermediate_size), int(c.state_size), int(c.time_step_rank), int(c.conv_kernel)
         layer = 2 * d * 2 * e + 2 * k * e + 2 * e * (r + 2 * n) + 2 * r * e + 7 * e * n + 3 * e + 2 * e * d
         attention = 0

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help=f"Hugging Face hub id or local save_pretrained folder. Supported: Mamba-1 "
-                        f"(MambaForCausalLM), GPT-2, GPT-NeoX/Pythia. Default: {DEFAULT_MODEL}, or the "
+                        f"(MambaForCausalLM), FalconMamba, Mamba-2, GPT-2, GPT-NeoX/Pythia. Default: {DEFAULT_MODEL}, or the "
                         "shipped reference Mamba (reference_models/mamba) when that is neither cached nor reachable")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (analyses compute in float32)")

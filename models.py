@@ -57,6 +57,9 @@ class ArchitectureAdapter:
     sites: dict[str, SiteSpec] = {}
     default_causal_site: str = "residual"
     position_embedding_path: str | None = None  # absolute position embeddings added to the input embeddings
+    # the state-space math of the layers: "mamba1" (Mamba-1 and FalconMamba: Δ and A per channel, ssm.py's
+    # recomputation, blocked forward and fast scan) or "mamba2"; None for a Transformer
+    ssm_kind: str | None = None
 
     def __init__(self, model):
         self.model = model
@@ -79,8 +82,9 @@ class ArchitectureAdapter:
         return max_positions(self.config)
 
     @property
-    def is_mamba(self) -> bool:
-        return self.family == "mamba"
+    def is_ssm(self) -> bool:
+        """A state-space family (Δ, hidden attention, the `ssm` site): Mamba-1, FalconMamba, Mamba-2."""
+        return self.ssm_kind is not None
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:
@@ -101,7 +105,8 @@ class ArchitectureAdapter:
                     int(getattr(self, spec.size_attr)))
 
     def describe(self) -> dict:
-        return {"family": self.family, "display_name": self.display_name, "n_layers": self.n_layers,
+        return {"family": self.family, "display_name": self.display_name, "ssm_kind": self.ssm_kind,
+                "n_layers": self.n_layers,
                 "hidden_size": self.hidden_size,
                 "inner_size": self.inner_size,
                 "sites": {n: {"path": s.path, "capture": s.capture, "size": int(getattr(self, s.size_attr)),
@@ -111,6 +116,7 @@ class ArchitectureAdapter:
 class MambaAdapter(ArchitectureAdapter):
     family = "mamba"
     display_name = "Mamba"
+    ssm_kind = "mamba1"
     layers_path = "backbone.layers"
     default_causal_site = "mixer_out"
     sites = {
@@ -131,6 +137,32 @@ class MambaAdapter(ArchitectureAdapter):
 
     def mixer_path(self, layer: int) -> str:
         return f"{self.layer_path(layer)}.mixer"
+
+
+class FalconMambaAdapter(MambaAdapter):
+    """FalconMamba: a Mamba-1 mixer whose Δ input (dt_low), B and C pass through a weightless RMS norm
+    (eps `mixer.rms_eps`) before use (`ssm.mixer_projections`); the same module paths and sites."""
+
+    family = "falcon_mamba"
+    display_name = "FalconMamba"
+
+
+class Mamba2Adapter(MambaAdapter):
+    """Mamba-2: the same module paths and sites (`ssm` is then the gated RMS norm's output, the input of
+    out_proj); Δ and A are one value per head, so the delta stage's units are the heads, and the hidden
+    attention is one L×L matrix per head (ssm.py's Mamba-2 section)."""
+
+    family = "mamba2"
+    display_name = "Mamba-2"
+    ssm_kind = "mamba2"
+
+    @property
+    def inner_size(self) -> int:  # I = H heads x P head dims
+        return int(self.config.num_heads) * int(self.config.head_dim)
+
+    @property
+    def n_heads(self) -> int:  # H
+        return int(self.config.num_heads)
 
 
 def _transformer_sites(block: str, attn: str) -> dict[str, SiteSpec]:
@@ -226,8 +258,11 @@ class GPTNeoXAdapter(TransformerAdapter):
         return qkv_out.reshape(b, L, self.n_heads, 3 * hd)[..., 2 * hd:].transpose(1, 2)  # (b, H, L, d/H)
 
 
-ADAPTERS = {"mamba": MambaAdapter, "gpt2": GPT2Adapter, "gpt_neox": GPTNeoXAdapter}
-SUPPORTED = "Mamba-1 (MambaForCausalLM), GPT-2 (GPT2LMHeadModel), GPT-NeoX/Pythia (GPTNeoXForCausalLM)"
+ADAPTERS = {"mamba": MambaAdapter, "falcon_mamba": FalconMambaAdapter, "mamba2": Mamba2Adapter,
+            "gpt2": GPT2Adapter, "gpt_neox": GPTNeoXAdapter}
+SSM_FAMILIES = frozenset(f for f, a in ADAPTERS.items() if a.ssm_kind is not None)
+SUPPORTED = ("Mamba-1 (MambaForCausalLM), FalconMamba (FalconMambaForCausalLM), Mamba-2 (Mamba2ForCausalLM), "
+             "GPT-2 (GPT2LMHeadModel), GPT-NeoX/Pythia (GPTNeoXForCausalLM)")
 
 
 def max_positions(config) -> int | None:
@@ -239,16 +274,15 @@ def max_positions(config) -> int | None:
 
 
 def require_mamba(adapter: ArchitectureAdapter, why: str = "Δ exists only in Mamba layers") -> None:
-    if not adapter.is_mamba:
+    if not adapter.is_ssm:
         raise NotApplicable(f"not applicable to {adapter.family}: {why}")
 
 
 def check_supported(config, flag: str = "--model", name: str = "") -> str:
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
-        extra = " (Mamba-2 needs its own recomputation, not built yet)" if model_type == "mamba2" else ""
         who = f"{flag} {name}: " if name else ""
-        raise UserInputError(f"{who}architecture {model_type!r} is not supported{extra}; supported: {SUPPORTED}")
+        raise UserInputError(f"{who}architecture {model_type!r} is not supported; supported: {SUPPORTED}")
     return model_type
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
+from models import SSM_FAMILIES  # a light module: no torch at import
+
 logger = logging.getLogger("mamba_neurons")
 
 ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")
@@ -143,7 +145,7 @@ def stage_attention(ctx: StageContext):
     by_layer = an.attention_profile(analyzer, ctx.tokens.input_ids, layers, methods, ctx.top_k, ctx.progress,
                                     rolled, desc=f"attention layer{'s' if len(layers) > 1 else ''} "
                                                  f"{', '.join(map(str, layers))}")
-    family = "mamba" if ctx.adapter.is_mamba else "transformer"
+    family = "mamba" if ctx.adapter.is_ssm else "transformer"
     results = {**by_layer[layer], "units": analyzer.describe_units(),
                "definitions": {m: an.DEFINITIONS[m] for m in methods}}
     plots = [an.plot_attention_vector(results["attention_vector_first_text"], layer, ctx.plots_dir, ctx.prefix,
@@ -624,11 +626,12 @@ def stage_text(name: str, e: dict) -> str:
 
 def summarize_delta(r: dict) -> None:
     rec = r["reconstruction"]
-    print(f"    {r['n_channels']} channels, {r['n_texts']} texts, {r['n_tokens']} tokens; mixer reconstruction "
+    unit = r.get("unit", "channel")
+    print(f"    {r['n_channels']} {unit}s, {r['n_texts']} texts, {r['n_tokens']} tokens; mixer reconstruction "
           f"max rel. error {rec['max_relative_error']:.2e} (tolerance {rec['tolerance']:.0e})")
-    print("    top delta-sensitive channels (variance across texts of mean Δ | mean Δ | within-text var):")
+    print(f"    top delta-sensitive {unit}s (variance across texts of mean Δ | mean Δ | within-text var):")
     for n in r["top_neurons"]:
-        print(f"      channel {n['channel']:>5}: {n['variance']:.4e} | {n['mean_delta']:.4e} | "
+        print(f"      {unit} {n['channel']:>5}: {n['variance']:.4e} | {n['mean_delta']:.4e} | "
               f"{n['token_variance']:.4e}")
 
 
@@ -640,7 +643,11 @@ def _unit_label(t: dict) -> str:
 def summarize_attention(r: dict) -> None:
     units = r.get("units") or {"unit": "channel"}
     unit = units["unit"]
-    if unit == "channel":
+    if unit == "channel" and "n_heads" in units:  # Mamba-2
+        print(f"    hidden attention over {r['n_texts']} texts; units: the {units['n_units']} channels of the inner "
+              f"width ({units['n_heads']} heads x {units['head_dim']}), each mixed by its head's α; (α x + D x) "
+              f"through the gated norm: max rel. error {r['max_reconstruction_error']:.2e}")
+    elif unit == "channel":
         print(f"    hidden attention over {r['n_texts']} texts; units: channels of the inner width; (α x + D x) "
               f"reconstruction max rel. error {r['max_reconstruction_error']:.2e}")
     else:
@@ -763,10 +770,9 @@ def _ordered(stages: list[Stage]) -> dict[str, Stage]:
     return {name: by_name[name] for name in order}
 
 
-MAMBA = frozenset({"mamba"})
 STAGES = _ordered([
     # the delta ranking is a variance across texts: one text cannot rank anything
-    Stage("delta", stage_delta, summarize_delta, families=MAMBA, min_texts=2, per_layer=True),
+    Stage("delta", stage_delta, summarize_delta, families=SSM_FAMILIES, min_texts=2, per_layer=True),
     Stage("causal", stage_causal, summarize_causal, per_layer=True),
     Stage("inter_layer", stage_inter_layer, summarize_inter_layer, needs=("causal",)),
     Stage("cross_layer", stage_cross_layer, summarize_cross_layer, needs=("causal",)),

@@ -43,12 +43,14 @@ SCALE_NOTE = ("traditional sparsity uses an absolute threshold, so it depends on
 
 
 def default_threshold(family: str) -> float:
-    return TRADITIONAL_THRESHOLDS["mamba" if family == "mamba" else "transformer"]
+    from models import SSM_FAMILIES
+
+    return TRADITIONAL_THRESHOLDS["mamba" if family in SSM_FAMILIES else "transformer"]
 
 
 def neuron_site(adapter) -> str:
     """The inner neuron site of a family: Mamba `ssm` (e), Transformers `mlp`."""
-    return "ssm" if adapter.is_mamba else "mlp"
+    return "ssm" if adapter.is_ssm else "mlp"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,11 +429,12 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
         return {layer: (tr[s.path].input if s.capture == "input" else tr[s.path].output)[0]
                 .float().cpu().numpy() for layer, s in sites.items()}  # (L, N) per layer
 
-    verified = [not adapter.is_mamba]  # a Transformer runs its own forward
+    blocked = adapter.ssm_kind == "mamba1"  # Mamba-1 mixers run the blocked forward, checked once
+    verified = [not blocked]  # the others run their own forward
 
     def chunks():
         for ids in tqdm(input_ids, desc=desc, disable=not progress, leave=False):
-            acts = capture(ids, adapter.is_mamba)
+            acts = capture(ids, blocked)
             if not verified[0]:
                 own = capture(ids, False)
                 worst = max(float(np.abs(acts[la] - own[la]).max() / max(float(np.abs(own[la]).max()), 1e-30))

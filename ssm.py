@@ -1,4 +1,5 @@
-"""Selective-scan math for Mamba-1 layers, recomputed from the mixer input and the layer's weights.
+"""Selective-scan math for Mamba-1 (and FalconMamba) and Mamba-2 layers, recomputed from the mixer input
+and the layer's weights.
 
 Shape glossary (used in the shape comments throughout the project):
     b  batch            l / L  sequence length
@@ -8,7 +9,8 @@ Shape glossary (used in the shape comments throughout the project):
 The Mamba-1 mixer, step by step as transformers' slow path computes it, from the mixer input h (b, L, d):
     1. in_proj(h) splits into x0 (b, L, e) and the gate z (b, L, e);
     2. x = SiLU(causal depthwise conv1d of x0 over time, width k, left-padded, with bias)   (b, L, e);
-    3. x_proj(x) splits into dt_low (b, L, r), B (b, L, n), C (b, L, n);
+    3. x_proj(x) splits into dt_low (b, L, r), B (b, L, n), C (b, L, n) (FalconMamba: each then divided by
+       its root mean square over the last dim, sqrt(mean(v²) + rms_eps): a weightless RMS norm);
     4. Δ = softplus(dt_low · dt_proj.weightᵀ + dt_proj.bias)   (b, L, e): "delta";
     5. A = −exp(A_log) (e, n); discretised Ā_t = exp(Δ_t A), and the input term Δ_t B_t x_t;
     6. the scan, per channel and state: s_t = Ā_t s_{t−1} + Δ_t B_t x_t, y_t = C_t · s_t + D x_t;
@@ -38,7 +40,9 @@ class ReconstructionError(RuntimeError):
 
 @dataclass
 class MixerInternals:
-    """Everything inside one Mamba-1 mixer for one input, in float32 (float64 for a float64 model)."""
+    """Everything inside one mixer for one input, in float32 (float64 for a float64 model). Shapes are
+    Mamba-1's; Mamba-2's differ where noted in the Mamba-2 section (Δ (b, L, H), B and C (b, L, G, N),
+    A and D (H,), e = I, u the gated RMS norm's output)."""
 
     x: torch.Tensor  # (b, L, e) conv1d + SiLU output: the scan input
     z: torch.Tensor  # (b, L, e) gate
@@ -50,6 +54,21 @@ class MixerInternals:
     y: torch.Tensor  # (b, L, e) scan output including the D skip, before the gate
     u: torch.Tensor  # (b, L, e) y * SiLU(z), the input of out_proj
     out: torch.Tensor  # (b, L, d) out_proj(u): must equal the mixer's output
+
+
+def weightless_rms_norm(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """v / sqrt(mean(v², last dim) + eps), in float32, returned in v's dtype."""
+    f = v.float()
+    return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).type_as(v)
+
+
+def input_norms(mixer, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+    """(dt_low, B, C) as the scan uses them: FalconMamba's mixer (it has `rms_eps`) normalises each with a
+    weightless RMS norm over its last dim before use; a Mamba-1 mixer uses them as they are."""
+    eps = getattr(mixer, "rms_eps", None)
+    if eps is None:
+        return dt_low, B, C
+    return tuple(weightless_rms_norm(v, eps) for v in (dt_low, B, C))
 
 
 def mixer_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -74,7 +93,7 @@ def mixer_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.
     if mask is not None:
         x = x * mask
     r, n = int(mixer.time_step_rank), int(mixer.ssm_state_size)
-    dt_low, B, C = torch.split(F.linear(x, mixer.x_proj.weight.to(f32)), [r, n, n], dim=-1)  # (b,L,r),(b,L,n)x2
+    dt_low, B, C = input_norms(mixer, *torch.split(F.linear(x, mixer.x_proj.weight.to(f32)), [r, n, n], dim=-1))
     delta = F.softplus(F.linear(dt_low, mixer.dt_proj.weight.to(f32), mixer.dt_proj.bias.to(f32)))  # (b, L, e)
     A = -torch.exp(mixer.A_log.to(f32))  # (e, n)
     D = mixer.D.to(f32)  # (e,)
@@ -105,14 +124,115 @@ def project_out(mixer, u: torch.Tensor) -> torch.Tensor:
 
 def recompute_mixer(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
                     ) -> MixerInternals:
-    """Recompute a Mamba-1 mixer's forward from its input (b, L, d), in float32 (float64 for a float64
-    model), keeping every internal."""
+    """Recompute a mixer's forward from its input (b, L, d), in float32 (float64 for a float64 model),
+    keeping every internal: Mamba-1 / FalconMamba by the steps of the module doc, Mamba-2 by those of
+    the Mamba-2 section below (the mixer's class tells which)."""
     with torch.no_grad():
-        x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
-        y = selective_scan_reference(x, delta, A, B, C, D)  # (b, L, e)
-        u = y * F.silu(z)  # (b, L, e)
+        if is_mamba2_mixer(mixer):
+            x, z, delta, B, C, A, D = mamba2_projections(mixer, hidden_states, attention_mask)
+            y = mamba2_scan_reference(x, delta, A, B, C, D)  # (b, L, I)
+            u = gated_rms_norm(mixer, y, z)  # (b, L, I)
+        else:
+            x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
+            y = selective_scan_reference(x, delta, A, B, C, D)  # (b, L, e)
+            u = y * F.silu(z)  # (b, L, e)
         out = project_out(mixer, u)  # (b, L, d)
     return MixerInternals(x, z, delta, B, C, A, D, y, u, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mamba-2 (Mamba2ForCausalLM), as transformers 5.x computes it
+# --------------------------------------------------------------------------------------------------
+# Shapes: I inner width (= H heads x P head dims; a channel c is head c // P), G groups of B and C shared by
+# H / G heads each (head h reads group h // (H / G)), N state size. From the mixer input h (b, L, d):
+#   1. in_proj(h) splits into the gate z (I), xBC (I + 2 G N) and dt (H);
+#   2. xBC = SiLU(causal depthwise conv1d of xBC over time, width k, with bias), split into x (I), B (G, N),
+#      C (G, N); conv1d runs as a function, so its module hooks never fire;
+#   3. Δ = clamp(softplus(dt + dt_bias), time_step_limit): one value per head and position (b, L, H);
+#   4. A = −exp(A_log): one value per head (H,);
+#   5. per head h, dim p and state n: s_t = exp(Δ_t A_h) s_{t−1} + Δ_t x_t B_t, y_t = C_t · s_t + D_h x_t
+#      (transformers runs it in chunks of `chunk_size` positions; the recurrence is the same);
+#   6. u = the gated RMS norm: weight · RMSnorm(y · SiLU(z)) over groups of I / G_norm channels;
+#   7. out_proj(u) (b, L, d) is the mixer's output.
+def is_mamba2_mixer(mixer) -> bool:
+    return hasattr(mixer, "n_groups") and hasattr(mixer, "dt_bias")
+
+
+def mamba2_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Steps 1-4 of the Mamba-2 section: x (b, L, I), z (b, L, I), Δ (b, L, H), B and C (b, L, G, N),
+    A (H,), D (H,), in float32 (float64 for a float64 model)."""
+    f32 = torch.promote_types(hidden_states.dtype, torch.float32)
+    h = hidden_states.to(f32)  # (b, L, d)
+    mask = None if attention_mask is None else attention_mask.to(f32)[:, :, None]  # (b, L, 1)
+    if mask is not None:
+        h = h * mask
+    I, G, N, H = int(mixer.intermediate_size), int(mixer.n_groups), int(mixer.ssm_state_size), int(mixer.num_heads)
+    b_in = None if mixer.in_proj.bias is None else mixer.in_proj.bias.to(f32)
+    z, xBC, dt = torch.split(F.linear(h, mixer.in_proj.weight.to(f32), b_in), [I, I + 2 * G * N, H], dim=-1)
+    L = h.shape[1]
+    conv_w = mixer.conv1d.weight.to(f32)  # (I + 2GN, 1, k)
+    conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias.to(f32)
+    xBC = F.conv1d(xBC.transpose(1, 2), conv_w, conv_b, padding=conv_w.shape[-1] - 1, groups=conv_w.shape[0])
+    xBC = mixer.act(xBC[..., :L]).transpose(1, 2)  # (b, L, I + 2GN)
+    if mask is not None:
+        xBC = xBC * mask
+    x, B, C = torch.split(xBC, [I, G * N, G * N], dim=-1)
+    lo, hi = mixer.time_step_limit
+    delta = torch.clamp(F.softplus(dt + mixer.dt_bias.to(f32)), min=lo, max=hi)  # (b, L, H)
+    A = -torch.exp(mixer.A_log.to(f32))  # (H,)
+    return x, z, delta, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), A, mixer.D.to(f32)
+
+
+def _per_head(v: torch.Tensor, H: int) -> torch.Tensor:
+    """B or C (b, L, G, N) as each head reads it: (b, L, H, N), head h from group h // (H / G)."""
+    return v.repeat_interleave(H // v.shape[2], dim=2)
+
+
+def mamba2_scan_reference(x, delta, A, B, C, D):
+    """Plain sequential Mamba-2 scan (step 5), the reference the model's chunked scan is checked against:
+    x (b, L, I), Δ (b, L, H), A (H,), B and C (b, L, G, N), D (H,) -> y (b, L, I), D skip included."""
+    b, L, I = x.shape
+    H = A.shape[0]
+    xh = x.unflatten(-1, (H, I // H))  # (b, L, H, P)
+    Bh, Ch = _per_head(B, H), _per_head(C, H)  # (b, L, H, N)
+    s = x.new_zeros(b, H, I // H, B.shape[-1])  # (b, H, P, N)
+    ys = []
+    for t in range(L):
+        dA = torch.exp(delta[:, t] * A)[:, :, None, None]  # (b, H, 1, 1)
+        s = dA * s + (delta[:, t, :, None] * xh[:, t])[..., None] * Bh[:, t, :, None, :]  # (b, H, P, N)
+        ys.append((s * Ch[:, t, :, None, :]).sum(-1))  # (b, H, P)
+    y = torch.stack(ys, dim=1) + xh * D[:, None]  # (b, L, H, P)
+    return y.flatten(2)  # (b, L, I)
+
+
+def gated_rms_norm(mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Step 6: weight · RMSnorm(y · SiLU(z)) over groups of `mixer.norm.group_size` channels, (b, L, I), in
+    float32 as transformers computes it (also in a float64 model), returned in y's dtype."""
+    norm = mixer.norm
+    v = (y.float() * F.silu(z.float())).unflatten(-1, (-1, int(norm.group_size)))  # (b, L, groups, I / groups)
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight.to(y.dtype) * v.flatten(2).to(y.dtype)  # (b, L, I)
+
+
+def hidden_attention_heads(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+    """Mamba-2's hidden attention, one head at a time: yields (h, α_h (b, L, L)) with
+
+        α_h[i, j] = (C_i · B_j) exp(A_h Σ_{k=j+1..i} Δ_k) Δ_j  for j ≤ i, else 0
+
+    (B, C of the head's group), so that y_i = Σ_j α_h[i, j] x_j + D_h x_i for each of the head's P dims.
+    The decay's exponent is a difference of cumulative Δ taken in float64 (no cancellation error at long
+    L) and the entries j > i are set to −∞ before exp. Δ (b, L, H), A (H,), B and C (b, L, G, N)."""
+    f32 = torch.promote_types(delta.dtype, torch.float32)
+    b, L, H = delta.shape
+    S = torch.cumsum(delta.double(), dim=1)  # (b, L, H)
+    causal = torch.ones(L, L, dtype=torch.bool, device=delta.device).tril()  # (L, L)
+    per = H // B.shape[2]
+    for h in range(H):
+        g = h // per
+        seg = S[:, :, None, h] - S[:, None, :, h]  # (b, L, L): Σ_{k=j+1..i} Δ_k
+        decay = torch.exp(torch.where(causal, A[h].double() * seg, -torch.inf)).to(f32)  # (b, L, L)
+        CB = torch.einsum("bin,bjn->bij", C[:, :, g].to(f32), B[:, :, g].to(f32))  # (b, L, L)
+        yield h, CB * decay * delta[:, None, :, h].to(f32)  # (b, L, L)
 
 
 @dataclass
@@ -127,20 +247,24 @@ class ReconstructionCheck:
         return self.relative_error <= self.tolerance
 
 
-def check_reconstruction(recomputed_out: torch.Tensor, real_out: torch.Tensor, raise_on_mismatch: bool = True
-                         ) -> ReconstructionCheck:
+def check_reconstruction(recomputed_out: torch.Tensor, real_out: torch.Tensor, raise_on_mismatch: bool = True,
+                         mixer=None) -> ReconstructionCheck:
     """Compare our `out_proj(u)` (b, L, d) with the mixer's real output (b, L, d).
 
-    The tolerance depends on the dtype the model ran in (RECONSTRUCTION_TOLERANCE). A mismatch raises
-    ReconstructionError (unless `raise_on_mismatch=False`): never fall back to unverified numbers.
+    The tolerance depends on the precision the model computed in (RECONSTRUCTION_TOLERANCE): the dtype it
+    ran in, except that transformers runs a Mamba-2 mixer's scan in float32 also in a float64 model (give
+    `mixer` for that). A mismatch raises ReconstructionError (unless `raise_on_mismatch=False`): never fall
+    back to unverified numbers.
     """
     wide = torch.promote_types(real_out.dtype, torch.float32)
     real = real_out.detach().to(wide)
     diff = (recomputed_out.detach().to(wide) - real).abs().max().item()
     scale = real.abs().max().item()
     rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-    tol = RECONSTRUCTION_TOLERANCE.get(real_out.dtype, 1e-4)
-    check = ReconstructionCheck(rel, diff, tol, str(real_out.dtype).replace("torch.", ""))
+    precision = torch.float32 if (mixer is not None and is_mamba2_mixer(mixer) and real_out.dtype == torch.float64) \
+        else real_out.dtype
+    tol = RECONSTRUCTION_TOLERANCE.get(precision, 1e-4)
+    check = ReconstructionCheck(rel, diff, tol, str(precision).replace("torch.", ""))
     if raise_on_mismatch and not check.ok:
         raise ReconstructionError(
             f"recomputed mixer output differs from the model's: relative error {rel:.3g} > {tol:g} "
@@ -275,7 +399,7 @@ def mixer_forward_blocked(mixer, hidden_states, cache_params=None, attention_mas
     if attention_mask is not None:
         x = (x * attention_mask[:, :, None]).to(dtype)
     r, n = int(mixer.time_step_rank), int(mixer.ssm_state_size)
-    dt, B, C = torch.split(mixer.x_proj(x), [r, n, n], dim=-1)  # (b, L, r), (b, L, n), (b, L, n)
+    dt, B, C = input_norms(mixer, *torch.split(mixer.x_proj(x), [r, n, n], dim=-1))  # (b,L,r), (b,L,n), (b,L,n)
     dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (b, e, L)
     if mixer.dt_proj.bias is not None:
         dt = dt + mixer.dt_proj.bias.float().to(dt.dtype)[..., None]  # in dt's dtype, as there

@@ -13,7 +13,6 @@ weights are plain MambaForCausalLM weights.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys

@@ -1,5 +1,6 @@
 """Attention stage speed per text on a mamba-130m-shaped model (random init, 24 layers, e = 1536, n = 16),
-or with `--family gpt2` on a gpt2-124m-shaped one (12 layers, d = 768, 12 heads), against one plain
+or with `--family gpt2` on a gpt2-124m-shaped one (12 layers, d = 768, 12 heads), or with `--family mamba2`
+on a mamba2-130m-shaped one (24 layers, d = 768, 24 heads of 64, state 128, 1 group), against one plain
 transformers forward of the same model on the same text, measured in the same process.
 
 Per text the stage (`MambaAttentionNeurons.text_scores`) runs: a forward up to the layer to capture the
@@ -20,7 +21,7 @@ Floor: the gradient needs one forward and one backward of the layers above (abou
 layer 0); α, the contributions and the rollout maps are e·L² numbers each (e·n·L² multiply-adds to form
 α), memory-bound passes that cost a fraction of a forward at L = 256.
 
-    python bench/attention_stage.py [--family mamba|gpt2] [--texts 3] [--length 256] [--layer 0] [--threads 2]
+    python bench/attention_stage.py [--family mamba|gpt2|mamba2] [--texts 3] [--length 256] [--layer 0] [--threads 2]
 """
 import argparse
 import sys
@@ -34,13 +35,14 @@ def main():
     import numpy as np
     import torch
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, Mamba2Config, Mamba2ForCausalLM, MambaConfig,
+                              MambaForCausalLM)
 
     import attention_neurons as an
     from ssm import hidden_attention, hidden_attention_chunked, mixer_projections
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=("mamba", "gpt2"), default="mamba")
+    ap.add_argument("--family", choices=("mamba", "gpt2", "mamba2"), default="mamba")
     ap.add_argument("--texts", type=int, default=3, help="texts timed (the first is reported apart: warm-up)")
     ap.add_argument("--length", type=int, default=256, help="tokens per text")
     ap.add_argument("--layer", type=int, default=0)
@@ -52,6 +54,10 @@ def main():
     if args.family == "mamba":
         model = MambaForCausalLM(MambaConfig(hidden_size=768, state_size=16, expand=2, num_hidden_layers=24,
                                              vocab_size=50280)).eval()
+    elif args.family == "mamba2":
+        model = Mamba2ForCausalLM(Mamba2Config(hidden_size=768, num_hidden_layers=24, num_heads=24, head_dim=64,
+                                               state_size=128, n_groups=1, expand=2, chunk_size=256,
+                                               vocab_size=50288)).eval()
     else:
         model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)).eval()
     g = torch.Generator().manual_seed(1)
@@ -86,7 +92,7 @@ def main():
         r["reference path"] = time.perf_counter() - t0
         rows.append(r)
 
-    shape = "mamba-130m" if args.family == "mamba" else "gpt2-124m"
+    shape = {"mamba": "mamba-130m", "gpt2": "gpt2-124m", "mamba2": "mamba2-130m"}[args.family]
     print(f"{shape} shape, layer {args.layer}, L = {args.length}, {args.threads} threads, float32")
     print(f"plain forward (median of {len(plain)}): {fwd:.3f} s")
     later = rows[1:] or rows

@@ -46,13 +46,19 @@ MAMBA_SHAPES = {
 
 
 def make_model(kind: str, seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, MambaConfig,
-                              MambaForCausalLM)
+    from transformers import (FalconMambaConfig, FalconMambaForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if kind in MAMBA_SHAPES:
         return MambaForCausalLM(MambaConfig(**common, **MAMBA_SHAPES[kind])).eval()
+    if kind == "mamba2":  # 8 heads of 8 dims in 2 groups of B and C; chunks of 8 positions (texts are longer)
+        return Mamba2ForCausalLM(Mamba2Config(**common, hidden_size=32, expand=2, num_heads=8, head_dim=8, n_groups=2,
+                                              state_size=8, chunk_size=8, num_hidden_layers=2, conv_kernel=4,
+                                              use_conv_bias=True)).eval()
+    if kind == "falcon_mamba":  # Mamba-1 with RMS-normalised Δ input, B and C
+        return FalconMambaForCausalLM(FalconMambaConfig(**common, **MAMBA_SHAPES["mamba_b"])).eval()
     if kind == "gpt2":
         return GPT2LMHeadModel(GPT2Config(**common, n_layer=2, n_embd=32, n_head=2, n_positions=512)).eval()
     if kind == "gpt_neox":
@@ -80,7 +86,7 @@ def tokenizer(tokenizer_dir):
 def model_dirs(tmp_path_factory, tokenizer):
     """{kind: folder} of save_pretrained folders (model + tokenizer) for every tiny model."""
     out = {}
-    for kind in [*MAMBA_SHAPES, "gpt2", "gpt_neox"]:
+    for kind in [*MAMBA_SHAPES, "falcon_mamba", "mamba2", "gpt2", "gpt_neox"]:
         path = tmp_path_factory.mktemp(kind)
         make_model(kind).save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -91,3 +97,28 @@ def model_dirs(tmp_path_factory, tokenizer):
 @pytest.fixture(params=list(MAMBA_SHAPES))
 def mamba(request):
     return make_model(request.param).to(DEVICE)
+
+
+def assert_streamed_equals_reference(an, ids, layers, methods=None, label: str = "") -> None:
+    """An attention-neuron analyser's streamed scores (`text_scores`, α one unit group at a time) against
+    the whole-α reference path (`create_neurons` on `extract_attention_vectors`), every field of every
+    method at each layer, with the maximum relative differences printed. gradient_guided: the streamed
+    path's g is taken at the scan's y, the reference's at α x + D x (equal to float32 rounding), hence 1e-5."""
+    import numpy as np
+
+    from attention_neurons import METHODS
+
+    methods = tuple(methods or METHODS)
+    for layer in layers:
+        ts = an.text_scores(ids, layer, methods)
+        data = an.extract_attention_vectors(ids, [layer])
+        assert set(ts.scores) == set(methods)
+        assert ts.reconstruction.ok and ts.reconstruction.relative_error < 1e-5
+        torch.testing.assert_close(ts.attention_vectors, data[layer]["attention_vectors"], rtol=1e-5, atol=1e-7)
+        for m in methods:
+            ref, got = an.create_neurons(data, m)[layer], ts.scores[m]
+            for field in ("neuron_activations", "neuron_importance", "token_map"):
+                r, g = np.asarray(getattr(ref, field)), np.asarray(getattr(got, field))
+                rel = np.abs(r - g).max() / np.abs(r).max()
+                print(f"{label} layer {layer} {m} {field}: max relative difference {rel:.2e}")
+                assert r.shape == g.shape and rel < (1e-5 if m == "gradient_guided" else 1e-6)

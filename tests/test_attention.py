@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from attention_neurons import (MambaAttentionNeurons, attention_weighted, gradient_guided,
                                integrate_attention_neurons, neuron_diversity, rollout_layer, rollout_step)
-from conftest import make_model
+from conftest import assert_streamed_equals_reference, make_model
 from delta_extraction import capture_mixer_io, mixer_internals
 from models import NotApplicable
 from ssm import apply_hidden_attention, hidden_attention, project_out, recompute_mixer
@@ -224,23 +224,7 @@ def test_streamed_text_scores_equal_the_reference_path(group_elements, methods, 
     monkeypatch.setattr(ssm, "ATTENTION_GROUP_ELEMENTS", group_elements or ssm.ATTENTION_GROUP_ELEMENTS)
     model = make_model("mamba_b")  # e = 72, n = 8; at L = 29, b = 2 a channel's largest intermediate is 4096 floats
     an = MambaAttentionNeurons(model)
-    ids = _ids(L=29, b=2)
-    for layer in range(model.config.num_hidden_layers):
-        ts = an.text_scores(ids, layer, methods)
-        data = an.extract_attention_vectors(ids, [layer])
-        assert set(ts.scores) == set(methods)
-        torch.testing.assert_close(ts.attention_vectors, data[layer]["attention_vectors"], rtol=1e-5, atol=1e-7)
-        assert ts.reconstruction.ok and ts.reconstruction.relative_error < 1e-5
-        for m in methods:
-            ref, got = an.create_neurons(data, m)[layer], ts.scores[m]
-            for field in ("neuron_activations", "neuron_importance", "token_map"):
-                r, g = np.asarray(getattr(ref, field)), np.asarray(getattr(got, field))
-                rel = np.abs(r - g).max() / np.abs(r).max()
-                print(f"layer {layer} {m} {field}: max relative difference {rel:.2e}")
-                # gradient_guided: the streamed path's g is taken at the scan's y, the reference's at α x + D x
-                # (equal to float32 rounding), hence not bit for bit
-                assert r.shape == g.shape and rel < (1e-5 if m == "gradient_guided" else 1e-6)
-
+    assert_streamed_equals_reference(an, _ids(L=29, b=2), range(model.config.num_hidden_layers), methods)
 
 @pytest.mark.parametrize("L", [1, 2, 8])  # one token (no off-diagonal entry), a partial chunk, exactly one chunk
 def test_streamed_text_scores_on_short_texts(L):

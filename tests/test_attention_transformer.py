@@ -7,7 +7,7 @@ import torch
 
 from attention_neurons import (TransformerAttentionNeurons, attention_neurons_for, attention_profile,
                                integrate_attention_neurons)
-from conftest import make_model
+from conftest import assert_streamed_equals_reference, make_model
 from models import GPT2Adapter, get_adapter
 from ssm import ReconstructionError
 from utils import trace
@@ -32,20 +32,7 @@ def test_streamed_scores_equal_the_reference_path(kind):
     model = make_model(kind)
     an = attention_neurons_for(model)
     assert isinstance(an, TransformerAttentionNeurons) and an.describe_units()["n_units"] == 32
-    ids = _ids()
-    for layer in range(2):
-        ts = an.text_scores(ids, layer)
-        data = an.extract_attention_vectors(ids, [layer])
-        assert ts.reconstruction.ok and ts.reconstruction.relative_error < 1e-6
-        torch.testing.assert_close(ts.attention_vectors, data[layer]["attention_vectors"])
-        for m in ts.scores:
-            ref, got = an.create_neurons(data, m)[layer], ts.scores[m]
-            for field in ("neuron_activations", "neuron_importance", "token_map"):
-                r, g = np.asarray(getattr(ref, field)), np.asarray(getattr(got, field))
-                rel = np.abs(r - g).max() / np.abs(r).max()
-                print(f"{kind} layer {layer} {m} {field}: max relative difference {rel:.2e}")
-                assert r.shape == g.shape and rel < 1e-6
-
+    assert_streamed_equals_reference(an, _ids(), range(2), label=kind)
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_the_matrices_are_the_models_own_and_rebuild_its_output(kind):

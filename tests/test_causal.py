@@ -78,7 +78,7 @@ def test_planted_dominant_dimension_ranks_first_and_dead_dimension_scores_zero(k
     adapter = get_adapter(model)
     planted, dead = 5, 11
     with torch.no_grad():
-        if adapter.is_mamba:  # mixer_out dim k = out_proj row k
+        if adapter.is_ssm:  # mixer_out dim k = out_proj row k
             proj = model.backbone.layers[1].mixer.out_proj
             proj.weight[planted] *= 30.0
             proj.weight[dead] = 0.0

@@ -27,7 +27,7 @@ def test_every_site_exists_fires_and_has_the_declared_width(kind):
             assert value.shape == (1, 5, s.size), (s, value.shape)
         residual = tr[adapter.site("residual", layer).path].output
         if layer < adapter.n_layers - 1:  # the last entry is after the final norm in GPT-2 / NeoX
-            offset = 0 if adapter.is_mamba else 1
+            offset = 0 if adapter.is_ssm else 1
             torch.testing.assert_close(residual, out.hidden_states[layer + offset])
 
 

@@ -2,7 +2,6 @@
 the shipped reference models."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

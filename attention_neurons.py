@@ -770,13 +770,16 @@ def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHO
 
 
 def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=METHODS, top_k: int = 10,
-                      progress: bool = False, rolled: dict | None = None, desc: str = "attention") -> dict:
+                      progress: bool = False, rolled: dict | None = None, desc: str = "attention",
+                      maps_at=None) -> dict:
     """Each method's scores at every one of `layers`, averaged over the texts (one text at a time, every
     layer from one forward per text, rollout continuing from layer to layer):
     {layer: {"layer", "n_texts", "max_reconstruction_error", "attention_vector_first_text" (L, L) the unit
     mean of α of the first text, "methods": {method: `analyze_neuron_behavior`'s dict + the averaged
     "neuron_activations" and "neuron_importance" (e,) and "token_map_first_text" (L, L)}}}.
-    `rolled`: {text index: (layer, R)} to start rollout from and to keep each text's last R in (--layers)."""
+    `rolled`: {text index: (layer, R)} to start rollout from and to keep each text's last R in (--layers).
+    `maps_at`: the layers whose entries keep the first text's (L, L) maps (default: every layer); the other
+    entries leave them out (at 24 layers they would make the JSON a hundred MB)."""
     from tqdm.auto import tqdm
 
     layers = sorted(set(layers))
@@ -800,14 +803,17 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
     n = len(texts_ids)
     out = {}
     for la in layers:
-        entry = {"layer": la, "n_texts": n, "max_reconstruction_error": worst[la],
-                 "attention_vector_first_text": vectors[la], "methods": {}}
+        maps = maps_at is None or la in maps_at
+        entry = {"layer": la, "n_texts": n, "max_reconstruction_error": worst[la], "methods": {}}
+        if maps:
+            entry["attention_vector_first_text"] = vectors[la]
         for m in methods:
             neurons = {la: NeuronScores(m, sums[la][m][0] / n, sums[la][m][1] / n, first[la][m])}
             entry["methods"][m] = {**analyzer.analyze_neuron_behavior(neurons, la, top_k),
                                    "neuron_activations": neurons[la].neuron_activations,
-                                   "neuron_importance": neurons[la].neuron_importance,
-                                   "token_map_first_text": first[la][m]}
+                                   "neuron_importance": neurons[la].neuron_importance}
+            if maps:
+                entry["methods"][m]["token_map_first_text"] = first[la][m]
         out[la] = entry
     return out
 

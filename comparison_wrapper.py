@@ -129,13 +129,16 @@ def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, m
     `main_by_layer`: the main model's profile at `main_layers` if already measured on these texts (the
     attention stage's), then not measured again. Returns {"methods", "note", "matched_layers" (the first main
     layer and its match), "models": {label: {"family", "units", "n_layers", "layers", "relative_depth",
-    "by_layer": {layer: profile entry}}}}; each entry holds its first text's attention vector (L, L)."""
+    "by_layer": {layer: profile entry}}}}; the entries at the matched layers hold the first text's attention vector (L, L)."""
     import attention_neurons as an
     from utils import tokenize_texts
 
     main_layers = sorted(main_layers)
     other_layers = sorted({matched_layer(relative_depth(la, main.adapter.n_layers), other.adapter.n_layers)
                            for la in main_layers})
+    first = main_layers[0]
+    matched = {main.label: first, other.label: matched_layer(relative_depth(first, main.adapter.n_layers),
+                                                             other.adapter.n_layers)}
     models = {}
     for run, layers, done in ((main, main_layers, main_by_layer), (other, other_layers, None)):
         analyzer = an.attention_neurons_for(run.model)
@@ -143,15 +146,12 @@ def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, m
             limit = run.adapter.max_positions
             tokens = tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
             done = an.attention_profile(analyzer, tokens.input_ids, layers, methods, top_k, progress,
-                                        desc=f"attention {run.label}")
+                                        desc=f"attention {run.label}", maps_at={matched[run.label]})
         models[run.label] = {"family": run.adapter.family, "units": analyzer.describe_units(),
                              "n_layers": run.adapter.n_layers, "layers": layers,
                              "relative_depth": [relative_depth(la, run.adapter.n_layers) for la in layers],
                              "by_layer": {la: done[la] for la in layers}}
-    first = main_layers[0]
-    return {"methods": list(methods), "note": ATTENTION_NOTE, "models": models,
-            "matched_layers": {main.label: first, other.label: matched_layer(
-                relative_depth(first, main.adapter.n_layers), other.adapter.n_layers)}}
+    return {"methods": list(methods), "note": ATTENTION_NOTE, "models": models, "matched_layers": matched}
 
 
 def summary_rows(comparison: dict) -> list[dict]:

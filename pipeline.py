@@ -144,7 +144,7 @@ def stage_attention(ctx: StageContext):
     rolled = ctx.kept().setdefault("rolled", {}) if ctx.opts.layers else None  # text index -> (layer, R)
     by_layer = an.attention_profile(analyzer, ctx.tokens.input_ids, layers, methods, ctx.top_k, ctx.progress,
                                     rolled, desc=f"attention layer{'s' if len(layers) > 1 else ''} "
-                                                 f"{', '.join(map(str, layers))}")
+                                                 f"{', '.join(map(str, layers))}", maps_at={layer})
     family = "mamba" if ctx.adapter.is_ssm else "transformer"
     results = {**by_layer[layer], "units": analyzer.describe_units(),
                "definitions": {m: an.DEFINITIONS[m] for m in methods}}

@@ -164,6 +164,8 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
     assert att["models"][main_label]["layers"] == [0, 2] and att["models"][other_label]["layers"] == [0, 1]
     assert all(att["models"][main_label]["by_layer"][la] is stage["by_layer"][la] for la in (0, 2))  # reused
     assert att["models"][other_label]["units"]["unit"] == "dim"
+    other_by = att["models"][other_label]["by_layer"]
+    assert "attention_vector_first_text" in other_by[0] and "attention_vector_first_text" not in other_by[1]
     ids = tokenize_texts(other_tok, texts, 30).input_ids
     expect = an.attention_profile(an.attention_neurons_for(other), ids, [0, 1])
     for la in (0, 1):
@@ -194,6 +196,9 @@ def test_the_attention_stage_over_several_layers_equals_one_layer_runs(attention
     stage = res["attention"]["results"]
     assert stage["layer"] == 0 and stage["attention_layers"] == [0, 2]
     assert stage["methods"] == stage["by_layer"][0]["methods"]
+    # the first text's (L, L) maps are kept at --layer only (at 24 layers they would swell the JSON)
+    assert "attention_vector_first_text" in stage and "attention_vector_first_text" not in stage["by_layer"][2]
+    assert all("token_map_first_text" not in e for e in stage["by_layer"][2]["methods"].values())
     alone = run_pipeline(model, tok, texts, Options(layer=2, max_length=30, progress=False, plots_dir=str(tmp_path),
                                                     prefix="a"), ["attention"])
     for m, e in alone["attention"]["results"]["methods"].items():

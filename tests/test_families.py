@@ -214,3 +214,24 @@ def test_a_mamba2_beside_a_mamba1_from_the_command_line(model_dirs, tmp_path):
     comp = res["comparison"]["results"]
     assert [s["family"] for s in comp["models"]] == ["mamba2", "mamba"]
     assert [m["units"]["n_units"] for m in comp["attention"]["models"].values()] == [64, 72]
+
+
+def test_a_transformer_beside_a_falcon_mamba_in_the_comparison(model_dirs, tokenizer, tmp_path):
+    """The comparison with a FalconMamba on the other side: its sparsity at every layer, its causal impacts
+    and its attention neurons at the matched layers (the other model's math through its own adapter)."""
+    from pipeline import Options, run_pipeline
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+    opts = Options(max_length=24, plots_dir=str(tmp_path), prefix="g", progress=False, seq_lengths=(16,),
+                   efficiency_budget=3.0, compare_model=str(model_dirs["falcon_mamba"]), attention_layers=(1,))
+    res = run_pipeline(make_model("gpt2"), tokenizer, read_texts_file(OFFLINE_TEXTS_PATH)[:3], opts,
+                       ["causal", "attention", "sparsity", "comparison"])
+    assert res["comparison"]["status"] == "ok", res["comparison"].get("error")
+    comp = res["comparison"]["results"]
+    assert [s["family"] for s in comp["models"]] == ["gpt2", "falcon_mamba"]
+    assert set(comp["models"][1]["sparsity_by_layer"]) == {0, 1, 2}
+    other = comp["models"][1]["label"]
+    assert comp["causal"][other]["site"] == "mixer_out" and len(comp["causal"][other]["scores"]) == 24
+    att = comp["attention"]["models"]
+    assert att[other]["layers"] == [0, 2] and att[other]["units"]["n_units"] == 72  # depths 0 and 1 of 3 layers
+    assert all(e["max_reconstruction_error"] < 1e-4 for e in att[other]["by_layer"].values())

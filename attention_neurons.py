@@ -90,7 +90,8 @@ class TextScores:
 
 
 class MixerProjections(NamedTuple):
-    """`ssm.mixer_projections`' result by name: all that α needs (no scan output)."""
+    """`ssm.mixer_projections`' (or `ssm.mamba2_projections`') result by name: all that α needs (no scan
+    output). Mamba-1 shapes below; Mamba-2: Δ (b, L, H), B and C (b, L, G, N), A and D (H,)."""
 
     x: torch.Tensor  # (b, L, e)
     z: torch.Tensor  # (b, L, e)

@@ -112,7 +112,7 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
             "prompts": causal["prompts"], "ablation": causal.get("ablation", "zero")}
     if attention is not None:
         out["attention"] = attention if "skipped" in attention else compare_attention(
-            main, other, texts, max_length, progress=progress, **attention)
+            main, other, texts, max_length, layer, progress=progress, **attention)
     out["summary"] = summary_rows(out)
     return out
 
@@ -122,22 +122,22 @@ ATTENTION_NOTE = ("units: Mamba's channels (hidden attention α^c) and a Transfo
                   "directly, mean activations are of the same kind but their scale is model-specific")
 
 
-def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, methods, main_layers,
+def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, layer: int, methods, main_layers,
                       main_by_layer: dict | None = None, top_k: int = 10, progress: bool = False) -> dict:
     """Both models' attention neurons (`attention_neurons.attention_profile`, each on its own tokenization of
-    the texts): the main model at `main_layers`, the other at the layers of the same relative depths.
-    `main_by_layer`: the main model's profile at `main_layers` if already measured on these texts (the
-    attention stage's), then not measured again. Returns {"methods", "note", "matched_layers" (the first main
-    layer and its match), "models": {label: {"family", "units", "n_layers", "layers", "relative_depth",
-    "by_layer": {layer: profile entry}}}}; the entries at the matched layers hold the first text's attention vector (L, L)."""
+    the texts): the main model at `main_layers` (`layer`, the main model's --layer, among them), the other at
+    the layers of the same relative depths. `main_by_layer`: the main model's profile at `main_layers` if
+    already measured on these texts (the attention stage's, whose first-text maps are at `layer`), then not
+    measured again. Returns {"methods", "note", "matched_layers" (`layer` and its match: the summary rows and
+    the maps), "models": {label: {"family", "units", "n_layers", "layers", "relative_depth", "by_layer":
+    {layer: profile entry}}}}; the entries at the matched layers hold the first text's attention vector (L, L)."""
     import attention_neurons as an
     from utils import tokenize_texts
 
-    main_layers = sorted(main_layers)
+    main_layers = sorted({layer, *main_layers})
     other_layers = sorted({matched_layer(relative_depth(la, main.adapter.n_layers), other.adapter.n_layers)
                            for la in main_layers})
-    first = main_layers[0]
-    matched = {main.label: first, other.label: matched_layer(relative_depth(first, main.adapter.n_layers),
+    matched = {main.label: layer, other.label: matched_layer(relative_depth(layer, main.adapter.n_layers),
                                                              other.adapter.n_layers)}
     models = {}
     for run, layers, done in ((main, main_layers, main_by_layer), (other, other_layers, None)):

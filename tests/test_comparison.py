@@ -132,7 +132,8 @@ def test_the_comparison_reuses_the_sparsity_stage_and_gets_the_same_numbers(mode
 
 @pytest.fixture(scope="module")
 def attention_comparison(model_dirs, tmp_path_factory):
-    """The attention stage at layers 0 and 2 of a 3-layer Mamba, then the comparison with a 2-layer GPT-2."""
+    """The attention stage at --layer 2 and --attention_layers 0 of a 3-layer Mamba, then the comparison with a
+    2-layer GPT-2 (the headline layer is not the first: the maps and summary rows follow --layer)."""
     from models import load_model_and_tokenizer
     from utils import OFFLINE_TEXTS_PATH, read_texts_file
 
@@ -142,7 +143,7 @@ def attention_comparison(model_dirs, tmp_path_factory):
     texts = read_texts_file(OFFLINE_TEXTS_PATH)[:4]
     from pipeline import Options, run_pipeline
 
-    opts = Options(layer=0, attention_layers=(2,), max_length=30, plots_dir=str(tmp), prefix="m", progress=False,
+    opts = Options(layer=2, attention_layers=(0,), max_length=30, plots_dir=str(tmp), prefix="m", progress=False,
                    compare_model=str(model_dirs["gpt2"]), seq_lengths=(16,), efficiency_budget=5.0)
     res = run_pipeline(main_model, tok, texts, opts, ["attention", "comparison"])
     return res, (main_model, tok), (other, other_tok), texts
@@ -160,12 +161,14 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
     stage, comp = res["attention"]["results"], res["comparison"]["results"]
     att = comp["attention"]
     main_label, other_label = [s["label"] for s in comp["models"]]
-    assert att["matched_layers"] == {main_label: 0, other_label: 0}
+    assert att["matched_layers"] == {main_label: 2, other_label: 1}
     assert att["models"][main_label]["layers"] == [0, 2] and att["models"][other_label]["layers"] == [0, 1]
     assert all(att["models"][main_label]["by_layer"][la] is stage["by_layer"][la] for la in (0, 2))  # reused
+    names = [p.rsplit("/", 1)[-1] for p in res["attention"]["plots"]]
+    assert "m_hidden_attention_layer2_text0.png" in names and "m_attention_by_layer_layers0_2.png" in names
     assert att["models"][other_label]["units"]["unit"] == "dim"
     other_by = att["models"][other_label]["by_layer"]
-    assert "attention_vector_first_text" in other_by[0] and "attention_vector_first_text" not in other_by[1]
+    assert "attention_vector_first_text" in other_by[1] and "attention_vector_first_text" not in other_by[0]
     ids = tokenize_texts(other_tok, texts, 30).input_ids
     expect = an.attention_profile(an.attention_neurons_for(other), ids, [0, 1])
     for la in (0, 1):
@@ -176,10 +179,10 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
     rows = {r["metric"]: r for r in comp["summary"]}
     for m in an.METHODS:
         row = rows[f"attention {m}: diversity"]
-        assert row[main_label] == round(stage["by_layer"][0]["methods"][m]["neuron_diversity"], 4)
-        assert row[other_label] == round(expect[0]["methods"][m]["neuron_diversity"], 4)
+        assert row[main_label] == round(stage["by_layer"][2]["methods"][m]["neuron_diversity"], 4)
+        assert row[other_label] == round(expect[1]["methods"][m]["neuron_diversity"], 4)
         assert float(rows[f"attention {m}: mean activation"][other_label]) == pytest.approx(
-            expect[0]["methods"][m]["mean_activation"], rel=1e-3)
+            expect[1]["methods"][m]["mean_activation"], rel=1e-3)
     names = [p.rsplit("/", 1)[-1] for p in res["comparison"]["plots"]]
     assert any(n.endswith("_attention_by_depth.png") for n in names)
     assert any(n.endswith("_attention_maps.png") for n in names)
@@ -189,16 +192,16 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
 
 def test_the_attention_stage_over_several_layers_equals_one_layer_runs(attention_comparison, tmp_path):
     """--attention_layers: the stage at layers 0 and 2 in one pass per text equals a one-layer stage at 2
-    (rollout at 2 continues from layer 0 instead of restarting), and its headline is --layer's."""
+    (rollout at 2 continues from layer 0 instead of restarting), and its headline is --layer's (2)."""
     from pipeline import Options, run_pipeline
 
     res, (model, tok), _, texts = attention_comparison
     stage = res["attention"]["results"]
-    assert stage["layer"] == 0 and stage["attention_layers"] == [0, 2]
-    assert stage["methods"] == stage["by_layer"][0]["methods"]
+    assert stage["layer"] == 2 and stage["attention_layers"] == [0, 2]
+    assert stage["methods"] is stage["by_layer"][2]["methods"]
     # the first text's (L, L) maps are kept at --layer only (at 24 layers they would swell the JSON)
-    assert "attention_vector_first_text" in stage and "attention_vector_first_text" not in stage["by_layer"][2]
-    assert all("token_map_first_text" not in e for e in stage["by_layer"][2]["methods"].values())
+    assert "attention_vector_first_text" in stage and "attention_vector_first_text" not in stage["by_layer"][0]
+    assert all("token_map_first_text" not in e for e in stage["by_layer"][0]["methods"].values())
     alone = run_pipeline(model, tok, texts, Options(layer=2, max_length=30, progress=False, plots_dir=str(tmp_path),
                                                     prefix="a"), ["attention"])
     for m, e in alone["attention"]["results"]["methods"].items():

@@ -31,6 +31,13 @@ def test_flops_per_token_by_hand():
     assert b["per_layer"] - a["per_layer"] == 2 * 32 * 100
     assert a["per_layer"] == 6 * 32 * 32 + 2 * 32 * 101 + 2 * 32 * 32 + 4 * 32 * 128
     assert ef.flops_per_token(get_adapter(m), 200)["total"] == f["total"]
+    m2 = make_model("mamba2")  # d 32, I 64 = 8 heads x 8, G 2, N 8, k 4, 2 layers, V 300
+    f2 = ef.flops_per_token(get_adapter(m2), 100)
+    mixer = m2.backbone.layers[0].mixer
+    weights = mixer.in_proj.weight.numel() + mixer.conv1d.weight.numel() + mixer.out_proj.weight.numel()
+    assert weights == 32 * (2 * 64 + 2 * 2 * 8 + 8) + (64 + 2 * 2 * 8) * 4 + 64 * 32  # the formula's shapes
+    assert f2["per_layer"] == 2 * weights + 6 * 64 * 8 + 2 * 8 + 3 * 64  # a multiply-add per weight, then the scan
+    assert f2["total"] == 2 * f2["per_layer"] + 2 * 32 * 300
 
 
 def test_scaling_curve_limits_and_memory_growth():

@@ -34,12 +34,10 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models import NotApplicable, get_adapter, require_mamba
-from ssm import (ReconstructionCheck, apply_hidden_attention, check_reconstruction, fast_scan_training,
-                 gated_rms_norm, hidden_attention_chunked, hidden_attention_groups, hidden_attention_heads,
-                 mamba2_projections, mixer_projections, project_out)
+from ssm import (ReconstructionCheck, apply_hidden_attention, channel_D, check_reconstruction, fast_scan_training,
+                 gate_output, hidden_attention_by_channel, project_out, ssm_projections)
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +88,7 @@ class TextScores:
 
 
 class MixerProjections(NamedTuple):
-    """`ssm.mixer_projections`' (or `ssm.mamba2_projections`') result by name: all that α needs (no scan
+    """`ssm.ssm_projections`' result by name: all that α needs (no scan
     output). Mamba-1 shapes below; Mamba-2: Δ (b, L, H), B and C (b, L, G, N), A and D (H,)."""
 
     x: torch.Tensor  # (b, L, e)
@@ -464,18 +462,28 @@ class AttentionNeurons:
 
 
 class MambaAttentionNeurons(AttentionNeurons):
-    """Hidden attention and attention neurons of a Hugging Face Mamba-1 model; the units are channels."""
+    """Hidden attention and attention neurons of a Hugging Face Mamba model: Mamba-1 and FalconMamba (α per
+    channel) or Mamba-2 (α per head, shared by the head's channels). The units are the channels of the
+    inner width; the family's math is ssm.py's (`ssm_projections`, `hidden_attention_by_channel`,
+    `gate_output`), and y = α x + D x through the gate (or gated norm) and out_proj is checked against the
+    mixer's real output."""
 
     unit = "channel"
 
     def __init__(self, model):
         super().__init__(model)
         require_mamba(self.adapter, "hidden attention exists only in Mamba layers")
-        if self.adapter.ssm_kind != "mamba1":
-            raise NotApplicable(f"not a Mamba-1 model ({self.adapter.family}): use attention_neurons_for")
+        self.mamba2 = self.adapter.ssm_kind == "mamba2"
 
     def describe_units(self) -> dict:
-        return {"unit": self.unit, "n_units": self.adapter.inner_size, "definition": UNITS["mamba"]}
+        a = self.adapter
+        if not self.mamba2:
+            return {"unit": self.unit, "n_units": a.inner_size, "definition": UNITS["mamba"]}
+        return {"unit": self.unit, "n_units": a.inner_size, "n_heads": a.n_heads,
+                "head_dim": a.inner_size // a.n_heads, "definition": UNITS["mamba2"]}
+
+    def unit_location(self, c: int) -> dict:
+        return {"head": c // (self.adapter.inner_size // self.adapter.n_heads)} if self.mamba2 else {}
 
     def capture(self, ids, mask, layers) -> dict:
         from delta_extraction import capture_mixer_ios
@@ -493,23 +501,24 @@ class MambaAttentionNeurons(AttentionNeurons):
             g, _ = self.output_gradient(ids, layer, mask, it.y, it.z)  # (b, L, e)
         else:  # α needs no sequential scan (e.g. rollout's lower layers)
             with torch.no_grad():
-                it = MixerProjections(*mixer_projections(mixer, h_in, mask))
+                it = MixerProjections(*ssm_projections(mixer, h_in, mask))
         y = torch.empty_like(it.x)  # (b, L, e): α x + D x, filled group by group
+        D = channel_D(it.D, it.x.shape[-1])  # (e,)
 
         def groups():
-            for cs, alpha in hidden_attention_groups(it.delta, it.A, it.B, it.C):  # (b, g, L, L)
-                y[:, :, cs] = apply_hidden_attention(alpha, it.x[:, :, cs], it.D[cs])
+            for cs, alpha in hidden_attention_by_channel(mixer, it.delta, it.A, it.B, it.C):  # (b, g, L, L)
+                y[:, :, cs] = apply_hidden_attention(alpha, it.x[:, :, cs], D[cs])
                 yield cs, alpha
 
         def check():
             with torch.no_grad():
-                return check_reconstruction(project_out(mixer, y * F.silu(it.z)), real_out)
+                return check_reconstruction(project_out(mixer, gate_output(mixer, y, it.z)), real_out, mixer=mixer)
 
         return LayerView(it.x, g, groups(), check)
 
     def extract_attention_vectors(self, inputs, layer_indices) -> dict:
         """{layer: {"attention_matrix": α (b, e, L, L), "attention_vectors": mean_c α (b, L, L),
-        "x", "y" (= α x + D x), "z": (b, L, e), "D": (e,), "leaf": (y, z), "reconstruction":
+        "x", "y" (= α x + D x), "z": (b, L, e), "D": (e,) per channel, "leaf": (y, z), "reconstruction":
         ReconstructionCheck, "input_ids", "attention_mask"}}.
         `inputs`: input ids (b, L) or a tokenizer output dict. α is verified against the mixer output."""
         ids, mask = self._device_ids(inputs)
@@ -517,10 +526,14 @@ class MambaAttentionNeurons(AttentionNeurons):
         for layer, (h_in, real_out) in self.capture(ids, mask, list(layer_indices)).items():
             mixer = self.adapter.mixer(layer)
             with torch.no_grad():
-                x, z, delta, B, C, A, D = mixer_projections(mixer, h_in, mask)  # no sequential scan needed:
-                alpha = hidden_attention_chunked(delta, A, B, C)  # (b, e, L, L); == hidden_attention (tested)
+                x, z, delta, B, C, A, D = ssm_projections(mixer, h_in, mask)  # no sequential scan needed
+                b, L, e = x.shape
+                alpha = x.new_empty(b, e, L, L)  # (b, e, L, L), == hidden_attention for Mamba-1 (tested)
+                for cs, part in hidden_attention_by_channel(mixer, delta, A, B, C):
+                    alpha[:, cs] = part
+                D = channel_D(D, e)
                 y = apply_hidden_attention(alpha, x, D)  # (b, L, e), the scan output via α
-                check = check_reconstruction(project_out(mixer, y * F.silu(z)), real_out)
+                check = check_reconstruction(project_out(mixer, gate_output(mixer, y, z)), real_out, mixer=mixer)
             data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "x": x, "y": y,
                            "z": z, "D": D, "leaf": (y, z), "reconstruction": check, "input_ids": ids,
                            "attention_mask": mask}
@@ -529,11 +542,12 @@ class MambaAttentionNeurons(AttentionNeurons):
     def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer` by `leaf_gradient`: the mixer's output is
-        replaced by out_proj(y · SiLU(z)) from a leaf y. Every mixer runs the fast scan in this pass
-        (`ssm.fast_scan_training`: the same recurrence, tested against the reference scan, so the logits
-        equal the model's to float rounding) for its O(b L e n) hand-written backward; autograd through
-        transformers' step-by-step slow path costs O(L²) memory traffic. `y`, `z` (b, L, e): already
-        verified internals of this layer for these inputs, to skip recomputing them."""
+        replaced by out_proj(gate(y, z)) from a leaf y (the scan output, before the gate or gated norm).
+        Mamba-1 / FalconMamba mixers run the fast scan in this pass (`ssm.fast_scan_training`: the same
+        recurrence, tested against the reference scan, so the logits equal the model's to float rounding) for
+        its O(b L e n) hand-written backward; autograd through transformers' step-by-step slow path costs
+        O(L²) memory traffic. Mamba-2 runs its own chunked forward. `y`, `z` (b, L, e): already verified
+        internals of this layer for these inputs, to skip recomputing them."""
         from delta_extraction import mixer_internals
 
         mixer = self.adapter.mixer(layer)
@@ -541,97 +555,8 @@ class MambaAttentionNeurons(AttentionNeurons):
             it, _ = mixer_internals(self.model, layer, input_ids, attention_mask)  # verified
             y, z = it.y, it.z
         return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.mixer_path(layer), y,
-                             lambda leaf: project_out(mixer, leaf * F.silu(z)), fast_scan_training(self.model))
-
-
-class Mamba2AttentionNeurons(AttentionNeurons):
-    """Hidden attention of a Mamba-2 model: one α_h per head (`ssm.hidden_attention_heads`); the units are
-    the I inner channels, each mixed by its head's α (as a Transformer's attention-output dims are), with
-    y = α x + D x the scan, checked through the gated RMS norm and out_proj against the mixer's output."""
-
-    unit = "channel"
-
-    def __init__(self, model):
-        super().__init__(model)
-        if self.adapter.ssm_kind != "mamba2":
-            raise NotApplicable(f"not a Mamba-2 model ({self.adapter.family})")
-
-    def describe_units(self) -> dict:
-        a = self.adapter
-        return {"unit": self.unit, "n_units": a.inner_size, "n_heads": a.n_heads,
-                "head_dim": a.inner_size // a.n_heads, "definition": UNITS["mamba2"]}
-
-    def unit_location(self, c: int) -> dict:
-        return {"head": c // (self.adapter.inner_size // self.adapter.n_heads)}
-
-    def capture(self, ids, mask, layers) -> dict:
-        from delta_extraction import capture_mixer_ios
-
-        return capture_mixer_ios(self.model, layers, ids, mask)  # {layer: (input, real output) (b, L, d)}
-
-    def _alpha(self, it) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(the head's channels, its α_h (b, L, L)) per head."""
-        P = self.adapter.inner_size // self.adapter.n_heads
-        for h, alpha in hidden_attention_heads(it.delta, it.A, it.B, it.C):
-            yield h, slice(h * P, (h + 1) * P), alpha
-
-    def layer_view(self, ids, mask, layer: int, io, gradient: bool) -> LayerView:
-        from delta_extraction import verified_internals
-
-        h_in, real_out = io
-        mixer = self.adapter.mixer(layer)
-        g = None
-        if gradient:  # the gradient's leaf is the scan's y, checked against the mixer first
-            it, _ = verified_internals(mixer, io, mask)
-            g, _ = self.output_gradient(ids, layer, mask, it.y, it.z)  # (b, L, I)
-        else:
-            with torch.no_grad():
-                it = MixerProjections(*mamba2_projections(mixer, h_in, mask))
-        y = torch.empty_like(it.x)  # (b, L, I): α x + D x, filled head by head
-        P = self.adapter.inner_size // self.adapter.n_heads
-
-        def groups():
-            for h, cs, alpha in self._alpha(it):  # α_h (b, L, L)
-                y[:, :, cs] = alpha @ it.x[:, :, cs] + it.x[:, :, cs] * it.D[h]
-                yield cs, alpha[:, None].expand(-1, P, -1, -1)  # (b, P, L, L): a view, no copy
-
-        def check():
-            with torch.no_grad():
-                return check_reconstruction(project_out(mixer, gated_rms_norm(mixer, y, it.z)), real_out, mixer=mixer)
-
-        return LayerView(it.x, g, groups(), check)
-
-    def extract_attention_vectors(self, inputs, layer_indices) -> dict:
-        """As `MambaAttentionNeurons.extract_attention_vectors`, with "head_attention": α_h (b, H, L, L) and
-        "attention_matrix" α (b, I, L, L) (each head's α repeated for its channels)."""
-        ids, mask = self._device_ids(inputs)
-        data = {}
-        for layer, (h_in, real_out) in self.capture(ids, mask, list(layer_indices)).items():
-            mixer = self.adapter.mixer(layer)
-            with torch.no_grad():
-                it = MixerProjections(*mamba2_projections(mixer, h_in, mask))
-                heads = torch.stack([a for _, _, a in self._alpha(it)], dim=1)  # (b, H, L, L)
-                alpha = heads.repeat_interleave(it.x.shape[-1] // heads.shape[1], dim=1)  # (b, I, L, L)
-                y = apply_hidden_attention(alpha, it.x, it.D.repeat_interleave(alpha.shape[1] // heads.shape[1]))
-                check = check_reconstruction(project_out(mixer, gated_rms_norm(mixer, y, it.z)), real_out, mixer=mixer)
-            data[layer] = {"attention_matrix": alpha, "attention_vectors": alpha.mean(1), "head_attention": heads,
-                           "x": it.x, "y": y, "z": it.z, "leaf": (y, it.z), "reconstruction": check,
-                           "input_ids": ids, "attention_mask": mask}
-        return data
-
-    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """g = ∂ logit[target] / ∂ y (b, L, I) at the scan output y (before the gated norm), by
-        `leaf_gradient`: the mixer's output is replaced by out_proj(gated_norm(y, z)) from a leaf y; the
-        layers above run the model's own (chunked) forward."""
-        from delta_extraction import mixer_internals
-
-        mixer = self.adapter.mixer(layer)
-        if y is None or z is None:
-            it, _ = mixer_internals(self.model, layer, input_ids, attention_mask)  # verified
-            y, z = it.y, it.z
-        return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.mixer_path(layer), y,
-                             lambda leaf: project_out(mixer, gated_rms_norm(mixer, leaf, z)))
+                             lambda leaf: project_out(mixer, gate_output(mixer, leaf, z)),
+                             None if self.mamba2 else fast_scan_training(self.model))
 
 
 class TransformerAttentionNeurons(AttentionNeurons):
@@ -728,8 +653,7 @@ class TransformerAttentionNeurons(AttentionNeurons):
 
 def attention_neurons_for(model) -> AttentionNeurons:
     """The attention-neuron analyser of the model's family."""
-    kind = get_adapter(model).ssm_kind
-    return {"mamba1": MambaAttentionNeurons, "mamba2": Mamba2AttentionNeurons}.get(kind, TransformerAttentionNeurons)(model)
+    return (MambaAttentionNeurons if get_adapter(model).is_ssm else TransformerAttentionNeurons)(model)
 
 
 def plot_attention_vector(vector: np.ndarray, layer: int, plots_dir, prefix: str, family: str = "mamba") -> str:

@@ -128,16 +128,43 @@ def recompute_mixer(mixer, hidden_states: torch.Tensor, attention_mask: torch.Te
     keeping every internal: Mamba-1 / FalconMamba by the steps of the module doc, Mamba-2 by those of
     the Mamba-2 section below (the mixer's class tells which)."""
     with torch.no_grad():
-        if is_mamba2_mixer(mixer):
-            x, z, delta, B, C, A, D = mamba2_projections(mixer, hidden_states, attention_mask)
-            y = mamba2_scan_reference(x, delta, A, B, C, D)  # (b, L, I)
-            u = gated_rms_norm(mixer, y, z)  # (b, L, I)
-        else:
-            x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
-            y = selective_scan_reference(x, delta, A, B, C, D)  # (b, L, e)
-            u = y * F.silu(z)  # (b, L, e)
+        x, z, delta, B, C, A, D = ssm_projections(mixer, hidden_states, attention_mask)
+        scan = mamba2_scan_reference if is_mamba2_mixer(mixer) else selective_scan_reference
+        y = scan(x, delta, A, B, C, D)  # (b, L, e)
+        u = gate_output(mixer, y, z)  # (b, L, e)
         out = project_out(mixer, u)  # (b, L, d)
     return MixerInternals(x, z, delta, B, C, A, D, y, u, out)
+
+
+def ssm_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """x, z, Δ, B, C, A, D of either kind of mixer: `mixer_projections` (Mamba-1, FalconMamba) or
+    `mamba2_projections` (Mamba-2)."""
+    fn = mamba2_projections if is_mamba2_mixer(mixer) else mixer_projections
+    return fn(mixer, hidden_states, attention_mask)
+
+
+def gate_output(mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """u, the input of out_proj, from the scan output y and the gate z (b, L, e): y · SiLU(z) (Mamba-1,
+    FalconMamba) or Mamba-2's gated RMS norm."""
+    return gated_rms_norm(mixer, y, z) if is_mamba2_mixer(mixer) else y * F.silu(z)
+
+
+def channel_D(D: torch.Tensor, e: int) -> torch.Tensor:
+    """The D skip per channel (e,): Mamba-2's one D per head repeated for the head's e / H channels."""
+    return D if D.shape[0] == e else D.repeat_interleave(e // D.shape[0])
+
+
+def hidden_attention_by_channel(mixer, delta, A, B, C):
+    """The hidden attention of either kind of mixer, one channel group at a time: yields (channel slice,
+    α of those channels (b, g, L, L)), with y^c = Σ_j α^c[i, j] x^c_j + D_c x^c_i for every channel c.
+    Mamba-1 / FalconMamba: `hidden_attention_groups`. Mamba-2: one head at a time (`hidden_attention_heads`),
+    its α_h shared by the head's channels (an expanded view, no copy)."""
+    if not is_mamba2_mixer(mixer):
+        yield from hidden_attention_groups(delta, A, B, C)
+        return
+    P = int(mixer.head_dim)
+    for h, alpha in hidden_attention_heads(delta, A, B, C):  # (b, L, L)
+        yield slice(h * P, (h + 1) * P), alpha[:, None].expand(-1, P, -1, -1)  # (b, P, L, L)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -272,19 +272,21 @@ def test_rollout_continues_from_an_earlier_layers_map():
         an.text_scores(ids, 1, ("rollout",), rolled=(1, first.rollout_R))
 
 
-def test_streamed_text_scores_refuse_a_wrong_reconstruction(monkeypatch):
-    """A planted error in α (every group × 1.1: the output moves by 4e-4 relative, as α x is a small part
-    of this random-init mixer's output beside D x) must be caught by the (α x + D x) check, not scored."""
+@pytest.mark.parametrize("kind", ["mamba_b", "mamba2"])
+def test_streamed_text_scores_refuse_a_wrong_reconstruction(kind, monkeypatch):
+    """A planted error in α (every group × 1.1: the output moves by 4e-4 relative in Mamba-1, as α x is a
+    small part of this random-init mixer's output beside D x) must be caught by the (α x + D x) check
+    (through the gate, or Mamba-2's gated norm), not scored."""
     import attention_neurons
     import ssm
 
-    real = ssm.hidden_attention_groups
+    real = ssm.hidden_attention_by_channel
 
     def skewed(*a, **kw):
         for cs, alpha in real(*a, **kw):
             yield cs, alpha * 1.1
 
-    monkeypatch.setattr(attention_neurons, "hidden_attention_groups", skewed)
-    an = MambaAttentionNeurons(make_model("mamba_b"))
+    monkeypatch.setattr(attention_neurons, "hidden_attention_by_channel", skewed)
+    an = MambaAttentionNeurons(make_model(kind))
     with pytest.raises(ssm.ReconstructionError):
         an.text_scores(_ids(L=29, b=1), 1, ("attention_weighted",))

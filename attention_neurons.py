@@ -267,13 +267,14 @@ def score_groups(view: LayerView, methods: tuple, previous: list | None
 
 
 def leaf_gradient(model, input_ids: torch.Tensor, attention_mask, path: str, y: torch.Tensor,
-                  rebuild: Callable, scan=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  rebuild: Callable, scan=None, watch: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(g = ∂ logit[target] / ∂ y (b, L, e), target (b,)), target = the model's predicted next token at the
     last position. The output of the module at `path` is replaced by `rebuild(y)` computed from a leaf
     copy of `y` (numerically the module's own output, verified by the caller), so autograd reaches y
     exactly. The weights leave the graph for this pass (no weight-gradient work) and get their
     requires_grad back afterwards, also on error. `scan`: a context to run the forward in (e.g. Mamba's
-    fast scan, for its cheap backward)."""
+    fast scan, for its cheap backward). `watch`: a context factory wrapped around the model's forward (it
+    may read other modules of this full forward, e.g. `sparsity.ForwardFeed.watch`)."""
     from utils import trace
 
     y = y.clone().requires_grad_(True)  # (b, L, e)
@@ -283,7 +284,8 @@ def leaf_gradient(model, input_ids: torch.Tensor, attention_mask, path: str, y: 
     try:
         with torch.enable_grad(), (scan or contextlib.nullcontext()):
             out = rebuild(y)  # (b, L, d)
-            with trace(model, [path], retain_output=False, edit_output=lambda name, o: out.to(o.dtype)):
+            with (watch or contextlib.nullcontext)(), \
+                    trace(model, [path], retain_output=False, edit_output=lambda name, o: out.to(o.dtype)):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                logits_to_keep=1).logits  # (b, 1, V): the head at the last position only
             last = logits[:, -1].float()  # (b, V)
@@ -327,15 +329,17 @@ class AttentionNeurons:
         """{layer: what `layer_view` needs}, from one forward for all `layers`."""
         raise NotImplementedError
 
-    def layer_view(self, ids, mask, layer: int, io, gradient: bool) -> LayerView:
+    def layer_view(self, ids, mask, layer: int, io, gradient: bool, watch: Callable | None = None) -> LayerView:
+        """The layer as unit groups of α; with `gradient`, g from `output_gradient` (its full forward
+        wrapped in `watch`)."""
         raise NotImplementedError
 
     def text_scores(self, inputs, layer: int, methods=METHODS, rolled: tuple | None = None) -> "TextScores":
         """`scores_by_layer` at one layer."""
         return next(iter(self.scores_by_layer(inputs, [layer], methods, rolled)))[1]
 
-    def scores_by_layer(self, inputs, layers, methods=METHODS, rolled: tuple | None = None
-                        ) -> Iterator[tuple[int, "TextScores"]]:
+    def scores_by_layer(self, inputs, layers, methods=METHODS, rolled: tuple | None = None,
+                        watch: Callable | None = None) -> Iterator[tuple[int, "TextScores"]]:
         """(layer, TextScores) for each of `layers` in ascending order: every method's scores, equal to
         `create_neurons` on `extract_attention_vectors` (the reference path; tested) but with α consumed one
         unit group at a time: α is never held whole (peak memory about one group's α instead of
@@ -347,7 +351,8 @@ class AttentionNeurons:
         Rollout at layer ℓ > 0 streams the layers below it for R_{ℓ-1}, continuing from each chosen layer to
         the next; `rolled` = (layer k below the first of `layers`, per-example R_k), the `rollout_R` of an
         earlier call on the same inputs, starts from R_k instead. Each result's `rollout_R` is R_ℓ per
-        example (None without rollout)."""
+        example (None without rollout). `watch`: a context factory wrapped around the first gradient pass's
+        forward (a full forward of the model on these inputs; `leaf_gradient`)."""
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
@@ -360,7 +365,9 @@ class AttentionNeurons:
         ios = self.capture(ids, mask, list(needed))
         for la in needed:
             chosen = la in layers
-            view = self.layer_view(ids, mask, la, ios.pop(la), chosen and "gradient_guided" in methods)
+            gradient = chosen and "gradient_guided" in methods
+            view = self.layer_view(ids, mask, la, ios.pop(la), gradient, watch)
+            watch = None if gradient else watch  # one full forward read
             scores, vectors, R = score_groups(view, methods if chosen else ("rollout",), previous)
             check = view.check()
             previous = R
@@ -490,7 +497,7 @@ class MambaAttentionNeurons(AttentionNeurons):
 
         return capture_mixer_ios(self.model, layers, ids, mask)  # {layer: (input, real output) (b, L, d)}
 
-    def layer_view(self, ids, mask, layer: int, io, gradient: bool) -> LayerView:
+    def layer_view(self, ids, mask, layer: int, io, gradient: bool, watch: Callable | None = None) -> LayerView:
         from delta_extraction import verified_internals
 
         h_in, real_out = io
@@ -498,7 +505,7 @@ class MambaAttentionNeurons(AttentionNeurons):
         g = None
         if gradient:  # the gradient's leaf is the scan's y, checked against the mixer first
             it, _ = verified_internals(mixer, io, mask)  # x, z, Δ, B, C, A, D and y, (b, L, ·)
-            g, _ = self.output_gradient(ids, layer, mask, it.y, it.z)  # (b, L, e)
+            g, _ = self.output_gradient(ids, layer, mask, it.y, it.z, watch)  # (b, L, e)
         else:  # α needs no sequential scan (e.g. rollout's lower layers)
             with torch.no_grad():
                 it = MixerProjections(*ssm_projections(mixer, h_in, mask))
@@ -539,8 +546,8 @@ class MambaAttentionNeurons(AttentionNeurons):
                            "attention_mask": mask}
         return data
 
-    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None,
+                        watch: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer` by `leaf_gradient`: the mixer's output is
         replaced by out_proj(gate(y, z)) from a leaf y (the scan output, before the gate or gated norm).
         Mamba-1 / FalconMamba mixers run the fast scan in this pass (`ssm.fast_scan_training`: the same
@@ -556,7 +563,7 @@ class MambaAttentionNeurons(AttentionNeurons):
             y, z = it.y, it.z
         return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.mixer_path(layer), y,
                              lambda leaf: project_out(mixer, gate_output(mixer, leaf, z)),
-                             None if self.mamba2 else fast_scan_training(self.model))
+                             None if self.mamba2 else fast_scan_training(self.model), watch)
 
 
 class TransformerAttentionNeurons(AttentionNeurons):
@@ -608,9 +615,9 @@ class TransformerAttentionNeurons(AttentionNeurons):
         y = (A @ v).transpose(1, 2).reshape(b, L, H * hd)  # (b, L, d): Σ_j A_h[i, j] v^c_j
         return A, x, y
 
-    def layer_view(self, ids, mask, layer: int, io, gradient: bool) -> LayerView:
+    def layer_view(self, ids, mask, layer: int, io, gradient: bool, watch: Callable | None = None) -> LayerView:
         A, x, y = self._units(io)
-        g = self.output_gradient(ids, layer, mask, io[2])[0] if gradient else None  # (b, L, d)
+        g = self.output_gradient(ids, layer, mask, io[2], watch)[0] if gradient else None  # (b, L, d)
         hd = self.adapter.head_dim
 
         def groups():
@@ -640,15 +647,15 @@ class TransformerAttentionNeurons(AttentionNeurons):
                            "attention_mask": mask}
         return data
 
-    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None,
+                        watch: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """g = ∂ logit[target] / ∂ y (b, L, d) at layer `layer` by `leaf_gradient`: y is the output
         projection's input (the heads' concatenated output), and the projection's output is replaced by
         its value at a leaf y. `y`: that input as captured for these inputs (captured here if None)."""
         if y is None:
             y = self.capture(*self._device_ids(input_ids), [layer])[layer][2]
         return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.attention_paths(layer).out_proj,
-                             y, lambda leaf: self._project(layer, leaf))
+                             y, lambda leaf: self._project(layer, leaf), watch=watch)
 
 
 def attention_neurons_for(model) -> AttentionNeurons:
@@ -696,7 +703,7 @@ def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHO
 
 def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=METHODS, top_k: int = 10,
                       progress: bool = False, rolled: dict | None = None, desc: str = "attention",
-                      maps_at=None) -> dict:
+                      maps_at=None, feed=None) -> dict:
     """Each method's scores at every one of `layers`, averaged over the texts (one text at a time, every
     layer from one forward per text, rollout continuing from layer to layer):
     {layer: {"layer", "n_texts", "max_reconstruction_error", "attention_vector_first_text" (L, L) the unit
@@ -704,7 +711,9 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
     "neuron_activations" and "neuron_importance" (e,) and "token_map_first_text" (L, L)}}}.
     `rolled`: {text index: (layer, R)} to start rollout from and to keep each text's last R in (--layers).
     `maps_at`: the layers whose entries keep the first text's (L, L) maps (default: every layer); the other
-    entries leave them out (at 24 layers they would make the JSON a hundred MB)."""
+    entries leave them out (at 24 layers they would make the JSON a hundred MB).
+    `feed`: a `sparsity.ForwardFeed` over the same texts, given each text's gradient forward (a full forward:
+    with gradient_guided among `methods`), so that sparsity needs no forward of its own."""
     from tqdm.auto import tqdm
 
     layers = sorted(set(layers))
@@ -713,7 +722,8 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
     vectors, worst = {}, dict.fromkeys(layers, 0.0)
     for k, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
         start = None if rolled is None else rolled.get(k)
-        for la, ts in analyzer.scores_by_layer(ids, layers, methods, start):  # α streamed by unit group, verified
+        watch = None if feed is None else feed.watch(ids)
+        for la, ts in analyzer.scores_by_layer(ids, layers, methods, start, watch):  # α by unit group, verified
             worst[la] = max(worst[la], ts.reconstruction.relative_error)
             for m in methods:
                 s = ts.scores[m]

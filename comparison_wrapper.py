@@ -48,23 +48,31 @@ def resolve_compare_model(name: str | None, main_family: str):
     return resolve_model_source(name, "--compare_model"), None
 
 
+def model_tokens(run: ModelRun, texts, max_length: int):
+    """The texts tokenized for one side (at most `max_length` tokens, and at most the model's positions)."""
+    from utils import tokenize_texts
+
+    limit = run.adapter.max_positions
+    return tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
+
+
 def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: float | None, eps: float,
                   seq_lengths, budget_s: float, progress: bool = False, efficiency: dict | None = None,
-                  sparsity: dict | None = None) -> dict:
+                  sparsity: dict | None = None, sparsity_source: str = "the sparsity stage") -> dict:
     """Every layer's sparsity, the multi-layer table and the efficiency metrics of one model. `efficiency`
     and `sparsity` ({layer: dict} for every layer): already measured for this model on these texts with
-    the same threshold and eps (e.g. by the efficiency and sparsity stages), and then not measured again."""
+    the same threshold and eps (e.g. by the efficiency and sparsity stages), and then not measured again;
+    `sparsity_source` says where it was measured (recorded as "sparsity_measured_in")."""
     import torch
 
     import efficiency as ef
     import sparsity as sp
-    from utils import tokenize_texts
 
-    limit = run.adapter.max_positions
-    tokens = tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
+    tokens = model_tokens(run, texts, max_length)
     if sparsity is not None and set(sparsity) == set(range(run.adapter.n_layers)):
         per_layer = sparsity
     else:
+        sparsity_source = "its own forwards"
         per_layer = sp.layer_sparsity(run.model, run.adapter, tokens.input_ids, range(run.adapter.n_layers),
                                       threshold, eps, progress=progress)
     pool = torch.cat([ids[0] for ids in tokens.input_ids]).cpu().numpy()
@@ -73,7 +81,7 @@ def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: 
     return {"label": run.label, "family": run.adapter.family, "source": run.source, "n_layers": run.adapter.n_layers,
             "layer": layer, "relative_depth": relative_depth(layer, run.adapter.n_layers),
             "n_tokens": int(sum(tokens.lengths)), "max_length": tokens.max_length, "n_truncated": tokens.n_truncated,
-            "sparsity_by_layer": per_layer, "multilayer": sp.multilayer_table(per_layer), "efficiency": eff}
+            "sparsity_by_layer": per_layer, "sparsity_measured_in": sparsity_source, "multilayer": sp.multilayer_table(per_layer), "efficiency": eff}
 
 
 def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_length: int = 256,
@@ -87,14 +95,29 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
     prompts and ablation, on its default site. `main_efficiency`: the main model's efficiency metrics if
     already measured (with the same threshold); `main_sparsity`: its sparsity at every layer, likewise.
     `attention`: `compare_attention`'s keyword arguments (methods, main_layers, main_by_layer, top_k), or
-    {"skipped": reason} to record why there is no attention part."""
+    {"skipped": reason} to record why there is no attention part. The attention part runs first: its
+    gradient pass is a full forward of each text by the other model, and the other model's sparsity at
+    every layer is read from those forwards (`sparsity.ForwardFeed`) instead of forwards of its own."""
     import efficiency as ef
+    import sparsity as sp
 
     seq_lengths = seq_lengths or ef.SEQ_LENGTHS
     rel = relative_depth(layer, main.adapter.n_layers)
     other_layer = matched_layer(rel, other.adapter.n_layers)
-    sides = [profile_model(run, texts, la, max_length, threshold, eps, seq_lengths, budget_s, progress, eff, spars)
-             for run, la, eff, spars in ((main, layer, main_efficiency, main_sparsity), (other, other_layer, None, None))]
+    att, other_sparsity = attention, None
+    if attention is not None and "skipped" not in attention:
+        feed = None
+        if "gradient_guided" in attention["methods"]:
+            feed = sp.ForwardFeed(other.model, other.adapter, model_tokens(other, texts, max_length).input_ids,
+                                  range(other.adapter.n_layers))
+        att = compare_attention(main, other, texts, max_length, layer, progress=progress, other_feed=feed,
+                                **attention)
+        other_sparsity = feed and feed.result(threshold, eps)
+    sides = [profile_model(run, texts, la, max_length, threshold, eps, seq_lengths, budget_s, progress, eff, spars,
+                           source)
+             for run, la, eff, spars, source in (
+                 (main, layer, main_efficiency, main_sparsity, "the sparsity stage"),
+                 (other, other_layer, None, other_sparsity, "the attention part's gradient forwards"))]
     out = {"models": sides, "matched_layers": {main.label: layer, other.label: other_layer},
            "relative_depth": rel,
            "sparsity_layers": {s["label"]: [la for la in sparsity_layers if la < s["n_layers"]] for s in sides},
@@ -110,9 +133,8 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
             main.label: {"layer": layer, "site": causal["site"], "scores": np.asarray(causal["scores"])},
             other.label: {"layer": other_layer, "site": other.adapter.default_causal_site, "scores": scores},
             "prompts": causal["prompts"], "ablation": causal.get("ablation", "zero")}
-    if attention is not None:
-        out["attention"] = attention if "skipped" in attention else compare_attention(
-            main, other, texts, max_length, layer, progress=progress, **attention)
+    if att is not None:
+        out["attention"] = att
     out["summary"] = summary_rows(out)
     return out
 
@@ -123,16 +145,17 @@ ATTENTION_NOTE = ("units: Mamba's channels (hidden attention α^c) and a Transfo
 
 
 def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, layer: int, methods, main_layers,
-                      main_by_layer: dict | None = None, top_k: int = 10, progress: bool = False) -> dict:
+                      main_by_layer: dict | None = None, top_k: int = 10, progress: bool = False,
+                      other_feed=None) -> dict:
     """Both models' attention neurons (`attention_neurons.attention_profile`, each on its own tokenization of
     the texts): the main model at `main_layers` (`layer`, the main model's --layer, among them), the other at
     the layers of the same relative depths. `main_by_layer`: the main model's profile at `main_layers` if
     already measured on these texts (the attention stage's, whose first-text maps are at `layer`), then not
     measured again. Returns {"methods", "note", "matched_layers" (`layer` and its match: the summary rows and
     the maps), "models": {label: {"family", "units", "n_layers", "layers", "relative_depth", "by_layer":
-    {layer: profile entry}}}}; the entries at the matched layers hold the first text's attention vector (L, L)."""
+    {layer: profile entry}}}}; the entries at the matched layers hold the first text's attention vector (L, L).
+    `other_feed`: a `sparsity.ForwardFeed` given the other model's gradient forwards."""
     import attention_neurons as an
-    from utils import tokenize_texts
 
     main_layers = sorted({layer, *main_layers})
     other_layers = sorted({matched_layer(relative_depth(la, main.adapter.n_layers), other.adapter.n_layers)
@@ -140,13 +163,12 @@ def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, l
     matched = {main.label: layer, other.label: matched_layer(relative_depth(layer, main.adapter.n_layers),
                                                              other.adapter.n_layers)}
     models = {}
-    for run, layers, done in ((main, main_layers, main_by_layer), (other, other_layers, None)):
+    for run, layers, done, feed in ((main, main_layers, main_by_layer, None), (other, other_layers, None, other_feed)):
         analyzer = an.attention_neurons_for(run.model)
         if done is None:
-            limit = run.adapter.max_positions
-            tokens = tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
-            done = an.attention_profile(analyzer, tokens.input_ids, layers, methods, top_k, progress,
-                                        desc=f"attention {run.label}", maps_at={matched[run.label]})
+            done = an.attention_profile(analyzer, model_tokens(run, texts, max_length).input_ids, layers, methods,
+                                        top_k, progress, desc=f"attention {run.label}", maps_at={matched[run.label]},
+                                        feed=feed)
         models[run.label] = {"family": run.adapter.family, "units": analyzer.describe_units(),
                              "n_layers": run.adapter.n_layers, "layers": layers,
                              "relative_depth": [relative_depth(la, run.adapter.n_layers) for la in layers],

@@ -141,10 +141,18 @@ def stage_attention(ctx: StageContext):
     layer, methods, layers = ctx.layer, ctx.opts.attention_methods, attention_layers(ctx.opts)
     # with --layers, each text's rolled-out map of the previous chosen layer is kept, so that rollout at the
     # next one streams only the layers between them
-    rolled = ctx.kept().setdefault("rolled", {}) if ctx.opts.layers else None  # text index -> (layer, R)
+    kept = ctx.kept()
+    rolled = kept.setdefault("rolled", {}) if ctx.opts.layers else None  # text index -> (layer, R)
+    feed = None
+    if "sparsity" in ctx.stages and "gradient_guided" in methods and "sparsity_feed" not in kept:
+        # the gradient pass is a full forward of every text: the sparsity stage reads its sites from it
+        import sparsity as sp
+
+        feed = kept["sparsity_feed"] = sp.ForwardFeed(ctx.model, ctx.adapter, ctx.tokens.input_ids,
+                                                      sparsity_measured_layers(ctx))
     by_layer = an.attention_profile(analyzer, ctx.tokens.input_ids, layers, methods, ctx.top_k, ctx.progress,
                                     rolled, desc=f"attention layer{'s' if len(layers) > 1 else ''} "
-                                                 f"{', '.join(map(str, layers))}", maps_at={layer})
+                                                 f"{', '.join(map(str, layers))}", maps_at={layer}, feed=feed)
     family = "mamba" if ctx.adapter.is_ssm else "transformer"
     results = {**by_layer[layer], "units": analyzer.describe_units(),
                "definitions": {m: an.DEFINITIONS[m] for m in methods}}
@@ -248,19 +256,30 @@ def _sparsity_layers(ctx: StageContext) -> list[int]:
     return [ctx.adapter.check_layer(la) for la in chosen]
 
 
+def sparsity_measured_layers(ctx: StageContext) -> list[int]:
+    """The layers the sparsity stage measures (in its first run): every layer when the comparison runs
+    (it needs them all: measured in the same forwards, so it need not run them again), else --layer (every
+    --layers layer) and the --sparsity_layers."""
+    if "comparison" in ctx.stages:
+        return list(range(ctx.adapter.n_layers))
+    return sorted({*(ctx.opts.layers or (ctx.layer,)), *_sparsity_layers(ctx)})
+
+
 def stage_sparsity(ctx: StageContext):
-    """Every sparsity method for the neuron site at --layer, and across --sparsity_layers (streamed)."""
+    """Every sparsity method for the neuron site at --layer, and across --sparsity_layers (streamed). When
+    the attention stage ran its gradient pass over the same texts, the sites are read from those forwards
+    (`sparsity.ForwardFeed`, checked against the model's own forward on the first text), else measured here."""
     import sparsity as sp
 
     multi = _sparsity_layers(ctx)
-    # the comparison needs every layer: measured here in the same forwards, so it need not run them again;
-    # with --layers, every analysed layer is measured in the first run of this stage, and kept for the others
-    every = "comparison" in ctx.stages
-    layers = range(ctx.adapter.n_layers) if every else sorted({*(ctx.opts.layers or (ctx.layer,)), *multi})
     kept = ctx.kept()
-    if "stats" not in kept:
-        kept["stats"] = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, layers,
-                                          ctx.opts.sparsity_threshold, ctx.opts.dead_eps, progress=ctx.progress)
+    if "stats" not in kept:  # with --layers: every analysed layer in the first run, kept for the others
+        feed = ctx.shared_by("attention", "sparsity_feed")
+        stats = feed.result(ctx.opts.sparsity_threshold, ctx.opts.dead_eps) if feed is not None else None
+        kept["stats"] = stats or sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids,
+                                                   sparsity_measured_layers(ctx), ctx.opts.sparsity_threshold,
+                                                   ctx.opts.dead_eps, progress=ctx.progress)
+        kept["source"] = "the attention stage's gradient forwards" if stats else "its own forwards"
     stats = kept["stats"]
     single = stats[ctx.layer]
     chosen = {la: stats[la] for la in multi}
@@ -268,7 +287,7 @@ def stage_sparsity(ctx: StageContext):
                               tag=f"_layer{ctx.layer}")
     results = {"site": single["site"], "layer": ctx.layer, "sparsity_layers": multi, "single": single,
                "layers": chosen, "multilayer": sp.multilayer_table(chosen), "note": sp.SCALE_NOTE,
-               "definitions": sp.__doc__}
+               "definitions": sp.__doc__, "measured_in": kept["source"]}
     return results, plots
 
 
@@ -777,7 +796,7 @@ STAGES = _ordered([
     Stage("inter_layer", stage_inter_layer, summarize_inter_layer, needs=("causal",)),
     Stage("cross_layer", stage_cross_layer, summarize_cross_layer, needs=("causal",)),
     Stage("attention", stage_attention, summarize_attention, per_layer=True),
-    Stage("sparsity", stage_sparsity, summarize_sparsity, per_layer=True),
+    Stage("sparsity", stage_sparsity, summarize_sparsity, needs=("attention",), per_layer=True),
     Stage("efficiency", stage_efficiency, summarize_efficiency, needs=("sparsity",)),
     Stage("comparison", stage_comparison, summarize_comparison,
           needs=("causal", "sparsity", "efficiency", "attention")),

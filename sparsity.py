@@ -24,6 +24,7 @@ runs over the source again (for a model: a second forward per text); the result 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -355,6 +356,67 @@ def default_cache_bytes() -> int:
     return free_memory_bytes(torch.device("cpu")) // 4
 
 
+class SparsityStream:
+    """The two passes of `stream_sparsity` for a source that is fed rather than pulled: `feed(chunk)` with
+    a (T, N) array or a {key: (T, N)} dict (pass 1, keeping the |a| bit patterns while they fit in
+    `cache_bytes`), then `finish(...)` runs pass 2 on the kept patterns, or, once they were dropped, on
+    the chunks of `again()` (the same values in the same order). `kept_all` says whether pass 2 can run
+    without the source. So a loop that computes the activations for another purpose (the attention
+    stage's gradient forward) can feed them, and the sparsity numbers need no forward of their own."""
+
+    def __init__(self, n_neurons: int, cache_bytes: int | None = None):
+        self.n_neurons = n_neurons
+        self.budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
+        self.accs: dict = {}
+        self.keyed = None  # whether chunks are {key: array} dicts
+        self.kept, self.used = [], 0  # kept: [{key: bits}] per chunk, None once over the budget
+        self.n_chunks = 0
+
+    @property
+    def kept_all(self) -> bool:
+        return self.kept is not None
+
+    def feed(self, chunk) -> None:
+        keyed = isinstance(chunk, dict)
+        if self.keyed is None:
+            self.keyed = keyed
+        elif keyed != self.keyed:
+            raise ValueError("a stream's chunks must all be arrays or all be {key: array} dicts")
+        c = chunk if keyed else {None: chunk}
+        row = {key: self.accs.setdefault(key, SparsityAccumulator(self.n_neurons)).update(a) for key, a in c.items()}
+        self.n_chunks += 1
+        if self.kept is not None:
+            self.used += sum(b.nbytes for b in row.values())
+            if self.used > self.budget:
+                logger.info("sparsity: the first pass's |a| exceed %d bytes; the second pass recomputes them",
+                            self.budget)
+                self.kept = None
+            else:
+                self.kept.append(row)
+
+    def finish(self, threshold: float, eps: float = DEAD_EPS, percentiles=PERCENTILES, targets=TARGET_FRACTIONS,
+               again=None) -> dict:
+        """Pass 2 and the results ({key: dict} for keyed chunks, else one dict). `again`: a function
+        returning the chunks once more, needed only when not `kept_all`."""
+        if not self.accs:
+            raise ValueError("no activations were seen: the chunks were empty")
+        for acc in self.accs.values():
+            acc.start_refine([p / 100.0 for p in percentiles] + list(targets))
+        if self.kept is not None:
+            for row in self.kept:
+                for key, bits in row.items():
+                    self.accs[key].refine_bits(bits)
+        elif again is None:
+            raise ValueError("the first pass's |a| were not all kept: the second pass needs the chunks again")
+        else:
+            for c in again():
+                for key, a in (c if self.keyed else {None: c}).items():
+                    self.accs[key].refine(a)
+        self.kept = []  # the patterns are read: free them
+        out = {key: acc.result(threshold, eps, percentiles, targets) for key, acc in self.accs.items()}
+        return out if self.keyed else out[None]
+
+
 def stream_sparsity(chunks, n_neurons: int, threshold: float, eps: float = DEAD_EPS,
                     percentiles=PERCENTILES, targets=TARGET_FRACTIONS, cache_bytes: int | None = None) -> dict:
     """`comprehensive_sparsity` over the chunks from `chunks()`: a function returning a fresh iterable of
@@ -364,41 +426,72 @@ def stream_sparsity(chunks, n_neurons: int, threshold: float, eps: float = DEAD_
     seen (4 bytes a value) fit in `cache_bytes` (default: a quarter of the free host memory), pass 1 keeps
     them and pass 2 reads them back, so `chunks()` is called once (for a model: one forward per text).
     Past that, the kept patterns are dropped at once and `chunks()` is called a second time. The numbers
-    are the same either way."""
-    budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
-    accs: dict = {}
-    keyed = True
-    kept, used = [], 0  # kept: [{key: bits}] per chunk, None once over the budget
+    are the same either way (`SparsityStream`)."""
+    stream = SparsityStream(n_neurons, cache_bytes)
     for c in chunks():
-        if not isinstance(c, dict):
-            keyed, c = False, {None: c}
-        row = {key: accs.setdefault(key, SparsityAccumulator(n_neurons)).update(a) for key, a in c.items()}
-        if kept is not None:
-            used += sum(b.nbytes for b in row.values())
-            if used > budget:
-                logger.info("sparsity: the first pass's |a| exceed %d bytes; the second pass recomputes them", budget)
-                kept = None
-            else:
-                kept.append(row)
-    if not accs:
-        raise ValueError("no activations were seen: the chunks were empty")
-    for acc in accs.values():
-        acc.start_refine([p / 100.0 for p in percentiles] + list(targets))
-    if kept is not None:
-        for row in kept:
-            for key, bits in row.items():
-                accs[key].refine_bits(bits)
-    else:
-        for c in chunks():
-            for key, a in (c if keyed else {None: c}).items():
-                accs[key].refine(a)
-    out = {key: acc.result(threshold, eps, percentiles, targets) for key, acc in accs.items()}
-    return out if keyed else out[None]
+        stream.feed(c)
+    return stream.finish(threshold, eps, percentiles, targets, again=chunks)
 
 
 # --------------------------------------------------------------------------------------------------
 # Collecting activations from a model
 # --------------------------------------------------------------------------------------------------
+def site_map(adapter, layers, site: str | None = None) -> dict:
+    """{layer: models.Site} of the neuron site (default `neuron_site`) at each of `layers`."""
+    site = site or neuron_site(adapter)
+    return {layer: adapter.site(site, layer) for layer in layers}
+
+
+@contextlib.contextmanager
+def tracing_sites(model, sites: dict, out: dict, stop: bool = False):
+    """Hooks the sites (all of one name, so all read the module's input or all its output:
+    `models.Site.capture`) for the block, around a forward of the model; on a normal exit `out` is filled
+    with {layer: (L, N) float32 numpy} of the first example. Every site must have fired (utils.trace);
+    `stop`: the forward ends after the last site."""
+    from utils import trace
+
+    kinds = {s.capture for s in sites.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"sites of one name expected, got captures {sorted(kinds)}")
+    kind = kinds.pop()
+    paths = list(dict.fromkeys(s.path for s in sites.values()))
+    with trace(model, paths, retain_input=kind == "input", retain_output=kind == "output", stop=stop) as tr:
+        yield
+    for layer, s in sites.items():
+        out[layer] = (tr[s.path].input if kind == "input" else tr[s.path].output)[0].float().cpu().numpy()  # (L, N)
+
+
+def capture_sites(model, sites: dict, ids, blocked: bool = False) -> dict:
+    """{layer: (L, N) float32 numpy}: the sites of one text (1, L), from one forward of the model stopped
+    after the last site (`blocked`: Mamba-1 mixers run `ssm.blocked_inference`, else the model's own)."""
+    import torch
+
+    from ssm import blocked_inference
+
+    out = {}
+    swap = blocked_inference(model) if blocked else contextlib.nullcontext()
+    with torch.no_grad(), swap, tracing_sites(model, sites, out, stop=True):
+        model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    return out
+
+
+def check_sites(model, sites: dict, ids, acts: dict, what: str) -> None:
+    """ReconstructionError unless `acts` ({layer: (L, N)}, from another forward path of text `ids`) equal
+    the model's own forward's sites within float rounding (relative 1e-5 in float32/64, 1e-2 in half)."""
+    import torch
+
+    from ssm import ReconstructionError
+
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    own = capture_sites(model, sites, ids)
+    worst = max(float(np.abs(acts[la] - own[la]).max() / max(float(np.abs(own[la]).max()), 1e-30)) for la in own)
+    if worst > tolerance:
+        name = next(iter(sites.values())).name
+        raise ReconstructionError(f"{what} differs from the model's own forward by {worst:.3g} (relative) > "
+                                  f"{tolerance:g} at the {name} site")
+
+
 def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None = None, progress: bool = False,
                             desc: str = "activations"):
     """A function returning a fresh generator of {layer: (L_i, N) float32 numpy} per text: the neuron
@@ -407,45 +500,76 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
     Mamba models run `ssm.blocked_inference` (transformers' own mixer operations in the same order,
     cache-blocked: the same numbers, about twice as fast at batch 1 on a CPU). The first text is also
     captured through the model's own forward, and the two must agree (ReconstructionError otherwise)."""
-    import contextlib
-
-    import torch
     from tqdm.auto import tqdm
 
-    from ssm import ReconstructionError, blocked_inference
-    from utils import trace
-
-    site = site or neuron_site(adapter)
-    sites = {layer: adapter.site(site, layer) for layer in layers}
-    paths = list(dict.fromkeys(s.path for s in sites.values()))
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
-
-    def capture(ids, blocked: bool) -> dict:
-        swap = blocked_inference(model) if blocked else contextlib.nullcontext()
-        with torch.no_grad(), swap, trace(model, paths, retain_input=True, stop=True) as tr:
-            model(input_ids=ids.to(device), use_cache=False)
-        return {layer: (tr[s.path].input if s.capture == "input" else tr[s.path].output)[0]
-                .float().cpu().numpy() for layer, s in sites.items()}  # (L, N) per layer
-
+    sites = site_map(adapter, layers, site)
     blocked = adapter.ssm_kind == "mamba1"  # Mamba-1 mixers run the blocked forward, checked once
     verified = [not blocked]  # the others run their own forward
 
     def chunks():
         for ids in tqdm(input_ids, desc=desc, disable=not progress, leave=False):
-            acts = capture(ids, blocked)
+            acts = capture_sites(model, sites, ids, blocked)
             if not verified[0]:
-                own = capture(ids, False)
-                worst = max(float(np.abs(acts[la] - own[la]).max() / max(float(np.abs(own[la]).max()), 1e-30))
-                            for la in acts)
-                if worst > tolerance:
-                    raise ReconstructionError(f"the blocked mixer forward differs from the model's own by {worst:.3g} "
-                                              f"(relative) > {tolerance:g} at the {site} site")
+                check_sites(model, sites, ids, acts, "the blocked mixer forward")
                 verified[0] = True
             yield acts
 
     return chunks
+
+
+class ForwardFeed:
+    """Every layer's sparsity from forwards another loop runs anyway (the attention stage's gradient pass:
+    a full forward of each text), instead of one forward per text of its own. The loop wraps one forward
+    of each text, in order, in `watch(ids)()` (a context factory); the sites are captured there and fed
+    to a `SparsityStream`. `result(...)` gives `layer_sparsity`'s dict once every text was fed exactly once
+    and pass 1 kept every |a| pattern, else None (then the caller measures with its own forwards). The
+    first text's sites are checked against the model's own forward (`check_sites`) before any result."""
+
+    def __init__(self, model, adapter, input_ids, layers, site: str | None = None):
+        self.model, self.adapter, self.input_ids = model, adapter, list(input_ids)
+        self.layers = list(dict.fromkeys(adapter.check_layer(la) for la in layers))
+        self.sites = site_map(adapter, self.layers, site)
+        self.stream = SparsityStream(next(iter(self.sites.values())).size)
+        self.fed = 0  # texts fed, in order
+        self.first = None  # the first text's captured sites, for the check
+
+    def watch(self, ids):
+        """A context factory for the one forward of `ids` (the next text) to be read."""
+        k = self.fed
+
+        import torch
+
+        @contextlib.contextmanager
+        def watching():
+            if self.fed != k or k >= len(self.input_ids) or not torch.equal(self.input_ids[k], ids.cpu()):
+                raise RuntimeError(f"sparsity feed: the forward of text {k} is not the next text expected")
+            acts = {}
+            with tracing_sites(self.model, self.sites, acts):
+                yield
+            self.stream.feed(acts)
+            if k == 0:
+                self.first = acts
+            self.fed += 1
+
+        return watching
+
+    @property
+    def complete(self) -> bool:
+        return self.fed == len(self.input_ids) and self.stream.kept_all
+
+    def result(self, threshold: float | None = None, eps: float = DEAD_EPS) -> dict | None:
+        if not self.complete:
+            logger.info("sparsity feed incomplete (%d of %d texts, patterns kept: %s): measured apart",
+                        self.fed, len(self.input_ids), self.stream.kept_all)
+            return None
+        check_sites(self.model, self.sites, self.input_ids[0], self.first, "the attention stage's gradient forward")
+        threshold = default_threshold(self.adapter.family) if threshold is None else threshold
+        return _layer_entries(self.adapter, self.sites, self.stream.finish(threshold, eps))
+
+
+def _layer_entries(adapter, sites: dict, stats: dict) -> dict:
+    return {la: {"layer": la, "relative_depth": la / max(1, adapter.n_layers - 1), "site": s.name, **stats[la]}
+            for la, s in sites.items()}
 
 
 def layer_sparsity(model, adapter, input_ids, layers, threshold: float | None = None, eps: float = DEAD_EPS,
@@ -455,12 +579,11 @@ def layer_sparsity(model, adapter, input_ids, layers, threshold: float | None = 
     memory budget of `stream_sparsity`, else two)."""
     threshold = default_threshold(adapter.family) if threshold is None else threshold
     layers = list(dict.fromkeys(adapter.check_layer(la) for la in layers))
-    site = site or neuron_site(adapter)
-    n = adapter.site(site, layers[0]).size
+    sites = site_map(adapter, layers, site)
+    n = next(iter(sites.values())).size
     stats = stream_sparsity(layer_activation_chunks(model, adapter, input_ids, layers, site, progress), n,
                             threshold, eps)
-    return {la: {"layer": la, "relative_depth": la / max(1, adapter.n_layers - 1), "site": site, **stats[la]}
-            for la in layers}
+    return _layer_entries(adapter, sites, stats)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -126,7 +126,10 @@ def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_fil
         for m, r in one["attention"]["results"]["methods"].items():
             np.testing.assert_allclose(got["attention"]["results"]["methods"][m]["neuron_activations"],
                                        r["neuron_activations"], rtol=1e-6)
-        assert got["sparsity"]["results"]["single"]["gini"] == one["sparsity"]["results"]["single"]["gini"]
+        # both read from the attention stage's gradient forwards, whose leaf layer differs (0 here, L there):
+        # the forwards agree to float rounding
+        assert got["sparsity"]["results"]["single"]["gini"] == pytest.approx(
+            one["sparsity"]["results"]["single"]["gini"], rel=1e-6)
     prof = many["depth_profiles"]["results"]
     assert prof["layers"] == [0, 1, 2] and prof["relative_depth"] == [0.0, 0.5, 1.0]
     for i, layer in enumerate((0, 1, 2)):

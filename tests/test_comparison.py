@@ -1,5 +1,6 @@
 """The sparsity, efficiency and comparison stages end to end on tiny models: every claimed plot exists,
 the JSON holds the numbers the plots show, layers are matched by relative depth."""
+import dataclasses
 import json
 
 import numpy as np
@@ -190,6 +191,23 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
         assert open(p, "rb").read(4) == b"\x89PNG"
 
 
+def test_the_other_models_sparsity_is_read_from_its_attention_gradient_forwards(attention_comparison):
+    """With the attention part, the other model's every-layer sparsity comes from its gradient pass's full
+    forwards (no forward of its own) and equals `layer_sparsity` on its own tokens to float rounding."""
+    from test_sparsity import assert_sparsity_close
+
+    from models import get_adapter
+    from utils import tokenize_texts
+
+    res, _, (other, other_tok), texts = attention_comparison
+    main_side, other_side = res["comparison"]["results"]["models"]
+    assert other_side["sparsity_measured_in"] == "the attention part's gradient forwards"
+    assert main_side["sparsity_measured_in"] == "its own forwards"  # no sparsity stage in this run
+    adapter = get_adapter(other)
+    want = sp.layer_sparsity(other, adapter, tokenize_texts(other_tok, texts, 30).input_ids, range(adapter.n_layers))
+    assert_sparsity_close(other_side["sparsity_by_layer"], want)
+
+
 def test_the_attention_stage_over_several_layers_equals_one_layer_runs(attention_comparison, tmp_path):
     """--attention_layers: the stage at layers 0 and 2 in one pass per text equals a one-layer stage at 2
     (rollout at 2 continues from layer 0 instead of restarting), and its headline is --layer's (2)."""
@@ -228,3 +246,33 @@ def test_a_failed_attention_stage_leaves_the_comparison_without_an_attention_par
     assert res["attention"]["status"] == "error" and "planted" in res["attention"]["error"]
     comp = res["comparison"]["results"]
     assert "skipped" in comp["attention"] and not any(r["metric"].startswith("attention") for r in comp["summary"])
+
+
+def test_the_sparsity_stage_reads_the_attention_stages_forwards(model_dirs, tmp_path, monkeypatch):
+    """With the attention stage (gradient_guided among its methods) before it, the sparsity stage runs no
+    forward of its own: it reads every site from the gradient pass's full forwards, says so in
+    `measured_in`, and its numbers equal a sparsity-only run's to float rounding. Without gradient_guided
+    the attention stage runs no full forward and the sparsity stage measures on its own."""
+    from test_sparsity import assert_sparsity_close
+
+    from models import load_model_and_tokenizer
+    from pipeline import Options, run_pipeline
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+    model, tok, _ = load_model_and_tokenizer(str(model_dirs["mamba_b"]))
+    texts = read_texts_file(OFFLINE_TEXTS_PATH)[:4]
+    opts = Options(layer=1, max_length=30, plots_dir=str(tmp_path), prefix="m", progress=False)
+    alone = run_pipeline(model, tok, texts, opts, ["sparsity"])["sparsity"]["results"]
+    assert alone["measured_in"] == "its own forwards"
+    real = sp.layer_sparsity
+    calls = []
+    monkeypatch.setattr(sp, "layer_sparsity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = run_pipeline(model, tok, texts, opts, ["attention", "sparsity"])
+    assert res["attention"]["status"] == "ok" and res["sparsity"]["status"] == "ok", res["sparsity"].get("error")
+    shared = res["sparsity"]["results"]
+    assert shared["measured_in"] == "the attention stage's gradient forwards" and not calls
+    assert_sparsity_close(shared["single"], alone["single"])
+    assert_sparsity_close(shared["layers"], alone["layers"])
+    opts = dataclasses.replace(opts, attention_methods=("attention_weighted",))
+    res = run_pipeline(model, tok, texts, opts, ["attention", "sparsity"])
+    assert res["sparsity"]["results"]["measured_in"] == "its own forwards" and calls == [1]

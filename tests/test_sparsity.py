@@ -192,3 +192,67 @@ def test_model_sparsity_equals_the_model_own_forward_and_a_wrong_fast_forward_is
     monkeypatch.setattr(ssm, "mixer_forward_blocked", lambda mixer, h, *a, **k: real(mixer, h, *a, **k) * 1.001)
     with pytest.raises(ssm.ReconstructionError, match="blocked mixer forward differs"):
         sp.layer_sparsity(model, adapter, ids, [1, 2], 0.01)
+
+
+def assert_sparsity_close(got: dict, want: dict, where: str = "") -> None:
+    """Two sparsity results of the same activations computed along different forward paths (equal to float
+    rounding): every number within 1e-4 relative, counts and dead-neuron lists equal."""
+    assert set(got) == set(want), where
+    for key, w in want.items():
+        g = got[key]
+        if isinstance(w, dict):
+            assert_sparsity_close(g, w, f"{where}.{key}")
+        elif isinstance(w, str) or w is None:
+            assert g == w, f"{where}.{key}"
+        elif isinstance(w, (int, np.integer)) and not isinstance(w, bool):
+            assert g == w, f"{where}.{key}: {g} != {w}"
+        else:
+            np.testing.assert_allclose(np.asarray(g, dtype=float), np.asarray(w, dtype=float), rtol=1e-4, atol=1e-9,
+                                       err_msg=f"{where}.{key}")
+
+
+@pytest.mark.parametrize("kind", ["mamba_b", "gpt2", "mamba2"])
+def test_sparsity_read_from_the_attention_gradient_forwards_equals_its_own_forwards(kind, tokenizer):
+    """ForwardFeed: every layer's sparsity read from the attention stage's gradient pass (one full forward per
+    text, through the fast scan on a Mamba) equals `layer_sparsity` with forwards of its own, to float
+    rounding; every text is fed once, in order, and the first text was checked against the model's own
+    forward. The feed's max relative difference is printed."""
+    import attention_neurons as an
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+    model = make_model(kind).to(DEVICE)
+    adapter = get_adapter(model)
+    ids = [tokenizer(t, return_tensors="pt").input_ids[:, :30] for t in read_texts_file(OFFLINE_TEXTS_PATH)[:4]]
+    layers = range(adapter.n_layers)
+    feed = sp.ForwardFeed(model, adapter, ids, layers)
+    an.attention_profile(an.attention_neurons_for(model), ids, [1], an.METHODS, feed=feed)
+    assert feed.fed == len(ids) and feed.complete
+    got, want = feed.result(None, 1e-6), sp.layer_sparsity(model, adapter, ids, layers)
+    rel = max(np.abs(got[la]["neuron_mean_abs"] - want[la]["neuron_mean_abs"]).max()
+              / np.abs(want[la]["neuron_mean_abs"]).max() for la in layers)
+    print(f"{kind}: neuron mean |a| from the gradient forwards vs own forwards: max relative difference {rel:.2e}")
+    assert got[0]["n_tokens"] == sum(x.shape[1] for x in ids)
+    assert_sparsity_close(got, want)
+
+
+def test_a_sparsity_feed_is_checked_and_never_used_incomplete(tokenizer):
+    """The feed refuses a text out of order; without the gradient pass (no gradient_guided) nothing is fed
+    and `result` is None (the caller measures with its own forwards); a planted difference in the first
+    text's sites fails the check against the model's own forward."""
+    import attention_neurons as an
+
+    from ssm import ReconstructionError
+
+    model = make_model("mamba_b")
+    adapter = get_adapter(model)
+    ids = [tokenizer(t, return_tensors="pt").input_ids for t in ["The cat sat on the mat.", "A longer text, with words."]]
+    analyzer = an.attention_neurons_for(model)
+    feed = sp.ForwardFeed(model, adapter, ids, [0, 2])
+    with pytest.raises(RuntimeError, match="not the next text"):
+        analyzer.output_gradient(ids[1], 0, watch=feed.watch(ids[1]))
+    an.attention_profile(analyzer, ids, [0], ("attention_weighted", "rollout"), feed=feed)
+    assert feed.fed == 0 and not feed.complete and feed.result() is None
+    an.attention_profile(analyzer, ids, [0], an.METHODS, feed=feed)
+    feed.first[2] = feed.first[2] * (1 + 1e-3)
+    with pytest.raises(ReconstructionError, match="gradient forward differs"):
+        feed.result()

@@ -58,7 +58,7 @@ def model_tokens(run: ModelRun, texts, max_length: int):
 
 def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: float | None, eps: float,
                   seq_lengths, budget_s: float, progress: bool = False, efficiency: dict | None = None,
-                  sparsity: dict | None = None, sparsity_source: str = "the sparsity stage") -> dict:
+                  sparsity: dict | None = None, sparsity_source: str | None = "the sparsity stage") -> dict:
     """Every layer's sparsity, the multi-layer table and the efficiency metrics of one model. `efficiency`
     and `sparsity` ({layer: dict} for every layer): already measured for this model on these texts with
     the same threshold and eps (e.g. by the efficiency and sparsity stages), and then not measured again;
@@ -71,8 +71,8 @@ def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: 
     tokens = model_tokens(run, texts, max_length)
     if sparsity is not None and set(sparsity) == set(range(run.adapter.n_layers)):
         per_layer = sparsity
-    else:
-        sparsity_source = "its own forwards"
+    else:  # measured here (a caller's "its own forwards (why)" is kept)
+        sparsity_source = sparsity_source if (sparsity_source or "").startswith("its own") else "its own forwards"
         per_layer = sp.layer_sparsity(run.model, run.adapter, tokens.input_ids, range(run.adapter.n_layers),
                                       threshold, eps, progress=progress)
     pool = torch.cat([ids[0] for ids in tokens.input_ids]).cpu().numpy()
@@ -81,7 +81,8 @@ def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: 
     return {"label": run.label, "family": run.adapter.family, "source": run.source, "n_layers": run.adapter.n_layers,
             "layer": layer, "relative_depth": relative_depth(layer, run.adapter.n_layers),
             "n_tokens": int(sum(tokens.lengths)), "max_length": tokens.max_length, "n_truncated": tokens.n_truncated,
-            "sparsity_by_layer": per_layer, "sparsity_measured_in": sparsity_source, "multilayer": sp.multilayer_table(per_layer), "efficiency": eff}
+            "sparsity_by_layer": per_layer, "sparsity_measured_in": sparsity_source,
+            "multilayer": sp.multilayer_table(per_layer), "efficiency": eff}
 
 
 def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_length: int = 256,
@@ -104,7 +105,7 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
     seq_lengths = seq_lengths or ef.SEQ_LENGTHS
     rel = relative_depth(layer, main.adapter.n_layers)
     other_layer = matched_layer(rel, other.adapter.n_layers)
-    att, other_sparsity = attention, None
+    att, other_sparsity, other_source = attention, None, None
     if attention is not None and "skipped" not in attention:
         feed = None
         if "gradient_guided" in attention["methods"]:
@@ -113,11 +114,12 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
         att = compare_attention(main, other, texts, max_length, layer, progress=progress, other_feed=feed,
                                 **attention)
         other_sparsity = feed and feed.result(threshold, eps)
+        other_source = sp.measured_in(feed, "the attention part's gradient forwards")
     sides = [profile_model(run, texts, la, max_length, threshold, eps, seq_lengths, budget_s, progress, eff, spars,
                            source)
              for run, la, eff, spars, source in (
                  (main, layer, main_efficiency, main_sparsity, "the sparsity stage"),
-                 (other, other_layer, None, other_sparsity, "the attention part's gradient forwards"))]
+                 (other, other_layer, None, other_sparsity, other_source))]
     out = {"models": sides, "matched_layers": {main.label: layer, other.label: other_layer},
            "relative_depth": rel,
            "sparsity_layers": {s["label"]: [la for la in sparsity_layers if la < s["n_layers"]] for s in sides},

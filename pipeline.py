@@ -279,7 +279,7 @@ def stage_sparsity(ctx: StageContext):
         kept["stats"] = stats or sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids,
                                                    sparsity_measured_layers(ctx), ctx.opts.sparsity_threshold,
                                                    ctx.opts.dead_eps, progress=ctx.progress)
-        kept["source"] = "the attention stage's gradient forwards" if stats else "its own forwards"
+        kept["source"] = sp.measured_in(feed, "the attention stage's gradient forwards")
     stats = kept["stats"]
     single = stats[ctx.layer]
     chosen = {la: stats[la] for la in multi}

@@ -477,21 +477,28 @@ def capture_sites(model, sites: dict, ids, blocked: bool = False) -> dict:
     return out
 
 
-def check_sites(model, sites: dict, ids, acts: dict, what: str) -> None:
-    """ReconstructionError unless `acts` ({layer: (L, N)}, from another forward path of text `ids`) equal
-    the model's own forward's sites within float rounding (relative 1e-5 in float32/64, 1e-2 in half)."""
+def site_difference(model, sites: dict, ids, acts: dict) -> float:
+    """The largest difference between `acts` ({layer: (L, N)}, from another forward path of text `ids`) and
+    the model's own forward's sites, relative to each layer's largest |a|."""
+    own = capture_sites(model, sites, ids)
+    return max(float(np.abs(acts[la] - own[la]).max() / max(float(np.abs(own[la]).max()), 1e-30)) for la in own)
+
+
+def _float_tolerance(model, full_precision: float) -> float:
     import torch
 
+    return full_precision if next(model.parameters()).dtype in (torch.float32, torch.float64) else 1e-2
+
+
+def check_sites(model, sites: dict, ids, acts: dict, what: str) -> None:
+    """ReconstructionError unless `acts` equal the model's own forward's sites within float rounding
+    (`site_difference` ≤ 1e-5 in float32/64, 1e-2 in half precision)."""
     from ssm import ReconstructionError
 
-    dtype = next(model.parameters()).dtype
-    tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
-    own = capture_sites(model, sites, ids)
-    worst = max(float(np.abs(acts[la] - own[la]).max() / max(float(np.abs(own[la]).max()), 1e-30)) for la in own)
+    worst, tolerance = site_difference(model, sites, ids, acts), _float_tolerance(model, 1e-5)
     if worst > tolerance:
-        name = next(iter(sites.values())).name
         raise ReconstructionError(f"{what} differs from the model's own forward by {worst:.3g} (relative) > "
-                                  f"{tolerance:g} at the {name} site")
+                                  f"{tolerance:g} at the {next(iter(sites.values())).name} site")
 
 
 def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None = None, progress: bool = False,
@@ -519,13 +526,21 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
     return chunks
 
 
+# How far the sites of a ForwardFeed may be from the model's own forward's (relative to a layer's largest
+# |a|) for its numbers to be used: the gradient pass runs other float32 kernels (Mamba: the fast scan; the
+# analysed layer's output rebuilt from its scan output), and their rounding grows through the layers above:
+# at mamba-130m's shape (random init, 24 layers) about 2e-4 at the deepest layers, 1e-7 at layer 0.
+FEED_TOLERANCE = 1e-3
+
+
 class ForwardFeed:
     """Every layer's sparsity from forwards another loop runs anyway (the attention stage's gradient pass:
     a full forward of each text), instead of one forward per text of its own. The loop wraps one forward
     of each text, in order, in `watch(ids)()` (a context factory); the sites are captured there and fed
-    to a `SparsityStream`. `result(...)` gives `layer_sparsity`'s dict once every text was fed exactly once
-    and pass 1 kept every |a| pattern, else None (then the caller measures with its own forwards). The
-    first text's sites are checked against the model's own forward (`check_sites`) before any result."""
+    to a `SparsityStream`. `result(...)` gives `layer_sparsity`'s dict once every text was fed exactly once,
+    pass 1 kept every |a| pattern, and the first text's sites agree with the model's own forward's within
+    FEED_TOLERANCE (`site_difference`); else None, with the reason in `refused` (then the caller measures
+    with forwards of its own: its numbers are never built from sites that were not checked)."""
 
     def __init__(self, model, adapter, input_ids, layers, site: str | None = None):
         self.model, self.adapter, self.input_ids = model, adapter, list(input_ids)
@@ -534,12 +549,14 @@ class ForwardFeed:
         self.stream = SparsityStream(next(iter(self.sites.values())).size)
         self.fed = 0  # texts fed, in order
         self.first = None  # the first text's captured sites, for the check
+        self.difference = None  # the first text's `site_difference`, once checked
+        self.refused = None  # why `result` gave None
 
     def watch(self, ids):
         """A context factory for the one forward of `ids` (the next text) to be read."""
-        k = self.fed
-
         import torch
+
+        k = self.fed
 
         @contextlib.contextmanager
         def watching():
@@ -561,12 +578,31 @@ class ForwardFeed:
 
     def result(self, threshold: float | None = None, eps: float = DEAD_EPS) -> dict | None:
         if not self.complete:
-            logger.info("sparsity feed incomplete (%d of %d texts, patterns kept: %s): measured apart",
-                        self.fed, len(self.input_ids), self.stream.kept_all)
+            self.refused = (f"{self.fed} of {len(self.input_ids)} texts were fed" if self.stream.kept_all else
+                            "the first pass's |a| did not fit in memory")
+        else:
+            self.difference = site_difference(self.model, self.sites, self.input_ids[0], self.first)
+            tolerance = _float_tolerance(self.model, FEED_TOLERANCE)
+            if self.difference > tolerance:
+                self.refused = (f"the gradient forward's sites differ from the model's own forward's by "
+                                f"{self.difference:.3g} (relative) > {tolerance:g}")
+        if self.refused is not None:
+            logger.warning("sparsity not read from the gradient forwards (%s): measured with forwards of its own",
+                           self.refused)
+            self.stream = None  # free the kept patterns
             return None
-        check_sites(self.model, self.sites, self.input_ids[0], self.first, "the attention stage's gradient forward")
         threshold = default_threshold(self.adapter.family) if threshold is None else threshold
         return _layer_entries(self.adapter, self.sites, self.stream.finish(threshold, eps))
+
+
+def measured_in(feed: ForwardFeed | None, forwards: str) -> str:
+    """Where sparsity was measured, for the JSON: in `forwards` (the feed's) if the feed's result was
+    used, else in forwards of its own (and why the feed's were not used)."""
+    if feed is None or feed.difference is None:
+        return "its own forwards" + (f" ({feed.refused})" if feed is not None and feed.refused else "")
+    if feed.refused:
+        return f"its own forwards ({feed.refused})"
+    return f"{forwards} (the first text's sites within {feed.difference:.2g} of the model's own forward, relative)"
 
 
 def _layer_entries(adapter, sites: dict, stats: dict) -> dict:

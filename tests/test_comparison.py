@@ -2,6 +2,7 @@
 the JSON holds the numbers the plots show, layers are matched by relative depth."""
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -201,7 +202,7 @@ def test_the_other_models_sparsity_is_read_from_its_attention_gradient_forwards(
 
     res, _, (other, other_tok), texts = attention_comparison
     main_side, other_side = res["comparison"]["results"]["models"]
-    assert other_side["sparsity_measured_in"] == "the attention part's gradient forwards"
+    assert other_side["sparsity_measured_in"].startswith("the attention part's gradient forwards")
     assert main_side["sparsity_measured_in"] == "its own forwards"  # no sparsity stage in this run
     adapter = get_adapter(other)
     want = sp.layer_sparsity(other, adapter, tokenize_texts(other_tok, texts, 30).input_ids, range(adapter.n_layers))
@@ -270,9 +271,17 @@ def test_the_sparsity_stage_reads_the_attention_stages_forwards(model_dirs, tmp_
     res = run_pipeline(model, tok, texts, opts, ["attention", "sparsity"])
     assert res["attention"]["status"] == "ok" and res["sparsity"]["status"] == "ok", res["sparsity"].get("error")
     shared = res["sparsity"]["results"]
-    assert shared["measured_in"] == "the attention stage's gradient forwards" and not calls
+    assert shared["measured_in"].startswith("the attention stage's gradient forwards (the first text") and not calls
     assert_sparsity_close(shared["single"], alone["single"])
     assert_sparsity_close(shared["layers"], alone["layers"])
     opts = dataclasses.replace(opts, attention_methods=("attention_weighted",))
     res = run_pipeline(model, tok, texts, opts, ["attention", "sparsity"])
     assert res["sparsity"]["results"]["measured_in"] == "its own forwards" and calls == [1]
+    # sites further from the model's own forward than FEED_TOLERANCE are not used: measured apart, and said
+    monkeypatch.setattr(sp, "FEED_TOLERANCE", 1e-30)  # the gradient forward's sites differ by rounding (> 0)
+    res = run_pipeline(model, tok, texts, dataclasses.replace(opts, attention_methods=("gradient_guided",)),
+                       ["attention", "sparsity"])
+    assert res["sparsity"]["status"] == "ok" and calls == [1, 1]
+    assert re.fullmatch(r"its own forwards \(the gradient forward's sites differ from the model's own forward's by "
+                        r"\S+ \(relative\) > 1e-30\)", res["sparsity"]["results"]["measured_in"])
+    assert_sparsity_close(res["sparsity"]["results"]["single"], alone["single"])

@@ -12,6 +12,23 @@ are what a user waits for; the numbers in the results are meaningless. The machi
 (a 2048³ product, torch's default thread count, as main.py runs) is printed beside the table: the stages
 are mostly matmul- and memory-bound, so compare totals from different machines through it.
 
+Beside each stage: its floor, the analytic forward FLOPs it cannot avoid (`efficiency.flops_per_token`
+per layer and for the head; an input-only backward counted as one forward of the same layers) at this
+machine's matmul rate, and how many times the floor the stage took:
+- delta: a forward of each text up to --layer;
+- causal: per (dim, prompt) the layers after the site's layer at every prompt position and the head at
+  the last one; inter_layer: the same from each layer for the chosen dims; cross_layer: a forward of
+  every layer for each (dim, source layer) row and per prompt (its clean twins are not counted);
+- attention: per text the forward up to the layer (capture), the gradient pass's forward of every layer
+  and input-only backward of the layers from the top down to the layer (head at the last position, twice),
+  and on a Mamba forming α (2·e·n per causal (i, j) pair); the methods' elementwise passes over α are not
+  counted;
+- sparsity: nothing when read from the attention stage's gradient forwards (only its own pass 2 and the
+  first text's check remain), else a forward of every layer per text;
+- efficiency: a measurement within --efficiency_budget seconds (no floor);
+- comparison: the other model's attention (as above, at its matched layer) and causal scan, and its
+  efficiency measurement (the budget counted as its floor).
+
     python bench/full_run.py [--texts_file F | --join 5] [--text_limit 100] [--max_length 256] [--layer 0]
                              [-- EXTRA main.py ARGS]
 """
@@ -27,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_models(root: Path) -> tuple[Path, Path]:
+def build_models(root: Path) -> tuple[tuple[Path, Path], dict]:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
 
@@ -40,7 +57,61 @@ def build_models(root: Path) -> tuple[Path, Path]:
     for model, path in zip((mamba, gpt2), paths):
         model.save_pretrained(path)
         tok.save_pretrained(path)
-    return paths
+    from models import get_adapter
+
+    return paths, {"main": get_adapter(mamba), "other": get_adapter(gpt2)}
+
+
+def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: dict) -> dict:
+    """{stage: floor in FLOPs, or None} (see the module doc). `adapters`, `text_lengths` (tokens per
+    text) and `prompt_lengths` (tokens per causal prompt): {"main" / "other": ...}."""
+    from efficiency import flops_per_token
+
+    def layer_flops(side: str, L: int) -> float:  # one layer's forward FLOPs per token at context L
+        return flops_per_token(adapters[side], L)["per_layer"]
+
+    def head(side: str) -> float:
+        return flops_per_token(adapters[side], 1)["head"]
+
+    def ok(stage: str):
+        return res[stage]["results"] if res.get(stage, {}).get("status") == "ok" else None
+
+    def attention(side: str, layer: int) -> float:
+        a, total = adapters[side], 0.0
+        n = a.n_layers
+        for L in text_lengths[side]:
+            passes = (layer + 1) + n + (n - layer)  # capture, the gradient forward, the backward from the top
+            total += L * passes * layer_flops(side, L) + 2 * head(side)
+            if a.is_ssm:
+                total += 2 * a.inner_size * int(a.config.state_size) * L * (L + 1) / 2
+        return total
+
+    def causal(side: str, layer: int, n_dims: int) -> float:
+        after = adapters[side].n_layers - layer - 1
+        return sum(n_dims * (L * after * layer_flops(side, L) + head(side)) for L in prompt_lengths[side])
+
+    n, layer = adapters["main"].n_layers, res["run"]["layer"]
+    floors = {"delta": sum(L * (layer + 1) * layer_flops("main", L) for L in text_lengths["main"])}
+    c = ok("causal")
+    floors["causal"] = causal("main", layer, c["n_dims"]) if c else None
+    il = ok("inter_layer")
+    floors["inter_layer"] = sum(causal("main", la, len(il["dims"])) for la in range(n)) if il else None
+    cl = ok("cross_layer")
+    floors["cross_layer"] = (sum(len(cl["dims"]) * n * L * n * layer_flops("main", L) for L in prompt_lengths["main"])
+                             if cl else None)
+    floors["attention"] = attention("main", layer) if ok("attention") else None
+    sp = ok("sparsity")
+    floors["sparsity"] = (0.0 if sp and sp["measured_in"].startswith("the attention stage")
+                          else sum(L * n * layer_flops("main", L) for L in text_lengths["main"]))
+    floors["efficiency"] = None
+    cmp = ok("comparison")
+    if cmp:
+        other_layer = cmp["models"][1]["layer"]
+        part = attention("other", other_layer) if "attention" in cmp and "skipped" not in cmp["attention"] else 0.0
+        if "causal" in cmp:
+            part += causal("other", other_layer, len(cmp["causal"][cmp["models"][1]["label"]]["scores"]))
+        floors["comparison"] = part
+    return floors
 
 
 def matmul_rate(m: int = 2048, repeats: int = 5) -> float:
@@ -70,7 +141,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        mamba, gpt2 = build_models(root)
+        (mamba, gpt2), adapters = build_models(root)
         build = time.perf_counter() - t0
         rate = matmul_rate()
         if args.texts_file is None:
@@ -91,14 +162,38 @@ def main():
         if p.returncode not in (0, 1):
             sys.exit(f"main.py exited {p.returncode}: {p.stderr.strip().splitlines()[-1:]}")
         res = json.loads(next((root / "out").glob("*.json")).read_text())
+        from transformers import AutoTokenizer
+
+        from utils import read_texts_file, tokenize_texts
+
+        tok = AutoTokenizer.from_pretrained(mamba)  # both models carry the same tokenizer
+        lengths = tokenize_texts(tok, read_texts_file(args.texts_file)[:args.text_limit], args.max_length).lengths
+        prompts = res.get("causal", {}).get("results", {}).get("prompts", [])
+        prompt_lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    floors = stage_floors(res, adapters, {"main": lengths, "other": lengths},
+                          {"main": prompt_lengths, "other": prompt_lengths})
     t = res["texts"]
     print(f"mamba-130m-shape vs gpt2-124m-shape (random init), layer {args.layer}, {t['n_texts']} texts, "
           f"{t['n_tokens']} tokens, max_length {t['max_length']}; models built and saved in {build:.0f} s")
-    print(f"{'stage':<12} {'status':<15} {'seconds':>9}")
+    print(f"{'stage':<12} {'status':<15} {'seconds':>9} {'floor s':>9} {'x floor':>8}")
+    argv = res["run"]["argv"]
+    budget = float(argv[argv.index("--efficiency_budget") + 1]) if "--efficiency_budget" in argv else 15.0
+    total_floor = 0.0
     for stage, seconds in res["run"]["stage_timings_s"].items():
-        print(f"{stage:<12} {res[stage]['status']:<15} {seconds:>9.1f}")
-    print(f"{'total (main.py wall, incl. loading)':<37} {wall:>9.1f}")
-    print(f"this machine's fp32 matmul rate: {rate:.0f} GFLOP/s (2048³, before the run)")
+        f = floors.get(stage)
+        floor_s = None if f is None else f / (rate * 1e9) + (budget if stage == "comparison" else 0.0)
+        total_floor += floor_s or (budget if stage == "efficiency" else 0.0)
+        shown = ("-", "-") if floor_s is None else (f"{floor_s:.1f}", f"{seconds / floor_s:.1f}" if floor_s else "-")
+        print(f"{stage:<12} {res[stage]['status']:<15} {seconds:>9.1f} {shown[0]:>9} {shown[1]:>8}")
+    print(f"{'total (main.py wall, incl. loading)':<37} {wall:>9.1f} {total_floor:>9.1f} {wall / total_floor:>8.1f}")
+    sp = res.get("sparsity", {}).get("results", {})
+    if sp:
+        print(f"sparsity measured in {sp['measured_in']}")
+    if res.get("comparison", {}).get("status") == "ok":
+        other = res["comparison"]["results"]["models"][1]
+        print(f"the other model's sparsity measured in {other['sparsity_measured_in']}")
+    print(f"this machine's fp32 matmul rate: {rate:.0f} GFLOP/s (2048³, before the run); the floors are FLOPs at "
+          f"that rate (efficiency: its --efficiency_budget, also in the comparison's floor)")
 
 
 if __name__ == "__main__":

@@ -709,7 +709,8 @@ def _sparsity_line(s: dict) -> str:
 
 def summarize_sparsity(r: dict) -> None:
     s = r["single"]
-    print(f"    site {r['site']} ({s['n_neurons']} neurons), {s['n_tokens']} tokens")
+    where = f"; measured in {r['measured_in']}" if "measured_in" in r else ""  # (results of older versions lack it)
+    print(f"    site {r['site']} ({s['n_neurons']} neurons), {s['n_tokens']} tokens{where}")
     print(f"    layer {r['layer']}: {_sparsity_line(s)}")
     for la, st in r["layers"].items():
         if la != r["layer"]:

@@ -496,6 +496,10 @@ def test_default_run_offline_uses_the_reference_mamba(tmp_path):
     assert comp["compare_model"]["source"] == "reference"
     assert [m["label"] for m in comp["models"]] == ["reference_mamba", "reference_transformer"]
     assert "causal" in comp  # the causal stage ran, so both distributions are there
+    # the default command reads sparsity from the attention gradient forwards (both models), and says so
+    where = res["sparsity"]["results"]["measured_in"]
+    assert where.startswith("the attention stage's gradient forwards") and f"measured in {where}" in p.stdout
+    assert comp["models"][1]["sparsity_measured_in"].startswith("the attention part's gradient forwards")
     for name in res["run"]["stage_timings_s"]:
         for path in res[name].get("plots", []):
             assert (tmp_path / path).read_bytes()[:4] == b"\x89PNG"

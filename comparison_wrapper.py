@@ -58,11 +58,12 @@ def model_tokens(run: ModelRun, texts, max_length: int):
 
 def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: float | None, eps: float,
                   seq_lengths, budget_s: float, progress: bool = False, efficiency: dict | None = None,
-                  sparsity: dict | None = None, sparsity_source: str | None = "the sparsity stage") -> dict:
+                  sparsity: dict | None = None, sparsity_source: str = "its own forwards") -> dict:
     """Every layer's sparsity, the multi-layer table and the efficiency metrics of one model. `efficiency`
     and `sparsity` ({layer: dict} for every layer): already measured for this model on these texts with
-    the same threshold and eps (e.g. by the efficiency and sparsity stages), and then not measured again;
-    `sparsity_source` says where it was measured (recorded as "sparsity_measured_in")."""
+    the same threshold and eps (e.g. by the efficiency and sparsity stages), and then not measured again.
+    Recorded as "sparsity_measured_in": `sparsity_source`, where the given `sparsity` was measured, or with
+    none given, how (and why) it is measured here (`sparsity.measured_in`)."""
     import torch
 
     import efficiency as ef
@@ -71,8 +72,8 @@ def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: 
     tokens = model_tokens(run, texts, max_length)
     if sparsity is not None and set(sparsity) == set(range(run.adapter.n_layers)):
         per_layer = sparsity
-    else:  # measured here (a caller's "its own forwards (why)" is kept)
-        sparsity_source = sparsity_source if (sparsity_source or "").startswith("its own") else "its own forwards"
+    else:
+        sparsity_source = sparsity_source if sparsity is None else "its own forwards"
         per_layer = sp.layer_sparsity(run.model, run.adapter, tokens.input_ids, range(run.adapter.n_layers),
                                       threshold, eps, progress=progress)
     pool = torch.cat([ids[0] for ids in tokens.input_ids]).cpu().numpy()
@@ -105,7 +106,7 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
     seq_lengths = seq_lengths or ef.SEQ_LENGTHS
     rel = relative_depth(layer, main.adapter.n_layers)
     other_layer = matched_layer(rel, other.adapter.n_layers)
-    att, other_sparsity, other_source = attention, None, None
+    att, other_sparsity, other_source = attention, None, "its own forwards"
     if attention is not None and "skipped" not in attention:
         feed = None
         if "gradient_guided" in attention["methods"]:
@@ -118,7 +119,8 @@ def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_lengt
     sides = [profile_model(run, texts, la, max_length, threshold, eps, seq_lengths, budget_s, progress, eff, spars,
                            source)
              for run, la, eff, spars, source in (
-                 (main, layer, main_efficiency, main_sparsity, "the sparsity stage"),
+                 (main, layer, main_efficiency, main_sparsity,
+                  "its own forwards" if main_sparsity is None else "the sparsity stage"),
                  (other, other_layer, None, other_sparsity, other_source))]
     out = {"models": sides, "matched_layers": {main.label: layer, other.label: other_layer},
            "relative_depth": rel,

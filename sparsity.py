@@ -372,7 +372,7 @@ class SparsityStream:
         self.accs: dict = {}
         self.keyed = None  # whether chunks are {key: array} dicts
         self.kept, self.used = [], 0  # kept: [{key: bits}] per chunk, None once over the budget
-        self.n_chunks = 0
+        self.finished = False
 
     @property
     def kept_all(self) -> bool:
@@ -385,8 +385,9 @@ class SparsityStream:
         elif keyed != self.keyed:
             raise ValueError("a stream's chunks must all be arrays or all be {key: array} dicts")
         c = chunk if keyed else {None: chunk}
+        if self.finished:
+            raise ValueError("the stream is finished: its second pass has run")
         row = {key: self.accs.setdefault(key, SparsityAccumulator(self.n_neurons)).update(a) for key, a in c.items()}
-        self.n_chunks += 1
         if self.kept is not None:
             self.used += sum(b.nbytes for b in row.values())
             if self.used > self.budget:
@@ -400,6 +401,8 @@ class SparsityStream:
                again=None) -> dict:
         """Pass 2 and the results ({key: dict} for keyed chunks, else one dict). `again`: a function
         returning the chunks once more, needed only when not `kept_all`."""
+        if self.finished:  # the kept patterns are gone: a second pass 2 would count nothing
+            raise ValueError("the stream is finished: its second pass has run")
         if not self.accs:
             raise ValueError("no activations were seen: the chunks were empty")
         for acc in self.accs.values():
@@ -414,7 +417,7 @@ class SparsityStream:
             for c in again():
                 for key, a in (c if self.keyed else {None: c}).items():
                     self.accs[key].refine(a)
-        self.kept = []  # the patterns are read: free them
+        self.kept, self.finished = [], True  # the patterns are read: free them
         out = {key: acc.result(threshold, eps, percentiles, targets) for key, acc in self.accs.items()}
         return out if self.keyed else out[None]
 
@@ -598,10 +601,10 @@ class ForwardFeed:
 def measured_in(feed: ForwardFeed | None, forwards: str) -> str:
     """Where sparsity was measured, for the JSON: in `forwards` (the feed's) if the feed's result was
     used, else in forwards of its own (and why the feed's were not used)."""
-    if feed is None or feed.difference is None:
-        return "its own forwards" + (f" ({feed.refused})" if feed is not None and feed.refused else "")
-    if feed.refused:
+    if feed is not None and feed.refused:
         return f"its own forwards ({feed.refused})"
+    if feed is None or feed.difference is None:  # no feed, or its result was never asked for
+        return "its own forwards"
     return f"{forwards} (the first text's sites within {feed.difference:.2g} of the model's own forward, relative)"
 
 

@@ -261,4 +261,6 @@ def test_a_sparsity_feed_is_checked_and_never_used_incomplete(tokenizer):
     an.attention_profile(analyzer, ids, [0], an.METHODS, feed=feed)
     assert all(np.array_equal(feed.first[la], first[la]) for la in first)
     assert feed.result() is not None and feed.difference < 1e-6
+    with pytest.raises(ValueError, match="finished"):  # pass 2 read the kept patterns once: never twice
+        feed.result()
     assert sp.measured_in(feed, "the gradient forwards").startswith("the gradient forwards (the first text's sites")

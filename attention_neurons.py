@@ -23,7 +23,10 @@ The method functions (`attention_weighted`, `gradient_guided`, `rollout_layer`) 
 example's arrays: the reference path. Each is built from unit-local parts (per-unit rows and a sum over
 units), so `AttentionNeurons.text_scores` (what the attention stage runs) scores α one unit group at a
 time, as the groups are computed, and never holds α whole; it equals the reference path
-(`extract_attention_vectors` + `create_neurons`) to float rounding (tested).
+(`extract_attention_vectors` + `create_neurons`) to float rounding (tested). It forms each unit's row sums
+from matrix products of α⁺ = max(α, 0) and α⁻ = max(−α, 0) with x⁺, x⁻ and 1 (`_fast_parts`: every term
+non-negative, nothing cancels) instead of a (units, L, L) product per method, once per head where a head's
+units share α, and the (L, L) token maps only for the texts whose maps are kept.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ class NeuronScores:
     method: str
     neuron_activations: np.ndarray  # (e,)
     neuron_importance: np.ndarray  # (e,)
-    token_map: np.ndarray  # (L, L) [query i, key j]
+    token_map: np.ndarray | None  # (L, L) [query i, key j]; None where not formed (`score_groups`)
 
 
 @dataclass
@@ -82,7 +85,7 @@ class TextScores:
     """`AttentionNeurons.text_scores` for one batch of texts at one layer."""
 
     scores: dict  # {method: NeuronScores}: activations and importance averaged over the batch, first example's map
-    attention_vectors: torch.Tensor  # (b, L, L): mean over channels of α
+    attention_vectors: torch.Tensor | None  # (b, L, L): mean over channels of α (None without maps)
     reconstruction: ReconstructionCheck  # (α x + D x) through the gate and out_proj against the mixer's output
     rollout_R: list | None = None  # per example, the rolled-out map R_ℓ (L, L) when rollout was scored
 
@@ -119,7 +122,8 @@ def _contribution_scores(method: str, rows: torch.Tensor, map_sum: torch.Tensor,
     L = rows.shape[-1]
     activations = rows.sum(-1) / (L * (L + 1) / 2)  # (e,)
     importance = rows.std(-1, unbiased=False)  # (e,)
-    return NeuronScores(method, activations.cpu().numpy(), importance.cpu().numpy(), (map_sum / e).cpu().numpy())
+    token_map = None if map_sum is None else (map_sum / e).cpu().numpy()
+    return NeuronScores(method, activations.cpu().numpy(), importance.cpu().numpy(), token_map)
 
 
 def _weighted_contrib(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -223,47 +227,132 @@ def neuron_diversity(activations: np.ndarray) -> float:
 class LayerView(NamedTuple):
     """One layer of one batch, as the scoring loop reads it: the units' inputs x (b, L, e), the gradient g
     (b, L, e) or None, `groups` yielding (unit slice, α of those units (b, g, L, L)), and `check()`, the
-    reconstruction check of the layer's output from the α seen (call it after the groups are consumed)."""
+    reconstruction check of the layer's output from the α seen (call it after the groups are consumed).
+    `shared`: every group's units share one α (a head's: a Transformer's or Mamba-2's), so that the groups
+    yield expanded views and the scores are computed once per group with matrix products."""
 
     x: torch.Tensor
     g: torch.Tensor | None
     groups: Iterator
     check: Callable[[], ReconstructionCheck]
+    shared: bool = False
 
 
-def score_groups(view: LayerView, methods: tuple, previous: list | None
-                 ) -> tuple[dict, torch.Tensor, list | None]:
+def _signed_parts(alpha: torch.Tensor, x: torch.Tensor, shared: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(α⁺, α⁻, P⁺, P⁻) for the unit rows without a (c, L, L) product per method: α⁺ = max(α, 0) and
+    α⁻ = max(−α, 0) (so |α| = α⁺ + α⁻ and α = α⁺ − α⁻, exactly), P^± [k, c, i] = Σ_j α^±[c, i, j] X_k[c, j]
+    with X_0 = x⁺ = max(x, 0), X_1 = x⁻ = max(−x, 0) and X_2 = 1 (3, c, L). One matrix product per sign:
+    batched per unit (α (c, L, L)), or one product for all units of a group that shares α ((L, L))."""
+    xt = x.T  # (c, L)
+    X = torch.stack([xt.clamp(min=0), (-xt).clamp(min=0), torch.ones_like(xt)])  # (3, c, L): x⁺, x⁻, 1
+    ap = torch.relu(alpha)  # (c, L, L) or (L, L): α⁺
+    an = ap - alpha  # α⁻: exactly −α where α < 0, exactly 0 elsewhere
+    c, L = xt.shape
+    if shared:  # (L, L) @ (L, 3c): every unit's three columns in one product
+        cols = X.reshape(3 * c, L).T  # (L, 3c)
+        P = [(a @ cols).T.reshape(3, c, L) for a in (ap, an)]  # (3, c, L) each
+    else:
+        cols = X.permute(1, 2, 0)  # (c, L, 3)
+        P = [torch.bmm(a, cols).permute(2, 0, 1) for a in (ap, an)]  # (3, c, L) each
+    return ap, an, P[0], P[1]
+
+
+def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, methods: tuple, shared: bool,
+                previous: torch.Tensor | None, maps: bool) -> dict:
+    """{method: (rows (c, L), (L, L) map part or None)}: the same parts as `_contribution_parts` and
+    `_rollout_parts` for units c of one example, from α (c, L, L) (or one shared (L, L)), x and g (L, c),
+    but each unit's rows from the matrix products of `_signed_parts`, by these identities (every term
+    non-negative, so nothing cancels):
+      Σ_j |α_ij x_j| = Σ_j (α⁺_ij + α⁻_ij)(x⁺_j + x⁻_j);
+      Σ_j ReLU(g_i α_ij x_j) = g⁺_i Σ_j (α⁺_ij x⁺_j + α⁻_ij x⁻_j) + g⁻_i Σ_j (α⁺_ij x⁻_j + α⁻_ij x⁺_j);
+      rollout: normalise(|α|) = |α| / max|α| for a causal map (L >= 2: its upper triangle makes the minimum
+      0), so the row sums and the diagonal term of `_rollout_parts` are those of |α| scaled per unit.
+    The (L, L) maps of the contribution methods are formed only with `maps` (the first text's); rollout's
+    Σ_c N^c is always formed (it is R_ℓ). `previous`: R_{ℓ-1} (L, L), None for the identity."""
+    L = x.shape[0]
+    rollout_zero_min = L >= 2 and bool((alpha[..., 0, 1] == 0).all())  # the map's minimum is 0: see above
+    if "rollout" in methods and not rollout_zero_min:  # L = 1 (normalise gives 0) or a non-causal map
+        prev = torch.eye(L, dtype=x.dtype, device=x.device) if previous is None else previous
+        full = alpha.expand(x.shape[1], L, L) if shared else alpha
+        out = {"rollout": _rollout_parts(full, prev)}
+        rest = tuple(m for m in methods if m != "rollout")
+        return {**out, **(_fast_parts(alpha, x, g, rest, shared, previous, maps) if rest else {})}
+    ap, an, Pp, Pn = _signed_parts(alpha, x, shared)
+    out = {}
+    for m in methods:
+        if m == "attention_weighted":
+            rows = (Pp[0] + Pp[1]) + (Pn[0] + Pn[1])  # (c, L)
+            part = None
+            if maps:  # (L, L): Σ_c |α^c_ij x^c_j|
+                part = (ap + an) * x.abs().sum(1)[None, :] if shared else _weighted_contrib(alpha, x).sum(0)
+            out[m] = (rows, part)
+        elif m == "gradient_guided":
+            gp, gn = g.T.clamp(min=0), (-g.T).clamp(min=0)  # (c, L): g⁺, g⁻
+            rows = gp * (Pp[0] + Pn[1]) + gn * (Pp[1] + Pn[0])  # (c, L)
+            part = None
+            if maps:
+                if shared:  # Σ_c ReLU(g^c_i α_ij x^c_j) = α⁺ ⊙ (g⁺ x⁺ᵀ + g⁻ x⁻ᵀ) + α⁻ ⊙ (g⁺ x⁻ᵀ + g⁻ x⁺ᵀ)
+                    xp, xn = x.clamp(min=0), (-x).clamp(min=0)  # (L, c)
+                    part = ap * (gp.T @ xp.T + gn.T @ xn.T) + an * (gp.T @ xn.T + gn.T @ xp.T)  # (L, L)
+                else:
+                    part = _gradient_contrib(alpha, x, g).sum(0)  # (L, L)
+            out[m] = (rows, part)
+        else:  # rollout
+            hi = torch.maximum(ap.amax((-1, -2)), an.amax((-1, -2)))  # (c,) or (): max |α| per map
+            scale = torch.where(hi > 0, 1.0 / torch.where(hi > 0, hi, 1.0), 0.0)  # normalise's 1 / max
+            if previous is None:
+                own = torch.diagonal(ap, dim1=-2, dim2=-1) + torch.diagonal(an, dim1=-2, dim2=-1)  # (c, L) or (L,)
+                diag = 1.0
+            else:
+                own = (ap * previous.T).sum(-1) + (an * previous.T).sum(-1)  # Σ_k |α_ik| R[k, i]
+                diag = torch.diagonal(previous)  # (L,)
+            s = scale[..., None]  # (c, 1) or (1,)
+            carried = 1.0 - (s * own + diag) / (s * Pp[2] + s * Pn[2] + 1.0)  # (c, L)
+            if shared:  # carried is (c, L) already (Pp[2] has a row per unit)
+                n_sum = (ap + an) * (scale * x.shape[1])  # (L, L): the group's units share one map
+            else:
+                n_sum = torch.einsum("c,cij->ij", scale, ap) + torch.einsum("c,cij->ij", scale, an)  # (L, L)
+            out[m] = (carried, n_sum)
+    return out
+
+
+def score_groups(view: LayerView, methods: tuple, previous: list | None, maps: bool = True
+                 ) -> tuple[dict, torch.Tensor | None, list | None]:
     """Every method's scores from α consumed group by group: ({method: NeuronScores} averaged over the batch
     (first example's map), the unit mean of α (b, L, L), per-example R_ℓ (L, L) if rollout is among
-    `methods`, else None). `previous`: per-example R_{ℓ-1}, None for the identity."""
+    `methods`, else None). `previous`: per-example R_{ℓ-1}, None for the identity. Without `maps` the
+    contribution methods' token maps and the unit mean of α are not formed (None): the attention stage
+    keeps only the first text's. Unit rows by `_fast_parts`."""
     b, L, e = view.x.shape
     eye = torch.eye(L, dtype=view.x.dtype, device=view.x.device)
-    prev = [eye] * b if previous is None else previous
-    unit_sum = view.x.new_zeros(b, L, L)  # (b, L, L): Σ_c α^c
+    prev = [None] * b if previous is None else previous
+    unit_sum = view.x.new_zeros(b, L, L) if maps else None  # (b, L, L): Σ_c α^c
     rows = {m: [[] for _ in range(b)] for m in methods}  # per example, the groups' (g, L) parts in order
-    maps = {m: [0.0] * b for m in methods}  # per example, Σ_c of the method's (L, L) part
+    parts = {m: [0.0] * b for m in methods}  # per example, Σ_c of the method's (L, L) part
     with torch.no_grad():
         for cs, alpha in view.groups:  # (b, g, L, L)
-            unit_sum += alpha.sum(1)
+            width = cs.stop - cs.start
+            if maps:
+                unit_sum += alpha[:, 0] * width if view.shared else alpha.sum(1)
             for k in range(b):
-                x = view.x[k, :, cs]  # (L, g)
-                for m in methods:
-                    if m == "attention_weighted":
-                        part = _contribution_parts(_weighted_contrib(alpha[k], x))
-                    elif m == "gradient_guided":
-                        part = _contribution_parts(_gradient_contrib(alpha[k], x, view.g[k, :, cs]))
-                    else:
-                        part = _rollout_parts(alpha[k], prev[k])
-                    rows[m][k].append(part[0])
-                    maps[m][k] = maps[m][k] + part[1]
+                a = alpha[k, 0] if view.shared else alpha[k]  # (L, L) or (g, L, L)
+                g = None if view.g is None else view.g[k, :, cs]  # (L, g)
+                for m, (r, part) in _fast_parts(a, view.x[k, :, cs], g, methods, view.shared, prev[k],
+                                                maps).items():
+                    rows[m][k].append(r)
+                    if part is not None:
+                        parts[m][k] = parts[m][k] + part
     per, R = {}, None
     for m in methods:
         if m == "rollout":
-            done = [_rollout_scores(torch.cat(rows[m][k]), maps[m][k], e, prev[k]) for k in range(b)]
+            done = [_rollout_scores(torch.cat(rows[m][k]), parts[m][k], e, eye if prev[k] is None else prev[k])
+                    for k in range(b)]
             per[m], R = [s for s, _ in done], [r for _, r in done]
         else:
-            per[m] = [_contribution_scores(m, torch.cat(rows[m][k]), maps[m][k], e) for k in range(b)]
-    return {m: _batch_mean(m, per[m]) for m in methods}, unit_sum / e, R
+            per[m] = [_contribution_scores(m, torch.cat(rows[m][k]), parts[m][k] if maps else None, e)
+                      for k in range(b)]
+    return {m: _batch_mean(m, per[m]) for m in methods}, (unit_sum / e if maps else None), R
 
 
 def leaf_gradient(model, input_ids: torch.Tensor, attention_mask, path: str, y: torch.Tensor,
@@ -339,7 +428,7 @@ class AttentionNeurons:
         return next(iter(self.scores_by_layer(inputs, [layer], methods, rolled)))[1]
 
     def scores_by_layer(self, inputs, layers, methods=METHODS, rolled: tuple | None = None,
-                        watch: Callable | None = None) -> Iterator[tuple[int, "TextScores"]]:
+                        watch: Callable | None = None, maps: bool = True) -> Iterator[tuple[int, "TextScores"]]:
         """(layer, TextScores) for each of `layers` in ascending order: every method's scores, equal to
         `create_neurons` on `extract_attention_vectors` (the reference path; tested) but with α consumed one
         unit group at a time: α is never held whole (peak memory about one group's α instead of
@@ -352,7 +441,8 @@ class AttentionNeurons:
         the next; `rolled` = (layer k below the first of `layers`, per-example R_k), the `rollout_R` of an
         earlier call on the same inputs, starts from R_k instead. Each result's `rollout_R` is R_ℓ per
         example (None without rollout). `watch`: a context factory wrapped around the first gradient pass's
-        forward (a full forward of the model on these inputs; `leaf_gradient`)."""
+        forward (a full forward of the model on these inputs; `leaf_gradient`). Without `maps` the
+        contribution methods' token maps and `attention_vectors` are left out (None; see `score_groups`)."""
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
@@ -368,7 +458,7 @@ class AttentionNeurons:
             gradient = chosen and "gradient_guided" in methods
             view = self.layer_view(ids, mask, la, ios.pop(la), gradient, watch)
             watch = None if gradient else watch  # one full forward read
-            scores, vectors, R = score_groups(view, methods if chosen else ("rollout",), previous)
+            scores, vectors, R = score_groups(view, methods if chosen else ("rollout",), previous, maps and chosen)
             check = view.check()
             previous = R
             if chosen:
@@ -521,7 +611,7 @@ class MambaAttentionNeurons(AttentionNeurons):
             with torch.no_grad():
                 return check_reconstruction(project_out(mixer, gate_output(mixer, y, it.z)), real_out, mixer=mixer)
 
-        return LayerView(it.x, g, groups(), check)
+        return LayerView(it.x, g, groups(), check, shared=self.mamba2)
 
     def extract_attention_vectors(self, inputs, layer_indices) -> dict:
         """{layer: {"attention_matrix": α (b, e, L, L), "attention_vectors": mean_c α (b, L, L),
@@ -628,7 +718,7 @@ class TransformerAttentionNeurons(AttentionNeurons):
             with torch.no_grad():
                 return check_reconstruction(self._project(layer, y), io[3])
 
-        return LayerView(x, g, groups(), check)
+        return LayerView(x, g, groups(), check, shared=True)
 
     def extract_attention_vectors(self, inputs, layer_indices) -> dict:
         """{layer: {"attention_matrix": α (b, d, L, L) (each head's A repeated for its d/H units),
@@ -723,7 +813,7 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
     for k, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
         start = None if rolled is None else rolled.get(k)
         watch = None if feed is None else feed.watch(ids)
-        for la, ts in analyzer.scores_by_layer(ids, layers, methods, start, watch):  # α by unit group, verified
+        for la, ts in analyzer.scores_by_layer(ids, layers, methods, start, watch, maps=k == 0):  # α by group, verified
             worst[la] = max(worst[la], ts.reconstruction.relative_error)
             for m in methods:
                 s = ts.scores[m]

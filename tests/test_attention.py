@@ -213,6 +213,62 @@ def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("L", [1, 2, 9])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("identity", [True, False])
+def test_fast_unit_parts_equal_the_per_entry_products(L, shared, identity):
+    """`_fast_parts` (rows from matrix products of α⁺, α⁻ with x⁺, x⁻, 1; once per head for shared α)
+    equals the per-entry products of `_contribution_parts` / `_rollout_parts`, in float64 to 1e-12, for
+    signed α, R_{ℓ-1} the identity or not, and L = 1 (rollout's minimum is not 0 there). A row whose every
+    contribution is negative comes out exactly 0 (no cancellation)."""
+    from attention_neurons import (METHODS, _contribution_parts, _fast_parts, _gradient_contrib, _rollout_parts,
+                                   _rownorm, _weighted_contrib)
+
+    gen = torch.Generator().manual_seed(L + 10 * shared)
+    c = 6
+    f64 = dict(generator=gen, dtype=torch.float64)
+    alpha = torch.randn(1 if shared else c, L, L, **f64).tril()  # (c, L, L), signed
+    x, g = torch.randn(L, c, **f64), torch.randn(L, c, **f64)  # (L, c)
+    if L > 1:  # the last row of unit 0 (every j is causal there): every g α x < 0
+        alpha[0, L - 1] = -(alpha[0, L - 1].abs() + 0.1)
+        x[:, 0], g[L - 1, 0] = x[:, 0].abs() + 0.1, 1.0
+    full = alpha.expand(c, L, L)  # what the reference sees: one α per unit
+    R = None if identity else _rownorm(torch.rand(L, L, **f64).tril() + torch.eye(L, dtype=torch.float64))
+    got = _fast_parts(alpha[0] if shared else alpha, x, g, METHODS, shared, R, maps=True)
+    ref = {"attention_weighted": _contribution_parts(_weighted_contrib(full, x)),
+           "gradient_guided": _contribution_parts(_gradient_contrib(full, x, g)),
+           "rollout": _rollout_parts(full, torch.eye(L, dtype=torch.float64) if R is None else R)}
+    for m in METHODS:
+        for k, (a, b) in enumerate(zip(got[m], ref[m])):
+            diff = (a.expand_as(b) - b).abs().max().item()
+            print(f"{m} part {k} L={L} shared={shared}: max difference {diff:.2e}")
+            torch.testing.assert_close(a.expand_as(b), b, rtol=1e-12, atol=1e-13)
+    if L > 1:
+        assert got["gradient_guided"][0][0, L - 1].item() == 0.0
+    no_maps = _fast_parts(alpha[0] if shared else alpha, x, g, METHODS, shared, R, maps=False)
+    for m in ("attention_weighted", "gradient_guided"):
+        assert no_maps[m][1] is None and torch.equal(no_maps[m][0], got[m][0])
+
+
+def test_scores_without_maps_equal_the_scores_with_them():
+    """maps=False (every text after the first in the attention stage) leaves out the token maps and the unit
+    mean of α, and changes no activation or importance."""
+    for name in ("mamba_b", "gpt2"):
+        from attention_neurons import attention_neurons_for
+
+        an = attention_neurons_for(make_model(name))
+        ids = _ids(L=11, b=2)
+        with_maps = dict(an.scores_by_layer(ids, [0, 1]))
+        without = dict(an.scores_by_layer(ids, [0, 1], maps=False))
+        for la in (0, 1):
+            assert without[la].attention_vectors is None and with_maps[la].attention_vectors is not None
+            for m, s in with_maps[la].scores.items():
+                t = without[la].scores[m]
+                np.testing.assert_array_equal(t.neuron_activations, s.neuron_activations)
+                np.testing.assert_array_equal(t.neuron_importance, s.neuron_importance)
+                assert (t.token_map is None) == (m != "rollout")
+
+
 @pytest.mark.parametrize("group_elements", [None, 5 * 4096])  # one group; groups of 5 channels (72 = 14·5 + 2)
 @pytest.mark.parametrize("methods", [("attention_weighted", "gradient_guided", "rollout"), ("rollout",)])
 def test_streamed_text_scores_equal_the_reference_path(group_elements, methods, monkeypatch):

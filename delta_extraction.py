@@ -6,13 +6,14 @@ mixer's real output before any Δ is used.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from models import get_adapter, require_mamba
-from ssm import MixerInternals, ReconstructionCheck, check_reconstruction, recompute_mixer
+from ssm import MixerInternals, ReconstructionCheck, blocked_inference, check_reconstruction, recompute_mixer
 from utils import trace
 
 logger = logging.getLogger(__name__)
@@ -21,11 +22,17 @@ logger = logging.getLogger(__name__)
 def capture_mixer_ios(model, layers, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (input, real output)} (b, L, d) each of the mixers of `layers`, all from one forward that
-    stops after the last of them."""
+    stops after the last of them. The mixers of `layers` run the model's own forward, so each output is
+    the model's own mixer on its input; on Mamba-1 / FalconMamba the mixers below that are not captured run
+    `ssm.blocked_inference` (transformers' slow-path operations in the same order, about half the time on a
+    CPU; the mixer inputs it gives are bitwise those of the model's own forward on the machines tested, and
+    equal to float rounding in any case)."""
     adapter = get_adapter(model)
     require_mamba(adapter)
     paths = {layer: adapter.mixer_path(layer) for layer in layers}
-    with torch.no_grad(), trace(model, list(paths.values()), retain_input=True, stop=True) as traces:
+    below = [la for la in range(max(layers)) if la not in paths]
+    swap = blocked_inference(model, layers=below) if below and adapter.ssm_kind == "mamba1" else nullcontext()
+    with torch.no_grad(), swap, trace(model, list(paths.values()), retain_input=True, stop=True) as traces:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return {layer: (traces[p].input, traces[p].output) for layer, p in paths.items()}
 

@@ -368,13 +368,14 @@ def _fast_mixer_call(mixer, hidden_states, cache_params=None, attention_mask=Non
 
 
 class swapped_mixer_forward:
-    """Context manager: every Mamba mixer of `model` runs `fn(mixer, hidden_states, cache_params=None,
-    attention_mask=None, **kwargs)` instead of its own forward inside the block. Only the forward method
-    is swapped, on the instances (hooks on the mixer and its submodules still fire); the weights stay
-    the model's own."""
+    """Context manager: every Mamba mixer of `model` (or those of `layers`) runs `fn(mixer, hidden_states,
+    cache_params=None, attention_mask=None, **kwargs)` instead of its own forward inside the block. Only
+    the forward method is swapped, on the instances (hooks on the mixer and its submodules still fire);
+    the weights stay the model's own."""
 
-    def __init__(self, model, fn):
-        self.mixers = [layer.mixer for layer in model.backbone.layers]
+    def __init__(self, model, fn, layers=None):
+        blocks = model.backbone.layers
+        self.mixers = [blocks[i].mixer for i in (range(len(blocks)) if layers is None else layers)]
         self.fn = fn
 
     def __enter__(self):
@@ -463,9 +464,11 @@ def mixer_forward_blocked(mixer, hidden_states, cache_params=None, attention_mas
     return mixer.out_proj(y.transpose(1, 2).to(dtype))  # (b, L, d)
 
 
-def blocked_inference(model, block_elements: int | None = None) -> swapped_mixer_forward:
-    """Every mixer runs `mixer_forward_blocked` inside the block (forward only, no cache)."""
-    return swapped_mixer_forward(model, functools.partial(mixer_forward_blocked, block_elements=block_elements))
+def blocked_inference(model, block_elements: int | None = None, layers=None) -> swapped_mixer_forward:
+    """Every mixer (or those of `layers`) runs `mixer_forward_blocked` inside the block (forward only, no
+    cache)."""
+    return swapped_mixer_forward(model, functools.partial(mixer_forward_blocked, block_elements=block_elements),
+                                 layers)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,3 +57,36 @@ def test_the_pipeline_refuses_unusable_texts_before_any_stage(tokenizer, tmp_pat
     small.resize_token_embeddings(50)  # the tokenizer's ids reach 299
     with pytest.raises(UserInputError, match="beyond the model's 50 embeddings"):
         run_comprehensive_analysis(small, tokenizer, ["one text", "another text"], stages=["delta"], plots_dir=tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["mamba_b", "falcon_mamba", "mamba2"])
+@pytest.mark.parametrize("captured", [(2,), (0, 2)])
+def test_capture_runs_the_captured_mixers_themselves_and_the_others_below_blocked(kind, captured, monkeypatch):
+    """A capture at deep layers: on Mamba-1 / FalconMamba the mixers below that are not captured run
+    ssm.mixer_forward_blocked, the captured mixers their own forward (Mamba-2: every mixer its own); the
+    captured (input, output) pairs equal those of a forward in which every mixer runs its own, to float32
+    rounding (printed)."""
+    import ssm
+    from delta_extraction import capture_mixer_ios
+    from models import get_adapter
+    from utils import trace
+
+    model = make_model(kind)
+    adapter = get_adapter(model)
+    captured = tuple(la for la in captured if la < adapter.n_layers) or (adapter.n_layers - 1,)
+    ids = torch.randint(0, 300, (2, 23), generator=torch.Generator().manual_seed(3))
+    paths = [adapter.mixer_path(la) for la in captured]
+    with torch.no_grad(), trace(model, paths, retain_input=True) as own:  # every mixer its own forward
+        model(input_ids=ids, use_cache=False)
+    calls = []
+    real = ssm.mixer_forward_blocked
+    monkeypatch.setattr(ssm, "mixer_forward_blocked", lambda mixer, *a, **k: calls.append(mixer) or real(mixer, *a, **k))
+    got = capture_mixer_ios(model, list(captured), ids)
+    blocked = [] if kind == "mamba2" else [la for la in range(max(captured)) if la not in captured]
+    assert [id(m) for m in calls] == [id(adapter.mixer(la)) for la in blocked]
+    for la, p in zip(captured, paths):
+        for mine, theirs in zip(got[la], (own[p].input, own[p].output)):
+            diff = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+            print(f"{kind} layer {la}: max relative difference to the model's own forward {diff:.2e}")
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in adapter.mixer(la).__dict__ for la in range(adapter.n_layers))  # nothing left swapped

@@ -530,18 +530,19 @@ def hidden_attention_groups(delta: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     With S^c_t = Σ_{k ≤ t} Δ^c_k, positions split into K chunks, P_I the last position before chunk I
     (S at P_0 is 0) and E_J the last position of chunk J, an entry of α with i in chunk I and j in an
     earlier chunk J < I is
-        α^c[i, j] = Σ_n U^c[i, n] · R^c_I[j, n],
-        U^c[i, n] = C_i[n] exp(A[c, n] (S_i − S_{P_I})),
-        R^c_I[j, n] = Δ^c_j B_j[n] exp(A[c, n] (S_{E_J} − S_j)) · exp(A[c, n] (S_{P_I} − S_{E_J})),
-    the decay from j to i split at two chunk boundaries between them. Every exponent is ≤ 0 (A < 0, S
-    non-decreasing, j ≤ E_J ≤ P_I < i), so every factor lies in [0, 1]: nothing overflows, and the
-    product equals the single exp up to float rounding. R^c_I is zero for J ≥ I (its exponent is set to
-    −∞ before exp), so every row block of α is one matrix product U_I R_I^T, all blocks of a group in
-    one batched product. The diagonal blocks (i, j in one chunk) are then formed directly as in
-    `hidden_attention` (argument masked before exp). Cost per channel: L·chunk·n exps, about L²·n
-    multiply-adds and L²·n/chunk multiplies to form R, against L²·n exps for the direct form. Chunk 8
-    was the fastest of 4, 8, 16 and 32 on a 2-core CPU at e = 1536, n = 16, L = 149 and 256. Channels
-    are grouped so that the largest intermediate (R, the diagonal blocks' exp argument or α itself)
+        α^c[i, j] = Σ_n U^c[i, n] · W^c_IJ[n] · V^c[j, n],
+        U^c[i, n] = C_i[n] exp(A[c, n] (S_i − S_{P_I})),   V^c[j, n] = Δ^c_j B_j[n] exp(A[c, n] (S_{E_J} − S_j)),
+        W^c_IJ[n] = exp(A[c, n] (S_{P_I} − S_{E_J})) = Π_{J < K' < I} w^c_K'[n],  w^c_K'[n] = exp(A[c, n] (S_{E_K'} − S_{P_K'})),
+    the decay from j to i split at the chunk boundaries between them. Every exponent is ≤ 0 (A < 0, S
+    non-decreasing), so every factor lies in [0, 1]: nothing overflows, and the product equals the single
+    exp up to float rounding. Row block I is one matrix product U_I M_I with M_I[n, j] = W_IJ[n] V[j, n]
+    over the columns j before chunk I, and M_{I+1} is M_I scaled by the decay across chunk I (w_I) with
+    chunk I's columns V_Iᵀ appended (W_{I+1, I} = 1): one (n, L) buffer per channel, scaled in place, row
+    block after row block. The diagonal blocks (i, j in one chunk) are formed directly as in
+    `hidden_attention` (argument masked before exp). Cost per channel: L·chunk·n exps, about L²·n/2
+    multiply-adds and L²·n/(2·chunk) multiplies for the scaling, against L²·n exps for the direct form.
+    Chunk 8 was the fastest of 4, 8, 16 and 32 on a 2-core CPU at e = 1536, n = 16, L = 149 and 256.
+    Channels are grouped so that the largest intermediate (α itself or the diagonal blocks' exp argument)
     stays under `max_chunk_elements` floats (default ATTENTION_GROUP_ELEMENTS). delta (b, L, e), A (e, n),
     B and C (b, L, n).
     """
@@ -559,10 +560,9 @@ def hidden_attention_groups(delta: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     dt = delta.transpose(1, 2).reshape(b, e, K, Q)  # (b, e, K, Q)
     Bc, Cc = B.reshape(b, K, Q, n), C.reshape(b, K, Q, n)  # (b, K, Q, n)
     inside = torch.ones(Q, Q, dtype=torch.bool, device=delta.device).tril()  # (Q, Q) [i, j]: j <= i
-    earlier = torch.ones(K, K, dtype=torch.bool, device=delta.device).tril(-1)[..., None]  # (I, J, 1): J < I
     CB = torch.einsum("bkin,bkjn->bkijn", Cc, Bc)[:, None]  # (b, 1, K, Q, Q, n)
     idx = torch.arange(K, device=delta.device)
-    per_channel = b * max(K * Lp * n, K * Q * Q * n, Lp * Lp)
+    per_channel = b * max(Lp * Lp, K * Q * Q * n)
     group = max(1, min(e, (max_chunk_elements or ATTENTION_GROUP_ELEMENTS) // per_channel))
     for c0 in range(0, e, group):
         cs = slice(c0, min(e, c0 + group))
@@ -571,16 +571,21 @@ def hidden_attention_groups(delta: torch.Tensor, A: torch.Tensor, B: torch.Tenso
         Sg, dtg = S[:, cs], dt[:, cs]  # (b, g, K, Q)
         U = Cc[:, None] * torch.exp((Sg - S_prev[:, cs, :, None])[..., None] * Ac)  # (b, g, K, Q, n)
         V = (Bc[:, None] * dtg[..., None]) * torch.exp((S_end[:, cs, :, None] - Sg)[..., None] * Ac)  # (b,g,K,Q,n)
-        arg = (S_prev[:, cs, :, None] - S_end[:, cs, None, :])[..., None] * Ac  # (b, g, I, J, n): <= 0 for J < I
-        W = torch.exp(arg.masked_fill_(~earlier, float("-inf")))  # (b, g, I, J, n): 0 for J >= I
-        R = (V[:, :, None] * W[..., None, :]).reshape(b, g, K, Lp, n)  # (b, g, I, L', n): R_I, every I
-        out = torch.matmul(U, R.transpose(-1, -2))  # (b, g, I, Q, L'): row blocks, 0 right of the diagonal
+        w = torch.exp((S_end[:, cs] - S_prev[:, cs])[..., None] * Ac[:, :, 0])  # (b, g, K, n): across chunk K'
+        Vt = V.permute(0, 1, 4, 2, 3).reshape(b, g, n, Lp)  # (b, g, n, L'): V[j, n] by column j
+        M = Vt.clone()  # (b, g, n, L'): M_I in its first I·Q columns
+        out = delta.new_zeros(b, g, Lp, Lp)  # (b, g, L', L'): 0 right of the diagonal blocks
+        for I in range(1, K):
+            cols = I * Q  # the columns before chunk I
+            out[:, :, cols:cols + Q, :cols] = torch.matmul(U[:, :, I], M[..., :cols])  # (b, g, Q, I·Q): row block I
+            if I < K - 1:
+                M[..., :cols].mul_(w[:, :, I, :, None])  # M_{I+1}: the older columns decay across chunk I
         # diagonal blocks, directly: Σ_n C_i B_j exp(A (S_i − S_j)) Δ_j for j <= i in one chunk
         diff = (Sg[..., :, None] - Sg[..., None, :]).masked_fill(~inside, 0.0)  # (b, g, K, Q, Q)
         diag = (torch.exp(diff[..., None] * Ac[:, :, :, None]) * CB).sum(-1)  # (b, g, K, Q, Q)
         diag = diag * dtg[..., None, :] * inside  # · Δ_j, exactly 0 above the diagonal
         out.view(b, g, K, Q, K, Q)[:, :, idx, :, idx, :] = diag.permute(2, 0, 1, 3, 4)  # advanced indexing: K first
-        yield cs, out.view(b, g, Lp, Lp)[:, :, :L, :L]  # (b, g, L, L)
+        yield cs, out[:, :, :L, :L]  # (b, g, L, L)
 
 
 def hidden_attention_chunked(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

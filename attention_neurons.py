@@ -242,20 +242,41 @@ def _signed_parts(alpha: torch.Tensor, x: torch.Tensor, shared: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(α⁺, α⁻, P⁺, P⁻) for the unit rows without a (c, L, L) product per method: α⁺ = max(α, 0) and
     α⁻ = max(−α, 0) (so |α| = α⁺ + α⁻ and α = α⁺ − α⁻, exactly), P^± [k, c, i] = Σ_j α^±[c, i, j] X_k[c, j]
-    with X_0 = x⁺ = max(x, 0), X_1 = x⁻ = max(−x, 0) and X_2 = 1 (3, c, L). One matrix product per sign:
-    batched per unit (α (c, L, L)), or one product for all units of a group that shares α ((L, L))."""
+    with X_0 = x⁺ = max(x, 0) and X_1 = x⁻ = max(−x, 0) (2, c, L). One matrix product per sign: batched
+    per unit (α (c, L, L)), or one product for all units of a group that shares α ((L, L))."""
     xt = x.T  # (c, L)
-    X = torch.stack([xt.clamp(min=0), (-xt).clamp(min=0), torch.ones_like(xt)])  # (3, c, L): x⁺, x⁻, 1
+    X = torch.stack([xt.clamp(min=0), (-xt).clamp(min=0)])  # (2, c, L): x⁺, x⁻
     ap = torch.relu(alpha)  # (c, L, L) or (L, L): α⁺
     an = ap - alpha  # α⁻: exactly −α where α < 0, exactly 0 elsewhere
     c, L = xt.shape
-    if shared:  # (L, L) @ (L, 3c): every unit's three columns in one product
-        cols = X.reshape(3 * c, L).T  # (L, 3c)
-        P = [(a @ cols).T.reshape(3, c, L) for a in (ap, an)]  # (3, c, L) each
+    if shared:  # (L, L) @ (L, 2c): every unit's two columns in one product
+        cols = X.reshape(2 * c, L).T  # (L, 2c)
+        P = [(a @ cols).T.reshape(2, c, L) for a in (ap, an)]  # (2, c, L) each
     else:
-        cols = X.permute(1, 2, 0)  # (c, L, 3)
-        P = [torch.bmm(a, cols).permute(2, 0, 1) for a in (ap, an)]  # (3, c, L) each
+        cols = X.permute(1, 2, 0)  # (c, L, 2)
+        P = [torch.bmm(a, cols).permute(2, 0, 1) for a in (ap, an)]  # (2, c, L) each
     return ap, an, P[0], P[1]
+
+
+def _fast_rollout(pieces: list, c: int, shared: bool, previous: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_rollout_parts` (carried (c, L), Σ_c N^c (L, L)) of a causal map with L >= 2 from non-negative
+    `pieces` that sum to |α| ([|α|], or [α⁺, α⁻]; (c, L, L) each, or (L, L) shared by the c units):
+    N^c = |α^c| / max|α^c|, so its row sums and diagonal term are those of |α^c| scaled, and Σ_c N^c is one
+    matrix-vector product over the units."""
+    hi = torch.stack([p.amax((-1, -2)) for p in pieces]).amax(0)  # (c,) or (): max |α| per map
+    scale = torch.where(hi > 0, 1.0 / torch.where(hi > 0, hi, 1.0), 0.0)  # normalise's 1 / max
+    rows = sum(p.sum(-1) for p in pieces)  # (c, L) or (L,): Σ_k |α_ik|
+    if previous is None:
+        own, diag = sum(torch.diagonal(p, dim1=-2, dim2=-1) for p in pieces), 1.0  # |α_ii|
+    else:
+        own, diag = sum((p * previous.T).sum(-1) for p in pieces), torch.diagonal(previous)  # Σ_k |α_ik| R[k, i]
+    s = scale[..., None]  # (c, 1) or (1,)
+    carried = 1.0 - (s * own + diag) / (s * rows + 1.0)  # (c, L) or (L,)
+    if shared:  # the group's units share one map
+        return carried.expand(c, -1), sum(pieces) * (scale * c)
+    L = rows.shape[-1]
+    return carried, sum(scale @ p.reshape(c, L * L) for p in pieces).view(L, L)
 
 
 def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, methods: tuple, shared: bool,
@@ -266,18 +287,19 @@ def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, me
     non-negative, so nothing cancels):
       Σ_j |α_ij x_j| = Σ_j (α⁺_ij + α⁻_ij)(x⁺_j + x⁻_j);
       Σ_j ReLU(g_i α_ij x_j) = g⁺_i Σ_j (α⁺_ij x⁺_j + α⁻_ij x⁻_j) + g⁻_i Σ_j (α⁺_ij x⁻_j + α⁻_ij x⁺_j);
-      rollout: normalise(|α|) = |α| / max|α| for a causal map (L >= 2: its upper triangle makes the minimum
-      0), so the row sums and the diagonal term of `_rollout_parts` are those of |α| scaled per unit.
+      rollout (`_fast_rollout`): normalise(|α|) = |α| / max|α| for a causal map (L >= 2: its upper triangle
+      makes the minimum 0).
     The (L, L) maps of the contribution methods are formed only with `maps` (the first text's); rollout's
     Σ_c N^c is always formed (it is R_ℓ). `previous`: R_{ℓ-1} (L, L), None for the identity."""
-    L = x.shape[0]
-    rollout_zero_min = L >= 2 and bool((alpha[..., 0, 1] == 0).all())  # the map's minimum is 0: see above
-    if "rollout" in methods and not rollout_zero_min:  # L = 1 (normalise gives 0) or a non-causal map
+    c, L = x.shape[1], x.shape[0]
+    if "rollout" in methods and not (L >= 2 and bool((alpha[..., 0, 1] == 0).all())):
+        # L = 1 (normalise gives 0) or a map whose minimum is not 0: the per-entry parts
         prev = torch.eye(L, dtype=x.dtype, device=x.device) if previous is None else previous
-        full = alpha.expand(x.shape[1], L, L) if shared else alpha
-        out = {"rollout": _rollout_parts(full, prev)}
+        out = {"rollout": _rollout_parts(alpha.expand(c, L, L) if shared else alpha, prev)}
         rest = tuple(m for m in methods if m != "rollout")
         return {**out, **(_fast_parts(alpha, x, g, rest, shared, previous, maps) if rest else {})}
+    if methods == ("rollout",):  # the layers below the chosen one: |α| is all rollout needs
+        return {"rollout": _fast_rollout([alpha.abs()], c, shared, previous)}
     ap, an, Pp, Pn = _signed_parts(alpha, x, shared)
     out = {}
     for m in methods:
@@ -298,22 +320,8 @@ def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, me
                 else:
                     part = _gradient_contrib(alpha, x, g).sum(0)  # (L, L)
             out[m] = (rows, part)
-        else:  # rollout
-            hi = torch.maximum(ap.amax((-1, -2)), an.amax((-1, -2)))  # (c,) or (): max |α| per map
-            scale = torch.where(hi > 0, 1.0 / torch.where(hi > 0, hi, 1.0), 0.0)  # normalise's 1 / max
-            if previous is None:
-                own = torch.diagonal(ap, dim1=-2, dim2=-1) + torch.diagonal(an, dim1=-2, dim2=-1)  # (c, L) or (L,)
-                diag = 1.0
-            else:
-                own = (ap * previous.T).sum(-1) + (an * previous.T).sum(-1)  # Σ_k |α_ik| R[k, i]
-                diag = torch.diagonal(previous)  # (L,)
-            s = scale[..., None]  # (c, 1) or (1,)
-            carried = 1.0 - (s * own + diag) / (s * Pp[2] + s * Pn[2] + 1.0)  # (c, L)
-            if shared:  # carried is (c, L) already (Pp[2] has a row per unit)
-                n_sum = (ap + an) * (scale * x.shape[1])  # (L, L): the group's units share one map
-            else:
-                n_sum = torch.einsum("c,cij->ij", scale, ap) + torch.einsum("c,cij->ij", scale, an)  # (L, L)
-            out[m] = (carried, n_sum)
+        else:
+            out[m] = _fast_rollout([ap, an], c, shared, previous)
     return out
 
 

@@ -217,9 +217,10 @@ def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("identity", [True, False])
 def test_fast_unit_parts_equal_the_per_entry_products(L, shared, identity):
-    """`_fast_parts` (rows from matrix products of α⁺, α⁻ with x⁺, x⁻, 1; once per head for shared α)
-    equals the per-entry products of `_contribution_parts` / `_rollout_parts`, in float64 to 1e-12, for
-    signed α, R_{ℓ-1} the identity or not, and L = 1 (rollout's minimum is not 0 there). A row whose every
+    """`_fast_parts` (rows from matrix products of α⁺, α⁻ with x⁺, x⁻; rollout from |α| scaled; once per
+    head for shared α) equals the per-entry products of `_contribution_parts` / `_rollout_parts`, in float64
+    to 1e-12, for signed α, R_{ℓ-1} the identity or not, L = 1 (rollout's minimum is not 0 there), and
+    rollout with the other methods or alone. A row whose every
     contribution is negative comes out exactly 0 (no cancellation)."""
     from attention_neurons import (METHODS, _contribution_parts, _fast_parts, _gradient_contrib, _rollout_parts,
                                    _rownorm, _weighted_contrib)
@@ -245,6 +246,9 @@ def test_fast_unit_parts_equal_the_per_entry_products(L, shared, identity):
             torch.testing.assert_close(a.expand_as(b), b, rtol=1e-12, atol=1e-13)
     if L > 1:
         assert got["gradient_guided"][0][0, L - 1].item() == 0.0
+    alone = _fast_parts(alpha[0] if shared else alpha, x, g, ("rollout",), shared, R, maps=False)  # from |α| only
+    for a, b in zip(alone["rollout"], ref["rollout"]):
+        torch.testing.assert_close(a.expand_as(b), b, rtol=1e-12, atol=1e-13)
     no_maps = _fast_parts(alpha[0] if shared else alpha, x, g, METHODS, shared, R, maps=False)
     for m in ("attention_weighted", "gradient_guided"):
         assert no_maps[m][1] is None and torch.equal(no_maps[m][0], got[m][0])

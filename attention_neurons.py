@@ -24,9 +24,10 @@ example's arrays: the reference path. Each is built from unit-local parts (per-u
 units), so `AttentionNeurons.text_scores` (what the attention stage runs) scores α one unit group at a
 time, as the groups are computed, and never holds α whole; it equals the reference path
 (`extract_attention_vectors` + `create_neurons`) to float rounding (tested). It forms each unit's row sums
-from matrix products of α⁺ = max(α, 0) and α⁻ = max(−α, 0) with x⁺, x⁻ and 1 (`_fast_parts`: every term
-non-negative, nothing cancels) instead of a (units, L, L) product per method, once per head where a head's
-units share α, and the (L, L) token maps only for the texts whose maps are kept.
+from matrix products of α⁺ = max(α, 0) and α⁻ = max(−α, 0) with x⁺ and x⁻ (`_fast_parts`: every term
+non-negative, nothing cancels) and rollout's from |α| scaled by its maximum, instead of a (units, L, L)
+product per method; once per head where a head's units share α; and the (L, L) token maps only for the
+texts whose maps are kept.
 """
 from __future__ import annotations
 

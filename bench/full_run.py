@@ -21,8 +21,8 @@ machine's matmul rate, and how many times the floor the stage took:
   every layer for each (dim, source layer) row and per prompt (its clean twins are not counted);
 - attention: per text the forward up to the layer (capture), the gradient pass's forward of every layer
   and input-only backward of the layers from the top down to the layer (head at the last position, twice),
-  and on a Mamba forming α (2·e·n per causal (i, j) pair); the methods' elementwise passes over α are not
-  counted;
+  and on a Mamba forming α (2·e·n per causal (i, j) pair) at the layer, and with rollout at every layer
+  below it too (rollout reads each one's α); the methods' elementwise passes over α are not counted;
 - sparsity: nothing when read from the attention stage's gradient forwards (only its own pass 2 and the
   first text's check remain), else a forward of every layer per text;
 - efficiency: a measurement within --efficiency_budget seconds (no floor);
@@ -76,14 +76,15 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
     def ok(stage: str):
         return res[stage]["results"] if res.get(stage, {}).get("status") == "ok" else None
 
-    def attention(side: str, layer: int) -> float:
+    def attention(side: str, layer: int, methods) -> float:
         a, total = adapters[side], 0.0
         n = a.n_layers
+        alphas = layer + 1 if "rollout" in methods else 1  # the layers whose α is formed
         for L in text_lengths[side]:
             passes = (layer + 1) + n + (n - layer)  # capture, the gradient forward, the backward from the top
             total += L * passes * layer_flops(side, L) + 2 * head(side)
             if a.is_ssm:
-                total += 2 * a.inner_size * int(a.config.state_size) * L * (L + 1) / 2
+                total += alphas * 2 * a.inner_size * int(a.config.state_size) * L * (L + 1) / 2
         return total
 
     def causal(side: str, layer: int, n_dims: int) -> float:
@@ -99,7 +100,7 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
     cl = ok("cross_layer")
     floors["cross_layer"] = (sum(len(cl["dims"]) * n * L * n * layer_flops("main", L) for L in prompt_lengths["main"])
                              if cl else None)
-    floors["attention"] = attention("main", layer) if ok("attention") else None
+    floors["attention"] = attention("main", layer, ok("attention")["methods"]) if ok("attention") else None
     sp = ok("sparsity")
     floors["sparsity"] = (0.0 if sp and sp["measured_in"].startswith("the attention stage")
                           else sum(L * n * layer_flops("main", L) for L in text_lengths["main"]))
@@ -107,7 +108,8 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
     cmp = ok("comparison")
     if cmp:
         other_layer = cmp["models"][1]["layer"]
-        part = attention("other", other_layer) if "attention" in cmp and "skipped" not in cmp["attention"] else 0.0
+        att = cmp.get("attention", {"skipped": "not run"})
+        part = attention("other", other_layer, att["methods"]) if "skipped" not in att else 0.0
         if "causal" in cmp:
             part += causal("other", other_layer, len(cmp["causal"][cmp["models"][1]["label"]]["scores"]))
         floors["comparison"] = part

@@ -30,7 +30,7 @@ def capture_mixer_ios(model, layers, input_ids: torch.Tensor, attention_mask: to
     adapter = get_adapter(model)
     require_mamba(adapter)
     paths = {layer: adapter.mixer_path(layer) for layer in layers}
-    below = [la for la in range(max(layers)) if la not in paths]
+    below = [la for la in range(max(paths, default=0)) if la not in paths]  # the uncaptured mixers before the last
     swap = blocked_inference(model, layers=below) if below and adapter.ssm_kind == "mamba1" else nullcontext()
     with torch.no_grad(), swap, trace(model, list(paths.values()), retain_input=True, stop=True) as traces:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -541,7 +541,8 @@ def hidden_attention_groups(delta: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     block after row block. The diagonal blocks (i, j in one chunk) are formed directly as in
     `hidden_attention` (argument masked before exp). Cost per channel: L·chunk·n exps, about L²·n/2
     multiply-adds and L²·n/(2·chunk) multiplies for the scaling, against L²·n exps for the direct form.
-    Chunk 8 was the fastest of 4, 8, 16 and 32 on a 2-core CPU at e = 1536, n = 16, L = 149 and 256.
+    Chunk 8 was the fastest of 4, 8, 16 and 32 on a 2-core CPU at e = 1536, n = 16, L = 256 (0.21 s against
+    0.28, 0.25 and 0.42), and tied with 4 at L = 182 (0.12 s).
     Channels are grouped so that the largest intermediate (α itself or the diagonal blocks' exp argument)
     stays under `max_chunk_elements` floats (default ATTENTION_GROUP_ELEMENTS). delta (b, L, e), A (e, n),
     B and C (b, L, n).

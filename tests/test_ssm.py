@@ -79,6 +79,20 @@ def test_wrong_delta_is_caught(mamba, zero_d, shift):
         check_reconstruction(wrong.out, tr[path].output)
 
 
+@pytest.mark.parametrize("kind, partly_float32", [("mamba_a", False), ("falcon_mamba", True), ("mamba2", True)])
+def test_a_float64_model_is_checked_at_the_precision_its_mixer_computes_in(kind, partly_float32):
+    """FalconMamba's input norms and Mamba-2's scan run in float32 also in a float64 model: their check
+    takes float32's tolerance (a 1e-8 relative difference passes, as one float32 ulp of B gives on a GPU);
+    a Mamba-1 mixer is all float64, where 1e-8 is already too much. A wrong formula fails either way."""
+    mixer = make_model(kind).double().backbone.layers[0].mixer
+    real = torch.randn(2, 5, 16, dtype=torch.float64)
+    near = real * (1 + 2e-8)  # (b, L, d)
+    check = check_reconstruction(near, real, raise_on_mismatch=False, mixer=mixer)
+    assert check.dtype == ("float32" if partly_float32 else "float64")
+    assert check.ok == partly_float32
+    assert not check_reconstruction(real * 1.01, real, raise_on_mismatch=False, mixer=mixer).ok
+
+
 def test_extract_deltas_equals_softplus_of_dt_proj_by_hand(mamba):
     """Δ independently: embeddings -> block norm -> in_proj -> conv1d module -> SiLU -> x_proj -> dt_proj
     module -> softplus, for layer 0, and from the model's hidden_states for layer 1."""

@@ -120,7 +120,9 @@ def test_mamba2_hidden_attention_is_its_formula_and_rebuilds_the_scan():
 
 def test_falcon_blocked_forward_is_the_models_own():
     """The cache-blocked forward the causal and sparsity stages run equals FalconMamba's own (its norms
-    included), bit for bit, for one row and for a batch."""
+    included) to float32 rounding, for one row and for a batch. Bit for bit on this project's 2-core CPU
+    VMs (printed), but not by construction: its matrix-vector products have other shapes than the model's,
+    and a 16-core GPU machine's CPU (torch 2.11) rounded them differently."""
     model = make_model("falcon_mamba")
     for b in (1, 3):
         ids = _ids(b=b)
@@ -128,7 +130,9 @@ def test_falcon_blocked_forward_is_the_models_own():
             own = model(ids, use_cache=False).logits
             with blocked_inference(model, block_elements=1 << 10):
                 blocked = model(ids, use_cache=False).logits
-        assert torch.equal(own, blocked)
+        rel = ((own - blocked).abs().max() / own.abs().max()).item()
+        print(f"b={b}: bitwise equal {torch.equal(own, blocked)}, max relative difference {rel:.1e}")
+        assert rel <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["falcon_mamba", "mamba2"])

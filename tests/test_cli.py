@@ -439,8 +439,11 @@ def main_model_and_tokenizer(path):
 
 
 def test_unknown_hub_id_offline_fails_fast(tmp_path):
+    """No hub retries: one download attempt retries for about 25 s; the probe gives up within 2.5 s. The
+    bound leaves room for importing torch on a loaded machine (4.7-6.7 s alone on a GPU machine, up to
+    19 s with 8 test workers beside it)."""
     p = run_main(["--model", "nobody-has/this-model-xyz"], tmp_path, drop_offline=True)
-    assert p.returncode == 2 and "hub is unreachable" in p.stderr and p.elapsed < 5
+    assert p.returncode == 2 and "hub is unreachable" in p.stderr and p.elapsed < 20
 
 
 def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_file, tmp_path):

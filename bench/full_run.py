@@ -8,9 +8,12 @@ WikiText-2 lines under the GPT-2 tokenizer). Prints the per-stage wall times fro
 total.
 
 Random weights give the same shapes, FLOPs and memory traffic as the trained checkpoints, so the times
-are what a user waits for; the numbers in the results are meaningless. The machine's fp32 matmul rate
-(a 2048³ product, torch's default thread count, as main.py runs) is printed beside the table: the stages
-are mostly matmul- and memory-bound, so compare totals from different machines through it.
+are what a user waits for; the numbers in the results are meaningless. The device's fp32 matmul rate
+(a 2048³ product on the CPU with torch's default thread count, 8192³ on a GPU, as main.py runs) is printed
+beside the table: on a CPU the stages are mostly matmul- and memory-bound, so compare totals from
+different machines through it. On a GPU, `--device cuda`, these models' small per-token kernels are
+bound by launches and the sequential scan, not by the matmul rate, so the floors there are far below
+what any eager run reaches; the ratio says how far.
 
 Beside each stage: its floor, the analytic forward FLOPs it cannot avoid (`efficiency.flops_per_token`
 per layer and for the head; an input-only backward counted as one forward of the same layers) at this
@@ -30,7 +33,7 @@ machine's matmul rate, and how many times the floor the stage took:
   efficiency measurement (the budget counted as its floor).
 
     python bench/full_run.py [--texts_file F | --join 5] [--text_limit 100] [--max_length 256] [--layer 0]
-                             [-- EXTRA main.py ARGS]
+                             [--device cpu|cuda] [-- EXTRA main.py ARGS]
 """
 import argparse
 import json
@@ -116,17 +119,26 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
     return floors
 
 
-def matmul_rate(m: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of an m×m matmul on the CPU with torch's default threads (the best of 3 rounds)."""
+def matmul_rate(device: str = "cpu", repeats: int = 5) -> float:
+    """fp32 GFLOP/s of a square matmul on `device` (the best of 3 rounds): 2048³ on the CPU with torch's
+    default threads, as main.py runs; 8192³ on a GPU (torch's default fp32 matmul, as main.py runs)."""
     import torch
 
-    a, b = torch.randn(m, m), torch.randn(m, m)
+    m = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
+
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
     a @ b
+    sync()
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return repeats * 2 * m ** 3 / best / 1e9
 
@@ -138,6 +150,8 @@ def main():
     ap.add_argument("--text_limit", type=int, default=100)
     ap.add_argument("--max_length", type=int, default=256)
     ap.add_argument("--layer", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="main.py's --device; the matmul rate (and so the floors) is measured there")
     ap.add_argument("extra", nargs="*", help="more main.py arguments (after --)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +159,7 @@ def main():
         t0 = time.perf_counter()
         (mamba, gpt2), adapters = build_models(root)
         build = time.perf_counter() - t0
-        rate = matmul_rate()
+        rate = matmul_rate(args.device)
         if args.texts_file is None:
             from utils import OFFLINE_TEXTS_PATH, read_texts_file
 
@@ -157,7 +171,7 @@ def main():
                "--enable_attention", "--texts_file", args.texts_file, "--text_limit", str(args.text_limit),
                "--max_length", str(args.max_length), "--layer", str(args.layer), "--save_results",
                "--output_dir", str(root / "out"), "--plots_dir", str(root / "plots"), "--no_progress",
-               *args.extra]
+               "--device", args.device, *args.extra]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -194,7 +208,11 @@ def main():
     if res.get("comparison", {}).get("status") == "ok":
         other = res["comparison"]["results"]["models"][1]
         print(f"the other model's sparsity measured in {other['sparsity_measured_in']}")
-    print(f"this machine's fp32 matmul rate: {rate:.0f} GFLOP/s (2048³, before the run); the floors are FLOPs at "
+    import torch
+
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "the CPU"
+    print(f"device {args.device}: {where}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"its fp32 matmul rate: {rate:.0f} GFLOP/s (measured before the run); the floors are FLOPs at "
           f"that rate (efficiency: its --efficiency_budget, also in the comparison's floor)")
 
 

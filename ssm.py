@@ -288,8 +288,8 @@ def check_reconstruction(recomputed_out: torch.Tensor, real_out: torch.Tensor, r
 
     The tolerance depends on the precision the model computed in (RECONSTRUCTION_TOLERANCE): the dtype it
     ran in, except that transformers runs a Mamba-2 mixer's scan and FalconMamba's input norms in float32
-    also in a float64 model (`computes_partly_in_float32`; give `mixer` for that). A mismatch raises ReconstructionError (unless `raise_on_mismatch=False`): never fall
-    back to unverified numbers.
+    also in a float64 model (`computes_partly_in_float32`; give `mixer` for that). A mismatch raises
+    ReconstructionError (unless `raise_on_mismatch=False`): never fall back to unverified numbers.
     """
     wide = torch.promote_types(real_out.dtype, torch.float32)
     real = real_out.detach().to(wide)
@@ -414,11 +414,11 @@ def mixer_forward_blocked(mixer, hidden_states, cache_params=None, attention_mas
                           block_elements: int | None = None, **kwargs) -> torch.Tensor:
     """transformers' slow-path MambaMixer forward (no cache) with the same operations in the same
     order and dtypes, so that it gives the same numbers to float rounding (bitwise on this project's 2-core
-    CPU VMs; not by construction: its matrix-vector products have other shapes, and a GPU machine's
-    16-core CPU rounded FalconMamba's differently), but with the (b, e, L, n) scan tensors computed one
-    channel chunk at a time in (b, L, c, n) layout. On a CPU the
-    slow path's full-size tensors fall out of cache, and at many rows (ablation batches) that memory
-    traffic costs as much as the matmuls. Forward only. Per step, as there:
+    CPU VMs, but not by construction: its matrix products have other shapes than the model's, which a
+    CPU's kernels may round differently, and on a GPU machine's 16-core CPU with torch 2.11 FalconMamba's
+    were not bitwise equal), with the (b, e, L, n) scan tensors computed one channel chunk at a time in
+    (b, L, c, n) layout. On a CPU the slow path's full-size tensors fall out of cache, and at many rows
+    (ablation batches) that memory traffic costs as much as the matmuls. Forward only. Per step, as there:
     h_t = Ā_t h_{t-1} + Δ_t B_t x_t (a multiply, then an add), y_t = h_t · C_t by matmul.
 
     `block_elements`: floats per chunk (default CPU_BLOCK_ELEMENTS on a CPU, all channels at once on an

@@ -477,8 +477,8 @@ def test_help_is_fast(tmp_path):
     fast, and it is checked as such rather than by a wall-clock bound that a loaded machine would break."""
     p = run_main(["--help"], tmp_path)
     assert p.returncode == 0 and "--enable_attention" in p.stdout and "attention_weighted" in p.stdout
-    probe = (f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\nsys.argv = [{MAIN!r}, '--help']\ntry:\n    runpy.run_path({MAIN!r}, "
-             "run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    probe = (f"import runpy, sys\nsys.path.insert(0, {str(REPO)!r})\nsys.argv = [{MAIN!r}, '--help']\n"
+             f"try:\n    runpy.run_path({MAIN!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
              "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
     q = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert q.returncode == 0 and "HEAVY []" in q.stdout, q.stdout[-300:] + q.stderr[-300:]

@@ -121,8 +121,8 @@ def test_mamba2_hidden_attention_is_its_formula_and_rebuilds_the_scan():
 def test_falcon_blocked_forward_is_the_models_own():
     """The cache-blocked forward the causal and sparsity stages run equals FalconMamba's own (its norms
     included) to float32 rounding, for one row and for a batch. Bit for bit on this project's 2-core CPU
-    VMs (printed), but not by construction: its matrix-vector products have other shapes than the model's,
-    and a 16-core GPU machine's CPU (torch 2.11) rounded them differently."""
+    VMs (printed), but not by construction: its matrix products have other shapes than the model's, and on
+    a GPU machine's 16-core CPU (torch 2.11) the two were not bitwise equal."""
     model = make_model("falcon_mamba")
     for b in (1, 3):
         ids = _ids(b=b)

@@ -105,7 +105,7 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
                              if cl else None)
     floors["attention"] = attention("main", layer, ok("attention")["methods"]) if ok("attention") else None
     sp = ok("sparsity")
-    floors["sparsity"] = (0.0 if sp and sp["measured_in"].startswith("the attention stage")
+    floors["sparsity"] = (None if not sp else 0.0 if sp["measured_in"].startswith("the attention stage")
                           else sum(L * n * layer_flops("main", L) for L in text_lengths["main"]))
     floors["efficiency"] = None
     cmp = ok("comparison")

@@ -220,8 +220,8 @@ def test_fast_unit_parts_equal_the_per_entry_products(L, shared, identity):
     """`_fast_parts` (rows from matrix products of α⁺, α⁻ with x⁺, x⁻; rollout from |α| scaled; once per
     head for shared α) equals the per-entry products of `_contribution_parts` / `_rollout_parts`, in float64
     to 1e-12, for signed α, R_{ℓ-1} the identity or not, L = 1 (rollout's minimum is not 0 there), and
-    rollout with the other methods or alone. A row whose every
-    contribution is negative comes out exactly 0 (no cancellation)."""
+    rollout with the other methods or alone. A row whose every contribution is negative comes out exactly
+    0 (no cancellation)."""
     from attention_neurons import (METHODS, _contribution_parts, _fast_parts, _gradient_contrib, _rollout_parts,
                                    _rownorm, _weighted_contrib)
 

@@ -28,6 +28,14 @@ from matrix products of α⁺ = max(α, 0) and α⁻ = max(−α, 0) with x⁺ a
 non-negative, nothing cancels) and rollout's from |α| scaled by its maximum, instead of a (units, L, L)
 product per method; once per head where a head's units share α; and the (L, L) token maps only for the
 texts whose maps are kept.
+
+**Undefined scores are said, never shown as numbers.** Rollout's activation (the share of a token's
+relevance from other tokens) is undefined for a one-token text, and every method's importance (a std over
+query positions) needs at least 2 positions: such a text gives None for them (`NeuronScores`), and
+`attention_profile` averages each over the texts where it is defined (`n_texts_averaged`). With no text
+left, or when every unit's averaged activation is 0 (no ranking, no distribution over the units), the
+method's entry has None / [] in the fields concerned and `undefined` maps each such field to its reason
+(`UNDEFINED`); `undefined` is an empty dict when everything is defined.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
+from causal_analysis import check_layer, check_layers, check_token_ids, check_top_k
 from models import NotApplicable, get_adapter, require_mamba
 from ssm import (ReconstructionCheck, apply_hidden_attention, channel_D, check_reconstruction, fast_scan_training,
                  gate_output, hidden_attention_by_channel, project_out, ssm_projections)
@@ -71,14 +80,28 @@ UNITS = {
 }
 
 
+UNDEFINED = {
+    "rollout_one_token": "undefined: rollout needs a text of at least 2 tokens (in a one-token text no other token "
+                         "carries relevance to it)",
+    "importance_one_token": "undefined: importance is a std over query positions, which needs a text of at least "
+                            "2 tokens",
+    "all_zero": "undefined: every unit's activation is 0 (no ranking of the units and no distribution over them)",
+    "one_unit": "undefined: one unit (diversity is normalised by log(number of units) = 0)",
+}
+
+
 @dataclass
 class NeuronScores:
-    """One method's scores for one layer."""
+    """One method's scores for one layer. `neuron_activations` / `neuron_importance` are None where
+    undefined (rollout on a one-token text; importance on a one-token text), with the reason in
+    `undefined` / `importance_undefined`."""
 
     method: str
-    neuron_activations: np.ndarray  # (e,)
-    neuron_importance: np.ndarray  # (e,)
+    neuron_activations: np.ndarray | None  # (e,)
+    neuron_importance: np.ndarray | None  # (e,)
     token_map: np.ndarray | None  # (L, L) [query i, key j]; None where not formed (`score_groups`)
+    undefined: str | None = None  # why neuron_activations is None
+    importance_undefined: str | None = None  # why neuron_importance is None
 
 
 @dataclass
@@ -104,10 +127,18 @@ class MixerProjections(NamedTuple):
     D: torch.Tensor  # (e,)
 
 
+def _mean_defined(arrays: list) -> np.ndarray | None:
+    """The mean of the arrays that are not None (None when all are)."""
+    arrays = [a for a in arrays if a is not None]
+    return np.mean(arrays, axis=0) if arrays else None
+
+
 def _batch_mean(method: str, per: list[NeuronScores]) -> NeuronScores:
-    """Activations and importance averaged over the examples of a batch; the first example's token map."""
-    return NeuronScores(method, np.mean([p.neuron_activations for p in per], axis=0),
-                        np.mean([p.neuron_importance for p in per], axis=0), per[0].token_map)
+    """Activations and importance averaged over the examples of a batch (those where defined; the examples
+    of a batch have one length, so all or none are); the first example's token map."""
+    acts, imp = _mean_defined([p.neuron_activations for p in per]), _mean_defined([p.neuron_importance for p in per])
+    return NeuronScores(method, acts, imp, per[0].token_map, None if acts is not None else per[0].undefined,
+                        None if imp is not None else per[0].importance_undefined)
 
 
 def _contribution_parts(contrib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,13 +149,14 @@ def _contribution_parts(contrib: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def _contribution_scores(method: str, rows: torch.Tensor, map_sum: torch.Tensor, e: int) -> NeuronScores:
     """From the joined parts of all e channels: activation_c = mean of contrib^c over the L(L+1)/2 causal
-    entries; importance_c = std (ddof=0) over query positions i of the row sums Σ_j contrib^c[i, j];
-    token map = mean over channels of contrib^c."""
+    entries; importance_c = std (ddof=0) over query positions i of the row sums Σ_j contrib^c[i, j] (None
+    for L = 1: a std over one position is no measurement); token map = mean over channels of contrib^c."""
     L = rows.shape[-1]
     activations = rows.sum(-1) / (L * (L + 1) / 2)  # (e,)
-    importance = rows.std(-1, unbiased=False)  # (e,)
+    importance = rows.std(-1, unbiased=False).cpu().numpy() if L >= 2 else None  # (e,)
     token_map = None if map_sum is None else (map_sum / e).cpu().numpy()
-    return NeuronScores(method, activations.cpu().numpy(), importance.cpu().numpy(), token_map)
+    return NeuronScores(method, activations.cpu().numpy(), importance, token_map,
+                        importance_undefined=None if L >= 2 else UNDEFINED["importance_one_token"])
 
 
 def _weighted_contrib(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -193,9 +225,14 @@ def _rollout_parts(alpha: torch.Tensor, previous: torch.Tensor) -> tuple[torch.T
 
 def _rollout_scores(carried: torch.Tensor, n_sum: torch.Tensor, e: int, previous: torch.Tensor
                     ) -> tuple[NeuronScores, torch.Tensor]:
-    """`rollout_layer`'s result from the joined parts of all e channels: carried (e, L), Σ_c N^c (L, L)."""
-    eye = torch.eye(n_sum.shape[-1], dtype=n_sum.dtype, device=n_sum.device)
+    """`rollout_layer`'s result from the joined parts of all e channels: carried (e, L), Σ_c N^c (L, L).
+    For L = 1 the scores are undefined (None, UNDEFINED["rollout_one_token"]); R is still formed."""
+    L = n_sum.shape[-1]
+    eye = torch.eye(L, dtype=n_sum.dtype, device=n_sum.device)
     R = _rownorm(n_sum / e + eye) @ previous  # (L, L), = rollout_step(alpha, previous)
+    if L < 2:
+        return NeuronScores("rollout", None, None, R.cpu().numpy(), UNDEFINED["rollout_one_token"],
+                            UNDEFINED["rollout_one_token"]), R
     scores = NeuronScores("rollout", carried.mean(-1).cpu().numpy(), carried.std(-1, unbiased=False).cpu().numpy(),
                           R.cpu().numpy())
     return scores, R
@@ -207,22 +244,49 @@ def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> 
     Â_ℓ = rownorm(mean_c normalise(|α^c_ℓ|) + I);  R_ℓ = Â_ℓ · R_{ℓ-1}  (R_{-1} = I).
     Channel c's end-to-end map: Ĉ^c = rownorm(normalise(|α^c_ℓ|) + I) · R_{ℓ-1}, rows summing to 1.
     activation_c = mean over query positions i of 1 − Ĉ^c[i, i], the share of token i's end-to-end
-    relevance that comes from *other* tokens; importance_c = its std (ddof=0) over i.
-    Token map = R_ℓ. Returns (scores, R_ℓ). α (e, L, L), previous (L, L).
+    relevance that comes from *other* tokens; importance_c = its std (ddof=0) over i (both None for
+    L = 1: no other token). Token map = R_ℓ. Returns (scores, R_ℓ). α (e, L, L), previous (L, L).
     """
     L = alpha.shape[-1]
     previous = torch.eye(L, dtype=alpha.dtype, device=alpha.device) if previous is None else previous
     return _rollout_scores(*_rollout_parts(alpha, previous), alpha.shape[0], previous)
 
 
-def neuron_diversity(activations: np.ndarray) -> float:
-    """Entropy of p_c = a_c / Σ a, divided by log(e): 1 = all channels equal, 0 = one channel carries all."""
+def diversity_undefined(activations) -> str | None:
+    """Why `neuron_diversity` is None for these activations (UNDEFINED), or None when it is defined."""
     a = np.asarray(activations, dtype=np.float64)
-    total = a.sum()
-    if a.size < 2 or total <= 0:
-        return float("nan")
-    p = a[a > 0] / total
+    if a.size < 2:
+        return UNDEFINED["one_unit"]
+    return UNDEFINED["all_zero"] if not (a > 0).any() else None
+
+
+def neuron_diversity(activations: np.ndarray) -> float | None:
+    """Entropy of p_c = a_c / Σ a (activations are non-negative), divided by log(e): 1 = all channels equal,
+    0 = one channel carries all; computed on a / max(a), so it is scale-free at any finite scale. None when
+    undefined (`diversity_undefined`: fewer than 2 units, or every activation 0)."""
+    a = np.asarray(activations, dtype=np.float64)
+    if diversity_undefined(a) is not None:
+        return None
+    a = a / a.max()
+    p = a[a > 0] / a.sum()
     return float(-(p * np.log(p)).sum() / np.log(a.size))
+
+
+def check_methods(methods) -> tuple:
+    """`methods` as a tuple of METHODS names: a non-empty list (not one bare string, which would be read
+    letter by letter) of known methods. ValueError otherwise."""
+    if isinstance(methods, (str, bytes)):
+        raise ValueError(f"methods must be a list of method names, not a string: wrap it: [{methods!r}]")
+    try:
+        methods = tuple(methods)
+    except TypeError:
+        raise ValueError(f"methods must be a list of method names; got {type(methods).__name__}") from None
+    if not methods:
+        raise ValueError(f"methods is empty; choose from {', '.join(METHODS)}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
+    return methods
 
 
 class LayerView(NamedTuple):
@@ -408,6 +472,16 @@ class AttentionNeurons:
 
     @staticmethod
     def _ids(inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(input ids (b, L), mask or None) of input ids or a tokenizer output: ValueError unless the ids are
+        a 2-D integer tensor with at least one token, unpadded."""
+        if not isinstance(inputs, torch.Tensor):
+            if not hasattr(inputs, "get") or not isinstance(inputs.get("input_ids"), torch.Tensor):
+                raise ValueError(f"inputs must be input ids (b, L) or a tokenizer output with input_ids; got "
+                                 f"{type(inputs).__name__} (tokenize texts first: utils.tokenize_texts)")
+        ids = inputs if isinstance(inputs, torch.Tensor) else inputs["input_ids"]
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0 or ids.is_floating_point():
+            raise ValueError(f"input ids must be a (b, L) integer tensor with b, L >= 1; got shape {tuple(ids.shape)} "
+                             f"{ids.dtype}")
         if isinstance(inputs, torch.Tensor):
             return inputs, None
         mask = inputs.get("attention_mask")
@@ -433,8 +507,8 @@ class AttentionNeurons:
         raise NotImplementedError
 
     def text_scores(self, inputs, layer: int, methods=METHODS, rolled: tuple | None = None) -> "TextScores":
-        """`scores_by_layer` at one layer."""
-        return next(iter(self.scores_by_layer(inputs, [layer], methods, rolled)))[1]
+        """`scores_by_layer` at one layer (`layer`: a whole number in 0..n_layers−1)."""
+        return next(iter(self.scores_by_layer(inputs, [check_layer(self.adapter, layer)], methods, rolled)))[1]
 
     def scores_by_layer(self, inputs, layers, methods=METHODS, rolled: tuple | None = None,
                         watch: Callable | None = None, maps: bool = True) -> Iterator[tuple[int, "TextScores"]]:
@@ -451,11 +525,10 @@ class AttentionNeurons:
         earlier call on the same inputs, starts from R_k instead. Each result's `rollout_R` is R_ℓ per
         example (None without rollout). `watch`: a context factory wrapped around the first gradient pass's
         forward (a full forward of the model on these inputs; `leaf_gradient`). Without `maps` the
-        contribution methods' token maps and `attention_vectors` are left out (None; see `score_groups`)."""
-        bad = [m for m in methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
-        methods, layers = tuple(methods), sorted(set(layers))
+        contribution methods' token maps and `attention_vectors` are left out (None; see `score_groups`).
+        `methods` (`check_methods`) and `layers` (a non-empty list of layer indices; a layer given twice is
+        scored once) are checked before any forward (ValueError)."""
+        methods, layers = check_methods(methods), sorted(set(check_layers(self.adapter, layers)))
         ids, mask = self._device_ids(inputs)
         start, previous = (-1, None) if rolled is None else rolled
         if not start < layers[0]:
@@ -476,11 +549,17 @@ class AttentionNeurons:
     def create_neurons(self, attention_data: dict, method: str, layers=None) -> dict:
         """{layer: NeuronScores} for `method` (METHODS) at `layers` (default: every layer in the data), from
         whole α (the reference path); activations and importance are averaged over the batch, the token map
-        is the first example's. Rollout computes any lower layer missing from the data on the fly."""
+        is the first example's. Rollout computes any lower layer missing from the data on the fly.
+        Scores undefined for the data (one-token texts) are None with the reason (`NeuronScores`)."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        layers = list(attention_data) if layers is None else check_layers(self.adapter, layers)
+        missing = [la for la in layers if la not in attention_data]
+        if missing:
+            raise ValueError(f"layer {missing[0]} is not in the attention data (it holds layers "
+                             f"{sorted(attention_data)}); extract it first")
         out = {}
-        for layer in (attention_data if layers is None else layers):
+        for layer in layers:
             d = attention_data[layer]
             alpha, x = d["attention_matrix"], d["x"]  # (b, e, L, L), (b, L, e)
             if method == "gradient_guided":
@@ -508,14 +587,37 @@ class AttentionNeurons:
         raise NotImplementedError
 
     def analyze_neuron_behavior(self, neurons: dict, layer_idx: int, top_k: int = 10) -> dict:
+        """{"method", "layer", "num_neurons", "mean_activation", "activation_std", "top_neurons" (the `top_k`
+        most active units, highest first, ties in unit order: [{"channel", ("head"), "activation",
+        "importance"}]), "neuron_diversity", "undefined"}. Where a field is undefined it is None (or [] for
+        top_neurons) and "undefined" maps it to its reason (UNDEFINED): activations undefined (rollout on
+        one-token texts) -> mean_activation, activation_std, top_neurons, neuron_diversity; every activation 0
+        -> top_neurons and neuron_diversity (the mean and std, 0, are measured); importance undefined ->
+        each top neuron's "importance" is None, under the key "neuron_importance". `top_k`: a whole number
+        >= 1."""
+        top_k = check_top_k(top_k)
         s: NeuronScores = neurons[layer_idx]
+        out = {"method": s.method, "layer": layer_idx, "num_neurons": int(self.describe_units()["n_units"])}
+        undefined = {}
+        if s.neuron_importance is None:
+            undefined["neuron_importance"] = s.importance_undefined
+        if s.neuron_activations is None:
+            undefined.update(dict.fromkeys(("mean_activation", "activation_std", "top_neurons", "neuron_diversity"),
+                                           s.undefined))
+            return {**out, "mean_activation": None, "activation_std": None, "top_neurons": [],
+                    "neuron_diversity": None, "undefined": undefined}
         a = np.asarray(s.neuron_activations, dtype=np.float64)
+        why = diversity_undefined(a)
+        if why is not None:
+            undefined["neuron_diversity"] = why
         order = np.argsort(-a, kind="stable")[:top_k]
-        return {"method": s.method, "layer": layer_idx, "num_neurons": int(a.size),
-                "mean_activation": float(a.mean()), "activation_std": float(a.std()),
+        if not (a > 0).any():  # no ranking: an ordering of zeros is not one
+            undefined["top_neurons"], order = UNDEFINED["all_zero"], []
+        imp = s.neuron_importance
+        return {**out, "num_neurons": int(a.size), "mean_activation": float(a.mean()), "activation_std": float(a.std()),
                 "top_neurons": [{"channel": int(c), **self.unit_location(int(c)), "activation": float(a[c]),
-                                 "importance": float(s.neuron_importance[c])} for c in order],
-                "neuron_diversity": neuron_diversity(a)}
+                                 "importance": None if imp is None else float(imp[c])} for c in order],
+                "neuron_diversity": neuron_diversity(a), "undefined": undefined}
 
     def unit_location(self, c: int) -> dict:
         """Where unit c sits beyond its index (a Transformer's head), for the top-neuron tables."""
@@ -523,45 +625,73 @@ class AttentionNeurons:
 
     def visualize_neurons(self, neurons: dict, layer_idx: int, plots_dir, prefix: str = "model", top_k: int = 10) -> str:
         """The 6-panel figure: activation histogram, top neurons, activation vs importance, token map,
-        diversity (cumulative share of activation), statistics table. Returns the PNG path."""
+        diversity (cumulative share of activation), statistics table. Returns the PNG path. A panel whose
+        numbers are undefined (`analyze_neuron_behavior`'s "undefined") shows the reason instead."""
+        import textwrap
+
         import matplotlib.pyplot as plt
 
         from utils import save_figure
 
+        def say(ax, title: str, text: str) -> None:
+            ax.axis("off")
+            ax.set_title(title)
+            ax.text(0.5, 0.5, textwrap.fill(text, 48), ha="center", va="center", fontsize=9)
+
+        def shown(v, fmt: str) -> str:
+            return "undefined" if v is None else format(v, fmt)
+
         s: NeuronScores = neurons[layer_idx]
         stats = self.analyze_neuron_behavior(neurons, layer_idx, top_k)
-        a, imp = np.asarray(s.neuron_activations), np.asarray(s.neuron_importance)
+        why = stats["undefined"]
+        a = None if s.neuron_activations is None else np.asarray(s.neuron_activations)
+        imp = None if s.neuron_importance is None else np.asarray(s.neuron_importance)
         fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
         fig.suptitle(f"Attention neurons ({self.unit}s), layer {layer_idx}, method {s.method}")
-        ax = axes[0, 0]
-        ax.hist(a, bins=min(50, max(5, a.size // 4)), color="tab:blue")
-        ax.set(title="activation distribution", xlabel="activation", ylabel=f"{self.unit}s")
-        ax = axes[0, 1]
         top = stats["top_neurons"]
-        ax.bar(range(len(top)), [t["activation"] for t in top], color="tab:red")
-        ax.set_xticks(range(len(top)), [str(t["channel"]) for t in top], rotation=45)
-        ax.set(title=f"top {len(top)} {self.unit}s", xlabel=self.unit, ylabel="activation")
-        ax = axes[0, 2]
-        ax.scatter(a, imp, s=6, alpha=0.6)
-        ax.set(title="activation vs importance", xlabel="activation", ylabel="importance")
-        for ax_ in (axes[0, 0], axes[0, 2]):
-            ax_.ticklabel_format(axis="both", style="sci", scilimits=(-3, 3))
+        if a is None:
+            for ax, title in ((axes[0, 0], "activation distribution"), (axes[0, 2], "activation vs importance"),
+                              (axes[1, 1], "diversity")):
+                say(ax, title, s.undefined)
+        else:
+            ax = axes[0, 0]
+            ax.hist(a, bins=min(50, max(5, a.size // 4)), color="tab:blue")
+            ax.set(title="activation distribution", xlabel="activation", ylabel=f"{self.unit}s")
+            if imp is None:
+                say(axes[0, 2], "activation vs importance", why["neuron_importance"])
+            else:
+                ax = axes[0, 2]
+                ax.scatter(a, imp, s=6, alpha=0.6)
+                ax.set(title="activation vs importance", xlabel="activation", ylabel="importance")
+            for ax_ in (axes[0, 0], axes[0, 2]):
+                if ax_.axison:
+                    ax_.ticklabel_format(axis="both", style="sci", scilimits=(-3, 3))
+            if stats["neuron_diversity"] is None:
+                say(axes[1, 1], "diversity", why["neuron_diversity"])
+            else:
+                ax = axes[1, 1]
+                share = np.cumsum(np.sort(a)[::-1]) / a.sum()
+                ax.plot(np.arange(1, a.size + 1) / a.size, share, color="tab:purple")
+                ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+                ax.set(title=f"diversity {stats['neuron_diversity']:.3f} (1 = uniform)",
+                       xlabel=f"fraction of {self.unit}s (most active first)", ylabel="share of total activation")
+        if top:
+            ax = axes[0, 1]
+            ax.bar(range(len(top)), [t["activation"] for t in top], color="tab:red")
+            ax.set_xticks(range(len(top)), [str(t["channel"]) for t in top], rotation=45)
+            ax.set(title=f"top {len(top)} {self.unit}s", xlabel=self.unit, ylabel="activation")
+        else:
+            say(axes[0, 1], f"top {self.unit}s", why["top_neurons"])
         ax = axes[1, 0]
         im = ax.imshow(s.token_map, cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax)
         ax.set(title="token map (first text)", xlabel="key token j", ylabel="query token i")
-        ax = axes[1, 1]
-        share = np.cumsum(np.sort(a)[::-1]) / max(a.sum(), 1e-300)
-        ax.plot(np.arange(1, a.size + 1) / a.size, share, color="tab:purple")
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-        ax.set(title=f"diversity {stats['neuron_diversity']:.3f} (1 = uniform)",
-               xlabel=f"fraction of {self.unit}s (most active first)", ylabel="share of total activation")
         ax = axes[1, 2]
         ax.axis("off")
-        rows = [["neurons", f"{stats['num_neurons']}"], ["mean activation", f"{stats['mean_activation']:.4g}"],
-                ["activation std", f"{stats['activation_std']:.4g}"],
-                ["diversity", f"{stats['neuron_diversity']:.4f}"],
-                [f"top {self.unit}", f"{top[0]['channel']} ({top[0]['activation']:.4g})"]]
+        rows = [["neurons", f"{stats['num_neurons']}"], ["mean activation", shown(stats["mean_activation"], ".4g")],
+                ["activation std", shown(stats["activation_std"], ".4g")],
+                ["diversity", shown(stats["neuron_diversity"], ".4f")],
+                [f"top {self.unit}", f"{top[0]['channel']} ({top[0]['activation']:.4g})" if top else "undefined"]]
         ax.table(cellText=rows, colLabels=["statistic", "value"], loc="center").scale(1, 1.6)
         ax.set(title="statistics")
         return save_figure(fig, plots_dir, f"{prefix}_attention_neurons_{s.method}_layer{layer_idx}")
@@ -791,9 +921,12 @@ def draw_attention_map(ax, fig, vector: np.ndarray, family: str) -> None:
 def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHODS, top_k: int = 10) -> dict:
     """The reference path at `layer_indices` for either family: whole α, every method's neurons and their
     analysis: {"attention_data", "neurons": {method: {layer: NeuronScores}}, "analysis_results":
-    {method: {layer: dict}}, "analyzer"}."""
+    {method: {layer: dict}}, "analyzer"}. `layer_indices` (a non-empty list of layer indices), `methods`
+    (`check_methods`) and `top_k` (a whole number >= 1) are checked before any forward (ValueError)."""
     analyzer = attention_neurons_for(model)
-    data = analyzer.extract_attention_vectors(inputs, list(layer_indices))
+    layer_indices = list(dict.fromkeys(check_layers(analyzer.adapter, layer_indices, "layer_indices")))
+    methods, top_k = check_methods(methods), check_top_k(top_k)
+    data = analyzer.extract_attention_vectors(inputs, layer_indices)
     neurons = {m: analyzer.create_neurons(data, m) for m in methods}
     analysis = {m: {lay: analyzer.analyze_neuron_behavior(neurons[m], lay, top_k) for lay in layer_indices}
                 for m in methods}
@@ -807,16 +940,26 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
     layer from one forward per text, rollout continuing from layer to layer):
     {layer: {"layer", "n_texts", "max_reconstruction_error", "attention_vector_first_text" (L, L) the unit
     mean of α of the first text, "methods": {method: `analyze_neuron_behavior`'s dict + the averaged
-    "neuron_activations" and "neuron_importance" (e,) and "token_map_first_text" (L, L)}}}.
+    "neuron_activations" and "neuron_importance" (e,) and "token_map_first_text" (L, L), and
+    "n_texts_averaged": {"activations", "importance"}}}}.
+    Each score is averaged over the texts where it is defined: rollout's activations and every method's
+    importance over the texts of at least 2 tokens (a one-token text has no other token, and one query
+    position). With none, that array is None and the entry's "undefined" says why (`analyze_neuron_behavior`).
     `rolled`: {text index: (layer, R)} to start rollout from and to keep each text's last R in (--layers).
     `maps_at`: the layers whose entries keep the first text's (L, L) maps (default: every layer); the other
     entries leave them out (at 24 layers they would make the JSON a hundred MB).
     `feed`: a `sparsity.ForwardFeed` over the same texts, given each text's gradient forward (a full forward:
-    with gradient_guided among `methods`), so that sparsity needs no forward of its own."""
+    with gradient_guided among `methods`), so that sparsity needs no forward of its own.
+    Refused before any forward (ValueError): `texts_ids` not a non-empty list of (1, L_i) token-id tensors,
+    `layers` not a non-empty list of layer indices (a layer given twice is scored once), unknown or no
+    `methods`, a `top_k` that is not a whole number >= 1."""
     from tqdm.auto import tqdm
 
-    layers = sorted(set(layers))
-    sums = {la: {m: [0.0, 0.0] for m in methods} for la in layers}  # [Σ activations, Σ importance] over texts
+    texts_ids = check_token_ids(texts_ids)
+    layers = sorted(set(check_layers(analyzer.adapter, layers)))
+    methods, top_k = check_methods(methods), check_top_k(top_k)
+    # per layer and method: [Σ activations, texts in it, Σ importance, texts in it, first reason of each left out]
+    sums = {la: {m: [0.0, 0, 0.0, 0, None, None] for m in methods} for la in layers}
     first = {la: {} for la in layers}  # the first text's token maps
     vectors, worst = {}, dict.fromkeys(layers, 0.0)
     for k, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
@@ -825,9 +968,15 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
         for la, ts in analyzer.scores_by_layer(ids, layers, methods, start, watch, maps=k == 0):  # α by group, verified
             worst[la] = max(worst[la], ts.reconstruction.relative_error)
             for m in methods:
-                s = ts.scores[m]
-                sums[la][m][0] = sums[la][m][0] + s.neuron_activations
-                sums[la][m][1] = sums[la][m][1] + s.neuron_importance
+                s, acc = ts.scores[m], sums[la][m]
+                if s.neuron_activations is not None:
+                    acc[0], acc[1] = acc[0] + s.neuron_activations, acc[1] + 1
+                else:
+                    acc[4] = acc[4] or s.undefined
+                if s.neuron_importance is not None:
+                    acc[2], acc[3] = acc[2] + s.neuron_importance, acc[3] + 1
+                else:
+                    acc[5] = acc[5] or s.importance_undefined
                 if k == 0:
                     first[la][m] = s.token_map
             if k == 0:
@@ -842,10 +991,13 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
         if maps:
             entry["attention_vector_first_text"] = vectors[la]
         for m in methods:
-            neurons = {la: NeuronScores(m, sums[la][m][0] / n, sums[la][m][1] / n, first[la][m])}
-            entry["methods"][m] = {**analyzer.analyze_neuron_behavior(neurons, la, top_k),
-                                   "neuron_activations": neurons[la].neuron_activations,
-                                   "neuron_importance": neurons[la].neuron_importance}
+            acts, n_acts, imp, n_imp, why_acts, why_imp = sums[la][m]
+            scores = NeuronScores(m, acts / n_acts if n_acts else None, imp / n_imp if n_imp else None,
+                                  first[la][m], None if n_acts else why_acts, None if n_imp else why_imp)
+            entry["methods"][m] = {**analyzer.analyze_neuron_behavior({la: scores}, la, top_k),
+                                   "neuron_activations": scores.neuron_activations,
+                                   "neuron_importance": scores.neuron_importance,
+                                   "n_texts_averaged": {"activations": n_acts, "importance": n_imp}}
             if maps:
                 entry["methods"][m]["token_map_first_text"] = first[la][m]
         out[la] = entry
@@ -853,10 +1005,17 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
 
 
 def neuron_scores(entry: dict, method: str) -> dict:
-    """{layer: NeuronScores} of one method from one layer's `attention_profile` entry (for the figures)."""
+    """{layer: NeuronScores} of one method from one layer's `attention_profile` entry (for the figures);
+    undefined arrays stay None, with their reasons."""
     m = entry["methods"][method]
-    return {entry["layer"]: NeuronScores(method, np.asarray(m["neuron_activations"]),
-                                         np.asarray(m["neuron_importance"]), np.asarray(m["token_map_first_text"]))}
+    why = m.get("undefined") or {}
+
+    def array(key):
+        return None if m[key] is None else np.asarray(m[key])
+
+    return {entry["layer"]: NeuronScores(method, array("neuron_activations"), array("neuron_importance"),
+                                         np.asarray(m["token_map_first_text"]), why.get("mean_activation"),
+                                         why.get("neuron_importance"))}
 
 
 def plot_attention_depth(series: list, plots_dir, name: str) -> str:
@@ -874,7 +1033,8 @@ def plot_attention_depth(series: list, plots_dir, name: str) -> str:
         x = [la / max(1, n_layers - 1) for la in layers]
         for col, m in enumerate(methods):
             for row, key in enumerate(("mean_activation", "neuron_diversity")):
-                axes[row, col].plot(x, [by[la]["methods"][m][key] for la in layers], "o-", color=f"C{i}",
+                values = [by[la]["methods"][m][key] for la in layers]  # None (undefined): a gap in the line
+                axes[row, col].plot(x, [np.nan if v is None else v for v in values], "o-", color=f"C{i}",
                                     label=f"{label} (layers {', '.join(map(str, layers))})")
     for col, m in enumerate(methods):
         axes[0, col].set(title=m, ylabel="mean activation (log)", yscale="log")

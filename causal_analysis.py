@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,19 +112,109 @@ def _grower(rows_by_path: dict):
     return edit
 
 
-def _ablation_dims(dims, width: int, where: str, intervention_scale: float) -> torch.Tensor:
-    """`dims` as a LongTensor (K,), checked: a non-empty list of whole numbers in 0..width−1 (a bare
-    string is refused, not read character by character), with a finite intervention scale."""
-    if not math.isfinite(intervention_scale):
-        raise ValueError(f"intervention_scale {intervention_scale}: must be a finite number")
-    if isinstance(dims, (str, bytes)):
-        raise ValueError(f"dims must be a list of whole numbers, not a string: {dims!r}")
-    out = torch.as_tensor(list(dims), dtype=torch.long)  # (K,)
-    if len(out) == 0:
-        raise ValueError("dims is empty; give at least one dimension (None: every dimension)")
-    if out.min() < 0 or out.max() >= width:
-        raise ValueError(f"dims must lie in 0..{width - 1} for {where} of width {width}; got {out.tolist()[:8]}")
+# --------------------------------------------------------------------------------------------------
+# Argument checks shared by the analysis modules (delta_extraction, attention_neurons, sparsity,
+# efficiency import them): each refuses, before any forward pass, with a ValueError naming the argument,
+# the value and the fix.
+# --------------------------------------------------------------------------------------------------
+def whole_number(name: str, value, low: int | None = None, high: int | None = None, context: str = "") -> int:
+    """`value` as an int: an integer (Python or numpy) within low..high (either bound optional). A bool
+    and any float (1.5, and 1.0 too: an index or a count is never read from a float) are refused, not
+    truncated. `context` is added to the message (e.g. what the bounds come from)."""
+    more = f" ({context})" if context else ""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} {value!r}: must be a whole number (an int), not {type(value).__name__}{more}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = (f"in {low}..{high}" if low is not None and high is not None else
+                f"at least {low}" if low is not None else f"at most {high}")
+        raise ValueError(f"{name} {value}: must be {span}{more}")
+    return value
+
+
+def finite_number(name: str, value) -> float:
+    """`value` as a float: a real number (not a bool, not a string) that is finite."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} {value!r}: must be a finite number, not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} {value}: must be a finite number")
+    return value
+
+
+def check_top_k(top_k) -> int:
+    """top_k: a whole number of at least 1 (how many units a ranking lists; fewer when there are fewer)."""
+    return whole_number("top_k", top_k, low=1)
+
+
+def check_layer(adapter: ArchitectureAdapter, layer, name: str = "layer") -> int:
+    """A layer index: a whole number in 0..n_layers−1 of the model (no negative indexing)."""
+    return whole_number(name, layer, 0, adapter.n_layers - 1,
+                        f"the layers of this {adapter.family} model with {adapter.n_layers} layers")
+
+
+def check_layers(adapter: ArchitectureAdapter, layers, name: str = "layers", distinct: bool = False) -> list[int]:
+    """A non-empty list of layer indices (`check_layer` each), in the order given. `distinct`: a layer given
+    twice is refused; otherwise the caller deduplicates (and says so in its docstring)."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ValueError(f"{name} {layers!r}: must be a list of layer indices (wrap one layer: [{layers!r}])")
+    out = [check_layer(adapter, la, name) for la in layers]
+    if not out:
+        raise ValueError(f"{name} is empty; give at least one layer")
+    if distinct and len(set(out)) != len(out):
+        raise ValueError(f"{name} {out}: a layer is given more than once; give each layer once")
     return out
+
+
+def check_dims(dims, width: int, where: str, name: str = "dims") -> list[int]:
+    """`dims` as a list of ints, in the order given: a non-empty list (not a string, not one number) of
+    whole numbers (`whole_number`: no bool, no float) in 0..width−1. Repeats are kept here: every caller
+    measures each distinct dimension once and returns its result at each position it was asked."""
+    if isinstance(dims, (str, bytes)):
+        raise ValueError(f"{name} must be a list of whole numbers, not a string: {dims!r}")
+    if not isinstance(dims, Iterable) or isinstance(dims, torch.Tensor) and dims.dim() == 0:
+        raise ValueError(f"{name} {dims!r}: must be a list of whole numbers (wrap one dimension: [{dims!r}])")
+    items = dims.tolist() if isinstance(dims, (torch.Tensor, np.ndarray)) else list(dims)
+    if not items:
+        raise ValueError(f"{name} is empty; give at least one dimension (None: every dimension)")
+    out = [whole_number(f"{name} item", d) for d in items]
+    bad = [d for d in out if not 0 <= d < width]
+    if bad:
+        raise ValueError(f"{name} must lie in 0..{width - 1} for {where} of width {width}; got {bad[:8]}")
+    return out
+
+
+def check_token_ids(texts_ids, name: str = "texts_ids") -> list:
+    """A non-empty list of token-id tensors, one (1, L_i) integer tensor per text with L_i >= 1 (what
+    `utils.tokenize_texts(...).input_ids` gives). A bare tensor is refused: iterating over it would read
+    its rows (or tokens) as texts."""
+    if isinstance(texts_ids, (torch.Tensor, np.ndarray, str, bytes)) or not isinstance(texts_ids, Iterable):
+        shape = f" of shape {tuple(texts_ids.shape)}" if hasattr(texts_ids, "shape") else ""
+        raise ValueError(f"{name} must be a list of (1, L) token-id tensors, one per text; got a "
+                         f"{type(texts_ids).__name__}{shape} (split a batch: list(ids.split(1)))")
+    items = list(texts_ids)
+    if not items:
+        raise ValueError(f"{name} is empty; give at least one text")
+    for i, ids in enumerate(items):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.is_floating_point():
+            what = f"shape {tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{name}[{i}]: each text must be a (1, L) integer tensor of token ids; got {what}")
+        if ids.shape[1] == 0:
+            raise ValueError(f"{name}[{i}] has no tokens; give texts of at least one token")
+    return items
+
+
+def _check_batch_size(batch_size) -> int | None:
+    return None if batch_size is None else whole_number("batch_size", batch_size, low=1, context="or None: automatic")
+
+
+def _ablation_dims(dims, width: int, where: str, intervention_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct dims (K',) ascending, back (K,)) as LongTensors for `check_dims`' list: dims = distinct[back];
+    with a finite intervention scale (`finite_number`)."""
+    finite_number("intervention_scale", intervention_scale)
+    distinct, back = torch.unique(torch.tensor(check_dims(dims, width, where), dtype=torch.long),
+                                  return_inverse=True)  # (K',), (K,)
+    return distinct, back
 
 
 def _edit_kwargs(capture: str, edit) -> dict:
@@ -236,22 +328,25 @@ def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None =
 
     One clean run per prompt keeps every layer's input; each ablated row starts at its own layer. Up to
     `batch_size` (layer, dim) pairs share a forward pass (default: chosen from free memory). Before the
-    first pass from each start layer, an unablated one-row pass from there must reproduce the clean run."""
+    first pass from each start layer, an unablated one-row pass from there must reproduce the clean run.
+
+    Refused before any forward (ValueError): `prompts` not a non-empty list of strings (`utils.text_list`:
+    a bare string is not read character by character), `layers` not a non-empty list of distinct layer
+    indices (`check_layers`), `dims` not a non-empty list of whole numbers in 0..width−1 (`check_dims`), a
+    non-finite `intervention_scale`, an unknown ablation, a `batch_size` that is not a whole number >= 1.
+    A dimension given more than once is ablated once; its score appears at each position it was asked."""
     from tqdm.auto import tqdm
 
     prompts = text_list(prompts, "prompts")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation {ablation!r} is unknown; choose one of {', '.join(ABLATIONS)}")
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"batch_size {batch_size!r}: must be a whole number of at least 1 (or None: automatic)")
+    batch_size = _check_batch_size(batch_size)
     adapter = get_adapter(model)
     site_name = site or adapter.default_causal_site
-    layers = [adapter.check_layer(la) for la in layers]
-    if not layers or len(set(layers)) != len(layers):
-        raise ValueError(f"layers must be distinct and at least one; got {layers}")
+    layers = check_layers(adapter, layers, distinct=True)
     width = adapter.site(site_name, layers[0]).size
-    asked = _ablation_dims(range(width) if dims is None else dims, width, f"site {site_name}", intervention_scale)
-    dims, back = torch.unique(asked, return_inverse=True)  # a repeated dim is scanned once; back: (K,) into it
+    dims, back = _ablation_dims(range(width) if dims is None else dims, width, f"site {site_name}",
+                                intervention_scale)  # a repeated dim is scanned once; back: (K,) into dims
     device = next(model.parameters()).device
     order = sorted(range(len(layers)), key=lambda i: layers[i])  # passes run in ascending layer order
     cleans = [clean_run(model, adapter, ids, layers, site_name) for ids in _tokenize(tokenizer, prompts, device)]
@@ -298,29 +393,42 @@ def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | 
                          batch_size: int | None = None, progress: bool = True) -> np.ndarray:
     """Mean over prompts of KL(p_clean ‖ p_ablated) at the last position, for every dimension of the
     site (or the given `dims`), as a float64 array in the order of `dims` (default: 0..width-1).
-    `site`: one of the adapter's sites (default Mamba `mixer_out`, Transformers `mlp_out`)."""
+    `site`: one of the adapter's sites (default Mamba `mixer_out`, Transformers `mlp_out`). Arguments are
+    checked as in `causal_impact_by_layer` (a repeated dim is ablated once, its score at each position)."""
+    check_layer(get_adapter(model), layer_idx, "layer_idx")
     return causal_impact_by_layer(model, tokenizer, prompts, [layer_idx], site, intervention_scale, ablation, dims,
                                   batch_size, progress)[0]
 
 
 def find_causal_neurons(model, tokenizer, prompts, layer_idx: int = 0, top_k: int = 5, **kwargs
                         ) -> list[tuple[int, float]]:
-    """[(dim, score)] of the `top_k` highest impacts, highest first (scores of every dimension computed)."""
+    """[(dim, score)] of the `top_k` highest impacts, highest first (scores of every dimension, or of the
+    given `dims`, computed). Each distinct dimension is ranked once (a repeated dim is not listed twice);
+    ties keep the order of `dims`. `top_k`: a whole number >= 1; it and the other arguments
+    (`causal_impact_by_layer`) are checked before any forward."""
+    top_k = check_top_k(top_k)
     dims = kwargs.pop("dims", None)
+    if dims is not None:
+        adapter = get_adapter(model)
+        site = kwargs.get("site") or adapter.default_causal_site
+        width = adapter.site(site, check_layer(adapter, layer_idx, "layer_idx")).size
+        dims = list(dict.fromkeys(check_dims(dims, width, f"site {site}")))  # distinct, in the order asked
     scores = causal_impact_scores(model, tokenizer, prompts, layer_idx, dims=dims, **kwargs)
-    dim_ids = np.arange(len(scores)) if dims is None else np.asarray(list(dims))
+    dim_ids = np.arange(len(scores)) if dims is None else np.asarray(dims)
     order = np.argsort(-scores, kind="stable")[:top_k]
     return [(int(dim_ids[i]), float(scores[i])) for i in order]
 
 
 def inter_layer_causal_impact_all_layers(model, tokenizer, prompt: str, dim: int, site: str | None = None,
                                          **kwargs) -> list[tuple[int, float]]:
-    """[(layer, impact)] of ablating `dim` of the site at each layer in turn (one prompt)."""
+    """[(layer, impact)] of ablating `dim` of the site at each layer in turn (one prompt: a string; `dim`:
+    a whole number in 0..width−1; the rest checked as in `causal_impact_by_layer`)."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be one string; got {type(prompt).__name__}")
     adapter = get_adapter(model)
     kwargs.setdefault("progress", False)
-    scores = causal_impact_by_layer(model, tokenizer, [prompt], range(adapter.n_layers), site, dims=[dim], **kwargs)
+    scores = causal_impact_by_layer(model, tokenizer, [prompt], range(adapter.n_layers), site,
+                                    dims=[whole_number("dim", dim)], **kwargs)
     return [(layer, float(scores[layer, 0])) for layer in range(adapter.n_layers)]
 
 
@@ -332,15 +440,22 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
     forward passes (up to `batch_size` rows, default from free memory), and each pass has a clean twin
     of the same batch shape, so rows that no ablation has reached match it bit for bit. Returns float64
     arrays: clean (n_dims, n_layers), ablated and change (n_dims, n_sources, n_layers), where change is
-    ablated − the twin's same row (= ablated − clean up to batch-shape rounding, ~1e-7 relative)."""
+    ablated − the twin's same row (= ablated − clean up to batch-shape rounding, ~1e-7 relative).
+
+    Refused before any forward (ValueError): `prompt` not one string, `dims` not a non-empty list of whole
+    numbers in 0..d−1 (`check_dims`), `sources` not a non-empty list of layer indices, a non-finite
+    `intervention_scale`, a `batch_size` that is not a whole number >= 1. A dimension given more than once
+    is ablated once and its rows appear at each position it was asked ("dims" is returned as asked); a
+    source given more than once is measured at each position it was asked."""
     adapter = get_adapter(model)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be one string; got {type(prompt).__name__} (call once per prompt)")
-    dims = _ablation_dims(dims, adapter.hidden_size, "the residual stream", intervention_scale)  # (K,)
+    dims, back = _ablation_dims(dims, adapter.hidden_size, "the residual stream", intervention_scale)  # (K,), (K0,)
+    batch_size = _check_batch_size(batch_size)
     if adapter.site(site, 0).size != adapter.hidden_size:
         raise ValueError(f"cross-layer influence reads the residual stream (width {adapter.hidden_size}); "
                          f"site {site!r} has a different width")
-    sources = list(range(adapter.n_layers)) if sources is None else [adapter.check_layer(s) for s in sources]
+    sources = list(range(adapter.n_layers)) if sources is None else check_layers(adapter, sources, "sources")
     device = next(model.parameters()).device
     ids = _tokenize(tokenizer, [prompt], device)[0]  # (1, L)
     K = len(dims)
@@ -381,14 +496,15 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
     if not (torch.isfinite(clean).all() and torch.isfinite(ablated).all()):
         raise FloatingPointError(f"non-finite residual readouts (intervention scale {intervention_scale:g} "
                                  "overflows the model's dtype); use a smaller intervention scale")
-    return {"dims": dims.numpy(), "sources": np.asarray(sources), "targets": np.arange(adapter.n_layers),
-            "clean": clean.numpy(), "ablated": ablated.numpy(), "change": change.numpy()}
+    return {"dims": dims[back].numpy(), "sources": np.asarray(sources), "targets": np.arange(adapter.n_layers),
+            "clean": clean[back].numpy(), "ablated": ablated[back].numpy(), "change": change[back].numpy()}
 
 
 def cross_layer_causal_influence(model, tokenizer, prompt: str, dim: int, source_layer: int, target_layer: int,
                                  site: str = "residual", intervention_scale: float = 0.0) -> dict:
     """{"clean", "ablated", "change"} of residual dimension `dim` after `target_layer` when `dim` of `site`
-    is ablated at `source_layer` (last position)."""
+    is ablated at `source_layer` (last position). Layers: whole numbers in 0..n_layers−1."""
+    target_layer = check_layer(get_adapter(model), target_layer, "target_layer")
     m = cross_layer_matrix(model, tokenizer, prompt, [dim], site, intervention_scale, sources=[source_layer])
     return {"clean": float(m["clean"][0, target_layer]), "ablated": float(m["ablated"][0, 0, target_layer]),
             "change": float(m["change"][0, 0, target_layer])}
@@ -403,7 +519,7 @@ def plot_causal_impacts(scores: np.ndarray, dims: np.ndarray, top_k: int, layer:
 
     from utils import save_figure
 
-    order = np.argsort(-scores, kind="stable")[:top_k]
+    order = np.argsort(-scores, kind="stable")[:check_top_k(top_k)]
     fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
     ax.bar(range(len(order)), scores[order], color="tab:red")
     ax.set_xticks(range(len(order)), [str(int(dims[i])) for i in order], rotation=45)

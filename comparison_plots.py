@@ -19,8 +19,10 @@ METHODS = (("traditional", lambda s: s["traditional"]["sparsity"]),
 
 
 def methods_table(comparison: dict) -> dict:
-    """{model label: {method: value}} at the matched layers: the numbers of `plot_methods`."""
-    return {s["label"]: {m.replace("\n", " "): float(f(s["sparsity_by_layer"][s["layer"]])) for m, f in METHODS}
+    """{model label: {method: value}} at the matched layers: the numbers of `plot_methods` (None where a
+    method is undefined for that model's layer: its sparsity dict's "undefined" says why)."""
+    return {s["label"]: {m.replace("\n", " "): None if (v := f(s["sparsity_by_layer"][s["layer"]])) is None
+                         else float(v) for m, f in METHODS}
             for s in comparison["models"]}
 
 
@@ -33,9 +35,10 @@ def plot_methods(comparison: dict, plots_dir, name: str) -> str:
     for i, s in enumerate(sides):
         st = s["sparsity_by_layer"][s["layer"]]
         vals = [f(st) for _, f in METHODS]
-        bars = ax.bar(np.arange(len(METHODS)) + (i - (len(sides) - 1) / 2) * w, vals, width=w, color=f"C{i}",
+        heights = [np.nan if v is None else v for v in vals]  # an undefined measure: no bar, labelled so
+        bars = ax.bar(np.arange(len(METHODS)) + (i - (len(sides) - 1) / 2) * w, heights, width=w, color=f"C{i}",
                       label=f"{s['label']} (layer {s['layer']}, depth {s['relative_depth']:.2f})")
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.bar_label(bars, labels=["undefined" if v is None else f"{v:.3f}" for v in vals], fontsize=7)
     ax.set_xticks(range(len(METHODS)), [m for m, _ in METHODS], fontsize=8)
     ax.set(ylabel="sparsity (0 dense … 1 sparse)", title="Every sparsity method at the matched layers "
                                                          "(traditional is scale-dependent)")

@@ -180,8 +180,15 @@ def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, l
     return {"methods": list(methods), "note": ATTENTION_NOTE, "models": models, "matched_layers": matched}
 
 
+def _rounded(value, digits: int = 4):
+    """A measure for the summary table, rounded; None (undefined: the entry's "undefined" says why) stays None."""
+    return None if value is None else round(value, digits)
+
+
 def summary_rows(comparison: dict) -> list[dict]:
-    """The numbers of the summary table, one row per metric with one value per model."""
+    """The numbers of the summary table, one row per metric with one value per model. A measure undefined
+    for a model (entropy sparsity, Gini, Hoyer, an attention method's diversity or mean activation) is
+    None in its row."""
     rows = []
     sides = comparison["models"]
 
@@ -198,9 +205,9 @@ def summary_rows(comparison: dict) -> list[dict]:
     layer_stats = {s["label"]: s["sparsity_by_layer"][s["layer"]] for s in sides}
     add("traditional sparsity (threshold)", lambda s: f"{layer_stats[s['label']]['traditional']['sparsity']:.3f} "
                                                       f"({layer_stats[s['label']]['traditional']['threshold']:g})")
-    add("entropy sparsity", lambda s: round(layer_stats[s["label"]]["entropy"]["sparsity"], 4))
-    add("Gini", lambda s: round(layer_stats[s["label"]]["gini"], 4))
-    add("Hoyer", lambda s: round(layer_stats[s["label"]]["hoyer"], 4))
+    add("entropy sparsity", lambda s: _rounded(layer_stats[s["label"]]["entropy"]["sparsity"]))
+    add("Gini", lambda s: _rounded(layer_stats[s["label"]]["gini"]))
+    add("Hoyer", lambda s: _rounded(layer_stats[s["label"]]["hoyer"]))
     add("dead neurons", lambda s: layer_stats[s["label"]]["dead_neurons"]["count"])
     add("mean activation variance", lambda s: f"{layer_stats[s['label']]['activation_variance']['mean']:.3g}")
 
@@ -223,6 +230,7 @@ def summary_rows(comparison: dict) -> list[dict]:
                                                   f"({att['models'][s['label']]['units']['n_units']} "
                                                   f"{att['models'][s['label']]['units']['unit']}s)")
         for m in att["methods"]:
-            add(f"attention {m}: mean activation", lambda s: f"{at[s['label']]['methods'][m]['mean_activation']:.3e}")
-            add(f"attention {m}: diversity", lambda s: round(at[s["label"]]["methods"][m]["neuron_diversity"], 4))
+            add(f"attention {m}: mean activation",
+                lambda s: None if (v := at[s["label"]]["methods"][m]["mean_activation"]) is None else f"{v:.3e}")
+            add(f"attention {m}: diversity", lambda s: _rounded(at[s["label"]]["methods"][m]["neuron_diversity"]))
     return rows

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from causal_analysis import check_layer, check_layers, check_token_ids, check_top_k, whole_number
 from models import get_adapter, require_mamba
 from ssm import MixerInternals, ReconstructionCheck, blocked_inference, check_reconstruction, recompute_mixer
 from utils import trace
@@ -29,7 +30,7 @@ def capture_mixer_ios(model, layers, input_ids: torch.Tensor, attention_mask: to
     project's 2-core CPU VMs)."""
     adapter = get_adapter(model)
     require_mamba(adapter)
-    paths = {layer: adapter.mixer_path(layer) for layer in layers}
+    paths = {layer: adapter.mixer_path(layer) for layer in check_layers(adapter, layers)}
     below = [la for la in range(max(paths, default=0)) if la not in paths]  # the uncaptured mixers before the last
     swap = blocked_inference(model, layers=below) if below and adapter.ssm_kind == "mamba1" else nullcontext()
     with torch.no_grad(), swap, trace(model, list(paths.values()), retain_input=True, stop=True) as traces:
@@ -40,6 +41,7 @@ def capture_mixer_ios(model, layers, input_ids: torch.Tensor, attention_mask: to
 def capture_mixer_io(model, layer_idx: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The input and the real output (b, L, d) of layer `layer_idx`'s mixer; the forward stops there."""
+    layer_idx = whole_number("layer_idx", layer_idx)  # its range is checked with the model's layers
     return capture_mixer_ios(model, [layer_idx], input_ids, attention_mask)[layer_idx]
 
 
@@ -65,40 +67,59 @@ def extract_deltas(model, layer_idx: int, input_ids: torch.Tensor, attention_mas
     return mixer_internals(model, layer_idx, input_ids, attention_mask)[0].delta
 
 
+TOKEN_VARIANCE_UNDEFINED = ("undefined: every text has one token (a variance over the tokens of a text needs at "
+                            "least 2)")
+
+
 @dataclass
 class DeltaStats:
-    """Per-channel Δ statistics of one layer over a text set. Arrays have shape (e,)."""
+    """Per-channel Δ statistics of one layer over a text set (at least 2 texts). Arrays have shape (e,).
+
+    `token_variance` is averaged over the texts of at least 2 tokens (`n_token_variance_texts` of them): a
+    one-token text has no within-text variation to measure, and is left out rather than counted as 0. When
+    no text has 2 tokens it is None and `token_variance_undefined` says why."""
 
     layer: int
     n_texts: int
     n_tokens: int
     mean_delta: np.ndarray  # mean Δ over every token of every text
     text_variance: np.ndarray  # variance across texts of each text's mean Δ (ddof=0): the ranking key
-    token_variance: np.ndarray  # within-text variance over tokens (ddof=0), averaged over texts
+    token_variance: np.ndarray | None  # within-text variance over tokens (ddof=0), averaged over texts of >= 2 tokens
     max_reconstruction_error: float  # worst max|ours - real| / max|real| over the texts
     reconstruction_tolerance: float
     example_delta: np.ndarray  # (L, e) Δ of the first text, for the heatmap
     example_tokens: list[str] = field(default_factory=list)
     unit: str = "channel"  # what the index counts: a channel (Mamba-1, FalconMamba) or a head (Mamba-2)
+    n_token_variance_texts: int | None = None  # texts averaged in token_variance (None: every text)
+    token_variance_undefined: str | None = None  # why token_variance is None
 
     def top(self, k: int) -> list[tuple[int, float]]:
-        """The k channels with the highest across-text variance, highest first: [(channel, variance)]."""
-        order = np.argsort(-self.text_variance, kind="stable")[:k]
+        """The k channels with the highest across-text variance, highest first: [(channel, variance)]
+        (ties in channel order). `k`: a whole number >= 1 (fewer are listed when there are fewer channels)."""
+        order = np.argsort(-self.text_variance, kind="stable")[:check_top_k(k)]
         return [(int(c), float(self.text_variance[c])) for c in order]
 
     def to_dict(self, top_k: int) -> dict:
+        """The results dict. `top_neurons[i]["token_variance"]` and `per_channel["token_variance"]` are
+        None when the within-text variance is undefined (every text of one token); `undefined` then maps
+        "token_variance" to the reason (an empty dict when everything is defined)."""
+        tv = self.token_variance
         return {
             "layer": self.layer, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
             "n_channels": int(self.mean_delta.shape[0]), "unit": self.unit,
             "top_neurons": [{"channel": c, "variance": v, "mean_delta": float(self.mean_delta[c]),
-                             "token_variance": float(self.token_variance[c])} for c, v in self.top(top_k)],
+                             "token_variance": None if tv is None else float(tv[c])} for c, v in self.top(top_k)],
             "per_channel": {"mean_delta": self.mean_delta, "text_variance": self.text_variance,
-                            "token_variance": self.token_variance},
+                            "token_variance": tv},
+            "n_token_variance_texts": self.n_texts if self.n_token_variance_texts is None
+            else self.n_token_variance_texts,
+            "undefined": {} if tv is not None else {"token_variance": self.token_variance_undefined},
             "reconstruction": {"max_relative_error": self.max_reconstruction_error,
                                "tolerance": self.reconstruction_tolerance},
             "definitions": {
                 "text_variance": "variance across texts (ddof=0) of the per-text mean of Δ over tokens",
-                "token_variance": "variance over the tokens of one text (ddof=0), averaged over texts",
+                "token_variance": "variance over the tokens of one text (ddof=0), averaged over the texts of at "
+                                  "least 2 tokens",
                 "mean_delta": "mean of Δ over all tokens of all texts",
             },
         }
@@ -107,7 +128,10 @@ class DeltaStats:
 def delta_channel_statistics(model, tokenizer, texts_ids: list[torch.Tensor], layer_idx: int = 0,
                              progress: bool = True) -> DeltaStats:
     """Δ statistics over texts, each given as input ids (1, L_i); at least two texts are needed for an
-    across-text variance."""
+    across-text variance (checked as in `delta_statistics_by_layer`)."""
+    adapter = get_adapter(model)
+    require_mamba(adapter)
+    layer_idx = check_layer(adapter, layer_idx, "layer_idx")
     return delta_statistics_by_layer(model, tokenizer, texts_ids, [layer_idx], progress)[layer_idx]
 
 
@@ -115,15 +139,20 @@ def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], l
                               ) -> dict[int, DeltaStats]:
     """{layer: DeltaStats} for several layers, every layer's mixer input captured in one forward per text
     (stopped after the last of them); each layer's internals recomputed and verified as in
-    `mixer_internals`."""
+    `mixer_internals`.
+
+    Refused before any forward (ValueError): `texts_ids` not a list of (1, L_i) token-id tensors
+    (`causal_analysis.check_token_ids`), fewer than 2 texts (the ranking is a variance across texts),
+    `layers` not a non-empty list of layer indices (a layer given twice is analysed once)."""
     from tqdm.auto import tqdm
 
     adapter = get_adapter(model)
     require_mamba(adapter)
+    texts_ids = check_token_ids(texts_ids)
     if len(texts_ids) < 2:
-        raise ValueError(f"delta sensitivity needs at least 2 texts (got {len(texts_ids)}): the ranking is "
-                         "a variance across texts")
-    layers = list(dict.fromkeys(adapter.check_layer(la) for la in layers))
+        raise ValueError(f"texts_ids: delta sensitivity needs at least 2 texts (got {len(texts_ids)}): the ranking "
+                         "is a variance across texts; give more texts")
+    layers = list(dict.fromkeys(check_layers(adapter, layers)))
     device = next(model.parameters()).device
     acc = {la: {"means": [], "token_vars": [], "total": None, "worst": 0.0, "tol": None, "example": None}
            for la in layers}
@@ -136,7 +165,8 @@ def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], l
             a = acc[la]
             delta = internals.delta[0].double()  # (L, e)
             a["means"].append(delta.mean(0).cpu().numpy())  # (e,)
-            a["token_vars"].append(delta.var(0, unbiased=False).cpu().numpy())  # (e,)
+            if delta.shape[0] >= 2:  # a one-token text has no within-text variance
+                a["token_vars"].append(delta.var(0, unbiased=False).cpu().numpy())  # (e,)
             a["total"] = delta.sum(0) if a["total"] is None else a["total"] + delta.sum(0)  # (e,)
             a["worst"], a["tol"] = max(a["worst"], check.relative_error), check.tolerance
             if i == 0:
@@ -146,16 +176,22 @@ def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], l
     return {la: DeltaStats(
         layer=la, n_texts=len(texts_ids), n_tokens=n_tokens,
         mean_delta=(a["total"] / n_tokens).cpu().numpy(), text_variance=np.stack(a["means"]).var(0),
-        token_variance=np.stack(a["token_vars"]).mean(0), max_reconstruction_error=a["worst"],
-        reconstruction_tolerance=a["tol"], example_delta=a["example"], example_tokens=tokens,
-        unit="head" if adapter.ssm_kind == "mamba2" else "channel") for la, a in acc.items()}
+        token_variance=np.stack(a["token_vars"]).mean(0) if a["token_vars"] else None,
+        max_reconstruction_error=a["worst"], reconstruction_tolerance=a["tol"], example_delta=a["example"],
+        example_tokens=tokens, unit="head" if adapter.ssm_kind == "mamba2" else "channel",
+        n_token_variance_texts=len(a["token_vars"]),
+        token_variance_undefined=None if a["token_vars"] else TOKEN_VARIANCE_UNDEFINED) for la, a in acc.items()}
 
 
 def find_delta_sensitive_neurons(model, tokenizer, texts, layer_idx: int = 0, top_k: int = 10,
                                  max_length: int = 256) -> list[tuple[int, float]]:
-    """The original tool's interface: texts as strings -> [(channel, variance)], highest variance first."""
-    from utils import tokenize_texts
+    """The original tool's interface: texts as strings -> [(channel, variance)], highest variance first.
+    Refused before any forward (ValueError): `texts` not a list of at least 2 strings (`utils.text_list`),
+    a `top_k` or `max_length` that is not a whole number >= 1, a layer out of range."""
+    from utils import text_list, tokenize_texts
 
+    texts = text_list(texts, "texts")
+    top_k, max_length = check_top_k(top_k), whole_number("max_length", max_length, low=1)
     ids = tokenize_texts(tokenizer, texts, max_length).input_ids
     return delta_channel_statistics(model, tokenizer, ids, layer_idx).top(top_k)
 
@@ -178,8 +214,9 @@ def plot_delta_variance(stats: DeltaStats, top_k: int, plots_dir, prefix: str) -
             title=f"Δ sensitivity, layer {stats.layer} ({stats.n_texts} texts, {stats.n_tokens} tokens)")
     ax1.legend(loc="upper right")
     ax2.plot(np.arange(e), stats.mean_delta, lw=0.8, color="tab:green", label="mean Δ")
-    ax2.plot(np.arange(e), np.sqrt(stats.token_variance), lw=0.8, color="tab:orange",
-             label="within-text std of Δ (mean over texts)")
+    if stats.token_variance is not None:  # undefined when every text has one token
+        ax2.plot(np.arange(e), np.sqrt(stats.token_variance), lw=0.8, color="tab:orange",
+                 label="within-text std of Δ (mean over texts of >= 2 tokens)")
     ax2.set(xlabel=stats.unit, ylabel="Δ", yscale="log")
     ax2.legend(loc="upper right")
     return save_figure(fig, plots_dir, f"{prefix}_delta_variance_layer{stats.layer}")

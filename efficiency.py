@@ -163,19 +163,34 @@ def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: 
     """Forward time (best of `repeats`, after one warm-up) and peak memory at batch 1 for each length,
     with analytic FLOPs per token. `token_ids` (1-D) are cycled to each length. Lengths beyond the
     model's positions are skipped, and so is every length whose predicted cost (the last measured time
-    × the last growth factor, × (repeats + 2)) would overrun `budget_s`; each skip is recorded."""
+    × the last growth factor, × (repeats + 2)) would overrun `budget_s`; each skip is recorded.
+
+    Refused before any forward (ValueError): `seq_lengths` not a non-empty list of whole numbers >= 1 (a
+    length given twice is measured once), a `budget_s` that is not a finite number > 0, `repeats` not a
+    whole number >= 1, no tokens, or token ids that are not whole numbers."""
     import torch
     from tqdm.auto import tqdm
 
+    from causal_analysis import finite_number, whole_number
     from utils import free_memory_bytes
 
+    if isinstance(seq_lengths, (str, bytes)) or not hasattr(seq_lengths, "__iter__"):
+        raise ValueError(f"seq_lengths {seq_lengths!r}: must be a list of whole numbers >= 1")
+    lengths = [whole_number("seq_lengths item", L, low=1) for L in seq_lengths]
+    if not lengths:
+        raise ValueError("seq_lengths is empty; give at least one length")
+    if finite_number("budget_s", budget_s) <= 0:
+        raise ValueError(f"budget_s {budget_s}: must be more than 0 seconds")
+    repeats = whole_number("repeats", repeats, low=1)
     device = next(model.parameters()).device
-    pool = torch.as_tensor(np.asarray(token_ids), dtype=torch.long).ravel()
+    ids = np.asarray(token_ids)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token_ids must be whole numbers; got dtype {ids.dtype}")
+    pool = torch.as_tensor(ids, dtype=torch.long).ravel()
     if len(pool) == 0:
         raise ValueError("no tokens to build the sequences from")
-    seq_lengths = sorted({int(L) for L in seq_lengths})  # the curve runs from short to long (the budget's
-    if not seq_lengths or seq_lengths[0] < 1:          # prediction extrapolates from the last two lengths)
-        raise ValueError(f"seq_lengths must be positive; got {seq_lengths}")
+    seq_lengths = sorted(set(lengths))  # the curve runs from short to long (the budget's prediction
+    # extrapolates from the last two lengths)
     limit = adapter.max_positions
     points, skipped, spent = [], [], 0.0
     t_start = time.perf_counter()

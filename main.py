@@ -15,13 +15,14 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from models import DEFAULT_MODELS  # light: models.py imports torch/transformers only inside functions
-from pipeline import (ALL_STAGES, ATTENTION_METHODS, Options, model_prefix,  # light, as models.py
-                      layer_tag, resolve_stages, run_pipeline, stage_entries, stage_text,
+from pipeline import (ALL_STAGES, ATTENTION_METHODS, Options, check_option_values, check_plan,  # light
+                      layer_tag, model_prefix, resolve_stages, run_pipeline, stage_entries, stage_text,
                       too_few_texts)
 from pipeline import run_comprehensive_analysis  # noqa: F401  (the library entry point, kept importable from main)
 
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="limit the causal scan to these dimensions (default: every dimension of the site); "
                         "also the dimensions of inter_layer / cross_layer (default: the causal stage's top 3)")
     g.add_argument("--ablation", default="zero", help="zero (multiply by --intervention_scale) or mean")
-    g.add_argument("--intervention_scale", type=_finite_float, default=0.0, help="factor for --ablation zero (0 = zero)")
+    g.add_argument("--intervention_scale", type=_finite_float, default=None,
+                   help="factor for --ablation zero (default 0: the dimension is set to 0); not with --ablation mean")
     g.add_argument("--causal_batch_size", type=int, default=None,
                    help="ablations per forward pass (default: chosen from free memory)")
     g = p.add_argument_group("sparsity, efficiency, comparison")
@@ -158,12 +160,19 @@ def failed_stages(results: dict) -> list[str]:
     return [label for label, _, e in stage_entries(results) if e["status"] == "error"]
 
 
+def plots_not_written(results: dict) -> list[str]:
+    return [p["path"] for _, _, e in stage_entries(results) for p in e.get("plots_not_written", [])]
+
+
 def print_footer(results: dict) -> None:
     for note in results["run"].get("notes", []):
         print(f"note: {note}")
     errors = failed_stages(results)
     if errors:
         print(f"FAILED stages: {'; '.join(errors)}")
+    lost = plots_not_written(results)
+    if lost:
+        print(f"plots NOT written (the stages' numbers are kept): {', '.join(lost)}")
 
 
 
@@ -181,6 +190,7 @@ def run_metadata(args, argv, loaded, device, dtype, start) -> dict:
             "resolved_path": loaded.source.resolved_path, "model_class": type(loaded.model).__name__,
             "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
             "layer": args.layer, "layers": args.layers, "attention_layers": args.attention_layers, "top_k": args.top_k,
+            "plots_dir": str(Path(args.plots_dir).resolve()),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "numpy": numpy.__version__},
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "notes": []}
@@ -192,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils import WRITTEN, UserInputError
 
     written_before = len(WRITTEN)
+    previous = signal.signal(signal.SIGTERM, _terminated) if _in_main_thread() else None
     try:
         args = build_parser().parse_args(argv)
         level = args.log_level.upper()
@@ -204,19 +215,54 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line; files are written atomically, so none is half-written
-        print(_interrupted_message(WRITTEN[written_before:]), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line; files are written atomically (a temporary
+        # file, renamed when whole, removed on the way out), so none is half-written and none is left behind
+        print(_interrupted_message(WRITTEN[written_before:], exc), file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:  # `python main.py | head`: the reader left; no traceback for that
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 141
+    except OSError as exc:
+        if exc.filename is not None:  # a file of ours could not be written: not an error in our output
+            raise
+        # the summary could not be written (stdout on a full disk): say so on stderr, in one line
+        _silence_stdout()
+        print(f"error: the summary could not be written to standard output ({exc.strerror or exc})",
+              file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _interrupted_message(written: list[str]) -> str:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`), raised in the main thread so that it ends a run as Ctrl-C does."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit raises nothing."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _interrupted_message(written: list[str], exc: BaseException) -> str:
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
     if not written:
-        return "interrupted; nothing written"
+        return f"{what}; nothing written"
     folders = sorted({str(Path(p).parent) for p in written})
-    return (f"interrupted; no results file written (the {len(written)} plots of the stages that finished are in "
+    return (f"{what}; no results file written (the {len(written)} plots of the stages that finished are in "
             f"{', '.join(folders)})")
 
 
@@ -226,23 +272,14 @@ def check_values(args) -> list[str]:
     changed."""
     from utils import UserInputError
 
-    for flag, value in (("--text_limit", args.text_limit), ("--top_k", args.top_k),
-                        ("--max_length", args.max_length), ("--causal_batch_size", args.causal_batch_size)):
-        if value is not None and value < 1:
-            raise UserInputError(f"{flag} {value}: must be at least 1")
-    for flag, value in (("--seq_lengths", min(args.seq_lengths)), ("--efficiency_budget", args.efficiency_budget),
-                        ("--dead_eps", args.dead_eps)):
-        if value <= 0:
-            raise UserInputError(f"{flag} {value}: must be positive")
-    if args.sparsity_threshold is not None and args.sparsity_threshold < 0:
-        raise UserInputError(f"--sparsity_threshold {args.sparsity_threshold}: must be at least 0")
+    check_option_values({name: getattr(args, name) for name in (
+        "text_limit", "top_k", "max_length", "causal_batch_size", "causal_dims", "sparsity_layers", "seq_lengths",
+        "intervention_scale", "sparsity_threshold", "dead_eps", "efficiency_budget", "attention_methods",
+        "ablation")}, "--")
+    if args.intervention_scale is None:  # not given: the zero ablation's default factor
+        args.intervention_scale = 0.0
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UserInputError(f"--seed {args.seed}: must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]} (numpy's seed range)")
-    bad = [m for m in args.attention_methods if m not in ATTENTION_METHODS]
-    if bad:
-        raise UserInputError(f"--attention_methods {bad[0]}: unknown; choose from {', '.join(ATTENTION_METHODS)}")
-    if args.ablation not in ("zero", "mean"):
-        raise UserInputError(f"--ablation {args.ablation}: unknown; choose zero or mean")
     if args.layers is not None:
         if args.layer is not None:
             raise UserInputError(f"--layer {args.layer} and --layers {' '.join(args.layers)}: give one of them "
@@ -277,17 +314,30 @@ def check_text_count(stages, family: str, n_texts: int, args) -> None:
                              f"across texts); give more texts or drop {stage} from --stages")
 
 
-def check_prompts(tokenizer, prompts, limit: int | None, where: str) -> None:
-    """Every prompt must give at least one token and fit the model's positions (`limit`, None: no limit)."""
-    from utils import UserInputError
+def check_prompts(tokenizer, prompts, config, where: str) -> None:
+    """Every prompt must give at least one token, fit the model's positions (a Transformer's; a Mamba has
+    no limit) and give only token ids within the model's embedding table (`config.vocab_size`)."""
+    from models import max_positions
+    from utils import UserInputError, check_token_ids, token_prefix
 
+    limit = max_positions(config)
     for i, p in enumerate(prompts):
-        n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
-        if n == 0:
+        ids, longer = token_prefix(tokenizer, p, limit or 10 ** 6)
+        if not ids:
             raise UserInputError(f"{where}: prompt {i + 1} ({p[:40]!r}) tokenizes to no tokens; remove it")
-        if limit is not None and n > limit:
-            raise UserInputError(f"{where}: prompt {i + 1} ({p[:40]!r}) has {n} tokens, more than the model's "
+        if longer:
+            raise UserInputError(f"{where}: prompt {i + 1} ({p[:40]!r}) has more tokens than the model's "
                                  f"{limit} positions; shorten it")
+        check_token_ids(ids, int(config.vocab_size), f"{where}: prompt {i + 1} ({p[:40]!r})")
+
+
+def check_text_tokens(tokenizer, texts, max_length: int, config, where: str) -> None:
+    """Every text's first `max_length` token ids must lie within the model's embedding table."""
+    from utils import check_token_ids, token_prefix
+
+    for i, t in enumerate(texts):
+        check_token_ids(token_prefix(tokenizer, t, max_length)[0], int(config.vocab_size),
+                        f"{where}: text {i + 1} ({t[:40]!r})")
 
 
 def parse_layers(specs: list[str], n_layers: int | None, flag: str = "--layers") -> list[int]:
@@ -310,7 +360,9 @@ def parse_layers(specs: list[str], n_layers: int | None, flag: str = "--layers")
             raise UserInputError(f"{flag} {item}: not a layer number, a range like 0-3, or all") from None
         if a > b:
             raise UserInputError(f"{flag} {item}: an empty range; write the lower layer first ({b}-{a})")
-        if n_layers is not None and not (0 <= a and b < n_layers):
+        if n_layers is None:  # the syntax only: no range is built before its bounds are known to be valid
+            continue
+        if not (0 <= a and b < n_layers):
             raise UserInputError(f"{flag} {item}: out of range for this model with {n_layers} layers; valid "
                                  f"layers are 0..{n_layers - 1}")
         layers.update(range(a, b + 1))
@@ -365,67 +417,114 @@ def report_path(output_dir, prefix: str, tag: str) -> Path:
 
 def merge_reports(args) -> int:
     """--report FILES: the saved results of several runs of one model -> depth profiles (plot), one merged
-    JSON and one HTML report, written to --output_dir / --plots_dir. Exit 0, or 2 for unusable files."""
-    import json
-
+    JSON and one HTML report, written to --output_dir / --plots_dir. Exit 0, 1 when an output cannot be
+    written, or 2 for unusable files: every file is read and checked (`report.load_results_file`,
+    `pipeline.merge_layer_results`) before anything is written. The report embeds the PNG plots of each
+    per-layer entry from the plots folder recorded in its file's run metadata (run.plots_dir), and the
+    merge's own plot from --plots_dir; any other plot is left out, named on stdout and in the report."""
     from pipeline import depth_profiles, merge_layer_results, plot_depth_profiles
-    from report import write_report
-    from utils import UserInputError, check_writable_dir, to_jsonable, use_agg_backend, write_json
+    from report import build_report, load_results_file
+    from utils import UserInputError, check_writable_dir, to_jsonable, use_agg_backend, write_json, write_text
 
-    runs = []
+    runs, seen = [], {}
     for name in args.report:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise UserInputError(f"--report {name}: {'is a folder' if path.is_dir() else 'no such file'}; give "
-                                 "results files (analysis_outputs/*_results.json)")
-        try:
-            runs.append((name, json.loads(path.read_text(encoding="utf-8"))))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserInputError(f"--report {name}: not a results JSON ({exc})") from None
-    merged_before = [name for name, res in runs if (res.get("run") or {}).get("merged_from")]
+        data, identity = load_results_file(name, "--report")  # missing, folder, FIFO, huge, not UTF-8 / JSON
+        if identity in seen:
+            raise UserInputError(f"--report {name}: given twice (the same file as {seen[identity]}); give each "
+                                 "file once")
+        seen[identity] = name
+        runs.append((name, data))
+
+    def merged_before_(res) -> bool:
+        return isinstance(res, dict) and isinstance(res.get("run"), dict) and bool(res["run"].get("merged_from"))
+
+    merged_before = [name for name, res in runs if merged_before_(res)]
     for name in merged_before:  # `--report analysis_outputs/*.json` run twice: the earlier merge is not an input
         print(f"note: skipped {name}, itself a merge of saved runs")
     runs = [(name, res) for name, res in runs if name not in merged_before]
     if not runs:
         raise UserInputError("--report: every file given is itself a merge; give the results files of the runs")
     try:
-        layers, source = merge_layer_results(runs)
+        layers, source = merge_layer_results(runs)  # every file's layout, one model, each layer once
     except ValueError as exc:
         raise UserInputError(f"--report: {exc}") from None
-    if not layers:
-        raise UserInputError("--report: the files hold no per-layer stage results (delta, causal, attention, sparsity)")
-    check_writable_dir(args.plots_dir, "--plots_dir")
-    check_writable_dir(args.output_dir, "--output_dir")
-    first = runs[0][1]
+    plots_dir = os.path.abspath(os.path.expanduser(args.plots_dir))
+    output_dir = os.path.expanduser(args.output_dir)
+    check_writable_dir(plots_dir, "--plots_dir")
+    check_writable_dir(output_dir, "--output_dir")
+    by_name = dict(runs)
+    first_name, first = runs[0]
     run = {**first["run"], "merged_from": [name for name, _ in runs], "layers": list(layers),
-           "layer_sources": {la: source[la] for la in layers}, "notes": first["run"].get("notes", [])}
-    prefix = model_prefix(run["model"], run.get("model_source", ""))
+           "layer_sources": {la: source[la] for la in layers}, "notes": first["run"].get("notes", []),
+           "plots_dir": plots_dir,  # the merge's own plot; each layer's plots: its file's plots folder
+           "layer_plots_dirs": {str(la): by_name[source[la]]["run"].get("plots_dir") for la in layers}}
+    prefix = model_prefix(run["model"], run.get("model_source") or "", run.get("resolved_path"))
     tag = layer_tag(min(layers), list(layers))
+    json_path = Path(output_dir) / f"{prefix}_{tag}_merged_results.json"
+    html_path = Path(output_dir) / f"{prefix}_{tag}_merged_report.html"
+    plot_name = f"{prefix}_depth_profiles_{tag}_merged"
+    if max(len(f"{n}.png".encode()) for n in (plot_name, html_path.name, json_path.name)) > 240:
+        raise UserInputError(f"--report {first_name}: the merged files' names ({plot_name}.png) would be too long "
+                             "for a file system; merge fewer layers, or a model of a shorter name")
     profiles = depth_profiles(layers, first["architecture"]["n_layers"])
     use_agg_backend()
-    plot = plot_depth_profiles(profiles, args.plots_dir, f"{prefix}_depth_profiles_{tag}_merged")
-    merged = {"run": run, "texts": first.get("texts", {}), "architecture": first["architecture"], "layers": layers,
-              "depth_profiles": {"status": "ok", "results": profiles, "plots": [plot], "wall_time_s": 0.0}}
-    json_path = Path(args.output_dir) / f"{prefix}_{tag}_merged_results.json"
-    html_path = Path(args.output_dir) / f"{prefix}_{tag}_merged_report.html"
-    write_json(json_path, merged)
-    write_report(html_path, to_jsonable(merged), {"depth_profiles": stage_text("depth_profiles", merged["depth_profiles"])})
-    print(stage_text("depth_profiles", merged["depth_profiles"]), end="")
+    try:
+        plot = plot_depth_profiles(profiles, plots_dir, plot_name)
+        merged = {"run": run, "texts": first.get("texts", {}), "architecture": first["architecture"],
+                  "layers": layers,
+                  "depth_profiles": {"status": "ok", "results": profiles, "plots": [plot], "wall_time_s": 0.0}}
+        summary = stage_text("depth_profiles", merged["depth_profiles"])
+        page, left_out = build_report(to_jsonable(merged), {"depth_profiles": summary})
+        write_json(json_path, merged)
+        write_text(html_path, page)
+    except OSError as exc:  # e.g. the disk is full: one line, as for a run
+        print(f"error: merged report not written to {output_dir} ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    print(summary, end="")
+    for path, why in left_out:
+        print(f"note: left out {path}: {why}")
     print(f"results: {json_path}\nreport: {html_path}")
     return 0
 
 
 def check_result_paths(args, prefix: str) -> tuple[Path, Path]:
-    """The results JSON and HTML report paths; with --save_results, neither may be a folder."""
+    """The results JSON and HTML report paths; with --save_results, neither may be a folder or any other
+    non-regular file."""
     from utils import UserInputError
 
     tag = layer_tag(args.layer, args.layers)
     paths = results_path(args.output_dir, prefix, tag), report_path(args.output_dir, prefix, tag)
     for kind, path in zip(("results file", "report"), paths):
-        if args.save_results and path.is_dir():
-            raise UserInputError(f"--output_dir {args.output_dir}: the {kind} {path} is a folder; "
+        if args.save_results and (path.exists() or path.is_symlink()) and not path.is_file():
+            raise UserInputError(f"--output_dir {args.output_dir}: the {kind} {path} is "
+                                 f"{'a folder' if path.is_dir() else 'not a regular file'}; "
                                  "move it away or choose another --output_dir")
     return paths
+
+
+def check_replacing(json_path: Path, stages: list[str], args) -> str | None:
+    """Before the first stage: what this run's results file would replace. The file names tell models
+    (and layers) apart, so an existing file is an earlier run of this model at this layer. Refused when
+    that run holds results of stages this run does not run (it would silently lose them); otherwise a
+    note naming the file replaced (None when there is none)."""
+    import json
+
+    from utils import UserInputError
+
+    if not json_path.is_file():
+        return None
+    try:
+        old = json.loads(json_path.read_text(encoding="utf-8"))
+        ran = {name for _, name, e in stage_entries(old) if e.get("status") == "ok"}
+        when = (old.get("run") or {}).get("start_time", "at an unknown time")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError, KeyError):
+        return f"replaced {json_path}, which was not a readable results file"
+    lost = sorted(ran - set(stages) - {"depth_profiles"}, key=lambda n: (ALL_STAGES + (n,)).index(n))
+    if lost:
+        raise UserInputError(f"--output_dir {args.output_dir}: {json_path} holds an earlier run of this model and "
+                             f"layer with results of {', '.join(lost)}, which this run does not run; move the file "
+                             f"away, choose another --output_dir, or run those stages too")
+    return f"replaced {json_path} (an earlier run of this model and layer, started {when})"
 
 
 def _main(args, argv) -> int:
@@ -436,13 +535,14 @@ def _main(args, argv) -> int:
     refusal is one line."""
     start = time.time()
     warnings = {}
-    from utils import check_writable_dir, load_texts, read_texts_file
+    from utils import check_writable_dir, expand_path, load_texts, read_texts_file
 
     for flag in ("texts_file", "prompts_file", "plots_dir", "output_dir"):  # "--plots_dir=~/x" reaches us as is
         if getattr(args, flag) is not None:
-            setattr(args, flag, str(Path(getattr(args, flag)).expanduser()))
+            setattr(args, flag, str(expand_path(getattr(args, flag), f"--{flag}")))
     notes = check_values(args)
     stages = resolve_stages(args.stages, enable_attention=args.enable_attention)
+    check_plan(stages, args, "--")
     prompts = None if args.prompts_file is None else read_texts_file(args.prompts_file, flag="--prompts_file")
     if args.texts_file is not None:
         textset = load_texts(args.texts_file, args.text_limit)  # missing / empty / not UTF-8: fail now
@@ -459,7 +559,7 @@ def _main(args, argv) -> int:
     else:  # missing folder / unknown id while offline: fail in well under a second
         source = resolve_model_source(args.model)
     args.model = source.requested
-    prefix = model_prefix(args.model, source.origin)
+    prefix = model_prefix(args.model, source.origin, source.resolved_path)
     if args.layers is None:  # the file names are known now (with --layers, once the layer count is)
         check_result_paths(args, prefix)
     files = inspect_model(source, "--model")  # config, tokenizer, weight files: before the weights load
@@ -468,6 +568,7 @@ def _main(args, argv) -> int:
         stages = resolve_stages(args.stages, adapter.family)
     max_length = check_model_flags(args, adapter, stages)
     json_path, html_path = check_result_paths(args, prefix)
+    replacing = check_replacing(json_path, stages, args) if args.save_results else None
     if max_length != (args.max_length or DEFAULT_MAX_LENGTH):
         notes.append(f"texts truncated to this model's {max_length} positions (the default --max_length is "
                      f"{DEFAULT_MAX_LENGTH})")
@@ -475,12 +576,14 @@ def _main(args, argv) -> int:
 
     where = f"--prompts_file {args.prompts_file}" if prompts else "the default prompts"
     if {"causal", "inter_layer", "cross_layer"} & set(stages):
-        check_prompts(files.tokenizer, prompts or DEFAULT_PROMPTS, adapter.max_positions, where)
+        check_prompts(files.tokenizer, prompts or DEFAULT_PROMPTS, files.config, where)
 
     if args.texts_file is None:  # the default corpus: from the datasets cache or hub, else the shipped texts
         textset = load_texts(None, args.text_limit)
         warnings["texts"] = textset.warning
     check_text_count(stages, adapter.family, len(textset.texts), args)
+    texts_from = f"--texts_file {args.texts_file}" if args.texts_file else "the default texts"
+    check_text_tokens(files.tokenizer, textset.texts, max_length, files.config, texts_from)
     compare_source = compare_warning = compare_files = None
     if "comparison" in stages or args.compare_model is not None:  # a missing or broken one fails here
         from comparison_wrapper import resolve_compare_model
@@ -489,8 +592,11 @@ def _main(args, argv) -> int:
         warnings["compare"] = compare_warning
         compare_files = inspect_model(compare_source, "--compare_model")
         if {"causal", "comparison"} <= set(stages):  # the comparison scores the same prompts on the other model
-            check_prompts(compare_files.tokenizer, prompts or DEFAULT_PROMPTS, max_positions(compare_files.config),
+            check_prompts(compare_files.tokenizer, prompts or DEFAULT_PROMPTS, compare_files.config,
                           f"{where} on --compare_model {compare_source.requested}")
+        if "comparison" in stages:
+            check_text_tokens(compare_files.tokenizer, textset.texts, max_length, compare_files.config,
+                              f"{texts_from} on --compare_model {compare_source.requested}")
 
     import transformers
 
@@ -501,13 +607,19 @@ def _main(args, argv) -> int:
     transformers.logging.disable_progress_bar()  # stderr stays clean for our one-line errors
     use_agg_backend()
     set_seed(args.seed)
+    # both models load whole (every tensor of the config's architecture read from the weights) or the run
+    # ends here, before the first stage
+    loaded = load_model_and_tokenizer(source, device, dtype, files=files)
+    compare_loaded = None
+    if "comparison" in stages:
+        compare_loaded = load_model_and_tokenizer(compare_source, device, dtype, "--compare_model",
+                                                  files=compare_files)
     for key in ("model", "compare", "texts"):  # every check has passed
         if warnings.get(key):
             print(f"warning: {warnings[key]}", file=sys.stderr)
-    loaded = load_model_and_tokenizer(source, device, dtype, files=files)
 
     results = {"run": run_metadata(args, argv, loaded, device, dtype, start)}
-    results["run"]["notes"] += [n for n in (warnings.get("model"), *notes) if n]
+    results["run"]["notes"] += [n for n in (warnings.get("model"), *notes, replacing) if n]
 
     def on_start(partial: dict) -> None:  # the header as soon as the texts are tokenized
         partial["texts"].update(source=textset.source, warning=textset.warning)
@@ -532,14 +644,14 @@ def _main(args, argv) -> int:
                    sparsity_threshold=args.sparsity_threshold, dead_eps=args.dead_eps,
                    seq_lengths=tup(args.seq_lengths), efficiency_budget=args.efficiency_budget,
                    compare_model=args.compare_model, compare_source=compare_source, compare_warning=compare_warning,
-                   compare_files=compare_files, device=device, dtype=dtype)
+                   compare_files=compare_files, compare_loaded=compare_loaded, device=device, dtype=dtype)
     results.update(run_pipeline(loaded.model, loaded.tokenizer, textset.texts, opts, stages, on_start, on_stage))
     timings = results["run"]["stage_timings_s"] = {}  # per stage, summed over the layers of --layers
     for _, name, e in stage_entries(results):
         timings[name] = round(timings.get(name, 0.0) + e["wall_time_s"], 4)
     results["run"]["total_time_s"] = round(time.time() - start, 3)
     print_footer(results)
-    failed = bool(failed_stages(results))
+    failed = bool(failed_stages(results) or plots_not_written(results))
     if args.save_results:
         from report import write_report
 

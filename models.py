@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import UserInputError, first_line, hub_offline, hub_reachable
+from utils import UserInputError, expand_path, first_line, hub_offline, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -327,8 +327,12 @@ def resolve_model_source(name_or_path: str, flag: str = "--model") -> ModelSourc
     the local Hugging Face cache, or the hub (probed for a couple of seconds at most). Bad input ->
     UserInputError naming `flag`, the value and the fix."""
     name = str(name_or_path)
-    folder = Path(name).expanduser()
+    folder = expand_path(name, flag)
     if folder.is_dir():
+        odd = sorted(e.name for e in folder.iterdir() if not (e.is_file() or e.is_dir()))
+        if odd:  # a FIFO or device would block the reader; a dangling link reads nothing
+            raise UserInputError(f"{flag} {name}: {odd[0]} in the folder is not a regular file (a FIFO, device, "
+                                 "socket or broken link); replace it with the file save_pretrained writes")
         if not (folder / "config.json").is_file():
             raise UserInputError(f"{flag} {name}: the folder has no config.json; "
                                  "give a folder written by save_pretrained")
@@ -482,8 +486,10 @@ def load_model_and_tokenizer(name_or_path, device="cpu", dtype="float32", flag: 
               else resolve_model_source(name_or_path, flag))
     files = files or inspect_model(source, flag)
     name, local_only = _from_where(source)
-    with _reading(source, flag):
-        model = AutoModelForCausalLM.from_pretrained(name, config=files.config, local_files_only=local_only)
+    with _reading(source, flag):  # mismatched shapes are reported in `info` (and refused below), not raised
+        model, info = AutoModelForCausalLM.from_pretrained(name, config=files.config, local_files_only=local_only,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
+    check_loaded_whole(info, flag, source)
     if source.origin == "hub":
         source.resolved_path = _cached_folder(source.requested)
     model.to(device=device, dtype=dtype)
@@ -491,6 +497,44 @@ def load_model_and_tokenizer(name_or_path, device="cpu", dtype="float32", flag: 
     logger.info("loaded %s (%s) from %s on %s as %s", source.requested, type(model).__name__,
                 source.resolved_path, device, dtype)
     return LoadedModel(model, files.tokenizer, source)
+
+
+def _natural(key: str) -> list:
+    """Sort key that orders layer numbers as numbers (layers.2 before layers.10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def check_loaded_whole(info: dict, flag: str, source: ModelSource) -> None:
+    """Refuse a model whose weights do not cover its architecture: `info` is from_pretrained's loading
+    info. Every parameter and persistent buffer the config's architecture expects must have been read
+    from the weights with its shape (a missing one would be left at its random initialisation), and the
+    weights must hold nothing the architecture lacks (e.g. layers beyond the config's layer count).
+    UserInputError naming the folder (or hub id) and the first missing, mismatched or unexpected tensors."""
+    where = f"{flag} {source.requested}" + (f" ({source.resolved_path})" if source.resolved_path
+                                             and source.resolved_path != source.requested else "")
+
+    def first(keys, n: int = 3) -> str:
+        keys = sorted(keys, key=_natural)
+        return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: _natural(m[0]))
+    if mismatched:
+        key, got, want = mismatched[0]
+        raise UserInputError(f"{where}: {len(mismatched)} weight tensors do not fit the config, e.g. {key} is "
+                             f"{tuple(got)} in the weights, the config asks for {tuple(want)}; the config and "
+                             "the weights belong to different models")
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    if missing:
+        more = f"; and the weights hold {len(unexpected)} tensors it does not use" if unexpected else ""
+        raise UserInputError(f"{where}: {len(missing)} tensors of the config's architecture are not in the weights "
+                             f"(they would stay at their random initialisation): {first(missing)}{more}; the "
+                             "config and the weights belong to different models, or the weights are incomplete")
+    if unexpected:
+        raise UserInputError(f"{where}: the weights hold {len(unexpected)} tensors the config's architecture does "
+                             f"not have: {first(unexpected)}; does config.json give the model's layer count and "
+                             "shape?")
+    if info.get("error_msgs"):
+        raise UserInputError(f"{where}: the weights could not be read whole ({first_line(info['error_msgs'][0])})")
 
 
 def _cached_folder(repo_id: str) -> str | None:

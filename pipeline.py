@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class Options:
     compare_source: object = None  # models.ModelSource, when main resolved it (and warned about a fallback)
     compare_warning: str | None = None
     compare_files: object = None  # models.inspect_model's result for the comparison model, when main has it
+    compare_loaded: object = None  # models.LoadedModel of the comparison model, when main loaded (and checked) it
     device: object = "cpu"
     dtype: object = "float32"
 
@@ -67,6 +69,83 @@ class Options:
         from causal_analysis import DEFAULT_PROMPTS
 
         return list(self.prompts or DEFAULT_PROMPTS)
+
+
+_WHOLE_AT_LEAST = {"layer": 0, "top_k": 1, "max_length": 1, "causal_batch_size": 1, "text_limit": 1}
+_WHOLE_LISTS = {"layers": 0, "attention_layers": 0, "causal_dims": 0, "sparsity_layers": 0, "seq_lengths": 1}
+_FLOATS = {"intervention_scale": None, "sparsity_threshold": "at_least_0", "dead_eps": "positive",
+           "efficiency_budget": "positive"}
+
+
+def check_option_values(values: dict, flag: str = "") -> None:
+    """Refuse option values no stage could answer, with a UserInputError (a ValueError) naming the option
+    (`flag` + its name: "--top_k" from main.py, "top_k" from the library) and the fix: whole numbers (not
+    bools, not 1.5) at or above their least value, lists of them that are not empty, finite floats in
+    their range, known methods and ablations, prompts as a list of strings. Only the names present in
+    `values` are checked; a None value means "the default". Ranges that depend on the model (a layer
+    below its layer count, a dim below a site's width) are checked by the adapter."""
+    import numbers
+
+    from utils import UserInputError, text_list
+
+    def whole(name, v, least):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise UserInputError(f"{flag}{name} {v!r}: not a whole number; give an integer")
+        if v < least:
+            raise UserInputError(f"{flag}{name} {v}: must be at least {least}")
+
+    for name, v in values.items():
+        if v is None:
+            continue
+        if name in _WHOLE_AT_LEAST:
+            whole(name, v, _WHOLE_AT_LEAST[name])
+        elif name in _WHOLE_LISTS:
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+                raise UserInputError(f"{flag}{name} {v!r}: give a list of whole numbers")
+            items = list(v)
+            if not items:
+                raise UserInputError(f"{flag}{name}: an empty list; give at least one value or leave it out")
+            for item in items:
+                whole(name, item, _WHOLE_LISTS[name])
+        elif name in _FLOATS:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise UserInputError(f"{flag}{name} {v!r}: give a finite number")
+            if _FLOATS[name] == "positive" and v <= 0:
+                raise UserInputError(f"{flag}{name} {v}: must be positive")
+            if _FLOATS[name] == "at_least_0" and v < 0:
+                raise UserInputError(f"{flag}{name} {v}: must be at least 0")
+        elif name == "attention_methods":
+            methods = [v] if isinstance(v, str) else list(v)
+            if not methods:
+                raise UserInputError(f"{flag}{name}: an empty list; choose from {', '.join(ATTENTION_METHODS)}")
+            bad = [m for m in methods if m not in ATTENTION_METHODS]
+            if bad or isinstance(v, str):
+                raise UserInputError(f"{flag}{name} {(bad or [v])[0]}: "
+                                     f"{'give a list of methods' if not bad else 'unknown'}; choose from "
+                                     f"{', '.join(ATTENTION_METHODS)}")
+        elif name == "ablation":
+            if v not in ("zero", "mean"):
+                raise UserInputError(f"{flag}{name} {v}: unknown; choose zero or mean")
+        elif name == "prompts":
+            try:
+                text_list(v, "prompts")
+            except ValueError as exc:
+                raise UserInputError(f"{flag}{exc}") from None
+    if values.get("ablation") == "mean" and values.get("intervention_scale") not in (None, 0, 0.0):
+        raise UserInputError(f"{flag}intervention_scale {values['intervention_scale']}: applies to the zero ablation "
+                             f"only (the mean ablation sets the dimension to its mean); leave it out with "
+                             f"{flag}ablation mean")
+
+
+def check_plan(stages, opts: Options, flag: str = "") -> None:
+    """Refuse a run whose stages cannot all run, before the first one does: inter_layer and cross_layer
+    choose their dimensions from --causal_dims or the causal stage's top ones."""
+    from utils import UserInputError
+
+    lacking = [s for s in ("inter_layer", "cross_layer") if s in stages]
+    if lacking and not opts.causal_dims and "causal" not in stages:
+        raise UserInputError(f"the {lacking[0]} stage needs dimensions: give {flag}causal_dims, or run the causal "
+                             "stage too (it chooses its top 3)")
 
 
 @dataclass
@@ -188,7 +267,8 @@ def stage_causal(ctx: StageContext):
                                      o.ablation, o.causal_dims, o.causal_batch_size, ctx.progress)
     dims = np.arange(len(scores)) if o.causal_dims is None else np.asarray(o.causal_dims)
     order = np.argsort(-scores, kind="stable")[:ctx.top_k]
-    results = {"layer": ctx.layer, "site": site, "ablation": o.ablation, "intervention_scale": o.intervention_scale,
+    results = {"layer": ctx.layer, "site": site, "ablation": o.ablation,
+               "intervention_scale": o.intervention_scale if o.ablation == "zero" else None,  # mean: not used
                "prompts": o.prompt_list, "n_dims": int(len(scores)),
                "top_neurons": [{"dim": int(dims[i]), "score": float(scores[i])} for i in order],
                "dims": dims, "scores": scores, "n_zero": int((scores == 0).sum()),
@@ -325,8 +405,9 @@ def stage_comparison(ctx: StageContext):
         source, warning = o.compare_source, o.compare_warning
     else:
         source, warning = cw.resolve_compare_model(o.compare_model, ctx.adapter.family)
-    loaded = load_model_and_tokenizer(source, o.device, o.dtype, "--compare_model", files=o.compare_files)
-    label = model_prefix(source.requested, source.origin)
+    loaded = o.compare_loaded or load_model_and_tokenizer(source, o.device, o.dtype, "--compare_model",
+                                                          files=o.compare_files)
+    label = model_prefix(source.requested, source.origin, source.resolved_path)
     if label == ctx.prefix:
         label += "_compare"
     from models import get_adapter
@@ -399,7 +480,8 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
                  "sparsity_layers": "sparsity_layers", "threshold": "sparsity_threshold", "dead_eps": "dead_eps",
                  "compare_model": "compare_model", "seq_lengths": "seq_lengths", "budget": "efficiency_budget",
                  "device": "device", "dtype": "dtype", "compare_source": "compare_source",
-                 "compare_warning": "compare_warning", "compare_files": "compare_files"}
+                 "compare_warning": "compare_warning", "compare_files": "compare_files",
+                 "compare_loaded": "compare_loaded"}
         unknown = sorted((set(c) | set(o)) - set(names))
         if unknown:
             raise TypeError(f"unknown option {unknown[0]!r}; known: {', '.join(names)}")
@@ -412,21 +494,21 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
 def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=None, on_stage=None) -> dict:
     """`run_comprehensive_analysis` with the options as one `Options` object."""
     from models import NotApplicable, get_adapter
-    from utils import UserInputError, text_list, tokenize_texts
+    from utils import UserInputError, check_token_ids, text_list, tokenize_texts
 
     adapter = get_adapter(model)
+    check_option_values({f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
     adapter.check_layer(opts.layer)
     texts = text_list(texts)
     stages = resolve_stages(stages)
+    check_plan(stages, opts)
     short = too_few_texts(stages, adapter.family, len(texts))
     if short:
         raise UserInputError(f"the {short[0]} stage needs at least {short[1]} texts; got {len(texts)}")
     tokens = tokenize_texts(tokenizer, texts, opts.max_length)
     vocab = model.get_input_embeddings().num_embeddings
-    top = max(int(ids.max()) for ids in tokens.input_ids)
-    if top >= vocab:
-        raise UserInputError(f"the tokenizer gives token id {top}, beyond the model's {vocab} embeddings: "
-                             "tokenizer and model do not belong together")
+    for i, ids in enumerate(tokens.input_ids):
+        check_token_ids(ids[0].tolist(), vocab, f"text {i + 1} ({texts[i][:40]!r})")
     results: dict = {"texts": {"n_texts": len(texts), "n_tokens": int(sum(tokens.lengths)),
                                "max_length": opts.max_length, "n_truncated": tokens.n_truncated},
                      "architecture": adapter.describe()}
@@ -472,9 +554,16 @@ def _run_stage(name: str, run, not_applicable) -> dict:
     """One stage's entry: {"status", "results" + "plots" | "reason" | "error", "wall_time_s"}."""
     logger.info("stage %s: started", name)
     t0 = time.perf_counter()
+    from utils import NOT_WRITTEN
+
+    not_written = len(NOT_WRITTEN)
     try:
         out, plots = run()
         entry = {"status": "ok", "results": out, "plots": plots}
+        failed = dict(NOT_WRITTEN[not_written:])  # the stage's numbers are kept; its lost plots are named
+        if failed:
+            entry["plots"] = [p for p in plots if p not in failed]
+            entry["plots_not_written"] = [{"path": p, "error": why} for p, why in failed.items()]
     except not_applicable as exc:
         entry = {"status": "not_applicable", "reason": str(exc)}
     except Exception as exc:  # a failed stage is recorded with its error; the other stages go on
@@ -494,33 +583,105 @@ def too_few_texts(stages, family: str, n_texts: int) -> tuple[str, int] | None:
     return None
 
 
-def model_prefix(name: str, origin: str = "") -> str:
-    """A file-name-safe label for a model: hub id with '/' -> '_', or a folder's name
-    ('reference_mamba' for the shipped reference model)."""
+def model_prefix(name: str, origin: str = "", resolved_path: str | None = None) -> str:
+    """A file-name-safe label for a model, used in every output file's name: a hub id with '/' -> '_'
+    ('state-spaces_mamba-130m-hf'); 'reference_mamba' for the shipped reference model; a local folder
+    (`origin` "local") its name and the first 8 hex digits of the SHA-256 of its absolute path
+    (`resolved_path`), so that folders of the same name (runA/final, runB/final) never share a file."""
+    import hashlib
+
     p = Path(name)
-    label = p.name if p.is_dir() else name.replace("/", "_")
-    label = f"reference_{label}" if origin == "reference" else label
-    return re.sub(r"[^\w.\-]+", "_", label) or "model"
+    label = p.name if origin in ("local", "reference") or p.is_dir() else name.replace("/", "_")
+    label = re.sub(r"[^\w.\-]+", "_", f"reference_{label}" if origin == "reference" else label) or "model"
+    if origin == "local":
+        where = str(Path(resolved_path or name).resolve())
+        label += "-" + hashlib.sha256(where.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return label
 
 
 # --------------------------------------------------------------------------------------------------
 # Depth profiles (--layers): each per-layer stage's headline numbers over relative depth
 # --------------------------------------------------------------------------------------------------
-def _profile_metrics(stage: str, r: dict) -> dict:
-    """The headline numbers of one per-layer stage's results at one layer."""
+def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
+    """({metric: value}, {metric: why it is left out}): the headline numbers of one per-layer stage's
+    results `r` at one layer. A value the profile reads that is missing, undefined (None) or not a finite
+    number (a list of them, for Δ's text variances and the causal scores) is left out with the reason."""
+    import math
+
     import numpy as np
 
-    if stage == "delta":
-        v = np.asarray(r["per_channel"]["text_variance"], dtype=np.float64)
-        return {"delta: max text variance": float(v.max()), "delta: median text variance": float(np.median(v))}
-    if stage == "causal":
-        sc = np.asarray(r["scores"], dtype=np.float64)
-        return {"causal: max impact": float(sc.max()), "causal: median impact": float(np.median(sc))}
+    missing = object()
+
+    def at(d, *keys):
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return missing
+            d = d[k]
+        return d
+
+    def number(v) -> bool:  # a finite int or float (numpy's too), not a bool
+        return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                and math.isfinite(v))
+
+    def why_not_number(v, what: str) -> str:
+        if v is missing:
+            return f"{what} is missing"
+        return f"{what} is undefined (null)" if v is None else f"{what} is not a finite number"
+
+    def numbers(v, what: str):
+        if v is missing or v is None:
+            return None, why_not_number(v, what)
+        if isinstance(v, np.ndarray):  # a run's own results, before they are saved as JSON
+            if v.ndim != 1 or not v.size or v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.number):
+                return None, f"{what} is not a non-empty list of numbers"
+            v = v.astype(np.float64)
+            return (v, None) if np.isfinite(v).all() else (None, f"{what} holds a value that is not a finite number")
+        if not isinstance(v, (list, tuple)) or not v:
+            return None, f"{what} is not a non-empty list of numbers"
+        if not all(number(x) for x in v):
+            return None, f"{what} holds a value that is not a finite number"
+        return np.asarray(v, dtype=np.float64), None
+
+    if stage in ("delta", "causal"):
+        names, field = (("delta: max text variance", "delta: median text variance"), ("per_channel", "text_variance")
+                        ) if stage == "delta" else (("causal: max impact", "causal: median impact"), ("scores",))
+        v, why = numbers(at(r, *field), ".".join(field))
+        if why is not None:
+            return {}, dict.fromkeys(names, why)
+        return {names[0]: float(v.max()), names[1]: float(np.median(v))}, {}
     if stage == "attention":
-        return {f"attention: diversity, {m}": a["neuron_diversity"] for m, a in r["methods"].items()}
+        methods = at(r, "methods")
+        if not isinstance(methods, dict) or not methods:
+            return {}, {"attention: diversity": "methods is missing or not a non-empty object"}
+        out, left = {}, {}
+        for m, a in methods.items():
+            d = at(a, "neuron_diversity")
+            if number(d):
+                out[f"attention: diversity, {m}"] = float(d)
+            else:
+                left[f"attention: diversity, {m}"] = why_not_number(d, f"methods.{m}.neuron_diversity")
+        return out, left
+    if stage != "sparsity":
+        return {}, {}
     import sparsity as sp
 
-    return {f"sparsity: {name}": float(f(r["single"])) for name, f in sp.MULTILAYER_METRICS}
+    single = at(r, "single")
+    out, left = {}, {}
+    for name, f in sp.MULTILAYER_METRICS:
+        metric = f"sparsity: {name}"
+        if not isinstance(single, dict):
+            left[metric] = "single is missing or not an object"
+            continue
+        try:
+            v = f(single)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            left[metric] = f"single: the fields of {name} are missing or of the wrong type"
+            continue
+        if number(v):
+            out[metric] = float(v)
+        else:
+            left[metric] = why_not_number(v, f"single: {name}")
+    return out, left
 
 
 PROFILE_DEFINITIONS = {
@@ -533,16 +694,22 @@ PROFILE_DEFINITIONS = {
 
 def depth_profiles(layer_results: dict, n_layers: int) -> dict:
     """{"layers", "relative_depth", "metrics": {metric: [value per layer, None where its stage did not
-    succeed]}, "definitions"} from {layer: {stage: entry}} (the per-layer stages of a --layers run)."""
+    succeed or the value is left out]}, "left_out": [{"layer", "metric", "reason"}] (values that are
+    missing, undefined or not finite numbers: `_profile_metrics`), "definitions"} from {layer: {stage:
+    entry}} (the per-layer stages of a --layers run)."""
     layers = sorted(layer_results)
     per = {la: {} for la in layers}
+    left_out = []
     for la in layers:
         for stage, entry in layer_results[la].items():
-            if entry.get("status") == "ok":
-                per[la].update(_profile_metrics(stage, entry["results"]))
-    names = list(dict.fromkeys(m for la in layers for m in per[la]))
+            if isinstance(entry, dict) and entry.get("status") == "ok":
+                got, why = _profile_metrics(stage, entry.get("results"))
+                per[la].update(got)
+                left_out += [{"layer": la, "metric": m, "reason": w} for m, w in why.items()]
+    names = list(dict.fromkeys([*(m for la in layers for m in per[la]), *(x["metric"] for x in left_out)]))
     return {"layers": layers, "relative_depth": [la / max(1, n_layers - 1) for la in layers],
-            "metrics": {m: [per[la].get(m) for la in layers] for m in names}, "definitions": PROFILE_DEFINITIONS}
+            "metrics": {m: [per[la].get(m) for la in layers] for m in names}, "left_out": left_out,
+            "definitions": PROFILE_DEFINITIONS}
 
 
 def plot_depth_profiles(profiles: dict, plots_dir, name: str) -> str:
@@ -584,27 +751,116 @@ def layer_tag(layer: int, layers: list[int] | None) -> str:
     return "layers" + "_".join(runs)
 
 
-def merge_layer_results(runs: list[tuple[str, dict]]) -> tuple[dict, dict]:
-    """({layer: {stage: entry}}, {layer: file}) from saved results [(file name, results dict)]: one-layer
-    runs (`--layer L`) and --layers runs alike, of one model. ValueError naming the files when they hold
-    different models or the same layer twice."""
+def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
+    """({layer: {stage: entry}}, {layer: file}) from saved results [(file name, parsed JSON)]: one-layer
+    runs (`--layer L`) and --layers runs alike, of one model. ValueError naming the file and what is wrong
+    when one is not in the layout the merge reads (an object with "run" {"model", "model_class": strings;
+    "notes": strings; "model_source", "resolved_path", "plots_dir": strings if given} and "architecture"
+    {"n_layers": int >= 1}; its layers ints in 0..n_layers-1, from "layers" {"L": {stage: entry}} or
+    run.layer; each per-layer stage entry an object with a "status" of ok (with "results", an object),
+    error (with "error") or not_applicable (with "reason"), "plots" a list of paths), holds no per-layer
+    stage results, or when the files hold different models or the same layer twice. The values the depth
+    profiles read are checked there (`_profile_metrics`)."""
+    import math
+
+    def kind(v) -> str:
+        return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+                type(None): "null"}.get(type(v), "a number")
+
+    def show(v) -> str:
+        text = repr(v)
+        return text if len(text) <= 40 and not isinstance(v, (dict, list)) else kind(v)
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     layers, source, first = {}, {}, None
     for name, res in runs:
-        run = res.get("run") or {}
-        key = (run.get("model"), run.get("model_class"), (res.get("architecture") or {}).get("n_layers"))
-        if None in key:
-            raise ValueError(f"{name}: not a results file of this tool (no run metadata / architecture)")
+        def bad(what: str) -> ValueError:
+            return ValueError(f"{name}: {what}")
+
+        if not isinstance(res, dict):
+            raise bad(f"not a results file of this tool (the JSON is {kind(res)}, not an object)")
+        run, arch = res.get("run"), res.get("architecture")
+        for field, value in (("run", run), ("architecture", arch)):
+            if not isinstance(value, dict):
+                raise bad(f"not a results file of this tool (no {field} metadata)" if value is None
+                          else f'"{field}" is {kind(value)}, not an object')
+        for field in ("model", "model_class"):
+            if not isinstance(run.get(field), str) or not run[field]:
+                raise bad(f"run.{field} is {'missing' if field not in run else show(run[field])}, not a name")
+        for field in ("model_source", "resolved_path", "plots_dir"):
+            if run.get(field) is not None and not isinstance(run[field], str):
+                raise bad(f"run.{field} is {kind(run[field])}, not a string")
+        notes = run.get("notes", [])
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise bad("run.notes is not a list of strings")
+        if "texts" in res and not isinstance(res["texts"], dict):
+            raise bad(f'"texts" is {kind(res["texts"])}, not an object')
+        n_layers = arch.get("n_layers")
+        if not is_int(n_layers) or n_layers < 1:
+            raise bad(f"architecture.n_layers is {'missing' if 'n_layers' not in arch else show(n_layers)}, "
+                      "not a whole number >= 1")
+        key = (run["model"], run["model_class"], n_layers)
         if first is None:
             first = (name, key)
         elif key != first[1]:
             raise ValueError(f"{name} holds {key[0]} ({key[1]}), {first[0]} holds {first[1][0]} ({first[1][1]}): "
                              "merge the results of one model")
-        if res.get("layers"):
-            found = {int(la): by for la, by in res["layers"].items()}
-        else:
-            found = {int(run["layer"]): {n: e for n, e in res.items()
-                                         if n in STAGES and STAGES[n].per_layer and isinstance(e, dict)}}
-        for la, by in found.items():
+
+        def layer_number(v, where: str, key: bool = False) -> int:  # a JSON object's key is a string
+            la = v
+            if key and isinstance(v, str) and v.isascii() and v.isdigit() and str(int(v)) == v:
+                la = int(v)
+            if not is_int(la) or not 0 <= la < n_layers:
+                raise bad(f"{where} is {show(v)}: not a layer of this {n_layers}-layer model "
+                          f"(a whole number 0..{n_layers - 1})")
+            return la
+
+        if "layers" in res:  # a --layers run: {"L": {stage: entry}}
+            if not isinstance(res["layers"], dict):
+                raise bad(f'"layers" is {kind(res["layers"])}, not an object')
+            found = {}
+            for k, by in res["layers"].items():
+                la = layer_number(k, "a key of \"layers\"", key=True)
+                if not isinstance(by, dict):
+                    raise bad(f"layers[{k!r}] is {kind(by)}, not an object of stage entries")
+                for stage in by:
+                    if stage not in STAGES or not STAGES[stage].per_layer:
+                        raise bad(f"layers[{k!r}] holds {show(stage)}, not a per-layer stage (delta, causal, "
+                                  "attention, sparsity)")
+                found[la] = ({f"layers[{k!r}].{stage}": stage for stage in by}, by)
+        else:  # a --layer run: its per-layer stages at the top level
+            la = layer_number(run.get("layer"), "run.layer") if "layer" in run else None
+            by = {n: e for n, e in res.items() if n in STAGES and STAGES[n].per_layer}
+            if la is None and by:
+                raise bad("run.layer is missing: the layer of its stage results is not recorded")
+            found = {} if la is None else {la: ({stage: stage for stage in by}, by)}
+        if not any(by for _, by in found.values()):
+            raise bad("holds no per-layer stage results (delta, causal, attention, sparsity)")
+        for la, (labels, by) in found.items():
+            for where, stage in labels.items():
+                e = by[stage]
+                if not isinstance(e, dict):
+                    raise bad(f"{where} is {kind(e)}, not a stage entry (an object)")
+                status = e.get("status")
+                if status not in ("ok", "error", "not_applicable"):
+                    raise bad(f"{where}.status is {'missing' if 'status' not in e else show(status)}, not one of "
+                              "ok, error, not_applicable")
+                needs = {"ok": ("results", dict, "an object"), "error": ("error", str, "a string"),
+                         "not_applicable": ("reason", str, "a string")}[status]
+                if not isinstance(e.get(needs[0]), needs[1]):
+                    raise bad(f"{where}.{needs[0]} is {'missing' if needs[0] not in e else kind(e[needs[0]])}, "
+                              f"not {needs[2]} (the entry's status is {status})")
+                plots = e.get("plots", [])
+                if not isinstance(plots, list) or not all(isinstance(p, str) for p in plots):
+                    raise bad(f"{where}.plots is not a list of file names")
+                t = e.get("wall_time_s", 0.0)
+                if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
+                    raise bad(f"{where}.wall_time_s is {show(t)}, not a number of seconds")
+                if "layer" in e and not (is_int(e["layer"]) and e["layer"] == la):
+                    raise bad(f"{where}.layer is {show(e['layer'])}, but the entry is filed under layer {la}")
+        for la, (_, by) in found.items():
             if la in layers:
                 raise ValueError(f"layer {la} is in both {source[la]} and {name}: give each layer once")
             layers[la], source[la] = by, name
@@ -640,6 +896,8 @@ def stage_text(name: str, e: dict) -> str:
             (STAGES[name].summarize if name in STAGES else summarize_depth_profiles)(e["results"])
             for p in e.get("plots", []):
                 print(f"    plot: {p}")
+            for p in e.get("plots_not_written", []):
+                print(f"    plot NOT written: {p['path']} ({p['error']})")
     return buf.getvalue()
 
 

@@ -1,17 +1,35 @@
 """One self-contained HTML file per run: provenance, every stage's summary, top-neuron and comparison
-tables, stage errors, and every plot embedded (base64 PNG). No network, no CDN, no external file: it opens
-from a headless server, a laptop or an e-mail attachment. The PNG files stay where the run wrote them.
+tables, stage errors, and the run's plots embedded (base64 PNG). No network, no CDN, no external file: it
+opens from a headless server, a laptop or an e-mail attachment. The PNG files stay where the run wrote them.
 
-`render_report(results, summaries)` builds the page from the run's `analysis_results` (as main.py saves
-it as JSON) and each stage's summary text (what main.py printed for it); `write_report` writes it
-atomically. An inline script marks the page once loaded (`data-images-ok` / `data-images-broken` on
-<body>) and flags a plot that did not decode, so a broken page says so instead of showing a gap.
+`build_report(results, summaries, plots_dirs)` builds the page from the run's `analysis_results` (as
+main.py saves it as JSON) and each stage's summary text (what main.py printed for it), and says which
+plots it left out; `render_report` returns the page alone, `write_report` writes it atomically. An inline
+script marks the page once loaded (`data-images-ok` / `data-images-broken` on <body>) and flags a plot
+that did not decode, so a broken page says so instead of showing a gap.
+
+What is embedded: only the PNG plots of the runs reported, from their plots folders (`check_plot`): a
+path listed under a stage's "plots" is embedded only if it is a regular file (never opened otherwise: a
+FIFO would block), its real path (symlinks followed) lies directly in the entry's plots folder, its name
+ends in .png and its first 8 bytes are the PNG signature. Every other path is named in the report as left
+out, with the reason. The plots folder of an entry: `plots_folders(results)` (the run's
+run["plots_dir"]; in a merge of saved runs, run["layer_plots_dirs"][layer] for the per-layer entries).
+
+`load_results_file` reads a saved results JSON for `--report`, refusing (UserInputError, one line naming
+the file) a folder, a FIFO or device, a file over `MAX_RESULTS_BYTES`, text that is not UTF-8 or not JSON.
 """
 from __future__ import annotations
 
 import base64
 import html
+import os
+import stat
 from pathlib import Path
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PLOT_BYTES = 64 * 2 ** 20  # a plot of this tool is well under 1 MB
+MAX_RESULTS_BYTES = 512 * 2 ** 20
+NO_PLOTS_DIR = "no plots folder recorded in its run metadata"
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -67,11 +85,12 @@ def _cell(v, numeric: bool) -> str:
     return f"<td>{_esc(_fmt(v))}</td>"
 
 
-def _table(rows: list[dict], numeric: bool = True) -> str:
+def _table(rows: list, numeric: bool = True) -> str:
     """An HTML table of dict rows (columns: the union of the rows' keys in first-seen order); numbers
-    right-aligned when `numeric`."""
-    if not rows:
+    right-aligned when `numeric`. A row that is not a dict is shown as one "value" cell."""
+    if not isinstance(rows, list) or not rows:
         return "<p>(none)</p>"
+    rows = [r if isinstance(r, dict) else {"value": r} for r in rows]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(_cell(r.get(c, ""), numeric) for c in columns) + "</tr>" for r in rows)
@@ -106,75 +125,227 @@ def _top_tables(stage_results: dict) -> list[tuple[str, list[dict]]]:
     return found
 
 
-def _image(path: str) -> str:
-    p = Path(path)
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def _read_regular(path: str, st: os.stat_result, limit: int, follow: bool = True) -> bytes:
+    """The first `limit` + 1 bytes of the regular file `path` (already stat'ed as `st`): opened without
+    blocking (and, unless `follow`, without following a link), and checked to be the same regular file.
+    OSError otherwise."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(path, flags)
     try:
-        data = p.read_bytes()
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise OSError(f"{path} changed while it was opened")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 2 ** 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def check_plot(path, folder) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None) when the plot `path` may be embedded in a report whose entry has the plots
+    folder `folder` (None: none recorded), else (None, why it is left out). Embedded only: a regular file
+    (a FIFO, device or folder is never opened), whose real path (links followed) lies directly in the real
+    `folder`, whose name ends in .png and whose first 8 bytes are the PNG signature."""
+    if not isinstance(path, str) or not path:
+        return None, "not a file name"
+    if folder is None:
+        return None, NO_PLOTS_DIR
+    if not isinstance(folder, str) or not os.path.isabs(folder):
+        return None, f"the plots folder recorded for it ({folder!r}) is not an absolute path"
+    try:
+        real, home = os.path.realpath(path), os.path.realpath(folder)
+    except (OSError, ValueError) as exc:  # e.g. a NUL in the name
+        return None, f"its path cannot be resolved ({exc})"
+    if os.path.dirname(real) != home:
+        linked = real != os.path.abspath(path)
+        return None, (f"a link to {real}, outside the run's plots folder {folder}" if linked
+                      else f"not in the run's plots folder {folder}")
+    if not (path.endswith(".png") and real.endswith(".png")):
+        return None, "not a .png file"
+    try:
+        st = os.stat(real)
     except OSError as exc:
-        return f"<div class=\"broken error\">plot missing: {_esc(path)} ({_esc(exc.strerror or exc)})</div>"
+        return None, f"missing ({exc.strerror or exc})"
+    if not stat.S_ISREG(st.st_mode):
+        return None, f"{_kind(st.st_mode)}, not a regular file"
+    if st.st_size > MAX_PLOT_BYTES:
+        return None, f"{st.st_size} bytes, over the {MAX_PLOT_BYTES}-byte limit for a plot"
+    try:
+        data = _read_regular(real, st, MAX_PLOT_BYTES, follow=False)
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    if len(data) > MAX_PLOT_BYTES:
+        return None, f"over the {MAX_PLOT_BYTES}-byte limit for a plot"
+    if data[:8] != PNG_SIGNATURE:
+        return None, "not a PNG image (its first 8 bytes are not the PNG signature)"
+    return data, None
+
+
+def _image(path, folder, left_out: list) -> str:
+    """A plot embedded as a data URI, or, when `check_plot` refuses it, a visible note (added to `left_out`)."""
+    data, why = check_plot(path, folder)
+    if data is None:
+        left_out.append((str(path), why))
+        return f"<div class=\"broken error\">plot left out: {_esc(path)}: {_esc(why)}</div>"
     b64 = base64.b64encode(data).decode("ascii")
-    return (f"<figure><img alt=\"{_esc(p.name)}\" src=\"data:image/png;base64,{b64}\">"
+    return (f"<figure><img alt=\"{_esc(Path(path).name)}\" src=\"data:image/png;base64,{b64}\">"
             f"<figcaption>{_esc(path)}</figcaption></figure>")
+
+
+def plots_folders(results: dict) -> dict[str, str | None]:
+    """{entry label (as `pipeline.stage_entries` names it): the folder its plots must lie in, None where
+    none is recorded}: the run's run["plots_dir"]; for the per-layer entries of a merge of saved runs
+    (`main.py --report`), run["layer_plots_dirs"][str(layer)], the plots folder of the file it came from."""
+    run = results.get("run") if isinstance(results.get("run"), dict) else {}
+    own = run.get("plots_dir")
+    by_layer = run.get("layer_plots_dirs")
+    out = {}
+    layers = results.get("layers") if isinstance(results.get("layers"), dict) else {}
+    for la, by in layers.items():
+        folder = by_layer.get(str(la)) if isinstance(by_layer, dict) else own
+        for name in (by if isinstance(by, dict) else {}):
+            out[f"{name}, layer {la}"] = folder
+    for key, value in results.items():
+        if isinstance(value, dict) and "status" in value:
+            out[key] = own
+    return out
 
 
 def _anchor(label: str) -> str:
     return _esc(label.replace(", layer ", "-layer"))
 
 
-def _stage_section(label: str, name: str, entry: dict, summary: str) -> str:
+def _stage_section(label: str, name: str, entry: dict, summary: str, folder, left_out: list) -> str:
     status = entry.get("status", "?")
     parts = [f"<h2 id=\"stage-{_anchor(label)}\">{_esc(label)} <span class=\"{_esc(status)}\">{_esc(status)}</span> "
-             f"({_fmt(entry.get('wall_time_s'))} s)</h2>"]
+             f"({_esc(_fmt(entry.get('wall_time_s')))} s)</h2>"]
     if status == "error":
         parts.append(f"<div class=\"errorbox\">{_esc(entry.get('error', ''))}</div>")
     elif status == "not_applicable":
         parts.append(f"<p>{_esc(entry.get('reason', ''))}</p>")
     if summary:
         parts.append(f"<pre>{_esc(summary.rstrip())}</pre>")
-    results = entry.get("results") or {}
+    results = entry.get("results") if isinstance(entry.get("results"), dict) else {}
     if name == "comparison" and results.get("summary"):
         parts.append("<h3>comparison table</h3>" + _table(results["summary"]))
+    if name == "depth_profiles" and results.get("left_out"):
+        parts.append("<h3>values left out of the profiles</h3>" + _table(results["left_out"], numeric=False))
     for title, rows in _top_tables(results):
         parts.append(f"<h3>{_esc(title)}</h3>" + _table(rows))
-    parts += [_image(p) for p in entry.get("plots", [])]
+    plots = entry.get("plots") or []
+    parts += [_image(p, folder, left_out) for p in (plots if isinstance(plots, list) else [plots])]
     return "\n".join(parts)
 
 
-def render_report(results: dict, summaries: dict | None = None) -> str:
-    """The page for one run. `results`: main.py's analysis_results ("run", "texts", "architecture" and one
-    entry per stage: {"status", "wall_time_s", "results" | "error" | "reason", "plots"}); `summaries`:
-    {stage: the summary text main.py printed for it}."""
+def build_report(results: dict, summaries: dict | None = None, plots_dirs: dict | None = None
+                 ) -> tuple[str, list[tuple[str, str]]]:
+    """(the page for one run, [(plot path, why it was left out)]). `results`: main.py's analysis_results
+    ("run", "texts", "architecture" and one entry per stage: {"status", "wall_time_s", "results" | "error" |
+    "reason", "plots"}); `summaries`: {stage label: the summary text main.py printed for it}; `plots_dirs`:
+    {stage label: the folder its plots must lie in}, over `plots_folders(results)` (the recorded ones)."""
     from pipeline import stage_entries
 
     summaries = summaries or {}
-    run, texts = results.get("run", {}), results.get("texts", {})
+    folders = {**plots_folders(results), **(plots_dirs or {})}
+    run = results.get("run") if isinstance(results.get("run"), dict) else {}
+    texts = results.get("texts", {})
     entries = stage_entries(results)  # (label, stage, entry); a --layers run's per-layer entries first
-    family = results.get("architecture", {}).get("display_name", "")
-    where = (f"layers {', '.join(map(str, run['layers']))}" if run.get("layers")
+    arch = results.get("architecture") if isinstance(results.get("architecture"), dict) else {}
+    family = arch.get("display_name", "")
+    where = (f"layers {', '.join(map(str, run['layers']))}" if isinstance(run.get("layers"), list) and run["layers"]
              else f"layer {run.get('layer', '?')}")
     title = f"{family} neuron analysis: {run.get('model', '?')}, {where}"
     rows = "".join(f"<tr><td><a href=\"#stage-{_anchor(lab)}\">{_esc(lab)}</a></td>"
-                   f"<td class=\"{_esc(e['status'])}\">{_esc(e['status'])}</td>"
+                   f"<td class=\"{_esc(e.get('status'))}\">{_esc(e.get('status'))}</td>"
                    f"{_cell(e.get('wall_time_s'), True)}"
                    f"<td>{_esc(e.get('error') or e.get('reason') or '')}</td></tr>" for lab, _, e in entries)
     overview = ("<table><thead><tr><th>stage</th><th>status</th><th>seconds</th><th>error or reason</th></tr>"
                 f"</thead><tbody>{rows}</tbody></table>")
-    failed = [lab for lab, _, e in entries if e["status"] == "error"]
+    failed = [lab for lab, _, e in entries if e.get("status") == "error"]
     banner = (f"<div class=\"errorbox\">FAILED stages: {_esc('; '.join(failed))}: their numbers are missing "
               "from this report; the other stages ran.</div>") if failed else ""
-    notes = "".join(f"<li>{_esc(n)}</li>" for n in run.get("notes", []))
+    notes = run.get("notes") if isinstance(run.get("notes"), list) else []
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in notes)
     provenance = _table([{"field": k, "value": v} for k, v in _flat({**run, "texts": texts}) if k != "notes"],
                         numeric=False)
+    left_out: list[tuple[str, str]] = []
+    sections = [_stage_section(lab, name, e, summaries.get(lab, ""), folders.get(lab), left_out)
+                for lab, name, e in entries]
+    left = "".join(f"<li>{_esc(p)}: {_esc(why)}</li>" for p, why in left_out)
     body = "\n".join([f"<h1>{_esc(title)}</h1>", banner, "<h2>stages</h2>", overview,
                       f"<h2>notes</h2><ul>{notes}</ul>" if notes else "",
-                      "<h2>provenance</h2>", provenance,
-                      *(_stage_section(lab, name, e, summaries.get(lab, "")) for lab, name, e in entries)])
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
+                      (f"<h2 id=\"plots-left-out\">plots left out</h2><p>This report embeds only the PNG plots of "
+                       f"the runs it reports, from their plots folders.</p><ul>{left}</ul>") if left else "",
+                      "<h2>provenance</h2>", provenance, *sections])
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
             f"<style>{STYLE}</style><script>{SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n")
+    return page, left_out
 
 
-def write_report(path, results: dict, summaries: dict | None = None) -> Path:
+def render_report(results: dict, summaries: dict | None = None, plots_dirs: dict | None = None) -> str:
+    """The page for one run (`build_report` without the list of plots left out)."""
+    return build_report(results, summaries, plots_dirs)[0]
+
+
+def write_report(path, results: dict, summaries: dict | None = None, plots_dirs: dict | None = None) -> Path:
     """Atomically write the report of one run to `path`."""
     from utils import write_text
 
-    return write_text(path, render_report(results, summaries))
+    return write_text(path, render_report(results, summaries, plots_dirs))
+
+
+def load_results_file(name: str, flag: str = "--report") -> tuple[object, tuple[int, int]]:
+    """(the parsed JSON of the saved results file `name`, its (device, inode)). UserInputError naming
+    `flag` and the file, without blocking, when it is missing, a folder, a FIFO, device or socket, over
+    `MAX_RESULTS_BYTES`, unreadable, not UTF-8 or not JSON. Its layout is not checked here
+    (`pipeline.merge_layer_results` does)."""
+    import json
+
+    from utils import UserInputError
+
+    where, hint = f"{flag} {name}", "give results files (analysis_outputs/*_results.json)"
+    try:
+        path = os.path.expanduser(name)
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserInputError(f"{where}: no such file; {hint}") from None
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserInputError(f"{where}: is {_kind(st.st_mode)}, not a regular file; {hint}")
+    if st.st_size > MAX_RESULTS_BYTES:
+        raise UserInputError(f"{where}: {st.st_size} bytes, over the {MAX_RESULTS_BYTES}-byte limit for a "
+                             "results file")
+    try:
+        data = _read_regular(path, st, MAX_RESULTS_BYTES)
+    except OSError as exc:
+        raise UserInputError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > MAX_RESULTS_BYTES:
+        raise UserInputError(f"{where}: over the {MAX_RESULTS_BYTES}-byte limit for a results file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text), (st.st_dev, st.st_ino)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; an int of too many digits; deep nesting
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserInputError(f"{where}: not a results JSON ({msg})") from None

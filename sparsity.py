@@ -11,6 +11,14 @@ text set; `c` the per-neuron mean |a|.
 - entropy: per token q_k = a_k² / Σ a², H = −Σ q log q / log N; sparsity = 1 − mean H over tokens
   (tokens whose activations are all 0 have no distribution: counted apart, left out of the mean).
 - gini (Hurley & Rickard 2009) and hoyer of c.
+
+Entropy, Gini and Hoyer are scale-free, and computed scale-free: each vector (a token's activations, or c)
+is divided by its largest |value| before any square or sum, so a scaled copy gives the same value (exactly
+for a power-of-two scale, to rounding for any other) and nothing overflows or underflows at any finite
+scale (|a| near 1e200, or 1e-200, in float64; every float32 value). A measure undefined for its input is
+None, never NaN, with the reason in the result's "undefined" dict ({measure: "undefined: ..."}; see
+`UNDEFINED`): entropy when every token's activations are all 0 or there is one neuron, Gini and Hoyer when
+every c is 0, Hoyer also for one neuron.
 - optimal threshold: the τ below or at which a target fraction of all |a| falls.
 - dead neurons: max over every token of |a| < eps.
 
@@ -38,6 +46,12 @@ TARGET_FRACTIONS = (0.5, 0.9)
 TRADITIONAL_THRESHOLDS = {"mamba": 0.01, "transformer": 1e-5}
 DEAD_EPS = 1e-6
 ENTROPY_BINS = np.linspace(0.0, 1.0, 21)  # edges of the per-token entropy histogram
+UNDEFINED = {
+    "all_zero": "undefined: every neuron's mean |a| is 0 (no distribution over the neurons to measure)",
+    "one_neuron_hoyer": "undefined: one neuron (Hoyer divides by sqrt(N) - 1 = 0)",
+    "no_energy": "undefined: every token's activations are all 0 (no token has an energy distribution)",
+    "one_neuron_entropy": "undefined: one neuron (the entropy is normalised by log N = 0)",
+}
 SCALE_NOTE = ("traditional sparsity uses an absolute threshold, so it depends on the activation scale "
               "and is not comparable across architectures; percentile, entropy, Gini and Hoyer are "
               "scale-free")
@@ -78,10 +92,9 @@ def _check_finite(a: np.ndarray, what: str) -> None:
 
 
 def _finite_number(name: str, value) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} {value}: must be a finite number")
-    return value
+    from causal_analysis import finite_number  # the one check, shared by the analysis modules
+
+    return finite_number(name, value)
 
 
 def _abs32(a: np.ndarray) -> np.ndarray:
@@ -95,8 +108,15 @@ def _abs32(a: np.ndarray) -> np.ndarray:
 
 
 def neuron_means(a) -> np.ndarray:
-    """c: mean |a| per neuron, float64 (N,)."""
-    return np.abs(_as_2d(a)).mean(axis=0)
+    """c: mean |a| per neuron, float64 (N,). Where the plain sum over tokens overflows (|a| near float64's
+    limit), the mean is taken of |a| / max|a| and scaled back."""
+    absa = np.abs(_as_2d(a))
+    with np.errstate(over="ignore"):
+        c = absa.mean(axis=0)
+    if not np.isfinite(c).all():
+        peak = absa.max()
+        c = (absa / peak).mean(axis=0) * peak
+    return c
 
 
 def traditional(a, threshold: float) -> float:
@@ -116,7 +136,10 @@ def percentile(a, percentiles=PERCENTILES) -> dict:
 
 
 def token_entropy(a) -> np.ndarray:
-    """Normalised entropy H per token (tokens,), float64; NaN for a token whose activations are all 0."""
+    """Normalised entropy H per token (tokens,), float64, scale-free (each token's activations divided by
+    their largest |a| before squaring). A per-token marker array, not a result: NaN where H is undefined,
+    for a token whose activations are all 0 and for every token when there is one neuron (log N = 0);
+    `entropy` and the sparsity dicts leave those out and say so."""
     return _token_entropy(_as_2d(a))
 
 
@@ -127,17 +150,22 @@ def _token_entropy(a: np.ndarray) -> np.ndarray:
     import torch
 
     n = a.shape[1]
-    sq = torch.from_numpy(a).square()  # (T, N) float64
-    total = sq.sum(1, keepdim=True)  # (T, 1)
-    q = sq.div_(total)  # (T, N); NaN rows where total = 0, set apart below
-    h = torch.xlogy(q, q).sum(1).neg_().div_(math.log(n)) if n > 1 else torch.zeros(len(a), dtype=torch.float64)
-    h[total[:, 0] == 0] = float("nan")
+    t = torch.from_numpy(a)  # (T, N) float64
+    peak = t.abs().amax(1, keepdim=True)  # (T, 1): each token's largest |a|
+    zero = peak[:, 0] == 0  # (T,): tokens with no energy
+    sq = t.div(torch.where(zero[:, None], 1.0, peak)).square_()  # (T, N), each row's largest is 1: no overflow
+    q = sq.div_(sq.sum(1, keepdim=True).clamp_(min=1.0))  # (T, N); a non-zero row sums to >= 1 before this
+    h = torch.xlogy(q, q).sum(1).neg_().div_(math.log(n)) if n > 1 else torch.full((len(a),), float("nan"),
+                                                                                       dtype=torch.float64)
+    h[zero] = float("nan")
     return h.numpy()
 
 
-def entropy(a) -> float:
+def entropy(a) -> float | None:
+    """Entropy sparsity 1 − mean H over the tokens with energy; None when undefined (every token all 0,
+    or one neuron: the reasons in `UNDEFINED`)."""
     h = token_entropy(a)
-    return float(1.0 - np.nanmean(h)) if np.isfinite(h).any() else float("nan")
+    return float(1.0 - np.nanmean(h)) if np.isfinite(h).any() else None
 
 
 def _vector(c) -> np.ndarray:
@@ -149,29 +177,56 @@ def _vector(c) -> np.ndarray:
     return c
 
 
-def gini(c) -> float:
-    """Gini index of the per-neuron mean |a| (or of a given non-negative vector): 0 for a uniform vector,
-    1 − 1/N for a one-hot. NaN for an all-zero vector (undefined)."""
-    c = np.sort(_vector(c))
-    n, l1 = len(c), c.sum()
-    if l1 == 0:
-        return float("nan")
+def _unit_max(c: np.ndarray) -> np.ndarray | None:
+    """c / max(c) (the largest value becomes 1: nothing below can overflow or underflow), None for all 0."""
+    peak = c.max()
+    return None if peak == 0 else c / peak
+
+
+def gini(c) -> float | None:
+    """Gini index of the per-neuron mean |a| (or of the |values| of a given vector): 0 for a uniform vector,
+    1 − 1/N for a one-hot; computed on c / max(c) (scale-free). None for an all-zero vector (undefined:
+    UNDEFINED["all_zero"])."""
+    c = _unit_max(np.sort(_vector(c)))
+    if c is None:
+        return None
+    n, l1 = len(c), c.sum()  # l1 in [1, N]
     k = np.arange(1, n + 1)
     return float(1.0 - 2.0 * np.sum((c / l1) * (n - k + 0.5) / n))
 
 
-def hoyer(c) -> float:
-    """Hoyer sparsity (√N − ‖c‖₁/‖c‖₂)/(√N − 1): 0 uniform, 1 one-hot; NaN for N = 1 or all zeros."""
+def hoyer(c) -> float | None:
+    """Hoyer sparsity (√N − ‖c‖₁/‖c‖₂)/(√N − 1): 0 uniform, 1 one-hot; computed on c / max(c) (scale-free,
+    so ‖c‖₂ never overflows). None when undefined: one neuron (UNDEFINED["one_neuron_hoyer"]) or all zeros
+    (UNDEFINED["all_zero"])."""
     c = _vector(c)
-    n, l2 = len(c), np.sqrt(np.sum(c * c))
-    if n == 1 or l2 == 0:
-        return float("nan")
+    c = None if len(c) == 1 else _unit_max(c)
+    if c is None:
+        return None
+    n, l2 = len(c), math.sqrt(float(np.sum(c * c)))  # l2 in [1, √N]
     return float((math.sqrt(n) - c.sum() / l2) / (math.sqrt(n) - 1.0))
+
+
+def undefined_measures(means, n_energy_tokens: int) -> dict:
+    """{measure: reason} for the measures of a layer that are undefined (None in its sparsity dict): entropy
+    (no token with energy among `n_energy_tokens`, or one neuron), gini and hoyer (every mean |a| 0; Hoyer
+    also for one neuron). Empty when every measure is defined."""
+    n, zero = len(means), not np.any(np.asarray(means) > 0)
+    out = {}
+    if n == 1:
+        out["entropy"] = UNDEFINED["one_neuron_entropy"]
+    elif n_energy_tokens == 0:
+        out["entropy"] = UNDEFINED["no_energy"]
+    if zero:
+        out["gini"] = UNDEFINED["all_zero"]
+    if n == 1 or zero:
+        out["hoyer"] = UNDEFINED["one_neuron_hoyer" if n == 1 else "all_zero"]
+    return out
 
 
 def optimal_threshold(a, target: float = 0.5) -> float:
     """The smallest τ among the |a| with at least `target` of all |a| ≤ τ."""
-    if not 0.0 < target <= 1.0:
+    if not 0.0 < _finite_number("target fraction", target) <= 1.0:
         raise ValueError(f"target fraction {target} must lie in (0, 1]")
     return float(abs_quantiles(a, [target])[0])
 
@@ -193,6 +248,7 @@ def comprehensive_sparsity(a, threshold: float, eps: float = DEAD_EPS, percentil
     return _summarise(
         n_tokens=a.shape[0], means=neuron_means(a), variances=a.var(axis=0), max_abs=np.abs(a).max(axis=0),
         entropy_sum=float(np.nansum(h)), entropy_count=int(np.isfinite(h).sum()),
+        zero_tokens=int((np.abs(a).max(axis=1) == 0).sum()),
         entropy_hist=np.histogram(h[np.isfinite(h)], ENTROPY_BINS)[0],
         percentiles=percentiles, tau_p=tau[:len(percentiles)], targets=targets, tau_t=tau[len(percentiles):],
         at_or_below_t=np.array([(x <= t).sum() for t in tau[len(percentiles):]]),
@@ -204,19 +260,22 @@ def _percentile_table(percentiles, tau, means) -> dict:
             "sparsity": [float((means < t).mean()) for t in tau]}
 
 
-def _summarise(n_tokens, means, variances, max_abs, entropy_sum, entropy_count, entropy_hist, percentiles, tau_p,
-               targets, tau_t, at_or_below_t, threshold, eps) -> dict:
-    """The result dict shared by the in-memory and the streamed computation."""
+def _summarise(n_tokens, means, variances, max_abs, entropy_sum, entropy_count, zero_tokens, entropy_hist,
+               percentiles, tau_p, targets, tau_t, at_or_below_t, threshold, eps) -> dict:
+    """The result dict shared by the in-memory and the streamed computation. "gini", "hoyer",
+    "entropy"["sparsity"] and "entropy"["mean_entropy"] are None where undefined, and "undefined" maps each
+    such measure to its reason (`undefined_measures`; an empty dict when all are defined)."""
     threshold, eps = _finite_number("threshold", threshold), _finite_number("eps", eps)
     n = len(means)
     dead = np.flatnonzero(max_abs < eps)
-    mean_h = entropy_sum / entropy_count if entropy_count else float("nan")
+    mean_h = entropy_sum / entropy_count if entropy_count else None
     return {
         "n_tokens": int(n_tokens), "n_neurons": int(n),
         "traditional": {"threshold": float(threshold), "sparsity": float((means < threshold).mean()),
                         "note": SCALE_NOTE},
         "percentile": _percentile_table(percentiles, tau_p, means),
-        "entropy": {"sparsity": 1.0 - mean_h, "mean_entropy": mean_h, "n_zero_tokens": int(n_tokens - entropy_count),
+        "entropy": {"sparsity": None if mean_h is None else 1.0 - mean_h, "mean_entropy": mean_h,
+                    "n_zero_tokens": int(zero_tokens),
                     "histogram_edges": ENTROPY_BINS, "histogram_counts": np.asarray(entropy_hist, dtype=np.int64)},
         "gini": gini(means), "hoyer": hoyer(means),
         "optimal_threshold": {"targets": list(targets), "thresholds": [float(t) for t in tau_t],
@@ -226,6 +285,7 @@ def _summarise(n_tokens, means, variances, max_abs, entropy_sum, entropy_count, 
         "activation_variance": {"mean": float(np.mean(variances)), "median": float(np.median(variances)),
                                 "max": float(np.max(variances))},
         "neuron_mean_abs": means, "neuron_variance": variances,
+        "undefined": undefined_measures(means, entropy_count),
     }
 
 
@@ -258,7 +318,8 @@ class SparsityAccumulator:
     sum_abs: np.ndarray = None  # (N,)
     max_abs: np.ndarray = None  # (N,)
     entropy_sum: float = 0.0
-    entropy_count: int = 0
+    entropy_count: int = 0  # tokens with a defined H
+    zero_tokens: int = 0  # tokens whose activations are all 0
     entropy_hist: np.ndarray = None
     hist_hi: np.ndarray = None  # (65536,) counts of the top 16 bits of |a| (float32)
     fractions: list = field(default_factory=list)
@@ -290,6 +351,7 @@ class SparsityAccumulator:
         absa = np.abs(a)
         self.sum_abs += absa.sum(axis=0)
         np.maximum(self.max_abs, absa.max(axis=0), out=self.max_abs)
+        self.zero_tokens += int((absa.max(axis=1) == 0).sum())
         h = _token_entropy(a)
         ok = np.isfinite(h)
         self.entropy_sum += float(h[ok].sum())
@@ -342,8 +404,8 @@ class SparsityAccumulator:
         return _summarise(
             n_tokens=self.n_tokens, means=self.sum_abs / self.n_tokens, variances=self.m2 / self.n_tokens,
             max_abs=self.max_abs, entropy_sum=self.entropy_sum, entropy_count=self.entropy_count,
-            entropy_hist=self.entropy_hist, percentiles=percentiles, tau_p=tau[:len(percentiles)],
-            targets=targets, tau_t=tau[len(percentiles):],
+            zero_tokens=self.zero_tokens, entropy_hist=self.entropy_hist, percentiles=percentiles,
+            tau_p=tau[:len(percentiles)], targets=targets, tau_t=tau[len(percentiles):],
             at_or_below_t=np.array([self.count_at_or_below(t) for t in tau[len(percentiles):]]),
             threshold=threshold, eps=eps)
 
@@ -511,10 +573,14 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
 
     Mamba models run `ssm.blocked_inference` (transformers' own mixer operations in the same order,
     cache-blocked: the same numbers, about twice as fast at batch 1 on a CPU). The first text is also
-    captured through the model's own forward, and the two must agree (ReconstructionError otherwise)."""
+    captured through the model's own forward, and the two must agree (ReconstructionError otherwise).
+    `input_ids` and `layers` are checked as in `layer_sparsity`, before any forward."""
     from tqdm.auto import tqdm
 
-    sites = site_map(adapter, layers, site)
+    from causal_analysis import check_layers, check_token_ids
+
+    input_ids = check_token_ids(input_ids, "input_ids")
+    sites = site_map(adapter, list(dict.fromkeys(check_layers(adapter, layers))), site)
     blocked = adapter.ssm_kind == "mamba1"  # Mamba-1 mixers run the blocked forward, checked once
     verified = [not blocked]  # the others run their own forward
 
@@ -546,8 +612,12 @@ class ForwardFeed:
     with forwards of its own: its numbers are never built from sites that were not checked)."""
 
     def __init__(self, model, adapter, input_ids, layers, site: str | None = None):
-        self.model, self.adapter, self.input_ids = model, adapter, list(input_ids)
-        self.layers = list(dict.fromkeys(adapter.check_layer(la) for la in layers))
+        """`input_ids`: a non-empty list of (1, L_i) token-id tensors; `layers`: a non-empty list of layer
+        indices (a layer given twice is read once). ValueError otherwise (`causal_analysis` checks)."""
+        from causal_analysis import check_layers, check_token_ids
+
+        self.model, self.adapter, self.input_ids = model, adapter, check_token_ids(input_ids, "input_ids")
+        self.layers = list(dict.fromkeys(check_layers(adapter, layers)))
         self.sites = site_map(adapter, self.layers, site)
         self.stream = SparsityStream(next(iter(self.sites.values())).size)
         self.fed = 0  # texts fed, in order
@@ -617,9 +687,17 @@ def layer_sparsity(model, adapter, input_ids, layers, threshold: float | None = 
                    site: str | None = None, progress: bool = False) -> dict:
     """{layer: comprehensive sparsity dict} of the neuron site of each layer over the texts, streamed
     (every layer captured in the same forward; one forward per text while the first pass's |a| fit the
-    memory budget of `stream_sparsity`, else two)."""
-    threshold = default_threshold(adapter.family) if threshold is None else threshold
-    layers = list(dict.fromkeys(adapter.check_layer(la) for la in layers))
+    memory budget of `stream_sparsity`, else two).
+
+    Refused before any forward (ValueError): `input_ids` not a non-empty list of (1, L_i) token-id tensors,
+    `layers` not a non-empty list of layer indices (a layer given twice is measured once), a threshold or
+    eps that is not a finite number."""
+    from causal_analysis import check_layers, check_token_ids
+
+    input_ids = check_token_ids(input_ids, "input_ids")
+    threshold = default_threshold(adapter.family) if threshold is None else _finite_number("threshold", threshold)
+    eps = _finite_number("eps", eps)
+    layers = list(dict.fromkeys(check_layers(adapter, layers)))
     sites = site_map(adapter, layers, site)
     n = next(iter(sites.values())).size
     stats = stream_sparsity(layer_activation_chunks(model, adapter, input_ids, layers, site, progress), n,
@@ -647,6 +725,16 @@ def _label(label: str, s: dict) -> str:
     return f"{label} (layer {s['layer']})" if "layer" in s else label
 
 
+def _shown(value, fmt: str = ".3f") -> str:
+    """A measure for a legend or label: "undefined" for None."""
+    return "undefined" if value is None else format(value, fmt)
+
+
+def _plotted(values) -> list[float]:
+    """Values for a line plot, None drawn as a gap (NaN exists only in the figure, never in the results)."""
+    return [np.nan if v is None else float(v) for v in values]
+
+
 def plot_percentile(entries, plots_dir, name: str) -> str:
     fig, axes = _figure(2)
     ax0, ax1 = axes[0]
@@ -670,7 +758,7 @@ def plot_entropy(entries, plots_dir, name: str) -> str:
         counts = np.asarray(e["histogram_counts"], dtype=float)
         edges = np.asarray(e["histogram_edges"])
         ax.stairs(counts / max(1.0, counts.sum()), edges, color=f"C{i}", lw=2,
-                  label=f"{_label(lab, s)}: sparsity 1 − mean H = {e['sparsity']:.3f}")
+                  label=f"{_label(lab, s)}: sparsity 1 − mean H = {_shown(e['sparsity'])}")
     ax.set(xlabel="normalised entropy H of a token's activation energy (1 = spread evenly)",
            ylabel="fraction of tokens", title="Entropy sparsity")
     ax.legend(fontsize=8)
@@ -685,7 +773,7 @@ def plot_gini(entries, plots_dir, name: str) -> str:
         c = np.sort(np.asarray(s["neuron_mean_abs"], dtype=float))
         cum = np.concatenate([[0.0], np.cumsum(c) / c.sum()]) if c.sum() > 0 else np.zeros(len(c) + 1)
         ax.plot(np.linspace(0, 1, len(cum)), cum, color=f"C{i}",
-                label=f"{_label(lab, s)}: Gini {s['gini']:.3f}, Hoyer {s['hoyer']:.3f}")
+                label=f"{_label(lab, s)}: Gini {_shown(s['gini'])}, Hoyer {_shown(s['hoyer'])}")
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="uniform (Gini 0)")
     ax.set(xlabel="fraction of neurons (ascending mean |a|)", ylabel="fraction of total mean |a|",
            title="Gini: Lorenz curve of per-neuron mean |a|")
@@ -751,10 +839,12 @@ MULTILAYER_METRICS = (("traditional", lambda s: s["traditional"]["sparsity"]),
 
 
 def multilayer_table(per_layer: dict) -> dict:
-    """{metric: [value per layer]} plus layers and relative depths: the numbers `plot_multilayer` shows."""
+    """{metric: [value per layer]} plus layers and relative depths: the numbers `plot_multilayer` shows (None
+    where the measure is undefined at that layer: its layer dict's "undefined" says why)."""
     layers = sorted(per_layer)
     out = {"layers": layers, "relative_depth": [per_layer[la]["relative_depth"] for la in layers]}
-    out.update({m: [float(f(per_layer[la])) for la in layers] for m, f in MULTILAYER_METRICS})
+    out.update({m: [None if (v := f(per_layer[la])) is None else float(v) for la in layers]
+                for m, f in MULTILAYER_METRICS})
     out["activation_variance_mean"] = [per_layer[la]["activation_variance"]["mean"] for la in layers]
     return out
 
@@ -769,7 +859,7 @@ def plot_multilayer(models: list[tuple[str, dict]], plots_dir, name: str, relati
         t = multilayer_table(per_layer)
         x = t["relative_depth"] if relative else t["layers"]
         for ax, m in zip(axes.ravel(), metrics):
-            ax.plot(x, t[m], "o-", color=f"C{i}", label=lab)
+            ax.plot(x, _plotted(t[m]), "o-", color=f"C{i}", label=lab)
     for ax, m in zip(axes.ravel(), metrics):
         ax.set_title(m.replace("_", " "), fontsize=10)
         ax.set_xlabel("relative depth (layer / (layers − 1))" if relative else "layer")

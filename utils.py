@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import tempfile
 import threading
@@ -27,6 +28,16 @@ DEFAULT_DATASET = ("Salesforce/wikitext", "wikitext-2-v1", "train")
 
 class UserInputError(ValueError):
     """Bad input from the user: main.py prints the message on one line and exits with status 2."""
+
+
+def expand_path(value, flag: str) -> Path:
+    """`value` as a Path with a leading ~ or ~user expanded; UserInputError naming `flag` when that home
+    folder is unknown (`~nosuchuser/x`)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        raise UserInputError(f"{flag} {value}: {str(value).split('/')[0]} names no known home folder; "
+                             "give the path in full") from None
 
 
 def first_line(exc: BaseException) -> str:
@@ -91,8 +102,12 @@ def trace(
 
     Hooks are registered on enter and removed in `finally`, also when the block raises. A path that
     is not a module raises LookupError before anything is registered; on a normal exit, a hook that
-    never fired raises RuntimeError (so a wrong path can never yield silently empty results).
+    never fired raises RuntimeError (so a wrong path can never yield silently empty results). A path given
+    twice raises ValueError (its hook would run, and its edit apply, twice).
     """
+    repeated = sorted({p for p in paths if list(paths).count(p) > 1})
+    if repeated:  # a second hook on the same module would apply an edit twice
+        raise ValueError(f"trace: path {repeated[0]!r} given more than once; give each module once")
     modules = dict(model.named_modules())
     missing = [p for p in paths if p not in modules]
     if missing:
@@ -305,7 +320,7 @@ def check_writable_dir(path, flag: str) -> Path:
     """Check, without creating anything, that `path` is a folder this process can write in or create:
     its nearest existing ancestor must be a folder in which a file can be made (probed with a temporary
     file that is removed at once). UserInputError naming `flag` otherwise."""
-    p = Path(path).expanduser()
+    p = expand_path(path, flag)
     probe = p
     while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
         probe = probe.parent
@@ -323,20 +338,22 @@ def check_writable_dir(path, flag: str) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write to a temporary file in the same folder, then rename over `path` (never half-written)."""
+    """Write to a temporary file in the same folder, then rename over `path` (never half-written; no
+    temporary file is left behind, also on Ctrl-C or SIGTERM)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    try:
+    tmp = None
+    try:  # Ctrl-C and SIGTERM (main.py turns it into an exception) end here too: the finally removes tmp
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions of a plain open()
         os.replace(tmp, path)
         WRITTEN.append(str(path))
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -351,13 +368,22 @@ def write_json(path, data) -> Path:
     return write_text(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
+NOT_WRITTEN: list[tuple[str, str]] = []  # (path, reason) of every plot save_figure could not write, in order
+
+
 def save_figure(fig, plots_dir, name: str) -> str:
-    """Atomically save a matplotlib figure as `plots_dir/name.png`, close it, return the path."""
+    """Atomically save a matplotlib figure as `plots_dir/name.png`, close it, return the path. A plot that
+    cannot be written (disk full, folder removed) does not end the stage that drew it: the path and the
+    reason are added to `NOT_WRITTEN` (the pipeline moves them into the stage's "plots_not_written"), and
+    no file is left at the path."""
     import matplotlib.pyplot as plt
 
     path = Path(plots_dir) / f"{name}.png"
     try:
         _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    except OSError as exc:
+        logger.warning("plot %s not written: %s", path, exc)
+        NOT_WRITTEN.append((str(path), exc.strerror or first_line(exc)))
     finally:
         plt.close(fig)
     return str(path)
@@ -379,10 +405,14 @@ class TextSet:
     warning: str | None = None
 
 
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # only these end a line (str.splitlines also splits at U+2028, \f, \x1c, ...)
+
+
 def read_texts_file(path, flag: str = "--texts_file") -> list[str]:
-    """One text per line, UTF-8 (a leading byte-order mark is dropped); blank lines are skipped.
+    """One text per line, UTF-8 (a leading byte-order mark is dropped); lines end at \\n, \\r\\n or \\r
+    only (a form feed, U+2028 or any other character stays inside its text); blank lines are skipped.
     A missing, unreadable, non-UTF-8 or empty file, or a folder, -> UserInputError naming it."""
-    p = Path(path).expanduser()
+    p = expand_path(path, flag)
     fix = "give a UTF-8 text file with one text per line"
     if p.is_dir():
         raise UserInputError(f"{flag} {path}: is a folder, not a file; {fix}")
@@ -402,7 +432,7 @@ def read_texts_file(path, flag: str = "--texts_file") -> list[str]:
         line = data.count(b"\n", 0, pos) + 1
         raise UserInputError(f"{flag} {path}: not UTF-8 (byte 0x{data[pos]:02x} at byte position {pos}, line "
                              f"{line}); convert it to UTF-8, e.g. with iconv") from None
-    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    texts = [line.strip() for line in LINE_BREAK.split(text) if line.strip()]
     if not texts:
         raise UserInputError(f"{flag} {path}: the file has no non-blank lines; put one text per line")
     return texts
@@ -468,6 +498,13 @@ def _load_dataset_texts(name, config, split, limit) -> list[str]:
     return texts
 
 
+def check_token_ids(ids, vocab: int, what: str) -> None:
+    """UserInputError when a token id lies beyond the model's `vocab` embeddings (`what` names the text)."""
+    if ids and max(ids) >= vocab:
+        raise UserInputError(f"{what} gives token id {max(ids)}, beyond the model's {vocab} embeddings: the "
+                             "tokenizer and the model do not belong together")
+
+
 @dataclass
 class TokenizedTexts:
     input_ids: list  # one LongTensor (1, L_i) per text
@@ -477,17 +514,39 @@ class TokenizedTexts:
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int = 256) -> TokenizedTexts:
-    """Tokenize each text on its own (no padding), truncating to `max_length` tokens; empty results
-    are an error (a text the tokenizer maps to nothing cannot be analysed)."""
+    """Tokenize each text on its own (no padding), truncating to `max_length` tokens (a long text is
+    tokenized only as far as that needs: `token_prefix`); empty results are an error (a text the
+    tokenizer maps to nothing cannot be analysed)."""
+    import torch
+
     if max_length < 1:
         raise UserInputError(f"--max_length {max_length}: must be at least 1")
     ids, n_truncated = [], 0
     for t in text_list(texts):
-        full = tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"]  # (1, L)
-        if full.shape[1] == 0:
+        kept, truncated = token_prefix(tokenizer, t, max_length)
+        if not kept:
             raise UserInputError(f"text {t[:40]!r} tokenizes to no tokens; remove it from the texts")
-        if full.shape[1] > max_length:
-            n_truncated += 1
-            full = full[:, :max_length]
-        ids.append(full)
+        n_truncated += truncated
+        ids.append(torch.tensor([kept], dtype=torch.long))  # (1, L)
     return TokenizedTexts(ids, n_truncated, max_length, [int(x.shape[1]) for x in ids])
+
+
+TOKEN_MARGIN = 16  # tokens past max_length that a prefix must give before its first max_length are trusted
+
+
+def token_prefix(tokenizer, text: str, max_length: int) -> tuple[list[int], bool]:
+    """(the first `max_length` token ids of `text`, whether the text has more), without tokenizing more of
+    a long text than that needs: a character prefix is tokenized, and doubled until it gives
+    `max_length + TOKEN_MARGIN` tokens or is the whole text. The ids are those of the whole text's
+    tokenization as long as a tokenization is settled `TOKEN_MARGIN` tokens before a cut (true of the
+    byte-level BPE and SentencePiece tokenizers here, whose merges do not reach across that many tokens;
+    tested against whole-text tokenization)."""
+    n_chars = 8 * (max_length + TOKEN_MARGIN)
+    while True:
+        piece = text[:n_chars]
+        got = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if n_chars >= len(text):
+            return list(got[:max_length]), len(got) > max_length
+        if len(got) >= max_length + TOKEN_MARGIN:
+            return list(got[:max_length]), True
+        n_chars *= 2

@@ -45,6 +45,13 @@ MAMBA_SHAPES = {
 }
 
 
+def out_name(folder) -> str:
+    """The name part of a local model folder's output files (its name and a hash of its path)."""
+    from pipeline import model_prefix
+
+    return model_prefix(str(folder), "local", str(folder))
+
+
 def make_model(kind: str, seed: int = 0):
     from transformers import (FalconMambaConfig, FalconMambaForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
                               GPTNeoXForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM)

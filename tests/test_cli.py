@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, REPO
+from conftest import DEVICE, REPO, out_name
 from utils import OFFLINE_TEXTS_PATH, read_texts_file
 
 MAIN = str(REPO / "main.py")
@@ -43,7 +43,7 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     p = run_main(args, tmp_path)
     assert p.returncode == 0, p.stderr
     files = list((tmp_path / "out").glob("*.json"))
-    assert len(files) == 1 and files[0].name == f"{model_dirs['mamba_b'].name}_layer1_results.json"
+    assert len(files) == 1 and files[0].name == f"{out_name(model_dirs['mamba_b'])}_layer1_results.json"
     res = json.loads(files[0].read_text())
     run = res["run"]
     assert run["argv"] == p.args[2:] and run["model_class"] == "MambaForCausalLM" and run["seed"] == 3
@@ -66,7 +66,7 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     expected = find_delta_sensitive_neurons(make_model("mamba_b").to(DEVICE), tokenizer, texts, 1, 4, max_length=20)
     got = [(n["channel"], n["variance"]) for n in delta["results"]["top_neurons"]]
     assert [c for c, _ in got] == [c for c, _ in expected]
-    assert got == pytest.approx(expected, rel=1e-9)
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-9)
     for c, _ in got:
         assert f"channel {c:>5}" in p.stdout
     assert len(delta["plots"]) == 2
@@ -92,8 +92,8 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     # the HTML report beside the JSON: every plot of the run embedded byte for byte, every stage's summary
     import base64
 
-    page = (tmp_path / "out" / f"{model_dirs['mamba_b'].name}_layer1_report.html").read_text()
-    assert f"report: out/{model_dirs['mamba_b'].name}_layer1_report.html" in p.stdout
+    page = (tmp_path / "out" / f"{out_name(model_dirs['mamba_b'])}_layer1_report.html").read_text()
+    assert f"report: out/{out_name(model_dirs['mamba_b'])}_layer1_report.html" in p.stdout
     assert page.count("data:image/png;base64,") == 6
     for plot in plots:
         assert base64.b64encode((tmp_path / plot).read_bytes()).decode() in page
@@ -111,7 +111,7 @@ def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_fil
             "--stages", "delta,causal,inter_layer,attention,sparsity"]
     p = run_main([*base, "--layers", "all"], tmp_path)
     assert p.returncode == 0, p.stderr
-    name = model_dirs["mamba_b"].name
+    name = out_name(model_dirs["mamba_b"])
     many = json.loads((tmp_path / "out" / f"{name}_layers0-2_results.json").read_text())
     assert many["run"]["layers"] == [0, 1, 2] and many["run"]["layer"] == 0 and set(many["layers"]) == {"0", "1", "2"}
     assert many["inter_layer"]["status"] == "ok" and "inter_layer" not in many["layers"]["0"]
@@ -149,7 +149,7 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
     are refused in one line."""
     base = ["--texts_file", str(texts_file), "--max_length", "20", "--save_results", "--output_dir", "out",
             "--no_progress", "--stages", "delta,causal,sparsity"]
-    name = model_dirs["mamba_b"].name
+    name = out_name(model_dirs["mamba_b"])
     for layer in ("0", "2"):
         assert run_main(["--model", str(model_dirs["mamba_b"]), *base, "--layer", layer], tmp_path).returncode == 0
     assert run_main(["--model", str(model_dirs["mamba_b"]), *base, "--layers", "0,2", "--output_dir", "both"],
@@ -171,7 +171,7 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
     assert p.returncode == 2 and p.stderr.startswith("error: --report: layer 0 is in both")
     assert run_main(["--model", str(model_dirs["mamba_a"]), *base, "--layer", "1", "--output_dir", "other"],
                     tmp_path).returncode == 0
-    p = run_main(["--report", files[0], f"other/{model_dirs['mamba_a'].name}_layer1_results.json"], tmp_path)
+    p = run_main(["--report", files[0], f"other/{out_name(model_dirs['mamba_a'])}_layer1_results.json"], tmp_path)
     assert p.returncode == 2 and "merge the results of one model" in p.stderr and len(p.stderr.splitlines()) == 1
 
 
@@ -206,7 +206,37 @@ def bad_inputs(model_dirs, tmp_path_factory):
         with open(f, "r+b") as fh:
             fh.truncate(f.stat().st_size // 2)
 
+    def set_config(**change):  # config.json with keys changed (None: removed)
+        def edit(path):
+            cfg = json.loads((path / "config.json").read_text())
+            cfg.update(change)
+            (path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+        return edit
+
+    def edit_weights(edit):  # model.safetensors rewritten with its tensors edited
+        def change(path):
+            from safetensors.torch import load_file, save_file
+
+            tensors = load_file(path / "model.safetensors")
+            edit(tensors)
+            save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return change
+
+    def fifo(path):
+        (path / "model.safetensors").unlink()
+        os.mkfifo(path / "model.safetensors")
+
     out = {
+        # weight defects: each would leave tensors at their random initialisation, or not load at all
+        "gpt2weights": model_copy("gpt2weights", lambda p: shutil.copy(model_dirs["gpt2"] / "model.safetensors",
+                                                                       p / "model.safetensors")),
+        "onemissing": model_copy("onemissing", edit_weights(lambda t: t.pop("backbone.layers.1.mixer.A_log"))),
+        "wrongshape": model_copy("wrongshape", edit_weights(
+            lambda t: t.update({"backbone.layers.0.mixer.D": torch.ones(7)}))),
+        "nolayers": model_copy("nolayers", set_config(num_hidden_layers=None)),  # transformers' default: 32
+        "fewerlayers": model_copy("fewerlayers", set_config(num_hidden_layers=2)),  # the weights have 3
+        "fifo": model_copy("fifo", fifo),
+        "smallvocab": model_copy("smallvocab", set_config(vocab_size=100)),  # the tokenizer gives ids up to 299
         "trunc": model_copy("trunc", truncate), "truncbin": model_copy("truncbin", truncated_bin),
         "notok": model_copy("notok", lambda p: [f.unlink() for f in p.glob("*token*")]),
         "badcfg": model_copy("badcfg", lambda p: (p / "config.json").write_text("{broken")),
@@ -271,6 +301,39 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--compare_model", "{trunc}"], "--compare_model {trunc}: weight file model.safetensors is damaged"),
     (["--model", M, "--compare_model", "{notok}"], "--compare_model {notok}: its tokenizer"),
     (["--model", M, "--stages", "delta", "--compare_model", "{badcfg}"], "--compare_model {badcfg}: could not be"),
+    # a model that does not load whole: refused before the first stage, naming the first tensors
+    (["--model", "{gpt2weights}"], "--model {gpt2weights}: 39 tensors of the config's architecture are not in the "
+                                   "weights (they would stay at their random initialisation): backbone.embeddings"),
+    (["--model", "{onemissing}"], "1 tensors of the config's architecture are not in the weights (they would "
+                                  "stay at their random initialisation): backbone.layers.1.mixer.A_log;"),
+    (["--model", "{wrongshape}"], "1 weight tensors do not fit the config, e.g. backbone.layers.0.mixer.D is (7,) "
+                                  "in the weights, the config asks for (72,)"),
+    (["--model", "{nolayers}"], "348 tensors of the config's architecture are not in the weights (they would stay "
+                                "at their random initialisation): backbone.layers.3.mixer.A_log"),
+    (["--model", "{fewerlayers}"], "the weights hold 12 tensors the config's architecture does not have: "
+                                   "backbone.layers.2."),
+    (["--model", "{fifo}"], "--model {fifo}: model.safetensors in the folder is not a regular file"),
+    (["--model", "{smallvocab}"], "the default prompts: prompt 1 ("),
+    (["--model", "{smallvocab}", "--stages", "delta"], "the default texts: text 1 ("),
+    (["--model", M, "--stages", "delta,comparison", "--compare_model", "{gpt2weights}"],
+     "--compare_model {gpt2weights}: 39 tensors of the config's architecture are not in the weights"),
+    (["--model", M, "--stages", "delta,comparison", "--compare_model", "{nolayers}"],
+     "--compare_model {nolayers}: 348 tensors"),
+    (["--model", M, "--stages", "delta,comparison", "--compare_model", "{fifo}"],
+     "--compare_model {fifo}: model.safetensors in the folder is not a regular file"),
+    # stages that could not run, and flags that would be ignored
+    (["--model", M, "--stages", "inter_layer"], "the inter_layer stage needs dimensions: give --causal_dims"),
+    (["--model", M, "--stages", "delta,cross_layer"], "the cross_layer stage needs dimensions"),
+    (["--model", M, "--ablation", "mean", "--intervention_scale", "0.5"],
+     "--intervention_scale 0.5: applies to the zero ablation only"),
+    (["--model", M, "--layers", "0-99999999"], "--layers 0-99999999: out of range for this model with 3 layers"),
+    (["--model", M, "--layers", "0-99999999999999999999"], "--layers 0-99999999999999999999: out of range"),
+    (["--model", "~nosuchuser/x"], "--model ~nosuchuser/x: ~nosuchuser names no known home folder"),
+    (["--model", M, "--plots_dir", "~nosuchuser/x"], "--plots_dir ~nosuchuser/x: ~nosuchuser names no known home"),
+    (["--model", M, "--texts_file", "~nosuchuser/t.txt"], "--texts_file ~nosuchuser/t.txt: ~nosuchuser names"),
+    (["--model", M, "--save_results", "--output_dir", "~nosuchuser/o"], "--output_dir ~nosuchuser/o: ~nosuchuser"),
+    (["--model", M, "--top_k", "-1"], "--top_k -1: must be at least 1"),
+    (["--model", M, "--causal_dims", "-1"], "--causal_dims -1: must be at least 0"),
     # flags checked against the model's shape
     (["--model", M, "--layer", "5"], "valid layers are 0..2"),
     (["--model", M, "--layer", "-1"], "valid layers are 0..2"),
@@ -344,8 +407,8 @@ def test_bad_input_is_refused_in_one_line_before_any_stage(args, message, bad_in
             text = text.replace(k, v)
         return text
 
-    (tmp_path / "out" / f"{bad_inputs['mamba'].name}_layer0_results.json").mkdir(parents=True)  # in the way
-    (tmp_path / "out_report" / f"{bad_inputs['mamba'].name}_layer0_report.html").mkdir(parents=True)
+    (tmp_path / "out" / f"{out_name(bad_inputs['mamba'])}_layer0_results.json").mkdir(parents=True)  # in the way
+    (tmp_path / "out_report" / f"{out_name(bad_inputs['mamba'])}_layer0_report.html").mkdir(parents=True)
     before = tree(tmp_path)
     code, out, err, started = call_main([sub(a) for a in args], tmp_path, monkeypatch, capsys)
     assert code == 2, err
@@ -597,7 +660,7 @@ def test_an_output_that_cannot_be_written_is_one_line_and_exit_1(module, functio
     assert main.main(args) == 1
     out, err = capsys.readouterr()
     assert "[delta] ok" in out
-    name = f"analysis_outputs/{model_dirs['mamba_a'].name}_layer0_"
+    name = f"analysis_outputs/{out_name(model_dirs['mamba_a'])}_layer0_"
     assert err.strip().splitlines() == [f"error: {kind} not written to {name}{suffix} (No space left on device)"]
     assert (tmp_path / f"{name}results.json").is_file() == (kind == "report")
 

@@ -1,4 +1,5 @@
-"""The HTML report: self-contained, every plot embedded, errors shown plainly; rendered in headless Chromium."""
+"""The HTML report: self-contained, the run's plots embedded (and any other path named as left out), errors
+shown plainly; rendered in headless Chromium."""
 import base64
 import re
 import shutil
@@ -6,7 +7,7 @@ import subprocess
 
 import pytest
 
-from report import render_report, write_report
+from report import PNG_SIGNATURE, build_report, render_report, write_report
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
@@ -28,7 +29,7 @@ def _png(path, color="tab:blue"):
 def _results(tmp_path, plots):
     return {
         "run": {"model": "m", "layer": 1, "seed": 3, "argv": ["--layer", "1"], "versions": {"torch": "x"},
-                "notes": ["a note <b>kept as text</b>"]},
+                "notes": ["a note <b>kept as text</b>"], "plots_dir": str(tmp_path)},
         "texts": {"n_texts": 2, "n_tokens": 17},
         "architecture": {"display_name": "Mamba"},
         "delta": {"status": "ok", "wall_time_s": 1.25, "plots": plots,
@@ -49,7 +50,8 @@ def test_report_content_is_self_contained_and_shows_errors(tmp_path):
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert embedded == [base64.b64encode(open(plot, "rb").read()).decode()]
     assert not re.search(r'(src|href)="(?!data:|#)', page)
-    assert "plot missing: " + str(tmp_path / "missing.png") in page
+    assert f"plot left out: {tmp_path / 'missing.png'}: missing (No such file or directory)" in page
+    assert 'id="plots-left-out"' in page
     # errors plainly, escaped; the banner names the failed stage
     assert "FAILED stages: causal" in page
     assert "RuntimeError: planted &lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
@@ -78,7 +80,7 @@ def test_chromium_renders_every_plot_and_flags_a_broken_one(tmp_path):
     from PIL import Image
 
     good = [_png(tmp_path / "a.png"), _png(tmp_path / "b.png", "tab:red")]
-    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really a png")
+    (tmp_path / "bad.png").write_bytes(PNG_SIGNATURE + b"not really a png")  # passes the check, fails to decode
     page = write_report(tmp_path / "report.html", _results(tmp_path, good))
     dom, shot = _render(page, tmp_path)
     assert 'data-images-ok="2"' in dom and 'data-images-broken="0"' in dom, dom[:300]
@@ -89,3 +91,33 @@ def test_chromium_renders_every_plot_and_flags_a_broken_one(tmp_path):
     dom, _ = _render(page, tmp_path)
     assert 'data-images-ok="2"' in dom and 'data-images-broken="1"' in dom
     assert "this plot did not decode: bad.png" in dom
+
+
+def test_plots_are_checked_against_each_entrys_folder(tmp_path):
+    """A merge's per-layer entries: each against the plots folder of the file it came from
+    (run["layer_plots_dirs"]); the other entries against run["plots_dir"]; `plots_dirs` overrides both."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    pa, pb = _png(a / "x.png"), _png(b / "y.png", "tab:red")
+    entry = {"status": "ok", "wall_time_s": 0.1, "results": {}}
+    res = {"run": {"model": "m", "layers": [0, 1], "plots_dir": str(b), "layer_plots_dirs": {"0": str(a), "1": None}},
+           "architecture": {"display_name": "Mamba"},
+           "layers": {0: {"delta": {**entry, "plots": [pa, pb]}}, 1: {"delta": {**entry, "plots": [pb]}}},
+           "depth_profiles": {**entry, "plots": [pa, pb],
+                              "results": {"left_out": [{"layer": 0, "metric": "m", "reason": "undefined (null)"}]}}}
+    page, left_out = build_report(res)
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert embedded == [base64.b64encode(open(p, "rb").read()).decode() for p in (pa, pb)]
+    assert [p for p, _ in left_out] == [pb, pb, pa]
+    assert "no plots folder recorded" in left_out[1][1] and "values left out of the profiles" in page
+    page, left_out = build_report(res, plots_dirs={"delta, layer 1": str(b)})
+    assert [p for p, _ in left_out] == [pb, pa]
+    assert render_report(res) == build_report(res)[0]
+
+
+def test_rows_that_are_not_dicts_do_not_break_a_table(tmp_path):
+    res = _results(tmp_path, [])
+    res["delta"]["results"]["top_neurons"] = [3, "x", None, {"channel": 1}]
+    page = render_report(res)
+    assert "<th>value</th>" in page and "<th>channel</th>" in page

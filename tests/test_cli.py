@@ -583,14 +583,18 @@ def test_a_named_model_is_never_substituted(tmp_path):
     assert p.returncode == 2 and "hub is unreachable" in p.stderr and "reference" not in p.stderr
 
 
-@pytest.mark.parametrize("stages, expected", [
-    ("efficiency", "interrupted; nothing written"),
-    ("delta,efficiency", "interrupted; no results file written (the 2 plots of the stages that finished are in"),
+@pytest.mark.parametrize("stages, expected, sig, status", [
+    ("efficiency", "interrupted; nothing written", "SIGINT", 130),
+    ("delta,efficiency", "interrupted; no results file written (the 2 plots of the stages that finished are in",
+     "SIGINT", 130),
+    ("efficiency", "terminated (SIGTERM); nothing written", "SIGTERM", 143),
+    ("delta,efficiency", "terminated (SIGTERM); no results file written (the 2 plots of the stages that finished",
+     "SIGTERM", 143),
 ])
-def test_ctrl_c_ends_in_one_line_with_status_130_and_no_partial_file(stages, expected, model_dirs, texts_file,
-                                                                    tmp_path):
-    """SIGINT while a stage runs: exit 130, one closing line that says what was written, no traceback, no
-    results file and no temporary file left behind."""
+def test_ctrl_c_and_sigterm_end_in_one_line_and_no_partial_file(stages, expected, sig, status, model_dirs,
+                                                                texts_file, tmp_path):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler, `timeout`) while a stage runs: exit 130 / 143, one closing
+    line that says what was written, no traceback, no results file and no temporary file left behind."""
     import signal
 
     args = [sys.executable, MAIN, "--model", str(model_dirs["mamba_b"]), "--texts_file", str(texts_file),
@@ -602,12 +606,12 @@ def test_ctrl_c_ends_in_one_line_with_status_130_and_no_partial_file(stages, exp
     try:
         for line in p.stderr:
             if "stage efficiency: started" in line:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(getattr(signal, sig))
                 break
         _, rest = p.communicate(timeout=120)
     finally:
         p.kill()
-    assert p.returncode == 130, rest
+    assert p.returncode == status, rest
     last = rest.strip().splitlines()[-1]
     assert last.startswith(expected), rest
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
@@ -688,3 +692,80 @@ def test_each_stage_is_printed_as_soon_as_it_ends(model_dirs, texts_file, tmp_pa
     before, after = seen["before causal"], capsys.readouterr().out
     assert "=== Mamba neuron analysis" in before and "[delta] ok" in before and "top delta-sensitive" in before
     assert "[causal]" not in before and "[causal] ok" in after and "[delta]" not in after
+
+
+def test_folders_of_the_same_name_never_share_files_and_a_fuller_file_is_not_replaced(model_dirs, texts_file,
+                                                                                      tmp_path, monkeypatch, capsys):
+    """runA/final and runB/final write different files; a re-run with fewer stages is refused (exit 2,
+    the file untouched); a re-run with the same stages replaces the file and says so."""
+    import shutil
+
+    import main
+
+    for run in ("runA", "runB"):
+        shutil.copytree(model_dirs["mamba_a"], tmp_path / run / "final")
+    monkeypatch.chdir(tmp_path)
+
+    def run(folder, stages):
+        args = ["--model", f"{folder}/final", "--texts_file", str(texts_file), "--stages", stages, "--save_results",
+                "--output_dir", "out", "--no_progress", "--max_length", "16"]
+        code = main.main(args + (["--device", DEVICE.type] if DEVICE.type != "cpu" else []))
+        return code, capsys.readouterr()
+
+    assert run("runA", "delta,sparsity")[0] == 0 and run("runB", "delta")[0] == 0
+    files = sorted(p.name for p in (tmp_path / "out").glob("*_results.json"))
+    assert len(files) == 2 and all(f.startswith("final-") for f in files), files
+    a = tmp_path / "out" / f"{out_name(tmp_path / 'runA' / 'final')}_layer0_results.json"
+    before = a.read_bytes()
+    code, cap = run("runA", "delta")
+    assert code == 2 and cap.out == "" and "Traceback" not in cap.err
+    assert cap.err.strip().splitlines() == [
+        f"error: --output_dir out: out/{a.name} holds an earlier run of this model and layer with results of "
+        "sparsity, which this run does not run; move the file away, choose another --output_dir, or run those "
+        "stages too"]
+    assert a.read_bytes() == before
+    code, cap = run("runA", "sparsity,delta")
+    assert code == 0 and f"note: replaced out/{a.name} (an earlier run of this model and layer, started " in cap.out
+    assert json.loads(a.read_text())["run"]["notes"][-1].startswith(f"replaced out/{a.name}")
+
+
+def test_a_plot_that_cannot_be_written_keeps_the_stage_numbers_and_names_the_file(model_dirs, texts_file, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    import main
+
+    savefig = Figure.savefig
+
+    def full_for_heatmaps(self, fname, *a, **kw):  # the disk is full when the heatmap's temporary file is written
+        if "heatmap" in str(fname):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fname))
+        return savefig(self, fname, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", full_for_heatmaps)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file), "--stages", "delta",
+            "--save_results", "--no_progress", "--max_length", "16"]
+    assert main.main(args + (["--device", DEVICE.type] if DEVICE.type != "cpu" else [])) == 1
+    out = capsys.readouterr().out
+    res = json.loads(next((tmp_path / "analysis_outputs").glob("*_results.json")).read_text())
+    delta = res["delta"]
+    assert delta["status"] == "ok" and delta["results"]["top_neurons"]
+    lost = delta["plots_not_written"]
+    assert len(lost) == 1 and "heatmap" in lost[0]["path"] and lost[0]["error"] == "No space left on device"
+    assert not (tmp_path / lost[0]["path"]).exists() and lost[0]["path"] not in delta["plots"]
+    assert [p for p in delta["plots"] if (tmp_path / p).is_file()] == delta["plots"] and len(delta["plots"]) == 1
+    assert f"plot NOT written: {lost[0]['path']} (No space left on device)" in out
+    assert f"plots NOT written (the stages' numbers are kept): {lost[0]['path']}" in out
+    assert not [f for f in tmp_path.rglob("*") if f.name.endswith(".tmp")]
+
+
+def test_a_full_stdout_is_one_line_on_stderr(model_dirs, texts_file, tmp_path):
+    p = subprocess.run([sys.executable, MAIN, "--model", str(model_dirs["mamba_a"]), "--texts_file", str(texts_file),
+                        "--stages", "delta", "--no_progress", "--max_length", "16"],
+                       cwd=tmp_path, stdout=open("/dev/full", "w"), stderr=subprocess.PIPE, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [
+        "error: the summary could not be written to standard output (No space left on device)"]

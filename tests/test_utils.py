@@ -127,3 +127,45 @@ def test_check_writable_dir_refuses_a_read_only_folder(tmp_path):
             check_writable_dir(ro, "--output_dir")
     finally:
         ro.chmod(0o755)
+
+
+def test_texts_end_at_line_breaks_only(tmp_path):
+    """\\n, \\r\\n and \\r end a text; form feed, U+2028, U+2029, NEL and \\x1c-\\x1e stay inside it."""
+    from utils import read_texts_file
+
+    inside = "a\x0cb\u2028c\u2029d\x85e\x1cf\x1dg\x1eh"
+    path = tmp_path / "t.txt"
+    path.write_text(f"{inside}\none\r\ntwo\rthree\n", encoding="utf-8", newline="")
+    assert read_texts_file(path) == [inside, "one", "two", "three"]
+
+
+def test_a_long_text_is_tokenized_only_as_far_as_max_length_with_the_same_ids(tokenizer):
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file, token_prefix, tokenize_texts
+
+    texts = read_texts_file(OFFLINE_TEXTS_PATH)
+    long = " ".join(texts) * 3
+    for text in [*texts[:20], long, "x" * 3000, "\u00e9" * 2000 + " word"]:
+        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for n in (1, 7, 64, 300):
+            assert token_prefix(tokenizer, text, n) == (full[:n], len(full) > n)
+    calls = []
+
+    class Counting:  # records how many characters each call tokenizes
+        def __call__(self, text, **kw):
+            calls.append(len(text))
+            return tokenizer(text, **kw)
+
+    huge = long * 200  # a few MB on one line
+    tok = tokenize_texts(Counting(), [huge], max_length=16)
+    assert tok.lengths == [16] and tok.n_truncated == 1 and max(calls) < 10_000 < len(huge)
+
+
+def test_trace_refuses_a_path_given_twice():
+    import torch
+
+    from utils import trace
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="'0' given more than once"):
+        with trace(model, ["0", "0"]):
+            pass

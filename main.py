@@ -435,10 +435,10 @@ def merge_reports(args) -> int:
         seen[identity] = name
         runs.append((name, data))
 
-    def merged_before_(res) -> bool:
+    def is_merge(res) -> bool:
         return isinstance(res, dict) and isinstance(res.get("run"), dict) and bool(res["run"].get("merged_from"))
 
-    merged_before = [name for name, res in runs if merged_before_(res)]
+    merged_before = [name for name, res in runs if is_merge(res)]
     for name in merged_before:  # `--report analysis_outputs/*.json` run twice: the earlier merge is not an input
         print(f"note: skipped {name}, itself a merge of saved runs")
     runs = [(name, res) for name, res in runs if name not in merged_before]
@@ -458,7 +458,11 @@ def merge_reports(args) -> int:
            "layer_sources": {la: source[la] for la in layers}, "notes": first["run"].get("notes", []),
            "plots_dir": plots_dir,  # the merge's own plot; each layer's plots: its file's plots folder
            "layer_plots_dirs": {str(la): by_name[source[la]]["run"].get("plots_dir") for la in layers}}
-    prefix = model_prefix(run["model"], run.get("model_source") or "", run.get("resolved_path"))
+    try:
+        prefix = model_prefix(run["model"], run.get("model_source") or "", run.get("resolved_path"))
+    except (OSError, ValueError) as exc:  # e.g. a model name too long for a file name
+        raise UserInputError(f"--report {first_name}: its model name {run['model'][:60]!r} does not make a file "
+                             f"name ({getattr(exc, 'strerror', None) or exc})") from None
     tag = layer_tag(min(layers), list(layers))
     json_path = Path(output_dir) / f"{prefix}_{tag}_merged_results.json"
     html_path = Path(output_dir) / f"{prefix}_{tag}_merged_report.html"
@@ -481,8 +485,9 @@ def merge_reports(args) -> int:
         print(f"error: merged report not written to {output_dir} ({exc.strerror or exc})", file=sys.stderr)
         return 1
     print(summary, end="")
-    for path, why in left_out:
-        print(f"note: left out {path}: {why}")
+    for path, why in left_out:  # one line each, whatever a file's plot names hold
+        line = f"note: left out {path}: {why}"
+        print("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))
     print(f"results: {json_path}\nreport: {html_path}")
     return 0
 

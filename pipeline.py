@@ -792,6 +792,9 @@ def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
         for field in ("model_source", "resolved_path", "plots_dir"):
             if run.get(field) is not None and not isinstance(run[field], str):
                 raise bad(f"run.{field} is {kind(run[field])}, not a string")
+        for field in ("model", "model_class", "model_source", "resolved_path", "plots_dir"):
+            if "\0" in (run.get(field) or ""):
+                raise bad(f"run.{field} holds a NUL character: not a name")
         notes = run.get("notes", [])
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise bad("run.notes is not a list of strings")
@@ -805,8 +808,11 @@ def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
         if first is None:
             first = (name, key)
         elif key != first[1]:
-            raise ValueError(f"{name} holds {key[0]} ({key[1]}), {first[0]} holds {first[1][0]} ({first[1][1]}): "
-                             "merge the results of one model")
+            def printable(t) -> str:  # one line, whatever the names hold
+                return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(t))
+
+            raise ValueError(f"{name} holds {printable(key[0])} ({printable(key[1])}), {first[0]} holds "
+                             f"{printable(first[1][0])} ({printable(first[1][1])}): merge the results of one model")
 
         def layer_number(v, where: str, key: bool = False) -> int:  # a JSON object's key is a string
             la = v

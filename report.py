@@ -29,6 +29,7 @@ from pathlib import Path
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PLOT_BYTES = 64 * 2 ** 20  # a plot of this tool is well under 1 MB
 MAX_RESULTS_BYTES = 512 * 2 ** 20
+MAX_RESULTS_DEPTH = 64  # a results file of this tool nests about 8 levels
 NO_PLOTS_DIR = "no plots folder recorded in its run metadata"
 
 STYLE = """
@@ -161,7 +162,9 @@ def _read_regular(path: str, st: os.stat_result, limit: int, follow: bool = True
 
 def check_plot(path, folder) -> tuple[bytes | None, str | None]:
     """(the file's bytes, None) when the plot `path` may be embedded in a report whose entry has the plots
-    folder `folder` (None: none recorded), else (None, why it is left out). Embedded only: a regular file
+    folder `folder` (None: none recorded), else (None, why it is left out). A relative path (as the run
+    printed it) that does not resolve into the folder from here is looked up there by its name (a path
+    with `..` is not). Embedded only: a regular file
     (a FIFO, device or folder is never opened), whose real path (links followed) lies directly in the real
     `folder`, whose name ends in .png and whose first 8 bytes are the PNG signature."""
     if not isinstance(path, str) or not path:
@@ -172,6 +175,9 @@ def check_plot(path, folder) -> tuple[bytes | None, str | None]:
         return None, f"the plots folder recorded for it ({folder!r}) is not an absolute path"
     try:
         real, home = os.path.realpath(path), os.path.realpath(folder)
+        if (not os.path.isabs(path) and os.path.dirname(real) != home and ".." not in Path(path).parts):
+            # a relative path as the run printed it (plots/NAME.png), read from another folder: by its name
+            real = os.path.realpath(os.path.join(folder, os.path.basename(path)))
     except (OSError, ValueError) as exc:  # e.g. a NUL in the name
         return None, f"its path cannot be resolved ({exc})"
     if os.path.dirname(real) != home:
@@ -345,7 +351,24 @@ def load_results_file(name: str, flag: str = "--report") -> tuple[object, tuple[
     except UnicodeDecodeError as exc:
         raise UserInputError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        return json.loads(text), (st.st_dev, st.st_ino)
+        data = json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError; an int of too many digits; deep nesting
         msg = " ".join(str(exc).split()) or type(exc).__name__
         raise UserInputError(f"{where}: not a results JSON ({msg})") from None
+    if _depth(data) > MAX_RESULTS_DEPTH:  # what reads it (to_jsonable, json.dumps) recurses
+        raise UserInputError(f"{where}: nested deeper than {MAX_RESULTS_DEPTH} levels: not a results file of "
+                             "this tool")
+    return data, (st.st_dev, st.st_ino)
+
+
+def _depth(value) -> int:
+    """How deeply `value` (parsed JSON) nests lists and objects, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > MAX_RESULTS_DEPTH:
+                break
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest

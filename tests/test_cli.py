@@ -168,6 +168,9 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
     assert 'id="stage-delta-layer2"' in page and "data:image/png;base64," in page
     # refusals: a layer twice; two models
     p = run_main(["--report", files[0], files[0]], tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: --report {files[0]}: given twice")
+    both = f"both/{name}_layers0_2_results.json"
+    p = run_main(["--report", files[0], both], tmp_path)
     assert p.returncode == 2 and p.stderr.startswith("error: --report: layer 0 is in both")
     assert run_main(["--model", str(model_dirs["mamba_a"]), *base, "--layer", "1", "--output_dir", "other"],
                     tmp_path).returncode == 0

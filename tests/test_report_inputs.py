@@ -100,6 +100,8 @@ HOSTILE = [
     ("not utf-8", b'{"run": "\xff\xfe"}', "not UTF-8"),
     ("deep nesting", b"[" * 200000, "not a results JSON"),
     ("huge int", b'{"run": ' + b"9" * 5000 + b"}", "not a results JSON"),
+    ("nested 900 deep", _set("delta.results.deep", json.loads("[" * 900 + "]" * 900)), "nested deeper than"),
+    ("a NUL in a name", _set("run.plots_dir", "/tmp/a\0b"), "run.plots_dir holds a NUL"),
     ("run missing", _set("run", "-"), "no run metadata"),
     ("run a string", _set("run", "x"), '"run" is a string'),
     ("run a list", _set("run", [1]), '"run" is a list'),
@@ -196,12 +198,15 @@ def test_a_hostile_results_file_is_refused_in_one_line(case_id, case, says, tmp_
 
 def test_the_same_file_twice_and_files_of_two_models_are_refused(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(results_file(layer=0)))
-    (tmp_path / "b.json").write_text(json.dumps(results_file(layer=1, model="other/model")))
+    (tmp_path / "b.json").write_text(json.dumps(results_file(layer=1, model="other\nmodel")))
     os.symlink("a.json", tmp_path / "link.json")
     for files, says in ((["a.json", "a.json"], "given twice"), (["a.json", "./a.json"], "given twice"),
                         (["a.json", "link.json"], "given twice"), (["a.json", "b.json"], "merge the results of one model")):
         p = run_main(["--report", *files, "--output_dir", "out", "--plots_dir", "plots"], tmp_path)
         _assert_refused(p, [files[1]], tmp_path, says)
+    (tmp_path / "long.json").write_text(json.dumps(results_file(layer=1, model="a" * 300)))
+    p = run_main(["--report", "long.json", "--output_dir", "out", "--plots_dir", "plots"], tmp_path)
+    _assert_refused(p, ["long.json"], tmp_path, "does not make a file name")
 
 
 def test_values_of_the_wrong_type_are_left_out_of_the_profiles_not_a_traceback(tmp_path):

@@ -58,7 +58,8 @@ METHODS = ("attention_weighted", "gradient_guided", "rollout")
 DEFINITIONS = {
     "attention_weighted": "contrib^c[i,j] = |alpha^c[i,j] x^c_j| for unit c; activation = mean of contrib^c over causal "
                           "entries (j <= i); importance = std over query positions i of row sums sum_j contrib^c[i,j]; "
-                          "token map = mean over units of contrib^c",
+                          "token map = mean over units of contrib^c; averaged over the texts (importance over those "
+                          "of >= 2 tokens: undefined for one query position)",
     "gradient_guided": "contrib^c[i,j] = ReLU(g^c_i alpha^c[i,j] x^c_j), g^c_i = d logit[target] / d y^c_i by autograd, "
                        "target = predicted next token at the last position; activation, importance and token map "
                        "as for attention_weighted",
@@ -66,7 +67,8 @@ DEFINITIONS = {
                "max; for softmax attention this is Abnar & Zuidema's R_l = (A_l/2 + I/2) R_{l-1}, A_l the head mean); "
                "unit map C^c = rownorm(normalise(|alpha^c_l|) + I) R_{l-1}; activation = mean over i of 1 - C^c[i,i] "
                "(share of token i's end-to-end relevance from other tokens); importance = its std over i; "
-               "token map = R_l",
+               "token map = R_l; activation and importance averaged over the texts of >= 2 tokens (undefined for "
+               "a one-token text: no other token)",
 }
 UNITS = {
     "mamba": "channel c of the inner width (e units): alpha^c = the channel's hidden attention "

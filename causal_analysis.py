@@ -150,7 +150,7 @@ def check_top_k(top_k) -> int:
 def check_layer(adapter: ArchitectureAdapter, layer, name: str = "layer") -> int:
     """A layer index: a whole number in 0..n_layers−1 of the model (no negative indexing)."""
     return whole_number(name, layer, 0, adapter.n_layers - 1,
-                        f"the layers of this {adapter.family} model with {adapter.n_layers} layers")
+                        f"this {adapter.family} model has {adapter.n_layers} layers")
 
 
 def check_layers(adapter: ArchitectureAdapter, layers, name: str = "layers", distinct: bool = False) -> list[int]:

@@ -907,6 +907,11 @@ def stage_text(name: str, e: dict) -> str:
     return buf.getvalue()
 
 
+def _num(v, spec: str) -> str:
+    """A number as `spec` formats it, or "undefined" for a measure undefined for its input (None)."""
+    return "undefined" if v is None else format(v, spec)
+
+
 def summarize_delta(r: dict) -> None:
     rec = r["reconstruction"]
     unit = r.get("unit", "channel")
@@ -915,7 +920,9 @@ def summarize_delta(r: dict) -> None:
     print(f"    top delta-sensitive {unit}s (variance across texts of mean Δ | mean Δ | within-text var):")
     for n in r["top_neurons"]:
         print(f"      {unit} {n['channel']:>5}: {n['variance']:.4e} | {n['mean_delta']:.4e} | "
-              f"{n['token_variance']:.4e}")
+              f"{_num(n['token_variance'], '.4e')}")
+    for field, why in (r.get("undefined") or {}).items():
+        print(f"    {field}: {why}")
 
 
 def _unit_label(t: dict) -> str:
@@ -941,8 +948,11 @@ def summarize_attention(r: dict) -> None:
         where = f"layer {la} " if "by_layer" in r else ""
         for m, a in e["methods"].items():
             top = ", ".join(_unit_label(t) + f" ({t['activation']:.3g})" for t in a["top_neurons"][:5])
-            print(f"    {where}{m}: {a['num_neurons']} {unit}s, mean activation {a['mean_activation']:.4g} "
-                  f"(std {a['activation_std']:.3g}), diversity {a['neuron_diversity']:.3f}; top: {top}")
+            print(f"    {where}{m}: {a['num_neurons']} {unit}s, mean activation {_num(a['mean_activation'], '.4g')} "
+                  f"(std {_num(a['activation_std'], '.3g')}), diversity {_num(a['neuron_diversity'], '.3f')}; "
+                  f"top: {top or 'none (no ranking)'}")
+            for field, why in (a.get("undefined") or {}).items():
+                print(f"      {field}: {why}")
 
 
 def summarize_causal(r: dict) -> None:
@@ -967,8 +977,8 @@ def summarize_cross_layer(r: dict) -> None:
 def _sparsity_line(s: dict) -> str:
     p50 = s["percentile"]["sparsity"][s["percentile"]["percentiles"].index(50)]
     return (f"traditional {s['traditional']['sparsity']:.3f} (< {s['traditional']['threshold']:g}), percentile-50 "
-            f"{p50:.3f}, entropy {s['entropy']['sparsity']:.3f}, Gini {s['gini']:.3f}, Hoyer {s['hoyer']:.3f}, "
-            f"dead {s['dead_neurons']['count']}")
+            f"{p50:.3f}, entropy {_num(s['entropy']['sparsity'], '.3f')}, Gini {_num(s['gini'], '.3f')}, Hoyer "
+            f"{_num(s['hoyer'], '.3f')}, dead {s['dead_neurons']['count']}")
 
 
 def summarize_sparsity(r: dict) -> None:

@@ -14,8 +14,8 @@ text set; `c` the per-neuron mean |a|.
 
 Entropy, Gini and Hoyer are scale-free, and computed scale-free: each vector (a token's activations, or c)
 is divided by its largest |value| before any square or sum, so a scaled copy gives the same value (exactly
-for a power-of-two scale, to rounding for any other) and nothing overflows or underflows at any finite
-scale (|a| near 1e200, or 1e-200, in float64; every float32 value). A measure undefined for its input is
+for a power-of-two scale, to rounding for any other): no square or sum overflows at any finite scale (|a|
+near 1e200 in float64; every float32 value), and a uniformly tiny vector (1e-200) does not underflow to 0. A measure undefined for its input is
 None, never NaN, with the reason in the result's "undefined" dict ({measure: "undefined: ..."}; see
 `UNDEFINED`): entropy when every token's activations are all 0 or there is one neuron, Gini and Hoyer when
 every c is 0, Hoyer also for one neuron.

@@ -169,6 +169,23 @@ def test_gradient_pass_gives_the_weights_back_on_error(monkeypatch):
 def test_diversity_known_values():
     assert neuron_diversity(np.ones(8)) == pytest.approx(1.0)
     assert neuron_diversity(np.eye(8)[2]) == pytest.approx(0.0)
+    a = np.random.default_rng(0).gamma(0.5, 1.0, 40)
+    assert neuron_diversity(a * 1e300) == pytest.approx(neuron_diversity(a), rel=1e-12)  # scale-free
+    assert neuron_diversity(a * 2.0 ** -900) == neuron_diversity(a)
+
+
+def test_diversity_and_ranking_of_all_zero_activations_are_undefined():
+    """No NaN diversity and no ranking of zeros: None / [] and the reason; the mean (0) is measured."""
+    from attention_neurons import UNDEFINED, NeuronScores, diversity_undefined
+
+    assert neuron_diversity(np.zeros(8)) is None and diversity_undefined(np.zeros(8)) == UNDEFINED["all_zero"]
+    assert neuron_diversity(np.ones(1)) is None and diversity_undefined(np.ones(1)) == UNDEFINED["one_unit"]
+    analyzer = MambaAttentionNeurons(make_model("mamba_b"))
+    e = analyzer.describe_units()["n_units"]
+    stats = analyzer.analyze_neuron_behavior({0: NeuronScores("rollout", np.zeros(e), np.zeros(e), None)}, 0)
+    assert stats["top_neurons"] == [] and stats["neuron_diversity"] is None
+    assert stats["mean_activation"] == 0.0 and stats["activation_std"] == 0.0
+    assert stats["undefined"] == {"top_neurons": UNDEFINED["all_zero"], "neuron_diversity": UNDEFINED["all_zero"]}
 
 
 def test_integrate_and_visualize(tmp_path):
@@ -195,8 +212,9 @@ def test_not_applicable_to_transformers():
 @pytest.mark.parametrize("L", [1, 2, 9])
 def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
     """rollout_layer reads only the diagonal of Ĉ^c = rownorm(normalise(|α^c|) + I) · R; it must equal
-    the diagonal of that product formed in full (the plain reference), also for L = 1 (minimum ≠ 0)."""
-    from attention_neurons import _normalise, _rownorm, rollout_layer
+    the diagonal of that product formed in full (the plain reference). For L = 1 (one token: no other token
+    carries relevance) the scores are undefined, said so (None and the reason), and R_ℓ is still formed."""
+    from attention_neurons import UNDEFINED, _normalise, _rownorm, rollout_layer
 
     g = torch.Generator().manual_seed(L)
     alpha = torch.randn(5, L, L, generator=g, dtype=torch.float64).tril()  # (e, L, L)
@@ -206,9 +224,13 @@ def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
     full = _rownorm(_normalise(alpha.abs()) + eye) @ R  # (e, L, L)
     carried = 1.0 - torch.diagonal(full, dim1=-2, dim2=-1)  # (e, L)
     scores, R_next = rollout_layer(alpha, R)
-    np.testing.assert_allclose(scores.neuron_activations, carried.mean(-1).numpy(), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(scores.neuron_importance, carried.std(-1, unbiased=False).numpy(), rtol=1e-10,
-                               atol=1e-15)
+    if L == 1:
+        assert scores.neuron_activations is None and scores.neuron_importance is None
+        assert scores.undefined == scores.importance_undefined == UNDEFINED["rollout_one_token"]
+    else:
+        np.testing.assert_allclose(scores.neuron_activations, carried.mean(-1).numpy(), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(scores.neuron_importance, carried.std(-1, unbiased=False).numpy(), rtol=1e-10,
+                                   atol=1e-15)
     np.testing.assert_allclose(R_next.numpy(), (_rownorm(_normalise(alpha.abs()).mean(0) + eye) @ R).numpy(),
                                rtol=1e-12)
 
@@ -288,6 +310,10 @@ def test_streamed_text_scores_equal_the_reference_path(group_elements, methods, 
 
 @pytest.mark.parametrize("L", [1, 2, 8])  # one token (no off-diagonal entry), a partial chunk, exactly one chunk
 def test_streamed_text_scores_on_short_texts(L):
+    """The streamed and the reference path agree on short texts; on one token, what is undefined (rollout's
+    scores, every method's importance) is None with the reason on both, never NaN or zeros."""
+    from attention_neurons import UNDEFINED
+
     model = make_model("mamba_b")
     an = MambaAttentionNeurons(model)
     ids = _ids(L=L, b=1, seed=L)
@@ -297,9 +323,16 @@ def test_streamed_text_scores_on_short_texts(L):
     for m in ts.scores:
         ref = an.create_neurons(data, m)[top]
         for field in ("neuron_activations", "neuron_importance", "token_map"):
+            undefined = L == 1 and (field == "neuron_importance" or (m == "rollout" and field != "token_map"))
+            if undefined:
+                assert getattr(ts.scores[m], field) is None and getattr(ref, field) is None, (m, field)
+                continue
             got = np.asarray(getattr(ts.scores[m], field))
             assert np.isfinite(got).all()
             np.testing.assert_allclose(got, getattr(ref, field), rtol=1e-5, atol=1e-9)
+        if L == 1:
+            assert ts.scores[m].importance_undefined == ref.importance_undefined is not None
+            assert (ts.scores[m].undefined == ref.undefined == UNDEFINED["rollout_one_token"]) == (m == "rollout")
 
 
 def test_streamed_rollout_captures_every_lower_layer_in_one_forward():
@@ -350,3 +383,44 @@ def test_streamed_text_scores_refuse_a_wrong_reconstruction(kind, monkeypatch):
     an = MambaAttentionNeurons(make_model(kind))
     with pytest.raises(ssm.ReconstructionError):
         an.text_scores(_ids(L=29, b=1), 1, ("attention_weighted",))
+
+
+@pytest.mark.parametrize("kind", ["mamba_b", "gpt2"])
+def test_one_token_texts_say_what_is_undefined(kind, tmp_path):
+    """attention_profile on one-token texts: rollout's scores are undefined (no other token carries relevance)
+    and every method's importance (a std over one query position): None / [] with the reason, never NaN or
+    a list of zeros; attention_weighted and gradient_guided still rank the units by activation. Beside a
+    longer text, each undefined score is averaged over the texts where it is defined, so it equals the
+    longer text's alone. The figures draw the undefined entries."""
+    from attention_neurons import UNDEFINED, attention_neurons_for, attention_profile, neuron_scores, plot_attention_depth
+
+    model = make_model(kind)
+    analyzer = attention_neurons_for(model)
+    one = [_ids(L=1, b=1, seed=s) for s in (1, 2)]
+    entry = attention_profile(analyzer, one, [1])[1]
+    ro = entry["methods"]["rollout"]
+    assert ro["neuron_activations"] is None and ro["neuron_importance"] is None
+    assert ro["top_neurons"] == [] and ro["neuron_diversity"] is None and ro["mean_activation"] is None
+    assert ro["undefined"]["neuron_diversity"] == ro["undefined"]["top_neurons"] == UNDEFINED["rollout_one_token"]
+    assert ro["n_texts_averaged"] == {"activations": 0, "importance": 0}
+    for m in ("attention_weighted", "gradient_guided"):
+        r = entry["methods"][m]
+        assert r["neuron_importance"] is None and r["undefined"] == {"neuron_importance": UNDEFINED["importance_one_token"]}
+        assert np.isfinite(r["neuron_activations"]).all() and 0 <= r["neuron_diversity"] <= 1
+        assert r["top_neurons"] and all(t["importance"] is None and t["activation"] > 0 for t in r["top_neurons"])
+        assert r["n_texts_averaged"] == {"activations": 2, "importance": 0}
+    for m in entry["methods"]:
+        path = analyzer.visualize_neurons(neuron_scores(entry, m), 1, tmp_path, f"{kind}_{m}")
+        assert open(path, "rb").read(4) == b"\x89PNG"
+    plot_attention_depth([(kind, 2, {1: entry})], tmp_path, f"{kind}_depth")
+
+    longer = _ids(L=9, b=1, seed=3)
+    mixed = attention_profile(analyzer, [one[0], longer], [1])[1]["methods"]
+    alone = attention_profile(analyzer, [longer], [1])[1]["methods"]
+    np.testing.assert_allclose(mixed["rollout"]["neuron_activations"], alone["rollout"]["neuron_activations"],
+                               rtol=1e-12)
+    assert mixed["rollout"]["n_texts_averaged"] == {"activations": 1, "importance": 1}
+    assert mixed["rollout"]["undefined"] == {}
+    np.testing.assert_allclose(mixed["attention_weighted"]["neuron_importance"],
+                               alone["attention_weighted"]["neuron_importance"], rtol=1e-12)
+    assert mixed["attention_weighted"]["n_texts_averaged"] == {"activations": 2, "importance": 1}

@@ -90,3 +90,28 @@ def test_capture_runs_the_captured_mixers_themselves_and_the_others_below_blocke
             print(f"{kind} layer {la}: max relative difference to the model's own forward {diff:.2e}")
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
     assert not any("forward" in adapter.mixer(la).__dict__ for la in range(adapter.n_layers))  # nothing left swapped
+
+
+def test_one_token_texts_have_no_within_text_variance(tokenizer, tmp_path):
+    """A one-token text has no within-text variation: token_variance is averaged over the texts of at least
+    2 tokens (beside a longer text it is that text's own variance), and with none it is None with the
+    reason, in the dict too, never a list of zeros. The across-text variance stays defined."""
+    from delta_extraction import TOKEN_VARIANCE_UNDEFINED, plot_delta_variance
+
+    model = make_model("mamba_b")
+    one = [torch.tensor([[17]]), torch.tensor([[230]])]
+    stats = delta_channel_statistics(model, tokenizer, one, 1, progress=False)
+    assert stats.token_variance is None and stats.token_variance_undefined == TOKEN_VARIANCE_UNDEFINED
+    d = [extract_deltas(model, 1, x)[0, 0].double().numpy() for x in one]  # (e,) each
+    np.testing.assert_allclose(stats.text_variance, np.var(d, axis=0), rtol=1e-10)
+    out = stats.to_dict(3)
+    assert out["per_channel"]["token_variance"] is None and out["n_token_variance_texts"] == 0
+    assert out["undefined"] == {"token_variance": TOKEN_VARIANCE_UNDEFINED}
+    assert len(out["top_neurons"]) == 3 and all(t["token_variance"] is None for t in out["top_neurons"])
+    assert open(plot_delta_variance(stats, 3, tmp_path, "one"), "rb").read(4) == b"\x89PNG"
+
+    longer = tokenize_texts(tokenizer, TEXTS[:1], 32).input_ids[0]
+    mixed = delta_channel_statistics(model, tokenizer, [one[0], longer], 1, progress=False)
+    own = extract_deltas(model, 1, longer)[0].double().numpy()  # (L, e)
+    np.testing.assert_allclose(mixed.token_variance, own.var(0), rtol=1e-10)
+    assert mixed.to_dict(3)["n_token_variance_texts"] == 1 and mixed.to_dict(3)["undefined"] == {}

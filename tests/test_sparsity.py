@@ -282,3 +282,77 @@ def test_a_sparsity_feed_is_checked_and_never_used_incomplete(tokenizer):
     with pytest.raises(ValueError, match="finished"):  # pass 2 read the kept patterns once: never twice
         feed.result()
     assert sp.measured_in(feed, "the gradient forwards").startswith("the gradient forwards (the first text's sites")
+
+
+def test_scale_free_measures_are_computed_scale_free():
+    """Hoyer, Gini and entropy of a scaled copy equal the unscaled values: exactly for a power-of-two scale
+    (every division by the max is then exact), to rounding for any other, down to 1e-200 and up to 1e200
+    (where squares overflow float64: Hoyer used to give 1.547 and entropy NaN there)."""
+    rng = np.random.default_rng(3)
+    c = rng.gamma(0.7, 1.0, 50)
+    a = rng.standard_normal((40, 50)) * rng.gamma(0.5, 1.0, 50)
+    a[7] = 0.0  # an all-zero token stays left out
+    want = {"hoyer": sp.hoyer(c), "gini": sp.gini(c), "entropy": sp.entropy(a)}
+    for scale in (2.0 ** 600, 2.0 ** -600, 2.0 ** 40):
+        assert (sp.hoyer(c * scale), sp.gini(c * scale), sp.entropy(a * scale)) == tuple(want.values()), scale
+        np.testing.assert_array_equal(sp.token_entropy(a * scale), sp.token_entropy(a))
+    for scale in (1e200, 1e-200, 37.0):
+        assert sp.hoyer(c * scale) == pytest.approx(want["hoyer"], rel=1e-12)
+        assert sp.gini(c * scale) == pytest.approx(want["gini"], rel=1e-12)
+        assert sp.entropy(a * scale) == pytest.approx(want["entropy"], rel=1e-12)
+    # near float64's limit the per-neuron mean no longer overflows either
+    big = np.abs(a) * (1e308 / np.abs(a).max())
+    assert sp.gini(big) == pytest.approx(sp.gini(a), rel=1e-12)
+    # known values unchanged
+    assert sp.hoyer(np.eye(9)[4] * 1e250) == pytest.approx(1.0, abs=1e-12)
+    assert sp.entropy(np.array([[1e200, 1e200, 0.0, 0.0]])) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_undefined_measures_are_none_with_their_reason_in_memory_and_streamed():
+    """All-zero activations: entropy, Gini and Hoyer are undefined, None with the reason, never NaN; one
+    neuron: entropy and Hoyer are undefined, Gini is 0; the streamed statistics say the same."""
+    zeros = np.zeros((6, 5))
+    one = np.abs(np.random.default_rng(4).standard_normal((6, 1))) + 0.1
+    assert sp.entropy(zeros) is None and sp.entropy(one) is None
+    assert sp.hoyer(one) is None and sp.gini(one) == 0.0
+    for a, undefined in ((zeros, {"entropy": sp.UNDEFINED["no_energy"], "gini": sp.UNDEFINED["all_zero"],
+                                  "hoyer": sp.UNDEFINED["all_zero"]}),
+                         (one, {"entropy": sp.UNDEFINED["one_neuron_entropy"],
+                                "hoyer": sp.UNDEFINED["one_neuron_hoyer"]})):
+        for got in (sp.comprehensive_sparsity(a, 0.01), sp.stream_sparsity(lambda: [a[:2], a[2:]], a.shape[1], 0.01)):
+            assert got["undefined"] == undefined
+            assert got["entropy"]["sparsity"] is None and got["entropy"]["mean_entropy"] is None
+            assert got["hoyer"] is None and (got["gini"] is None) == (a is zeros)
+            assert got["entropy"]["n_zero_tokens"] == (6 if a is zeros else 0)
+            table = sp.multilayer_table({0: {**got, "relative_depth": 0.0}})
+            assert table["Hoyer"] == [None] and table["entropy"] == [None]
+    defined = sp.comprehensive_sparsity(np.random.default_rng(5).standard_normal((8, 6)), 0.01)
+    assert defined["undefined"] == {} and all(isinstance(defined[k], float) for k in ("gini", "hoyer"))
+
+
+def test_undefined_measures_are_drawn_as_undefined(tmp_path):
+    """The plots take a layer whose measures are undefined (no NaN reaches a label)."""
+    got = {**sp.comprehensive_sparsity(np.zeros((6, 5)), 0.01), "layer": 0, "relative_depth": 0.0}
+    paths = sp.sparsity_plots([("zeros", got)], [("zeros", {0: got})], tmp_path, "t")
+    assert len(paths) == 7 and all(p.endswith(".png") for p in paths)
+
+
+@pytest.mark.parametrize("k", [100, "top"])
+def test_streamed_float32_activations_near_the_top_of_the_range(k):
+    """float32 activations of 1e30 (squares overflow float32) and up to 3.4e38 (float32's largest): the
+    streamed statistics stay finite and a power-of-two scale changes only the scale-dependent ones, exactly
+    as it should (thresholds and means by the scale, variances by its square)."""
+    rng = np.random.default_rng(6)
+    a = (rng.standard_normal((300, 16)) * rng.gamma(0.5, 1.0, 16)).astype(np.float32)
+    k = int(np.floor(np.log2(np.finfo(np.float32).max / np.abs(a).max()))) if k == "top" else k
+    big = a * np.float32(2.0 ** k)
+    assert np.isfinite(big).all() and (k < 127 or np.abs(big).max() > 1e38)
+    ref = sp.stream_sparsity(lambda: (a[i:i + 64] for i in range(0, len(a), 64)), 16, 0.0)
+    got = sp.stream_sparsity(lambda: (big[i:i + 64] for i in range(0, len(big), 64)), 16, 0.0)
+    for key in ("gini", "hoyer"):
+        assert got[key] == ref[key], key
+    assert got["entropy"]["sparsity"] == ref["entropy"]["sparsity"]
+    assert got["percentile"]["sparsity"] == ref["percentile"]["sparsity"]
+    np.testing.assert_array_equal(got["percentile"]["thresholds"], np.asarray(ref["percentile"]["thresholds"]) * 2.0 ** k)
+    np.testing.assert_array_equal(got["neuron_mean_abs"], ref["neuron_mean_abs"] * 2.0 ** k)
+    np.testing.assert_allclose(got["neuron_variance"], ref["neuron_variance"] * 4.0 ** k, rtol=1e-12)

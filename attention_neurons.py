@@ -277,14 +277,9 @@ def neuron_diversity(activations: np.ndarray) -> float | None:
 def check_methods(methods) -> tuple:
     """`methods` as a tuple of METHODS names: a non-empty list (not one bare string, which would be read
     letter by letter) of known methods. ValueError otherwise."""
-    if isinstance(methods, (str, bytes)):
-        raise ValueError(f"methods must be a list of method names, not a string: wrap it: [{methods!r}]")
-    try:
-        methods = tuple(methods)
-    except TypeError:
-        raise ValueError(f"methods must be a list of method names; got {type(methods).__name__}") from None
-    if not methods:
-        raise ValueError(f"methods is empty; choose from {', '.join(METHODS)}")
+    from utils import text_list
+
+    methods = tuple(text_list(methods, "methods"))
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")

@@ -28,7 +28,7 @@ import torch
 
 from models import ArchitectureAdapter, get_adapter
 from ssm import ReconstructionError, blocked_inference
-from utils import free_memory_bytes, text_list, trace
+from utils import finite_number, free_memory_bytes, text_list, trace, whole_number  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -117,31 +117,6 @@ def _grower(rows_by_path: dict):
 # efficiency import them): each refuses, before any forward pass, with a ValueError naming the argument,
 # the value and the fix.
 # --------------------------------------------------------------------------------------------------
-def whole_number(name: str, value, low: int | None = None, high: int | None = None, context: str = "") -> int:
-    """`value` as an int: an integer (Python or numpy) within low..high (either bound optional). A bool
-    and any float (1.5, and 1.0 too: an index or a count is never read from a float) are refused, not
-    truncated. `context` is added to the message (e.g. what the bounds come from)."""
-    more = f" ({context})" if context else ""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} {value!r}: must be a whole number (an int), not {type(value).__name__}{more}")
-    value = int(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        span = (f"in {low}..{high}" if low is not None and high is not None else
-                f"at least {low}" if low is not None else f"at most {high}")
-        raise ValueError(f"{name} {value}: must be {span}{more}")
-    return value
-
-
-def finite_number(name: str, value) -> float:
-    """`value` as a float: a real number (not a bool, not a string) that is finite."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} {value!r}: must be a finite number, not {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} {value}: must be a finite number")
-    return value
-
-
 def check_top_k(top_k) -> int:
     """top_k: a whole number of at least 1 (how many units a ranking lists; fewer when there are fewer)."""
     return whole_number("top_k", top_k, low=1)

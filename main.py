@@ -318,7 +318,7 @@ def check_prompts(tokenizer, prompts, config, where: str) -> None:
     """Every prompt must give at least one token, fit the model's positions (a Transformer's; a Mamba has
     no limit) and give only token ids within the model's embedding table (`config.vocab_size`)."""
     from models import max_positions
-    from utils import UserInputError, check_token_ids, token_prefix
+    from utils import UserInputError, check_vocab_ids, token_prefix
 
     limit = max_positions(config)
     for i, p in enumerate(prompts):
@@ -328,15 +328,15 @@ def check_prompts(tokenizer, prompts, config, where: str) -> None:
         if longer:
             raise UserInputError(f"{where}: prompt {i + 1} ({p[:40]!r}) has more tokens than the model's "
                                  f"{limit} positions; shorten it")
-        check_token_ids(ids, int(config.vocab_size), f"{where}: prompt {i + 1} ({p[:40]!r})")
+        check_vocab_ids(ids, int(config.vocab_size), f"{where}: prompt {i + 1} ({p[:40]!r})")
 
 
 def check_text_tokens(tokenizer, texts, max_length: int, config, where: str) -> None:
     """Every text's first `max_length` token ids must lie within the model's embedding table."""
-    from utils import check_token_ids, token_prefix
+    from utils import check_vocab_ids, token_prefix
 
     for i, t in enumerate(texts):
-        check_token_ids(token_prefix(tokenizer, t, max_length)[0], int(config.vocab_size),
+        check_vocab_ids(token_prefix(tokenizer, t, max_length)[0], int(config.vocab_size),
                         f"{where}: text {i + 1} ({t[:40]!r})")
 
 

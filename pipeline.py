@@ -84,15 +84,13 @@ def check_option_values(values: dict, flag: str = "") -> None:
     their range, known methods and ablations, prompts as a list of strings. Only the names present in
     `values` are checked; a None value means "the default". Ranges that depend on the model (a layer
     below its layer count, a dim below a site's width) are checked by the adapter."""
-    import numbers
-
-    from utils import UserInputError, text_list
+    from utils import UserInputError, finite_number, text_list, whole_number
 
     def whole(name, v, least):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise UserInputError(f"{flag}{name} {v!r}: not a whole number; give an integer")
-        if v < least:
-            raise UserInputError(f"{flag}{name} {v}: must be at least {least}")
+        try:
+            whole_number(f"{flag}{name}", v, low=least)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
 
     for name, v in values.items():
         if v is None:
@@ -108,8 +106,10 @@ def check_option_values(values: dict, flag: str = "") -> None:
             for item in items:
                 whole(name, item, _WHOLE_LISTS[name])
         elif name in _FLOATS:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise UserInputError(f"{flag}{name} {v!r}: give a finite number")
+            try:
+                finite_number(f"{flag}{name}", v)
+            except ValueError as exc:
+                raise UserInputError(str(exc)) from None
             if _FLOATS[name] == "positive" and v <= 0:
                 raise UserInputError(f"{flag}{name} {v}: must be positive")
             if _FLOATS[name] == "at_least_0" and v < 0:
@@ -494,7 +494,7 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
 def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=None, on_stage=None) -> dict:
     """`run_comprehensive_analysis` with the options as one `Options` object."""
     from models import NotApplicable, get_adapter
-    from utils import UserInputError, check_token_ids, text_list, tokenize_texts
+    from utils import UserInputError, check_vocab_ids, text_list, tokenize_texts
 
     adapter = get_adapter(model)
     check_option_values({f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
@@ -508,7 +508,7 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
     tokens = tokenize_texts(tokenizer, texts, opts.max_length)
     vocab = model.get_input_embeddings().num_embeddings
     for i, ids in enumerate(tokens.input_ids):
-        check_token_ids(ids[0].tolist(), vocab, f"text {i + 1} ({texts[i][:40]!r})")
+        check_vocab_ids(ids[0].tolist(), vocab, f"text {i + 1} ({texts[i][:40]!r})")
     results: dict = {"texts": {"n_texts": len(texts), "n_tokens": int(sum(tokens.lengths)),
                                "max_length": opts.max_length, "n_truncated": tokens.n_truncated},
                      "architecture": adapter.describe()}

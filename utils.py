@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 import os
 import random
 import re
@@ -38,6 +39,35 @@ def expand_path(value, flag: str) -> Path:
     except RuntimeError:
         raise UserInputError(f"{flag} {value}: {str(value).split('/')[0]} names no known home folder; "
                              "give the path in full") from None
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # Python's or numpy's
+
+
+def whole_number(name: str, value, low: int | None = None, high: int | None = None, context: str = "") -> int:
+    """`value` as an int: an integer (Python or numpy) within low..high (either bound optional). A bool
+    and any float (1.5, and 1.0 too: an index or a count is never read from a float) are refused, not
+    truncated. `context` is added to the message (e.g. what the bounds come from)."""
+    more = f" ({context})" if context else ""
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} {value!r}: must be a whole number (an int), not {type(value).__name__}{more}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = (f"in {low}..{high}" if low is not None and high is not None else
+                f"at least {low}" if low is not None else f"at most {high}")
+        raise ValueError(f"{name} {value}: must be {span}{more}")
+    return value
+
+
+def finite_number(name: str, value) -> float:
+    """`value` as a float: a real number (not a bool, not a string) that is finite."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} {value!r}: must be a finite number, not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} {value}: must be a finite number")
+    return value
 
 
 def first_line(exc: BaseException) -> str:
@@ -498,7 +528,7 @@ def _load_dataset_texts(name, config, split, limit) -> list[str]:
     return texts
 
 
-def check_token_ids(ids, vocab: int, what: str) -> None:
+def check_vocab_ids(ids, vocab: int, what: str) -> None:
     """UserInputError when a token id lies beyond the model's `vocab` embeddings (`what` names the text)."""
     if ids and max(ids) >= vocab:
         raise UserInputError(f"{what} gives token id {max(ids)}, beyond the model's {vocab} embeddings: the "

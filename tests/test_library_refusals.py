@@ -163,7 +163,7 @@ def test_delta_top_refuses_a_bad_k(mamba, tokenizer, ids):
     ({"texts_ids": "tensor"}, "must be a list of .1, L. token-id tensors"),
     ({"texts_ids": []}, "texts_ids is empty"),
     ({"layers": [True]}, "layers True"), ({"layers": [5]}, "layers 5"), ({"layers": []}, "layers is empty"),
-    ({"methods": "rollout"}, "not a string"),  # not the methods 'r', 'o', 'l', ...
+    ({"methods": "rollout"}, "not a single string"),  # not the methods 'r', 'o', 'l', ...
     ({"methods": []}, "methods is empty"), ({"methods": ["rolout"]}, "unknown method 'rolout'"),
     ({"top_k": -1}, "top_k -1"), ({"top_k": True}, "top_k True")])
 def test_attention_profile_refusals(kind, case, message, ids):

@@ -39,17 +39,17 @@ method's entry has None / [] in the fields concerned and `undefined` maps each s
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from causal_analysis import check_layer, check_layers, check_token_ids, check_top_k
 from models import NotApplicable, get_adapter, require_mamba
-from ssm import (ReconstructionCheck, apply_hidden_attention, channel_D, check_reconstruction, fast_scan_training,
+from ssm import (ReconstructionCheck, apply_hidden_attention, channel_D, check_reconstruction,
                  gate_output, hidden_attention_by_channel, project_out, ssm_projections)
 
 logger = logging.getLogger(__name__)
@@ -425,37 +425,6 @@ def score_groups(view: LayerView, methods: tuple, previous: list | None, maps: b
     return {m: _batch_mean(m, per[m]) for m in methods}, (unit_sum / e if maps else None), R
 
 
-def leaf_gradient(model, input_ids: torch.Tensor, attention_mask, path: str, y: torch.Tensor,
-                  rebuild: Callable, scan=None, watch: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g = ∂ logit[target] / ∂ y (b, L, e), target (b,)), target = the model's predicted next token at the
-    last position. The output of the module at `path` is replaced by `rebuild(y)` computed from a leaf
-    copy of `y` (numerically the module's own output, verified by the caller), so autograd reaches y
-    exactly. The weights leave the graph for this pass (no weight-gradient work) and get their
-    requires_grad back afterwards, also on error. `scan`: a context to run the forward in (e.g. Mamba's
-    fast scan, for its cheap backward). `watch`: a context factory wrapped around the model's forward (it
-    may read other modules of this full forward, e.g. `sparsity.ForwardFeed.watch`)."""
-    from utils import trace
-
-    y = y.clone().requires_grad_(True)  # (b, L, e)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad(), (scan or contextlib.nullcontext()):
-            out = rebuild(y)  # (b, L, d)
-            with (watch or contextlib.nullcontext)(), \
-                    trace(model, [path], retain_output=False, edit_output=lambda name, o: out.to(o.dtype)):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                               logits_to_keep=1).logits  # (b, 1, V): the head at the last position only
-            last = logits[:, -1].float()  # (b, V)
-            target = last.argmax(-1)  # (b,)
-            g, = torch.autograd.grad(last.gather(1, target[:, None]).sum(), y)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return g.detach(), target
-
-
 class AttentionNeurons:
     """Attention neurons of one model, family-agnostic: the scoring, rollout through the layers below, the
     analysis and the figure. A subclass says how to capture a layer (`capture`), how to see it as unit
@@ -498,30 +467,35 @@ class AttentionNeurons:
         """{layer: what `layer_view` needs}, from one forward for all `layers`."""
         raise NotImplementedError
 
-    def layer_view(self, ids, mask, layer: int, io, gradient: bool, watch: Callable | None = None) -> LayerView:
-        """The layer as unit groups of α; with `gradient`, g from `output_gradient` (its full forward
-        wrapped in `watch`)."""
+    def layer_view(self, mask, layer: int, io, g_site: torch.Tensor | None) -> LayerView:
+        """The layer as unit groups of α, from `io` (what `capture` gave for it); `g_site`: the gradient
+        at the input of `adapter.gradient_path(layer)` (`passes.gradient_pass`), or None."""
         raise NotImplementedError
+
+    def unit_gradient(self, g_site: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """g = ∂ logit / ∂ y (b, L, e) at the units' outputs y from the gradient at the gradient path's
+        input (the same tensor where that input is y)."""
+        return g_site.float()
 
     def text_scores(self, inputs, layer: int, methods=METHODS, rolled: tuple | None = None) -> "TextScores":
         """`scores_by_layer` at one layer (`layer`: a whole number in 0..n_layers−1)."""
         return next(iter(self.scores_by_layer(inputs, [check_layer(self.adapter, layer)], methods, rolled)))[1]
 
-    def scores_by_layer(self, inputs, layers, methods=METHODS, rolled: tuple | None = None,
-                        watch: Callable | None = None, maps: bool = True) -> Iterator[tuple[int, "TextScores"]]:
+    def scores_by_layer(self, inputs, layers, methods=METHODS, rolled: tuple | None = None, maps: bool = True,
+                        captured=None) -> Iterator[tuple[int, "TextScores"]]:
         """(layer, TextScores) for each of `layers` in ascending order: every method's scores, equal to
         `create_neurons` on `extract_attention_vectors` (the reference path; tested) but with α consumed one
         unit group at a time: α is never held whole (peak memory about one group's α instead of
         (b, e, L, L)), and each group is read by every method while in cache. One forward captures every
-        layer needed.
+        layer needed, and (with gradient_guided) one gradient forward gives every layer's g
+        (`passes.gradient_pass`); `captured`: a `passes.TextCapture` of these inputs that holds them
+        already (the text pass's), so that no forward runs here.
 
         Per layer, the output rebuilt from the α seen is checked against the model's real output
-        (ReconstructionError on mismatch). gradient_guided's g comes from one backward (`output_gradient`).
-        Rollout at layer ℓ > 0 streams the layers below it for R_{ℓ-1}, continuing from each chosen layer to
-        the next; `rolled` = (layer k below the first of `layers`, per-example R_k), the `rollout_R` of an
-        earlier call on the same inputs, starts from R_k instead. Each result's `rollout_R` is R_ℓ per
-        example (None without rollout). `watch`: a context factory wrapped around the first gradient pass's
-        forward (a full forward of the model on these inputs; `leaf_gradient`). Without `maps` the
+        (ReconstructionError on mismatch). Rollout at layer ℓ > 0 streams the layers below it for R_{ℓ-1},
+        continuing from each chosen layer to the next; `rolled` = (layer k below the first of `layers`,
+        per-example R_k), the `rollout_R` of an earlier call on the same inputs, starts from R_k instead.
+        Each result's `rollout_R` is R_ℓ per example (None without rollout). Without `maps` the
         contribution methods' token maps and `attention_vectors` are left out (None; see `score_groups`).
         `methods` (`check_methods`) and `layers` (a non-empty list of layer indices; a layer given twice is
         scored once) are checked before any forward (ValueError)."""
@@ -530,18 +504,42 @@ class AttentionNeurons:
         start, previous = (-1, None) if rolled is None else rolled
         if not start < layers[0]:
             raise ValueError(f"rolled starts at layer {start}, not below layer {layers[0]}")
-        needed = range(start + 1, layers[-1] + 1) if "rollout" in methods else layers
-        ios = self.capture(ids, mask, list(needed))
+        needed = self.layers_read(layers, methods, start)
+        gradient_layers = layers if "gradient_guided" in methods else []
+        if captured is None:
+            ios = self.capture(ids, mask, needed)
+            grads = self.site_gradients(ids, mask, gradient_layers)
+        else:
+            ios, grads = self.captured_io(captured), captured.gradients
         for la in needed:
             chosen = la in layers
-            gradient = chosen and "gradient_guided" in methods
-            view = self.layer_view(ids, mask, la, ios.pop(la), gradient, watch)
-            watch = None if gradient else watch  # one full forward read
+            view = self.layer_view(mask, la, ios[la], grads[la] if chosen and la in gradient_layers else None)
             scores, vectors, R = score_groups(view, methods if chosen else ("rollout",), previous, maps and chosen)
             check = view.check()
             previous = R
             if chosen:
                 yield la, TextScores(scores, vectors, check, R)
+
+    @staticmethod
+    def layers_read(layers, methods, start: int = -1) -> list[int]:
+        """The layers whose captures `scores_by_layer` reads: `layers`, and with rollout every layer from
+        `start` + 1 up to the last of them."""
+        layers = sorted(set(layers))
+        return list(range(start + 1, layers[-1] + 1)) if "rollout" in methods else layers
+
+    def captured_io(self, captured) -> dict:
+        """{layer: what `layer_view` reads} from a `passes.TextCapture`."""
+        raise NotImplementedError
+
+    def site_gradients(self, ids, mask, layers) -> dict:
+        """{layer: the gradient at the gradient path's input} from one gradient forward (none for no layers)."""
+        from passes import gradient_pass
+
+        if not layers:
+            return {}
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError("padded batches are not supported")
+        return gradient_pass(self.model, self.adapter, ids, layers)[0]
 
     def create_neurons(self, attention_data: dict, method: str, layers=None) -> dict:
         """{layer: NeuronScores} for `method` (METHODS) at `layers` (default: every layer in the data), from
@@ -560,7 +558,7 @@ class AttentionNeurons:
             d = attention_data[layer]
             alpha, x = d["attention_matrix"], d["x"]  # (b, e, L, L), (b, L, e)
             if method == "gradient_guided":
-                g, _ = self.output_gradient(d["input_ids"], layer, d["attention_mask"], *d["leaf"])
+                g, _ = self.output_gradient(d["input_ids"], layer, d["attention_mask"])
                 per = [gradient_guided(alpha[k], x[k], g[k]) for k in range(alpha.shape[0])]
             elif method == "attention_weighted":
                 per = [attention_weighted(alpha[k], x[k]) for k in range(alpha.shape[0])]
@@ -723,18 +721,20 @@ class MambaAttentionNeurons(AttentionNeurons):
 
         return capture_mixer_ios(self.model, layers, ids, mask)  # {layer: (input, real output) (b, L, d)}
 
-    def layer_view(self, ids, mask, layer: int, io, gradient: bool, watch: Callable | None = None) -> LayerView:
-        from delta_extraction import verified_internals
+    def captured_io(self, captured) -> dict:
+        return captured.mixer_io
 
+    def unit_gradient(self, g_site: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Mamba-2: the gradient path is the gated norm, whose input is y. Mamba-1 / FalconMamba: it is
+        out_proj, whose input is u = y · SiLU(z), so ∂/∂y = ∂/∂u · SiLU(z)."""
+        return g_site.float() if self.mamba2 else g_site.float() * F.silu(z)
+
+    def layer_view(self, mask, layer: int, io, g_site: torch.Tensor | None) -> LayerView:
         h_in, real_out = io
         mixer = self.adapter.mixer(layer)
-        g = None
-        if gradient:  # the gradient's leaf is the scan's y, checked against the mixer first
-            it, _ = verified_internals(mixer, io, mask)  # x, z, Δ, B, C, A, D and y, (b, L, ·)
-            g, _ = self.output_gradient(ids, layer, mask, it.y, it.z, watch)  # (b, L, e)
-        else:  # α needs no sequential scan (e.g. rollout's lower layers)
-            with torch.no_grad():
-                it = MixerProjections(*ssm_projections(mixer, h_in, mask))
+        with torch.no_grad():  # α needs no sequential scan: it is checked through the output it rebuilds
+            it = MixerProjections(*ssm_projections(mixer, h_in, mask))
+        g = None if g_site is None else self.unit_gradient(g_site, it.z)  # (b, L, e)
         y = torch.empty_like(it.x)  # (b, L, e): α x + D x, filled group by group
         D = channel_D(it.D, it.x.shape[-1])  # (e,)
 
@@ -772,24 +772,23 @@ class MambaAttentionNeurons(AttentionNeurons):
                            "attention_mask": mask}
         return data
 
-    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None, z=None,
-                        watch: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer` by `leaf_gradient`: the mixer's output is
-        replaced by out_proj(gate(y, z)) from a leaf y (the scan output, before the gate or gated norm).
-        Mamba-1 / FalconMamba mixers run the fast scan in this pass (`ssm.fast_scan_training`: the same
-        recurrence, tested against the reference scan, so the logits equal the model's to float rounding) for
-        its O(b L e n) hand-written backward; autograd through transformers' step-by-step slow path costs
-        O(L²) memory traffic. Mamba-2 runs its own chunked forward. `y`, `z` (b, L, e): already verified
-        internals of this layer for these inputs, to skip recomputing them."""
-        from delta_extraction import mixer_internals
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer`'s scan output y (before the gate or gated
+        norm), target (b,) the predicted next token at the last position), from one gradient forward
+        (`passes.gradient_pass`: Mamba-1 / FalconMamba mixers run the fast scan there, tested against the
+        reference scan, for its O(b L e n) backward)."""
+        from passes import gradient_pass
 
-        mixer = self.adapter.mixer(layer)
-        if y is None or z is None:
-            it, _ = mixer_internals(self.model, layer, input_ids, attention_mask)  # verified
-            y, z = it.y, it.z
-        return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.mixer_path(layer), y,
-                             lambda leaf: project_out(mixer, gate_output(mixer, leaf, z)),
-                             None if self.mamba2 else fast_scan_training(self.model), watch)
+        ids, mask = self._device_ids(input_ids if attention_mask is None else
+                                     {"input_ids": input_ids, "attention_mask": attention_mask})
+        grads, target, _ = gradient_pass(self.model, self.adapter, ids, [check_layer(self.adapter, layer)])
+        z = None
+        if not self.mamba2:
+            h_in, _ = self.capture(ids, mask, [layer])[layer]
+            with torch.no_grad():
+                z = ssm_projections(self.adapter.mixer(layer), h_in, mask)[1]  # (b, L, e)
+        return self.unit_gradient(grads[layer], z), target
 
 
 class TransformerAttentionNeurons(AttentionNeurons):
@@ -841,9 +840,12 @@ class TransformerAttentionNeurons(AttentionNeurons):
         y = (A @ v).transpose(1, 2).reshape(b, L, H * hd)  # (b, L, d): Σ_j A_h[i, j] v^c_j
         return A, x, y
 
-    def layer_view(self, ids, mask, layer: int, io, gradient: bool, watch: Callable | None = None) -> LayerView:
+    def captured_io(self, captured) -> dict:
+        return captured.attention_io
+
+    def layer_view(self, mask, layer: int, io, g_site: torch.Tensor | None) -> LayerView:
         A, x, y = self._units(io)
-        g = self.output_gradient(ids, layer, mask, io[2], watch)[0] if gradient else None  # (b, L, d)
+        g = None if g_site is None else self.unit_gradient(g_site)  # (b, L, d): the projection's input is y
         hd = self.adapter.head_dim
 
         def groups():
@@ -873,15 +875,17 @@ class TransformerAttentionNeurons(AttentionNeurons):
                            "attention_mask": mask}
         return data
 
-    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None, y=None,
-                        watch: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """g = ∂ logit[target] / ∂ y (b, L, d) at layer `layer` by `leaf_gradient`: y is the output
-        projection's input (the heads' concatenated output), and the projection's output is replaced by
-        its value at a leaf y. `y`: that input as captured for these inputs (captured here if None)."""
-        if y is None:
-            y = self.capture(*self._device_ids(input_ids), [layer])[layer][2]
-        return leaf_gradient(self.model, input_ids, attention_mask, self.adapter.attention_paths(layer).out_proj,
-                             y, lambda leaf: self._project(layer, leaf), watch=watch)
+    def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g = ∂ logit[target] / ∂ y (b, L, d) at layer `layer`'s output-projection input y (the heads'
+        concatenated output), target (b,) the predicted next token at the last position), from one
+        gradient forward (`passes.gradient_pass`)."""
+        from passes import gradient_pass
+
+        ids, _ = self._device_ids(input_ids if attention_mask is None else
+                                  {"input_ids": input_ids, "attention_mask": attention_mask})
+        grads, target, _ = gradient_pass(self.model, self.adapter, ids, [check_layer(self.adapter, layer)])
+        return self.unit_gradient(grads[layer]), target
 
 
 def attention_neurons_for(model) -> AttentionNeurons:
@@ -930,42 +934,40 @@ def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHO
     return {"attention_data": data, "neurons": neurons, "analysis_results": analysis, "analyzer": analyzer}
 
 
-def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=METHODS, top_k: int = 10,
-                      progress: bool = False, rolled: dict | None = None, desc: str = "attention",
-                      maps_at=None, feed=None) -> dict:
-    """Each method's scores at every one of `layers`, averaged over the texts (one text at a time, every
-    layer from one forward per text, rollout continuing from layer to layer):
-    {layer: {"layer", "n_texts", "max_reconstruction_error", "attention_vector_first_text" (L, L) the unit
-    mean of α of the first text, "methods": {method: `analyze_neuron_behavior`'s dict + the averaged
-    "neuron_activations" and "neuron_importance" (e,) and "token_map_first_text" (L, L), and
-    "n_texts_averaged": {"activations", "importance"}}}}.
-    Each score is averaged over the texts where it is defined: rollout's activations and every method's
-    importance over the texts of at least 2 tokens (a one-token text has no other token, and one query
-    position). With none, that array is None and the entry's "undefined" says why (`analyze_neuron_behavior`).
-    `rolled`: {text index: (layer, R)} to start rollout from and to keep each text's last R in (--layers).
-    `maps_at`: the layers whose entries keep the first text's (L, L) maps (default: every layer); the other
-    entries leave them out (at 24 layers they would make the JSON a hundred MB).
-    `feed`: a `sparsity.ForwardFeed` over the same texts, given each text's gradient forward (a full forward:
-    with gradient_guided among `methods`), so that sparsity needs no forward of its own.
-    Refused before any forward (ValueError): `texts_ids` not a non-empty list of (1, L_i) token-id tensors,
-    `layers` not a non-empty list of layer indices (a layer given twice is scored once), unknown or no
-    `methods`, a `top_k` that is not a whole number >= 1."""
-    from tqdm.auto import tqdm
+class AttentionProfile:
+    """The running sums of `attention_profile`: `add(k, scored)` with text k's [(layer, TextScores)] (in
+    text order, k = 0 first: its maps are kept), `result()` the profile. Also the attention stage's reader
+    of the text pass (`request`, `read`, `finish`): it scores each text from the pass's captures."""
 
-    texts_ids = check_token_ids(texts_ids)
-    layers = sorted(set(check_layers(analyzer.adapter, layers)))
-    methods, top_k = check_methods(methods), check_top_k(top_k)
-    # per layer and method: [Σ activations, texts in it, Σ importance, texts in it, first reason of each left out]
-    sums = {la: {m: [0.0, 0, 0.0, 0, None, None] for m in methods} for la in layers}
-    first = {la: {} for la in layers}  # the first text's token maps
-    vectors, worst = {}, dict.fromkeys(layers, 0.0)
-    for k, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
-        start = None if rolled is None else rolled.get(k)
-        watch = None if feed is None else feed.watch(ids)
-        for la, ts in analyzer.scores_by_layer(ids, layers, methods, start, watch, maps=k == 0):  # α by group, verified
-            worst[la] = max(worst[la], ts.reconstruction.relative_error)
-            for m in methods:
-                s, acc = ts.scores[m], sums[la][m]
+    def __init__(self, analyzer: "AttentionNeurons", layers, methods=METHODS, top_k: int = 10, maps_at=None):
+        self.analyzer = analyzer
+        self.layers = sorted(set(check_layers(analyzer.adapter, layers)))
+        self.methods, self.top_k = check_methods(methods), check_top_k(top_k)
+        self.maps_at = maps_at
+        # per layer and method: [Σ activations, texts in it, Σ importance, texts in it, first reason of each left out]
+        self.sums = {la: {m: [0.0, 0, 0.0, 0, None, None] for m in self.methods} for la in self.layers}
+        self.first = {la: {} for la in self.layers}  # the first text's token maps
+        self.vectors, self.worst = {}, dict.fromkeys(self.layers, 0.0)
+        self.n = 0
+
+    @property
+    def request(self):
+        from passes import TextRequest
+
+        read = frozenset(self.analyzer.layers_read(self.layers, self.methods))
+        grad = frozenset(self.layers if "gradient_guided" in self.methods else ())
+        return (TextRequest(mixer_io=read, gradient=grad) if self.analyzer.adapter.is_ssm
+                else TextRequest(attention_io=read, gradient=grad))
+
+    def read(self, text) -> None:
+        self.add(text.index, self.analyzer.scores_by_layer(text.ids, self.layers, self.methods, maps=text.index == 0,
+                                                           captured=text))
+
+    def add(self, k: int, scored) -> None:
+        for la, ts in scored:  # α by group, verified
+            self.worst[la] = max(self.worst[la], ts.reconstruction.relative_error)
+            for m in self.methods:
+                s, acc = ts.scores[m], self.sums[la][m]
                 if s.neuron_activations is not None:
                     acc[0], acc[1] = acc[0] + s.neuron_activations, acc[1] + 1
                 else:
@@ -975,30 +977,58 @@ def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=MET
                 else:
                     acc[5] = acc[5] or s.importance_undefined
                 if k == 0:
-                    first[la][m] = s.token_map
+                    self.first[la][m] = s.token_map
             if k == 0:
-                vectors[la] = ts.attention_vectors[0].cpu().numpy()  # (L, L)
-        if rolled is not None and ts.rollout_R is not None:
-            rolled[k] = (layers[-1], ts.rollout_R)
-    n = len(texts_ids)
-    out = {}
-    for la in layers:
-        maps = maps_at is None or la in maps_at
-        entry = {"layer": la, "n_texts": n, "max_reconstruction_error": worst[la], "methods": {}}
-        if maps:
-            entry["attention_vector_first_text"] = vectors[la]
-        for m in methods:
-            acts, n_acts, imp, n_imp, why_acts, why_imp = sums[la][m]
-            scores = NeuronScores(m, acts / n_acts if n_acts else None, imp / n_imp if n_imp else None,
-                                  first[la][m], None if n_acts else why_acts, None if n_imp else why_imp)
-            entry["methods"][m] = {**analyzer.analyze_neuron_behavior({la: scores}, la, top_k),
-                                   "neuron_activations": scores.neuron_activations,
-                                   "neuron_importance": scores.neuron_importance,
-                                   "n_texts_averaged": {"activations": n_acts, "importance": n_imp}}
+                self.vectors[la] = ts.attention_vectors[0].cpu().numpy()  # (L, L)
+        self.n += 1
+
+    def finish(self) -> dict:
+        return self.result()
+
+    def result(self) -> dict:
+        out = {}
+        for la in self.layers:
+            maps = self.maps_at is None or la in self.maps_at
+            entry = {"layer": la, "n_texts": self.n, "max_reconstruction_error": self.worst[la], "methods": {}}
             if maps:
-                entry["methods"][m]["token_map_first_text"] = first[la][m]
-        out[la] = entry
-    return out
+                entry["attention_vector_first_text"] = self.vectors[la]
+            for m in self.methods:
+                acts, n_acts, imp, n_imp, why_acts, why_imp = self.sums[la][m]
+                scores = NeuronScores(m, acts / n_acts if n_acts else None, imp / n_imp if n_imp else None,
+                                      self.first[la][m], None if n_acts else why_acts, None if n_imp else why_imp)
+                entry["methods"][m] = {**self.analyzer.analyze_neuron_behavior({la: scores}, la, self.top_k),
+                                       "neuron_activations": scores.neuron_activations,
+                                       "neuron_importance": scores.neuron_importance,
+                                       "n_texts_averaged": {"activations": n_acts, "importance": n_imp}}
+                if maps:
+                    entry["methods"][m]["token_map_first_text"] = self.first[la][m]
+            out[la] = entry
+        return out
+
+
+def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=METHODS, top_k: int = 10,
+                      progress: bool = False, desc: str = "attention", maps_at=None) -> dict:
+    """Each method's scores at every one of `layers`, averaged over the texts (one text at a time, every
+    layer from one forward per text and one gradient forward, rollout continuing from layer to layer):
+    {layer: {"layer", "n_texts", "max_reconstruction_error", "attention_vector_first_text" (L, L) the unit
+    mean of α of the first text, "methods": {method: `analyze_neuron_behavior`'s dict + the averaged
+    "neuron_activations" and "neuron_importance" (e,) and "token_map_first_text" (L, L), and
+    "n_texts_averaged": {"activations", "importance"}}}}.
+    Each score is averaged over the texts where it is defined: rollout's activations and every method's
+    importance over the texts of at least 2 tokens (a one-token text has no other token, and one query
+    position). With none, that array is None and the entry's "undefined" says why (`analyze_neuron_behavior`).
+    `maps_at`: the layers whose entries keep the first text's (L, L) maps (default: every layer); the other
+    entries leave them out (at 24 layers they would make the JSON a hundred MB).
+    Refused before any forward (ValueError): `texts_ids` not a non-empty list of (1, L_i) token-id tensors,
+    `layers` not a non-empty list of layer indices (a layer given twice is scored once), unknown or no
+    `methods`, a `top_k` that is not a whole number >= 1."""
+    from tqdm.auto import tqdm
+
+    texts_ids = check_token_ids(texts_ids)
+    profile = AttentionProfile(analyzer, layers, methods, top_k, maps_at)
+    for k, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
+        profile.add(k, analyzer.scores_by_layer(ids, profile.layers, profile.methods, maps=k == 0))
+    return profile.result()
 
 
 def neuron_scores(entry: dict, method: str) -> dict:
@@ -1042,3 +1072,89 @@ def plot_attention_depth(series: list, plots_dir, name: str) -> str:
         axes[0, col].legend(fontsize=7)
     fig.suptitle("Attention neurons over depth: mean activation (scale is model-specific) and diversity")
     return save_figure(fig, plots_dir, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The attention stage (a text stage: it reads the mixer or attention captures and the gradients of the
+# text pass)
+# --------------------------------------------------------------------------------------------------
+def stage_layers(opts, layer: int) -> list[int]:
+    """The attention stage's layers at `layer`: it and every --attention_layers layer."""
+    return sorted({layer, *(opts.attention_layers or ())})
+
+
+def attention_by_layer(results: dict) -> dict:
+    """{layer: profile entry} of an attention stage's results (one layer, or every --attention_layers layer)."""
+    return results.get("by_layer") or {results["layer"]: results}
+
+
+def _stage_reader(ctx):
+    layers = sorted({la for layer in ctx.layers for la in stage_layers(ctx.opts, layer)})
+    return AttentionProfile(attention_neurons_for(ctx.model), layers, ctx.opts.attention_methods, ctx.top_k,
+                            maps_at=set(ctx.layers))
+
+
+def _stage_run(ctx, profile: dict):
+    """Attention neurons at --layer (and every --attention_layers layer) over every text: each method's unit
+    scores averaged over texts. Mamba: hidden attention of the channels; Transformer: the attention
+    weights of the attention-output dims (UNITS)."""
+    from functools import partial
+
+    from naming import layer_tag
+
+    analyzer = attention_neurons_for(ctx.model)
+    layer, methods, layers = ctx.layer, ctx.opts.attention_methods, stage_layers(ctx.opts, ctx.layer)
+    by_layer = {la: profile[la] for la in layers}
+    family = "mamba" if ctx.adapter.is_ssm else "transformer"
+    results = {**by_layer[layer], "units": analyzer.describe_units(),
+               "definitions": {m: DEFINITIONS[m] for m in methods}}
+    d, p, k = ctx.plots_dir, ctx.prefix, ctx.top_k
+    plots = [partial(plot_attention_vector, results["attention_vector_first_text"], layer, d, p, family)]
+    plots += [partial(analyzer.visualize_neurons, neuron_scores(results, m), layer, d, p, k) for m in methods]
+    if len(layers) > 1:
+        results["attention_layers"] = layers
+        results["by_layer"] = by_layer
+        plots.append(partial(plot_attention_depth, [(p, ctx.adapter.n_layers, by_layer)], d,
+                             f"{p}_attention_by_layer_{layer_tag(layers[0], layers)}"))
+    return results, plots
+
+
+def _unit_label(t: dict) -> str:
+    """A top neuron's index, with its head for a Transformer's attention-output dims."""
+    return f"{t['channel']}" + (f"/h{t['head']}" if "head" in t else "")
+
+
+def attention_summary(r: dict) -> str:
+    from utils import shown
+
+    units = r.get("units") or {"unit": "channel"}
+    unit = units["unit"]
+    if unit == "channel" and "n_heads" in units:  # Mamba-2
+        lines = [f"    hidden attention over {r['n_texts']} texts; units: the {units['n_units']} channels of the inner "
+                 f"width ({units['n_heads']} heads x {units['head_dim']}), each mixed by its head's α; (α x + D x) "
+                 f"through the gated norm: max rel. error {r['max_reconstruction_error']:.2e}"]
+    elif unit == "channel":
+        lines = [f"    hidden attention over {r['n_texts']} texts; units: channels of the inner width; (α x + D x) "
+                 f"reconstruction max rel. error {r['max_reconstruction_error']:.2e}"]
+    else:
+        lines = [f"    attention over {r['n_texts']} texts; units: the {units['n_units']} attention-output dims "
+                 f"({units['n_heads']} heads x {units['head_dim']}), each mixed by its head's weights; (A v) through "
+                 f"the output projection: max rel. error {r['max_reconstruction_error']:.2e}"]
+    for la, e in attention_by_layer(r).items():
+        where = f"layer {la} " if "by_layer" in r else ""
+        for m, a in e["methods"].items():
+            top = ", ".join(_unit_label(t) + f" ({t['activation']:.3g})" for t in a["top_neurons"][:5])
+            lines.append(f"    {where}{m}: {a['num_neurons']} {unit}s, mean activation "
+                         f"{shown(a['mean_activation'], '.4g')} (std {shown(a['activation_std'], '.3g')}), diversity "
+                         f"{shown(a['neuron_diversity'], '.3f')}; top: {top or 'none (no ranking)'}")
+            lines += [f"      {field}: {why}" for field, why in (a.get("undefined") or {}).items()]
+    return "".join(line + "\n" for line in lines)
+
+
+def _register() -> None:
+    from pipeline import Stage, register
+
+    register(Stage("attention", _stage_run, attention_summary, reader=_stage_reader, per_layer=True))
+
+
+_register()

@@ -230,6 +230,13 @@ def clean_run(model, adapter: ArchitectureAdapter, input_ids: torch.Tensor, laye
                     torch.log_softmax(logits.double(), -1))
 
 
+def clean_runs(model, tokenizer, prompts, layers, site_name: str) -> list[CleanRun]:
+    """One `clean_run` per prompt (the prompt pass: every causal stage of a run reads these)."""
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    return [clean_run(model, adapter, ids, layers, site_name) for ids in _tokenize(tokenizer, prompts, device)]
+
+
 def _tokenize(tokenizer, prompts, device) -> list[torch.Tensor]:
     out = []
     for p in prompts:
@@ -296,12 +303,13 @@ def _ablated_pass(model, adapter: ArchitectureAdapter, c: CleanRun, site_name: s
 # --------------------------------------------------------------------------------------------------
 def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
                            intervention_scale: float = 0.0, ablation: str = "zero", dims=None,
-                           batch_size: int | None = None, progress: bool = True) -> np.ndarray:
+                           batch_size: int | None = None, progress: bool = True, cleans=None) -> np.ndarray:
     """Mean over prompts of KL(p_clean ‖ p_ablated) at the last position, for every dimension of the
     site (or the given `dims`) ablated at each of `layers` in turn: float64 (n_layers, n_dims), in the
     order of `layers` and `dims` (default: 0..width-1).
 
-    One clean run per prompt keeps every layer's input; each ablated row starts at its own layer. Up to
+    One clean run per prompt keeps every layer's input (`cleans`: those runs, `clean_runs` of these
+    prompts at these layers or more and this site, when the caller has them: the prompt pass); each ablated row starts at its own layer. Up to
     `batch_size` (layer, dim) pairs share a forward pass (default: chosen from free memory). Before the
     first pass from each start layer, an unablated one-row pass from there must reproduce the clean run.
 
@@ -324,7 +332,10 @@ def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None =
                                 intervention_scale)  # a repeated dim is scanned once; back: (K,) into dims
     device = next(model.parameters()).device
     order = sorted(range(len(layers)), key=lambda i: layers[i])  # passes run in ascending layer order
-    cleans = [clean_run(model, adapter, ids, layers, site_name) for ids in _tokenize(tokenizer, prompts, device)]
+    if cleans is None:
+        cleans = clean_runs(model, tokenizer, prompts, layers, site_name)
+    elif len(cleans) != len(prompts) or any(la not in c.resid_in for c in cleans for la in layers):
+        raise ValueError("cleans: give one clean run per prompt, each keeping every layer asked for")
     means = None
     if ablation == "mean":  # (W,) per layer, over every position of every prompt
         means = {la: torch.cat([c.site_act[la][0] for c in cleans]).double().mean(0).to(device) for la in layers}
@@ -365,14 +376,14 @@ def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None =
 
 def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | None = None,
                          intervention_scale: float = 0.0, ablation: str = "zero", dims=None,
-                         batch_size: int | None = None, progress: bool = True) -> np.ndarray:
+                         batch_size: int | None = None, progress: bool = True, cleans=None) -> np.ndarray:
     """Mean over prompts of KL(p_clean ‖ p_ablated) at the last position, for every dimension of the
     site (or the given `dims`), as a float64 array in the order of `dims` (default: 0..width-1).
     `site`: one of the adapter's sites (default Mamba `mixer_out`, Transformers `mlp_out`). Arguments are
     checked as in `causal_impact_by_layer` (a repeated dim is ablated once, its score at each position)."""
     check_layer(get_adapter(model), layer_idx, "layer_idx")
     return causal_impact_by_layer(model, tokenizer, prompts, [layer_idx], site, intervention_scale, ablation, dims,
-                                  batch_size, progress)[0]
+                                  batch_size, progress, cleans)[0]
 
 
 def find_causal_neurons(model, tokenizer, prompts, layer_idx: int = 0, top_k: int = 5, **kwargs
@@ -538,3 +549,121 @@ def plot_cross_layer(matrix: dict, site: str, plots_dir, prefix: str) -> str:
         ax.set(title=f"dim {int(k)}: ablated − clean", xlabel="target layer t", ylabel="source layer s")
         fig.colorbar(im, ax=ax)
     return save_figure(fig, plots_dir, f"{prefix}_cross_layer_{site}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The causal stages (causal, inter_layer, cross_layer): they share the prompt pass's clean runs
+# --------------------------------------------------------------------------------------------------
+def _site(ctx) -> str:
+    return ctx.opts.causal_site or ctx.adapter.default_causal_site
+
+
+def _scale(ctx) -> float:
+    return 0.0 if ctx.opts.intervention_scale is None else ctx.opts.intervention_scale
+
+
+def _run_causal(ctx):
+    """KL impact of ablating every dimension (or --causal_dims) of the site at --layer, over the prompts."""
+    from functools import partial
+
+    o, site = ctx.opts, _site(ctx)
+    scores = causal_impact_scores(ctx.model, ctx.tokenizer, o.prompt_list, ctx.layer, site, _scale(ctx), o.ablation,
+                                  o.causal_dims, o.causal_batch_size, ctx.progress, cleans=ctx.clean_runs(site))
+    dims = np.arange(len(scores)) if o.causal_dims is None else np.asarray(o.causal_dims)
+    order = np.argsort(-scores, kind="stable")[:ctx.top_k]
+    results = {"layer": ctx.layer, "site": site, "ablation": o.ablation,
+               "intervention_scale": _scale(ctx) if o.ablation == "zero" else None,  # mean: not used
+               "prompts": o.prompt_list, "n_dims": int(len(scores)),
+               "top_neurons": [{"dim": int(dims[i]), "score": float(scores[i])} for i in order],
+               "dims": dims, "scores": scores, "n_zero": int((scores == 0).sum()),
+               "definition": "mean over prompts of KL(p_clean || p_ablated) of the next-token distribution "
+                             "at the last position"}
+    return results, [partial(plot_causal_impacts, scores, dims, ctx.top_k, ctx.layer, site, ctx.plots_dir,
+                             ctx.prefix)]
+
+
+def _chosen_dims(ctx, n: int = 3) -> list[int]:
+    """Every --causal_dims dimension, else the causal stage's top `n`."""
+    if ctx.opts.causal_dims:
+        return list(ctx.opts.causal_dims)
+    causal = ctx.upstream("causal")
+    if causal is None:
+        raise ValueError("needs --causal_dims or a successful causal stage to choose its dimensions")
+    return [t["dim"] for t in causal["top_neurons"][:n]]
+
+
+def _run_inter_layer(ctx):
+    """Impact of ablating each chosen dimension at every layer in turn (mean over the prompts)."""
+    from functools import partial
+
+    o, site = ctx.opts, _site(ctx)
+    dims = _chosen_dims(ctx)
+    n_layers = ctx.adapter.n_layers
+    # the prompt pass's clean runs for every layer; (layer, dim) ablations share passes
+    per_layer = causal_impact_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, range(n_layers), site, _scale(ctx),
+                                       o.ablation, dims, o.causal_batch_size, ctx.progress,
+                                       cleans=ctx.clean_runs(site))  # (n_layers, n_dims)
+    curves = {d: [(layer, float(sc[i])) for layer, sc in enumerate(per_layer)] for i, d in enumerate(dims)}
+    results = {"site": site, "dims": dims,
+               "curves": {str(d): [{"layer": la, "relative_depth": la / max(1, n_layers - 1), "score": sc}
+                                   for la, sc in c] for d, c in curves.items()}}
+    return results, [partial(plot_inter_layer, curves, site, ctx.plots_dir, ctx.prefix)]
+
+
+def _run_cross_layer(ctx):
+    """Ablate each chosen dimension at every source layer, read it in the residual stream after every
+    target layer (last position), averaged over the prompts. Its passes are full forwards with clean twins
+    of the same batch shape (`cross_layer_matrix`), not the prompt pass's clean runs."""
+    from functools import partial
+
+    o, a = ctx.opts, ctx.adapter
+    site = _site(ctx)
+    site = site if a.site(site, 0).size == a.hidden_size else "residual"
+    chosen = _chosen_dims(ctx)
+    dims = [d for d in chosen if d < a.hidden_size]
+    if not dims:
+        raise ValueError(f"no chosen dimension lies in the residual stream (width {a.hidden_size})")
+    per = [cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site, _scale(ctx), batch_size=o.causal_batch_size)
+           for p in o.prompt_list]
+    m = {k: np.mean([x[k] for x in per], axis=0) for k in ("clean", "ablated", "change")}
+    m.update(dims=per[0]["dims"], sources=per[0]["sources"], targets=per[0]["targets"])
+    results = {"site": site, "readout": "residual stream after each target layer, last position, "
+                                        "mean over prompts", **m,
+               "left_out_dims": [d for d in chosen if d not in dims],
+               "max_abs_change_before_source": float(max(np.abs(m["change"][:, s, :s]).max(initial=0.0)
+                                                         for s in range(a.n_layers)))}
+    return results, [partial(plot_cross_layer, m, site, ctx.plots_dir, ctx.prefix)]
+
+
+def causal_summary(r: dict) -> str:
+    return (f"    {r['n_dims']} dims of {r['site']} at layer {r['layer']}, {len(r['prompts'])} prompts, "
+            f"{r['ablation']} ablation; {r['n_zero']} dims with impact exactly 0\n"
+            "    top causal dims (mean KL): " + ", ".join(f"{t['dim']} ({t['score']:.3e})" for t in r["top_neurons"])
+            + "\n")
+
+
+def inter_layer_summary(r: dict) -> str:
+    lines = []
+    for d, curve in r["curves"].items():
+        best = max(curve, key=lambda c: c["score"])
+        lines.append(f"    dim {d}: largest impact at layer {best['layer']} ({best['score']:.3e})\n")
+    return "".join(lines)
+
+
+def cross_layer_summary(r: dict) -> str:
+    text = (f"    dims {list(map(int, r['dims']))} of {r['site']}; largest |change| before the source layer: "
+            f"{r['max_abs_change_before_source']:.1e} (causality: must be 0)\n")
+    if r["left_out_dims"]:
+        text += f"    dims {r['left_out_dims']} left out: beyond the residual stream's width\n"
+    return text
+
+
+def _register() -> None:
+    from pipeline import Stage, register
+
+    register(Stage("causal", _run_causal, causal_summary, per_layer=True))
+    register(Stage("inter_layer", _run_inter_layer, inter_layer_summary, needs=("causal",)))
+    register(Stage("cross_layer", _run_cross_layer, cross_layer_summary, needs=("causal",)))
+
+
+_register()

@@ -48,99 +48,33 @@ def resolve_compare_model(name: str | None, main_family: str):
     return resolve_model_source(name, "--compare_model"), None
 
 
-def model_tokens(run: ModelRun, texts, max_length: int):
-    """The texts tokenized for one side (at most `max_length` tokens, and at most the model's positions)."""
-    from utils import tokenize_texts
+@dataclass
+class Side:
+    """One model's measurements, as the comparison sets them side by side: its label, adapter and where it
+    came from, and its stage results (each a results dict, or None where that stage did not run)."""
 
-    limit = run.adapter.max_positions
-    return tokenize_texts(run.tokenizer, texts, min(max_length, limit or max_length))
+    label: str
+    adapter: object
+    source: str  # "main", or the other model's origin: local, hub-cache, hub or reference
+    layer: int
+    texts: dict  # the run's "texts" entry (n_tokens, max_length, n_truncated)
+    sparsity_by_layer: dict  # {layer: sparsity dict} for every layer
+    sparsity_measured_in: str
+    efficiency: dict
+    causal: dict | None = None
+    attention: dict | None = None
 
 
-def profile_model(run: ModelRun, texts, layer: int, max_length: int, threshold: float | None, eps: float,
-                  seq_lengths, budget_s: float, progress: bool = False, efficiency: dict | None = None,
-                  sparsity: dict | None = None, sparsity_source: str = "its own forwards") -> dict:
-    """Every layer's sparsity, the multi-layer table and the efficiency metrics of one model. `efficiency`
-    and `sparsity` ({layer: dict} for every layer): already measured for this model on these texts with
-    the same threshold and eps (e.g. by the efficiency and sparsity stages), and then not measured again.
-    Recorded as "sparsity_measured_in": `sparsity_source`, where the given `sparsity` was measured, or with
-    none given, how (and why) it is measured here (`sparsity.measured_in`)."""
-    import torch
-
-    import efficiency as ef
+def side_profile(side: Side) -> dict:
+    """The "models" entry of one side."""
     import sparsity as sp
 
-    tokens = model_tokens(run, texts, max_length)
-    if sparsity is not None and set(sparsity) == set(range(run.adapter.n_layers)):
-        per_layer = sparsity
-    else:
-        sparsity_source = sparsity_source if sparsity is None else "its own forwards"
-        per_layer = sp.layer_sparsity(run.model, run.adapter, tokens.input_ids, range(run.adapter.n_layers),
-                                      threshold, eps, progress=progress)
-    pool = torch.cat([ids[0] for ids in tokens.input_ids]).cpu().numpy()
-    eff = efficiency or ef.efficiency_metrics(run.model, run.adapter, pool, per_layer[layer], seq_lengths, budget_s,
-                                              progress)
-    return {"label": run.label, "family": run.adapter.family, "source": run.source, "n_layers": run.adapter.n_layers,
-            "layer": layer, "relative_depth": relative_depth(layer, run.adapter.n_layers),
-            "n_tokens": int(sum(tokens.lengths)), "max_length": tokens.max_length, "n_truncated": tokens.n_truncated,
-            "sparsity_by_layer": per_layer, "sparsity_measured_in": sparsity_source,
-            "multilayer": sp.multilayer_table(per_layer), "efficiency": eff}
-
-
-def compare_models(main: ModelRun, other: ModelRun, texts, layer: int, max_length: int = 256,
-                   threshold: float | None = None, eps: float = 1e-6, sparsity_layers=(0, 1, 2),
-                   seq_lengths=None, budget_s: float = 15.0, causal: dict | None = None,
-                   causal_batch_size: int | None = None, progress: bool = False, main_efficiency: dict | None = None,
-                   main_sparsity: dict | None = None, attention: dict | None = None) -> dict:
-    """Both models through the same measurements. `layer` is the main model's; the other model is read
-    at the layer of the same relative depth. `causal`: the main model's causal-stage results (scores
-    over a site); when given, the other model's impacts are computed at its matched layer with the same
-    prompts and ablation, on its default site. `main_efficiency`: the main model's efficiency metrics if
-    already measured (with the same threshold); `main_sparsity`: its sparsity at every layer, likewise.
-    `attention`: `compare_attention`'s keyword arguments (methods, main_layers, main_by_layer, top_k), or
-    {"skipped": reason} to record why there is no attention part. The attention part runs first: its
-    gradient pass is a full forward of each text by the other model, and the other model's sparsity at
-    every layer is read from those forwards (`sparsity.ForwardFeed`) instead of forwards of its own."""
-    import efficiency as ef
-    import sparsity as sp
-
-    seq_lengths = seq_lengths or ef.SEQ_LENGTHS
-    rel = relative_depth(layer, main.adapter.n_layers)
-    other_layer = matched_layer(rel, other.adapter.n_layers)
-    att, other_sparsity, other_source = attention, None, "its own forwards"
-    if attention is not None and "skipped" not in attention:
-        feed = None
-        if "gradient_guided" in attention["methods"]:
-            feed = sp.ForwardFeed(other.model, other.adapter, model_tokens(other, texts, max_length).input_ids,
-                                  range(other.adapter.n_layers))
-        att = compare_attention(main, other, texts, max_length, layer, progress=progress, other_feed=feed,
-                                **attention)
-        other_sparsity = feed and feed.result(threshold, eps)
-        other_source = sp.measured_in(feed, "the attention part's gradient forwards")
-    sides = [profile_model(run, texts, la, max_length, threshold, eps, seq_lengths, budget_s, progress, eff, spars,
-                           source)
-             for run, la, eff, spars, source in (
-                 (main, layer, main_efficiency, main_sparsity,
-                  "its own forwards" if main_sparsity is None else "the sparsity stage"),
-                 (other, other_layer, None, other_sparsity, other_source))]
-    out = {"models": sides, "matched_layers": {main.label: layer, other.label: other_layer},
-           "relative_depth": rel,
-           "sparsity_layers": {s["label"]: [la for la in sparsity_layers if la < s["n_layers"]] for s in sides},
-           "threshold_note": "each model's traditional threshold is its family default unless "
-                             "--sparsity_threshold was given (then the same for both)"}
-    if causal is not None:
-        import causal_analysis as ca
-
-        scores = ca.causal_impact_scores(other.model, other.tokenizer, causal["prompts"], other_layer, None,
-                                         causal["intervention_scale"], causal["ablation"], None, causal_batch_size,
-                                         progress)
-        out["causal"] = {
-            main.label: {"layer": layer, "site": causal["site"], "scores": np.asarray(causal["scores"])},
-            other.label: {"layer": other_layer, "site": other.adapter.default_causal_site, "scores": scores},
-            "prompts": causal["prompts"], "ablation": causal.get("ablation", "zero")}
-    if att is not None:
-        out["attention"] = att
-    out["summary"] = summary_rows(out)
-    return out
+    n = side.adapter.n_layers
+    return {"label": side.label, "family": side.adapter.family, "source": side.source, "n_layers": n,
+            "layer": side.layer, "relative_depth": relative_depth(side.layer, n), "n_tokens": side.texts["n_tokens"],
+            "max_length": side.texts["max_length"], "n_truncated": side.texts["n_truncated"],
+            "sparsity_by_layer": side.sparsity_by_layer, "sparsity_measured_in": side.sparsity_measured_in,
+            "multilayer": sp.multilayer_table(side.sparsity_by_layer), "efficiency": side.efficiency}
 
 
 ATTENTION_NOTE = ("units: Mamba's channels (hidden attention α^c) and a Transformer's attention-output dims (their "
@@ -148,36 +82,40 @@ ATTENTION_NOTE = ("units: Mamba's channels (hidden attention α^c) and a Transfo
                   "directly, mean activations are of the same kind but their scale is model-specific")
 
 
-def compare_attention(main: ModelRun, other: ModelRun, texts, max_length: int, layer: int, methods, main_layers,
-                      main_by_layer: dict | None = None, top_k: int = 10, progress: bool = False,
-                      other_feed=None) -> dict:
-    """Both models' attention neurons (`attention_neurons.attention_profile`, each on its own tokenization of
-    the texts): the main model at `main_layers` (`layer`, the main model's --layer, among them), the other at
-    the layers of the same relative depths. `main_by_layer`: the main model's profile at `main_layers` if
-    already measured on these texts (the attention stage's, whose first-text maps are at `layer`), then not
-    measured again. Returns {"methods", "note", "matched_layers" (`layer` and its match: the summary rows and
-    the maps), "models": {label: {"family", "units", "n_layers", "layers", "relative_depth", "by_layer":
-    {layer: profile entry}}}}; the entries at the matched layers hold the first text's attention vector (L, L).
-    `other_feed`: a `sparsity.ForwardFeed` given the other model's gradient forwards."""
+def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: str | None = None) -> dict:
+    """The comparison of two models' stage results on the same texts, with layers matched by relative
+    depth (a pure function of the two sides). `sparsity_layers`: the main run's --sparsity_layers (each
+    side lists those it has); the causal part is there when both sides have causal results, the attention
+    part when both have attention results (or {"skipped": `attention_skipped`})."""
     import attention_neurons as an
 
-    main_layers = sorted({layer, *main_layers})
-    other_layers = sorted({matched_layer(relative_depth(la, main.adapter.n_layers), other.adapter.n_layers)
-                           for la in main_layers})
-    matched = {main.label: layer, other.label: matched_layer(relative_depth(layer, main.adapter.n_layers),
-                                                             other.adapter.n_layers)}
-    models = {}
-    for run, layers, done, feed in ((main, main_layers, main_by_layer, None), (other, other_layers, None, other_feed)):
-        analyzer = an.attention_neurons_for(run.model)
-        if done is None:
-            done = an.attention_profile(analyzer, model_tokens(run, texts, max_length).input_ids, layers, methods,
-                                        top_k, progress, desc=f"attention {run.label}", maps_at={matched[run.label]},
-                                        feed=feed)
-        models[run.label] = {"family": run.adapter.family, "units": analyzer.describe_units(),
-                             "n_layers": run.adapter.n_layers, "layers": layers,
-                             "relative_depth": [relative_depth(la, run.adapter.n_layers) for la in layers],
-                             "by_layer": {la: done[la] for la in layers}}
-    return {"methods": list(methods), "note": ATTENTION_NOTE, "models": models, "matched_layers": matched}
+    sides = [side_profile(main), side_profile(other)]
+    out = {"models": sides, "matched_layers": {main.label: main.layer, other.label: other.layer},
+           "relative_depth": relative_depth(main.layer, main.adapter.n_layers),
+           "sparsity_layers": {s["label"]: [la for la in sparsity_layers if la < s["n_layers"]] for s in sides},
+           "threshold_note": "each model's traditional threshold is its family default unless "
+                             "--sparsity_threshold was given (then the same for both)"}
+    if main.causal is not None and other.causal is not None:
+        out["causal"] = {
+            main.label: {"layer": main.layer, "site": main.causal["site"], "scores": np.asarray(main.causal["scores"])},
+            other.label: {"layer": other.layer, "site": other.causal["site"], "scores": other.causal["scores"]},
+            "prompts": main.causal["prompts"], "ablation": main.causal.get("ablation", "zero")}
+    if attention_skipped is not None:
+        out["attention"] = {"skipped": attention_skipped}
+    elif main.attention is not None and other.attention is not None:
+        models = {}
+        for side in (main, other):
+            by_layer = {la: {k: v for k, v in e.items() if k not in ("units", "definitions")}  # said once, below
+                        for la, e in an.attention_by_layer(side.attention).items()}
+            layers = sorted(by_layer)
+            models[side.label] = {"family": side.adapter.family, "units": side.attention["units"],
+                                  "n_layers": side.adapter.n_layers, "layers": layers,
+                                  "relative_depth": [relative_depth(la, side.adapter.n_layers) for la in layers],
+                                  "by_layer": by_layer}
+        out["attention"] = {"methods": list(main.attention["definitions"]), "note": ATTENTION_NOTE, "models": models,
+                            "matched_layers": {main.label: main.layer, other.label: other.layer}}
+    out["summary"] = summary_rows(out)
+    return out
 
 
 def _rounded(value, digits: int = 4):
@@ -234,3 +172,133 @@ def summary_rows(comparison: dict) -> list[dict]:
                 lambda s: None if (v := at[s["label"]]["methods"][m]["mean_activation"]) is None else f"{v:.3e}")
             add(f"attention {m}: diversity", lambda s: _rounded(at[s["label"]]["methods"][m]["neuron_diversity"]))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The comparison stage: the pipeline run again on the other model, then `side_by_side`
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class CompareModel:
+    """The other model of a comparison, loaded (and checked whole) before the run: what main.py hands to
+    the pipeline. `warning`: why it is not the model asked for (a fallback), or None."""
+
+    loaded: object  # models.LoadedModel
+    warning: str | None = None
+
+
+def load_compare_model(name: str | None, main_family: str, device="cpu", dtype="float32") -> CompareModel:
+    """`resolve_compare_model` and load it (the library path; main.py loads it before the first stage)."""
+    from models import load_model_and_tokenizer
+
+    source, warning = resolve_compare_model(name, main_family)
+    return CompareModel(load_model_and_tokenizer(source, device, dtype, "--compare_model"), warning)
+
+
+def _stage_reader(ctx):
+    """The main model's sparsity at every layer (the comparison's "sparsity_by_layer"), read in the same
+    text pass as the other text stages."""
+    import sparsity as sp
+
+    o = ctx.opts
+    return sp.SparsityRead(ctx.model, ctx.adapter, range(ctx.adapter.n_layers), ctx.tokens.input_ids,
+                           o.sparsity_threshold, o.dead_eps)
+
+
+def other_options(opts, main_adapter, other_adapter, layer: int, stages, prefix: str):
+    """The options of the other model's run: the main run's, with its layers at the same relative depths
+    (the attention stage's too), every layer's sparsity, the other model's default causal site and every
+    one of its dimensions, and no layers of the main model's shape."""
+    import dataclasses
+
+    import attention_neurons as an
+
+    def matched(la: int) -> int:
+        return matched_layer(relative_depth(la, main_adapter.n_layers), other_adapter.n_layers)
+
+    limit = other_adapter.max_positions
+    return dataclasses.replace(
+        opts, layer=matched(layer), layers=None, prefix=prefix, max_length=min(opts.max_length, limit or opts.max_length),
+        attention_layers=tuple(sorted({matched(la) for la in an.stage_layers(opts, layer)})) if "attention" in stages
+        else None, causal_site=None, causal_dims=None, sparsity_layers=tuple(range(other_adapter.n_layers)))
+
+
+def _stage_run(ctx, read: dict):
+    """Both models through sparsity (every layer), efficiency, (when the causal stage ran) causal impacts
+    and (with the attention stage) attention neurons, on the same texts; layers matched by relative depth.
+    The other model's numbers are a run of the pipeline on it (`run_pipeline`, no plots) with
+    `other_options`; the main model's are this run's stages (its efficiency measured here when that stage
+    is not in the run)."""
+    from functools import partial
+
+    import comparison_plots as cp
+    import efficiency as ef
+    from models import get_adapter
+    from naming import model_prefix
+    from pipeline import run_pipeline
+
+    o = ctx.opts
+    main_sparsity = read["stats"]
+    compare = ctx.compare or load_compare_model(o.compare_model, ctx.adapter.family, o.device, o.dtype)
+    model, tokenizer, source = compare.loaded
+    label = model_prefix(source.requested, source.origin, source.resolved_path)
+    if label == ctx.prefix:
+        label += "_compare"
+    other_adapter = get_adapter(model)
+    causal, attention = ctx.upstream("causal"), ctx.upstream("attention")
+    skipped = None
+    if "attention" in ctx.stages and attention is None:
+        skipped = "the attention stage did not succeed (its error is listed with it)"
+    stages = ["sparsity", "efficiency", *(["causal"] if causal is not None else []),
+              *(["attention"] if attention is not None else [])]
+    opts = other_options(o, ctx.adapter, other_adapter, ctx.layer, stages, label)
+    res = run_pipeline(model, tokenizer, list(ctx.texts), opts, stages, write_plots=False)
+    failed = [f"{n}: {res[n].get('error') or res[n].get('reason')}" for n in stages if res[n]["status"] != "ok"]
+    if failed:
+        raise ValueError(f"the other model's {failed[0]}")
+    other = Side(label, other_adapter, source.origin, opts.layer, res["texts"], res["sparsity"]["results"]["layers"],
+                 res["sparsity"]["results"]["measured_in"], res["efficiency"]["results"],
+                 res.get("causal", {}).get("results"), res.get("attention", {}).get("results"))
+    efficiency = ctx.upstream("efficiency")
+    if efficiency is None:  # not in this run: measured as the efficiency stage would
+        import torch
+
+        pool = torch.cat([ids[0] for ids in ctx.tokens.input_ids]).cpu().numpy()
+        efficiency = ef.efficiency_metrics(ctx.model, ctx.adapter, pool, main_sparsity[ctx.layer],
+                                           o.seq_lengths or ef.SEQ_LENGTHS, o.efficiency_budget, ctx.progress)
+    main = Side(ctx.prefix, ctx.adapter, "main", ctx.layer, ctx.results["texts"], main_sparsity,
+                read["measured_in"], efficiency, causal, attention)
+    comp = side_by_side(main, other, _sparsity_layers(ctx), skipped)
+    comp["compare_model"] = {"requested": source.requested, "source": source.origin,
+                             "resolved_path": source.resolved_path, "warning": compare.warning}
+    comp["methods_at_matched_layers"] = cp.methods_table(comp)
+    return comp, [partial(cp.comparison_plots, comp, ctx.plots_dir, f"{ctx.prefix}_vs_{label}")]
+
+
+def _sparsity_layers(ctx) -> list[int]:
+    import sparsity as sp
+
+    return sp.chosen_layers(ctx)
+
+
+def comparison_summary(r: dict) -> str:
+    labels = [s["label"] for s in r["models"]]
+    c = r["compare_model"]
+    lines = [f"    compared with {c['requested']} ({c['source']})" + (f"; {c['warning']}" if c["warning"] else "")]
+    width = max(len(row["metric"]) for row in r["summary"])
+    lines.append("    " + " " * width + " | " + " | ".join(f"{lab:>24}" for lab in labels))
+    lines += [f"    {row['metric']:<{width}} | " + " | ".join(f"{str(row[lab]):>24}" for lab in labels)
+              for row in r["summary"]]
+    att = r.get("attention")
+    if att is not None:
+        lines.append(f"    attention: {att['skipped'] if 'skipped' in att else att['note']}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _register() -> None:
+    from pipeline import Stage, register
+
+    register(Stage("comparison", _stage_run, comparison_summary, reader=_stage_reader,
+                   needs=("causal", "sparsity", "efficiency", "attention")))
+
+
+_register()

@@ -135,6 +135,68 @@ def delta_channel_statistics(model, tokenizer, texts_ids: list[torch.Tensor], la
     return delta_statistics_by_layer(model, tokenizer, texts_ids, [layer_idx], progress)[layer_idx]
 
 
+class DeltaProfile:
+    """The running statistics of `delta_statistics_by_layer`: `add(ios, n_tokens, first)` with one text's
+    {layer: (mixer input, real output)}, `result(tokens)` {layer: DeltaStats}. Also the delta stage's
+    reader of the text pass (`request`, `read`, `finish`): it reads each text's mixer captures there."""
+
+    def __init__(self, model, tokenizer, layers):
+        self.adapter = get_adapter(model)
+        require_mamba(self.adapter)
+        self.tokenizer = tokenizer
+        self.layers = list(dict.fromkeys(check_layers(self.adapter, layers)))
+        self.acc = {la: {"means": [], "token_vars": [], "total": None, "worst": 0.0, "tol": None, "example": None}
+                    for la in self.layers}
+        self.n_texts = self.n_tokens = 0
+        self.first_ids = None
+
+    @property
+    def request(self):
+        from passes import TextRequest
+
+        return TextRequest(mixer_io=frozenset(self.layers))
+
+    def read(self, text) -> None:
+        self.add(text.ids, text.mixer_io)
+
+    def add(self, ids: torch.Tensor, ios: dict) -> None:
+        """One text (1, L) and its captured {layer: (input, real output)}: each layer's internals recomputed
+        and verified against the real output (`verified_internals`)."""
+        for la in self.layers:
+            internals, check = verified_internals(self.adapter.mixer(la), ios[la])
+            a = self.acc[la]
+            delta = internals.delta[0].double()  # (L, e)
+            a["means"].append(delta.mean(0).cpu().numpy())  # (e,)
+            if delta.shape[0] >= 2:  # a one-token text has no within-text variance
+                a["token_vars"].append(delta.var(0, unbiased=False).cpu().numpy())  # (e,)
+            a["total"] = delta.sum(0) if a["total"] is None else a["total"] + delta.sum(0)  # (e,)
+            a["worst"], a["tol"] = max(a["worst"], check.relative_error), check.tolerance
+            if self.n_texts == 0:
+                a["example"] = internals.delta[0].cpu().numpy()  # (L, e)
+        if self.n_texts == 0:
+            self.first_ids = ids
+        self.n_texts += 1
+        self.n_tokens += int(ids.shape[-1])
+
+    def finish(self) -> dict:
+        return self.result()
+
+    def result(self) -> dict[int, DeltaStats]:
+        if self.n_texts < 2:
+            raise ValueError(f"delta sensitivity needs at least 2 texts (got {self.n_texts}): the ranking is a "
+                             "variance across texts")
+        tokens = [self.tokenizer.decode([t]) for t in self.first_ids[0].tolist()]
+        return {la: DeltaStats(
+            layer=la, n_texts=self.n_texts, n_tokens=self.n_tokens,
+            mean_delta=(a["total"] / self.n_tokens).cpu().numpy(), text_variance=np.stack(a["means"]).var(0),
+            token_variance=np.stack(a["token_vars"]).mean(0) if a["token_vars"] else None,
+            max_reconstruction_error=a["worst"], reconstruction_tolerance=a["tol"], example_delta=a["example"],
+            example_tokens=tokens, unit="head" if self.adapter.ssm_kind == "mamba2" else "channel",
+            n_token_variance_texts=len(a["token_vars"]),
+            token_variance_undefined=None if a["token_vars"] else TOKEN_VARIANCE_UNDEFINED)
+            for la, a in self.acc.items()}
+
+
 def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], layers, progress: bool = True
                               ) -> dict[int, DeltaStats]:
     """{layer: DeltaStats} for several layers, every layer's mixer input captured in one forward per text
@@ -146,41 +208,19 @@ def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], l
     `layers` not a non-empty list of layer indices (a layer given twice is analysed once)."""
     from tqdm.auto import tqdm
 
-    adapter = get_adapter(model)
-    require_mamba(adapter)
+    require_mamba(get_adapter(model))
     texts_ids = check_token_ids(texts_ids)
     if len(texts_ids) < 2:
         raise ValueError(f"texts_ids: delta sensitivity needs at least 2 texts (got {len(texts_ids)}): the ranking "
                          "is a variance across texts; give more texts")
-    layers = list(dict.fromkeys(check_layers(adapter, layers)))
+    profile = DeltaProfile(model, tokenizer, layers)
     device = next(model.parameters()).device
-    acc = {la: {"means": [], "token_vars": [], "total": None, "worst": 0.0, "tol": None, "example": None}
-           for la in layers}
-    n_tokens = 0
+    layers = profile.layers
     desc = f"Δ layer {layers[0]}" if len(layers) == 1 else f"Δ layers {layers[0]}..{layers[-1]}"
-    for i, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
-        ios = capture_mixer_ios(model, layers, ids.to(device))
-        for la in layers:
-            internals, check = verified_internals(adapter.mixer(la), ios[la])
-            a = acc[la]
-            delta = internals.delta[0].double()  # (L, e)
-            a["means"].append(delta.mean(0).cpu().numpy())  # (e,)
-            if delta.shape[0] >= 2:  # a one-token text has no within-text variance
-                a["token_vars"].append(delta.var(0, unbiased=False).cpu().numpy())  # (e,)
-            a["total"] = delta.sum(0) if a["total"] is None else a["total"] + delta.sum(0)  # (e,)
-            a["worst"], a["tol"] = max(a["worst"], check.relative_error), check.tolerance
-            if i == 0:
-                a["example"] = internals.delta[0].cpu().numpy()  # (L, e)
-        n_tokens += int(ids.shape[-1])
-    tokens = [tokenizer.decode([t]) for t in texts_ids[0][0].tolist()]
-    return {la: DeltaStats(
-        layer=la, n_texts=len(texts_ids), n_tokens=n_tokens,
-        mean_delta=(a["total"] / n_tokens).cpu().numpy(), text_variance=np.stack(a["means"]).var(0),
-        token_variance=np.stack(a["token_vars"]).mean(0) if a["token_vars"] else None,
-        max_reconstruction_error=a["worst"], reconstruction_tolerance=a["tol"], example_delta=a["example"],
-        example_tokens=tokens, unit="head" if adapter.ssm_kind == "mamba2" else "channel",
-        n_token_variance_texts=len(a["token_vars"]),
-        token_variance_undefined=None if a["token_vars"] else TOKEN_VARIANCE_UNDEFINED) for la, a in acc.items()}
+    for ids in tqdm(texts_ids, desc=desc, disable=not progress):
+        ids = ids.to(device)
+        profile.add(ids, capture_mixer_ios(model, layers, ids))
+    return profile.result()
 
 
 def find_delta_sensitive_neurons(model, tokenizer, texts, layer_idx: int = 0, top_k: int = 10,
@@ -237,3 +277,44 @@ def plot_delta_heatmap(stats: DeltaStats, plots_dir, prefix: str) -> str:
     ax.set(xlabel="token position", ylabel=stats.unit,
            title=f"Δ per {stats.unit} and token, layer {stats.layer}, first text ({L} tokens)")
     return save_figure(fig, plots_dir, f"{prefix}_delta_heatmap_layer{stats.layer}_text0")
+
+
+# --------------------------------------------------------------------------------------------------
+# The delta stage (a text stage: it reads the mixers' captures of the text pass)
+# --------------------------------------------------------------------------------------------------
+def _stage_reader(ctx):
+    return DeltaProfile(ctx.model, ctx.tokenizer, ctx.layers)
+
+
+def _stage_run(ctx, stats_by_layer: dict):
+    from functools import partial
+
+    stats = stats_by_layer[ctx.layer]
+    return stats.to_dict(ctx.top_k), [partial(plot_delta_variance, stats, ctx.top_k, ctx.plots_dir, ctx.prefix),
+                                      partial(plot_delta_heatmap, stats, ctx.plots_dir, ctx.prefix)]
+
+
+def delta_summary(r: dict) -> str:
+    from utils import shown
+
+    rec = r["reconstruction"]
+    unit = r.get("unit", "channel")
+    lines = [f"    {r['n_channels']} {unit}s, {r['n_texts']} texts, {r['n_tokens']} tokens; mixer reconstruction "
+             f"max rel. error {rec['max_relative_error']:.2e} (tolerance {rec['tolerance']:.0e})",
+             f"    top delta-sensitive {unit}s (variance across texts of mean Δ | mean Δ | within-text var):"]
+    lines += [f"      {unit} {n['channel']:>5}: {n['variance']:.4e} | {n['mean_delta']:.4e} | "
+              f"{shown(n['token_variance'], '.4e')}" for n in r["top_neurons"]]
+    lines += [f"    {field}: {why}" for field, why in (r.get("undefined") or {}).items()]
+    return "".join(line + "\n" for line in lines)
+
+
+def _register() -> None:
+    from models import SSM_FAMILIES
+    from pipeline import Stage, register
+
+    # the delta ranking is a variance across texts: one text cannot rank anything
+    register(Stage("delta", _stage_run, delta_summary, reader=_stage_reader, families=SSM_FAMILIES, min_texts=2,
+                   per_layer=True))
+
+
+_register()

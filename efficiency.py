@@ -283,3 +283,52 @@ def plot_scaling(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, plots_dir, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The efficiency stage
+# --------------------------------------------------------------------------------------------------
+def _stage_run(ctx):
+    """Parameters, neurons, active neurons at --layer (from the sparsity stage's numbers when it ran, else
+    measured here), measured time / memory against sequence length."""
+    from functools import partial
+
+    import torch
+
+    import sparsity as sp
+
+    o = ctx.opts
+    done = ctx.upstream("sparsity")
+    if done is not None:
+        stats = done["single"]
+    else:
+        stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, [ctx.layer], o.sparsity_threshold,
+                                  o.dead_eps, progress=ctx.progress)[ctx.layer]
+    pool = torch.cat([ids[0] for ids in ctx.tokens.input_ids]).cpu().numpy()
+    res = efficiency_metrics(ctx.model, ctx.adapter, pool, stats, o.seq_lengths or SEQ_LENGTHS,
+                             o.efficiency_budget, ctx.progress)
+    return res, [partial(plot_efficiency, [(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_efficiency_layer{ctx.layer}"),
+                 partial(plot_scaling, [(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_scaling")]
+
+
+def efficiency_summary(r: dict) -> str:
+    p, n = r["parameters"], r["neurons"]
+    lines = [f"    parameters {p['total']:,} (embeddings {p['embeddings']:,}, layers {p['layers']:,}, head "
+             f"{p['lm_head']:,}{', tied' if p['tied_embeddings'] else ''}); {n['per_layer']} neurons per layer "
+             f"({n['site']}), {n['total']} in all"]
+    if "active" in n:
+        lines.append(f"    layer {n['layer']}: {n['active']} active (mean |a| > {n['threshold']:g}), efficiency ratio "
+                     f"{n['efficiency_ratio']:.3f}")
+    lines += [f"    L={pt['seq_len']:>5}: {pt['time_s'] * 1e3:9.1f} ms, peak {pt['peak_memory_bytes'] / 2 ** 20:8.1f} "
+              f"MiB, {pt['flops_per_token'] / 1e6:.2f} MFLOP/token" for pt in r["scaling"]["points"]]
+    lines += [f"    L={sk['seq_len']:>5}: skipped ({sk['reason']})" for sk in r["scaling"]["skipped"]]
+    return "".join(line + "\n" for line in lines)
+
+
+def _register() -> None:
+    from pipeline import Stage, register
+
+    register(Stage("efficiency", _stage_run, efficiency_summary, needs=("sparsity",)))
+
+
+_register()

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from models import DEFAULT_MODELS  # light: models.py imports torch/transformers only inside functions
+from naming import layer_tag, model_prefix, report_path, results_path  # light
 from pipeline import (ALL_STAGES, ATTENTION_METHODS, Options, check_option_values, check_plan,  # light
-                      layer_tag, model_prefix, resolve_stages, run_pipeline, stage_entries, stage_text,
-                      too_few_texts)
+                      resolve_stages, run_pipeline, stage_entries, stage_text, too_few_texts)
 from pipeline import run_comprehensive_analysis  # noqa: F401  (the library entry point, kept importable from main)
 
 logger = logging.getLogger("mamba_neurons")
@@ -406,90 +406,13 @@ def check_model_flags(args, adapter, stages) -> int:
     return args.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
 
 
-def results_path(output_dir, prefix: str, tag: str) -> Path:
-    return Path(output_dir) / f"{prefix}_{tag}_results.json"
-
-
-def report_path(output_dir, prefix: str, tag: str) -> Path:
-    """The HTML report, beside the results JSON."""
-    return Path(output_dir) / f"{prefix}_{tag}_report.html"
-
-
 def merge_reports(args) -> int:
-    """--report FILES: the saved results of several runs of one model -> depth profiles (plot), one merged
-    JSON and one HTML report, written to --output_dir / --plots_dir. Exit 0, 1 when an output cannot be
-    written, or 2 for unusable files: every file is read and checked (`report.load_results_file`,
-    `pipeline.merge_layer_results`) before anything is written. The report embeds the PNG plots of each
-    per-layer entry from the plots folder recorded in its file's run metadata (run.plots_dir), and the
-    merge's own plot from --plots_dir; any other plot is left out, named on stdout and in the report."""
-    from pipeline import depth_profiles, merge_layer_results, plot_depth_profiles
-    from report import build_report, load_results_file
-    from utils import UserInputError, check_writable_dir, to_jsonable, use_agg_backend, write_json, write_text
+    """--report FILES: merge the saved results of several runs of one model (`saved_runs.merge_saved_runs`:
+    the depth profiles' plot, one merged JSON and one HTML report). Exit 0, 1 when an output cannot be
+    written, or 2 for unusable files."""
+    from saved_runs import merge_saved_runs
 
-    runs, seen = [], {}
-    for name in args.report:
-        data, identity = load_results_file(name, "--report")  # missing, folder, FIFO, huge, not UTF-8 / JSON
-        if identity in seen:
-            raise UserInputError(f"--report {name}: given twice (the same file as {seen[identity]}); give each "
-                                 "file once")
-        seen[identity] = name
-        runs.append((name, data))
-
-    def is_merge(res) -> bool:
-        return isinstance(res, dict) and isinstance(res.get("run"), dict) and bool(res["run"].get("merged_from"))
-
-    merged_before = [name for name, res in runs if is_merge(res)]
-    for name in merged_before:  # `--report analysis_outputs/*.json` run twice: the earlier merge is not an input
-        print(f"note: skipped {name}, itself a merge of saved runs")
-    runs = [(name, res) for name, res in runs if name not in merged_before]
-    if not runs:
-        raise UserInputError("--report: every file given is itself a merge; give the results files of the runs")
-    try:
-        layers, source = merge_layer_results(runs)  # every file's layout, one model, each layer once
-    except ValueError as exc:
-        raise UserInputError(f"--report: {exc}") from None
-    plots_dir = os.path.abspath(os.path.expanduser(args.plots_dir))
-    output_dir = os.path.expanduser(args.output_dir)
-    check_writable_dir(plots_dir, "--plots_dir")
-    check_writable_dir(output_dir, "--output_dir")
-    by_name = dict(runs)
-    first_name, first = runs[0]
-    run = {**first["run"], "merged_from": [name for name, _ in runs], "layers": list(layers),
-           "layer_sources": {la: source[la] for la in layers}, "notes": first["run"].get("notes", []),
-           "plots_dir": plots_dir,  # the merge's own plot; each layer's plots: its file's plots folder
-           "layer_plots_dirs": {str(la): by_name[source[la]]["run"].get("plots_dir") for la in layers}}
-    try:
-        prefix = model_prefix(run["model"], run.get("model_source") or "", run.get("resolved_path"))
-    except (OSError, ValueError) as exc:  # e.g. a model name too long for a file name
-        raise UserInputError(f"--report {first_name}: its model name {run['model'][:60]!r} does not make a file "
-                             f"name ({getattr(exc, 'strerror', None) or exc})") from None
-    tag = layer_tag(min(layers), list(layers))
-    json_path = Path(output_dir) / f"{prefix}_{tag}_merged_results.json"
-    html_path = Path(output_dir) / f"{prefix}_{tag}_merged_report.html"
-    plot_name = f"{prefix}_depth_profiles_{tag}_merged"
-    if max(len(f"{n}.png".encode()) for n in (plot_name, html_path.name, json_path.name)) > 240:
-        raise UserInputError(f"--report {first_name}: the merged files' names ({plot_name}.png) would be too long "
-                             "for a file system; merge fewer layers, or a model of a shorter name")
-    profiles = depth_profiles(layers, first["architecture"]["n_layers"])
-    use_agg_backend()
-    try:
-        plot = plot_depth_profiles(profiles, plots_dir, plot_name)
-        merged = {"run": run, "texts": first.get("texts", {}), "architecture": first["architecture"],
-                  "layers": layers,
-                  "depth_profiles": {"status": "ok", "results": profiles, "plots": [plot], "wall_time_s": 0.0}}
-        summary = stage_text("depth_profiles", merged["depth_profiles"])
-        page, left_out = build_report(to_jsonable(merged), {"depth_profiles": summary})
-        write_json(json_path, merged)
-        write_text(html_path, page)
-    except OSError as exc:  # e.g. the disk is full: one line, as for a run
-        print(f"error: merged report not written to {output_dir} ({exc.strerror or exc})", file=sys.stderr)
-        return 1
-    print(summary, end="")
-    for path, why in left_out:  # one line each, whatever a file's plot names hold
-        line = f"note: left out {path}: {why}"
-        print("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))
-    print(f"results: {json_path}\nreport: {html_path}")
-    return 0
+    return merge_saved_runs(args.report, args.output_dir, args.plots_dir)
 
 
 def check_result_paths(args, prefix: str) -> tuple[Path, Path]:
@@ -615,10 +538,12 @@ def _main(args, argv) -> int:
     # both models load whole (every tensor of the config's architecture read from the weights) or the run
     # ends here, before the first stage
     loaded = load_model_and_tokenizer(source, device, dtype, files=files)
-    compare_loaded = None
+    compare = None
     if "comparison" in stages:
-        compare_loaded = load_model_and_tokenizer(compare_source, device, dtype, "--compare_model",
-                                                  files=compare_files)
+        from comparison_wrapper import CompareModel
+
+        compare = CompareModel(load_model_and_tokenizer(compare_source, device, dtype, "--compare_model",
+                                                        files=compare_files), compare_warning)
     for key in ("model", "compare", "texts"):  # every check has passed
         if warnings.get(key):
             print(f"warning: {warnings[key]}", file=sys.stderr)
@@ -648,12 +573,17 @@ def _main(args, argv) -> int:
                    causal_batch_size=args.causal_batch_size, sparsity_layers=tup(args.sparsity_layers),
                    sparsity_threshold=args.sparsity_threshold, dead_eps=args.dead_eps,
                    seq_lengths=tup(args.seq_lengths), efficiency_budget=args.efficiency_budget,
-                   compare_model=args.compare_model, compare_source=compare_source, compare_warning=compare_warning,
-                   compare_files=compare_files, compare_loaded=compare_loaded, device=device, dtype=dtype)
-    results.update(run_pipeline(loaded.model, loaded.tokenizer, textset.texts, opts, stages, on_start, on_stage))
+                   compare_model=args.compare_model, device=device, dtype=dtype)
+    results.update(run_pipeline(loaded.model, loaded.tokenizer, textset.texts, opts, stages, on_start, on_stage,
+                                compare))
     timings = results["run"]["stage_timings_s"] = {}  # per stage, summed over the layers of --layers
     for _, name, e in stage_entries(results):
         timings[name] = round(timings.get(name, 0.0) + e["wall_time_s"], 4)
+    text_pass = results.get("passes", {}).get("text")
+    if text_pass:  # a text stage's time includes its reading of the pass; the pass's forwards are their own
+        for name, t in text_pass["read_s"].items():
+            timings[name] = round(timings.get(name, 0.0) + t, 4)
+        timings["text_pass"] = round(text_pass["wall_time_s"] - sum(text_pass["read_s"].values()), 4)
     results["run"]["total_time_s"] = round(time.time() - start, 3)
     print_footer(results)
     failed = bool(failed_stages(results) or plots_not_written(results))

@@ -60,6 +60,13 @@ class ArchitectureAdapter:
     # the state-space math of the layers: "mamba1" (Mamba-1 and FalconMamba: Δ and A per channel, ssm.py's
     # recomputation, blocked forward and fast scan) or "mamba2"; None for a Transformer
     ssm_kind: str | None = None
+    # the transformers class of the family's mixer, by name (`mixer_adapter` tells a mixer's family by it)
+    mixer_class: str | None = None
+    # the mixer divides Δ's low-rank input (dt_low), B and C by a weightless RMS norm (eps `mixer.rms_eps`)
+    normalises_scan_inputs: bool = False
+    # what transformers computes in float32 in the mixer even in a float64 model, so that the model's own
+    # output carries float32 rounding there (`ssm.computes_partly_in_float32`)
+    float32_parts: tuple[str, ...] = ()
 
     def __init__(self, model):
         self.model = model
@@ -117,6 +124,7 @@ class MambaAdapter(ArchitectureAdapter):
     family = "mamba"
     display_name = "Mamba"
     ssm_kind = "mamba1"
+    mixer_class = "MambaMixer"
     layers_path = "backbone.layers"
     default_causal_site = "mixer_out"
     sites = {
@@ -138,6 +146,11 @@ class MambaAdapter(ArchitectureAdapter):
     def mixer_path(self, layer: int) -> str:
         return f"{self.layer_path(layer)}.mixer"
 
+    def gradient_path(self, layer: int) -> str:
+        """The module whose first input a gradient at the layer's units is taken at (`passes.gradient_pass`):
+        out_proj, whose input is u = y · SiLU(z) (Mamba-1, FalconMamba)."""
+        return f"{self.mixer_path(layer)}.out_proj"
+
 
 class FalconMambaAdapter(MambaAdapter):
     """FalconMamba: a Mamba-1 mixer whose Δ input (dt_low), B and C pass through a weightless RMS norm
@@ -145,6 +158,9 @@ class FalconMambaAdapter(MambaAdapter):
 
     family = "falcon_mamba"
     display_name = "FalconMamba"
+    mixer_class = "FalconMambaMixer"
+    normalises_scan_inputs = True
+    float32_parts = ("the weightless RMS norms of dt_low, B and C",)
 
 
 class Mamba2Adapter(MambaAdapter):
@@ -155,6 +171,8 @@ class Mamba2Adapter(MambaAdapter):
     family = "mamba2"
     display_name = "Mamba-2"
     ssm_kind = "mamba2"
+    mixer_class = "Mamba2Mixer"
+    float32_parts = ("the scan",)
 
     @property
     def inner_size(self) -> int:  # I = H heads x P head dims
@@ -163,6 +181,10 @@ class Mamba2Adapter(MambaAdapter):
     @property
     def n_heads(self) -> int:  # H
         return int(self.config.num_heads)
+
+    def gradient_path(self, layer: int) -> str:
+        """The gated RMS norm, whose first input is the scan output y."""
+        return f"{self.mixer_path(layer)}.norm"
 
 
 def _transformer_sites(block: str, attn: str) -> dict[str, SiteSpec]:
@@ -202,6 +224,10 @@ class TransformerAdapter(ArchitectureAdapter):
     def attention_paths(self, layer: int) -> AttentionPaths:
         attn = f"{self.block.format(layer=self.check_layer(layer))}.{self.attention_name}"
         return AttentionPaths(attn, f"{attn}.{self.qkv_name}", f"{attn}.{self.out_proj_name}")
+
+    def gradient_path(self, layer: int) -> str:
+        """The attention's output projection, whose first input is the heads' concatenated output y."""
+        return self.attention_paths(layer).out_proj
 
     def split_values(self, qkv_out):
         """The values (b, H, L, d/H) from the q/k/v projection's output (b, L, 3d)."""
@@ -263,6 +289,19 @@ ADAPTERS = {"mamba": MambaAdapter, "falcon_mamba": FalconMambaAdapter, "mamba2":
 SSM_FAMILIES = frozenset(f for f, a in ADAPTERS.items() if a.ssm_kind is not None)
 SUPPORTED = ("Mamba-1 (MambaForCausalLM), FalconMamba (FalconMambaForCausalLM), Mamba-2 (Mamba2ForCausalLM), "
              "GPT-2 (GPT2LMHeadModel), GPT-NeoX/Pythia (GPTNeoXForCausalLM)")
+
+
+def mixer_adapter(mixer) -> type[ArchitectureAdapter]:
+    """The adapter class of the state-space family whose layers `mixer` is the mixer of, by the mixer's
+    class (transformers' `MambaMixer`, `FalconMambaMixer`, `Mamba2Mixer`, or a subclass of one): what
+    ssm.py knows of a mixer (`ssm_kind`, `normalises_scan_inputs`, `float32_parts`) comes from it. TypeError
+    for a module that is the mixer of no supported state-space family."""
+    by_class = {a.mixer_class: a for a in ADAPTERS.values() if a.mixer_class}
+    for cls in type(mixer).__mro__:
+        if cls.__name__ in by_class:
+            return by_class[cls.__name__]
+    raise TypeError(f"{type(mixer).__name__} is not the mixer of a supported state-space family; expected one of "
+                    f"{', '.join(by_class)} (Mamba-1, FalconMamba, Mamba-2)")
 
 
 def max_positions(config) -> int | None:

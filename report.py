@@ -322,7 +322,7 @@ def load_results_file(name: str, flag: str = "--report") -> tuple[object, tuple[
     """(the parsed JSON of the saved results file `name`, its (device, inode)). UserInputError naming
     `flag` and the file, without blocking, when it is missing, a folder, a FIFO, device or socket, over
     `MAX_RESULTS_BYTES`, unreadable, not UTF-8 or not JSON. Its layout is not checked here
-    (`pipeline.merge_layer_results` does)."""
+    (`saved_runs.merge_layer_results` does)."""
     import json
 
     from utils import UserInputError

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from utils import shown  # light
+
 logger = logging.getLogger(__name__)
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
@@ -595,87 +597,38 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
     return chunks
 
 
-# How far the sites of a ForwardFeed may be from the model's own forward's (relative to a layer's largest
-# |a|) for its numbers to be used: the gradient pass runs other float32 kernels (Mamba: the fast scan; the
-# analysed layer's output rebuilt from its scan output), and their rounding grows through the layers above:
-# at mamba-130m's shape (random init, 24 layers) about 2e-4 at the deepest layers, 1e-7 at layer 0.
-FEED_TOLERANCE = 1e-3
+class SparsityProfile:
+    """`layer_sparsity` fed by the text pass: the sparsity stage's reader (`request`: the neuron site at
+    `layers`; `read(text)` feeds each text's sites to a `SparsityStream`; `finish()` gives `layer_sparsity`'s
+    dict). When the first pass's |a| did not all fit in memory, the second pass reads the sites again
+    from forwards of its own over `input_ids` (the same texts, `layer_activation_chunks`)."""
 
+    def __init__(self, model, adapter, layers, input_ids, sparsity_threshold: float | None = None,
+                 dead_eps: float = DEAD_EPS):
+        from causal_analysis import check_layers
 
-class ForwardFeed:
-    """Every layer's sparsity from forwards another loop runs anyway (the attention stage's gradient pass:
-    a full forward of each text), instead of one forward per text of its own. The loop wraps one forward
-    of each text, in order, in `watch(ids)()` (a context factory); the sites are captured there and fed
-    to a `SparsityStream`. `result(...)` gives `layer_sparsity`'s dict once every text was fed exactly once,
-    pass 1 kept every |a| pattern, and the first text's sites agree with the model's own forward's within
-    FEED_TOLERANCE (`site_difference`); else None, with the reason in `refused` (then the caller measures
-    with forwards of its own: its numbers are never built from sites that were not checked)."""
-
-    def __init__(self, model, adapter, input_ids, layers, site: str | None = None):
-        """`input_ids`: a non-empty list of (1, L_i) token-id tensors; `layers`: a non-empty list of layer
-        indices (a layer given twice is read once). ValueError otherwise (`causal_analysis` checks)."""
-        from causal_analysis import check_layers, check_token_ids
-
-        self.model, self.adapter, self.input_ids = model, adapter, check_token_ids(input_ids, "input_ids")
+        self.model, self.adapter, self.input_ids = model, adapter, input_ids
         self.layers = list(dict.fromkeys(check_layers(adapter, layers)))
-        self.sites = site_map(adapter, self.layers, site)
+        self.threshold = (default_threshold(adapter.family) if sparsity_threshold is None
+                          else _finite_number("threshold", sparsity_threshold))
+        self.eps = _finite_number("eps", dead_eps)
+        self.sites = site_map(adapter, self.layers)
         self.stream = SparsityStream(next(iter(self.sites.values())).size)
-        self.fed = 0  # texts fed, in order
-        self.first = None  # the first text's captured sites, for the check
-        self.difference = None  # the first text's `site_difference`, once checked
-        self.refused = None  # why `result` gave None
-
-    def watch(self, ids):
-        """A context factory for the one forward of `ids` (the next text) to be read."""
-        import torch
-
-        k = self.fed
-
-        @contextlib.contextmanager
-        def watching():
-            if self.fed != k or k >= len(self.input_ids) or not torch.equal(self.input_ids[k], ids.cpu()):
-                raise RuntimeError(f"sparsity feed: the forward of text {k} is not the next text expected")
-            acts = {}
-            with tracing_sites(self.model, self.sites, acts):
-                yield
-            self.stream.feed(acts)
-            if k == 0:
-                self.first = acts
-            self.fed += 1
-
-        return watching
+        self.sites_from = None  # the text pass's forward the sites came from
 
     @property
-    def complete(self) -> bool:
-        return self.fed == len(self.input_ids) and self.stream.kept_all
+    def request(self):
+        from passes import TextRequest
 
-    def result(self, threshold: float | None = None, eps: float = DEAD_EPS) -> dict | None:
-        if not self.complete:
-            self.refused = (f"{self.fed} of {len(self.input_ids)} texts were fed" if self.stream.kept_all else
-                            "the first pass's |a| did not fit in memory")
-        else:
-            self.difference = site_difference(self.model, self.sites, self.input_ids[0], self.first)
-            tolerance = _float_tolerance(self.model, FEED_TOLERANCE)
-            if self.difference > tolerance:
-                self.refused = (f"the gradient forward's sites differ from the model's own forward's by "
-                                f"{self.difference:.3g} (relative) > {tolerance:g}")
-        if self.refused is not None:
-            logger.warning("sparsity not read from the gradient forwards (%s): measured with forwards of its own",
-                           self.refused)
-            self.stream = None  # free the kept patterns
-            return None
-        threshold = default_threshold(self.adapter.family) if threshold is None else threshold
-        return _layer_entries(self.adapter, self.sites, self.stream.finish(threshold, eps))
+        return TextRequest(sites=frozenset(self.layers))
 
+    def read(self, text) -> None:
+        self.stream.feed({la: text.sites[la] for la in self.layers})
+        self.sites_from = text.sites_from
 
-def measured_in(feed: ForwardFeed | None, forwards: str) -> str:
-    """Where sparsity was measured, for the JSON: in `forwards` (the feed's) if the feed's result was
-    used, else in forwards of its own (and why the feed's were not used)."""
-    if feed is not None and feed.refused:
-        return f"its own forwards ({feed.refused})"
-    if feed is None or feed.difference is None:  # no feed, or its result was never asked for
-        return "its own forwards"
-    return f"{forwards} (the first text's sites within {feed.difference:.2g} of the model's own forward, relative)"
+    def finish(self) -> dict:
+        again = layer_activation_chunks(self.model, self.adapter, self.input_ids, self.layers)
+        return _layer_entries(self.adapter, self.sites, self.stream.finish(self.threshold, self.eps, again=again))
 
 
 def _layer_entries(adapter, sites: dict, stats: dict) -> dict:
@@ -725,10 +678,6 @@ def _label(label: str, s: dict) -> str:
     return f"{label} (layer {s['layer']})" if "layer" in s else label
 
 
-def _shown(value, fmt: str = ".3f") -> str:
-    """A measure for a legend or label: "undefined" for None."""
-    return "undefined" if value is None else format(value, fmt)
-
 
 def _plotted(values) -> list[float]:
     """Values for a line plot, None drawn as a gap (NaN exists only in the figure, never in the results)."""
@@ -758,7 +707,7 @@ def plot_entropy(entries, plots_dir, name: str) -> str:
         counts = np.asarray(e["histogram_counts"], dtype=float)
         edges = np.asarray(e["histogram_edges"])
         ax.stairs(counts / max(1.0, counts.sum()), edges, color=f"C{i}", lw=2,
-                  label=f"{_label(lab, s)}: sparsity 1 − mean H = {_shown(e['sparsity'])}")
+                  label=f"{_label(lab, s)}: sparsity 1 − mean H = {shown(e['sparsity'])}")
     ax.set(xlabel="normalised entropy H of a token's activation energy (1 = spread evenly)",
            ylabel="fraction of tokens", title="Entropy sparsity")
     ax.legend(fontsize=8)
@@ -773,7 +722,7 @@ def plot_gini(entries, plots_dir, name: str) -> str:
         c = np.sort(np.asarray(s["neuron_mean_abs"], dtype=float))
         cum = np.concatenate([[0.0], np.cumsum(c) / c.sum()]) if c.sum() > 0 else np.zeros(len(c) + 1)
         ax.plot(np.linspace(0, 1, len(cum)), cum, color=f"C{i}",
-                label=f"{_label(lab, s)}: Gini {_shown(s['gini'])}, Hoyer {_shown(s['hoyer'])}")
+                label=f"{_label(lab, s)}: Gini {shown(s['gini'])}, Hoyer {shown(s['hoyer'])}")
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="uniform (Gini 0)")
     ax.set(xlabel="fraction of neurons (ascending mean |a|)", ylabel="fraction of total mean |a|",
            title="Gini: Lorenz curve of per-neuron mean |a|")
@@ -885,3 +834,71 @@ def sparsity_plots(entries, models_by_layer, plots_dir, prefix: str, tag: str = 
             plot_traditional(entries, plots_dir, f"{prefix}_sparsity_traditional{tag}"),
             plot_activation_variance(entries, plots_dir, f"{prefix}_activation_variance{tag}"),
             plot_multilayer(models_by_layer, plots_dir, f"{prefix}_sparsity_multilayer", relative)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The sparsity stage (a text stage: it reads the neuron sites of the text pass)
+# --------------------------------------------------------------------------------------------------
+def chosen_layers(ctx) -> list[int]:
+    """--sparsity_layers (default 0 1 2, those the model has)."""
+    chosen = ctx.opts.sparsity_layers
+    if chosen is None:
+        return [la for la in (0, 1, 2) if la < ctx.adapter.n_layers]
+    return [ctx.adapter.check_layer(la) for la in chosen]
+
+
+class SparsityRead(SparsityProfile):
+    """A `SparsityProfile` whose `finish()` also says where the sites came from: {"stats": {layer: dict},
+    "measured_in": the text pass's description of that forward}."""
+
+    def finish(self) -> dict:
+        return {"stats": super().finish(), "measured_in": self.sites_from}
+
+
+def _stage_reader(ctx):
+    layers = sorted({*ctx.layers, *chosen_layers(ctx)})
+    return SparsityRead(ctx.model, ctx.adapter, layers, ctx.tokens.input_ids, ctx.opts.sparsity_threshold,
+                      ctx.opts.dead_eps)
+
+
+def _stage_run(ctx, read: dict):
+    """Every sparsity method for the neuron site at --layer, and across --sparsity_layers, from the text
+    pass's sites (`passes`: where they came from is recorded as "measured_in")."""
+    from functools import partial
+
+    multi = chosen_layers(ctx)
+    stats = read["stats"]
+    single = stats[ctx.layer]
+    chosen = {la: stats[la] for la in multi}
+    results = {"site": single["site"], "layer": ctx.layer, "sparsity_layers": multi, "single": single,
+               "layers": chosen, "multilayer": multilayer_table(chosen), "note": SCALE_NOTE,
+               "definitions": __doc__, "measured_in": read["measured_in"]}
+    return results, [partial(sparsity_plots, [(ctx.prefix, single)], [(ctx.prefix, chosen)], ctx.plots_dir,
+                             ctx.prefix, tag=f"_layer{ctx.layer}")]
+
+
+def sparsity_line(s: dict) -> str:
+    """One layer's sparsity measures on one line."""
+    p50 = s["percentile"]["sparsity"][s["percentile"]["percentiles"].index(50)]
+    return (f"traditional {s['traditional']['sparsity']:.3f} (< {s['traditional']['threshold']:g}), percentile-50 "
+            f"{p50:.3f}, entropy {shown(s['entropy']['sparsity'], '.3f')}, Gini {shown(s['gini'], '.3f')}, Hoyer "
+            f"{shown(s['hoyer'], '.3f')}, dead {s['dead_neurons']['count']}")
+
+
+def sparsity_summary(r: dict) -> str:
+    s = r["single"]
+    where = f"; measured in {r['measured_in']}" if "measured_in" in r else ""  # (results of older versions lack it)
+    lines = [f"    site {r['site']} ({s['n_neurons']} neurons), {s['n_tokens']} tokens{where}",
+             f"    layer {r['layer']}: {sparsity_line(s)}"]
+    lines += [f"    layer {la}: {sparsity_line(st)}" for la, st in r["layers"].items() if la != r["layer"]]
+    lines.append(f"    note: {r['note']}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _register() -> None:
+    from pipeline import Stage, register
+
+    register(Stage("sparsity", _stage_run, sparsity_summary, reader=_stage_reader, per_layer=True))
+
+
+_register()

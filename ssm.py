@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models import mixer_adapter  # light: what each family's mixer computes is the adapter's knowledge
+
 # Largest allowed reconstruction error, max|ours - real| / max|real|, by the dtype the model ran in.
 # float32: the issue's 1e-4. bfloat16/float16: the model itself rounds every projection to 8 / 11
 # mantissa bits while we compute in float32, so agreement is limited by the model's own rounding.
@@ -63,12 +65,12 @@ def weightless_rms_norm(v: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def input_norms(mixer, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
-    """(dt_low, B, C) as the scan uses them: FalconMamba's mixer (it has `rms_eps`) normalises each with a
-    weightless RMS norm over its last dim before use; a Mamba-1 mixer uses them as they are."""
-    eps = getattr(mixer, "rms_eps", None)
-    if eps is None:
+    """(dt_low, B, C) as the scan uses them: FalconMamba's mixer (its adapter's `normalises_scan_inputs`)
+    normalises each with a weightless RMS norm over its last dim (eps `mixer.rms_eps`) before use; a Mamba-1
+    mixer uses them as they are."""
+    if not mixer_adapter(mixer).normalises_scan_inputs:
         return dt_low, B, C
-    return tuple(weightless_rms_norm(v, eps) for v in (dt_low, B, C))
+    return tuple(weightless_rms_norm(v, mixer.rms_eps) for v in (dt_low, B, C))
 
 
 def mixer_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -182,15 +184,17 @@ def hidden_attention_by_channel(mixer, delta, A, B, C):
 #   6. u = the gated RMS norm: weight · RMSnorm(y · SiLU(z)) over groups of I / G_norm channels;
 #   7. out_proj(u) (b, L, d) is the mixer's output.
 def is_mamba2_mixer(mixer) -> bool:
-    return hasattr(mixer, "n_groups") and hasattr(mixer, "dt_bias")
+    """A Mamba-2 layer's mixer, by its family's adapter (`models.mixer_adapter`: TypeError for a module that
+    is no supported family's mixer)."""
+    return mixer_adapter(mixer).ssm_kind == "mamba2"
 
 
 def computes_partly_in_float32(mixer) -> bool:
     """True where transformers runs part of the mixer in float32 even in a float64 model, so the model's
     own output carries float32 rounding there: Mamba-2's scan, and FalconMamba's weightless RMS norms of
     Δ's low-rank input, B and C (on an H100 a float64 FalconMamba's recomputation differed from the model
-    by 1.03e-8, over float64's tolerance)."""
-    return is_mamba2_mixer(mixer) or getattr(mixer, "rms_eps", None) is not None
+    by 1.03e-8, over float64's tolerance). Its family's adapter says (`float32_parts`)."""
+    return bool(mixer_adapter(mixer).float32_parts)
 
 
 def mamba2_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):

@@ -70,6 +70,11 @@ def finite_number(name: str, value) -> float:
     return value
 
 
+def shown(value, spec: str = ".3f") -> str:
+    """A number as `spec` formats it, or "undefined" for a measure undefined for its input (None)."""
+    return "undefined" if value is None else format(value, spec)
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     text = str(exc).strip()

@@ -18,16 +18,17 @@ what any eager run reaches; the ratio says how far.
 Beside each stage: its floor, the analytic forward FLOPs it cannot avoid (`efficiency.flops_per_token`
 per layer and for the head; an input-only backward counted as one forward of the same layers) at this
 machine's matmul rate, and how many times the floor the stage took:
-- delta: a forward of each text up to --layer;
+- text_pass (the forwards every text stage reads: delta, attention, sparsity and the comparison's main-model
+  sparsity): per text the capture forward up to the layer, the gradient forward of every layer and its
+  input-only backward of the layers from the top down to the layer (head at the last position, twice);
+- delta: its reading of the pass (recomputing Δ; not counted);
 - causal: per (dim, prompt) the layers after the site's layer at every prompt position and the head at
   the last one; inter_layer: the same from each layer for the chosen dims; cross_layer: a forward of
   every layer for each (dim, source layer) row and per prompt (its clean twins are not counted);
-- attention: per text the forward up to the layer (capture), the gradient pass's forward of every layer
-  and input-only backward of the layers from the top down to the layer (head at the last position, twice),
-  and on a Mamba forming α (2·e·n per causal (i, j) pair) at the layer, and with rollout at every layer
-  below it too (rollout reads each one's α); the methods' elementwise passes over α are not counted;
-- sparsity: nothing when read from the attention stage's gradient forwards (only its own pass 2 and the
-  first text's check remain), else a forward of every layer per text;
+- attention: its reading of the pass: on a Mamba forming α (2·e·n per causal (i, j) pair) at the layer, and
+  with rollout at every layer below it too (rollout reads each one's α); the methods' elementwise passes
+  over α are not counted;
+- sparsity: its reading of the pass (the streamed statistics; no FLOP floor);
 - efficiency: a measurement within --efficiency_budget seconds (no floor);
 - comparison: the other model's attention (as above, at its matched layer) and causal scan, and its
   efficiency measurement (the budget counted as its floor).
@@ -79,13 +80,17 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
     def ok(stage: str):
         return res[stage]["results"] if res.get(stage, {}).get("status") == "ok" else None
 
-    def attention(side: str, layer: int, methods) -> float:
-        a, total = adapters[side], 0.0
-        n = a.n_layers
-        alphas = layer + 1 if "rollout" in methods else 1  # the layers whose α is formed
+    def text_pass(side: str, layer: int) -> float:
+        n, total = adapters[side].n_layers, 0.0
         for L in text_lengths[side]:
             passes = (layer + 1) + n + (n - layer)  # capture, the gradient forward, the backward from the top
             total += L * passes * layer_flops(side, L) + 2 * head(side)
+        return total
+
+    def attention(side: str, layer: int, methods) -> float:
+        a, total = adapters[side], 0.0
+        alphas = layer + 1 if "rollout" in methods else 1  # the layers whose α is formed
+        for L in text_lengths[side]:
             if a.is_ssm:
                 total += alphas * 2 * a.inner_size * int(a.config.state_size) * L * (L + 1) / 2
         return total
@@ -95,7 +100,7 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
         return sum(n_dims * (L * after * layer_flops(side, L) + head(side)) for L in prompt_lengths[side])
 
     n, layer = adapters["main"].n_layers, res["run"]["layer"]
-    floors = {"delta": sum(L * (layer + 1) * layer_flops("main", L) for L in text_lengths["main"])}
+    floors = {"text_pass": text_pass("main", layer), "delta": None}
     c = ok("causal")
     floors["causal"] = causal("main", layer, c["n_dims"]) if c else None
     il = ok("inter_layer")
@@ -104,15 +109,14 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
     floors["cross_layer"] = (sum(len(cl["dims"]) * n * L * n * layer_flops("main", L) for L in prompt_lengths["main"])
                              if cl else None)
     floors["attention"] = attention("main", layer, ok("attention")["methods"]) if ok("attention") else None
-    sp = ok("sparsity")
-    floors["sparsity"] = (None if not sp else 0.0 if sp["measured_in"].startswith("the attention stage")
-                          else sum(L * n * layer_flops("main", L) for L in text_lengths["main"]))
+    floors["sparsity"] = None
     floors["efficiency"] = None
     cmp = ok("comparison")
     if cmp:
         other_layer = cmp["models"][1]["layer"]
         att = cmp.get("attention", {"skipped": "not run"})
-        part = attention("other", other_layer, att["methods"]) if "skipped" not in att else 0.0
+        part = (text_pass("other", other_layer) + attention("other", other_layer, att["methods"])
+                if "skipped" not in att else 0.0)
         if "causal" in cmp:
             part += causal("other", other_layer, len(cmp["causal"][cmp["models"][1]["label"]]["scores"]))
         floors["comparison"] = part
@@ -200,7 +204,8 @@ def main():
         floor_s = None if f is None else f / (rate * 1e9) + (budget if stage == "comparison" else 0.0)
         total_floor += floor_s or (budget if stage == "efficiency" else 0.0)
         shown = ("-", "-") if floor_s is None else (f"{floor_s:.1f}", f"{seconds / floor_s:.1f}" if floor_s else "-")
-        print(f"{stage:<12} {res[stage]['status']:<15} {seconds:>9.1f} {shown[0]:>9} {shown[1]:>8}")
+        status = "ok" if stage == "text_pass" else res[stage]["status"]
+        print(f"{stage:<12} {status:<15} {seconds:>9.1f} {shown[0]:>9} {shown[1]:>8}")
     print(f"{'total (main.py wall, incl. loading)':<37} {wall:>9.1f} {total_floor:>9.1f} {wall / total_floor:>8.1f}")
     sp = res.get("sparsity", {}).get("results", {})
     if sp:

@@ -47,7 +47,7 @@ MAMBA_SHAPES = {
 
 def out_name(folder) -> str:
     """The name part of a local model folder's output files (its name and a hash of its path)."""
-    from pipeline import model_prefix
+    from naming import model_prefix
 
     return model_prefix(str(folder), "local", str(folder))
 

@@ -148,9 +148,9 @@ def test_gradient_equals_finite_difference():
 
 
 def test_gradient_pass_gives_the_weights_back_on_error(monkeypatch):
-    """output_gradient takes the weights out of the graph for its pass; an error inside must not leave a
-    user's model frozen."""
-    import attention_neurons
+    """the gradient pass takes the weights out of the graph; an error inside must not leave a user's model
+    frozen."""
+    import ssm
 
     model = make_model("mamba_a")
     model.backbone.norm_f.weight.requires_grad_(False)  # a weight the user froze stays frozen
@@ -159,7 +159,7 @@ def test_gradient_pass_gives_the_weights_back_on_error(monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("planted")
 
-    monkeypatch.setattr(attention_neurons, "fast_scan_training", broken)
+    monkeypatch.setattr(ssm, "fast_scan_training", broken)
     with pytest.raises(RuntimeError, match="planted"):
         an.output_gradient(_ids(L=9, b=1), 0)
     assert all(p.requires_grad for n, p in model.named_parameters() if n != "backbone.norm_f.weight")

@@ -49,7 +49,9 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     assert run["argv"] == p.args[2:] and run["model_class"] == "MambaForCausalLM" and run["seed"] == 3
     assert run["resolved_path"] == str(model_dirs["mamba_b"].resolve()) and run["model_source"] == "local"
     assert {"torch", "transformers"} <= set(run["versions"]) and run["dtype"] == "float32"
-    assert set(run["stage_timings_s"]) == {"delta", "causal", "inter_layer", "cross_layer"}
+    # the text stage's reading includes its share of the text pass; the pass's forwards are timed apart
+    assert set(run["stage_timings_s"]) == {"delta", "causal", "inter_layer", "cross_layer", "text_pass"}
+    assert res["passes"]["text"]["stages"] == ["delta"] and res["passes"]["text"]["forwards"] == 12
     assert run["start_time"].endswith("Z")
     texts = read_texts_file(texts_file)
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -266,7 +268,7 @@ def call_main(args, cwd, monkeypatch, capsys):
     started = []
 
     def spy(name):
-        def run(ctx):
+        def run(ctx, *read):
             started.append(name)
             raise AssertionError("the spy stage ran")
         return run
@@ -276,7 +278,11 @@ def call_main(args, cwd, monkeypatch, capsys):
 
     import pipeline
 
-    monkeypatch.setattr(pipeline, "STAGES", {n: dataclasses.replace(s, run=spy(n)) for n, s in pipeline.STAGES.items()})
+    spied = {}
+    for n in pipeline.ALL_STAGES:  # a text stage starts with its reader (the text pass), the others with run
+        s = pipeline.STAGES[n]
+        spied[n] = dataclasses.replace(s, run=spy(n), reader=s.reader and spy(n))
+    monkeypatch.setattr(pipeline, "STAGES", spied)
     if DEVICE.type != "cpu" and "--device" not in args:
         args = [*args, "--device", DEVICE.type]
     code = main.main([str(a) for a in args])
@@ -430,7 +436,7 @@ def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp
     """A stage that raises (planted here) is recorded with its error; the other stages go on."""
     import main
 
-    def broken(ctx):
+    def broken(ctx, read):
         raise RuntimeError("planted failure")
 
     import dataclasses
@@ -566,16 +572,17 @@ def test_default_run_offline_uses_the_reference_mamba(tmp_path):
     assert res["delta"]["status"] == "ok"
     assert res["delta"]["results"]["reconstruction"]["max_relative_error"] < 1e-4
     assert (tmp_path / "plots" / "reference_mamba_delta_variance_layer0.png").stat().st_size > 5000
-    assert all(res[s]["status"] == "ok" for s in res["run"]["stage_timings_s"])
+    stages = [s for s in res["run"]["stage_timings_s"] if s != "text_pass"]
+    assert all(res[s]["status"] == "ok" for s in stages)
     comp = res["comparison"]["results"]
     assert comp["compare_model"]["source"] == "reference"
     assert [m["label"] for m in comp["models"]] == ["reference_mamba", "reference_transformer"]
     assert "causal" in comp  # the causal stage ran, so both distributions are there
     # the default command reads sparsity from the attention gradient forwards (both models), and says so
     where = res["sparsity"]["results"]["measured_in"]
-    assert where.startswith("the attention stage's gradient forwards") and f"measured in {where}" in p.stdout
-    assert comp["models"][1]["sparsity_measured_in"].startswith("the attention part's gradient forwards")
-    for name in res["run"]["stage_timings_s"]:
+    assert where.startswith("the text pass's gradient forwards") and f"measured in {where}" in p.stdout
+    assert comp["models"][1]["sparsity_measured_in"].startswith("the text pass's gradient forwards")
+    for name in stages:
         for path in res[name].get("plots", []):
             assert (tmp_path / path).read_bytes()[:4] == b"\x89PNG"
 

@@ -104,11 +104,13 @@ def test_methods_table_matches_plotted_methods():
 
 
 def test_the_comparison_reuses_the_sparsity_stage_and_gets_the_same_numbers(model_dirs, tmp_path, monkeypatch):
-    """With the sparsity stage in the run, the main model's activations are streamed once (every layer,
-    in the sparsity stage's two passes), and the comparison's per-layer sparsity of the main model
-    equals what it measures on its own."""
-    import comparison_wrapper as cw
+    """The sparsity stage and the comparison read the main model's sites from the same text pass (no
+    forward of their own: `layer_sparsity` never runs), and the comparison's per-layer sparsity of the
+    main model equals `layer_sparsity`'s own forwards to float rounding, and the sparsity stage's exactly."""
+    from test_sparsity import assert_sparsity_close
+
     from main import run_comprehensive_analysis
+    from utils import tokenize_texts
     from models import get_adapter, load_model_and_tokenizer
     from utils import OFFLINE_TEXTS_PATH, read_texts_file
 
@@ -121,15 +123,13 @@ def test_the_comparison_reuses_the_sparsity_stage_and_gets_the_same_numbers(mode
     res = run_comprehensive_analysis(main_model, tok, texts, layer=1, stages=["sparsity", "comparison"],
                                      plots_dir=tmp_path, max_length=40, progress=False, options=opts)
     assert res["comparison"]["status"] == "ok", res["comparison"].get("error")
-    assert sum(m is main_model for m in calls) == 1  # the sparsity stage's pass only
-    alone = cw.profile_model(cw.ModelRun("m", main_model, tok, get_adapter(main_model)), texts, 1, 40, None, 1e-6,
-                             [16], 5.0)
+    assert calls == []  # both read the text pass, on both models
+    alone = real(main_model, get_adapter(main_model), tokenize_texts(tok, texts, 40).input_ids, range(3))
     shared = res["comparison"]["results"]["models"][0]["sparsity_by_layer"]
-    assert set(shared) == set(alone["sparsity_by_layer"]) == {0, 1, 2}
-    for la, stats in alone["sparsity_by_layer"].items():
-        assert shared[la]["gini"] == stats["gini"] and shared[la]["percentile"] == stats["percentile"]
-        np.testing.assert_array_equal(shared[la]["neuron_mean_abs"], stats["neuron_mean_abs"])
+    assert set(shared) == set(alone) == {0, 1, 2}
+    assert_sparsity_close(shared, alone)
     assert res["sparsity"]["results"]["single"]["gini"] == shared[1]["gini"]
+    np.testing.assert_array_equal(res["sparsity"]["results"]["single"]["neuron_mean_abs"], shared[1]["neuron_mean_abs"])
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,8 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
     main_label, other_label = [s["label"] for s in comp["models"]]
     assert att["matched_layers"] == {main_label: 2, other_label: 1}
     assert att["models"][main_label]["layers"] == [0, 2] and att["models"][other_label]["layers"] == [0, 1]
-    assert all(att["models"][main_label]["by_layer"][la] is stage["by_layer"][la] for la in (0, 2))  # reused
+    assert all(att["models"][main_label]["by_layer"][la]["methods"] is stage["by_layer"][la]["methods"]
+               for la in (0, 2))  # the attention stage's own numbers
     names = [p.rsplit("/", 1)[-1] for p in res["attention"]["plots"]]
     assert "m_hidden_attention_layer2_text0.png" in names and "m_attention_by_layer_layers0_2.png" in names
     assert att["models"][other_label]["units"]["unit"] == "dim"
@@ -193,8 +194,9 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
 
 
 def test_the_other_models_sparsity_is_read_from_its_attention_gradient_forwards(attention_comparison):
-    """With the attention part, the other model's every-layer sparsity comes from its gradient pass's full
-    forwards (no forward of its own) and equals `layer_sparsity` on its own tokens to float rounding."""
+    """With the attention part, the other model's every-layer sparsity comes from its run's text pass (the
+    gradient forwards, no forward of its own) and equals `layer_sparsity` on its own tokens to float
+    rounding; the main model's from this run's text pass."""
     from test_sparsity import assert_sparsity_close
 
     from models import get_adapter
@@ -202,8 +204,8 @@ def test_the_other_models_sparsity_is_read_from_its_attention_gradient_forwards(
 
     res, _, (other, other_tok), texts = attention_comparison
     main_side, other_side = res["comparison"]["results"]["models"]
-    assert other_side["sparsity_measured_in"].startswith("the attention part's gradient forwards")
-    assert main_side["sparsity_measured_in"] == "its own forwards"  # no sparsity stage in this run
+    assert other_side["sparsity_measured_in"].startswith("the text pass's gradient forwards (the first text")
+    assert main_side["sparsity_measured_in"].startswith("the text pass's gradient forwards (the first text")
     adapter = get_adapter(other)
     want = sp.layer_sparsity(other, adapter, tokenize_texts(other_tok, texts, 30).input_ids, range(adapter.n_layers))
     assert_sparsity_close(other_side["sparsity_by_layer"], want)
@@ -239,7 +241,7 @@ def test_a_failed_attention_stage_leaves_the_comparison_without_an_attention_par
     def planted(*a, **k):
         raise RuntimeError("planted attention failure")
 
-    monkeypatch.setattr(an, "attention_profile", planted)
+    monkeypatch.setattr(an.AttentionProfile, "read", planted)
     model, tok, _ = load_model_and_tokenizer(str(model_dirs["mamba_b"]))
     opts = Options(max_length=30, plots_dir=str(tmp_path), prefix="m", progress=False,
                    compare_model=str(model_dirs["gpt2"]), seq_lengths=(16,), efficiency_budget=5.0)
@@ -250,12 +252,14 @@ def test_a_failed_attention_stage_leaves_the_comparison_without_an_attention_par
 
 
 def test_the_sparsity_stage_reads_the_attention_stages_forwards(model_dirs, tmp_path, monkeypatch):
-    """With the attention stage (gradient_guided among its methods) before it, the sparsity stage runs no
-    forward of its own: it reads every site from the gradient pass's full forwards, says so in
-    `measured_in`, and its numbers equal a sparsity-only run's to float rounding. Without gradient_guided
-    the attention stage runs no full forward and the sparsity stage measures on its own."""
+    """With the attention stage's gradient_guided in the run, the sparsity stage reads every site from the
+    text pass's gradient forwards, says so in `measured_in`, and its numbers equal a sparsity-only run's
+    (the capture forwards, the model's own) to float rounding; without gradient_guided there is no gradient
+    forward and the sites come from the capture forwards. Gradient-forward sites further from the model's
+    own forward than SITE_TOLERANCE are not used: read from the capture forwards, and said."""
     from test_sparsity import assert_sparsity_close
 
+    import passes
     from models import load_model_and_tokenizer
     from pipeline import Options, run_pipeline
     from utils import OFFLINE_TEXTS_PATH, read_texts_file
@@ -264,24 +268,23 @@ def test_the_sparsity_stage_reads_the_attention_stages_forwards(model_dirs, tmp_
     texts = read_texts_file(OFFLINE_TEXTS_PATH)[:4]
     opts = Options(layer=1, max_length=30, plots_dir=str(tmp_path), prefix="m", progress=False)
     alone = run_pipeline(model, tok, texts, opts, ["sparsity"])["sparsity"]["results"]
-    assert alone["measured_in"] == "its own forwards"
+    assert alone["measured_in"] == "the text pass's capture forwards (the model's own)"
     real = sp.layer_sparsity
     calls = []
     monkeypatch.setattr(sp, "layer_sparsity", lambda *a, **k: calls.append(1) or real(*a, **k))
     res = run_pipeline(model, tok, texts, opts, ["attention", "sparsity"])
     assert res["attention"]["status"] == "ok" and res["sparsity"]["status"] == "ok", res["sparsity"].get("error")
     shared = res["sparsity"]["results"]
-    assert shared["measured_in"].startswith("the attention stage's gradient forwards (the first text") and not calls
+    assert shared["measured_in"].startswith("the text pass's gradient forwards (the first text") and not calls
     assert_sparsity_close(shared["single"], alone["single"])
     assert_sparsity_close(shared["layers"], alone["layers"])
     opts = dataclasses.replace(opts, attention_methods=("attention_weighted",))
     res = run_pipeline(model, tok, texts, opts, ["attention", "sparsity"])
-    assert res["sparsity"]["results"]["measured_in"] == "its own forwards" and calls == [1]
-    # sites further from the model's own forward than FEED_TOLERANCE are not used: measured apart, and said
-    monkeypatch.setattr(sp, "FEED_TOLERANCE", 1e-30)  # the gradient forward's sites differ by rounding (> 0)
+    assert res["sparsity"]["results"]["measured_in"] == "the text pass's capture forwards (the model's own)"
+    monkeypatch.setattr(passes, "SITE_TOLERANCE", 1e-30)  # the gradient forward's sites differ by rounding (> 0)
     res = run_pipeline(model, tok, texts, dataclasses.replace(opts, attention_methods=("gradient_guided",)),
                        ["attention", "sparsity"])
-    assert res["sparsity"]["status"] == "ok" and calls == [1, 1]
-    assert re.fullmatch(r"its own forwards \(the gradient forward's sites differ from the model's own forward's by "
-                        r"\S+ \(relative\) > 1e-30\)", res["sparsity"]["results"]["measured_in"])
+    assert res["sparsity"]["status"] == "ok" and not calls
+    assert re.fullmatch(r"the text pass's capture forwards \(the model's own; the gradient forwards' sites differed "
+                        r"by \S+, relative, > 1e-30\)", res["sparsity"]["results"]["measured_in"])
     assert_sparsity_close(res["sparsity"]["results"]["single"], alone["single"])

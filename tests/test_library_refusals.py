@@ -202,9 +202,9 @@ def test_layer_sparsity_refusals(mamba, ids, kwargs, message):
     refused(mamba, message, sp.layer_sparsity, mamba, get_adapter(mamba), **args)
 
 
-def test_sparsity_feed_and_pure_measures_refuse(mamba, ids):
-    refused(mamba, "input_ids is empty", sp.ForwardFeed, mamba, get_adapter(mamba), [], [0])
-    refused(mamba, "layers 9", sp.ForwardFeed, mamba, get_adapter(mamba), ids, [9])
+def test_sparsity_profile_and_pure_measures_refuse(mamba, ids):
+    refused(mamba, "layers 9", sp.SparsityProfile, mamba, get_adapter(mamba), [9], ids)
+    refused(mamba, "threshold nan", sp.SparsityProfile, mamba, get_adapter(mamba), [0], ids, float("nan"))
     a = np.abs(np.random.default_rng(0).standard_normal((10, 4)))
     for f, message in ((lambda: sp.traditional(a, True), "threshold True"),
                        (lambda: sp.optimal_threshold(a, True), "target fraction True"),

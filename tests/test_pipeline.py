@@ -5,25 +5,29 @@ import pytest
 
 import pipeline
 from conftest import make_model
-from pipeline import Options, Stage, _ordered, run_comprehensive_analysis
+from pipeline import Options, Stage, register, run_comprehensive_analysis
 
 
 def _noop(ctx):
     return {}, []
 
 
-def test_run_order_follows_the_stated_needs():
+def test_each_module_registers_its_stages_in_run_order():
+    """Every stage is registered by its analysis module (loaded when first asked for), runs after the stages
+    it needs, and a registration that breaks either rule is refused."""
     assert pipeline.ALL_STAGES == ("delta", "causal", "inter_layer", "cross_layer", "attention", "sparsity",
                                    "efficiency", "comparison")
-    for name, stage in pipeline.STAGES.items():  # every stage after each stage it needs
+    for name in pipeline.ALL_STAGES:
+        stage = pipeline.STAGES[name]
+        assert stage.name == name and stage.run.__module__ == pipeline.STAGE_MODULES[name]
         assert all(pipeline.ALL_STAGES.index(n) < pipeline.ALL_STAGES.index(name) for n in stage.needs)
-    # listed first but needing a later one: it moves after it; the rest keep the listed order
-    order = _ordered([Stage("c", _noop, print, needs=("b",)), Stage("a", _noop, print), Stage("b", _noop, print)])
-    assert list(order) == ["b", "c", "a"]
-    with pytest.raises(ValueError, match="cycle: x -> y -> x"):
-        _ordered([Stage("x", _noop, print, needs=("y",)), Stage("y", _noop, print, needs=("x",))])
-    with pytest.raises(ValueError, match="needs nowhere, which is not a stage"):
-        _ordered([Stage("x", _noop, print, needs=("nowhere",))])
+    text_stages = [n for n in pipeline.ALL_STAGES if pipeline.STAGES[n].reader is not None]
+    assert text_stages == ["delta", "attention", "sparsity", "comparison"]
+    with pytest.raises(ValueError, match="stage x is not in pipeline.STAGE_MODULES"):
+        register(Stage("x", _noop, str))
+    with pytest.raises(ValueError, match="stage delta needs comparison, which is not a stage before it"):
+        register(Stage("delta", _noop, str, needs=("comparison",)))
+    assert pipeline.STAGES["delta"].needs == ()  # the refused registration changed nothing
 
 
 def test_reading_a_stage_not_in_needs_fails_that_stage(monkeypatch, tokenizer):
@@ -35,15 +39,15 @@ def test_reading_a_stage_not_in_needs_fails_that_stage(monkeypatch, tokenizer):
     def honest(ctx):
         return {"seen": ctx.upstream("causal") is not None}, []
 
-    monkeypatch.setitem(pipeline.STAGES, "sparsity", dataclasses.replace(pipeline.STAGES["sparsity"], run=sneaky))
+    monkeypatch.setitem(pipeline.STAGES, "efficiency", dataclasses.replace(pipeline.STAGES["efficiency"], run=sneaky))
     monkeypatch.setitem(pipeline.STAGES, "inter_layer", dataclasses.replace(pipeline.STAGES["inter_layer"], run=honest))
     monkeypatch.setitem(pipeline.STAGES, "causal", dataclasses.replace(pipeline.STAGES["causal"],
                                                                       run=lambda ctx: ({"top_neurons": []}, [])))
     res = run_comprehensive_analysis(make_model("mamba_a"), tokenizer, ["one text", "two texts"],
-                                     stages=["causal", "inter_layer", "sparsity"], progress=False)
-    assert res["sparsity"] == {"status": "error", "wall_time_s": res["sparsity"]["wall_time_s"],
-                               "error": "RuntimeError: stage sparsity reads stage causal without declaring it in "
-                                        "its needs"}
+                                     stages=["causal", "inter_layer", "efficiency"], progress=False)
+    assert res["efficiency"] == {"status": "error", "wall_time_s": res["efficiency"]["wall_time_s"],
+                                 "error": "RuntimeError: stage efficiency reads stage causal without declaring it "
+                                          "in its needs"}
     assert res["inter_layer"]["results"] == {"seen": True}
 
 

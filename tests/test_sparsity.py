@@ -230,22 +230,25 @@ def assert_sparsity_close(got: dict, want: dict, where: str = "") -> None:
 
 
 @pytest.mark.parametrize("kind", ["mamba_b", "gpt2", "mamba2"])
-def test_sparsity_read_from_the_attention_gradient_forwards_equals_its_own_forwards(kind, tokenizer):
-    """ForwardFeed: every layer's sparsity read from the attention stage's gradient pass (one full forward per
-    text, through the fast scan on a Mamba) equals `layer_sparsity` with forwards of its own, to float
-    rounding; every text is fed once, in order, and the first text was checked against the model's own
-    forward. The feed's max relative difference is printed."""
+def test_sparsity_read_from_the_gradient_forwards_equals_its_own_forwards(kind, tokenizer):
+    """The text pass with a gradient forward (gradient_guided): every layer's sparsity read from it (one
+    full forward per text, through the fast scan on a Mamba) equals `layer_sparsity` with forwards of its
+    own, to float rounding; every text is read once, and the first text's sites were checked against the
+    model's own forward. The max relative difference is printed."""
     import attention_neurons as an
+    from passes import run_text_pass
     from utils import OFFLINE_TEXTS_PATH, read_texts_file
 
     model = make_model(kind).to(DEVICE)
     adapter = get_adapter(model)
     ids = [tokenizer(t, return_tensors="pt").input_ids[:, :30] for t in read_texts_file(OFFLINE_TEXTS_PATH)[:4]]
     layers = range(adapter.n_layers)
-    feed = sp.ForwardFeed(model, adapter, ids, layers)
-    an.attention_profile(an.attention_neurons_for(model), ids, [1], an.METHODS, feed=feed)
-    assert feed.fed == len(ids) and feed.complete
-    got, want = feed.result(None, 1e-6), sp.layer_sparsity(model, adapter, ids, layers)
+    readers = {"sparsity": sp.SparsityRead(model, adapter, layers, ids),
+               "attention": an.AttentionProfile(an.attention_neurons_for(model), [1], an.METHODS)}
+    done = run_text_pass(model, adapter, ids, readers)
+    assert not done.errors and done.forwards == 2 * len(ids)
+    got, want = done.results["sparsity"]["stats"], sp.layer_sparsity(model, adapter, ids, layers)
+    assert done.results["sparsity"]["measured_in"].startswith("the text pass's gradient forwards (the first text")
     rel = max(np.abs(got[la]["neuron_mean_abs"] - want[la]["neuron_mean_abs"]).max()
               / np.abs(want[la]["neuron_mean_abs"]).max() for la in layers)
     print(f"{kind}: neuron mean |a| from the gradient forwards vs own forwards: max relative difference {rel:.2e}")
@@ -253,35 +256,30 @@ def test_sparsity_read_from_the_attention_gradient_forwards_equals_its_own_forwa
     assert_sparsity_close(got, want)
 
 
-def test_a_sparsity_feed_is_checked_and_never_used_incomplete(tokenizer):
-    """The feed refuses a text out of order; without the gradient pass (no gradient_guided) nothing is fed
-    and `result` is None (the caller measures with its own forwards); a planted difference in the first
-    text's sites beyond FEED_TOLERANCE of the model's own forward is refused the same way, and said."""
+def test_gradient_forward_sites_are_checked_before_they_are_used(tokenizer, monkeypatch):
+    """A planted difference in the gradient forward's sites beyond SITE_TOLERANCE of the model's own forward
+    (on the first text) is refused: every text's sites are then read from the capture forwards (the model's
+    own), said in "measured_in", and the numbers are those of `layer_sparsity`."""
     import attention_neurons as an
+    import passes
 
     model = make_model("mamba_b")
     adapter = get_adapter(model)
     ids = [tokenizer(t, return_tensors="pt").input_ids for t in ["The cat sat on the mat.", "A longer text, with words."]]
-    analyzer = an.attention_neurons_for(model)
-    feed = sp.ForwardFeed(model, adapter, ids, [0, 2])
-    with pytest.raises(RuntimeError, match="not the next text"):
-        analyzer.output_gradient(ids[1], 0, watch=feed.watch(ids[1]))
-    an.attention_profile(analyzer, ids, [0], ("attention_weighted", "rollout"), feed=feed)
-    assert feed.fed == 0 and not feed.complete and feed.result() is None
-    assert sp.measured_in(feed, "x") == "its own forwards (0 of 2 texts were fed)"
-    feed = sp.ForwardFeed(model, adapter, ids, [0, 2])
-    an.attention_profile(analyzer, ids, [0], an.METHODS, feed=feed)
-    first = {la: a.copy() for la, a in feed.first.items()}
-    feed.first[2] = feed.first[2] * (1 + 3 * sp.FEED_TOLERANCE)
-    assert feed.result() is None and feed.difference == pytest.approx(3 * sp.FEED_TOLERANCE, rel=1e-3)
-    assert sp.measured_in(feed, "x").startswith("its own forwards (the gradient forward's sites differ")
-    feed = sp.ForwardFeed(model, adapter, ids, [0, 2])  # unplanted: used, and within rounding of the model's
-    an.attention_profile(analyzer, ids, [0], an.METHODS, feed=feed)
-    assert all(np.array_equal(feed.first[la], first[la]) for la in first)
-    assert feed.result() is not None and feed.difference < 1e-6
-    with pytest.raises(ValueError, match="finished"):  # pass 2 read the kept patterns once: never twice
-        feed.result()
-    assert sp.measured_in(feed, "the gradient forwards").startswith("the gradient forwards (the first text's sites")
+    real = passes.gradient_pass
+
+    def planted(*args, **kwargs):
+        grads, target, sites = real(*args, **kwargs)
+        return grads, target, {la: a * (1 + 3 * passes.SITE_TOLERANCE) for la, a in sites.items()}
+
+    monkeypatch.setattr(passes, "gradient_pass", planted)
+    readers = {"sparsity": sp.SparsityRead(model, adapter, [0, 2], ids),
+               "attention": an.AttentionProfile(an.attention_neurons_for(model), [0], an.METHODS)}
+    done = passes.run_text_pass(model, adapter, ids, readers)
+    where = done.results["sparsity"]["measured_in"]
+    assert where.startswith("the text pass's capture forwards (the model's own; the gradient forwards' sites "
+                            "differed by 0.003")
+    assert_sparsity_close(done.results["sparsity"]["stats"], sp.layer_sparsity(model, adapter, ids, [0, 2]))
 
 
 def test_scale_free_measures_are_computed_scale_free():

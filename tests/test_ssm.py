@@ -181,3 +181,36 @@ def test_blocked_inference_whole_model_logits_and_restore(mamba):
     assert all("forward" not in blk.mixer.__dict__ for blk in mamba.backbone.layers)
     with pytest.raises(ValueError, match="without a cache"):
         mixer_forward_blocked(mamba.backbone.layers[0].mixer, real[..., :16], cache_params=object())
+
+
+def test_a_mixers_family_comes_from_its_adapter_not_its_attributes():
+    """What ssm.py does with a mixer follows its family's adapter (`models.mixer_adapter`, by the mixer's
+    class), not the attributes it happens to have: a Mamba-1 mixer given Mamba-2's `n_groups` and `dt_bias`
+    and FalconMamba's `rms_eps` is still recomputed as Mamba-1 (and its output still matches); FalconMamba's
+    and Mamba-2's mixers are recognised; a module of no supported family is refused in one line."""
+    from models import FalconMambaAdapter, Mamba2Adapter, MambaAdapter, mixer_adapter
+    from ssm import computes_partly_in_float32, input_norms, is_mamba2_mixer
+
+    model = make_model("mamba_a")
+    mixer = model.backbone.layers[0].mixer
+    ids = _ids(model, L=9)
+    with torch.no_grad(), trace(model, ["backbone.layers.0.mixer"], retain_input=True) as tr:
+        model(input_ids=ids, use_cache=False)
+    mixer.n_groups, mixer.dt_bias, mixer.rms_eps = 1, torch.nn.Parameter(torch.zeros(3)), 1e-6
+    assert mixer_adapter(mixer) is MambaAdapter
+    assert not is_mamba2_mixer(mixer) and not computes_partly_in_float32(mixer)
+    v = torch.randn(2, 3, 4)
+    assert all(a is b for a, b in zip(input_norms(mixer, v, v, v), (v, v, v)))  # no RMS norm for Mamba-1
+    got = recompute_mixer(mixer, tr["backbone.layers.0.mixer"].input).out
+    assert check_reconstruction(got, tr["backbone.layers.0.mixer"].output).ok
+
+    falcon = make_model("falcon_mamba").backbone.layers[0].mixer
+    assert mixer_adapter(falcon) is FalconMambaAdapter
+    assert not is_mamba2_mixer(falcon) and computes_partly_in_float32(falcon)
+    assert not torch.equal(input_norms(falcon, v, v, v)[0], v)
+    mamba2 = make_model("mamba2").backbone.layers[0].mixer
+    assert mixer_adapter(mamba2) is Mamba2Adapter and is_mamba2_mixer(mamba2) and computes_partly_in_float32(mamba2)
+
+    for module in (torch.nn.Linear(2, 2), make_model("gpt2").transformer.h[0].attn):
+        with pytest.raises(TypeError, match=f"{type(module).__name__} is not the mixer of a supported state-space"):
+            recompute_mixer(module, torch.zeros(1, 2, 2))

@@ -1,0 +1,152 @@
+"""Depth profiles (--layers, and --report's merge of saved runs): each per-layer stage's headline numbers
+over relative depth, their plot, and their summary text. Light: numpy, matplotlib and the stage modules
+are imported inside the functions.
+"""
+from __future__ import annotations
+
+
+def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
+    """({metric: value}, {metric: why it is left out}): the headline numbers of one per-layer stage's
+    results `r` at one layer. A value the profile reads that is missing, undefined (None) or not a finite
+    number (a list of them, for Δ's text variances and the causal scores) is left out with the reason."""
+    import math
+
+    import numpy as np
+
+    missing = object()
+
+    def at(d, *keys):
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return missing
+            d = d[k]
+        return d
+
+    def number(v) -> bool:  # a finite int or float (numpy's too), not a bool
+        return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                and math.isfinite(v))
+
+    def why_not_number(v, what: str) -> str:
+        if v is missing:
+            return f"{what} is missing"
+        return f"{what} is undefined (null)" if v is None else f"{what} is not a finite number"
+
+    def numbers(v, what: str):
+        if v is missing or v is None:
+            return None, why_not_number(v, what)
+        if isinstance(v, np.ndarray):  # a run's own results, before they are saved as JSON
+            if v.ndim != 1 or not v.size or v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.number):
+                return None, f"{what} is not a non-empty list of numbers"
+            v = v.astype(np.float64)
+            return (v, None) if np.isfinite(v).all() else (None, f"{what} holds a value that is not a finite number")
+        if not isinstance(v, (list, tuple)) or not v:
+            return None, f"{what} is not a non-empty list of numbers"
+        if not all(number(x) for x in v):
+            return None, f"{what} holds a value that is not a finite number"
+        return np.asarray(v, dtype=np.float64), None
+
+    if stage in ("delta", "causal"):
+        names, field = (("delta: max text variance", "delta: median text variance"), ("per_channel", "text_variance")
+                        ) if stage == "delta" else (("causal: max impact", "causal: median impact"), ("scores",))
+        v, why = numbers(at(r, *field), ".".join(field))
+        if why is not None:
+            return {}, dict.fromkeys(names, why)
+        return {names[0]: float(v.max()), names[1]: float(np.median(v))}, {}
+    if stage == "attention":
+        methods = at(r, "methods")
+        if not isinstance(methods, dict) or not methods:
+            return {}, {"attention: diversity": "methods is missing or not a non-empty object"}
+        out, left = {}, {}
+        for m, a in methods.items():
+            d = at(a, "neuron_diversity")
+            if number(d):
+                out[f"attention: diversity, {m}"] = float(d)
+            else:
+                left[f"attention: diversity, {m}"] = why_not_number(d, f"methods.{m}.neuron_diversity")
+        return out, left
+    if stage != "sparsity":
+        return {}, {}
+    import sparsity as sp
+
+    single = at(r, "single")
+    out, left = {}, {}
+    for name, f in sp.MULTILAYER_METRICS:
+        metric = f"sparsity: {name}"
+        if not isinstance(single, dict):
+            left[metric] = "single is missing or not an object"
+            continue
+        try:
+            v = f(single)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            left[metric] = f"single: the fields of {name} are missing or of the wrong type"
+            continue
+        if number(v):
+            out[metric] = float(v)
+        else:
+            left[metric] = why_not_number(v, f"single: {name}")
+    return out, left
+
+
+PROFILE_DEFINITIONS = {
+    "delta": "max and median over channels of the across-text variance of the per-text mean of Δ",
+    "causal": "max and median over the site's dimensions of the causal impact (mean KL over the prompts)",
+    "attention": "neuron diversity of each method (normalised entropy of the channel activations, 1 = uniform)",
+    "sparsity": "each sparsity measure of the layer's neuron site (as in the sparsity stage's multi-layer table)",
+}
+
+
+def depth_profiles(layer_results: dict, n_layers: int) -> dict:
+    """{"layers", "relative_depth", "metrics": {metric: [value per layer, None where its stage did not
+    succeed or the value is left out]}, "left_out": [{"layer", "metric", "reason"}] (values that are
+    missing, undefined or not finite numbers: `_profile_metrics`), "definitions"} from {layer: {stage:
+    entry}} (the per-layer stages of a --layers run)."""
+    layers = sorted(layer_results)
+    per = {la: {} for la in layers}
+    left_out = []
+    for la in layers:
+        for stage, entry in layer_results[la].items():
+            if isinstance(entry, dict) and entry.get("status") == "ok":
+                got, why = _profile_metrics(stage, entry.get("results"))
+                per[la].update(got)
+                left_out += [{"layer": la, "metric": m, "reason": w} for m, w in why.items()]
+    names = list(dict.fromkeys([*(m for la in layers for m in per[la]), *(x["metric"] for x in left_out)]))
+    return {"layers": layers, "relative_depth": [la / max(1, n_layers - 1) for la in layers],
+            "metrics": {m: [per[la].get(m) for la in layers] for m in names}, "left_out": left_out,
+            "definitions": PROFILE_DEFINITIONS}
+
+
+def plot_depth_profiles(profiles: dict, plots_dir, name: str) -> str:
+    """One panel per metric against relative depth; a layer where the metric's stage did not succeed is
+    left out of its panel."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    metrics = profiles["metrics"]
+    cols = min(4, max(1, len(metrics)))
+    rows = max(1, math.ceil(len(metrics) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, constrained_layout=True)
+    x = profiles["relative_depth"]
+    for ax, (metric, values) in zip(axes.ravel(), metrics.items()):
+        pts = [(xi, v) for xi, v in zip(x, values) if v is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("relative depth (layer / (layers - 1))", fontsize=8)
+        ax.set_xlim(-0.05, 1.05)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in axes.ravel()[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"Depth profiles, layers {', '.join(map(str, profiles['layers']))}")
+    return save_figure(fig, plots_dir, name)
+
+
+def depth_profiles_text(results: dict) -> str:
+    """The summary of the depth profiles `results` (as main prints it under the entry's head line): the
+    layers line, then one line per metric, each line ending in a newline."""
+    lines = [f"    over layers {', '.join(map(str, results['layers']))}:\n"]
+    for metric, values in results["metrics"].items():
+        shown = ", ".join("-" if v is None else f"{v:.3g}" for v in values)
+        lines.append(f"      {metric}: {shown}\n")
+    return "".join(lines)

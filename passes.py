@@ -1,0 +1,268 @@
+"""The text pass: each text through the model once, plus once more with a backward where a stage needs a
+gradient, with every site that the run's text stages declare; each stage reads what it declared, text by
+text, and keeps only its running statistics.
+
+Shapes: one text at a time (b = 1), L tokens, d the model width, e the units of a layer.
+
+A text stage gives a *reader* (`TextReader`): its `request` (`TextRequest`: the layers whose Mamba mixer
+input and real output, Transformer attention weights and values, neuron-site activations, and unit-output
+gradients it reads), `read(text)` called with each text's `TextCapture`, and `finish()` for its results.
+`run_text_pass` merges the requests of every reader and, per text, runs
+1. the capture forward (no gradient): the model's own forward with hooks on every requested site,
+   stopped after the deepest one. On Mamba-1 / FalconMamba the mixers in which nothing is read run
+   `ssm.blocked_inference` (transformers' operations, cache-blocked); a Transformer runs eager attention
+   where attention weights are read;
+2. the gradient forward (only when a reader asks for gradients): one forward and one backward for every
+   requested layer at once (`gradient_pass`), whose neuron sites are read too when their check passes (below).
+So each text is embedded at most twice per model, with one layer or many.
+
+**Where the neuron sites are read.** With a gradient forward, the sites are read from it (it runs other
+float32 kernels: Mamba's fast scan), after the first text's are checked against its capture forward (the
+model's own forward, taken deep enough for that text): they must agree within `SITE_TOLERANCE` (relative
+to each layer's largest |a|); otherwise every text's sites come from the capture forward. Without a
+gradient forward they come from the capture forward, whose mixers at those layers run their own forward.
+
+A reader that raises is dropped (its error recorded, `TextPassResult.errors`); the other readers go on.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# How far the neuron sites of the gradient forward may be from the model's own forward's (relative to a
+# layer's largest |a|) for them to be used: the fast scan's rounding grows through the layers above (at
+# mamba-130m's shape, random init, 24 layers: about 2e-4 at the deepest layers, 1e-7 at layer 0).
+SITE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """What a text stage reads from each text (layer sets)."""
+
+    mixer_io: frozenset = frozenset()  # Mamba mixers: (input, real output) (1, L, d) each
+    attention_io: frozenset = frozenset()  # Transformer attention: (A (1, H, L, L), values (1, H, L, d/H),
+    # out_proj input (1, L, d), out_proj output (1, L, d)), under eager attention
+    sites: frozenset = frozenset()  # the neuron site (`sparsity.neuron_site`): (L, N) float32 numpy
+    gradient: frozenset = frozenset()  # ∂ logit[target] / ∂ (the input of `adapter.gradient_path(layer)`)
+
+    def __or__(self, other: "TextRequest") -> "TextRequest":
+        return TextRequest(*(getattr(self, f) | getattr(other, f) for f in ("mixer_io", "attention_io", "sites",
+                                                                             "gradient")))
+
+
+@dataclass
+class TextCapture:
+    """One text's captures: what the run's readers asked for."""
+
+    index: int  # the text's position in the run
+    ids: torch.Tensor  # (1, L) on the model's device
+    mixer_io: dict = field(default_factory=dict)  # {layer: (input, output)}
+    attention_io: dict = field(default_factory=dict)  # {layer: (A, values, y, out)}
+    sites: dict = field(default_factory=dict)  # {layer: (L, N) numpy}
+    gradients: dict = field(default_factory=dict)  # {layer: (1, L, ·)}
+    target: torch.Tensor | None = None  # (1,) the token the gradients are of
+    sites_from: str | None = None  # which forward `sites` come from, and how it was checked
+
+
+class TextReader(Protocol):
+    request: TextRequest
+
+    def read(self, text: TextCapture) -> None: ...
+
+    def finish(self): ...
+
+
+@dataclass
+class TextPassResult:
+    results: dict  # {reader name: what its finish() returned}
+    errors: dict  # {reader name: "Type: message"} for the readers that raised
+    sites_from: str | None  # where the neuron sites were read (for the sparsity stage's "measured_in")
+    forwards: int  # model forwards run (capture and gradient forwards)
+    wall_time_s: float  # the whole pass, forwards and reading
+    read_s: dict  # {reader name: seconds in its read() and finish()}
+
+
+def _site_paths(adapter, layers) -> dict:
+    from sparsity import site_map
+
+    return site_map(adapter, sorted(layers))
+
+
+@contextlib.contextmanager
+def _reading_sites(model, sites: dict, out: dict):
+    """Hooks on the neuron sites ({layer: models.Site}); `out` gets {layer: (L, N) float32 numpy}."""
+    from sparsity import tracing_sites
+
+    if not sites:
+        yield
+        return
+    with tracing_sites(model, sites, out):
+        yield
+
+
+def capture_forward(model, adapter, ids, mixer_io=(), attention_io=(), sites=()) -> TextCapture:
+    """Step 1 for one text `ids` (1, L): the model's own forward with hooks on the requested sites,
+    stopped after the deepest (see the module doc)."""
+    from ssm import blocked_inference
+    from utils import trace
+
+    text = TextCapture(-1, ids)
+    layers = {*mixer_io, *attention_io, *sites}
+    if not layers:
+        return text
+    deepest = max(layers)
+    site_map = _site_paths(adapter, sites)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if adapter.ssm_kind == "mamba1":  # mixers in which nothing is read run cache-blocked
+            idle = [la for la in range(deepest + 1) if la not in mixer_io and la not in sites]
+            if idle:
+                stack.enter_context(blocked_inference(model, layers=idle))
+        mixers = {la: adapter.mixer_path(la) for la in sorted(mixer_io)}
+        mio = stack.enter_context(trace(model, list(mixers.values()), retain_input=True)) if mixers else {}
+        paths = {la: adapter.attention_paths(la) for la in sorted(attention_io)}
+        if paths:
+            stack.enter_context(adapter.eager_attention())
+            weights = stack.enter_context(trace(model, [p.attention for p in paths.values()], retain_output=1))
+            tr = stack.enter_context(trace(model, [q for p in paths.values() for q in (p.qkv, p.out_proj)],
+                                           retain_input=True))
+        stack.enter_context(_reading_sites(model, site_map, text.sites))
+        # entered last, so that its StopForward ends the forward after every other hook has fired
+        stack.enter_context(trace(model, [adapter.layer_path(deepest)], retain_output=False, stop=True))
+        model(input_ids=ids, use_cache=False)
+    text.mixer_io = {la: (mio[p].input, mio[p].output) for la, p in mixers.items()}
+    text.attention_io = {la: (weights[p.attention].output, adapter.split_values(tr[p.qkv].output),
+                              tr[p.out_proj].input, tr[p.out_proj].output) for la, p in paths.items()}
+    return text
+
+
+def gradient_pass(model, adapter, ids, layers, sites=()) -> tuple[dict, torch.Tensor, dict]:
+    """Step 2 for one text `ids` (1, L): ({layer: g (1, L, ·)}, target (1,), {layer: site (L, N)}), g =
+    ∂ logit[target] / ∂ v with v the first input of `adapter.gradient_path(layer)` (every layer's g from
+    one backward: a v below another is differentiated through it), target = the model's predicted next
+    token at the last position. Mamba-1 / FalconMamba mixers run the fast scan (`ssm.fast_scan_training`:
+    the same recurrence, tested against the reference scan) for its cheap backward. The weights leave the
+    graph for this pass and get their requires_grad back afterwards, also on error. `sites`: layers whose
+    neuron site is read in this forward."""
+    from ssm import fast_scan_training
+    from utils import trace
+
+    paths = {la: adapter.gradient_path(la) for la in sorted(set(layers))}
+    seen = {}
+
+    def leaf(path, v):  # below every differentiated layer nothing needs a gradient: v becomes a leaf there
+        v = v if v.requires_grad else v.detach().requires_grad_(True)
+        seen[path] = v
+        return v
+
+    site_out = {}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), (fast_scan_training(model) if adapter.ssm_kind == "mamba1"
+                                   else contextlib.nullcontext()), \
+                trace(model, list(paths.values()), retain_output=False, edit_input=leaf), \
+                _reading_sites(model, _site_paths(adapter, sites), site_out):
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits  # (1, 1, V)
+        last = logits[:, -1].float()  # (1, V)
+        target = last.argmax(-1)  # (1,)
+        grads = torch.autograd.grad(last.gather(1, target[:, None]).sum(), [seen[p] for p in paths.values()])
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return {la: g.detach() for la, g in zip(paths, grads)}, target, site_out
+
+
+def site_difference(reference: dict, other: dict) -> float:
+    """The largest |other − reference| over the layers of `reference` ({layer: (L, N)}), relative to each
+    layer's largest |reference|."""
+    import numpy as np
+
+    return max(float(np.abs(other[la] - a).max() / max(float(np.abs(a).max()), 1e-30)) for la, a in reference.items())
+
+
+def site_tolerance(model) -> float:
+    return SITE_TOLERANCE if next(model.parameters()).dtype in (torch.float32, torch.float64) else 1e-2
+
+
+def run_text_pass(model, adapter, input_ids, readers: dict, progress: bool = False, desc: str = "text pass"
+                  ) -> TextPassResult:
+    """Every text of `input_ids` (a list of (1, L_i) token-id tensors) through the passes that `readers`
+    ({name: TextReader}) need, each reader reading every text (module doc)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    live, errors, read_s = dict(readers), {}, {}
+    device = next(model.parameters()).device
+    want = TextRequest()
+    for r in readers.values():
+        want = want | r.request
+    grad_layers = sorted(want.gradient)
+    sites_from_gradient = bool(grad_layers and want.sites)  # decided on the first text (module doc)
+    forwards = 0
+    difference = None
+    for k, ids in enumerate(tqdm(input_ids, desc=desc, disable=not progress)):
+        if not live:
+            break
+        ids = ids.to(device)
+        in_capture = want.sites if (not sites_from_gradient or k == 0) else ()
+        text = capture_forward(model, adapter, ids, want.mixer_io, want.attention_io, in_capture)
+        forwards += bool(want.mixer_io or want.attention_io or in_capture)
+        text.index = k
+        if grad_layers:
+            text.gradients, text.target, grad_sites = gradient_pass(
+                model, adapter, ids, grad_layers, want.sites if sites_from_gradient else ())
+            forwards += 1
+            if sites_from_gradient:
+                if k == 0:
+                    difference = site_difference(text.sites, grad_sites)
+                    if difference > site_tolerance(model):
+                        sites_from_gradient = False  # every text's sites from the capture forward
+                        logger.warning("neuron sites not read from the gradient forwards (they differ from the "
+                                       "model's own forward by %.3g, relative): read from the capture forwards",
+                                       difference)
+                    else:
+                        text.sites = grad_sites
+                else:
+                    text.sites = grad_sites
+        if want.sites:
+            text.sites_from = _sites_from(sites_from_gradient, difference, model)
+        for name, reader in list(live.items()):
+            t = time.perf_counter()
+            try:
+                reader.read(text)
+            except Exception as exc:  # this reader's stage fails; the others go on
+                logger.debug("text stage %s failed on text %d", name, k, exc_info=True)
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                del live[name]
+            read_s[name] = read_s.get(name, 0.0) + time.perf_counter() - t
+    results = {}
+    for name, reader in live.items():
+        t = time.perf_counter()
+        try:
+            results[name] = reader.finish()
+        except Exception as exc:
+            logger.debug("text stage %s failed", name, exc_info=True)
+            errors[name] = f"{type(exc).__name__}: {exc}"
+        read_s[name] = read_s.get(name, 0.0) + time.perf_counter() - t
+    where = _sites_from(sites_from_gradient, difference, model) if want.sites else None
+    return TextPassResult(results, errors, where, forwards, time.perf_counter() - t0, read_s)
+
+
+def _sites_from(from_gradient: bool, difference: float | None, model) -> str:
+    if from_gradient:
+        return (f"the text pass's gradient forwards (the first text's sites within {difference:.2g} of the "
+                f"model's own forward, relative)")
+    if difference is not None:
+        return (f"the text pass's capture forwards (the model's own; the gradient forwards' sites differed by "
+                f"{difference:.3g}, relative, > {site_tolerance(model):g})")
+    return "the text pass's capture forwards (the model's own)"

@@ -1,0 +1,109 @@
+"""The text pass (passes.py): one capture forward and at most one gradient forward per text feed every
+text stage, with one layer or many; the multi-layer gradient pass equals a pass per layer."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model
+from models import get_adapter
+from passes import gradient_pass
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "A second text, a little longer than the first one is.",
+         "Third: short."]
+
+
+def _ids(tokenizer):
+    from utils import tokenize_texts
+
+    return tokenize_texts(tokenizer, TEXTS, 40).input_ids
+
+
+@pytest.mark.parametrize("kind", ["mamba_b", "falcon_mamba", "mamba2", "gpt2"])
+def test_one_gradient_pass_for_several_layers_equals_a_pass_per_layer(kind, tokenizer):
+    """g at a lower layer is differentiated through the layers above it, also where those are differentiated
+    too: the gradients of one pass at every layer equal each layer's own pass to float rounding, with the
+    same target."""
+    model = make_model(kind)
+    adapter = get_adapter(model)
+    ids = _ids(tokenizer)[1]
+    layers = list(range(adapter.n_layers))
+    together, target, _ = gradient_pass(model, adapter, ids, layers)
+    for la in layers:
+        alone, t_alone, _ = gradient_pass(model, adapter, ids, [la])
+        rel = float((together[la] - alone[la]).abs().max() / alone[la].abs().max())
+        print(f"{kind} layer {la}: max relative difference {rel:.2e}")
+        assert torch.equal(target, t_alone) and together[la].shape == alone[la].shape and rel < 1e-5
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def _count_embeddings(model):
+    calls = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("kind, stages", [("mamba_b", ["delta", "attention", "sparsity"]),
+                                          ("mamba2", ["delta", "attention", "sparsity"]),
+                                          ("gpt2", ["attention", "sparsity"])])
+@pytest.mark.parametrize("layers", [None, "all"])
+def test_text_stages_embed_each_text_at_most_twice(kind, stages, layers, tokenizer, tmp_path):
+    """Every text stage of a run, at one layer or at every layer, reads one text pass: each text's tokens
+    enter the model at most twice (the capture forward and the gradient forward)."""
+    from pipeline import Options, run_pipeline
+
+    model = make_model(kind)
+    n_layers = get_adapter(model).n_layers
+    opts = Options(layers=tuple(range(n_layers)) if layers else None, plots_dir=str(tmp_path), progress=False,
+                   max_length=40)
+    calls, handle = _count_embeddings(model)
+    try:
+        res = run_pipeline(model, tokenizer, TEXTS, opts, stages)
+    finally:
+        handle.remove()
+    entries = [e for by in res.get("layers", {}).values() for e in by.values()] or [res[s] for s in stages]
+    assert all(e["status"] == "ok" for e in entries), [e.get("error") for e in entries]
+    assert sum(calls) <= 2 * len(TEXTS) and all(b == 1 for b in calls), calls
+    assert res["passes"]["text"]["forwards"] == len(calls) == 2 * len(TEXTS)
+    assert res["passes"]["text"]["sites_from"].startswith("the text pass's gradient forwards")
+
+
+def test_without_a_gradient_the_sites_come_from_the_models_own_forward(tokenizer, tmp_path):
+    """No gradient_guided: one capture forward per text, whose mixers at the sparsity layers run their own
+    forward; its numbers equal `layer_sparsity`'s (the blocked forward, checked) to float rounding."""
+    import sparsity as sp
+    from pipeline import Options, run_pipeline
+
+    model = make_model("mamba_b")
+    adapter = get_adapter(model)
+    opts = Options(plots_dir=str(tmp_path), progress=False, max_length=40,
+                   attention_methods=("attention_weighted", "rollout"), sparsity_layers=(0, 1, 2))
+    calls, handle = _count_embeddings(model)
+    try:
+        res = run_pipeline(model, tokenizer, TEXTS, opts, ["delta", "attention", "sparsity"])
+    finally:
+        handle.remove()
+    assert len(calls) == len(TEXTS)
+    got = res["sparsity"]["results"]
+    assert got["measured_in"] == "the text pass's capture forwards (the model's own)"
+    want = sp.layer_sparsity(model, adapter, _ids(tokenizer), [0, 1, 2])
+    for la in (0, 1, 2):
+        for key in ("traditional", "entropy"):
+            assert got["layers"][la][key]["sparsity"] == pytest.approx(want[la][key]["sparsity"], rel=1e-6, abs=1e-9)
+        np.testing.assert_allclose(got["layers"][la]["neuron_variance"], want[la]["neuron_variance"], rtol=1e-5,
+                                   atol=1e-12)
+
+
+def test_a_reader_that_fails_fails_its_stage_only(tokenizer, tmp_path, monkeypatch):
+    """A text stage whose reading raises on some text is recorded as an error; the other text stages of the
+    same pass finish."""
+    import delta_extraction as de
+    from pipeline import Options, run_pipeline
+
+    def broken(self, ids, ios):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(de.DeltaProfile, "add", broken)
+    res = run_pipeline(make_model("mamba_a"), tokenizer, TEXTS, Options(plots_dir=str(tmp_path), progress=False),
+                       ["delta", "attention", "sparsity"])
+    assert res["delta"]["status"] == "error" and res["delta"]["error"] == "RuntimeError: planted"
+    assert res["attention"]["status"] == "ok" and res["sparsity"]["status"] == "ok"

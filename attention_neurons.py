@@ -19,6 +19,11 @@ The same method functions then score both, so the numbers are of the same kind (
 comparable across models: α x is Δ-weighted on one side and a convex mix on the other; the diversity is
 scale-free).
 
+**The methods are one registry**, `METHOD_SPECS` ({name: `MethodSpec`}; METHODS and DEFINITIONS are derived
+from it): each spec says what the method computes, whether it needs the gradient g or reads the layers
+below (rollout), its reference function and the forms the streamed path uses; the code asks the spec,
+never the name, so another method is one more entry.
+
 The method functions (`attention_weighted`, `gradient_guided`, `rollout_layer`) are pure functions of one
 example's arrays: the reference path. Each is built from unit-local parts (per-unit rows and a sum over
 units), so `AttentionNeurons.text_scores` (what the attention stage runs) scores α one unit group at a
@@ -54,22 +59,6 @@ from ssm import (ReconstructionCheck, apply_hidden_attention, channel_D, check_r
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("attention_weighted", "gradient_guided", "rollout")
-DEFINITIONS = {
-    "attention_weighted": "contrib^c[i,j] = |alpha^c[i,j] x^c_j| for unit c; activation = mean of contrib^c over causal "
-                          "entries (j <= i); importance = std over query positions i of row sums sum_j contrib^c[i,j]; "
-                          "token map = mean over units of contrib^c; averaged over the texts (importance over those "
-                          "of >= 2 tokens: undefined for one query position)",
-    "gradient_guided": "contrib^c[i,j] = ReLU(g^c_i alpha^c[i,j] x^c_j), g^c_i = d logit[target] / d y^c_i by autograd, "
-                       "target = predicted next token at the last position; activation, importance and token map "
-                       "as for attention_weighted",
-    "rollout": "R_l = rownorm(mean_c normalise(|alpha^c_l|) + I) R_{l-1}, R_{-1} = I (normalise = divide by the map's "
-               "max; for softmax attention this is Abnar & Zuidema's R_l = (A_l/2 + I/2) R_{l-1}, A_l the head mean); "
-               "unit map C^c = rownorm(normalise(|alpha^c_l|) + I) R_{l-1}; activation = mean over i of 1 - C^c[i,i] "
-               "(share of token i's end-to-end relevance from other tokens); importance = its std over i; "
-               "token map = R_l; activation and importance averaged over the texts of >= 2 tokens (undefined for "
-               "a one-token text: no other token)",
-}
 UNITS = {
     "mamba": "channel c of the inner width (e units): alpha^c = the channel's hidden attention "
              "sum_n C_i[n] exp(A[c,n] (S_i - S_j)) Delta_j B_j[n] (j <= i), x^c = its scan input, y = alpha x + D x "
@@ -254,6 +243,127 @@ def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> 
     return _rollout_scores(*_rollout_parts(alpha, previous), alpha.shape[0], previous)
 
 
+# --------------------------------------------------------------------------------------------------
+# The methods: one registry. What differs between methods is in its MethodSpec; the reference path, the
+# streamed path and the attention stage ask the spec, never the name.
+# --------------------------------------------------------------------------------------------------
+def _pos_neg(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t⁺, t⁻) = (max(t, 0), max(−t, 0)): t = t⁺ − t⁻ and |t| = t⁺ + t⁻, exactly."""
+    return t.clamp(min=0), (-t).clamp(min=0)
+
+
+def _weighted_rows(Pp: torch.Tensor, Pn: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """Σ_j |α_ij x_j| = Σ_j (α⁺_ij + α⁻_ij)(x⁺_j + x⁻_j) (c, L), from `_signed_parts`' P⁺, P⁻."""
+    return (Pp[0] + Pp[1]) + (Pn[0] + Pn[1])
+
+
+def _weighted_shared_map(ap: torch.Tensor, an: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None
+                         ) -> torch.Tensor:
+    """Σ_c |α_ij x^c_j| (L, L) for units sharing one α = α⁺ − α⁻ (L, L)."""
+    return (ap + an) * x.abs().sum(1)[None, :]
+
+
+def _gradient_rows(Pp: torch.Tensor, Pn: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_j ReLU(g_i α_ij x_j) = g⁺_i Σ_j (α⁺_ij x⁺_j + α⁻_ij x⁻_j) + g⁻_i Σ_j (α⁺_ij x⁻_j + α⁻_ij x⁺_j) (c, L)."""
+    gp, gn = _pos_neg(g.T)  # (c, L): g⁺, g⁻
+    return gp * (Pp[0] + Pn[1]) + gn * (Pp[1] + Pn[0])
+
+
+def _gradient_shared_map(ap: torch.Tensor, an: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_c ReLU(g^c_i α_ij x^c_j) = α⁺ ⊙ (g⁺ x⁺ᵀ + g⁻ x⁻ᵀ) + α⁻ ⊙ (g⁺ x⁻ᵀ + g⁻ x⁺ᵀ) (L, L) for units sharing α."""
+    (gp, gn), (xp, xn) = _pos_neg(g.T), _pos_neg(x)  # (c, L), (L, c)
+    return ap * (gp.T @ xp.T + gn.T @ xn.T) + an * (gp.T @ xn.T + gn.T @ xp.T)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One attention-neuron method: all that the code asks of it, so that a method is one entry of
+    METHOD_SPECS.
+
+    `definition`: what it computes, in words (DEFINITIONS; the attention stage's JSON). `needs_gradient`:
+    it reads g = ∂ logit[target] / ∂ y (one gradient forward per text). `reference` (α (e, L, L), x (L, e),
+    g (L, e) or None, R_{ℓ-1} (L, L) or None for the identity) -> NeuronScores: its whole-α scoring of one
+    example (the reference path, `create_neurons`). `kind` says how the streamed path (`_fast_parts`,
+    `score_groups`) scores it:
+    - "contribution": a non-negative contribution contrib^c[i, j] per unit, scored by
+      `_contribution_scores`. `contribution` (α (c, L, L), x, g (L, c)) -> contrib (c, L, L) is its
+      whole-α form (and the streamed token map of units with their own α); `signed_rows` (P⁺, P⁻ of
+      `_signed_parts`, g) -> the row sums Σ_j contrib^c[i, j] (c, L), and `shared_map` (α⁺, α⁻ (L, L), x, g)
+      -> Σ_c contrib^c (L, L) for units that share one α, its forms without a (c, L, L) product.
+    - "rollout": attention rollout (`_rollout_parts` / `_fast_rollout`, `_rollout_scores`), continuing
+      R_{ℓ-1} from the layers below: it reads them (`reads_lower_layers`) and gives R_ℓ."""
+
+    name: str
+    definition: str
+    kind: str  # "contribution" | "rollout"
+    needs_gradient: bool
+    reference: Callable
+    contribution: Callable | None = None
+    signed_rows: Callable | None = None
+    shared_map: Callable | None = None
+
+    def __post_init__(self):
+        forms = (self.contribution, self.signed_rows, self.shared_map)
+        if not (self.kind == "contribution" and all(f is not None for f in forms)
+                or self.kind == "rollout" and all(f is None for f in forms)):
+            raise ValueError(f"method {self.name!r} of kind {self.kind!r}: a 'contribution' method gives "
+                             f"contribution, signed_rows and shared_map, a 'rollout' method none of them")
+
+    @property
+    def reads_lower_layers(self) -> bool:
+        """Rollout at layer ℓ continues R_{ℓ-1}, so every layer below ℓ is read as well."""
+        return self.kind == "rollout"
+
+
+METHOD_SPECS = {spec.name: spec for spec in (
+    MethodSpec("attention_weighted",
+               "contrib^c[i,j] = |alpha^c[i,j] x^c_j| for unit c; activation = mean of contrib^c over causal "
+               "entries (j <= i); importance = std over query positions i of row sums sum_j contrib^c[i,j]; "
+               "token map = mean over units of contrib^c; averaged over the texts (importance over those "
+               "of >= 2 tokens: undefined for one query position)",
+               "contribution", needs_gradient=False,
+               reference=lambda alpha, x, g, previous: attention_weighted(alpha, x),
+               contribution=lambda alpha, x, g: _weighted_contrib(alpha, x),
+               signed_rows=_weighted_rows, shared_map=_weighted_shared_map),
+    MethodSpec("gradient_guided",
+               "contrib^c[i,j] = ReLU(g^c_i alpha^c[i,j] x^c_j), g^c_i = d logit[target] / d y^c_i by autograd, "
+               "target = predicted next token at the last position; activation, importance and token map "
+               "as for attention_weighted",
+               "contribution", needs_gradient=True,
+               reference=lambda alpha, x, g, previous: gradient_guided(alpha, x, g),
+               contribution=_gradient_contrib, signed_rows=_gradient_rows, shared_map=_gradient_shared_map),
+    MethodSpec("rollout",
+               "R_l = rownorm(mean_c normalise(|alpha^c_l|) + I) R_{l-1}, R_{-1} = I (normalise = divide by the map's "
+               "max; for softmax attention this is Abnar & Zuidema's R_l = (A_l/2 + I/2) R_{l-1}, A_l the head mean); "
+               "unit map C^c = rownorm(normalise(|alpha^c_l|) + I) R_{l-1}; activation = mean over i of 1 - C^c[i,i] "
+               "(share of token i's end-to-end relevance from other tokens); importance = its std over i; "
+               "token map = R_l; activation and importance averaged over the texts of >= 2 tokens (undefined for "
+               "a one-token text: no other token)",
+               "rollout", needs_gradient=False,
+               reference=lambda alpha, x, g, previous: rollout_layer(alpha, previous)[0]),
+)}
+METHODS = tuple(METHOD_SPECS)
+DEFINITIONS = {name: spec.definition for name, spec in METHOD_SPECS.items()}
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The spec of one method (METHOD_SPECS); ValueError for an unknown one."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHOD_SPECS[method]
+
+
+def needs_gradient(methods) -> bool:
+    """Whether any of `methods` reads the gradient g."""
+    return any(METHOD_SPECS[m].needs_gradient for m in methods)
+
+
+def lower_layer_methods(methods) -> tuple:
+    """Those of `methods` that read the layers below the scored one (rollout), each once: what
+    `scores_by_layer` scores at those layers."""
+    return tuple(dict.fromkeys(m for m in methods if METHOD_SPECS[m].reads_lower_layers))
+
+
 def diversity_undefined(activations) -> str | None:
     """Why `neuron_diversity` is None for these activations (UNDEFINED), or None when it is defined."""
     a = np.asarray(activations, dtype=np.float64)
@@ -280,9 +390,8 @@ def check_methods(methods) -> tuple:
     from utils import text_list
 
     methods = tuple(text_list(methods, "methods"))
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method {bad[0]!r}; choose one of {', '.join(METHODS)}")
+    for m in methods:
+        method_spec(m)
     return methods
 
 
@@ -307,7 +416,7 @@ def _signed_parts(alpha: torch.Tensor, x: torch.Tensor, shared: bool
     with X_0 = x⁺ = max(x, 0) and X_1 = x⁻ = max(−x, 0) (2, c, L). One matrix product per sign: batched
     per unit (α (c, L, L)), or one product for all units of a group that shares α ((L, L))."""
     xt = x.T  # (c, L)
-    X = torch.stack([xt.clamp(min=0), (-xt).clamp(min=0)])  # (2, c, L): x⁺, x⁻
+    X = torch.stack(_pos_neg(xt))  # (2, c, L): x⁺, x⁻
     ap = torch.relu(alpha)  # (c, L, L) or (L, L): α⁺
     an = ap - alpha  # α⁻: exactly −α where α < 0, exactly 0 elsewhere
     c, L = xt.shape
@@ -347,45 +456,35 @@ def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, me
     `_rollout_parts` for units c of one example, from α (c, L, L) (or one shared (L, L)), x and g (L, c),
     but each unit's rows from the matrix products of `_signed_parts`, by these identities (every term
     non-negative, so nothing cancels):
-      Σ_j |α_ij x_j| = Σ_j (α⁺_ij + α⁻_ij)(x⁺_j + x⁻_j);
-      Σ_j ReLU(g_i α_ij x_j) = g⁺_i Σ_j (α⁺_ij x⁺_j + α⁻_ij x⁻_j) + g⁻_i Σ_j (α⁺_ij x⁻_j + α⁻_ij x⁺_j);
+      Σ_j |α_ij x_j| = Σ_j (α⁺_ij + α⁻_ij)(x⁺_j + x⁻_j) (`_weighted_rows`);
+      Σ_j ReLU(g_i α_ij x_j) = g⁺_i Σ_j (α⁺_ij x⁺_j + α⁻_ij x⁻_j) + g⁻_i Σ_j (α⁺_ij x⁻_j + α⁻_ij x⁺_j)
+      (`_gradient_rows`): a contribution method's `MethodSpec.signed_rows`;
       rollout (`_fast_rollout`): normalise(|α|) = |α| / max|α| for a causal map (L >= 2: its upper triangle
       makes the minimum 0).
     The (L, L) maps of the contribution methods are formed only with `maps` (the first text's); rollout's
     Σ_c N^c is always formed (it is R_ℓ). `previous`: R_{ℓ-1} (L, L), None for the identity."""
     c, L = x.shape[1], x.shape[0]
-    if "rollout" in methods and not (L >= 2 and bool((alpha[..., 0, 1] == 0).all())):
+    specs = [METHOD_SPECS[m] for m in methods]
+    rollouts = tuple(sp.name for sp in specs if sp.kind == "rollout")
+    if rollouts and not (L >= 2 and bool((alpha[..., 0, 1] == 0).all())):
         # L = 1 (normalise gives 0) or a map whose minimum is not 0: the per-entry parts
         prev = torch.eye(L, dtype=x.dtype, device=x.device) if previous is None else previous
-        out = {"rollout": _rollout_parts(alpha.expand(c, L, L) if shared else alpha, prev)}
-        rest = tuple(m for m in methods if m != "rollout")
+        out = dict.fromkeys(rollouts, _rollout_parts(alpha.expand(c, L, L) if shared else alpha, prev))
+        rest = tuple(sp.name for sp in specs if sp.kind != "rollout")
         return {**out, **(_fast_parts(alpha, x, g, rest, shared, previous, maps) if rest else {})}
-    if methods == ("rollout",):  # the layers below the chosen one: |α| is all rollout needs
-        return {"rollout": _fast_rollout([alpha.abs()], c, shared, previous)}
+    if len(specs) == 1 and rollouts:  # rollout alone (the layers below the chosen one): |α| is all it needs
+        return dict.fromkeys(rollouts, _fast_rollout([alpha.abs()], c, shared, previous))
     ap, an, Pp, Pn = _signed_parts(alpha, x, shared)
     out = {}
-    for m in methods:
-        if m == "attention_weighted":
-            rows = (Pp[0] + Pp[1]) + (Pn[0] + Pn[1])  # (c, L)
-            part = None
-            if maps:  # (L, L): Σ_c |α^c_ij x^c_j|
-                part = (ap + an) * x.abs().sum(1)[None, :] if shared else _weighted_contrib(alpha, x).sum(0)
-            out[m] = (rows, part)
-        elif m == "gradient_guided":
-            gp, gn = g.T.clamp(min=0), (-g.T).clamp(min=0)  # (c, L): g⁺, g⁻
-            rows = gp * (Pp[0] + Pn[1]) + gn * (Pp[1] + Pn[0])  # (c, L)
-            part = None
-            if maps:
-                if shared:  # Σ_c ReLU(g^c_i α_ij x^c_j) = α⁺ ⊙ (g⁺ x⁺ᵀ + g⁻ x⁻ᵀ) + α⁻ ⊙ (g⁺ x⁻ᵀ + g⁻ x⁺ᵀ)
-                    xp, xn = x.clamp(min=0), (-x).clamp(min=0)  # (L, c)
-                    part = ap * (gp.T @ xp.T + gn.T @ xn.T) + an * (gp.T @ xn.T + gn.T @ xp.T)  # (L, L)
-                else:
-                    part = _gradient_contrib(alpha, x, g).sum(0)  # (L, L)
-            out[m] = (rows, part)
-        else:
-            out[m] = _fast_rollout([ap, an], c, shared, previous)
+    for sp in specs:
+        if sp.kind == "rollout":
+            out[sp.name] = _fast_rollout([ap, an], c, shared, previous)
+            continue
+        part = None
+        if maps:  # (L, L): Σ_c contrib^c
+            part = sp.shared_map(ap, an, x, g) if shared else sp.contribution(alpha, x, g).sum(0)
+        out[sp.name] = (sp.signed_rows(Pp, Pn, g), part)  # rows (c, L)
     return out
-
 
 def score_groups(view: LayerView, methods: tuple, previous: list | None, maps: bool = True
                  ) -> tuple[dict, torch.Tensor | None, list | None]:
@@ -415,7 +514,7 @@ def score_groups(view: LayerView, methods: tuple, previous: list | None, maps: b
                         parts[m][k] = parts[m][k] + part
     per, R = {}, None
     for m in methods:
-        if m == "rollout":
+        if METHOD_SPECS[m].kind == "rollout":
             done = [_rollout_scores(torch.cat(rows[m][k]), parts[m][k], e, eye if prev[k] is None else prev[k])
                     for k in range(b)]
             per[m], R = [s for s, _ in done], [r for _, r in done]
@@ -505,7 +604,7 @@ class AttentionNeurons:
         if not start < layers[0]:
             raise ValueError(f"rolled starts at layer {start}, not below layer {layers[0]}")
         needed = self.layers_read(layers, methods, start)
-        gradient_layers = layers if "gradient_guided" in methods else []
+        gradient_layers = layers if needs_gradient(methods) else []
         if captured is None:
             ios = self.capture(ids, mask, needed)
             grads = self.site_gradients(ids, mask, gradient_layers)
@@ -514,7 +613,8 @@ class AttentionNeurons:
         for la in needed:
             chosen = la in layers
             view = self.layer_view(mask, la, ios[la], grads[la] if chosen and la in gradient_layers else None)
-            scores, vectors, R = score_groups(view, methods if chosen else ("rollout",), previous, maps and chosen)
+            scores, vectors, R = score_groups(view, methods if chosen else lower_layer_methods(methods), previous,
+                                              maps and chosen)
             check = view.check()
             previous = R
             if chosen:
@@ -525,7 +625,7 @@ class AttentionNeurons:
         """The layers whose captures `scores_by_layer` reads: `layers`, and with rollout every layer from
         `start` + 1 up to the last of them."""
         layers = sorted(set(layers))
-        return list(range(start + 1, layers[-1] + 1)) if "rollout" in methods else layers
+        return list(range(start + 1, layers[-1] + 1)) if lower_layer_methods(methods) else layers
 
     def captured_io(self, captured) -> dict:
         """{layer: what `layer_view` reads} from a `passes.TextCapture`."""
@@ -546,8 +646,7 @@ class AttentionNeurons:
         whole α (the reference path); activations and importance are averaged over the batch, the token map
         is the first example's. Rollout computes any lower layer missing from the data on the fly.
         Scores undefined for the data (one-token texts) are None with the reason (`NeuronScores`)."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        spec = method_spec(method)
         layers = list(attention_data) if layers is None else check_layers(self.adapter, layers)
         missing = [la for la in layers if la not in attention_data]
         if missing:
@@ -557,26 +656,24 @@ class AttentionNeurons:
         for layer in layers:
             d = attention_data[layer]
             alpha, x = d["attention_matrix"], d["x"]  # (b, e, L, L), (b, L, e)
-            if method == "gradient_guided":
-                g, _ = self.output_gradient(d["input_ids"], layer, d["attention_mask"])
-                per = [gradient_guided(alpha[k], x[k], g[k]) for k in range(alpha.shape[0])]
-            elif method == "attention_weighted":
-                per = [attention_weighted(alpha[k], x[k]) for k in range(alpha.shape[0])]
-            else:
-                per = self._rollout(attention_data, layer)
-            out[layer] = _batch_mean(method, per)
+            b = alpha.shape[0]
+            g = (self.output_gradient(d["input_ids"], layer, d["attention_mask"])[0] if spec.needs_gradient
+                 else [None] * b)  # (b, L, e)
+            R = self._rolled_below(attention_data, layer) if spec.reads_lower_layers else [None] * b
+            out[layer] = _batch_mean(method, [spec.reference(alpha[k], x[k], g[k], R[k]) for k in range(b)])
         return out
 
-    def _rollout(self, attention_data: dict, layer: int) -> list[NeuronScores]:
+    def _rolled_below(self, attention_data: dict, layer: int) -> list:
+        """Per example, R_{ℓ-1} (L, L) of `layer` ℓ from whole α (None for ℓ = 0: the identity); a lower
+        layer missing from the data is extracted on the fly."""
         d = attention_data[layer]
         inputs = {"input_ids": d["input_ids"], "attention_mask": d["attention_mask"]}
-        b = d["attention_matrix"].shape[0]
-        R = [None] * b
+        R = [None] * d["attention_matrix"].shape[0]
         for lo in range(layer):  # lower layers: only the rolled-out product is kept
             a = (attention_data[lo] if lo in attention_data else
                  self.extract_attention_vectors(inputs, [lo])[lo])["attention_matrix"]  # (b, e, L, L)
-            R = [rollout_step(a[k], R[k]) for k in range(b)]
-        return [rollout_layer(d["attention_matrix"][k], R[k])[0] for k in range(b)]
+            R = [rollout_step(a[k], R[k]) for k in range(len(R))]
+        return R
 
     def extract_attention_vectors(self, inputs, layer_indices) -> dict:
         raise NotImplementedError
@@ -955,7 +1052,7 @@ class AttentionProfile:
         from passes import TextRequest
 
         read = frozenset(self.analyzer.layers_read(self.layers, self.methods))
-        grad = frozenset(self.layers if "gradient_guided" in self.methods else ())
+        grad = frozenset(self.layers if needs_gradient(self.methods) else ())
         return (TextRequest(mixer_io=read, gradient=grad) if self.analyzer.adapter.is_ssm
                 else TextRequest(attention_io=read, gradient=grad))
 

@@ -567,8 +567,9 @@ def _run_causal(ctx):
     from functools import partial
 
     o, site = ctx.opts, _site(ctx)
-    scores = causal_impact_scores(ctx.model, ctx.tokenizer, o.prompt_list, ctx.layer, site, _scale(ctx), o.ablation,
-                                  o.causal_dims, o.causal_batch_size, ctx.progress, cleans=ctx.clean_runs(site))
+    scores = causal_impact_scores(ctx.model, ctx.tokenizer, o.prompt_list, ctx.layer, site=site,
+                                  intervention_scale=_scale(ctx), ablation=o.ablation, dims=o.causal_dims,
+                                  batch_size=o.causal_batch_size, progress=ctx.progress, cleans=ctx.clean_runs(site))
     dims = np.arange(len(scores)) if o.causal_dims is None else np.asarray(o.causal_dims)
     order = np.argsort(-scores, kind="stable")[:ctx.top_k]
     results = {"layer": ctx.layer, "site": site, "ablation": o.ablation,
@@ -600,8 +601,9 @@ def _run_inter_layer(ctx):
     dims = _chosen_dims(ctx)
     n_layers = ctx.adapter.n_layers
     # the prompt pass's clean runs for every layer; (layer, dim) ablations share passes
-    per_layer = causal_impact_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, range(n_layers), site, _scale(ctx),
-                                       o.ablation, dims, o.causal_batch_size, ctx.progress,
+    per_layer = causal_impact_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, range(n_layers), site=site,
+                                       intervention_scale=_scale(ctx), ablation=o.ablation, dims=dims,
+                                       batch_size=o.causal_batch_size, progress=ctx.progress,
                                        cleans=ctx.clean_runs(site))  # (n_layers, n_dims)
     curves = {d: [(layer, float(sc[i])) for layer, sc in enumerate(per_layer)] for i, d in enumerate(dims)}
     results = {"site": site, "dims": dims,
@@ -623,8 +625,8 @@ def _run_cross_layer(ctx):
     dims = [d for d in chosen if d < a.hidden_size]
     if not dims:
         raise ValueError(f"no chosen dimension lies in the residual stream (width {a.hidden_size})")
-    per = [cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site, _scale(ctx), batch_size=o.causal_batch_size)
-           for p in o.prompt_list]
+    per = [cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site=site, intervention_scale=_scale(ctx),
+                              batch_size=o.causal_batch_size) for p in o.prompt_list]
     m = {k: np.mean([x[k] for x in per], axis=0) for k in ("clean", "ablated", "change")}
     m.update(dims=per[0]["dims"], sources=per[0]["sources"], targets=per[0]["targets"])
     results = {"site": site, "readout": "residual stream after each target layer, last position, "

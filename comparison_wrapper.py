@@ -238,7 +238,8 @@ def _stage_run(ctx, read: dict):
 
     o = ctx.opts
     main_sparsity = read["stats"]
-    compare = ctx.compare or load_compare_model(o.compare_model, ctx.adapter.family, o.device, o.dtype)
+    weight = next(ctx.model.parameters())  # the other model goes where the main model is, in its dtype
+    compare = ctx.compare or load_compare_model(o.compare_model, ctx.adapter.family, weight.device, weight.dtype)
     model, tokenizer, source = compare.loaded
     label = model_prefix(source.requested, source.origin, source.resolved_path)
     if label == ctx.prefix:
@@ -264,7 +265,8 @@ def _stage_run(ctx, read: dict):
 
         pool = torch.cat([ids[0] for ids in ctx.tokens.input_ids]).cpu().numpy()
         efficiency = ef.efficiency_metrics(ctx.model, ctx.adapter, pool, main_sparsity[ctx.layer],
-                                           o.seq_lengths or ef.SEQ_LENGTHS, o.efficiency_budget, ctx.progress)
+                                           seq_lengths=o.seq_lengths or ef.SEQ_LENGTHS,
+                                           efficiency_budget=o.efficiency_budget, progress=ctx.progress)
     main = Side(ctx.prefix, ctx.adapter, "main", ctx.layer, ctx.results["texts"], main_sparsity,
                 read["measured_in"], efficiency, causal, attention)
     comp = side_by_side(main, other, _sparsity_layers(ctx), skipped)

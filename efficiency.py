@@ -158,15 +158,16 @@ def _timed_forward(model, input_ids) -> float:
     return time.perf_counter() - t0
 
 
-def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: float = 15.0, repeats: int = 3,
+def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, efficiency_budget: float = 15.0,
+                  repeats: int = 3,
                   progress: bool = False) -> dict:
     """Forward time (best of `repeats`, after one warm-up) and peak memory at batch 1 for each length,
     with analytic FLOPs per token. `token_ids` (1-D) are cycled to each length. Lengths beyond the
     model's positions are skipped, and so is every length whose predicted cost (the last measured time
-    × the last growth factor, × (repeats + 2)) would overrun `budget_s`; each skip is recorded.
+    × the last growth factor, × (repeats + 2)) would overrun `efficiency_budget`; each skip is recorded.
 
     Refused before any forward (ValueError): `seq_lengths` not a non-empty list of whole numbers >= 1 (a
-    length given twice is measured once), a `budget_s` that is not a finite number > 0, `repeats` not a
+    length given twice is measured once), an `efficiency_budget` that is not a finite number > 0, `repeats` not a
     whole number >= 1, no tokens, or token ids that are not whole numbers."""
     import torch
     from tqdm.auto import tqdm
@@ -179,8 +180,8 @@ def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: 
     lengths = [whole_number("seq_lengths item", L, low=1) for L in seq_lengths]
     if not lengths:
         raise ValueError("seq_lengths is empty; give at least one length")
-    if finite_number("budget_s", budget_s) <= 0:
-        raise ValueError(f"budget_s {budget_s}: must be more than 0 seconds")
+    if finite_number("efficiency_budget", efficiency_budget) <= 0:
+        raise ValueError(f"efficiency_budget {efficiency_budget}: must be more than 0 seconds")
     repeats = whole_number("repeats", repeats, low=1)
     device = next(model.parameters()).device
     ids = np.asarray(token_ids)
@@ -207,9 +208,9 @@ def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: 
             growth = points[-1]["time_s"] / points[-2]["time_s"] if len(points) >= 2 else 2.0
             predicted = points[-1]["time_s"] * max(growth, 1.0) * (repeats + 2)
             spent = time.perf_counter() - t_start
-            if spent + predicted > budget_s:
+            if spent + predicted > efficiency_budget:
                 skipped.append({"seq_len": L, "reason": f"predicted {predicted:.1f} s would overrun the "
-                                                        f"{budget_s:g} s budget"})
+                                                        f"{efficiency_budget:g} s budget"})
                 continue
         ids = pool.repeat(L // len(pool) + 1)[:L][None].to(device)  # (1, L)
         _timed_forward(model, ids)  # warm-up
@@ -218,16 +219,18 @@ def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, budget_s: 
         fl = flops_per_token(adapter, L)
         points.append({"seq_len": L, "time_s": t, "tokens_per_s": L / t, "peak_memory_bytes": mem,
                        "flops_per_token": fl["total"], "measured_gflops_per_s": fl["total"] * L / t / 1e9})
-    return {"points": points, "skipped": skipped, "budget_s": budget_s, "repeats": repeats, "batch_size": 1,
+    return {"points": points, "skipped": skipped, "budget_s": efficiency_budget,  # seconds
+            "repeats": repeats, "batch_size": 1,
             "device": str(device), "memory_note": "peak bytes PyTorch allocated during the forward beyond what "
                                                   "was allocated before it (weights not counted)"}
 
 
 def efficiency_metrics(model, adapter, token_ids, site_stats: dict | None, seq_lengths=SEQ_LENGTHS,
-                       budget_s: float = 15.0, progress: bool = False) -> dict:
+                       efficiency_budget: float = 15.0, progress: bool = False) -> dict:
     return {"parameters": parameter_counts(model, adapter), "neurons": neuron_counts(adapter, site_stats),
             "flops_per_token_at_256": flops_per_token(adapter, 256),
-            "scaling": scaling_curve(model, adapter, token_ids, seq_lengths, budget_s, progress=progress),
+            "scaling": scaling_curve(model, adapter, token_ids, seq_lengths, efficiency_budget=efficiency_budget,
+                                     progress=progress),
             "flops_formulas": __doc__.split("\n\n", 1)[1].strip()}
 
 
@@ -288,9 +291,20 @@ def plot_scaling(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # The efficiency stage
 # --------------------------------------------------------------------------------------------------
-def _stage_run(ctx):
+def _stage_reader(ctx):
+    """Without the sparsity stage in the run, the neuron site at --layer from the text pass (its active
+    neurons); with it, nothing: its numbers are read (`needs`)."""
+    import sparsity as sp
+
+    if "sparsity" in ctx.stages:
+        return None
+    return sp.SparsityRead(ctx.model, ctx.adapter, [ctx.layer], ctx.tokens.input_ids, ctx.opts.sparsity_threshold,
+                           ctx.opts.dead_eps)
+
+
+def _stage_run(ctx, read: dict | None):
     """Parameters, neurons, active neurons at --layer (from the sparsity stage's numbers when it ran, else
-    measured here), measured time / memory against sequence length."""
+    from the text pass), measured time / memory against sequence length."""
     from functools import partial
 
     import torch
@@ -301,12 +315,15 @@ def _stage_run(ctx):
     done = ctx.upstream("sparsity")
     if done is not None:
         stats = done["single"]
-    else:
-        stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, [ctx.layer], o.sparsity_threshold,
-                                  o.dead_eps, progress=ctx.progress)[ctx.layer]
+    elif read is not None:
+        stats = read["stats"][ctx.layer]
+    else:  # the sparsity stage is in the run but failed: measured here, with forwards of its own
+        stats = sp.layer_sparsity(ctx.model, ctx.adapter, ctx.tokens.input_ids, [ctx.layer],
+                                  sparsity_threshold=o.sparsity_threshold, dead_eps=o.dead_eps,
+                                  progress=ctx.progress)[ctx.layer]
     pool = torch.cat([ids[0] for ids in ctx.tokens.input_ids]).cpu().numpy()
-    res = efficiency_metrics(ctx.model, ctx.adapter, pool, stats, o.seq_lengths or SEQ_LENGTHS,
-                             o.efficiency_budget, ctx.progress)
+    res = efficiency_metrics(ctx.model, ctx.adapter, pool, stats, seq_lengths=o.seq_lengths or SEQ_LENGTHS,
+                             efficiency_budget=o.efficiency_budget, progress=ctx.progress)
     return res, [partial(plot_efficiency, [(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_efficiency_layer{ctx.layer}"),
                  partial(plot_scaling, [(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_scaling")]
 
@@ -328,7 +345,7 @@ def efficiency_summary(r: dict) -> str:
 def _register() -> None:
     from pipeline import Stage, register
 
-    register(Stage("efficiency", _stage_run, efficiency_summary, needs=("sparsity",)))
+    register(Stage("efficiency", _stage_run, efficiency_summary, reader=_stage_reader, needs=("sparsity",)))
 
 
 _register()

@@ -2,7 +2,8 @@
 
     python main.py --model PATH_OR_HUB_ID [--layer 0] [--save_results] ...
 
-`main` checks every input before the first stage, builds one `pipeline.Options` from the flags, runs the
+`main` checks every input before the first stage, builds one `options.Options` from the flags (whose
+schema generates them), runs the
 stages (`pipeline.run_pipeline`; `run_comprehensive_analysis`, the library entry point, is importable from
 here too), prints each stage's summary as it ends, and with --save_results writes the results as JSON
 and an HTML report. Exit status: 0 all stages ran (or did not apply), 1 a stage failed (listed in the
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
@@ -22,14 +22,13 @@ from pathlib import Path
 
 from models import DEFAULT_MODELS  # light: models.py imports torch/transformers only inside functions
 from naming import layer_tag, model_prefix, report_path, results_path  # light
-from pipeline import (ALL_STAGES, ATTENTION_METHODS, Options, check_option_values, check_plan,  # light
-                      resolve_stages, run_pipeline, stage_entries, stage_text, too_few_texts)
+from options import check_plan  # light
+from pipeline import ALL_STAGES, resolve_stages, run_pipeline, stage_entries, stage_text, too_few_texts  # light
 from pipeline import run_comprehensive_analysis  # noqa: F401  (the library entry point, kept importable from main)
 
 logger = logging.getLogger("mamba_neurons")
 
 DEFAULT_MODEL = DEFAULT_MODELS["mamba"][0]
-DEFAULT_MAX_LENGTH = 256
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SEED_RANGE = (0, 2 ** 32 - 1)  # numpy's seed range (torch's is wider)
 
@@ -43,18 +42,11 @@ class _Parser(argparse.ArgumentParser):
         raise UserInputError(f"{message}; see python main.py --help")
 
 
-def _finite_float(text: str) -> float:
-    """argparse type: a float that is neither nan nor ±inf (no flag may turn a result into NaN)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a finite value")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: the run's own flags here (model, texts, stages, outputs), every analysis option's
+    flag from its `options.Options` field (`options.add_flags`)."""
+    from options import add_flags
+
     p = _Parser(
         description="Open up a Mamba language model neuron by neuron (and hold it against a Transformer).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -65,23 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "shipped reference Mamba (reference_models/mamba) when that is neither cached nor reachable")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (analyses compute in float32)")
-    g = p.add_argument_group("texts")
+    groups = {None: p, "model": g}
+    g = groups["texts"] = p.add_argument_group("texts")
     g.add_argument("--texts_file", default=None,
                    help="text file, one text per line (blank lines skipped); default: WikiText-2 v1 train "
                         "through `datasets`, or the repo's data/offline_texts.txt when that is unreachable")
     g.add_argument("--text_limit", type=int, default=100, help="use at most this many texts (>= 1)")
-    g.add_argument("--max_length", type=int, default=None,
-                   help=f"truncate each text to this many tokens (default {DEFAULT_MAX_LENGTH}, or a Transformer's "
-                        "positions when it has fewer; more than its positions is an error)")
-    g = p.add_argument_group("analysis")
-    g.add_argument("--layer", type=int, default=None, help="layer to analyse (0-based; default 0)")
-    g.add_argument("--layers", nargs="+", default=None, metavar="LAYERS",
-                   help="analyse several layers in one run: numbers, ranges like 0-23, or all (space or comma "
-                        "separated). The per-layer stages (delta, causal, attention, sparsity) run at each, sharing "
-                        "the model, the texts and the sparsity forwards; the others (inter_layer, cross_layer, "
-                        "efficiency, comparison) run once, at the first of them; depth profiles over relative "
-                        "depth are added. Not together with --layer")
-    g.add_argument("--top_k", type=int, default=10, help="how many top neurons to report")
+    g = groups["analysis"] = p.add_argument_group("analysis")
     g.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help=f"run only these stages (space or comma separated): {', '.join(ALL_STAGES)}; "
                         "default: every stage available in this version")
@@ -89,55 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the attention stage: attention neurons (Mamba: channels and their hidden attention; "
                         "Transformers: attention-output dims and their head's attention weights); with the "
                         "comparison, also both models' attention side by side")
-    g.add_argument("--attention_layers", nargs="+", default=None, metavar="LAYERS",
-                   help="the attention stage's layers beside --layer: numbers, ranges like 0-3, or all (default: "
-                        "--layer only); the comparison reads the other model at the same relative depths. Not "
-                        "together with --layers (which runs the stage at each of its layers)")
-    g.add_argument("--attention_methods", nargs="+", default=list(ATTENTION_METHODS), metavar="METHOD",
-                   help=f"attention-neuron methods: {', '.join(ATTENTION_METHODS)}")
-    g = p.add_argument_group("causal (ablation)")
+    g = groups["causal (ablation)"] = p.add_argument_group("causal (ablation)")
     g.add_argument("--prompts_file", default=None,
                    help="prompts for the causal stages, one per line; default: five factual prompts")
-    g.add_argument("--causal_site", default=None,
-                   help="site to ablate: Mamba mixer_out (default), ssm, residual; Transformers mlp, attn_out, "
-                        "mlp_out (default), residual")
-    g.add_argument("--causal_dims", type=int, nargs="+", default=None, metavar="DIM",
-                   help="limit the causal scan to these dimensions (default: every dimension of the site); "
-                        "also the dimensions of inter_layer / cross_layer (default: the causal stage's top 3)")
-    g.add_argument("--ablation", default="zero", help="zero (multiply by --intervention_scale) or mean")
-    g.add_argument("--intervention_scale", type=_finite_float, default=None,
-                   help="factor for --ablation zero (default 0: the dimension is set to 0); not with --ablation mean")
-    g.add_argument("--causal_batch_size", type=int, default=None,
-                   help="ablations per forward pass (default: chosen from free memory)")
-    g = p.add_argument_group("sparsity, efficiency, comparison")
-    g.add_argument("--sparsity_layers", type=int, nargs="+", default=None, metavar="LAYER",
-                   help="layers of the multi-layer sparsity analysis (default: 0 1 2, those the model has)")
-    g.add_argument("--sparsity_threshold", type=_finite_float, default=None,
-                   help="absolute threshold of traditional sparsity and of 'active' neurons (default: Mamba "
-                        "0.01, Transformers 1e-5; scale-dependent)")
-    g.add_argument("--dead_eps", type=_finite_float, default=1e-6, help="a neuron is dead when |a| < this on every token")
-    g.add_argument("--compare_model", default=None,
-                   help="the model the comparison stage holds the main model against: hub id or folder. "
-                        "Default beside a Mamba: gpt2, or the shipped reference Transformer "
-                        "(reference_models/transformer) when that is neither cached nor reachable; beside a "
-                        "Transformer: state-spaces/mamba-130m-hf, or the reference Mamba")
-    g.add_argument("--seq_lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048], metavar="L",
-                   help="sequence lengths of the measured time / memory scaling curve")
-    g.add_argument("--efficiency_budget", type=_finite_float, default=15.0,
-                   help="seconds per model for the scaling curve; longer lengths are skipped (and recorded)")
-    g = p.add_argument_group("merging saved runs")
+    groups["sparsity, efficiency, comparison"] = p.add_argument_group("sparsity, efficiency, comparison")
+    g = groups["merging saved runs"] = p.add_argument_group("merging saved runs")
     g.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="instead of a run: merge saved results files of one model (one-layer runs of a shell loop, "
                         "--layers runs) into depth profiles, a merged JSON and an HTML report in --output_dir; no "
                         "model is loaded")
-    g = p.add_argument_group("output")
+    g = groups["output"] = p.add_argument_group("output")
     g.add_argument("--save_results", action="store_true", help="write analysis_results as JSON to --output_dir")
     g.add_argument("--output_dir", default="analysis_outputs", help="folder for the JSON results")
-    g.add_argument("--plots_dir", default="plots", help="folder for the PNG plots")
     g.add_argument("--seed", type=int, default=0,
                    help=f"random seed (torch, numpy, random), {SEED_RANGE[0]}..{SEED_RANGE[1]}")
     g.add_argument("--log_level", default="WARNING", help=", ".join(LOG_LEVELS))
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    add_flags(groups)
     return p
 
 
@@ -165,6 +115,11 @@ def plots_not_written(results: dict) -> list[str]:
 
 
 def print_footer(results: dict) -> None:
+    text_pass = results.get("passes", {}).get("text")
+    if text_pass:
+        print(f"text pass: {text_pass['forwards']} forwards over {results['texts']['n_texts']} texts, "
+              f"{results['run']['stage_timings_s']['text_pass']:.2f} s outside the stages' reading (read by "
+              f"{', '.join(text_pass['stages'])})")
     for note in results["run"].get("notes", []):
         print(f"note: {note}")
     errors = failed_stages(results)
@@ -179,18 +134,19 @@ def print_footer(results: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
-def run_metadata(args, argv, loaded, device, dtype, start) -> dict:
+def run_metadata(args, argv, loaded, opts, device, dtype, start) -> dict:
     import platform
 
     import numpy
     import torch
     import transformers
 
-    return {"argv": argv, "model": args.model, "model_source": loaded.source.origin,
+    return {"argv": argv, "model": loaded.source.requested, "model_source": loaded.source.origin,
             "resolved_path": loaded.source.resolved_path, "model_class": type(loaded.model).__name__,
             "dtype": str(dtype).replace("torch.", ""), "device": str(device), "seed": args.seed,
-            "layer": args.layer, "layers": args.layers, "attention_layers": args.attention_layers, "top_k": args.top_k,
-            "plots_dir": str(Path(args.plots_dir).resolve()),
+            "layer": opts.layer, "layers": None if opts.layers is None else list(opts.layers),
+            "attention_layers": None if opts.attention_layers is None else list(opts.attention_layers),
+            "top_k": opts.top_k, "plots_dir": str(Path(opts.plots_dir).resolve()),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "numpy": numpy.__version__},
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "notes": []}
@@ -266,50 +222,25 @@ def _interrupted_message(written: list[str], exc: BaseException) -> str:
             f"{', '.join(folders)})")
 
 
-def check_values(args) -> list[str]:
-    """Every check of the flag values that needs no file and no model (run first: it costs nothing).
-    Drops repeated values from the list flags (a dimension is scanned once); returns notes on what it
-    changed."""
+def check_run_flags(args) -> None:
+    """The run's own flags that need no file (the options' values: `options.check_given`)."""
+    from options import check_option_values
     from utils import UserInputError
 
-    check_option_values({name: getattr(args, name) for name in (
-        "text_limit", "top_k", "max_length", "causal_batch_size", "causal_dims", "sparsity_layers", "seq_lengths",
-        "intervention_scale", "sparsity_threshold", "dead_eps", "efficiency_budget", "attention_methods",
-        "ablation")}, "--")
-    if args.intervention_scale is None:  # not given: the zero ablation's default factor
-        args.intervention_scale = 0.0
+    check_option_values({"text_limit": args.text_limit}, "--")
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UserInputError(f"--seed {args.seed}: must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]} (numpy's seed range)")
-    if args.layers is not None:
-        if args.layer is not None:
-            raise UserInputError(f"--layer {args.layer} and --layers {' '.join(args.layers)}: give one of them "
-                                 "(--layers with one layer gives the several-layer layout)")
-        parse_layers(args.layers, None)  # the syntax now; the range once the model's layer count is known
-    elif args.layer is None:
-        args.layer = 0
-    if args.attention_layers is not None:
-        if args.layers is not None:
-            raise UserInputError(f"--attention_layers {' '.join(args.attention_layers)} and --layers: --layers already "
-                                 "runs the attention stage at each of its layers; give one of them")
-        parse_layers(args.attention_layers, None, "--attention_layers")
-    notes = []
-    for flag in ("causal_dims", "attention_methods", "sparsity_layers", "seq_lengths"):
-        values = getattr(args, flag)
-        if values is not None and len(set(values)) < len(values):
-            setattr(args, flag, list(dict.fromkeys(values)))
-            notes.append(f"--{flag}: repeated values dropped (each is analysed once): {getattr(args, flag)}")
-    return notes
 
 
-def check_text_count(stages, family: str, n_texts: int, args) -> None:
+def check_text_count(stages, family: str, n_texts: int, texts_file, text_limit: int) -> None:
     """Refuse, naming the flag that limited them, a text set too small for a stage asked for."""
     from utils import UserInputError
 
     short = too_few_texts(stages, family, n_texts)
     if short:
         stage, need = short
-        given = (f"--texts_file {args.texts_file} gives {n_texts}" if args.texts_file is not None
-                 and n_texts < args.text_limit else f"--text_limit {args.text_limit}")
+        given = (f"--texts_file {texts_file} gives {n_texts}" if texts_file is not None and n_texts < text_limit
+                 else f"--text_limit {text_limit}")
         raise UserInputError(f"{given}: the {stage} stage needs at least {need} texts (its ranking is a variance "
                              f"across texts); give more texts or drop {stage} from --stages")
 
@@ -340,97 +271,33 @@ def check_text_tokens(tokenizer, texts, max_length: int, config, where: str) -> 
                         f"{where}: text {i + 1} ({t[:40]!r})")
 
 
-def parse_layers(specs: list[str], n_layers: int | None, flag: str = "--layers") -> list[int]:
-    """--layers (or `flag`): numbers, ranges a-b (both ends included) and `all`, space or comma separated, as a sorted
-    list without repeats. With `n_layers` None only the syntax is checked (returns [])."""
-    from utils import UserInputError
-
-    items = [t.strip() for s in specs for t in s.split(",") if t.strip()]
-    if not items:
-        raise UserInputError(f"{flag} {' '.join(specs)!r}: names no layer; give numbers, ranges like 0-3, or all")
-    layers = set()
-    for item in items:
-        if item == "all":
-            layers.update(range(n_layers or 0))
-            continue
-        lo, sep, hi = item.partition("-")
-        try:
-            a, b = int(lo), int(hi) if sep else int(lo)
-        except ValueError:
-            raise UserInputError(f"{flag} {item}: not a layer number, a range like 0-3, or all") from None
-        if a > b:
-            raise UserInputError(f"{flag} {item}: an empty range; write the lower layer first ({b}-{a})")
-        if n_layers is None:  # the syntax only: no range is built before its bounds are known to be valid
-            continue
-        if not (0 <= a and b < n_layers):
-            raise UserInputError(f"{flag} {item}: out of range for this model with {n_layers} layers; valid "
-                                 f"layers are 0..{n_layers - 1}")
-        layers.update(range(a, b + 1))
-    return sorted(layers) if n_layers is not None else []
-
-
-def check_model_flags(args, adapter, stages) -> int:
-    """The flags that depend on the model's shape (layer, site, dims, layers, positions), checked from its
-    config. Returns the max_length to use: --max_length, else the default capped at a Transformer's
-    positions."""
-    from utils import UserInputError
-
-    if args.layers is not None:
-        args.layers = parse_layers(args.layers, adapter.n_layers)
-        args.layer = args.layers[0]
-    if args.attention_layers is not None:
-        if "attention" not in stages:
-            raise UserInputError(f"--attention_layers {' '.join(args.attention_layers)}: the attention stage is not "
-                                 "in this run; add --enable_attention (or attention to --stages)")
-        args.attention_layers = parse_layers(args.attention_layers, adapter.n_layers, "--attention_layers")
-    adapter.check_layer(args.layer)
-    if args.causal_site is not None:
-        adapter.site(args.causal_site, args.layer)  # unknown site for this family: UserInputError
-    width = adapter.site(args.causal_site or adapter.default_causal_site, args.layer).size
-    bad_dims = [d for d in args.causal_dims or [] if not 0 <= d < width]
-    if bad_dims:
-        raise UserInputError(f"--causal_dims {bad_dims[0]}: out of range for this site of width {width}; "
-                             f"valid dims are 0..{width - 1}")
-    d = adapter.hidden_size
-    if "cross_layer" in stages and args.causal_dims and min(args.causal_dims) >= d:
-        raise UserInputError(f"--causal_dims {args.causal_dims[0]}: cross_layer reads the residual stream, of width "
-                             f"{d}; give a dim below {d} as well, or drop cross_layer from --stages")
-    bad_layers = [la for la in args.sparsity_layers or [] if not 0 <= la < adapter.n_layers]
-    if bad_layers:
-        raise UserInputError(f"--sparsity_layers {bad_layers[0]}: out of range for this {adapter.family} model "
-                             f"with {adapter.n_layers} layers; valid layers are 0..{adapter.n_layers - 1}")
-    limit = adapter.max_positions
-    if args.max_length is not None and limit is not None and args.max_length > limit:
-        raise UserInputError(f"--max_length {args.max_length}: this {adapter.family} model has {limit} positions; "
-                             f"use --max_length {limit} or less")
-    return args.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
-
-
 def merge_reports(args) -> int:
     """--report FILES: merge the saved results of several runs of one model (`saved_runs.merge_saved_runs`:
     the depth profiles' plot, one merged JSON and one HTML report). Exit 0, 1 when an output cannot be
     written, or 2 for unusable files."""
     from saved_runs import merge_saved_runs
 
-    return merge_saved_runs(args.report, args.output_dir, args.plots_dir)
+    from options import Options
+
+    return merge_saved_runs(args.report, args.output_dir, getattr(args, "plots_dir", Options.plots_dir))
 
 
-def check_result_paths(args, prefix: str) -> tuple[Path, Path]:
-    """The results JSON and HTML report paths; with --save_results, neither may be a folder or any other
-    non-regular file."""
+def check_result_paths(output_dir, save: bool, prefix: str, layer: int, layers) -> tuple[Path, Path]:
+    """The results JSON and HTML report paths; with --save_results (`save`), neither may be a folder or any
+    other non-regular file."""
     from utils import UserInputError
 
-    tag = layer_tag(args.layer, args.layers)
-    paths = results_path(args.output_dir, prefix, tag), report_path(args.output_dir, prefix, tag)
+    tag = layer_tag(layer, layers)
+    paths = results_path(output_dir, prefix, tag), report_path(output_dir, prefix, tag)
     for kind, path in zip(("results file", "report"), paths):
-        if args.save_results and (path.exists() or path.is_symlink()) and not path.is_file():
-            raise UserInputError(f"--output_dir {args.output_dir}: the {kind} {path} is "
+        if save and (path.exists() or path.is_symlink()) and not path.is_file():
+            raise UserInputError(f"--output_dir {output_dir}: the {kind} {path} is "
                                  f"{'a folder' if path.is_dir() else 'not a regular file'}; "
                                  "move it away or choose another --output_dir")
     return paths
 
 
-def check_replacing(json_path: Path, stages: list[str], args) -> str | None:
+def check_replacing(json_path: Path, stages: list[str], output_dir) -> str | None:
     """Before the first stage: what this run's results file would replace. The file names tell models
     (and layers) apart, so an existing file is an earlier run of this model at this layer. Refused when
     that run holds results of stages this run does not run (it would silently lose them); otherwise a
@@ -449,7 +316,7 @@ def check_replacing(json_path: Path, stages: list[str], args) -> str | None:
         return f"replaced {json_path}, which was not a readable results file"
     lost = sorted(ran - set(stages) - {"depth_profiles"}, key=lambda n: (ALL_STAGES + (n,)).index(n))
     if lost:
-        raise UserInputError(f"--output_dir {args.output_dir}: {json_path} holds an earlier run of this model and "
+        raise UserInputError(f"--output_dir {output_dir}: {json_path} holds an earlier run of this model and "
                              f"layer with results of {', '.join(lost)}, which this run does not run; move the file "
                              f"away, choose another --output_dir, or run those stages too")
     return f"replaced {json_path} (an earlier run of this model and layer, started {when})"
@@ -457,28 +324,36 @@ def check_replacing(json_path: Path, stages: list[str], args) -> str | None:
 
 def _main(args, argv) -> int:
     """Everything that can be checked is checked before the first stage, the cheap checks first: flag
-    values, input files, output folders; then the model's config, tokenizer and weight files, and the flags
-    that depend on its shape (layer, site, dims, layers, positions, prompts); the texts; the comparison
-    model. Only then do the weights load. Warnings are printed once every check has passed, so that a
-    refusal is one line."""
+    values, input files, output folders; then the model's config, tokenizer and weight files, and the
+    options resolved against its shape (`options.resolve`: layers, site, dims, positions), the prompts; the
+    texts; the comparison model. Only then do the weights load. Warnings are printed once every check has
+    passed, so that a refusal is one line. Nothing here changes `args`."""
+    import options as op
+
     start = time.time()
     warnings = {}
     from utils import check_writable_dir, expand_path, load_texts, read_texts_file
 
-    for flag in ("texts_file", "prompts_file", "plots_dir", "output_dir"):  # "--plots_dir=~/x" reaches us as is
-        if getattr(args, flag) is not None:
-            setattr(args, flag, str(expand_path(getattr(args, flag), f"--{flag}")))
-    notes = check_values(args)
+    given = op.given(args)
+    # "--plots_dir=~/x" reaches us as is
+    files_given = {flag: None if (v := getattr(args, flag)) is None else str(expand_path(v, f"--{flag}"))
+                   for flag in ("texts_file", "prompts_file", "output_dir")}
+    if "plots_dir" in given:
+        given["plots_dir"] = str(expand_path(given["plots_dir"], "--plots_dir"))
+    texts_file, prompts_file, output_dir = files_given["texts_file"], files_given["prompts_file"], files_given["output_dir"]
+    op.check_given(given)
+    check_run_flags(args)
     stages = resolve_stages(args.stages, enable_attention=args.enable_attention)
-    check_plan(stages, args, "--")
-    prompts = None if args.prompts_file is None else read_texts_file(args.prompts_file, flag="--prompts_file")
-    if args.texts_file is not None:
-        textset = load_texts(args.texts_file, args.text_limit)  # missing / empty / not UTF-8: fail now
-    check_writable_dir(args.plots_dir, "--plots_dir")
+    check_plan(stages, given.get("causal_dims"), "--")
+    prompts = None if prompts_file is None else read_texts_file(prompts_file, flag="--prompts_file")
+    if texts_file is not None:
+        textset = load_texts(texts_file, args.text_limit)  # missing / empty / not UTF-8: fail now
+    plots_dir = given.get("plots_dir", op.Options.plots_dir)
+    check_writable_dir(plots_dir, "--plots_dir")
     if args.save_results:
-        check_writable_dir(args.output_dir, "--output_dir")
+        check_writable_dir(output_dir, "--output_dir")
 
-    from models import config_adapter, inspect_model, max_positions, resolve_default_model, resolve_model_source
+    from models import config_adapter, inspect_model, resolve_default_model, resolve_model_source
     from utils import resolve_device, resolve_dtype
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
@@ -486,44 +361,39 @@ def _main(args, argv) -> int:
         source, warnings["model"] = resolve_default_model("mamba")
     else:  # missing folder / unknown id while offline: fail in well under a second
         source = resolve_model_source(args.model)
-    args.model = source.requested
-    prefix = model_prefix(args.model, source.origin, source.resolved_path)
-    if args.layers is None:  # the file names are known now (with --layers, once the layer count is)
-        check_result_paths(args, prefix)
+    prefix = model_prefix(source.requested, source.origin, source.resolved_path)
+    if "layers" not in given:  # the file names are known now (with --layers, once the layer count is)
+        check_result_paths(output_dir, args.save_results, prefix, given.get("layer", 0), None)
     files = inspect_model(source, "--model")  # config, tokenizer, weight files: before the weights load
     adapter = config_adapter(files.config)
     if args.stages is not None:
         stages = resolve_stages(args.stages, adapter.family)
-    max_length = check_model_flags(args, adapter, stages)
-    json_path, html_path = check_result_paths(args, prefix)
-    replacing = check_replacing(json_path, stages, args) if args.save_results else None
-    if max_length != (args.max_length or DEFAULT_MAX_LENGTH):
-        notes.append(f"texts truncated to this model's {max_length} positions (the default --max_length is "
-                     f"{DEFAULT_MAX_LENGTH})")
-    from causal_analysis import DEFAULT_PROMPTS
-
-    where = f"--prompts_file {args.prompts_file}" if prompts else "the default prompts"
+    opts, notes = op.resolve(given, adapter, stages, prefix=prefix, progress=not args.no_progress,
+                             prompts=None if prompts is None else tuple(prompts))
+    json_path, html_path = check_result_paths(output_dir, args.save_results, prefix, opts.layer, opts.layers)
+    replacing = check_replacing(json_path, stages, output_dir) if args.save_results else None
+    where = f"--prompts_file {prompts_file}" if prompts else "the default prompts"
     if {"causal", "inter_layer", "cross_layer"} & set(stages):
-        check_prompts(files.tokenizer, prompts or DEFAULT_PROMPTS, files.config, where)
+        check_prompts(files.tokenizer, opts.prompt_list, files.config, where)
 
-    if args.texts_file is None:  # the default corpus: from the datasets cache or hub, else the shipped texts
+    if texts_file is None:  # the default corpus: from the datasets cache or hub, else the shipped texts
         textset = load_texts(None, args.text_limit)
         warnings["texts"] = textset.warning
-    check_text_count(stages, adapter.family, len(textset.texts), args)
-    texts_from = f"--texts_file {args.texts_file}" if args.texts_file else "the default texts"
-    check_text_tokens(files.tokenizer, textset.texts, max_length, files.config, texts_from)
+    check_text_count(stages, adapter.family, len(textset.texts), texts_file, args.text_limit)
+    texts_from = f"--texts_file {texts_file}" if texts_file else "the default texts"
+    check_text_tokens(files.tokenizer, textset.texts, opts.max_length, files.config, texts_from)
     compare_source = compare_warning = compare_files = None
-    if "comparison" in stages or args.compare_model is not None:  # a missing or broken one fails here
+    if "comparison" in stages or opts.compare_model is not None:  # a missing or broken one fails here
         from comparison_wrapper import resolve_compare_model
 
-        compare_source, compare_warning = resolve_compare_model(args.compare_model, adapter.family)
+        compare_source, compare_warning = resolve_compare_model(opts.compare_model, adapter.family)
         warnings["compare"] = compare_warning
         compare_files = inspect_model(compare_source, "--compare_model")
         if {"causal", "comparison"} <= set(stages):  # the comparison scores the same prompts on the other model
-            check_prompts(compare_files.tokenizer, prompts or DEFAULT_PROMPTS, compare_files.config,
+            check_prompts(compare_files.tokenizer, opts.prompt_list, compare_files.config,
                           f"{where} on --compare_model {compare_source.requested}")
         if "comparison" in stages:
-            check_text_tokens(compare_files.tokenizer, textset.texts, max_length, compare_files.config,
+            check_text_tokens(compare_files.tokenizer, textset.texts, opts.max_length, compare_files.config,
                               f"{texts_from} on --compare_model {compare_source.requested}")
 
     import transformers
@@ -548,7 +418,7 @@ def _main(args, argv) -> int:
         if warnings.get(key):
             print(f"warning: {warnings[key]}", file=sys.stderr)
 
-    results = {"run": run_metadata(args, argv, loaded, device, dtype, start)}
+    results = {"run": run_metadata(args, argv, loaded, opts, device, dtype, start)}
     results["run"]["notes"] += [n for n in (warnings.get("model"), *notes, replacing) if n]
 
     def on_start(partial: dict) -> None:  # the header as soon as the texts are tokenized
@@ -562,27 +432,13 @@ def _main(args, argv) -> int:
         summaries[f"{name}, layer {entry['layer']}" if "layer" in entry else name] = text
         print(text, end="", flush=True)  # each stage as soon as it ends
 
-    def tup(v):
-        return None if v is None else tuple(v)
-
-    opts = Options(layer=args.layer, layers=tup(args.layers), top_k=args.top_k, max_length=max_length, plots_dir=args.plots_dir, prefix=prefix,
-                   progress=not args.no_progress, attention_methods=tuple(args.attention_methods),
-                   attention_layers=tup(args.attention_layers),
-                   prompts=tup(prompts), causal_site=args.causal_site, causal_dims=tup(args.causal_dims),
-                   ablation=args.ablation, intervention_scale=args.intervention_scale,
-                   causal_batch_size=args.causal_batch_size, sparsity_layers=tup(args.sparsity_layers),
-                   sparsity_threshold=args.sparsity_threshold, dead_eps=args.dead_eps,
-                   seq_lengths=tup(args.seq_lengths), efficiency_budget=args.efficiency_budget,
-                   compare_model=args.compare_model, device=device, dtype=dtype)
     results.update(run_pipeline(loaded.model, loaded.tokenizer, textset.texts, opts, stages, on_start, on_stage,
                                 compare))
     timings = results["run"]["stage_timings_s"] = {}  # per stage, summed over the layers of --layers
     for _, name, e in stage_entries(results):
         timings[name] = round(timings.get(name, 0.0) + e["wall_time_s"], 4)
     text_pass = results.get("passes", {}).get("text")
-    if text_pass:  # a text stage's time includes its reading of the pass; the pass's forwards are their own
-        for name, t in text_pass["read_s"].items():
-            timings[name] = round(timings.get(name, 0.0) + t, 4)
+    if text_pass:  # a text stage's entries include its reading of the pass; the pass's forwards are their own
         timings["text_pass"] = round(text_pass["wall_time_s"] - sum(text_pass["read_s"].values()), 4)
     results["run"]["total_time_s"] = round(time.time() - start, 3)
     print_footer(results)

@@ -1,11 +1,13 @@
-"""The analysis pipeline: the stages, their registry, and `run_comprehensive_analysis`.
+"""The analysis pipeline: the runner and the stage registry, and `run_comprehensive_analysis`.
 
-A stage is one entry of `STAGES` (`Stage`: its name, the function that runs it, the one that prints its
-summary, the model families it applies to, and the stages whose results it reads), so that a new stage is
-written in one place; the run order follows from those stated needs. Options travel as one typed
-`Options` object, built once (by main.py from the command line, or from `run_comprehensive_analysis`'s
-arguments). Heavy imports live inside functions, so importing this module costs nothing (main.py's
-`--help` answers at once).
+Each analysis module registers its own stages (`register(Stage(...))`: its run, its summary as text, its
+plots, the families it applies to, the stages whose results it reads); `STAGE_MODULES` names them in run
+order. A run makes two kinds of pass: the *text pass* (`passes.run_text_pass`), in which every text goes
+through the model once (and once more with a backward where a stage needs a gradient) and each text
+stage's reader consumes what it declared; and the *prompt pass* (`StageContext.clean_runs`), the prompts'
+clean runs that the causal stages share. Then each stage's entry is made in run order. Options travel as
+one typed `options.Options` object. Heavy imports live inside functions, so importing this module costs
+nothing (main.py's `--help` answers at once).
 """
 from __future__ import annotations
 
@@ -16,132 +18,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from depth_profiles import depth_profiles, depth_profiles_text, plot_depth_profiles  # light, like models
-from models import SSM_FAMILIES  # a light module: no torch at import
-from naming import layer_tag, model_prefix  # light
+from naming import layer_tag  # light
+from options import ATTENTION_METHODS, Options, check_option_values, check_plan  # noqa: F401 (light; re-exported)
 
 logger = logging.getLogger("mamba_neurons")
-
-ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")
-
-
-# --------------------------------------------------------------------------------------------------
-# Stages
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Options:
-    """Every option of a run, typed, each default stated once here. main.py builds one from the command
-    line; `run_comprehensive_analysis` from its arguments. None means "the default of the model or of the
-    analysis", as the field's comment says."""
-
-    layer: int = 0
-    layers: tuple | None = None  # --layers: the per-layer stages run at each (layer is then the first of them)
-    top_k: int = 10
-    max_length: int = 256
-    plots_dir: str = "plots"
-    prefix: str = "model"  # model label used in plot file names
-    progress: bool = True
-    attention_methods: tuple = ATTENTION_METHODS
-    attention_layers: tuple | None = None  # --attention_layers: the attention stage's layers beside --layer
-    # causal stages (causal, inter_layer, cross_layer, and the comparison's causal part)
-    prompts: tuple | None = None  # None: causal_analysis.DEFAULT_PROMPTS
-    causal_site: str | None = None  # None: the model's default causal site
-    causal_dims: tuple | None = None  # None: every dimension (causal); the causal stage's top 3 (inter/cross)
-    ablation: str = "zero"
-    intervention_scale: float = 0.0
-    causal_batch_size: int | None = None  # None: chosen from free memory
-    # sparsity, efficiency, comparison
-    sparsity_layers: tuple | None = None  # None: 0 1 2, those the model has
-    sparsity_threshold: float | None = None  # None: the family's default
-    dead_eps: float = 1e-6
-    seq_lengths: tuple | None = None  # None: efficiency.SEQ_LENGTHS
-    efficiency_budget: float = 15.0
-    compare_model: str | None = None  # None: the other family's default model
-    device: object = "cpu"
-    dtype: object = "float32"
-
-    @property
-    def prompt_list(self) -> list[str]:
-        from causal_analysis import DEFAULT_PROMPTS
-
-        return list(self.prompts or DEFAULT_PROMPTS)
-
-
-_WHOLE_AT_LEAST = {"layer": 0, "top_k": 1, "max_length": 1, "causal_batch_size": 1, "text_limit": 1}
-_WHOLE_LISTS = {"layers": 0, "attention_layers": 0, "causal_dims": 0, "sparsity_layers": 0, "seq_lengths": 1}
-_FLOATS = {"intervention_scale": None, "sparsity_threshold": "at_least_0", "dead_eps": "positive",
-           "efficiency_budget": "positive"}
-
-
-def check_option_values(values: dict, flag: str = "") -> None:
-    """Refuse option values no stage could answer, with a UserInputError (a ValueError) naming the option
-    (`flag` + its name: "--top_k" from main.py, "top_k" from the library) and the fix: whole numbers (not
-    bools, not 1.5) at or above their least value, lists of them that are not empty, finite floats in
-    their range, known methods and ablations, prompts as a list of strings. Only the names present in
-    `values` are checked; a None value means "the default". Ranges that depend on the model (a layer
-    below its layer count, a dim below a site's width) are checked by the adapter."""
-    from utils import UserInputError, finite_number, text_list, whole_number
-
-    def whole(name, v, least):
-        try:
-            whole_number(f"{flag}{name}", v, low=least)
-        except ValueError as exc:
-            raise UserInputError(str(exc)) from None
-
-    for name, v in values.items():
-        if v is None:
-            continue
-        if name in _WHOLE_AT_LEAST:
-            whole(name, v, _WHOLE_AT_LEAST[name])
-        elif name in _WHOLE_LISTS:
-            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
-                raise UserInputError(f"{flag}{name} {v!r}: give a list of whole numbers")
-            items = list(v)
-            if not items:
-                raise UserInputError(f"{flag}{name}: an empty list; give at least one value or leave it out")
-            for item in items:
-                whole(name, item, _WHOLE_LISTS[name])
-        elif name in _FLOATS:
-            try:
-                finite_number(f"{flag}{name}", v)
-            except ValueError as exc:
-                raise UserInputError(str(exc)) from None
-            if _FLOATS[name] == "positive" and v <= 0:
-                raise UserInputError(f"{flag}{name} {v}: must be positive")
-            if _FLOATS[name] == "at_least_0" and v < 0:
-                raise UserInputError(f"{flag}{name} {v}: must be at least 0")
-        elif name == "attention_methods":
-            methods = [v] if isinstance(v, str) else list(v)
-            if not methods:
-                raise UserInputError(f"{flag}{name}: an empty list; choose from {', '.join(ATTENTION_METHODS)}")
-            bad = [m for m in methods if m not in ATTENTION_METHODS]
-            if bad or isinstance(v, str):
-                raise UserInputError(f"{flag}{name} {(bad or [v])[0]}: "
-                                     f"{'give a list of methods' if not bad else 'unknown'}; choose from "
-                                     f"{', '.join(ATTENTION_METHODS)}")
-        elif name == "ablation":
-            if v not in ("zero", "mean"):
-                raise UserInputError(f"{flag}{name} {v}: unknown; choose zero or mean")
-        elif name == "prompts":
-            try:
-                text_list(v, "prompts")
-            except ValueError as exc:
-                raise UserInputError(f"{flag}{exc}") from None
-    if values.get("ablation") == "mean" and values.get("intervention_scale") not in (None, 0, 0.0):
-        raise UserInputError(f"{flag}intervention_scale {values['intervention_scale']}: applies to the zero ablation "
-                             f"only (the mean ablation sets the dimension to its mean); leave it out with "
-                             f"{flag}ablation mean")
-
-
-def check_plan(stages, opts: Options, flag: str = "") -> None:
-    """Refuse a run whose stages cannot all run, before the first one does: inter_layer and cross_layer
-    choose their dimensions from --causal_dims or the causal stage's top ones."""
-    from utils import UserInputError
-
-    lacking = [s for s in ("inter_layer", "cross_layer") if s in stages]
-    if lacking and not opts.causal_dims and "causal" not in stages:
-        raise UserInputError(f"the {lacking[0]} stage needs dimensions: give {flag}causal_dims, or run the causal "
-                             "stage too (it chooses its top 3)")
-
 
 @dataclass
 class StageContext:
@@ -208,10 +88,8 @@ def resolve_stages(requested: list[str] | None, family: str | None = None, enabl
     return [s for s in ALL_STAGES if s in names]
 
 
-def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: int = 10, stages=None,
-                               plots_dir="plots", max_length: int = 256, prefix: str = "model",
-                               progress: bool = True, attention_methods=ATTENTION_METHODS, causal=None,
-                               options=None, on_start=None, on_stage=None, compare=None) -> dict:
+def run_comprehensive_analysis(model, tokenizer, texts, stages=None, options: Options | None = None, on_start=None,
+                               on_stage=None, compare=None, **fields) -> dict:
     """Run the stages in order on `texts` (strings) and return `analysis_results`:
     {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
     "error", "plots"}}. A failing stage is recorded and the others go on. Input that no stage could use
@@ -219,23 +97,23 @@ def run_comprehensive_analysis(model, tokenizer, texts, layer: int = 0, top_k: i
     beyond the model's vocabulary) raises UserInputError before the first stage. `on_start(results)` is
     called once the texts are tokenized, `on_stage(name, entry)` as each stage ends (main prints them).
 
-    The options: `layer`, `top_k`, ... as named; `causal`: {"prompts", "site", "dims", "ablation",
-    "intervention_scale", "batch_size"}; `options`: {"sparsity_layers", "threshold", "dead_eps",
-    "compare_model", "seq_lengths", "budget", "device", "dtype"}, or an `Options` object holding every
-    option (then the other option arguments are not used)."""
-    if not isinstance(options, Options):
-        c, o = dict(causal or {}), dict(options or {})
-        names = {"prompts": "prompts", "site": "causal_site", "dims": "causal_dims", "ablation": "ablation",
-                 "intervention_scale": "intervention_scale", "batch_size": "causal_batch_size",
-                 "sparsity_layers": "sparsity_layers", "threshold": "sparsity_threshold", "dead_eps": "dead_eps",
-                 "compare_model": "compare_model", "seq_lengths": "seq_lengths", "budget": "efficiency_budget",
-                 "device": "device", "dtype": "dtype"}
-        unknown = sorted((set(c) | set(o)) - set(names))
-        if unknown:
-            raise TypeError(f"unknown option {unknown[0]!r}; known: {', '.join(names)}")
-        given = {names[k]: tuple(v) if isinstance(v, list) else v for k, v in {**o, **c}.items() if v is not None}
-        options = Options(layer=layer, top_k=top_k, max_length=max_length, plots_dir=str(plots_dir), prefix=prefix,
-                          progress=progress, attention_methods=tuple(attention_methods), **given)
+    The options: each `Options` field by its name (`layer=1, top_k=5, causal_dims=[3, 4],
+    sparsity_threshold=0.5, ...`: the command line's flag names), or `options`, an `Options` object holding
+    every option. `compare`: the comparison's other model (`comparison_wrapper.CompareModel`; default: the
+    model `compare_model` names, loaded when the comparison runs)."""
+    from options import FIELDS
+
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}; the options are the fields of options.Options: "
+                        f"{', '.join(FIELDS)}")
+    if options is not None and fields:
+        raise TypeError(f"give the options as an Options object or by name, not both ({', '.join(fields)})")
+    if options is None:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        if "plots_dir" in fields:
+            fields["plots_dir"] = str(fields["plots_dir"])  # a pathlib.Path too
+        options = Options(**fields)
     return run_pipeline(model, tokenizer, texts, options, stages, on_start, on_stage, compare)
 
 
@@ -257,7 +135,7 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
     adapter.check_layer(opts.layer)
     texts = text_list(texts)
     stages = resolve_stages(stages)
-    check_plan(stages, opts)
+    check_plan(stages, opts.causal_dims)
     short = too_few_texts(stages, adapter.family, len(texts))
     if short:
         raise UserInputError(f"the {short[0]} stage needs at least {short[1]} texts; got {len(texts)}")
@@ -290,7 +168,7 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
             reader = _attempt(name, lambda: STAGES[name].reader(ctx), NotApplicable)
             if isinstance(reader, dict):
                 early[name] = reader
-            else:
+            elif reader is not None:  # None: it reads nothing in this run
                 readers[name] = reader
     read = run_text_pass(model, adapter, tokens.input_ids, readers, opts.progress) if readers else None
     if read is not None:
@@ -305,10 +183,15 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
         stage = STAGES[name]
         if name in early:
             entry = dict(early[name])
-        elif stage.reader is not None and name in read.errors:
+        elif stage.reader is not None and name not in readers:
+            entry = _run_stage(name, lambda: stage.run(ctx, None), NotApplicable, write_plots)
+        elif name in read.errors:
             entry = {"status": "error", "error": read.errors[name], "wall_time_s": 0.0}
         elif stage.reader is not None:
             entry = _run_stage(name, lambda: stage.run(ctx, read.results[name]), NotApplicable, write_plots)
+            # its reading of the pass, split evenly over its layers' entries (they were read together)
+            share = read.read_s.get(name, 0.0) / (len(ctx.layers) if stage.per_layer else 1)
+            entry["wall_time_s"] = round(entry["wall_time_s"] + share, 4)
         else:
             entry = _run_stage(name, lambda: stage.run(ctx), NotApplicable, write_plots)
         if layer is None:

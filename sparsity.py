@@ -610,8 +610,8 @@ class SparsityProfile:
         self.model, self.adapter, self.input_ids = model, adapter, input_ids
         self.layers = list(dict.fromkeys(check_layers(adapter, layers)))
         self.threshold = (default_threshold(adapter.family) if sparsity_threshold is None
-                          else _finite_number("threshold", sparsity_threshold))
-        self.eps = _finite_number("eps", dead_eps)
+                          else _finite_number("sparsity_threshold", sparsity_threshold))
+        self.eps = _finite_number("dead_eps", dead_eps)
         self.sites = site_map(adapter, self.layers)
         self.stream = SparsityStream(next(iter(self.sites.values())).size)
         self.sites_from = None  # the text pass's forward the sites came from
@@ -636,11 +636,12 @@ def _layer_entries(adapter, sites: dict, stats: dict) -> dict:
             for la, s in sites.items()}
 
 
-def layer_sparsity(model, adapter, input_ids, layers, threshold: float | None = None, eps: float = DEAD_EPS,
-                   site: str | None = None, progress: bool = False) -> dict:
+def layer_sparsity(model, adapter, input_ids, layers, sparsity_threshold: float | None = None,
+                   dead_eps: float = DEAD_EPS, site: str | None = None, progress: bool = False) -> dict:
     """{layer: comprehensive sparsity dict} of the neuron site of each layer over the texts, streamed
     (every layer captured in the same forward; one forward per text while the first pass's |a| fit the
-    memory budget of `stream_sparsity`, else two).
+    memory budget of `stream_sparsity`, else two). `sparsity_threshold` (default: the family's) and
+    `dead_eps`: as the options of those names.
 
     Refused before any forward (ValueError): `input_ids` not a non-empty list of (1, L_i) token-id tensors,
     `layers` not a non-empty list of layer indices (a layer given twice is measured once), a threshold or
@@ -648,8 +649,9 @@ def layer_sparsity(model, adapter, input_ids, layers, threshold: float | None = 
     from causal_analysis import check_layers, check_token_ids
 
     input_ids = check_token_ids(input_ids, "input_ids")
-    threshold = default_threshold(adapter.family) if threshold is None else _finite_number("threshold", threshold)
-    eps = _finite_number("eps", eps)
+    threshold = (default_threshold(adapter.family) if sparsity_threshold is None
+                 else _finite_number("sparsity_threshold", sparsity_threshold))
+    eps = _finite_number("dead_eps", dead_eps)
     layers = list(dict.fromkeys(check_layers(adapter, layers)))
     sites = site_map(adapter, layers, site)
     n = next(iter(sites.values())).size

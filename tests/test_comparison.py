@@ -119,9 +119,9 @@ def test_the_comparison_reuses_the_sparsity_stage_and_gets_the_same_numbers(mode
     calls = []
     real = sp.layer_sparsity
     monkeypatch.setattr(sp, "layer_sparsity", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
-    opts = {"compare_model": str(model_dirs["gpt2"]), "seq_lengths": [16], "budget": 5.0}
     res = run_comprehensive_analysis(main_model, tok, texts, layer=1, stages=["sparsity", "comparison"],
-                                     plots_dir=tmp_path, max_length=40, progress=False, options=opts)
+                                     plots_dir=tmp_path, max_length=40, progress=False,
+                                     compare_model=str(model_dirs["gpt2"]), seq_lengths=[16], efficiency_budget=5.0)
     assert res["comparison"]["status"] == "ok", res["comparison"].get("error")
     assert calls == []  # both read the text pass, on both models
     alone = real(main_model, get_adapter(main_model), tokenize_texts(tok, texts, 40).input_ids, range(3))

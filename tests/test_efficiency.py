@@ -43,14 +43,14 @@ def test_flops_per_token_by_hand():
 def test_scaling_curve_limits_and_memory_growth():
     m = make_model("gpt2").to(DEVICE)  # 512 positions
     adapter = get_adapter(m)
-    curve = ef.scaling_curve(m, adapter, np.arange(50), seq_lengths=(16, 64, 256, 1024), budget_s=60, repeats=1)
+    curve = ef.scaling_curve(m, adapter, np.arange(50), seq_lengths=(16, 64, 256, 1024), efficiency_budget=60, repeats=1)
     assert [p["seq_len"] for p in curve["points"]] == [16, 64, 256]
     assert curve["skipped"] == [{"seq_len": 1024, "reason": "beyond the model's 512 positions"}]
     mem = [p["peak_memory_bytes"] for p in curve["points"]]
     assert 0 < mem[0] < mem[1] < mem[2]  # activations grow with the length
     assert all(p["time_s"] > 0 and p["flops_per_token"] > 0 for p in curve["points"])
     # a budget already spent: the first length is measured, the rest are skipped with the reason
-    tight = ef.scaling_curve(m, adapter, np.arange(50), seq_lengths=(16, 32, 64), budget_s=1e-9, repeats=1)
+    tight = ef.scaling_curve(m, adapter, np.arange(50), seq_lengths=(16, 32, 64), efficiency_budget=1e-9, repeats=1)
     assert len(tight["points"]) == 1 and all("budget" in s["reason"] for s in tight["skipped"])
 
 
@@ -74,7 +74,7 @@ def test_a_length_that_cannot_fit_is_skipped_before_it_runs(kind):
     skipped with the estimate as its reason (never run, so never an out-of-memory kill)."""
     model = make_model(kind).to(DEVICE)
     adapter = get_adapter(model)
-    r = ef.scaling_curve(model, adapter, np.arange(50), [10 ** 12, 64, 256, 256], budget_s=60)
+    r = ef.scaling_curve(model, adapter, np.arange(50), [10 ** 12, 64, 256, 256], efficiency_budget=60)
     assert [p["seq_len"] for p in r["points"]] == [64, 256]  # sorted, repeats once
     for p in r["points"]:
         assert p["peak_memory_bytes"] <= ef.forward_bytes_estimate(adapter, p["seq_len"])

@@ -193,8 +193,8 @@ def test_attention_entry_points_refuse(mamba, ids):
 @pytest.mark.parametrize("kwargs, message", [
     ({"input_ids": "tensor"}, "must be a list of .1, L. token-id tensors"), ({"input_ids": []}, "input_ids is empty"),
     ({"layers": [True]}, "layers True"), ({"layers": [3]}, "layers 3"),
-    ({"threshold": float("nan")}, "threshold nan"), ({"threshold": True}, "threshold True"),
-    ({"eps": float("inf")}, "eps inf")])
+    ({"sparsity_threshold": float("nan")}, "sparsity_threshold nan"),
+    ({"sparsity_threshold": True}, "sparsity_threshold True"), ({"dead_eps": float("inf")}, "dead_eps inf")])
 def test_layer_sparsity_refusals(mamba, ids, kwargs, message):
     args = {"input_ids": ids, "layers": [0], **kwargs}
     if isinstance(args["input_ids"], str):
@@ -204,7 +204,7 @@ def test_layer_sparsity_refusals(mamba, ids, kwargs, message):
 
 def test_sparsity_profile_and_pure_measures_refuse(mamba, ids):
     refused(mamba, "layers 9", sp.SparsityProfile, mamba, get_adapter(mamba), [9], ids)
-    refused(mamba, "threshold nan", sp.SparsityProfile, mamba, get_adapter(mamba), [0], ids, float("nan"))
+    refused(mamba, "sparsity_threshold nan", sp.SparsityProfile, mamba, get_adapter(mamba), [0], ids, float("nan"))
     a = np.abs(np.random.default_rng(0).standard_normal((10, 4)))
     for f, message in ((lambda: sp.traditional(a, True), "threshold True"),
                        (lambda: sp.optimal_threshold(a, True), "target fraction True"),
@@ -216,8 +216,8 @@ def test_sparsity_profile_and_pure_measures_refuse(mamba, ids):
 @pytest.mark.parametrize("kwargs, message", [
     ({"seq_lengths": [16.5]}, r"seq_lengths item 16\.5"), ({"seq_lengths": [True]}, "seq_lengths item True"),
     ({"seq_lengths": []}, "seq_lengths is empty"), ({"seq_lengths": "64"}, "seq_lengths '64'"),
-    ({"seq_lengths": [0]}, "seq_lengths item 0"), ({"budget_s": 0}, "budget_s 0"),
-    ({"budget_s": float("nan")}, "budget_s nan"), ({"repeats": 0}, "repeats 0")])
+    ({"seq_lengths": [0]}, "seq_lengths item 0"), ({"efficiency_budget": 0}, "efficiency_budget 0"),
+    ({"efficiency_budget": float("nan")}, "efficiency_budget nan"), ({"repeats": 0}, "repeats 0")])
 def test_scaling_curve_refusals(mamba, kwargs, message):
-    args = {"seq_lengths": [16], "budget_s": 5.0, **kwargs}
+    args = {"seq_lengths": [16], "efficiency_budget": 5.0, **kwargs}
     refused(mamba, message, ef.scaling_curve, mamba, get_adapter(mamba), np.arange(20), **args)

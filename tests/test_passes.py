@@ -107,3 +107,19 @@ def test_a_reader_that_fails_fails_its_stage_only(tokenizer, tmp_path, monkeypat
                        ["delta", "attention", "sparsity"])
     assert res["delta"]["status"] == "error" and res["delta"]["error"] == "RuntimeError: planted"
     assert res["attention"]["status"] == "ok" and res["sparsity"]["status"] == "ok"
+
+
+def test_efficiency_without_the_sparsity_stage_reads_the_text_pass(tokenizer, tmp_path, monkeypatch):
+    """The efficiency stage's active neurons come from the sparsity stage when it runs, else from the
+    text pass (no forwards of the texts of its own): the same numbers either way."""
+    import sparsity as sp
+    from pipeline import Options, run_pipeline
+
+    model = make_model("mamba_a")
+    opts = Options(plots_dir=str(tmp_path), progress=False, seq_lengths=(8,), efficiency_budget=5.0)
+    with_sparsity = run_pipeline(model, tokenizer, TEXTS, opts, ["sparsity", "efficiency"])
+    monkeypatch.setattr(sp, "layer_sparsity", lambda *a, **k: pytest.fail("forwards of its own"))
+    alone = run_pipeline(model, tokenizer, TEXTS, opts, ["attention", "efficiency"])
+    assert alone["passes"]["text"]["stages"] == ["attention", "efficiency"]
+    want, got = with_sparsity["efficiency"]["results"]["neurons"], alone["efficiency"]["results"]["neurons"]
+    assert got["active"] == want["active"] and got["efficiency_ratio"] == pytest.approx(want["efficiency_ratio"])

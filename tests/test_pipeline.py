@@ -22,7 +22,7 @@ def test_each_module_registers_its_stages_in_run_order():
         assert stage.name == name and stage.run.__module__ == pipeline.STAGE_MODULES[name]
         assert all(pipeline.ALL_STAGES.index(n) < pipeline.ALL_STAGES.index(name) for n in stage.needs)
     text_stages = [n for n in pipeline.ALL_STAGES if pipeline.STAGES[n].reader is not None]
-    assert text_stages == ["delta", "attention", "sparsity", "comparison"]
+    assert text_stages == ["delta", "attention", "sparsity", "efficiency", "comparison"]
     with pytest.raises(ValueError, match="stage x is not in pipeline.STAGE_MODULES"):
         register(Stage("x", _noop, str))
     with pytest.raises(ValueError, match="stage delta needs comparison, which is not a stage before it"):
@@ -33,7 +33,7 @@ def test_each_module_registers_its_stages_in_run_order():
 def test_reading_a_stage_not_in_needs_fails_that_stage(monkeypatch, tokenizer):
     """A stage may read only the results it declared: an undeclared read is a recorded error, not a silent
     dependence on the run order."""
-    def sneaky(ctx):
+    def sneaky(ctx, read):
         return {"seen": ctx.upstream("causal")}, []
 
     def honest(ctx):
@@ -61,12 +61,14 @@ def test_options_are_built_once_and_typed(monkeypatch, tokenizer):
     monkeypatch.setitem(pipeline.STAGES, "causal", dataclasses.replace(pipeline.STAGES["causal"], run=record))
     model = make_model("mamba_a")
     run_comprehensive_analysis(model, tokenizer, ["a text"], layer=1, top_k=3, stages=["causal"], progress=False,
-                               causal={"dims": [4, 2], "site": "residual", "batch_size": None},
-                               options={"threshold": 0.5, "seq_lengths": [8]})
+                               causal_dims=[4, 2], causal_site="residual", causal_batch_size=None,
+                               sparsity_threshold=0.5, seq_lengths=[8])
     assert seen["opts"] == Options(layer=1, top_k=3, progress=False, causal_dims=(4, 2), causal_site="residual",
                                    sparsity_threshold=0.5, seq_lengths=(8,))
-    with pytest.raises(TypeError, match="unknown option 'treshold'"):
-        run_comprehensive_analysis(model, tokenizer, ["a text"], stages=["causal"], options={"treshold": 0.5})
+    with pytest.raises(TypeError, match="unknown option 'treshold'"):  # one name per option: no aliases
+        run_comprehensive_analysis(model, tokenizer, ["a text"], stages=["causal"], treshold=0.5)
+    with pytest.raises(TypeError, match="unknown option 'threshold'"):
+        run_comprehensive_analysis(model, tokenizer, ["a text"], stages=["causal"], threshold=0.5)
     opts = Options(layer=1, prompts=("p q r",), progress=False)  # an Options object is used whole
     run_comprehensive_analysis(model, tokenizer, ["a text"], stages=["causal"], options=opts)
     assert seen["opts"] is opts and opts.prompt_list == ["p q r"]

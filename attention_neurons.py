@@ -566,15 +566,10 @@ class AttentionNeurons:
         """{layer: what `layer_view` needs}, from one forward for all `layers`."""
         raise NotImplementedError
 
-    def layer_view(self, mask, layer: int, io, g_site: torch.Tensor | None) -> LayerView:
-        """The layer as unit groups of α, from `io` (what `capture` gave for it); `g_site`: the gradient
-        at the input of `adapter.gradient_path(layer)` (`passes.gradient_pass`), or None."""
+    def layer_view(self, mask, layer: int, io, g: torch.Tensor | None) -> LayerView:
+        """The layer as unit groups of α, from `io` (what `capture` gave for it); `g`: ∂ logit / ∂ y at the
+        layer's unit outputs (`passes.gradient_pass`), or None."""
         raise NotImplementedError
-
-    def unit_gradient(self, g_site: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """g = ∂ logit / ∂ y (b, L, e) at the units' outputs y from the gradient at the gradient path's
-        input (the same tensor where that input is y)."""
-        return g_site.float()
 
     def text_scores(self, inputs, layer: int, methods=METHODS, rolled: tuple | None = None) -> "TextScores":
         """`scores_by_layer` at one layer (`layer`: a whole number in 0..n_layers−1)."""
@@ -821,17 +816,12 @@ class MambaAttentionNeurons(AttentionNeurons):
     def captured_io(self, captured) -> dict:
         return captured.mixer_io
 
-    def unit_gradient(self, g_site: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """Mamba-2: the gradient path is the gated norm, whose input is y. Mamba-1 / FalconMamba: it is
-        out_proj, whose input is u = y · SiLU(z), so ∂/∂y = ∂/∂u · SiLU(z)."""
-        return g_site.float() if self.mamba2 else g_site.float() * F.silu(z)
-
-    def layer_view(self, mask, layer: int, io, g_site: torch.Tensor | None) -> LayerView:
+    def layer_view(self, mask, layer: int, io, g: torch.Tensor | None) -> LayerView:
         h_in, real_out = io
         mixer = self.adapter.mixer(layer)
         with torch.no_grad():  # α needs no sequential scan: it is checked through the output it rebuilds
             it = MixerProjections(*ssm_projections(mixer, h_in, mask))
-        g = None if g_site is None else self.unit_gradient(g_site, it.z)  # (b, L, e)
+        g = None if g is None else g.float()  # (b, L, e)
         y = torch.empty_like(it.x)  # (b, L, e): α x + D x, filled group by group
         D = channel_D(it.D, it.x.shape[-1])  # (e,)
 
@@ -877,15 +867,10 @@ class MambaAttentionNeurons(AttentionNeurons):
         reference scan, for its O(b L e n) backward)."""
         from passes import gradient_pass
 
-        ids, mask = self._device_ids(input_ids if attention_mask is None else
-                                     {"input_ids": input_ids, "attention_mask": attention_mask})
+        ids, _ = self._device_ids(input_ids if attention_mask is None else
+                                  {"input_ids": input_ids, "attention_mask": attention_mask})
         grads, target, _ = gradient_pass(self.model, self.adapter, ids, [check_layer(self.adapter, layer)])
-        z = None
-        if not self.mamba2:
-            h_in, _ = self.capture(ids, mask, [layer])[layer]
-            with torch.no_grad():
-                z = ssm_projections(self.adapter.mixer(layer), h_in, mask)[1]  # (b, L, e)
-        return self.unit_gradient(grads[layer], z), target
+        return grads[layer].float(), target
 
 
 class TransformerAttentionNeurons(AttentionNeurons):
@@ -940,9 +925,9 @@ class TransformerAttentionNeurons(AttentionNeurons):
     def captured_io(self, captured) -> dict:
         return captured.attention_io
 
-    def layer_view(self, mask, layer: int, io, g_site: torch.Tensor | None) -> LayerView:
+    def layer_view(self, mask, layer: int, io, g: torch.Tensor | None) -> LayerView:
         A, x, y = self._units(io)
-        g = None if g_site is None else self.unit_gradient(g_site)  # (b, L, d): the projection's input is y
+        g = None if g is None else g.float()  # (b, L, d): the projection's input is y
         hd = self.adapter.head_dim
 
         def groups():
@@ -982,7 +967,7 @@ class TransformerAttentionNeurons(AttentionNeurons):
         ids, _ = self._device_ids(input_ids if attention_mask is None else
                                   {"input_ids": input_ids, "attention_mask": attention_mask})
         grads, target, _ = gradient_pass(self.model, self.adapter, ids, [check_layer(self.adapter, layer)])
-        return self.unit_gradient(grads[layer]), target
+        return grads[layer].float(), target
 
 
 def attention_neurons_for(model) -> AttentionNeurons:

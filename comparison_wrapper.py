@@ -4,7 +4,8 @@ Each model is profiled on its own tokenization of the same texts: the sparsity o
 every layer (streamed), efficiency (parameters, neurons, measured time and memory against sequence
 length, analytic FLOPs), when the main model's causal stage ran, the causal impacts of the other
 model at the layer of the same relative depth, and with the attention stage, both models' attention
-neurons (`compare_attention`). Layers are matched by relative depth
+neurons. The other model's numbers are a run of the pipeline on it (`other_options`); `side_by_side`, a
+pure function, sets the two sides together. Layers are matched by relative depth
 layer / (n_layers − 1), always through the model adapters, never by raw hidden-state index.
 """
 from __future__ import annotations

@@ -147,9 +147,10 @@ class MambaAdapter(ArchitectureAdapter):
         return f"{self.layer_path(layer)}.mixer"
 
     def gradient_path(self, layer: int) -> str:
-        """The module whose first input a gradient at the layer's units is taken at (`passes.gradient_pass`):
-        out_proj, whose input is u = y · SiLU(z) (Mamba-1, FalconMamba)."""
-        return f"{self.mixer_path(layer)}.out_proj"
+        """The module whose first input is the layer's unit outputs y, where `passes.gradient_pass` takes
+        a gradient: Mamba-1 and FalconMamba have none (y is inside their forward, taken there from the
+        fast scan)."""
+        raise NotImplementedError("Mamba-1 / FalconMamba: the gradient pass reads y in the fast forward")
 
 
 class FalconMambaAdapter(MambaAdapter):

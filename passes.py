@@ -10,8 +10,9 @@ gradients it reads), `read(text)` called with each text's `TextCapture`, and `fi
 `run_text_pass` merges the requests of every reader and, per text, runs
 1. the capture forward (no gradient): the model's own forward with hooks on every requested site,
    stopped after the deepest one. On Mamba-1 / FalconMamba the mixers in which nothing is read run
-   `ssm.blocked_inference` (transformers' operations, cache-blocked); a Transformer runs eager attention
-   where attention weights are read;
+   `ssm.blocked_inference` (transformers' operations, cache-blocked; on the first text each is checked
+   against the mixer's own forward on the same input); a Transformer runs eager attention where attention
+   weights are read;
 2. the gradient forward (only when a reader asks for gradients): one forward and one backward for every
    requested layer at once (`gradient_pass`), whose neuron sites are read too when their check passes (below).
 So each text is embedded at most twice per model, with one layer or many.
@@ -22,7 +23,9 @@ model's own forward, taken deep enough for that text): they must agree within `S
 to each layer's largest |a|); otherwise every text's sites come from the capture forward. Without a
 gradient forward they come from the capture forward, whose mixers at those layers run their own forward.
 
-A reader that raises is dropped (its error recorded, `TextPassResult.errors`); the other readers go on.
+A reader that raises is dropped (its error recorded, `TextPassResult.errors`); the other readers go on. A
+forward that raises fails the readers that needed it (`run_text_pass`), and later texts' passes serve only
+the readers left.
 """
 from __future__ import annotations
 
@@ -106,9 +109,13 @@ def _reading_sites(model, sites: dict, out: dict):
         yield
 
 
-def capture_forward(model, adapter, ids, mixer_io=(), attention_io=(), sites=()) -> TextCapture:
+def capture_forward(model, adapter, ids, mixer_io=(), attention_io=(), sites=(), check_blocked: bool = False
+                    ) -> TextCapture:
     """Step 1 for one text `ids` (1, L): the model's own forward with hooks on the requested sites,
-    stopped after the deepest (see the module doc)."""
+    stopped after the deepest (see the module doc). On Mamba-1 / FalconMamba the mixers in which nothing
+    is read run `ssm.mixer_forward_blocked`; `check_blocked` (the first text): each of those mixers' output
+    is compared with the mixer's own forward on the same input (ReconstructionError beyond 1e-5 of its
+    largest |value| in float32 / float64, 1e-2 in half precision)."""
     from ssm import blocked_inference
     from utils import trace
 
@@ -123,7 +130,8 @@ def capture_forward(model, adapter, ids, mixer_io=(), attention_io=(), sites=())
         if adapter.ssm_kind == "mamba1":  # mixers in which nothing is read run cache-blocked
             idle = [la for la in range(deepest + 1) if la not in mixer_io and la not in sites]
             if idle:
-                stack.enter_context(blocked_inference(model, layers=idle))
+                stack.enter_context(_checked_blocked(model, idle) if check_blocked
+                                    else blocked_inference(model, layers=idle))
         mixers = {la: adapter.mixer_path(la) for la in sorted(mixer_io)}
         mio = stack.enter_context(trace(model, list(mixers.values()), retain_input=True)) if mixers else {}
         paths = {la: adapter.attention_paths(la) for la in sorted(attention_io)}
@@ -142,42 +150,74 @@ def capture_forward(model, adapter, ids, mixer_io=(), attention_io=(), sites=())
     return text
 
 
+def _checked_blocked(model, layers):
+    """`ssm.blocked_inference` at `layers`, each mixer's blocked output checked against its own forward."""
+    import ssm
+
+    def checked(mixer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+        out = ssm.mixer_forward_blocked(mixer, hidden_states, attention_mask=attention_mask)
+        own = type(mixer).forward(mixer, hidden_states, attention_mask=attention_mask)
+        worst = float((out - own).abs().max() / own.abs().max().clamp_min(1e-30))
+        tolerance = 1e-5 if own.dtype in (torch.float32, torch.float64) else 1e-2
+        if worst > tolerance:
+            raise ssm.ReconstructionError(f"the blocked mixer forward differs from the mixer's own by {worst:.3g} "
+                                          f"(relative) > {tolerance:g}")
+        return out
+
+    return ssm.swapped_mixer_forward(model, checked, layers)
+
+
 def gradient_pass(model, adapter, ids, layers, sites=()) -> tuple[dict, torch.Tensor, dict]:
-    """Step 2 for one text `ids` (1, L): ({layer: g (1, L, ·)}, target (1,), {layer: site (L, N)}), g =
-    ∂ logit[target] / ∂ v with v the first input of `adapter.gradient_path(layer)` (every layer's g from
-    one backward: a v below another is differentiated through it), target = the model's predicted next
-    token at the last position. Mamba-1 / FalconMamba mixers run the fast scan (`ssm.fast_scan_training`:
-    the same recurrence, tested against the reference scan) for its cheap backward. The weights leave the
-    graph for this pass and get their requires_grad back afterwards, also on error. `sites`: layers whose
-    neuron site is read in this forward."""
-    from ssm import fast_scan_training
+    """Step 2 for one text `ids` (1, L): ({layer: g (1, L, e)}, target (1,), {layer: site (L, N)}), g =
+    ∂ logit[target] / ∂ y with y the layer's unit outputs (every layer's g from one backward: a y below
+    another is differentiated through it), target = the model's predicted next token at the last position.
+    Mamba-1 / FalconMamba: every mixer runs the fast scan (`ssm.mixer_forward`: the same recurrence,
+    tested against the reference scan) for its cheap backward, and y is its float32 scan output before the
+    gate. Mamba-2 and Transformers: y is the first input of `adapter.gradient_path(layer)` (the gated
+    norm; the attention's output projection). Where y needs no gradient of its own (below every
+    differentiated layer) it becomes a leaf. The weights leave the graph for this pass and get their
+    requires_grad back afterwards, also on error. `sites`: layers whose neuron site is read here."""
+    import ssm
     from utils import trace
 
-    paths = {la: adapter.gradient_path(la) for la in sorted(set(layers))}
+    layers = sorted(set(layers))
     seen = {}
 
-    def leaf(path, v):  # below every differentiated layer nothing needs a gradient: v becomes a leaf there
-        v = v if v.requires_grad else v.detach().requires_grad_(True)
-        seen[path] = v
-        return v
+    def leaf(layer, y):
+        y = y if y.requires_grad else y.detach().requires_grad_(True)
+        seen[layer] = y
+        return y
 
+    if adapter.ssm_kind == "mamba1":
+        chosen = {id(adapter.mixer(la)): la for la in layers}
+
+        def fast(mixer, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+            la = chosen.get(id(mixer))
+            return ssm.mixer_forward(mixer, hidden_states, attention_mask,
+                                     on_y=None if la is None else (lambda y: leaf(la, y)))
+
+        swap, hooks = ssm.swapped_mixer_forward(model, fast), contextlib.nullcontext()
+    else:
+        paths = {adapter.gradient_path(la): la for la in layers}
+        swap = contextlib.nullcontext()
+        hooks = trace(model, list(paths), retain_output=False, edit_input=lambda p, v: leaf(paths[p], v))
     site_out = {}
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with torch.enable_grad(), (fast_scan_training(model) if adapter.ssm_kind == "mamba1"
-                                   else contextlib.nullcontext()), \
-                trace(model, list(paths.values()), retain_output=False, edit_input=leaf), \
-                _reading_sites(model, _site_paths(adapter, sites), site_out):
+        with torch.enable_grad(), swap, hooks, _reading_sites(model, _site_paths(adapter, sites), site_out):
             logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits  # (1, 1, V)
+        missing = [la for la in layers if la not in seen]
+        if missing:
+            raise RuntimeError(f"the gradient forward never reached layer {missing[0]}'s unit outputs")
         last = logits[:, -1].float()  # (1, V)
         target = last.argmax(-1)  # (1,)
-        grads = torch.autograd.grad(last.gather(1, target[:, None]).sum(), [seen[p] for p in paths.values()])
+        grads = torch.autograd.grad(last.gather(1, target[:, None]).sum(), [seen[la] for la in layers])
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return {la: g.detach() for la, g in zip(paths, grads)}, target, site_out
+    return {la: g.detach() for la, g in zip(layers, grads)}, target, site_out
 
 
 def site_difference(reference: dict, other: dict) -> float:
@@ -195,55 +235,82 @@ def site_tolerance(model) -> float:
 def run_text_pass(model, adapter, input_ids, readers: dict, progress: bool = False, desc: str = "text pass"
                   ) -> TextPassResult:
     """Every text of `input_ids` (a list of (1, L_i) token-id tensors) through the passes that `readers`
-    ({name: TextReader}) need, each reader reading every text (module doc)."""
+    ({name: TextReader}) need, each reader reading every text (module doc). A forward that fails fails
+    the readers that needed it (the capture forward: every reader; the gradient forward: those that read
+    gradients, and those whose sites it gave), with its error; the others go on, and the passes of later
+    texts serve only the readers left."""
     import time
 
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    live, errors, read_s = dict(readers), {}, {}
+    live, errors, read_s, requests = {}, {}, {}, {}
+
+    def fail(names, exc, where: str) -> None:
+        for name in names:
+            logger.debug("text stage %s failed (%s)", name, where, exc_info=True)
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            live.pop(name, None)
+
+    for name, reader in readers.items():
+        try:
+            requests[name] = reader.request
+            live[name] = reader
+        except Exception as exc:  # a reader that cannot say what it reads fails its stage only
+            fail([name], exc, "request")
     device = next(model.parameters()).device
-    want = TextRequest()
-    for r in readers.values():
-        want = want | r.request
-    grad_layers = sorted(want.gradient)
-    sites_from_gradient = bool(grad_layers and want.sites)  # decided on the first text (module doc)
+    sites_from_gradient = None  # decided on the first text read with a gradient forward (module doc)
     forwards = 0
     difference = None
     for k, ids in enumerate(tqdm(input_ids, desc=desc, disable=not progress)):
         if not live:
             break
+        want = TextRequest()
+        for name in live:
+            want = want | requests[name]
+        grad_layers = sorted(want.gradient)
+        if sites_from_gradient is None and grad_layers and want.sites:
+            sites_from_gradient = True
+        from_gradient = bool(sites_from_gradient and grad_layers and want.sites)
         ids = ids.to(device)
-        in_capture = want.sites if (not sites_from_gradient or k == 0) else ()
-        text = capture_forward(model, adapter, ids, want.mixer_io, want.attention_io, in_capture)
+        in_capture = want.sites if (not from_gradient or difference is None) else ()
+        try:
+            text = capture_forward(model, adapter, ids, want.mixer_io, want.attention_io, in_capture,
+                                   check_blocked=k == 0)
+        except Exception as exc:
+            fail(list(live), exc, f"the capture forward of text {k}")
+            break
         forwards += bool(want.mixer_io or want.attention_io or in_capture)
         text.index = k
         if grad_layers:
-            text.gradients, text.target, grad_sites = gradient_pass(
-                model, adapter, ids, grad_layers, want.sites if sites_from_gradient else ())
+            try:
+                text.gradients, text.target, grad_sites = gradient_pass(
+                    model, adapter, ids, grad_layers, want.sites if from_gradient else ())
+            except Exception as exc:
+                needs = [n for n in live if requests[n].gradient or (from_gradient and requests[n].sites)]
+                fail(needs, exc, f"the gradient forward of text {k}")
+                grad_sites = None
             forwards += 1
-            if sites_from_gradient:
-                if k == 0:
+            if from_gradient and grad_sites is not None:
+                if difference is None:
                     difference = site_difference(text.sites, grad_sites)
                     if difference > site_tolerance(model):
                         sites_from_gradient = False  # every text's sites from the capture forward
                         logger.warning("neuron sites not read from the gradient forwards (they differ from the "
-                                       "model's own forward by %.3g, relative): read from the capture forwards",
+                                       "capture forward by %.3g, relative): read from the capture forwards",
                                        difference)
                     else:
                         text.sites = grad_sites
                 else:
                     text.sites = grad_sites
         if want.sites:
-            text.sites_from = _sites_from(sites_from_gradient, difference, model)
+            text.sites_from = _sites_from(bool(sites_from_gradient), difference, model)
         for name, reader in list(live.items()):
             t = time.perf_counter()
             try:
                 reader.read(text)
             except Exception as exc:  # this reader's stage fails; the others go on
-                logger.debug("text stage %s failed on text %d", name, k, exc_info=True)
-                errors[name] = f"{type(exc).__name__}: {exc}"
-                del live[name]
+                fail([name], exc, f"text {k}")
             read_s[name] = read_s.get(name, 0.0) + time.perf_counter() - t
     results = {}
     for name, reader in live.items():
@@ -251,10 +318,10 @@ def run_text_pass(model, adapter, input_ids, readers: dict, progress: bool = Fal
         try:
             results[name] = reader.finish()
         except Exception as exc:
-            logger.debug("text stage %s failed", name, exc_info=True)
-            errors[name] = f"{type(exc).__name__}: {exc}"
+            fail([name], exc, "finish")
         read_s[name] = read_s.get(name, 0.0) + time.perf_counter() - t
-    where = _sites_from(sites_from_gradient, difference, model) if want.sites else None
+    wanted_sites = any(r.sites for r in requests.values())
+    where = _sites_from(bool(sites_from_gradient), difference, model) if wanted_sites else None
     return TextPassResult(results, errors, where, forwards, time.perf_counter() - t0, read_s)
 
 

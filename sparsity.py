@@ -600,8 +600,8 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
 class SparsityProfile:
     """`layer_sparsity` fed by the text pass: the sparsity stage's reader (`request`: the neuron site at
     `layers`; `read(text)` feeds each text's sites to a `SparsityStream`; `finish()` gives `layer_sparsity`'s
-    dict). When the first pass's |a| did not all fit in memory, the second pass reads the sites again
-    from forwards of its own over `input_ids` (the same texts, `layer_activation_chunks`)."""
+    dict). When the first pass's |a| did not all fit in memory, both passes run again over forwards of its
+    own (`layer_sparsity` over `input_ids`, the same texts), so that they read the same values."""
 
     def __init__(self, model, adapter, layers, input_ids, sparsity_threshold: float | None = None,
                  dead_eps: float = DEAD_EPS):
@@ -627,8 +627,12 @@ class SparsityProfile:
         self.sites_from = text.sites_from
 
     def finish(self) -> dict:
-        again = layer_activation_chunks(self.model, self.adapter, self.input_ids, self.layers)
-        return _layer_entries(self.adapter, self.sites, self.stream.finish(self.threshold, self.eps, again=again))
+        if not self.stream.kept_all:  # both passes must read the same values: measured again, from one source
+            self.stream = None
+            self.sites_from = ("its own forwards (the first pass's |a| did not fit in memory, so both passes ran "
+                               "again, over forwards of its own)")
+            return layer_sparsity(self.model, self.adapter, self.input_ids, self.layers, self.threshold, self.eps)
+        return _layer_entries(self.adapter, self.sites, self.stream.finish(self.threshold, self.eps))
 
 
 def _layer_entries(adapter, sites: dict, stats: dict) -> dict:

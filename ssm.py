@@ -366,11 +366,16 @@ def selective_scan_fast(x, delta, A, B, C, D):
 
 
 def mixer_forward(mixer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  scan=selective_scan_fast) -> torch.Tensor:
+                  scan=selective_scan_fast, on_y=None) -> torch.Tensor:
     """A Mamba-1 mixer's forward with a chosen scan, differentiable; float32 inside, the
-    input's dtype out. Used in training in place of the Hugging Face slow path."""
+    input's dtype out. Used in training in place of the Hugging Face slow path. `on_y(y)`: given the scan
+    output y (b, L, e, float32, D skip included) before the gate, returns the y to go on with (the
+    gradient pass takes its gradient there)."""
     x, z, delta, B, C, A, D = mixer_projections(mixer, hidden_states, attention_mask)
-    u = scan(x, delta, A, B, C, D) * F.silu(z)  # (b, L, e)
+    y = scan(x, delta, A, B, C, D)  # (b, L, e)
+    if on_y is not None:
+        y = on_y(y)
+    u = y * F.silu(z)  # (b, L, e)
     # out_proj is called as a module (not through its weights) so that hooks on it fire as in the model
     return mixer.out_proj(u.to(mixer.out_proj.weight.dtype)).to(hidden_states.dtype)  # (b, L, d)
 

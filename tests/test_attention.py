@@ -159,7 +159,7 @@ def test_gradient_pass_gives_the_weights_back_on_error(monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("planted")
 
-    monkeypatch.setattr(ssm, "fast_scan_training", broken)
+    monkeypatch.setattr(ssm, "mixer_forward", broken)
     with pytest.raises(RuntimeError, match="planted"):
         an.output_gradient(_ids(L=9, b=1), 0)
     assert all(p.requires_grad for n, p in model.named_parameters() if n != "backbone.norm_f.weight")

@@ -123,3 +123,43 @@ def test_efficiency_without_the_sparsity_stage_reads_the_text_pass(tokenizer, tm
     assert alone["passes"]["text"]["stages"] == ["attention", "efficiency"]
     want, got = with_sparsity["efficiency"]["results"]["neurons"], alone["efficiency"]["results"]["neurons"]
     assert got["active"] == want["active"] and got["efficiency_ratio"] == pytest.approx(want["efficiency_ratio"])
+
+
+def test_a_failing_gradient_forward_fails_only_the_stages_that_need_it(tokenizer, tmp_path, monkeypatch):
+    """The gradient forward raises on the second text (planted): the attention stage (its gradients) and
+    the sparsity stage (its sites came from that forward) fail with its error; delta, which reads only
+    the capture forward, finishes, and the later texts run no gradient forward."""
+    import passes
+    from pipeline import Options, run_pipeline
+
+    real, calls = passes.gradient_pass, []
+
+    def planted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("planted gradient failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(passes, "gradient_pass", planted)
+    res = run_pipeline(make_model("mamba_a"), tokenizer, TEXTS, Options(plots_dir=str(tmp_path), progress=False),
+                       ["delta", "attention", "sparsity"])
+    assert res["delta"]["status"] == "ok" and res["delta"]["results"]["n_texts"] == len(TEXTS)
+    for stage in ("attention", "sparsity"):
+        assert res[stage] == {"status": "error", "error": "RuntimeError: planted gradient failure",
+                              "wall_time_s": 0.0}
+    assert len(calls) == 2
+
+
+def test_the_blocked_mixers_are_checked_on_the_first_text(tokenizer, monkeypatch):
+    """Mixers in which nothing is read run the blocked forward; on the first text each is compared with the
+    mixer's own forward on the same input, and a planted difference fails the pass's readers."""
+    import delta_extraction as de
+    import passes
+    import ssm
+
+    model = make_model("mamba_b")
+    adapter = get_adapter(model)
+    real = ssm.mixer_forward_blocked
+    monkeypatch.setattr(ssm, "mixer_forward_blocked", lambda *a, **k: real(*a, **k) * 1.01)
+    done = passes.run_text_pass(model, adapter, _ids(tokenizer), {"delta": de.DeltaProfile(model, tokenizer, [2])})
+    assert "ReconstructionError" in done.errors["delta"] and "blocked mixer forward differs" in done.errors["delta"]

@@ -185,7 +185,7 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
             entry = dict(early[name])
         elif stage.reader is not None and name not in readers:
             entry = _run_stage(name, lambda: stage.run(ctx, None), NotApplicable, write_plots)
-        elif name in read.errors:
+        elif stage.reader is not None and name in read.errors:
             entry = {"status": "error", "error": read.errors[name], "wall_time_s": 0.0}
         elif stage.reader is not None:
             entry = _run_stage(name, lambda: stage.run(ctx, read.results[name]), NotApplicable, write_plots)

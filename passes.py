@@ -229,7 +229,9 @@ def site_difference(reference: dict, other: dict) -> float:
 
 
 def site_tolerance(model) -> float:
-    return SITE_TOLERANCE if next(model.parameters()).dtype in (torch.float32, torch.float64) else 1e-2
+    from sparsity import _float_tolerance
+
+    return _float_tolerance(model, SITE_TOLERANCE)
 
 
 def run_text_pass(model, adapter, input_ids, readers: dict, progress: bool = False, desc: str = "text pass"

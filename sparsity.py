@@ -547,8 +547,9 @@ def capture_sites(model, sites: dict, ids, blocked: bool = False) -> dict:
 def site_difference(model, sites: dict, ids, acts: dict) -> float:
     """The largest difference between `acts` ({layer: (L, N)}, from another forward path of text `ids`) and
     the model's own forward's sites, relative to each layer's largest |a|."""
-    own = capture_sites(model, sites, ids)
-    return max(float(np.abs(acts[la] - own[la]).max() / max(float(np.abs(own[la]).max()), 1e-30)) for la in own)
+    from passes import site_difference as relative_difference
+
+    return relative_difference(capture_sites(model, sites, ids), acts)
 
 
 def _float_tolerance(model, full_precision: float) -> float:

@@ -368,7 +368,7 @@ def _main(args, argv) -> int:
     adapter = config_adapter(files.config)
     if args.stages is not None:
         stages = resolve_stages(args.stages, adapter.family)
-    opts, notes = op.resolve(given, adapter, stages, prefix=prefix, progress=not args.no_progress,
+    opts, notes = op.resolve(given, adapter, stages, prefix=prefix, progress=not args.no_progress, seed=args.seed,
                              prompts=None if prompts is None else tuple(prompts))
     json_path, html_path = check_result_paths(output_dir, args.save_results, prefix, opts.layer, opts.layers)
     replacing = check_replacing(json_path, stages, output_dir) if args.save_results else None

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 
 ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")  # attention_neurons.METHODS (tested)
+ATTENTION_TARGETS = ("likelihood", "last_argmax")  # attention_neurons.TARGETS (tested)
+INTERVAL_STAGES = ("delta", "causal", "inter_layer", "attention", "sparsity", "comparison")
 DEFAULT_MAX_LENGTH = 256
 PER_LAYER = ("delta", "causal", "attention", "sparsity")
 CAUSAL = ("causal", "inter_layer", "cross_layer")
@@ -64,6 +66,11 @@ class Options:
     progress: bool = option(True, "show progress bars", flag=False)
     attention_methods: tuple = option(ATTENTION_METHODS, f"attention-neuron methods: {', '.join(ATTENTION_METHODS)}",
                                       stages=("attention",), nargs="+", metavar="METHOD")
+    attention_target: str = option(
+        "likelihood", "what gradient_guided's gradient is of: likelihood (the text's own log-likelihood of its next "
+                      "tokens, summed over every position: every query token has a target) or last_argmax (the "
+                      "log-probability of the most likely next token at the last position: one token, strongly "
+                      "target-dependent)", stages=("attention",))
     attention_layers: tuple | None = option(
         None, "the attention stage's layers beside --layer: numbers, ranges like 0-3, or all (default: --layer "
               "only); the comparison reads the other model at the same relative depths. Not together with "
@@ -107,6 +114,11 @@ class Options:
                                             "(and recorded)", "sparsity, efficiency, comparison",
                                       stages=("efficiency", "comparison"), type=_finite_float)
 
+    bootstrap_resamples: int = option(1000, "resamples of the bootstrap behind every 95%% interval and rank stability "
+                                            "(texts or prompts drawn with replacement; seeded by --seed)",
+                                      stages=INTERVAL_STAGES, type=int)
+    seed: int = option(0, "the seed of the run (main.py's --seed): the bootstrap's draws", flag=False)
+
     @property
     def prompt_list(self) -> list[str]:
         from causal_analysis import DEFAULT_PROMPTS
@@ -144,7 +156,8 @@ def given(args) -> dict:
     return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
 
 
-_WHOLE_AT_LEAST = {"layer": 0, "top_k": 1, "max_length": 1, "causal_batch_size": 1, "text_limit": 1}
+_WHOLE_AT_LEAST = {"layer": 0, "top_k": 1, "max_length": 1, "causal_batch_size": 1, "text_limit": 1,
+                   "bootstrap_resamples": 100, "seed": 0}
 _WHOLE_LISTS = {"layers": 0, "attention_layers": 0, "causal_dims": 0, "sparsity_layers": 0, "seq_lengths": 1}
 _FLOATS = {"intervention_scale": None, "sparsity_threshold": "at_least_0", "dead_eps": "positive",
            "efficiency_budget": "positive"}
@@ -197,6 +210,9 @@ def check_option_values(values: dict, flag: str = "") -> None:
                 raise UserInputError(f"{flag}{name} {(bad or [v])[0]}: "
                                      f"{'give a list of methods' if not bad else 'unknown'}; choose from "
                                      f"{', '.join(ATTENTION_METHODS)}")
+        elif name == "attention_target":
+            if v not in ATTENTION_TARGETS:
+                raise UserInputError(f"{flag}{name} {v}: unknown; choose {' or '.join(ATTENTION_TARGETS)}")
         elif name == "ablation":
             if v not in ("zero", "mean"):
                 raise UserInputError(f"{flag}{name} {v}: unknown; choose zero or mean")

@@ -402,6 +402,8 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--sparsity_threshold", "inf"], "argument --sparsity_threshold: 'inf' is not a finite"),
     (["--model", M, "--dead_eps", "NaN"], "argument --dead_eps: 'NaN' is not a finite number"),
     (["--model", M, "--efficiency_budget", "inf"], "argument --efficiency_budget: 'inf' is not a finite"),
+    (["--model", M, "--bootstrap_resamples", "5"], "--bootstrap_resamples 5: must be at least 100"),
+    (["--model", M, "--attention_target", "first"], "--attention_target first: unknown; choose likelihood or"),
 ]
 
 

@@ -1,0 +1,186 @@
+"""Intervals and rank stability: the percentile bootstrap over texts or prompts.
+
+Every mean over texts (or prompts) the tool reports carries a 95% interval: the items are drawn with
+replacement `n_resamples` times (seeded: the same seed gives the same draws), the statistic is computed
+on each draw, and the interval is the 2.5th and 97.5th percentile of those values (percentile
+bootstrap). A draw is a row of `Resamples.counts` (how often each item was drawn), so a resampled mean
+of per-item values is one matrix product, and statistics made of means (a variance, a ratio, a Gini of
+per-neuron means) are computed from resampled means.
+
+Rank stability of a top-k list: for each listed unit, the share of draws in which it stays in the top k
+(its score at least the draw's k-th largest score). Ties (scores equal within `TIE_RTOL`, float32's
+resolution) share a rank and are listed as ties.
+
+Shapes: n items (texts or prompts), R resamples, U units.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_RESAMPLES = 1000
+LEVEL = 0.95
+TIE_RTOL = 1e-6  # scores this close (relative) are ties: float32 cannot order them
+METHOD = ("percentile bootstrap over {items}: {n_resamples} resamples with replacement (seed {seed}); "
+          "the 95% interval is the 2.5th and 97.5th percentile of the resampled statistic")
+
+
+@dataclass(frozen=True)
+class Resamples:
+    """`counts` (R, n): how often each of the n items is drawn in each of R resamples (rows sum to n)."""
+
+    counts: np.ndarray
+    seed: int
+    items: str = "texts"
+
+    @classmethod
+    def draw(cls, n: int, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, items: str = "texts") -> Resamples:
+        if n < 1 or n_resamples < 1:
+            raise ValueError(f"a bootstrap needs at least one item and one resample; got n={n}, "
+                             f"n_resamples={n_resamples}")
+        rng = np.random.default_rng(seed)
+        picks = rng.integers(0, n, size=(n_resamples, n))  # (R, n) item indices
+        counts = np.zeros((n_resamples, n), dtype=np.float64)
+        np.add.at(counts, (np.arange(n_resamples)[:, None], picks), 1.0)
+        return cls(counts, seed, items)
+
+    @property
+    def n(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def n_resamples(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def defined(self) -> bool:
+        """An interval over one item is not an interval (every draw is that item)."""
+        return self.n >= 2
+
+    def means(self, values, weights=None) -> np.ndarray:
+        """The resampled (weighted) means (R, ...) of per-item `values` (n, ...): Σ c_i w_i x_i / Σ c_i w_i
+        with c the draw's counts (weights: (n,), e.g. tokens per text; default 1)."""
+        x = np.asarray(values, dtype=np.float64)
+        if x.shape[0] != self.n:
+            raise ValueError(f"values have {x.shape[0]} items; the resamples were drawn over {self.n}")
+        w = np.ones(self.n) if weights is None else np.asarray(weights, dtype=np.float64)
+        cw = self.counts * w  # (R, n)
+        flat = x.reshape(self.n, -1)  # (n, m)
+        return ((cw @ flat) / cw.sum(1, keepdims=True)).reshape(self.n_resamples, *x.shape[1:])
+
+    def method(self) -> str:
+        return METHOD.format(items=self.items, n_resamples=self.n_resamples, seed=self.seed)
+
+
+def weighted_mean(values, weights=None) -> np.ndarray:
+    """The point estimate matching `Resamples.means`: Σ w_i x_i / Σ w_i over axis 0."""
+    x = np.asarray(values, dtype=np.float64)
+    w = np.ones(x.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+    return np.tensordot(w, x, axes=1) / w.sum()
+
+
+def percentile_interval(resampled, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) over axis 0 of resampled statistics (R, ...)."""
+    r = np.asarray(resampled, dtype=np.float64)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(r, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def interval(point: float, resampled, res: Resamples) -> dict:
+    """{"value", "low", "high"} of one statistic (`resampled`: (R,)); low/high None with one item."""
+    if not res.defined:
+        return {"value": float(point), "low": None, "high": None}
+    low, high = percentile_interval(resampled)
+    return {"value": float(point), "low": float(low), "high": float(high)}
+
+
+def mean_interval(values, res: Resamples, weights=None) -> dict:
+    """The (weighted) mean over items of `values` (n,) with its interval: {"value", "low", "high"}."""
+    return interval(float(weighted_mean(values, weights)), res.means(values, weights), res)
+
+
+def intervals(point, resampled, res: Resamples) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(low (U,), high (U,)) of per-unit statistics, or (None, None) with one item."""
+    if not res.defined:
+        return None, None
+    return percentile_interval(resampled)
+
+
+def ranks(scores) -> np.ndarray:
+    """Competition ranks (1 = highest; ties within TIE_RTOL share the better rank): rank = 1 + the number of
+    units with a clearly higher score."""
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.sort(s)[::-1]
+    tol = TIE_RTOL * np.maximum(np.abs(s), np.finfo(np.float64).tiny)
+    return 1 + np.searchsorted(-order, -(s + tol), side="left")
+
+
+def top_k_stability(resampled, k: int) -> np.ndarray:
+    """(U,) the share of draws in which each unit's score is at least the draw's k-th largest score."""
+    r = np.asarray(resampled, dtype=np.float64)  # (R, U)
+    k = min(k, r.shape[1])
+    kth = np.partition(r, r.shape[1] - k, axis=1)[:, r.shape[1] - k]  # (R,)
+    return (r >= kth[:, None]).mean(0)
+
+
+def ranked(scores, k: int, resampled=None, res: Resamples | None = None, ids=None, key: str = "unit") -> list[dict]:
+    """The top `k` units by `scores` (U,), highest first (ties keep index order), each as {key: id, "score",
+    "rank" (shared by ties), "tied": bool} and, with `resampled` (R, U) and `res`, "low", "high" (its 95%
+    interval) and "stability" (share of draws in which it stays in the top k). Ranks and ties are over all U."""
+    s = np.asarray(scores, dtype=np.float64)
+    ids = np.arange(len(s)) if ids is None else np.asarray(ids)
+    order = np.argsort(-s, kind="stable")[:k]
+    rk = ranks(s)
+    counts = np.bincount(rk, minlength=len(s) + 2)
+    low = high = stab = None
+    if resampled is not None and res is not None and res.defined:
+        low, high = percentile_interval(resampled)
+        stab = top_k_stability(resampled, k)
+    out = []
+    for i in order:
+        entry = {key: int(ids[i]), "score": float(s[i]), "rank": int(rk[i]), "tied": bool(counts[rk[i]] > 1)}
+        if stab is not None:
+            entry.update(low=float(low[i]), high=float(high[i]), stability=float(stab[i]))
+        out.append(entry)
+    return out
+
+
+def ties_note(entries: list[dict], key: str = "unit") -> str | None:
+    """A line naming the tied units of a ranked list, or None when no listed unit is tied."""
+    groups: dict[int, list] = {}
+    for e in entries:
+        if e.get("tied"):
+            groups.setdefault(e["rank"], []).append(e[key])
+    if not groups:
+        return None
+    return "; ".join(f"rank {r}: {', '.join(map(str, u))} tied" + (" (and more beyond the list)" if len(u) < 2 else "")
+                     for r, u in groups.items())
+
+
+def shown(d: dict | None, spec: str = ".3g") -> str:
+    """'value [low, high]' of an interval dict (or 'value' when undefined)."""
+    if d is None:
+        return "n/a"
+    if d.get("low") is None:
+        return f"{d['value']:{spec}} (no interval: one item)"
+    return f"{d['value']:{spec}} [{d['low']:{spec}}, {d['high']:{spec}}]"
+
+
+def spearman(a, b) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _average_ranks(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=r)
+    return sums[inverse] / counts[inverse]

@@ -3,7 +3,11 @@
 Impact of dimension k at a site of layer ℓ: the mean over prompts of KL(p_clean ‖ p_ablated) of the
 next-token distribution at the last position, where the ablation multiplies dimension k at every
 position by `intervention_scale` (0: zero ablation) or, with `ablation="mean"`, replaces it by its mean
-over all positions of all prompts in the clean runs.
+over all positions of all prompts in the clean runs. Per prompt (`causal_effects_by_layer`) the same ablated
+forward also gives Δ log p(clean top-1) = log p_ablated(t) − log p_clean(t), t the prompt's clean top-1
+token: whether the ablation moves the model's own prediction, not only its distribution. The stages keep
+the per-prompt values and give each mean over prompts a 95% bootstrap interval (`stats`), and the top list
+each dimension's rank stability.
 
 Speed by construction: one clean run per prompt caches the residual stream entering layer ℓ; every
 ablated run starts there (`run_from_layer`), K ablations go through the model as one batch (row i
@@ -26,20 +30,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import stats
 from models import ArchitectureAdapter, get_adapter
 from ssm import ReconstructionError, blocked_inference
+from utils import REPO_DIR, read_texts_file
 from utils import finite_number, free_memory_bytes, text_list, trace, whole_number  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-# The five factual prompts used when the user gives none.
-DEFAULT_PROMPTS = [
-    "The capital of France is",
-    "The Eiffel Tower is located in the city of",
-    "Water freezes at a temperature of",
-    "The largest planet in the solar system is",
-    "The play Romeo and Juliet was written by",
-]
+# The prompts used when the user gives none: data/default_prompts.txt, one per line (read like
+# --prompts_file), 24 prompts in four groups of six: facts, syntax and collocations, copying and induction
+# (a repeated name or sequence), numbers. Written in WikiText's style (spaced punctuation, "@,@"), the
+# text the reference models were trained on, so that the next token is well determined for them too.
+DEFAULT_PROMPTS_PATH = REPO_DIR / "data" / "default_prompts.txt"
+DEFAULT_PROMPTS = read_texts_file(DEFAULT_PROMPTS_PATH, flag="the default prompts file")
 ABLATIONS = ("zero", "mean")
 
 
@@ -250,8 +254,26 @@ def _tokenize(tokenizer, prompts, device) -> list[torch.Tensor]:
 def kl_last(logp_clean: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(p_clean ‖ q) per row: logp_clean (V,) float64, logits (K, V) -> (K,) float64
     (what F.kl_div(log q, p) sums)."""
+    return _effects(logp_clean, logits)[0]
+
+
+def _effects(logp_clean: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(p_clean ‖ q), log q(top) − log p_clean(top)) per row, float64 (K,) each, from one log-softmax of
+    the ablated logits (K, V); top = the clean distribution's most probable token (the first on a tie)."""
     logq = torch.log_softmax(logits.double(), -1)  # (K, V)
-    return (logp_clean.exp() * (logp_clean - logq)).sum(-1)
+    top = int(logp_clean.argmax())
+    return (logp_clean.exp() * (logp_clean - logq)).sum(-1), logq[:, top] - logp_clean[top]
+
+
+def clean_top_tokens(cleans, tokenizer, k: int = 5) -> list[list[dict]]:
+    """Per clean run, its k most probable next tokens at the last position, most probable first:
+    [{"token_id", "token" (the tokenizer's decoding of that one id), "p" (p_clean, float64)}]."""
+    out = []
+    for c in cleans:
+        p, ids = c.logp.exp().topk(min(check_top_k(k), c.logp.numel()))  # (k,), (k,)
+        out.append([{"token_id": int(i), "token": tokenizer.decode([int(i)]), "p": float(q)}
+                    for q, i in zip(p.tolist(), ids.tolist())])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,16 +323,28 @@ def _ablated_pass(model, adapter: ArchitectureAdapter, c: CleanRun, site_name: s
 # --------------------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------------------
-def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
-                           intervention_scale: float = 0.0, ablation: str = "zero", dims=None,
-                           batch_size: int | None = None, progress: bool = True, cleans=None) -> np.ndarray:
-    """Mean over prompts of KL(p_clean ‖ p_ablated) at the last position, for every dimension of the
-    site (or the given `dims`) ablated at each of `layers` in turn: float64 (n_layers, n_dims), in the
-    order of `layers` and `dims` (default: 0..width-1).
+@dataclass
+class CausalEffects:
+    """Per-prompt effects of ablating each dimension at each layer (float64, in the order of the prompts,
+    `layers` and `dims` asked): `kl` (n_prompts, n_layers, n_dims) = KL(p_clean ‖ p_ablated) in nats, and
+    `delta_logp` (same shape) = log p_ablated(t) − log p_clean(t), t = the prompt's clean top-1 token
+    `clean_top[prompt]`; both at the last position, from the same ablated forward."""
+
+    kl: np.ndarray
+    delta_logp: np.ndarray
+    clean_top: np.ndarray  # (n_prompts,) token ids
+
+
+def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
+                            intervention_scale: float = 0.0, ablation: str = "zero", dims=None,
+                            batch_size: int | None = None, progress: bool = True, cleans=None) -> CausalEffects:
+    """Per prompt, the effect of ablating every dimension of the site (or the given `dims`, default
+    0..width-1) at each of `layers` in turn: `CausalEffects` (KL and Δ log p(clean top-1) per prompt).
+    `causal_impact_by_layer` is its KL averaged over the prompts.
 
     One clean run per prompt keeps every layer's input (`cleans`: those runs, `clean_runs` of these
-    prompts at these layers or more and this site, when the caller has them: the prompt pass); each ablated row starts at its own layer. Up to
-    `batch_size` (layer, dim) pairs share a forward pass (default: chosen from free memory). Before the
+    prompts at these layers or more and this site, when the caller has them: the prompt pass); each
+    ablated row starts at its own layer. Up to `batch_size` (layer, dim) pairs share a forward pass (default: chosen from free memory). Before the
     first pass from each start layer, an unablated one-row pass from there must reproduce the clean run.
 
     Refused before any forward (ValueError): `prompts` not a non-empty list of strings (`utils.text_list`:
@@ -339,12 +373,13 @@ def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None =
     means = None
     if ablation == "mean":  # (W,) per layer, over every position of every prompt
         means = {la: torch.cat([c.site_act[la][0] for c in cleans]).double().mean(0).to(device) for la in layers}
-    scores = torch.zeros(len(layers), len(dims), dtype=torch.float64)
+    kls = torch.zeros(len(cleans), len(layers), len(dims), dtype=torch.float64)
+    dlogp = torch.zeros_like(kls)
     pairs = [(i, j) for i in order for j in range(len(dims))]  # (layer index, dim index), by ascending layer
     where = f"L{layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
     bar = tqdm(total=len(pairs) * len(cleans), desc=f"ablate {site_name} {where}", disable=not progress)
     with torch.no_grad():
-        for c in cleans:
+        for n, c in enumerate(cleans):
             L = c.input_ids.shape[1]
             bs = batch_size or _auto_batch_size(adapter, L, len(pairs), device)
             checked = set()
@@ -361,17 +396,31 @@ def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None =
                         _check_start_from_layer(model, c, start)
                         checked.add(start)
                     logits = _ablated_pass(model, adapter, c, site_name, plan, intervention_scale)  # (R, V)
-                kl = kl_last(c.logp, logits).cpu()  # (R,)
-                for r, (i, j) in enumerate(chunk):
-                    scores[i, j] += kl[r]
+                kl, dl = (e.cpu() for e in _effects(c.logp, logits))  # (R,) each
+                rows_i = torch.tensor([i for i, _ in chunk])
+                rows_j = torch.tensor([j for _, j in chunk])
+                kls[n, rows_i, rows_j] = kl
+                dlogp[n, rows_i, rows_j] = dl
                 bar.update(len(chunk))
     bar.close()
-    bad = ~torch.isfinite(scores)
+    bad = ~(torch.isfinite(kls) & torch.isfinite(dlogp)).all(0).all(0)  # (K',)
     if bad.any():
-        raise FloatingPointError(f"the ablated forward gave non-finite logits for dims {dims[bad.any(0)][:5].tolist()} "
+        raise FloatingPointError(f"the ablated forward gave non-finite logits for dims {dims[bad][:5].tolist()} "
                                  f"(scale {intervention_scale:g} overflows {next(model.parameters()).dtype}); use a "
                                  "smaller intervention scale")
-    return (scores / len(cleans))[:, back].numpy()  # in the order asked, repeats included
+    return CausalEffects(kls[:, :, back].numpy(), dlogp[:, :, back].numpy(),  # in the order asked, repeats included
+                         np.array([int(c.logp.argmax()) for c in cleans]))
+
+
+def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
+                           intervention_scale: float = 0.0, ablation: str = "zero", dims=None,
+                           batch_size: int | None = None, progress: bool = True, cleans=None) -> np.ndarray:
+    """Mean over prompts of KL(p_clean ‖ p_ablated) at the last position, for every dimension of the
+    site (or the given `dims`) ablated at each of `layers` in turn: float64 (n_layers, n_dims), in the
+    order of `layers` and `dims` (default: 0..width-1): `causal_effects_by_layer(...).kl.mean(0)`, the
+    same arguments, checked the same way."""
+    return causal_effects_by_layer(model, tokenizer, prompts, layers, site, intervention_scale, ablation, dims,
+                                   batch_size, progress, cleans).kl.mean(0)
 
 
 def causal_impact_scores(model, tokenizer, prompts, layer_idx: int, site: str | None = None,
@@ -500,17 +549,22 @@ def cross_layer_causal_influence(model, tokenizer, prompt: str, dim: int, source
 # Plots (consume the numbers above only)
 # --------------------------------------------------------------------------------------------------
 def plot_causal_impacts(scores: np.ndarray, dims: np.ndarray, top_k: int, layer: int, site: str, plots_dir,
-                        prefix: str) -> list[str]:
+                        prefix: str, low: np.ndarray | None = None, high: np.ndarray | None = None) -> list[str]:
+    """The top `top_k` mean KLs as bars (with their 95% intervals `low`..`high` (n_dims,) when given), and
+    the distribution of every dimension's mean KL."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
     order = np.argsort(-scores, kind="stable")[:check_top_k(top_k)]
     fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
-    ax.bar(range(len(order)), scores[order], color="tab:red")
+    err = None if low is None else np.clip(np.stack([scores[order] - low[order], high[order] - scores[order]]),
+                                           0.0, None)  # (2, k); a percentile can sit a rounding error past the mean
+    ax.bar(range(len(order)), scores[order], color="tab:red", yerr=err, capsize=3)
     ax.set_xticks(range(len(order)), [str(int(dims[i])) for i in order], rotation=45)
-    ax.set(title=f"Top {len(order)} causal dimensions, {site} layer {layer}", xlabel="dimension",
-           ylabel="mean KL(p_clean ‖ p_ablated)")
+    ax.set(title=f"Top {len(order)} causal dimensions, {site} layer {layer}"
+                 + ("" if low is None else " (95% bootstrap interval over prompts)"), xlabel="dimension",
+           ylabel="mean KL(p_clean ‖ p_ablated), nats")
     top = save_figure(fig, plots_dir, f"{prefix}_causal_top_{site}_layer{layer}")
     fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
     positive = scores[scores > 0]
@@ -523,15 +577,19 @@ def plot_causal_impacts(scores: np.ndarray, dims: np.ndarray, top_k: int, layer:
 
 
 def plot_inter_layer(curves: dict, site: str, plots_dir, prefix: str) -> str:
+    """curves: dim -> [(layer, mean KL, low, high)] (low/high None: no band)."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
     fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
-    for dim, pairs in curves.items():
-        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", label=f"dim {dim}")
-    ax.set(title=f"Impact of ablating one {site} dimension at each layer", xlabel="layer",
-           ylabel="mean KL(p_clean ‖ p_ablated)", yscale="symlog")
+    for dim, points in curves.items():
+        layers = [p[0] for p in points]
+        (line,) = ax.plot(layers, [p[1] for p in points], marker="o", label=f"dim {dim}")
+        if all(p[2] is not None for p in points):
+            ax.fill_between(layers, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
+    ax.set(title=f"Impact of ablating one {site} dimension at each layer (95% interval over prompts)",
+           xlabel="layer", ylabel="mean KL(p_clean ‖ p_ablated), nats", yscale="symlog")
     ax.legend()
     return save_figure(fig, plots_dir, f"{prefix}_inter_layer_{site}")
 
@@ -554,6 +612,18 @@ def plot_cross_layer(matrix: dict, site: str, plots_dir, prefix: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # The causal stages (causal, inter_layer, cross_layer): they share the prompt pass's clean runs
 # --------------------------------------------------------------------------------------------------
+KL_DEFINITION = ("KL(p_clean || p_ablated) = sum_v p_clean(v) (log p_clean(v) - log p_ablated(v)) of the next-token "
+                 "distribution at the prompt's last position, natural log (nats)")
+DELTA_LOGP_DEFINITION = ("log p_ablated(t) - log p_clean(t), natural log, t = the prompt's clean top-1 next token "
+                         "(clean_predictions[i][0]); negative: the ablation lowers the probability of the clean "
+                         "prediction; from the same ablated forward as the KL")
+ABLATION_DEFINITION = ("zero ablation: dimension k of the site multiplied by intervention_scale at every position "
+                       "(0: set to 0); mean ablation: set to its mean over every position of every prompt's clean "
+                       "run (those means are computed once, on all prompts, and held fixed across bootstrap draws)")
+INTERVAL_DEFINITION = ("low, high: the 95% percentile-bootstrap interval of the mean over prompts (prompts drawn with "
+                       "replacement, see interval_method); None with one prompt")
+
+
 def _site(ctx) -> str:
     return ctx.opts.causal_site or ctx.adapter.default_causal_site
 
@@ -562,25 +632,65 @@ def _scale(ctx) -> float:
     return 0.0 if ctx.opts.intervention_scale is None else ctx.opts.intervention_scale
 
 
+def _prompt_resamples(ctx, n: int) -> stats.Resamples:
+    return stats.Resamples.draw(n, ctx.opts.bootstrap_resamples, ctx.opts.seed, "prompts")
+
+
+def _bounds(per_prompt: np.ndarray, res: stats.Resamples) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(low, high) of the mean over axis 0 of per-prompt values (n_prompts, ...), or (None, None)."""
+    return stats.intervals(per_prompt.mean(0), res.means(per_prompt), res)
+
+
 def _run_causal(ctx):
-    """KL impact of ablating every dimension (or --causal_dims) of the site at --layer, over the prompts."""
+    """KL impact and Δ log p(clean top-1) of ablating every dimension (or --causal_dims) of the site at
+    --layer, per prompt; their means over the prompts with bootstrap intervals; the top list by mean KL
+    with each dimension's rank stability."""
     from functools import partial
 
     o, site = ctx.opts, _site(ctx)
-    scores = causal_impact_scores(ctx.model, ctx.tokenizer, o.prompt_list, ctx.layer, site=site,
+    cleans = ctx.clean_runs(site)
+    eff = causal_effects_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, [ctx.layer], site=site,
                                   intervention_scale=_scale(ctx), ablation=o.ablation, dims=o.causal_dims,
-                                  batch_size=o.causal_batch_size, progress=ctx.progress, cleans=ctx.clean_runs(site))
-    dims = np.arange(len(scores)) if o.causal_dims is None else np.asarray(o.causal_dims)
-    order = np.argsort(-scores, kind="stable")[:ctx.top_k]
+                                  batch_size=o.causal_batch_size, progress=ctx.progress, cleans=cleans)
+    kl, dlp = eff.kl[:, 0], eff.delta_logp[:, 0]  # (n_prompts, n_dims) each
+    scores, dl = kl.mean(0), dlp.mean(0)  # (n_dims,)
+    dims = np.arange(kl.shape[1]) if o.causal_dims is None else np.asarray(o.causal_dims)
+    res = _prompt_resamples(ctx, kl.shape[0])
+    resampled = res.means(kl)  # (R, n_dims)
+    low, high = stats.intervals(scores, resampled, res)
+    dl_low, dl_high = _bounds(dlp, res)
+    top = stats.ranked(scores, ctx.top_k, resampled, res, ids=dims, key="dim")
+    where = {int(d): i for i, d in enumerate(dims)}
+    for e in top:  # Δ log p(clean top-1) beside the KL
+        i = where[e["dim"]]
+        e.update(delta_logp_top1=float(dl[i]), delta_logp_top1_low=None if dl_low is None else float(dl_low[i]),
+                 delta_logp_top1_high=None if dl_high is None else float(dl_high[i]))
+    predictions = clean_top_tokens(cleans, ctx.tokenizer, 5)
     results = {"layer": ctx.layer, "site": site, "ablation": o.ablation,
                "intervention_scale": _scale(ctx) if o.ablation == "zero" else None,  # mean: not used
-               "prompts": o.prompt_list, "n_dims": int(len(scores)),
-               "top_neurons": [{"dim": int(dims[i]), "score": float(scores[i])} for i in order],
-               "dims": dims, "scores": scores, "n_zero": int((scores == 0).sum()),
-               "definition": "mean over prompts of KL(p_clean || p_ablated) of the next-token distribution "
-                             "at the last position"}
+               "prompts": o.prompt_list, "n_prompts": int(kl.shape[0]), "n_dims": int(kl.shape[1]),
+               "clean_predictions": [{"prompt": p, "top": t} for p, t in zip(o.prompt_list, predictions)],
+               "ranked_by": "scores (the mean KL over prompts); delta_logp_top1 is shown beside, not used to rank",
+               "top_neurons": top, "ties": stats.ties_note(top, "dim"),
+               "dims": dims, "scores": scores, "scores_low": low, "scores_high": high, "scores_per_prompt": kl,
+               "delta_logp_top1": dl, "delta_logp_top1_low": dl_low, "delta_logp_top1_high": dl_high,
+               "delta_logp_top1_per_prompt": dlp, "n_zero": int((scores == 0).sum()),
+               "interval_method": res.method(),
+               "definitions": {
+                   "scores": f"per dimension: the mean over prompts of {KL_DEFINITION}; scores_per_prompt "
+                             "(n_prompts, n_dims) holds each prompt's KL, and its mean over prompts is scores",
+                   "delta_logp_top1": f"per dimension: the mean over prompts of {DELTA_LOGP_DEFINITION}; "
+                                      "delta_logp_top1_per_prompt (n_prompts, n_dims) holds each prompt's value",
+                   "ablation": ABLATION_DEFINITION,
+                   "low/high": INTERVAL_DEFINITION + " (scores_low/high, delta_logp_top1_low/high: every dimension)",
+                   "stability": "share of bootstrap draws in which the dimension's resampled mean KL is at least the "
+                                "draw's top_k-th largest over every dimension (it stays in the top k)",
+                   "rank": "competition rank by mean KL (1 = highest); scores within a relative 1e-6 share a rank "
+                           "and are marked tied",
+                   "clean_predictions": "each prompt's 5 most probable next tokens under the unablated model, "
+                                        "with p_clean (the tokenizer's decoding of each token id)"}}
     return results, [partial(plot_causal_impacts, scores, dims, ctx.top_k, ctx.layer, site, ctx.plots_dir,
-                             ctx.prefix)]
+                             ctx.prefix, low, high)]
 
 
 def _chosen_dims(ctx, n: int = 3) -> list[int]:
@@ -593,29 +703,57 @@ def _chosen_dims(ctx, n: int = 3) -> list[int]:
     return [t["dim"] for t in causal["top_neurons"][:n]]
 
 
+def _selection_note(ctx) -> str | None:
+    if ctx.opts.causal_dims:
+        return None
+    return (f"the dimensions are the causal stage's top ones at layer {ctx.layer}, chosen there by their impact on "
+            "these prompts: their curves peak at that layer partly by selection")
+
+
 def _run_inter_layer(ctx):
-    """Impact of ablating each chosen dimension at every layer in turn (mean over the prompts)."""
+    """Impact of ablating each chosen dimension at every layer in turn: per prompt, and the mean over the
+    prompts with its bootstrap interval at every layer (Δ log p(clean top-1) beside it)."""
     from functools import partial
 
     o, site = ctx.opts, _site(ctx)
     dims = _chosen_dims(ctx)
     n_layers = ctx.adapter.n_layers
     # the prompt pass's clean runs for every layer; (layer, dim) ablations share passes
-    per_layer = causal_impact_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, range(n_layers), site=site,
-                                       intervention_scale=_scale(ctx), ablation=o.ablation, dims=dims,
-                                       batch_size=o.causal_batch_size, progress=ctx.progress,
-                                       cleans=ctx.clean_runs(site))  # (n_layers, n_dims)
-    curves = {d: [(layer, float(sc[i])) for layer, sc in enumerate(per_layer)] for i, d in enumerate(dims)}
-    results = {"site": site, "dims": dims,
-               "curves": {str(d): [{"layer": la, "relative_depth": la / max(1, n_layers - 1), "score": sc}
-                                   for la, sc in c] for d, c in curves.items()}}
-    return results, [partial(plot_inter_layer, curves, site, ctx.plots_dir, ctx.prefix)]
+    eff = causal_effects_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, range(n_layers), site=site,
+                                  intervention_scale=_scale(ctx), ablation=o.ablation, dims=dims,
+                                  batch_size=o.causal_batch_size, progress=ctx.progress,
+                                  cleans=ctx.clean_runs(site))  # kl, delta_logp: (n_prompts, n_layers, n_dims)
+    res = _prompt_resamples(ctx, eff.kl.shape[0])
+    mean, dl = eff.kl.mean(0), eff.delta_logp.mean(0)  # (n_layers, n_dims)
+    low, high = _bounds(eff.kl, res)
+    dl_low, dl_high = _bounds(eff.delta_logp, res)
+
+    def at(a, la, i):
+        return None if a is None else float(a[la, i])
+
+    curves = {str(d): [{"layer": la, "relative_depth": la / max(1, n_layers - 1), "score": float(mean[la, i]),
+                        "low": at(low, la, i), "high": at(high, la, i),
+                        "delta_logp_top1": float(dl[la, i]), "delta_logp_top1_low": at(dl_low, la, i),
+                        "delta_logp_top1_high": at(dl_high, la, i)} for la in range(n_layers)]
+              for i, d in enumerate(dims)}
+    results = {"site": site, "dims": dims, "n_prompts": int(eff.kl.shape[0]), "curves": curves,
+               "scores_per_prompt": {str(d): eff.kl[:, :, i] for i, d in enumerate(dims)},
+               "delta_logp_top1_per_prompt": {str(d): eff.delta_logp[:, :, i] for i, d in enumerate(dims)},
+               "note": _selection_note(ctx), "interval_method": res.method(),
+               "definitions": {
+                   "score": f"the mean over prompts of {KL_DEFINITION}, dimension ablated at that layer only",
+                   "delta_logp_top1": f"the mean over prompts of {DELTA_LOGP_DEFINITION}",
+                   "scores_per_prompt": "per dimension, (n_prompts, n_layers): each prompt's KL",
+                   "ablation": ABLATION_DEFINITION, "low/high": INTERVAL_DEFINITION}}
+    plotted = {d: [(c["layer"], c["score"], c["low"], c["high"]) for c in curve] for d, curve in curves.items()}
+    return results, [partial(plot_inter_layer, plotted, site, ctx.plots_dir, ctx.prefix)]
 
 
 def _run_cross_layer(ctx):
     """Ablate each chosen dimension at every source layer, read it in the residual stream after every
-    target layer (last position), averaged over the prompts. Its passes are full forwards with clean twins
-    of the same batch shape (`cross_layer_matrix`), not the prompt pass's clean runs."""
+    target layer (last position), per prompt; the means over the prompts with a bootstrap interval for
+    every entry of the change. Its passes are full forwards with clean twins of the same batch shape
+    (`cross_layer_matrix`), not the prompt pass's clean runs."""
     from functools import partial
 
     o, a = ctx.opts, ctx.adapter
@@ -627,34 +765,87 @@ def _run_cross_layer(ctx):
         raise ValueError(f"no chosen dimension lies in the residual stream (width {a.hidden_size})")
     per = [cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site=site, intervention_scale=_scale(ctx),
                               batch_size=o.causal_batch_size) for p in o.prompt_list]
-    m = {k: np.mean([x[k] for x in per], axis=0) for k in ("clean", "ablated", "change")}
+    stacked = {k: np.stack([x[k] for x in per]) for k in ("clean", "ablated", "change")}  # (n_prompts, ...)
+    m = {k: v.mean(0) for k, v in stacked.items()}  # clean (K, T); ablated, change (K, S, T)
     m.update(dims=per[0]["dims"], sources=per[0]["sources"], targets=per[0]["targets"])
+    res = _prompt_resamples(ctx, len(per))
+    low, high = _bounds(stacked["change"], res)  # (K, S, T) each, or None
+    strongest = []
+    for i, d in enumerate(m["dims"]):  # per dim: the (source, target ≥ source) entry of largest |mean change|
+        after = np.where(m["sources"][:, None] <= m["targets"][None, :], np.abs(m["change"][i]), -1.0)  # (S, T)
+        s, t = np.unravel_index(int(np.argmax(after)), after.shape)
+        strongest.append({"dim": int(d), "source": int(m["sources"][s]), "target": int(m["targets"][t]),
+                          "value": float(m["change"][i, s, t]),
+                          "low": None if low is None else float(low[i, s, t]),
+                          "high": None if high is None else float(high[i, s, t])})
+    before = max(float(np.abs(stacked["change"][:, :, j, :s]).max(initial=0.0))
+                 for j, s in enumerate(m["sources"]))
     results = {"site": site, "readout": "residual stream after each target layer, last position, "
-                                        "mean over prompts", **m,
+                                        "mean over prompts", **m, "n_prompts": len(per),
+               "change_low": low, "change_high": high, "change_per_prompt": stacked["change"],
+               "largest_change": strongest,
                "left_out_dims": [d for d in chosen if d not in dims],
-               "max_abs_change_before_source": float(max(np.abs(m["change"][:, s, :s]).max(initial=0.0)
-                                                         for s in range(a.n_layers)))}
+               "max_abs_change_before_source": before, "interval_method": res.method(),
+               "definitions": {
+                   "change": "per dimension k, source s, target t: the mean over prompts of (residual dimension k "
+                             "after layer t with k of the site ablated at layer s) − (the same, unablated), at the "
+                             "last position; clean, ablated: the two terms' means; change_per_prompt (n_prompts, "
+                             "n_dims, n_sources, n_targets): each prompt's change",
+                   "change_low/change_high": INTERVAL_DEFINITION + ", for every entry of change",
+                   "largest_change": "per dimension: the entry with target >= source of largest |mean change|, "
+                                     "with its signed mean and interval (the entry is chosen by its size, so the "
+                                     "interval is conditional on that choice)",
+                   "max_abs_change_before_source": "the largest |change| of any prompt at a target before its "
+                                                   "source layer: exactly 0 by causality"}}
     return results, [partial(plot_cross_layer, m, site, ctx.plots_dir, ctx.prefix)]
 
 
+def _stability(e: dict) -> str:
+    return "n/a" if e.get("stability") is None else f"{100 * e['stability']:.0f}%"
+
+
+def _interval(e: dict, key: str) -> dict:
+    return {"value": e[key], "low": e.get(f"{key}_low" if key != "score" else "low"),
+            "high": e.get(f"{key}_high" if key != "score" else "high")}
+
+
 def causal_summary(r: dict) -> str:
-    return (f"    {r['n_dims']} dims of {r['site']} at layer {r['layer']}, {len(r['prompts'])} prompts, "
-            f"{r['ablation']} ablation; {r['n_zero']} dims with impact exactly 0\n"
-            "    top causal dims (mean KL): " + ", ".join(f"{t['dim']} ({t['score']:.3e})" for t in r["top_neurons"])
-            + "\n")
+    lines = [f"    {r['n_dims']} dims of {r['site']} at layer {r['layer']}, {r['n_prompts']} prompts, "
+             f"{r['ablation']} ablation; {r['n_zero']} dims with impact exactly 0\n"]
+    tops = [c["top"][0] for c in r["clean_predictions"]]
+    ps = np.array([t["p"] for t in tops])
+    lines.append(f"    clean top-1 next token per prompt (p_clean; median {np.median(ps):.2f}, "
+                 f"{int((ps >= 0.5).sum())} of {len(ps)} at p >= 0.5; all top-5 in the JSON):\n")
+    for j in range(0, len(tops), 6):
+        lines.append("      " + ", ".join(f"{t['token']!r} {t['p']:.2f}" for t in tops[j:j + 6]) + "\n")
+    k = len(r["top_neurons"])
+    lines.append(f"    top causal dims by mean KL (nats) [95% interval over prompts], top-{k} stability; "
+                 "mean Δ log p(clean top-1):\n")
+    for e in r["top_neurons"]:
+        lines.append(f"      dim {e['dim']:>5}: {stats.shown(_interval(e, 'score'))}, stability {_stability(e)}; "
+                     f"Δ log p {stats.shown(_interval(e, 'delta_logp_top1'))}\n")
+    if r.get("ties"):
+        lines.append(f"    ties: {r['ties']}\n")
+    return "".join(lines)
 
 
 def inter_layer_summary(r: dict) -> str:
     lines = []
     for d, curve in r["curves"].items():
         best = max(curve, key=lambda c: c["score"])
-        lines.append(f"    dim {d}: largest impact at layer {best['layer']} ({best['score']:.3e})\n")
+        lines.append(f"    dim {d}: largest mean KL at layer {best['layer']} ({stats.shown(_interval(best, 'score'))}"
+                     f" nats over {r['n_prompts']} prompts)\n")
+    if r.get("note"):
+        lines.append(f"    note: {r['note']}\n")
     return "".join(lines)
 
 
 def cross_layer_summary(r: dict) -> str:
-    text = (f"    dims {list(map(int, r['dims']))} of {r['site']}; largest |change| before the source layer: "
-            f"{r['max_abs_change_before_source']:.1e} (causality: must be 0)\n")
+    text = (f"    dims {list(map(int, r['dims']))} of {r['site']}, {r['n_prompts']} prompts; largest |change| before "
+            f"the source layer: {r['max_abs_change_before_source']:.1e} (causality: must be 0)\n")
+    for e in r["largest_change"]:
+        text += (f"    dim {e['dim']}: largest |mean change| at source {e['source']} -> target {e['target']}: "
+                 f"{stats.shown(e)}\n")
     if r["left_out_dims"]:
         text += f"    dims {r['left_out_dims']} left out: beyond the residual stream's width\n"
     return text

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "comparison, also both models' attention side by side")
     g = groups["causal (ablation)"] = p.add_argument_group("causal (ablation)")
     g.add_argument("--prompts_file", default=None,
-                   help="prompts for the causal stages, one per line; default: five factual prompts")
+                   help="prompts for the causal stages, one per line; default: the 24 of data/default_prompts.txt")
     groups["sparsity, efficiency, comparison"] = p.add_argument_group("sparsity, efficiency, comparison")
     g = groups["merging saved runs"] = p.add_argument_group("merging saved runs")
     g.add_argument("--report", nargs="+", default=None, metavar="JSON",
@@ -100,7 +100,9 @@ def print_header(results: dict) -> None:
     family = results["architecture"]["display_name"]
     print(f"\n=== {family} neuron analysis: {run['model']} ({run['model_class']}, {run['model_source']}) ===")
     where = f"layers {', '.join(map(str, run['layers']))}" if run.get("layers") else f"layer {run['layer']}"
-    print(f"{where} | {run['dtype']} on {run['device']} | seed {run['seed']}")
+    boot = run.get("intervals") or {}
+    print(f"{where} | {run['dtype']} on {run['device']} | seed {run['seed']}"
+          + (f" | [low, high]: 95% bootstrap intervals, {boot['resamples']} resamples" if boot else ""))
     t = results["texts"]
     print(f"texts: {t['n_texts']} from {t['source']} | {t['n_tokens']} tokens | "
           f"{t['n_truncated']} truncated to {t['max_length']} tokens", flush=True)
@@ -147,6 +149,9 @@ def run_metadata(args, argv, loaded, opts, device, dtype, start) -> dict:
             "layer": opts.layer, "layers": None if opts.layers is None else list(opts.layers),
             "attention_layers": None if opts.attention_layers is None else list(opts.attention_layers),
             "top_k": opts.top_k, "plots_dir": str(Path(opts.plots_dir).resolve()),
+            "intervals": {"level": 0.95, "method": "percentile bootstrap over texts (text stages) or prompts "
+                                                   "(causal stages)", "resamples": opts.bootstrap_resamples,
+                          "seed": opts.seed},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "numpy": numpy.__version__},
             "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)), "notes": []}

@@ -12,6 +12,18 @@ from utils import trace
 PROMPTS = ["The capital of France is", "Water boils", "A prime number has exactly two divisors, one and"]
 
 
+_REFERENCE = {}  # (kind, layer, site, dims, scale, mean) -> the reference scores of make_model(kind)
+
+
+def cached_reference_scores(kind, model, tokenizer, layer, site, dims, scale=0.0, mean=False):
+    """`reference_scores` of make_model(kind) (deterministic: seed 0), computed once per session for each
+    argument set (the batch-size variants of a test compare against the same reference)."""
+    key = (kind, layer, site, tuple(dims), scale, mean)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = reference_scores(model, tokenizer, layer, site, dims, scale, mean)
+    return _REFERENCE[key]
+
+
 def reference_scores(model, tokenizer, layer, site, dims, scale=0.0, mean=False):
     """The original's method: for every (dim, prompt), a clean run and a full ablated run, batch 1."""
     s = get_adapter(model).site(site, layer)
@@ -117,8 +129,8 @@ def test_every_layer_in_shared_passes_equals_one_at_a_time_reference(kind, site,
     ours = ca.causal_impact_by_layer(model, tokenizer, PROMPTS, range(n), site, opts.get("scale", 0.0),
                                      "mean" if opts.get("mean") else "zero", dims, batch_size, progress=False)
     assert ours.shape == (n, len(dims))
-    ref = np.stack([reference_scores(model, tokenizer, layer, site, dims, opts.get("scale", 0.0),
-                                     opts.get("mean", False)) for layer in range(n)])
+    ref = np.stack([cached_reference_scores(kind, model, tokenizer, layer, site, dims, opts.get("scale", 0.0),
+                                            opts.get("mean", False)) for layer in range(n)])
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
     print(f"{kind} {site} batch {batch_size}: max relative difference {rel:.2e} (largest impact {ref.max():.2e})")
     assert rel < 1e-5 and ref.min() > 0

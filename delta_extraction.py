@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import stats
 from causal_analysis import check_layer, check_layers, check_token_ids, check_top_k, whole_number
 from models import get_adapter, require_mamba
 from ssm import MixerInternals, ReconstructionCheck, blocked_inference, check_reconstruction, recompute_mixer
@@ -69,22 +70,53 @@ def extract_deltas(model, layer_idx: int, input_ids: torch.Tensor, attention_mas
 
 TOKEN_VARIANCE_UNDEFINED = ("undefined: every text has one token (a variance over the tokens of a text needs at "
                             "least 2)")
+ETA_SQUARED_UNDEFINED = ("undefined: no text has 2 tokens, so there is no within-text variance to divide by; the "
+                         "channels are ranked by the raw between-text variance instead (which follows Δ's scale)")
+RANKINGS = ("eta_squared", "text_variance")
+DEFINITIONS = {
+    "per-text statistics": "for text i (n_i tokens) and channel c: m_ic = mean of Δ over the text's tokens, v_ic = "
+                           "variance of Δ over the text's tokens (ddof=0; only for texts of at least 2 tokens)",
+    "text_variance": "var_between = variance across texts (ddof=0, each text weighted once) of the per-text mean "
+                     "m_ic: the raw between-text variance, in Δ's units squared (follows Δ's scale)",
+    "token_variance": "var_within = mean over the texts of at least 2 tokens (each weighted once) of v_ic",
+    "eta_squared": "the default ranking score: η² = var_between / (var_between + var_within), the share of the "
+                   "channel's Δ variation that lies between texts (η² of text identity with texts weighted "
+                   "equally); unchanged when Δ of a channel is multiplied by a constant or shifted, so it does "
+                   "not rank by Δ's size; 0 = Δ's level does not depend on the text, 1 = Δ is constant within "
+                   "each text. With short texts the sampling noise of m_ic adds about 1/n_i to it for every "
+                   "channel alike",
+    "mean_delta": "mean of Δ over all tokens of all texts (texts weighted by their tokens: Σ_i n_i m_ic / Σ_i n_i)",
+    "eta_squared_noise_floor": "η² expected with no text effect at all, from the sampling noise of each text's "
+                               "mean if its tokens were independent: var_null = (n−1)/n · mean over texts of at "
+                               "least 2 tokens of v_ic/(n_i − 1), η²_null = var_null / (var_null + var_within). "
+                               "Δ is autocorrelated along a text, so the real noise is larger: a lower bound",
+    "n_above_noise_floor": "channels whose η² 95% interval lies wholly above their η²_null",
+    "score": "a top list entry's ranking score (`ranked_by`), with its 95% interval (low, high) and rank "
+             "stability (share of resamples in which the channel stays in the top k)",
+    "spearman_with_mean_delta": "Spearman's rank correlation over channels of each ranking score with mean Δ: "
+                                "how much a ranking follows Δ's scale",
+    "intervals": "texts are resampled; on each resample var_between = mean(m²) − mean(m)², var_within = mean(v) "
+                 "over the drawn texts of at least 2 tokens, mean Δ = the token-weighted mean of m, and η² from "
+                 "those",
+}
 
 
 @dataclass
 class DeltaStats:
-    """Per-channel Δ statistics of one layer over a text set (at least 2 texts). Arrays have shape (e,).
+    """Per-channel Δ statistics of one layer over a text set (at least 2 texts). Arrays have shape (e,) unless
+    said; the per-text arrays (n_texts, e) are what the scores and their bootstrap intervals are made of.
 
     `token_variance` is averaged over the texts of at least 2 tokens (`n_token_variance_texts` of them): a
     one-token text has no within-text variation to measure, and is left out rather than counted as 0. When
-    no text has 2 tokens it is None and `token_variance_undefined` says why."""
+    no text has 2 tokens it is None and `token_variance_undefined` says why; η² (the default ranking) is
+    then undefined too and `ranking` falls back to the raw between-text variance, saying so."""
 
     layer: int
     n_texts: int
     n_tokens: int
-    mean_delta: np.ndarray  # mean Δ over every token of every text
-    text_variance: np.ndarray  # variance across texts of each text's mean Δ (ddof=0): the ranking key
-    token_variance: np.ndarray | None  # within-text variance over tokens (ddof=0), averaged over texts of >= 2 tokens
+    mean_delta: np.ndarray  # mean Δ over every token of every text (token-weighted)
+    text_variance: np.ndarray  # var_between: variance across texts of each text's mean Δ (ddof=0)
+    token_variance: np.ndarray | None  # var_within: within-text variance (ddof=0), mean over texts of >= 2 tokens
     max_reconstruction_error: float  # worst max|ours - real| / max|real| over the texts
     reconstruction_tolerance: float
     example_delta: np.ndarray  # (L, e) Δ of the first text, for the heatmap
@@ -92,37 +124,123 @@ class DeltaStats:
     unit: str = "channel"  # what the index counts: a channel (Mamba-1, FalconMamba) or a head (Mamba-2)
     n_token_variance_texts: int | None = None  # texts averaged in token_variance (None: every text)
     token_variance_undefined: str | None = None  # why token_variance is None
+    text_means: np.ndarray | None = None  # (n_texts, e) m_ic
+    text_within: np.ndarray | None = None  # (n_texts, e) v_ic (0 where the text has one token: see has_within)
+    has_within: np.ndarray | None = None  # (n_texts,) bool: the text has at least 2 tokens
+    text_tokens: np.ndarray | None = None  # (n_texts,) n_i
 
-    def top(self, k: int) -> list[tuple[int, float]]:
-        """The k channels with the highest across-text variance, highest first: [(channel, variance)]
-        (ties in channel order). `k`: a whole number >= 1 (fewer are listed when there are fewer channels)."""
-        order = np.argsort(-self.text_variance, kind="stable")[:check_top_k(k)]
-        return [(int(c), float(self.text_variance[c])) for c in order]
+    @property
+    def eta_squared(self) -> np.ndarray | None:
+        """η² = var_between / (var_between + var_within) per channel (None when var_within is undefined)."""
+        if self.token_variance is None:
+            return None
+        return _eta_squared(self.text_variance, self.token_variance)
 
-    def to_dict(self, top_k: int) -> dict:
-        """The results dict. `top_neurons[i]["token_variance"]` and `per_channel["token_variance"]` are
-        None when the within-text variance is undefined (every text of one token); `undefined` then maps
-        "token_variance" to the reason (an empty dict when everything is defined)."""
-        tv = self.token_variance
+    @property
+    def ranked_by(self) -> str:
+        """The ranking key: "eta_squared" (scale-free), or "text_variance" when η² is undefined."""
+        return "eta_squared" if self.token_variance is not None else "text_variance"
+
+    def score(self, key: str | None = None) -> np.ndarray:
+        key = key or self.ranked_by
+        if key not in RANKINGS:
+            raise ValueError(f"key {key!r}: choose one of {', '.join(RANKINGS)}")
+        if key == "eta_squared" and self.token_variance is None:
+            raise ValueError(f"eta_squared is {ETA_SQUARED_UNDEFINED}")
+        return self.eta_squared if key == "eta_squared" else self.text_variance
+
+    def top(self, k: int, key: str | None = None) -> list[tuple[int, float]]:
+        """The k channels with the highest ranking score (`key`: "eta_squared", the default, or "text_variance"),
+        highest first: [(channel, score)] (ties in channel order). `k`: a whole number >= 1 (fewer are listed
+        when there are fewer channels)."""
+        s = self.score(key)
+        order = np.argsort(-s, kind="stable")[:check_top_k(k)]
+        return [(int(c), float(s[c])) for c in order]
+
+    @property
+    def eta_squared_noise_floor(self) -> np.ndarray | None:
+        """η²_null per channel (DEFINITIONS["eta_squared_noise_floor"]); None when var_within is undefined."""
+        if self.token_variance is None:
+            return None
+        has = self.has_within
+        null = (self.n_texts - 1) / self.n_texts * (self.text_within[has] / (self.text_tokens[has, None] - 1)).mean(0)
+        return _eta_squared(null, self.token_variance)
+
+    def resampled(self, res: stats.Resamples) -> dict:
+        """{"mean_delta", "text_variance", "token_variance", "eta_squared"}: each (R, e), the statistic on each
+        resample of the texts (from resampled means of m, m² and v; see DEFINITIONS["intervals"])."""
+        m = self.text_means
+        mean_m, mean_m2 = res.means(m), res.means(m * m)  # (R, e) each
+        between = np.maximum(mean_m2 - mean_m ** 2, 0.0)  # a variance; clipped at 0 against rounding
+        out = {"mean_delta": res.means(m, weights=self.text_tokens), "text_variance": between,
+               "token_variance": None, "eta_squared": None}
+        if self.token_variance is not None:
+            # a draw of only one-token texts has no within-text variance: its statistics are NaN
+            with np.errstate(invalid="ignore", divide="ignore"):
+                within = res.means(self.text_within, weights=self.has_within.astype(np.float64))
+                out["token_variance"], out["eta_squared"] = within, _eta_squared(between, within)
+        return out
+
+    def to_dict(self, top_k: int, n_resamples: int = stats.DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+        """The results dict: the top list by `ranked_by` (stats.ranked: score, its interval and rank
+        stability) with each channel's raw between-text variance, within-text variance and mean Δ (with its
+        interval); every channel's statistics under "per_channel"; each ranking's Spearman with mean Δ.
+        `top_neurons[i]["token_variance"]` and `per_channel["token_variance"]` (and "eta_squared") are None
+        when the within-text variance is undefined (every text of one token); `undefined` then says why."""
+        top_k = check_top_k(top_k)
+        res = stats.Resamples.draw(self.n_texts, n_resamples, seed, "texts")
+        draws = self.resampled(res)
+        key = self.ranked_by
+        score = self.score(key)
+        top = stats.ranked(score, top_k, draws[key], res, key="channel")
+        tv, eta, floor = self.token_variance, self.eta_squared, self.eta_squared_noise_floor
+        md_low, md_high = stats.intervals(self.mean_delta, draws["mean_delta"], res)
+        for e in top:
+            c = e["channel"]
+            e.update(variance=float(self.text_variance[c]),
+                     mean_delta={"value": float(self.mean_delta[c]),
+                                 "low": None if md_low is None else float(md_low[c]),
+                                 "high": None if md_high is None else float(md_high[c])},
+                     token_variance=None if tv is None else float(tv[c]),
+                     eta_squared=None if eta is None else float(eta[c]),
+                     eta_squared_noise_floor=None if eta is None else float(floor[c]))
+        undefined = {} if tv is not None else {"token_variance": self.token_variance_undefined,
+                                                "eta_squared": ETA_SQUARED_UNDEFINED}
+        above = None
+        if eta is not None and res.defined:
+            eta_low, _ = stats.intervals(eta, draws["eta_squared"], res)
+            above = int((eta_low > floor).sum())
+        spearman = {"text_variance": stats.spearman(self.text_variance, self.mean_delta),
+                    "eta_squared": None if eta is None else stats.spearman(eta, self.mean_delta)}
         return {
             "layer": self.layer, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
             "n_channels": int(self.mean_delta.shape[0]), "unit": self.unit,
-            "top_neurons": [{"channel": c, "variance": v, "mean_delta": float(self.mean_delta[c]),
-                             "token_variance": None if tv is None else float(tv[c])} for c, v in self.top(top_k)],
-            "per_channel": {"mean_delta": self.mean_delta, "text_variance": self.text_variance,
+            "ranked_by": key,
+            "top_neurons": top,
+            "ties": stats.ties_note(top, "channel"),
+            "spearman_with_mean_delta": spearman,
+            "median_eta_squared": None if eta is None else float(np.median(eta)),
+            "median_eta_squared_noise_floor": None if floor is None else float(np.median(floor)),
+            "n_above_noise_floor": above,
+            "per_channel": {"eta_squared": eta, "eta_squared_noise_floor": floor, "mean_delta": self.mean_delta, "text_variance": self.text_variance,
                             "token_variance": tv},
             "n_token_variance_texts": self.n_texts if self.n_token_variance_texts is None
             else self.n_token_variance_texts,
-            "undefined": {} if tv is not None else {"token_variance": self.token_variance_undefined},
+            "weighting": "η², var_between and var_within weight each text once (a text is one observation of "
+                         "'which text'); mean Δ weights texts by their tokens (the mean over all tokens)",
+            "interval_method": res.method(),
+            "undefined": undefined,
             "reconstruction": {"max_relative_error": self.max_reconstruction_error,
                                "tolerance": self.reconstruction_tolerance},
-            "definitions": {
-                "text_variance": "variance across texts (ddof=0) of the per-text mean of Δ over tokens",
-                "token_variance": "variance over the tokens of one text (ddof=0), averaged over the texts of at "
-                                  "least 2 tokens",
-                "mean_delta": "mean of Δ over all tokens of all texts",
-            },
+            "definitions": dict(DEFINITIONS),
         }
+
+
+def _eta_squared(between: np.ndarray, within: np.ndarray) -> np.ndarray:
+    """between / (between + within), elementwise; NaN where both are 0 (Δ constant: no variation to share)."""
+    total = between + within
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, between / np.where(total > 0, total, 1.0), np.nan)
 
 
 def delta_channel_statistics(model, tokenizer, texts_ids: list[torch.Tensor], layer_idx: int = 0,
@@ -145,8 +263,9 @@ class DeltaProfile:
         require_mamba(self.adapter)
         self.tokenizer = tokenizer
         self.layers = list(dict.fromkeys(check_layers(self.adapter, layers)))
-        self.acc = {la: {"means": [], "token_vars": [], "total": None, "worst": 0.0, "tol": None, "example": None}
+        self.acc = {la: {"means": [], "within": [], "total": None, "worst": 0.0, "tol": None, "example": None}
                     for la in self.layers}
+        self.lengths: list[int] = []  # n_i per text
         self.n_texts = self.n_tokens = 0
         self.first_ids = None
 
@@ -167,8 +286,9 @@ class DeltaProfile:
             a = self.acc[la]
             delta = internals.delta[0].double()  # (L, e)
             a["means"].append(delta.mean(0).cpu().numpy())  # (e,)
-            if delta.shape[0] >= 2:  # a one-token text has no within-text variance
-                a["token_vars"].append(delta.var(0, unbiased=False).cpu().numpy())  # (e,)
+            # a one-token text has no within-text variance: 0 here, left out of every mean by `has_within`
+            a["within"].append(delta.var(0, unbiased=False).cpu().numpy() if delta.shape[0] >= 2
+                               else np.zeros(delta.shape[1]))  # (e,)
             a["total"] = delta.sum(0) if a["total"] is None else a["total"] + delta.sum(0)  # (e,)
             a["worst"], a["tol"] = max(a["worst"], check.relative_error), check.tolerance
             if self.n_texts == 0:
@@ -177,6 +297,7 @@ class DeltaProfile:
             self.first_ids = ids
         self.n_texts += 1
         self.n_tokens += int(ids.shape[-1])
+        self.lengths.append(int(ids.shape[-1]))
 
     def finish(self) -> dict:
         return self.result()
@@ -186,15 +307,38 @@ class DeltaProfile:
             raise ValueError(f"delta sensitivity needs at least 2 texts (got {self.n_texts}): the ranking is a "
                              "variance across texts")
         tokens = [self.tokenizer.decode([t]) for t in self.first_ids[0].tolist()]
-        return {la: DeltaStats(
-            layer=la, n_texts=self.n_texts, n_tokens=self.n_tokens,
-            mean_delta=(a["total"] / self.n_tokens).cpu().numpy(), text_variance=np.stack(a["means"]).var(0),
-            token_variance=np.stack(a["token_vars"]).mean(0) if a["token_vars"] else None,
-            max_reconstruction_error=a["worst"], reconstruction_tolerance=a["tol"], example_delta=a["example"],
-            example_tokens=tokens, unit="head" if self.adapter.ssm_kind == "mamba2" else "channel",
-            n_token_variance_texts=len(a["token_vars"]),
-            token_variance_undefined=None if a["token_vars"] else TOKEN_VARIANCE_UNDEFINED)
-            for la, a in self.acc.items()}
+        unit = "head" if self.adapter.ssm_kind == "mamba2" else "channel"
+        return {la: _delta_stats(la, np.stack(a["means"]), np.stack(a["within"]), np.asarray(self.lengths),
+                                 (a["total"] / self.n_tokens).cpu().numpy(), a["worst"], a["tol"], a["example"],
+                                 tokens, unit)
+                for la, a in self.acc.items()}
+
+
+def _delta_stats(layer: int, means: np.ndarray, within: np.ndarray, lengths: np.ndarray, mean_delta: np.ndarray,
+                 worst: float, tolerance: float, example: np.ndarray, tokens: list[str], unit: str) -> DeltaStats:
+    """DeltaStats from the per-text means m (n, e), within-text variances v (n, e; 0 for one-token texts) and
+    lengths (n,)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    has = lengths >= 2
+    return DeltaStats(
+        layer=layer, n_texts=len(lengths), n_tokens=int(lengths.sum()), mean_delta=mean_delta,
+        text_variance=means.var(0), token_variance=within[has].mean(0) if has.any() else None,
+        max_reconstruction_error=worst, reconstruction_tolerance=tolerance, example_delta=example,
+        example_tokens=tokens, unit=unit, n_token_variance_texts=int(has.sum()),
+        token_variance_undefined=None if has.any() else TOKEN_VARIANCE_UNDEFINED,
+        text_means=means, text_within=within, has_within=has, text_tokens=lengths)
+
+
+def stats_from_deltas(deltas, layer: int = 0, unit: str = "channel") -> DeltaStats:
+    """DeltaStats of given Δ arrays, one (L_i, e) per text (at least 2 texts), as the delta stage computes them
+    from the model's Δ (no reconstruction: its error is 0 by construction)."""
+    deltas = [np.asarray(d, dtype=np.float64) for d in deltas]
+    if len(deltas) < 2 or any(d.ndim != 2 or d.shape[0] < 1 for d in deltas):
+        raise ValueError("deltas: give at least 2 arrays (L_i, e) with L_i >= 1")
+    lengths = np.array([d.shape[0] for d in deltas])
+    means = np.stack([d.mean(0) for d in deltas])
+    within = np.stack([d.var(0) if d.shape[0] >= 2 else np.zeros(d.shape[1]) for d in deltas])
+    return _delta_stats(layer, means, within, lengths, np.concatenate(deltas).mean(0), 0.0, 0.0, deltas[0], [], unit)
 
 
 def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], layers, progress: bool = True
@@ -224,42 +368,79 @@ def delta_statistics_by_layer(model, tokenizer, texts_ids: list[torch.Tensor], l
 
 
 def find_delta_sensitive_neurons(model, tokenizer, texts, layer_idx: int = 0, top_k: int = 10,
-                                 max_length: int = 256) -> list[tuple[int, float]]:
-    """The original tool's interface: texts as strings -> [(channel, variance)], highest variance first.
+                                 max_length: int = 256, key: str | None = None) -> list[tuple[int, float]]:
+    """The original tool's interface: texts as strings -> [(channel, score)], highest score first. `key`:
+    "eta_squared" (the default: the between-text share of Δ's variance, scale-free) or "text_variance" (the
+    original tool's raw variance across texts of the per-text mean Δ, which follows Δ's scale).
     Refused before any forward (ValueError): `texts` not a list of at least 2 strings (`utils.text_list`),
-    a `top_k` or `max_length` that is not a whole number >= 1, a layer out of range."""
+    a `top_k` or `max_length` that is not a whole number >= 1, a layer out of range, an unknown `key`."""
     from utils import text_list, tokenize_texts
 
     texts = text_list(texts, "texts")
     top_k, max_length = check_top_k(top_k), whole_number("max_length", max_length, low=1)
+    if key is not None and key not in RANKINGS:
+        raise ValueError(f"key {key!r}: choose one of {', '.join(RANKINGS)}")
     ids = tokenize_texts(tokenizer, texts, max_length).input_ids
-    return delta_channel_statistics(model, tokenizer, ids, layer_idx).top(top_k)
+    return delta_channel_statistics(model, tokenizer, ids, layer_idx).top(top_k, key)
 
 
 # --------------------------------------------------------------------------------------------------
 # Plots (consume DeltaStats only)
 # --------------------------------------------------------------------------------------------------
-def plot_delta_variance(stats: DeltaStats, top_k: int, plots_dir, prefix: str) -> str:
+def plot_delta_variance(st: DeltaStats, top_k: int, plots_dir, prefix: str, top: list[dict] | None = None) -> str:
+    """Top: every channel's ranking score (η², or the raw variance when η² is undefined) in rank order, the top
+    k marked with their channel and (with `top`, the results' top list) their 95% intervals. Bottom: raw
+    between-text variance against mean Δ per channel (a scatter: channel numbers have no order), coloured
+    by η²: the raw variance follows Δ's scale, η² does not."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
-    e = stats.text_variance.shape[0]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), constrained_layout=True)
-    ax1.plot(np.arange(e), stats.text_variance, lw=0.8, color="tab:blue")
-    top = stats.top(top_k)
-    ax1.scatter([c for c, _ in top], [v for _, v in top], color="tab:red", s=18, zorder=3,
-                label=f"top {len(top)} delta-sensitive {stats.unit}s")
-    ax1.set(xlabel=stats.unit, ylabel="variance across texts of mean Δ",
-            title=f"Δ sensitivity, layer {stats.layer} ({stats.n_texts} texts, {stats.n_tokens} tokens)")
-    ax1.legend(loc="upper right")
-    ax2.plot(np.arange(e), stats.mean_delta, lw=0.8, color="tab:green", label="mean Δ")
-    if stats.token_variance is not None:  # undefined when every text has one token
-        ax2.plot(np.arange(e), np.sqrt(stats.token_variance), lw=0.8, color="tab:orange",
-                 label="within-text std of Δ (mean over texts of >= 2 tokens)")
-    ax2.set(xlabel=stats.unit, ylabel="Δ", yscale="log")
-    ax2.legend(loc="upper right")
-    return save_figure(fig, plots_dir, f"{prefix}_delta_variance_layer{stats.layer}")
+    key = st.ranked_by
+    score = st.score(key)
+    label = "η² (between-text share of Δ's variance)" if key == "eta_squared" else "raw variance across texts of mean Δ"
+    order = np.argsort(-score, kind="stable")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8), constrained_layout=True)
+    ranks = np.arange(1, len(order) + 1)
+    ax1.plot(ranks, score[order], marker=".", ms=3, lw=0.6, color="tab:blue", label=f"every {st.unit}, by rank")
+    entries = top if top is not None else [{"channel": c, "score": s} for c, s in st.top(top_k, key)]
+    k = len(entries)
+    y = np.array([t["score"] for t in entries])
+    if entries and entries[0].get("low") is not None:
+        err = np.array([[t["score"] - t["low"] for t in entries], [t["high"] - t["score"] for t in entries]])
+        ax1.errorbar(ranks[:k], y, yerr=np.maximum(err, 0), fmt="o", color="tab:red", ms=4, capsize=2, zorder=3,
+                     label=f"top {k} (95% interval over texts)")
+    else:
+        ax1.scatter(ranks[:k], y, color="tab:red", s=18, zorder=3, label=f"top {k}")
+    floor = st.eta_squared_noise_floor
+    if key == "eta_squared" and floor is not None:
+        ax1.axhline(float(np.median(floor)), color="gray", ls="--", lw=0.8,
+                    label="median η² from token sampling noise alone (independent tokens)")
+    for r, t in zip(ranks[:k], entries):
+        ax1.annotate(str(t["channel"]), (r, t["score"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax1.set(xlabel=f"rank (1 = most delta-sensitive {st.unit})", ylabel=label, xscale="log",
+            title=f"Δ sensitivity ranked by {key}, layer {st.layer} ({st.n_texts} texts, {st.n_tokens} tokens)")
+    ax1.legend(loc="upper right", fontsize=8)
+    eta = st.eta_squared
+    positive = (st.mean_delta > 0) & (st.text_variance > 0)
+    if eta is not None:
+        sc = ax2.scatter(st.mean_delta[positive], st.text_variance[positive], s=6, c=eta[positive], cmap="viridis")
+        fig.colorbar(sc, ax=ax2, label="η²")
+    else:
+        ax2.scatter(st.mean_delta[positive], st.text_variance[positive], s=6, color="tab:blue")
+    chosen = [t["channel"] for t in entries]
+    ax2.scatter(st.mean_delta[chosen], st.text_variance[chosen], s=40, facecolors="none", edgecolors="tab:red",
+                label=f"top {k} by {key}")
+    rho = stats.spearman(st.text_variance, st.mean_delta)
+    rho_eta = None if eta is None else stats.spearman(eta, st.mean_delta)
+    ax2.set(xscale="log", yscale="log", xlabel="mean Δ", ylabel="raw variance across texts of mean Δ",
+            title=f"raw variance follows Δ's scale (Spearman with mean Δ: raw {_fmt(rho)}, η² {_fmt(rho_eta)})")
+    ax2.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, plots_dir, f"{prefix}_delta_variance_layer{st.layer}")
+
+
+def _fmt(value) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
 
 
 def plot_delta_heatmap(stats: DeltaStats, plots_dir, prefix: str) -> str:
@@ -289,23 +470,50 @@ def _stage_reader(ctx):
 def _stage_run(ctx, stats_by_layer: dict):
     from functools import partial
 
-    stats = stats_by_layer[ctx.layer]
-    return stats.to_dict(ctx.top_k), [partial(plot_delta_variance, stats, ctx.top_k, ctx.plots_dir, ctx.prefix),
-                                      partial(plot_delta_heatmap, stats, ctx.plots_dir, ctx.prefix)]
+    st = stats_by_layer[ctx.layer]
+    out = st.to_dict(ctx.top_k, ctx.opts.bootstrap_resamples, ctx.opts.seed)
+    return out, [partial(plot_delta_variance, st, ctx.top_k, ctx.plots_dir, ctx.prefix, out["top_neurons"]),
+                 partial(plot_delta_heatmap, st, ctx.plots_dir, ctx.prefix)]
 
 
 def delta_summary(r: dict) -> str:
-    from utils import shown
+    from stats import shown
 
     rec = r["reconstruction"]
     unit = r.get("unit", "channel")
+    rho = r.get("spearman_with_mean_delta") or {}
     lines = [f"    {r['n_channels']} {unit}s, {r['n_texts']} texts, {r['n_tokens']} tokens; mixer reconstruction "
-             f"max rel. error {rec['max_relative_error']:.2e} (tolerance {rec['tolerance']:.0e})",
-             f"    top delta-sensitive {unit}s (variance across texts of mean Δ | mean Δ | within-text var):"]
-    lines += [f"      {unit} {n['channel']:>5}: {n['variance']:.4e} | {n['mean_delta']:.4e} | "
-              f"{shown(n['token_variance'], '.4e')}" for n in r["top_neurons"]]
+             f"max rel. error {rec['max_relative_error']:.2e} (tolerance {rec['tolerance']:.0e})"]
+    if r["ranked_by"] == "eta_squared":
+        lines.append(f"    ranked by η² = between-text share of Δ's variance (scale-free; median over {unit}s "
+                     f"{r['median_eta_squared']:.3g}); Spearman with mean Δ: η² {_fmt(rho.get('eta_squared'))}, "
+                     f"raw between-text variance {_fmt(rho.get('text_variance'))}")
+        floor = r.get("median_eta_squared_noise_floor")
+        above = r.get("n_above_noise_floor")
+        lines.append(f"    η² from token sampling noise alone (independent tokens, a lower bound): median {floor:.3g}; "
+                     + (f"{above} of {r['n_channels']} {unit}s have their η² interval above it" if above is not None
+                        else "no interval with one text"))
+    else:
+        lines.append(f"    ranked by the raw between-text variance (η² undefined; Spearman with mean Δ "
+                     f"{_fmt(rho.get('text_variance'))})")
+    lines.append(f"    top delta-sensitive {unit}s: {r['ranked_by']} [95% interval over texts] (in top "
+                 f"{len(r['top_neurons'])}) | raw between-text var | mean Δ [95%] | within-text var:")
+    for n in r["top_neurons"]:
+        stab = "" if n.get("stability") is None else f" ({n['stability']:.0%})"
+        lines.append(f"      {unit} {n['channel']:>5}: {_score(n)}{stab} | "
+                     f"{n['variance']:.3e} | {shown(n['mean_delta'], '.4g')} | "
+                     f"{'undefined' if n['token_variance'] is None else format(n['token_variance'], '.3e')}")
+    if r.get("ties"):
+        lines.append(f"    ties: {r['ties']}")
     lines += [f"    {field}: {why}" for field, why in (r.get("undefined") or {}).items()]
     return "".join(line + "\n" for line in lines)
+
+
+def _score(n: dict) -> str:
+    """A top entry's score with its interval ('score [low, high]')."""
+    from stats import shown
+
+    return shown({"value": n["score"], "low": n.get("low"), "high": n.get("high")}, ".4g")
 
 
 def _register() -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
     """({metric: value}, {metric: why it is left out}): the headline numbers of one per-layer stage's
     results `r` at one layer. A value the profile reads that is missing, undefined (None) or not a finite
-    number (a list of them, for Δ's text variances and the causal scores) is left out with the reason."""
+    number (a list of them, for Δ's η² and text variances and the causal scores) is left out with the reason;
+    a channel whose η² is undefined (NaN, or null once saved) is left out of η²'s max and median only."""
     import math
 
     import numpy as np
@@ -45,10 +46,42 @@ def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
             return None, f"{what} holds a value that is not a finite number"
         return np.asarray(v, dtype=np.float64), None
 
-    if stage in ("delta", "causal"):
-        names, field = (("delta: max text variance", "delta: median text variance"), ("per_channel", "text_variance")
-                        ) if stage == "delta" else (("causal: max impact", "causal: median impact"), ("scores",))
-        v, why = numbers(at(r, *field), ".".join(field))
+    def defined_channels(v):
+        """A per-channel list without its undefined channels (NaN in a run's own results, null once saved);
+        anything else unchanged (checked by `numbers`)."""
+        if isinstance(v, np.ndarray) and v.ndim == 1 and np.issubdtype(v.dtype, np.floating):
+            return v[~np.isnan(v)]
+        if isinstance(v, (list, tuple)):
+            return [x for x in v if x is not None and not (isinstance(x, (float, np.floating)) and math.isnan(x))]
+        return v
+
+    if stage == "delta":
+        # the default ranking, η² (the between-text share of Δ's variance, scale-free), over the channels where it
+        # is defined (NaN in a run's own results, null in a saved one: a channel whose Δ is constant); the raw
+        # between-text variance (the ranking of versions before η², which follows Δ's scale) beside it
+        out, left = {}, {}
+        names = ("delta: max η²", "delta: median η²")
+        eta = at(r, "per_channel", "eta_squared")
+        if eta is None and isinstance(at(r, "undefined", "eta_squared"), str):  # every text of one token
+            v, why = None, f"per_channel.eta_squared is {r['undefined']['eta_squared']}"
+        else:
+            v, why = numbers(defined_channels(eta), "per_channel.eta_squared (its defined channels)")
+            if eta is missing or eta is None:
+                why = why_not_number(eta, "per_channel.eta_squared")
+        if why is not None:
+            left.update(dict.fromkeys(names, why))
+        else:
+            out.update({names[0]: float(v.max()), names[1]: float(np.median(v))})
+        names = ("delta: max text variance", "delta: median text variance")
+        v, why = numbers(at(r, "per_channel", "text_variance"), "per_channel.text_variance")
+        if why is not None:
+            left.update(dict.fromkeys(names, why))
+        else:
+            out.update({names[0]: float(v.max()), names[1]: float(np.median(v))})
+        return out, left
+    if stage == "causal":
+        names = ("causal: max impact", "causal: median impact")
+        v, why = numbers(at(r, "scores"), "scores")
         if why is not None:
             return {}, dict.fromkeys(names, why)
         return {names[0]: float(v.max()), names[1]: float(np.median(v))}, {}
@@ -88,10 +121,15 @@ def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
 
 
 PROFILE_DEFINITIONS = {
-    "delta": "max and median over channels of the across-text variance of the per-text mean of Δ",
+    "delta": "max and median over channels of η², the default ranking score (the share of the channel's Δ "
+             "variance that lies between texts: var_between / (var_between + var_within), scale-free; over the "
+             "channels where it is defined), and of the raw across-text variance of the per-text mean of Δ "
+             "(var_between, which follows Δ's scale)",
     "causal": "max and median over the site's dimensions of the causal impact (mean KL over the prompts)",
     "attention": "neuron diversity of each method (normalised entropy of the channel activations, 1 = uniform)",
-    "sparsity": "each sparsity measure of the layer's neuron site (as in the sparsity stage's multi-layer table)",
+    "sparsity": "each sparsity measure of the layer's neuron site, named as in the sparsity stage's multi-layer "
+                "table (population: per token across the neurons, mean over tokens; usage: per neuron, its mean "
+                "|a| over the corpus); point values, without their intervals",
 }
 
 

@@ -20,9 +20,65 @@ def test_statistics_equal_the_definitions(mamba, tokenizer):
     np.testing.assert_allclose(stats.token_variance, np.mean([d.var(0) for d in deltas], axis=0), rtol=1e-10)
     np.testing.assert_allclose(stats.mean_delta, np.concatenate(deltas).mean(0), rtol=1e-10)
     assert stats.n_tokens == sum(d.shape[0] for d in deltas) and stats.n_texts == len(TEXTS)
-    top = stats.top(5)
-    assert [v for _, v in top] == sorted(stats.text_variance, reverse=True)[:5]
+    within = np.mean([d.var(0) for d in deltas], axis=0)
+    eta = per_text_mean.var(0) / (per_text_mean.var(0) + within)
+    np.testing.assert_allclose(stats.eta_squared, eta, rtol=1e-10)
+    assert stats.ranked_by == "eta_squared"
+    assert [v for _, v in stats.top(5)] == pytest.approx(sorted(eta, reverse=True)[:5], rel=1e-12)
+    assert [v for _, v in stats.top(5, "text_variance")] == sorted(stats.text_variance, reverse=True)[:5]
     assert stats.max_reconstruction_error < 1e-4
+    out = stats.to_dict(5, n_resamples=200, seed=1)
+    assert out["ranked_by"] == "eta_squared" and [t["channel"] for t in out["top_neurons"]] == [c for c, _ in stats.top(5)]
+    # the ranking's Spearman with mean Δ is recorded, for it and for the raw variance
+    from stats import spearman
+    assert out["spearman_with_mean_delta"]["eta_squared"] == spearman(eta, stats.mean_delta)
+    assert out["spearman_with_mean_delta"]["text_variance"] == spearman(per_text_mean.var(0), stats.mean_delta)
+    for t in out["top_neurons"]:  # each interval holds its point; the raw variance stays as a column
+        assert t["low"] <= t["score"] <= t["high"] and 0 <= t["stability"] <= 1
+        assert t["mean_delta"]["low"] <= t["mean_delta"]["value"] <= t["mean_delta"]["high"]
+        assert t["variance"] == stats.text_variance[t["channel"]]
+    assert out["interval_method"].startswith("percentile bootstrap over texts: 200 resamples")
+    assert set(out["definitions"]) >= {"eta_squared", "text_variance", "token_variance", "mean_delta", "intervals"}
+
+
+def test_the_intervals_are_the_statistic_on_resampled_texts():
+    """The resampled η² and mean Δ of a draw are the statistics of the texts of that draw, recomputed from
+    their Δ (mean Δ weighted by tokens, η² with texts weighted once)."""
+    from delta_extraction import stats_from_deltas
+    from stats import Resamples
+
+    rng = np.random.default_rng(0)
+    deltas = [rng.gamma(2.0, 0.1, size=(int(rng.integers(2, 30)), 6)) for _ in range(9)]
+    st = stats_from_deltas(deltas)
+    res = Resamples.draw(9, 50, seed=4)
+    draws = st.resampled(res)
+    for r in (0, 17, 49):
+        picked = [deltas[i] for i, c in enumerate(res.counts[r]) for _ in range(int(c))]
+        again = stats_from_deltas(picked)
+        np.testing.assert_allclose(draws["eta_squared"][r], again.eta_squared, rtol=1e-9)
+        np.testing.assert_allclose(draws["mean_delta"][r], again.mean_delta, rtol=1e-9)
+        np.testing.assert_allclose(draws["text_variance"][r], again.text_variance, rtol=1e-9, atol=1e-15)
+
+
+def test_a_small_scale_text_dependent_channel_ranks_first_by_eta_squared_not_by_raw_variance():
+    """Planted: channel 3's Δ is small (about 0.01) but its level is set by the text (between-text spread 20
+    times its within-text spread); the other channels are large (about 1) with a weak text effect. The
+    scale-free η² ranks channel 3 first; the raw between-text variance, which follows Δ's scale, does not."""
+    from delta_extraction import stats_from_deltas
+
+    rng = np.random.default_rng(1)
+    deltas = []
+    for _ in range(12):
+        L = 40
+        d = 1.0 + 0.05 * rng.normal(size=6) + 0.3 * rng.normal(size=(L, 6))  # weak text effect, scale 1
+        d[:, 3] = 0.01 + 0.002 * rng.normal() + 0.0001 * rng.normal(size=L)  # strong text effect, scale 0.01
+        deltas.append(np.abs(d))
+    st = stats_from_deltas(deltas)
+    assert st.top(1)[0][0] == 3 and st.eta_squared[3] > 0.9
+    assert st.top(6, "text_variance")[-1][0] == 3  # last by raw variance
+    out = st.to_dict(3, n_resamples=200)
+    assert out["top_neurons"][0]["channel"] == 3 and out["top_neurons"][0]["stability"] == 1.0
+    assert out["n_above_noise_floor"] >= 1 and out["per_channel"]["eta_squared_noise_floor"][3] < 0.05
 
 
 def test_planted_delta_sensitive_channel_ranks_first(tokenizer):
@@ -30,7 +86,7 @@ def test_planted_delta_sensitive_channel_ranks_first(tokenizer):
     planted = 17
     with torch.no_grad():
         model.backbone.layers[0].mixer.dt_proj.weight[planted] *= 40.0  # Δ of this channel follows the input
-    top = find_delta_sensitive_neurons(model, tokenizer, TEXTS, layer_idx=0, top_k=3)
+    top = find_delta_sensitive_neurons(model, tokenizer, TEXTS, layer_idx=0, top_k=3, key="text_variance")
     assert top[0][0] == planted and top[0][1] > 10 * top[1][1]
     assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
 
@@ -96,7 +152,7 @@ def test_one_token_texts_have_no_within_text_variance(tokenizer, tmp_path):
     """A one-token text has no within-text variation: token_variance is averaged over the texts of at least
     2 tokens (beside a longer text it is that text's own variance), and with none it is None with the
     reason, in the dict too, never a list of zeros. The across-text variance stays defined."""
-    from delta_extraction import TOKEN_VARIANCE_UNDEFINED, plot_delta_variance
+    from delta_extraction import ETA_SQUARED_UNDEFINED, TOKEN_VARIANCE_UNDEFINED, plot_delta_variance
 
     model = make_model("mamba_b")
     one = [torch.tensor([[17]]), torch.tensor([[230]])]
@@ -104,9 +160,12 @@ def test_one_token_texts_have_no_within_text_variance(tokenizer, tmp_path):
     assert stats.token_variance is None and stats.token_variance_undefined == TOKEN_VARIANCE_UNDEFINED
     d = [extract_deltas(model, 1, x)[0, 0].double().numpy() for x in one]  # (e,) each
     np.testing.assert_allclose(stats.text_variance, np.var(d, axis=0), rtol=1e-10)
-    out = stats.to_dict(3)
+    out = stats.to_dict(3, n_resamples=100)
     assert out["per_channel"]["token_variance"] is None and out["n_token_variance_texts"] == 0
-    assert out["undefined"] == {"token_variance": TOKEN_VARIANCE_UNDEFINED}
+    assert out["undefined"] == {"token_variance": TOKEN_VARIANCE_UNDEFINED, "eta_squared": ETA_SQUARED_UNDEFINED}
+    # η² is undefined: the list is ranked by the raw between-text variance, and says so
+    assert out["ranked_by"] == "text_variance" and out["per_channel"]["eta_squared"] is None
+    assert [t["score"] for t in out["top_neurons"]] == sorted(stats.text_variance, reverse=True)[:3]
     assert len(out["top_neurons"]) == 3 and all(t["token_variance"] is None for t in out["top_neurons"])
     assert open(plot_delta_variance(stats, 3, tmp_path, "one"), "rb").read(4) == b"\x89PNG"
 
@@ -114,4 +173,5 @@ def test_one_token_texts_have_no_within_text_variance(tokenizer, tmp_path):
     mixed = delta_channel_statistics(model, tokenizer, [one[0], longer], 1, progress=False)
     own = extract_deltas(model, 1, longer)[0].double().numpy()  # (L, e)
     np.testing.assert_allclose(mixed.token_variance, own.var(0), rtol=1e-10)
-    assert mixed.to_dict(3)["n_token_variance_texts"] == 1 and mixed.to_dict(3)["undefined"] == {}
+    assert mixed.to_dict(3, n_resamples=100)["n_token_variance_texts"] == 1
+    assert mixed.to_dict(3, n_resamples=100)["undefined"] == {}

@@ -43,17 +43,25 @@ def _entry(results, plots=()):
 
 def results_file(layer=0, plots_dir=None, plots=(), model="tiny/model"):
     """A --layer run's results, in the layout main.py --save_results writes (only what is read)."""
+    def iv(v):
+        return {"value": v, "low": v - 0.05, "high": v + 0.05}
+
     single = {"layer": layer, "traditional": {"threshold": 0.01, "sparsity": 0.25},
               "percentile": {"percentiles": [5, 50, 95], "thresholds": [0.1, 0.2, 0.3], "sparsity": [0.0, 0.5, 1.0]},
-              "entropy": {"sparsity": 0.4}, "gini": 0.3, "hoyer": 0.1, "dead_neurons": {"count": 0, "fraction": 0.0}}
+              "population": {"normalised_entropy": iv(0.6), "entropy_sparsity": iv(0.4), "gini": iv(0.7),
+                             "hoyer": iv(0.5)},
+              "usage": {"gini": iv(0.3), "hoyer": iv(0.1)},
+              "entropy": {"sparsity": 0.4, "mean_entropy": 0.6}, "gini": 0.3, "hoyer": 0.1,  # the legacy keys
+              "dead_neurons": {"count": 0, "fraction": 0.0}}
     run = {"model": model, "model_source": "hub", "model_class": "MambaForCausalLM", "layer": layer, "layers": None,
            "seed": 0, "notes": []}
     if plots_dir is not None:
         run["plots_dir"] = str(plots_dir)
     return {"run": run, "texts": {"n_texts": 4, "n_tokens": 40},
             "architecture": {"family": "mamba", "display_name": "Mamba", "n_layers": N_LAYERS},
-            "delta": _entry({"per_channel": {"text_variance": [0.1, 0.4, 0.2]},
-                             "top_neurons": [{"channel": 1, "variance": 0.4}]}, plots),
+            "delta": _entry({"ranked_by": "eta_squared",
+                             "per_channel": {"eta_squared": [0.5, 0.9, 0.1], "text_variance": [0.1, 0.4, 0.2]},
+                             "top_neurons": [{"channel": 1, "score": 0.9, "variance": 0.4}]}, plots),
             "causal": _entry({"scores": [0.5, 0.25, 1.0], "top_neurons": [{"dim": 2, "score": 1.0}]}),
             "sparsity": _entry({"single": single}),
             "efficiency": {"status": "ok", "results": {}, "plots": [], "wall_time_s": 0.1}}
@@ -211,12 +219,16 @@ def test_the_same_file_twice_and_files_of_two_models_are_refused(tmp_path):
 
 def test_values_of_the_wrong_type_are_left_out_of_the_profiles_not_a_traceback(tmp_path):
     """Per-layer results whose values are not finite numbers (or None, an undefined measure): the metric is
-    missing at that layer, with the reason in the JSON and the report; the merge goes on."""
+    missing at that layer, with the reason in the JSON and the report; the merge goes on. An undefined
+    channel of η² (null) is left out of its max and median, not of the profile."""
     a, b = results_file(layer=0), results_file(layer=2)
     a["delta"]["results"]["per_channel"]["text_variance"] = "abc"
+    a["delta"]["results"]["per_channel"]["eta_squared"] = [0.5, None, 0.1]
     a["causal"]["results"]["scores"] = [1.0, "x"]
-    a["sparsity"]["results"]["single"]["gini"] = None
-    a["sparsity"]["results"]["single"]["entropy"]["sparsity"] = True
+    a["sparsity"]["results"]["single"]["usage"]["gini"] = a["sparsity"]["results"]["single"]["gini"] = None
+    a["sparsity"]["results"]["single"]["population"]["entropy_sparsity"]["value"] = True
+    b["delta"]["results"]["per_channel"]["eta_squared"] = None  # every text of one token: η² undefined, said why
+    b["delta"]["results"]["undefined"] = {"eta_squared": "undefined: no text has 2 tokens"}
     b["causal"]["results"]["scores"] = []
     b["sparsity"]["results"]["single"] = {"percentile": {"percentiles": "50"}}
     b["attention"] = _entry({"methods": {"rollout": {"neuron_diversity": None},
@@ -231,19 +243,58 @@ def test_values_of_the_wrong_type_are_left_out_of_the_profiles_not_a_traceback(t
     assert prof["layers"] == [0, 2]
     m = prof["metrics"]
     assert m["delta: max text variance"] == [None, 0.4] and m["causal: max impact"] == [None, None]
-    assert m["sparsity: Gini"] == [None, None] and m["sparsity: Hoyer"] == [0.1, None]
-    assert m["sparsity: entropy"] == [None, None]
+    assert m["delta: max η²"] == [0.5, None] and m["delta: median η²"] == [pytest.approx(0.3), None]
+    assert m["sparsity: usage Gini"] == [None, None] and m["sparsity: usage Hoyer"] == [0.1, None]
+    assert m["sparsity: population Gini"] == [0.7, None]
+    assert m["sparsity: population 1-H (entropy sparsity, higher = sparser)"] == [None, None]
+    assert m["sparsity: population H (normalised entropy, lower = sparser)"] == [0.6, None]
     assert m["attention: diversity, gradient_guided"] == [None, 0.5]
     assert m["attention: diversity, rollout"] == [None, None]
     reasons = {(x["layer"], x["metric"]): x["reason"] for x in prof["left_out"]}
     assert "not a non-empty list" in reasons[(0, "delta: max text variance")]
+    assert reasons[(2, "delta: max η²")] == "per_channel.eta_squared is undefined: no text has 2 tokens"
     assert "not a finite number" in reasons[(0, "causal: max impact")]
     assert "not a non-empty list" in reasons[(2, "causal: max impact")]
-    assert "undefined" in reasons[(0, "sparsity: Gini")] and "undefined" in reasons[(2, "attention: diversity, rollout")]
+    assert "undefined" in reasons[(0, "sparsity: usage Gini")]
+    assert "undefined" in reasons[(2, "attention: diversity, rollout")]
+    assert "not a finite number" in reasons[(0, "sparsity: population 1-H (entropy sparsity, higher = sparser)")]
     assert "not a finite number" in reasons[(2, "attention: diversity, attention_weighted")]
     assert "wrong type" in reasons[(2, "sparsity: percentile p50")]
     page = next((tmp_path / "out").glob("*_merged_report.html")).read_text()
     assert "values left out of the profiles" in page
+
+
+def test_profiles_of_a_runs_own_results_and_of_results_before_eta_squared_and_the_population_measures():
+    """In a run (numpy arrays, NaN for a channel whose η² is undefined) the η² profile is over the defined
+    channels; results written before η² and the population measures give the raw variance and the usage
+    measures and 1 − H from their legacy keys (the same numbers), and say what they lack."""
+    import numpy as np
+
+    from depth_profiles import PROFILE_DEFINITIONS, depth_profiles
+
+    new = results_file(layer=1)
+    new["delta"]["results"]["per_channel"] = {"eta_squared": np.array([0.2, np.nan, 0.8, 0.4]),
+                                              "text_variance": np.array([1.0, 0.0, 3.0, 2.0])}
+    old = results_file(layer=3)
+    old["delta"]["results"]["per_channel"] = {"text_variance": [0.1, 0.4, 0.2]}
+    s = old["sparsity"]["results"]["single"]
+    del s["population"], s["usage"]
+    prof = depth_profiles({1: {k: new[k] for k in ("delta", "sparsity")},
+                           3: {k: old[k] for k in ("delta", "sparsity")}}, N_LAYERS)
+    m = prof["metrics"]
+    assert prof["relative_depth"] == [1 / 3, 1.0]
+    assert m["delta: max η²"] == [0.8, None] and m["delta: median η²"] == [pytest.approx(0.4), None]
+    assert m["delta: max text variance"] == [3.0, 0.4] and m["delta: median text variance"] == [1.5, 0.2]
+    assert m["sparsity: usage Gini"] == [0.3, 0.3] and m["sparsity: usage Hoyer"] == [0.1, 0.1]
+    assert m["sparsity: population 1-H (entropy sparsity, higher = sparser)"] == [0.4, 0.4]
+    assert m["sparsity: population H (normalised entropy, lower = sparser)"] == [0.6, 0.6]
+    assert m["sparsity: population Gini"] == [0.7, None]
+    reasons = {(x["layer"], x["metric"]): x["reason"] for x in prof["left_out"]}
+    assert reasons[(3, "delta: max η²")] == "per_channel.eta_squared is missing"
+    assert "missing" in reasons[(3, "sparsity: population Gini")]
+    assert {x["layer"] for x in prof["left_out"]} == {3}
+    assert "η²" in PROFILE_DEFINITIONS["delta"] and "raw" in PROFILE_DEFINITIONS["delta"]
+    assert "usage" in PROFILE_DEFINITIONS["sparsity"] and "population" in PROFILE_DEFINITIONS["sparsity"]
 
 
 # --------------------------------------------------------------------------------------------------

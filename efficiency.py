@@ -1,5 +1,15 @@
-"""Efficiency: parameters, neurons, active neurons, measured forward time and peak memory
-against sequence length, with the analytic FLOPs per token beside the measurement.
+"""Efficiency: parameters, neurons, active neurons, measured forward time and peak memory against
+sequence length, with the analytic FLOPs per token beside the measurement and the achieved GFLOP/s
+(analytic FLOPs / measured time).
+
+**What is timed.** A measured time belongs to an implementation, not to an architecture. Each curve names
+its implementation (`timed_implementation`): a Mamba model's own forward is transformers' PyTorch slow
+path (a Python loop over positions) unless its CUDA kernels (mamba-ssm, causal-conv1d) are in use, which
+this module finds out as transformers decides it; a Transformer's own forward is named by its attention
+implementation (`config._attn_implementation`: eager, sdpa, ...). A Mamba-1 / FalconMamba model is timed a
+second time through the project's fast scan (`ssm.fast_scan`), its logits checked against the model's own
+forward at every length both curves measured (a difference beyond `fast_scan_tolerance` makes that curve
+an error, never a timing); `architecture_curve` says which curve reflects the architecture, and why.
 
 Analytic forward FLOPs per token (a multiply-add counts 2; elementwise operations 1 each; norms, biases
 and activation functions left out), d = hidden size, V = vocabulary, per layer:
@@ -63,7 +73,12 @@ def parameter_counts(model, adapter) -> dict:
 
 def neuron_counts(adapter, site_stats: dict | None = None) -> dict:
     """Neurons per layer (the inner site), in all layers, and — from a sparsity dict of one layer —
-    active neurons (mean |a| above the traditional threshold) and the efficiency ratio active / total."""
+    active neurons (mean |a| above the traditional threshold) and the efficiency ratio active / total.
+
+    The ratio says something only where the threshold splits the neurons: at exactly 1 (every neuron's
+    mean |a| above the threshold) or 0 (none) it reflects where the absolute threshold sits against the
+    activation scale, not the model, and "efficiency_ratio_informative" is False with the reason in
+    "efficiency_ratio_note" (None when informative)."""
     from sparsity import neuron_site
 
     per_layer = adapter.site(neuron_site(adapter), 0).size
@@ -72,7 +87,11 @@ def neuron_counts(adapter, site_stats: dict | None = None) -> dict:
         means = np.asarray(site_stats["neuron_mean_abs"])
         thr = site_stats["traditional"]["threshold"]
         active = int((means > thr).sum())
+        informative = 0 < active < per_layer
+        note = None if informative else (
+            f"uninformative at threshold {thr:g}: {'every' if active else 'no'} neuron's mean |a| is above it")
         out.update(layer=site_stats.get("layer"), threshold=thr, active=active, efficiency_ratio=active / per_layer,
+                   efficiency_ratio_informative=informative, efficiency_ratio_note=note,
                    activation_variance_mean=site_stats["activation_variance"]["mean"],
                    gini=site_stats["gini"], hoyer=site_stats["hoyer"], entropy_sparsity=site_stats["entropy"]["sparsity"])
     return out
@@ -116,12 +135,147 @@ def flops_per_token(adapter, seq_len: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# What is timed
+# --------------------------------------------------------------------------------------------------
+# The implementation-resolving functions transformers' modeling files (5.x with per-function fallbacks)
+# call for a full-sequence forward: the scan and the causal convolution.
+_KERNEL_FUNCTIONS = {"mamba1": ("mamba_selective_scan", "causal_conv1d_fn"),
+                     "mamba2": ("mamba2_chunk_scan", "causal_conv1d_fn")}
+
+
+def _resolved(fn) -> dict | None:
+    """What one of transformers' `use_kernel_func_from_hub_with_fallback` functions runs: {"fallback":
+    True when it is its own PyTorch body (the package was not importable), "runs": the function's module and
+    name}; None when `fn` is not such a function (another transformers version)."""
+    import inspect
+
+    if fn is None or not callable(fn):
+        return None
+    try:
+        nonlocals = inspect.getclosurevars(fn).nonlocals
+    except TypeError:  # a builtin or a class
+        return None
+    impl, own = nonlocals.get("implementation"), nonlocals.get("torch_function", getattr(fn, "__wrapped__", None))
+    if impl is None or own is None:
+        return None
+    return {"fallback": impl is own, "runs": f"{getattr(impl, '__module__', '?')}.{getattr(impl, '__qualname__', '?')}"}
+
+
+def _probe_mixer_method(model, mixer) -> str | None:
+    """transformers before the per-function fallbacks: a mixer's forward calls `cuda_kernels_forward`
+    (when mamba-ssm and causal-conv1d are importable, the weights are on CUDA and nothing is being
+    compiled) or `slow_forward` / `torch_forward`. Which one it calls is recorded in one 2-token forward
+    (instance attributes shadow the methods for it, removed afterwards): the decision as transformers makes
+    it, whatever the version's exact condition."""
+    import torch
+
+    calls, names = [], [n for n in ("cuda_kernels_forward", "slow_forward", "torch_forward") if hasattr(type(mixer), n)]
+    for n in names:
+        def record(*args, _n=n, _f=getattr(mixer, n), **kwargs):
+            calls.append(_n)
+            return _f(*args, **kwargs)
+        setattr(mixer, n, record)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=mixer.in_proj.weight.device), use_cache=False)
+    finally:
+        for n in names:
+            mixer.__dict__.pop(n, None)
+    return calls[0] if calls else None
+
+
+def timed_implementation(model, adapter) -> dict:
+    """What the model's own forward runs, as transformers decides it: {"name" (short, for legends),
+    "description", "per_position_loop" (True: a Python loop over positions; None: not determined),
+    "device", "detected_by"}; a Transformer's also "attn_implementation" (config._attn_implementation).
+
+    Mamba-1 / FalconMamba / Mamba-2, transformers 5.x: each kernel function of the modeling file (the scan,
+    the causal convolution) was resolved when transformers imported it: mamba-ssm's / causal-conv1d's own
+    when importable, else its PyTorch body (read here from the function). There is no device check: a
+    CPU model with the packages importable would call the CUDA kernels. Mamba-1's PyTorch scan is a loop
+    over positions (mambapy's parallel scan instead where `config.use_mambapy` and mambapy is importable;
+    the associative scan only under torch.compile); Mamba-2's is the chunked form, no loop over positions.
+    Older transformers: the mixer method its forward calls (`_probe_mixer_method`)."""
+    import sys
+
+    import transformers
+
+    device = str(next(model.parameters()).device)
+    version = f"transformers {transformers.__version__}"
+    if not adapter.is_ssm:
+        attn = getattr(model.config, "_attn_implementation", None)
+        return {"name": f"{attn} attention", "description": f"{type(model).__name__}'s own forward with attention "
+                f"implementation '{attn}' (config._attn_implementation)", "per_position_loop": False,
+                "attn_implementation": attn, "device": device, "detected_by": f"config._attn_implementation ({version})"}
+    mixer = adapter.mixer(0)
+    module = sys.modules[type(mixer).__module__]
+    mamba2 = adapter.ssm_kind == "mamba2"
+    torch_scan = ("transformers' PyTorch chunked scan (no loop over positions)" if mamba2 else
+                  "transformers' PyTorch slow path (a Python loop over positions)")
+    if hasattr(type(mixer), "cuda_kernels_forward"):  # transformers 4.x / early 5.x
+        method = _probe_mixer_method(model, mixer)
+        how = f"the mixer method its forward called ({version})"
+        if method == "cuda_kernels_forward":
+            return {"name": "CUDA kernels", "description": f"{type(mixer).__name__}.cuda_kernels_forward: mamba-ssm's "
+                    "and causal-conv1d's fused CUDA kernels", "per_position_loop": False, "device": device,
+                    "detected_by": how}
+        if method in ("slow_forward", "torch_forward"):
+            return {"name": "transformers slow path" if not mamba2 else "transformers chunked scan",
+                    "description": f"{type(mixer).__name__}.{method}: {torch_scan}; the CUDA kernels need mamba-ssm "
+                    "and causal-conv1d importable and the model on CUDA", "per_position_loop": not mamba2,
+                    "device": device, "detected_by": how}
+        return {"name": "undetermined", "description": f"{type(mixer).__name__}'s forward called none of "
+                "cuda_kernels_forward / slow_forward / torch_forward", "per_position_loop": None, "device": device,
+                "detected_by": how}
+    fns = {name: _resolved(getattr(module, name, None)) for name in _KERNEL_FUNCTIONS[adapter.ssm_kind]}
+    how = f"the implementations {type(mixer).__name__}'s kernel functions resolved to ({version}): " + ", ".join(
+        f"{n} -> {'?' if r is None else r['runs']}" for n, r in fns.items())
+    if any(r is None for r in fns.values()):
+        return {"name": "undetermined", "description": "this transformers version's Mamba kernel functions are not "
+                "the per-function fallbacks this module reads", "per_position_loop": None, "device": device,
+                "detected_by": how}
+    scan, conv = (fns[n] for n in _KERNEL_FUNCTIONS[adapter.ssm_kind])
+    if not scan["fallback"]:
+        return {"name": "CUDA kernels", "description": f"mamba-ssm's scan kernel ({scan['runs']}) and "
+                f"{'causal-conv1d' if not conv['fallback'] else 'the PyTorch'} causal convolution",
+                "per_position_loop": False, "device": device, "detected_by": how}
+    mambapy = (not mamba2 and bool(getattr(mixer, "use_mambapy", False))
+               and bool(getattr(module, "is_mambapy_available", lambda: False)()))
+    if mambapy:
+        return {"name": "mambapy parallel scan", "description": "transformers' PyTorch fallback with mambapy's "
+                "parallel scan (config.use_mambapy)", "per_position_loop": False, "device": device, "detected_by": how}
+    return {"name": "transformers slow path" if not mamba2 else "transformers chunked scan",
+            "description": f"{torch_scan}: mamba-ssm is not importable, so transformers runs the PyTorch body of its "
+            "scan", "per_position_loop": not mamba2, "device": device, "detected_by": how}
+
+
+def fast_scan_implementation(adapter) -> dict | None:
+    """The project's fast scan (`ssm.fast_scan`), for Mamba-1 / FalconMamba; None for other families (the
+    project has no whole-model fast forward for them)."""
+    if adapter.ssm_kind != "mamba1":
+        return None
+    return {"name": "project fast scan", "description": "the project's fast scan (ssm.fast_scan: ssm.mixer_forward "
+            "with ssm.selective_scan_fast in every mixer, float32 inside): a Python loop over positions too, of "
+            "two in-place tensor operations per position and layer", "per_position_loop": True,
+            "detected_by": "ssm.fast_scan swaps every mixer's forward"}
+
+
+def fast_scan_tolerance(dtype) -> float:
+    """Largest allowed max|fast-scan logits − model's logits| / max|model's logits|: 1e-3 in float32 and
+    float64 (the fast scan's float32 rounding grows through the layers, as the text pass's SITE_TOLERANCE
+    says), the model's own rounding (ssm.RECONSTRUCTION_TOLERANCE) where that is larger (half precision)."""
+    from passes import SITE_TOLERANCE
+    from ssm import RECONSTRUCTION_TOLERANCE
+
+    return max(SITE_TOLERANCE, RECONSTRUCTION_TOLERANCE.get(dtype, SITE_TOLERANCE))
+
+
+# --------------------------------------------------------------------------------------------------
 # Measured time and memory
 # --------------------------------------------------------------------------------------------------
-def peak_forward_memory(model, input_ids) -> int:
-    """Peak bytes allocated by PyTorch during one forward beyond what was allocated before it
-    (activations and workspaces; the weights are not counted). CUDA: the allocator's peak; CPU: the
-    running sum of the profiler's allocation events."""
+def _profiled_forward(model, input_ids) -> tuple[int, int | None]:
+    """(peak bytes, aten operator calls) of one forward; see `peak_forward_memory`. The operator calls
+    (every `aten::` event the CPU profiler recorded, nested calls included) only on a CPU, else None."""
     import torch
 
     device = input_ids.device
@@ -132,7 +286,7 @@ def peak_forward_memory(model, input_ids) -> int:
         with torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
+        return int(torch.cuda.max_memory_allocated(device) - base), None
     from torch.profiler import ProfilerActivity, profile
 
     # The profiler's C++ side prints "USDT: ... profiler_start/stop" on stderr at each use unless its log
@@ -140,40 +294,78 @@ def peak_forward_memory(model, input_ids) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(input_ids=input_ids, use_cache=False)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    running = np.cumsum([b for _, b in events]) if events else np.zeros(1)
-    return int(max(0, running.max()))
+    events = list(prof.profiler.kineto_results.events())
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    running = np.cumsum([b for _, b in memory]) if memory else np.zeros(1)
+    return int(max(0, running.max())), sum(1 for e in events if e.name().startswith("aten::"))
 
 
-def _timed_forward(model, input_ids) -> float:
+def peak_forward_memory(model, input_ids) -> int:
+    """Peak bytes allocated by PyTorch during one forward beyond what was allocated before it
+    (activations and workspaces; the weights are not counted). CUDA: the allocator's peak; CPU: the
+    running sum of the profiler's allocation events."""
+    return _profiled_forward(model, input_ids)[0]
+
+
+def _forward(model, input_ids, keep: bool = False):
+    """(seconds, logits (1, L, V) when `keep`, else None) of one forward, synchronised on CUDA."""
     import torch
 
     sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda *a: None)
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():
-        model(input_ids=input_ids, use_cache=False)
+        out = model(input_ids=input_ids, use_cache=False)
     sync()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, (out.logits if keep else None)
 
 
-def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, efficiency_budget: float = 15.0,
-                  repeats: int = 3,
-                  progress: bool = False) -> dict:
-    """Forward time (best of `repeats`, after one warm-up) and peak memory at batch 1 for each length,
-    with analytic FLOPs per token. `token_ids` (1-D) are cycled to each length. Lengths beyond the
-    model's positions are skipped, and so is every length whose predicted cost (the last measured time
-    × the last growth factor, × (repeats + 2)) would overrun `efficiency_budget`; each skip is recorded.
-
-    Refused before any forward (ValueError): `seq_lengths` not a non-empty list of whole numbers >= 1 (a
-    length given twice is measured once), an `efficiency_budget` that is not a finite number > 0, `repeats` not a
-    whole number >= 1, no tokens, or token ids that are not whole numbers."""
+def logits_difference(reference, other) -> dict:
+    """{"max_abs_diff": max|other − reference|, "relative_diff": that / max|reference|} of two logits
+    tensors (in float32 or wider)."""
     import torch
-    from tqdm.auto import tqdm
 
-    from causal_analysis import finite_number, whole_number
-    from utils import free_memory_bytes
+    wide = torch.promote_types(reference.dtype, torch.float32)
+    diff = float((other.to(wide) - reference.to(wide)).abs().max())
+    scale = float(reference.to(wide).abs().max())
+    return {"max_abs_diff": diff, "relative_diff": diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))}
+
+
+class _Curve:
+    """One scaling curve while it is measured: what it times, its budget share and what it measured."""
+
+    def __init__(self, key: str, implementation: dict, context, share: float, checked: bool, tolerance=None):
+        self.key, self.implementation, self.context, self.share = key, implementation, context, share
+        self.checked, self.tolerance = checked, tolerance  # checked: its logits against the model's own
+        self.points, self.skipped, self.spent, self.stopped, self.error = [], [], 0.0, False, None
+        self.failed_check = None  # {"seq_len", "max_abs_diff", "relative_diff", "ok": False} of a failed check
+
+    def result(self, repeats: int, device) -> dict:
+        out = {"implementation": self.implementation, "points": [] if self.error else self.points,
+               "skipped": self.skipped, "budget_share_s": self.share, "spent_s": self.spent, "repeats": repeats,
+               "batch_size": 1, "device": str(device),
+               "memory_note": "peak bytes PyTorch allocated during the forward beyond what was allocated before it "
+                              "(weights not counted)"}
+        if self.checked:
+            checks = [p for p in self.points if p.get("logits_check") is not None]
+            out["logits_check"] = {
+                "tolerance": self.tolerance, "relative_to": "the largest |logit| of the model's own forward",
+                "lengths_checked": [p["seq_len"] for p in checks],
+                "lengths_unchecked": [p["seq_len"] for p in self.points if p.get("logits_check") is None],
+                "max_abs_diff": max((p["logits_check"]["max_abs_diff"] for p in checks), default=None),
+                "max_relative_diff": max((p["logits_check"]["relative_diff"] for p in checks), default=None),
+                "ok": self.error is None and bool(checks), "failed_at": self.failed_check}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _checked_inputs(seq_lengths, efficiency_budget, repeats, token_ids):
+    """(sorted distinct lengths, budget, repeats, token pool (1-D long tensor)); ValueError as
+    `scaling_curve` documents."""
+    import torch
+
+    from utils import finite_number, whole_number
 
     if isinstance(seq_lengths, (str, bytes)) or not hasattr(seq_lengths, "__iter__"):
         raise ValueError(f"seq_lengths {seq_lengths!r}: must be a list of whole numbers >= 1")
@@ -183,62 +375,226 @@ def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, efficiency
     if finite_number("efficiency_budget", efficiency_budget) <= 0:
         raise ValueError(f"efficiency_budget {efficiency_budget}: must be more than 0 seconds")
     repeats = whole_number("repeats", repeats, low=1)
-    device = next(model.parameters()).device
     ids = np.asarray(token_ids)
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"token_ids must be whole numbers; got dtype {ids.dtype}")
     pool = torch.as_tensor(ids, dtype=torch.long).ravel()
     if len(pool) == 0:
         raise ValueError("no tokens to build the sequences from")
-    seq_lengths = sorted(set(lengths))  # the curve runs from short to long (the budget's prediction
-    # extrapolates from the last two lengths)
+    # the curves run from short to long (the budget's prediction extrapolates from the last two lengths)
+    return sorted(set(lengths)), float(efficiency_budget), repeats, pool
+
+
+def _measure(model, adapter, pool, lengths, curves: list[_Curve], repeats: int, progress: bool) -> None:
+    """Every curve at every length, short to long, one length on every curve before the next (the model's
+    own curve first: its logits are the reference the next curves are checked against at that length).
+
+    Budget: each curve may spend its `share`, plus the unspent share of every curve that has stopped; its
+    time counts the warm-up, the timed forwards, the memory profile and the logits check. Before a length,
+    its cost is predicted as the last length's cost × the last growth of the forward time (2 after one
+    length); a curve whose prediction would overrun stops, and its longer lengths are recorded as skipped."""
+    from tqdm.auto import tqdm
+
+    from utils import free_memory_bytes
+
+    device = next(model.parameters()).device
     limit = adapter.max_positions
-    points, skipped, spent = [], [], 0.0
-    t_start = time.perf_counter()
-    for L in tqdm(seq_lengths, desc="efficiency", disable=not progress, leave=False):
+    for L in tqdm(lengths, desc="efficiency", disable=not progress, leave=False):
         if limit is not None and L > limit:
-            skipped.append({"seq_len": L, "reason": f"beyond the model's {limit} positions"})
+            for c in curves:
+                c.skipped.append({"seq_len": L, "reason": f"beyond the model's {limit} positions"})
             continue
         need, free = forward_bytes_estimate(adapter, L), free_memory_bytes(device)
         if need > free / 2:
-            skipped.append({"seq_len": L, "reason": f"would need about {need / 2 ** 30:.3g} GiB (estimated), more "
-                                                    f"than half the {free / 2 ** 30:.3g} GiB free"})
+            for c in curves:
+                c.skipped.append({"seq_len": L, "reason": f"would need about {need / 2 ** 30:.3g} GiB (estimated), "
+                                                          f"more than half the {free / 2 ** 30:.3g} GiB free"})
             continue
-        if len(points) >= 1:
-            growth = points[-1]["time_s"] / points[-2]["time_s"] if len(points) >= 2 else 2.0
-            predicted = points[-1]["time_s"] * max(growth, 1.0) * (repeats + 2)
-            spent = time.perf_counter() - t_start
-            if spent + predicted > efficiency_budget:
-                skipped.append({"seq_len": L, "reason": f"predicted {predicted:.1f} s would overrun the "
-                                                        f"{efficiency_budget:g} s budget"})
-                continue
         ids = pool.repeat(L // len(pool) + 1)[:L][None].to(device)  # (1, L)
-        _timed_forward(model, ids)  # warm-up
-        t = min(_timed_forward(model, ids) for _ in range(repeats))
-        mem = peak_forward_memory(model, ids)
-        fl = flops_per_token(adapter, L)
-        points.append({"seq_len": L, "time_s": t, "tokens_per_s": L / t, "peak_memory_bytes": mem,
-                       "flops_per_token": fl["total"], "measured_gflops_per_s": fl["total"] * L / t / 1e9})
-    return {"points": points, "skipped": skipped, "budget_s": efficiency_budget,  # seconds
-            "repeats": repeats, "batch_size": 1,
-            "device": str(device), "memory_note": "peak bytes PyTorch allocated during the forward beyond what "
-                                                  "was allocated before it (weights not counted)"}
+        reference = None  # the model's own logits at L
+        for c in curves:
+            if c.error is not None:
+                continue
+            if c.stopped:
+                c.skipped.append({"seq_len": L, "reason": "the budget stopped this curve at a shorter length"})
+                continue
+            allowed = c.share + sum(max(0.0, o.share - o.spent) for o in curves
+                                    if o is not c and (o.stopped or o.error is not None))
+            if c.points:
+                pts = c.points
+                growth = pts[-1]["time_s"] / pts[-2]["time_s"] if len(pts) >= 2 else 2.0
+                predicted = pts[-1]["measurement_s"] * max(growth, 1.0)
+                if c.spent + predicted > allowed:
+                    c.skipped.append({"seq_len": L, "reason": f"predicted {predicted:.1f} s, after {c.spent:.1f} s "
+                                                              f"spent, would overrun this curve's {allowed:.3g} s "
+                                                              "of the budget"})
+                    c.stopped = True
+                    continue
+            t0 = time.perf_counter()
+            with c.context():
+                keep = c.checked or (c is curves[0] and any(o.checked for o in curves))
+                _, logits = _forward(model, ids, keep=keep)  # the warm-up
+                check = None
+                if c.checked and reference is not None:
+                    check = logits_difference(reference, logits)
+                    check["ok"] = check["relative_diff"] <= c.tolerance
+                if c is curves[0]:
+                    reference = logits
+                del logits
+                if check is not None and not check["ok"]:
+                    c.error = (f"the logits differ from the model's own forward at L={L} by {check['relative_diff']:.3g} "
+                               f"(max |difference| {check['max_abs_diff']:.3g}, relative to the largest |logit|) > "
+                               f"{c.tolerance:g}: not timed")
+                    c.failed_check = {"seq_len": L, **check}
+                    c.spent += time.perf_counter() - t0
+                    continue
+                t = min(_forward(model, ids)[0] for _ in range(repeats))
+                mem, ops = _profiled_forward(model, ids)
+            cost = time.perf_counter() - t0
+            c.spent += cost
+            fl = flops_per_token(adapter, L)
+            point = {"seq_len": L, "time_s": t, "tokens_per_s": L / t, "peak_memory_bytes": mem,
+                     "flops_per_token": fl["total"], "achieved_gflops_per_s": achieved_gflops(fl["total"] * L, t),
+                     "aten_ops": ops, "measurement_s": cost}
+            if c.checked:
+                point["logits_check"] = check
+            c.points.append(point)
+        del reference
+
+
+def achieved_gflops(flops: float, seconds: float) -> float:
+    """Analytic FLOPs of a forward / its measured seconds, in GFLOP/s."""
+    return flops / seconds / 1e9
+
+
+def scaling_curve(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, efficiency_budget: float = 15.0,
+                  repeats: int = 3, progress: bool = False) -> dict:
+    """The model's own forward: time (best of `repeats`, after one warm-up), peak memory and aten operator
+    calls at batch 1 for each length, with analytic FLOPs per token and the achieved GFLOP/s, and what was
+    timed ("implementation", `timed_implementation`). `token_ids` (1-D) are cycled to each length.
+    Lengths beyond the model's positions are skipped, so is a length whose memory estimate exceeds half
+    the free memory, and so is every length whose predicted cost would overrun `efficiency_budget` (see
+    `_measure`); each skip is recorded.
+
+    Refused before any forward (ValueError): `seq_lengths` not a non-empty list of whole numbers >= 1 (a
+    length given twice is measured once), an `efficiency_budget` that is not a finite number > 0, `repeats`
+    not a whole number >= 1, no tokens, or token ids that are not whole numbers."""
+    import contextlib
+
+    lengths, budget, repeats, pool = _checked_inputs(seq_lengths, efficiency_budget, repeats, token_ids)
+    own = _Curve("scaling", timed_implementation(model, adapter), contextlib.nullcontext, budget, checked=False)
+    _measure(model, adapter, pool, lengths, [own], repeats, progress)
+    return own.result(repeats, next(model.parameters()).device)
+
+
+def architecture_curve(own: dict, fast: dict | None, n_layers: int) -> dict:
+    """{"curve": the key of the curve that reflects the architecture ("scaling", "scaling_fast_scan") or
+    None, "reason"} from the two curves' results: the model's own where it runs no Python loop over
+    positions (CUDA kernels, a chunked scan, a Transformer), else the fast scan where it passed its check."""
+    impl = own["implementation"]
+    if impl["per_position_loop"] is False:
+        return {"curve": "scaling", "reason": f"the model's own forward ({impl['name']}) has no Python loop over "
+                                              "positions" + ("" if fast is None else
+                                                             "; the fast scan loops over positions in Python")}
+    if impl["per_position_loop"] is None:
+        return {"curve": None, "reason": f"what the model's own forward runs could not be determined "
+                                         f"({impl['description']})"}
+    if fast is None:
+        return {"curve": None, "reason": f"the model's own forward ({impl['name']}) is a Python loop over positions "
+                                         "and the project has no fast scan for this family"}
+    if "error" in fast:
+        return {"curve": None, "reason": "the model's own forward is a Python loop over positions and the fast scan "
+                                         "curve failed its logits check"}
+    per = _ops_per_position(own["points"], fast["points"], n_layers)
+    ops = "" if per is None else (f" (about {per[0]:.0f} against {per[1]:.0f} aten operator calls per position and layer, "
+                                  f"from the profiled calls at L={per[2]} and {per[3]})")
+    return {"curve": "scaling_fast_scan",
+            "reason": f"transformers' slow path dispatches many tensor operations per position and layer in its Python "
+                      f"loop, the fast scan few{ops}: its time is the closer to the scan's arithmetic. Both loop over "
+                      "positions in Python and neither is a fused scan kernel, so on this device both overstate the "
+                      "time the architecture needs"}
+
+
+def _ops_per_position(own: list, fast: list, n_layers: int):
+    """(own, fast aten calls per position and layer, L1, L2) from the two longest lengths both curves
+    profiled: (calls(L2) − calls(L1)) / ((L2 − L1) · layers); None with fewer than two such lengths."""
+    a = {p["seq_len"]: p["aten_ops"] for p in own if p["aten_ops"] is not None}
+    b = {p["seq_len"]: p["aten_ops"] for p in fast if p["aten_ops"] is not None}
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    L1, L2 = common[-2:]
+    return (a[L2] - a[L1]) / ((L2 - L1) * n_layers), (b[L2] - b[L1]) / ((L2 - L1) * n_layers), L1, L2
+
+
+def scaling_curves(model, adapter, token_ids, seq_lengths=SEQ_LENGTHS, efficiency_budget: float = 15.0,
+                   repeats: int = 3, progress: bool = False) -> dict:
+    """The model's own forward ("scaling", as `scaling_curve`) and, for Mamba-1 / FalconMamba, the same
+    model through the project's fast scan ("scaling_fast_scan", `ssm.fast_scan`; None for other families),
+    whose logits at each length are checked against the model's own forward at that length (the warm-up
+    forwards' logits; a length the model's own curve skipped is recorded unchecked): beyond
+    `fast_scan_tolerance` the curve is an error, its points dropped. "architecture_curve" says which curve
+    reflects the architecture. `efficiency_budget` is split evenly between the curves (`_measure`).
+    Refusals as `scaling_curve`."""
+    import contextlib
+
+    import ssm
+
+    lengths, budget, repeats, pool = _checked_inputs(seq_lengths, efficiency_budget, repeats, token_ids)
+    device = next(model.parameters()).device
+    fast_impl = fast_scan_implementation(adapter)
+    n = 1 if fast_impl is None else 2
+    curves = [_Curve("scaling", timed_implementation(model, adapter), contextlib.nullcontext, budget / n, checked=False)]
+    if fast_impl is not None:
+        fast_impl["device"] = str(device)
+        curves.append(_Curve("scaling_fast_scan", fast_impl, lambda: ssm.fast_scan(model), budget / n, checked=True,
+                             tolerance=fast_scan_tolerance(next(model.parameters()).dtype)))
+    _measure(model, adapter, pool, lengths, curves, repeats, progress)
+    out = {c.key: c.result(repeats, device) for c in curves}
+    out.setdefault("scaling_fast_scan", None)
+    out["architecture_curve"] = architecture_curve(out["scaling"], out["scaling_fast_scan"], adapter.n_layers)
+    out["timing_budget"] = {
+        "total_s": budget, "spent_s": sum(c.spent for c in curves),
+        "rule": f"--efficiency_budget split evenly between the {n} curve{'s' if n > 1 else ''}; a curve's warm-up, "
+                "timed forwards, memory profile and logits check count against its share; a curve the budget "
+                "stops leaves the rest of its share to the curves still running"}
+    return out
+
+
+DEFINITIONS = {
+    "time_s": "the fastest of `repeats` batch-1 forwards (after one warm-up forward), synchronised on CUDA",
+    "achieved_gflops_per_s": "analytic forward FLOPs (flops_per_token × seq_len) / time_s / 1e9",
+    "aten_ops": "aten operator calls the CPU profiler recorded in one forward, nested calls included (None on CUDA)",
+    "measurement_s": "wall seconds this length took to measure: warm-up, timed forwards, memory profile, check",
+    "logits_check": "max|fast-scan logits − the model's own logits| and that divided by the largest |logit| of the "
+                    "model's own forward, at the same length and tokens; above the tolerance the curve is an error",
+    "implementation": "what the curve timed: the model's own forward as transformers runs it (Mamba: CUDA kernels "
+                      "or the PyTorch fallback; a Transformer: its attention implementation), or the project's "
+                      "fast scan",
+    "architecture_curve": "the curve whose time reflects the architecture rather than an implementation's Python "
+                          "overhead, with the reason",
+    "efficiency_ratio": "active / neurons of the analysed layer, active = neurons whose mean |a| over the texts' "
+                        "tokens exceeds the sparsity threshold; at exactly 0 or 1 it says where the absolute threshold sits "
+                        "against the activation scale, not what the model does: efficiency_ratio_informative False",
+}
 
 
 def efficiency_metrics(model, adapter, token_ids, site_stats: dict | None, seq_lengths=SEQ_LENGTHS,
                        efficiency_budget: float = 15.0, progress: bool = False) -> dict:
     return {"parameters": parameter_counts(model, adapter), "neurons": neuron_counts(adapter, site_stats),
             "flops_per_token_at_256": flops_per_token(adapter, 256),
-            "scaling": scaling_curve(model, adapter, token_ids, seq_lengths, efficiency_budget=efficiency_budget,
-                                     progress=progress),
-            "flops_formulas": __doc__.split("\n\n", 1)[1].strip()}
+            **scaling_curves(model, adapter, token_ids, seq_lengths, efficiency_budget=efficiency_budget,
+                             progress=progress),
+            "flops_formulas": __doc__[__doc__.index("Analytic forward FLOPs"):].strip(),
+            "definitions": DEFINITIONS}
 
 
 # --------------------------------------------------------------------------------------------------
 # Plots (consume the dicts above; one entry per model)
 # --------------------------------------------------------------------------------------------------
 def plot_efficiency(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
-    """Bars of parameters, neurons per layer, total and active neurons, efficiency ratio, per model."""
+    """Bars of parameters, neurons per layer, total and active neurons, efficiency ratio, per model (a
+    ratio uninformative at its threshold is marked so on its bar)."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
@@ -254,6 +610,12 @@ def plot_efficiency(entries: list[tuple[str, dict]], plots_dir, name: str) -> st
     for ax, (title, vals) in zip(axes.ravel(), panels):
         bars = ax.bar(labels, vals, color=[f"C{i}" for i in range(len(labels))])
         ax.bar_label(bars, fmt="%.3g")
+        if title.startswith("efficiency ratio"):
+            for bar, (_, e) in zip(bars, entries):
+                if e["neurons"].get("efficiency_ratio_informative") is False:
+                    ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() / 2,
+                            f"uninformative at\nthreshold {e['neurons']['threshold']:g}", ha="center", va="center",
+                            fontsize=7, color="white")
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle("Efficiency metrics (active: mean |a| above each model's traditional threshold)")
@@ -261,30 +623,52 @@ def plot_efficiency(entries: list[tuple[str, dict]], plots_dir, name: str) -> st
     return save_figure(fig, plots_dir, name)
 
 
+CURVE_KEYS = ("scaling", "scaling_fast_scan")
+
+
 def plot_scaling(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
-    """Measured forward time and peak memory against sequence length (log-log), analytic FLOPs/token."""
+    """Measured forward time, peak memory and achieved GFLOP/s against sequence length (log-log), and the
+    analytic FLOPs per token: per model its own forward (solid) and, where measured, the project's fast
+    scan (dashed), each named by what was timed; "(architecture)" marks the curve that reflects the
+    architecture, and the caption says it per model."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
+    caption = []
     for i, (lab, e) in enumerate(entries):
-        pts = e["scaling"]["points"]
-        if not pts:
-            continue
-        L = [p["seq_len"] for p in pts]
-        axes[0].plot(L, [p["time_s"] for p in pts], "o-", color=f"C{i}", label=lab)
-        axes[1].plot(L, [p["peak_memory_bytes"] / 2 ** 20 for p in pts], "o-", color=f"C{i}", label=lab)
-        axes[2].plot(L, [p["flops_per_token"] / 1e6 for p in pts], "o-", color=f"C{i}", label=lab)
+        arch = (e.get("architecture_curve") or {}).get("curve")
+        names = []
+        for key, style in zip(CURVE_KEYS, ("o-", "s--")):
+            curve = e.get(key)
+            if not curve:
+                continue
+            impl = (curve.get("implementation") or {}).get("name", "model's own forward")
+            names.append(impl)
+            pts = curve["points"]
+            if not pts:
+                continue
+            legend = f"{lab}: {impl}{' (architecture)' if key == arch else ''}"
+            L = [p["seq_len"] for p in pts]
+            axes[0].plot(L, [p["time_s"] for p in pts], style, color=f"C{i}", label=legend)
+            axes[1].plot(L, [p["peak_memory_bytes"] / 2 ** 20 for p in pts], style, color=f"C{i}", label=legend)
+            axes[2].plot(L, [p.get("achieved_gflops_per_s", np.nan) for p in pts], style, color=f"C{i}", label=legend)
+            if key == "scaling":
+                axes[3].plot(L, [p["flops_per_token"] / 1e6 for p in pts], style, color=f"C{i}", label=lab)
+        arch_name = (e.get(arch) or {}).get("implementation", {}).get("name") if arch else None
+        caption.append(f"{lab}: timed {' and '.join(names)}; reflects the architecture: {arch_name or 'neither'}")
     for ax, title in zip(axes, ["forward time (s), batch 1", "peak activation memory (MiB)",
-                                "analytic FLOPs per token (M)"]):
+                                "achieved GFLOP/s (analytic FLOPs / time)", "analytic FLOPs per token (M)"]):
         ax.set_xscale("log", base=2)
-        if ax is not axes[2]:
+        if ax is not axes[3]:
             ax.set_yscale("log")
         ax.set_xlabel("sequence length")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.text(0.01, 0.01, "\n".join(caption), fontsize=8, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 * max(1, len(caption)), 1, 1))
     return save_figure(fig, plots_dir, name)
 
 
@@ -328,6 +712,26 @@ def _stage_run(ctx, read: dict | None):
                  partial(plot_scaling, [(ctx.prefix, res)], ctx.plots_dir, f"{ctx.prefix}_scaling")]
 
 
+def _curve_lines(title: str, c: dict) -> list[str]:
+    impl = c.get("implementation") or {}
+    lines = [f"    {title}: {impl.get('description', '?')} [{impl.get('device', '?')}]"]
+    chk = c.get("logits_check")
+    if chk is not None and chk["lengths_checked"]:
+        lines.append(f"      logits within {chk['max_relative_diff']:.2g} of the model's own forward (relative to its "
+                     f"largest |logit|; max |difference| {chk['max_abs_diff']:.2g}; tolerance {chk['tolerance']:g}) at "
+                     f"L = {', '.join(map(str, chk['lengths_checked']))}"
+                     + (f"; unchecked at L = {', '.join(map(str, chk['lengths_unchecked']))} (the model's own curve "
+                        "did not run there)" if chk["lengths_unchecked"] else ""))
+    if "error" in c:
+        lines.append(f"      error: {c['error']}")
+    for pt in c["points"]:
+        ops = "" if pt.get("aten_ops") is None else f", {pt['aten_ops']:,} aten ops"
+        lines.append(f"      L={pt['seq_len']:>5}: {pt['time_s'] * 1e3:9.1f} ms, {pt['achieved_gflops_per_s']:7.3g} GFLOP/s, "
+                     f"peak {pt['peak_memory_bytes'] / 2 ** 20:8.1f} MiB, {pt['flops_per_token'] / 1e6:.2f} MFLOP/token{ops}")
+    lines += [f"      L={sk['seq_len']:>5}: skipped ({sk['reason']})" for sk in c["skipped"]]
+    return lines
+
+
 def efficiency_summary(r: dict) -> str:
     p, n = r["parameters"], r["neurons"]
     lines = [f"    parameters {p['total']:,} (embeddings {p['embeddings']:,}, layers {p['layers']:,}, head "
@@ -335,10 +739,18 @@ def efficiency_summary(r: dict) -> str:
              f"({n['site']}), {n['total']} in all"]
     if "active" in n:
         lines.append(f"    layer {n['layer']}: {n['active']} active (mean |a| > {n['threshold']:g}), efficiency ratio "
-                     f"{n['efficiency_ratio']:.3f}")
-    lines += [f"    L={pt['seq_len']:>5}: {pt['time_s'] * 1e3:9.1f} ms, peak {pt['peak_memory_bytes'] / 2 ** 20:8.1f} "
-              f"MiB, {pt['flops_per_token'] / 1e6:.2f} MFLOP/token" for pt in r["scaling"]["points"]]
-    lines += [f"    L={sk['seq_len']:>5}: skipped ({sk['reason']})" for sk in r["scaling"]["skipped"]]
+                     f"{n['efficiency_ratio']:.3f}" + ("" if n.get("efficiency_ratio_informative", True) else
+                                                       f" ({n['efficiency_ratio_note']})"))
+    lines += _curve_lines("timed (the model's own forward)", r["scaling"])
+    if r.get("scaling_fast_scan"):
+        lines += _curve_lines("timed (the same model, project fast scan)", r["scaling_fast_scan"])
+    a = r["architecture_curve"]
+    name = r[a["curve"]]["implementation"]["name"] if a["curve"] else "neither curve"
+    lines.append(f"    reflects the architecture: {name} ({a['reason']})")
+    b = r["timing_budget"]
+    n_curves = 1 + bool(r.get("scaling_fast_scan"))
+    lines.append(f"    budget {b['total_s']:g} s{' split evenly between the 2 curves' if n_curves > 1 else ''}, spent "
+                 f"{b['spent_s']:.1f} s")
     return "".join(line + "\n" for line in lines)
 
 

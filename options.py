@@ -79,7 +79,8 @@ class Options:
     prompts: tuple | None = option(None, "the causal stages' prompts (default: causal_analysis.DEFAULT_PROMPTS)",
                                    flag=False)
     causal_site: str | None = option(None, "site to ablate: Mamba mixer_out (default), ssm, residual; Transformers "
-                                           "mlp, attn_out, mlp_out (default), residual", "causal (ablation)",
+                                           "mlp, attn_out, mlp_out (default), block_out (the block's write: output − input), residual",
+                                     "causal (ablation)",
                                      stages=CAUSAL)
     causal_dims: tuple | None = option(
         None, "limit the causal scan to these dimensions (default: every dimension of the site); also the "
@@ -110,8 +111,9 @@ class Options:
     seq_lengths: tuple = option((64, 128, 256, 512, 1024, 2048), "sequence lengths of the measured time / memory "
                                                                  "scaling curve", "sparsity, efficiency, comparison",
                                 stages=("efficiency", "comparison"), type=int, nargs="+", metavar="L")
-    efficiency_budget: float = option(15.0, "seconds per model for the scaling curve; longer lengths are skipped "
-                                            "(and recorded)", "sparsity, efficiency, comparison",
+    efficiency_budget: float = option(15.0, "seconds per model for the scaling curves (a Mamba-1 model's own "
+                                            "forward and its fast scan share it evenly); longer lengths are "
+                                            "skipped (and recorded)", "sparsity, efficiency, comparison",
                                       stages=("efficiency", "comparison"), type=_finite_float)
 
     bootstrap_resamples: int = option(1000, "resamples of the bootstrap behind every 95%% interval and rank stability "

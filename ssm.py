@@ -406,10 +406,17 @@ class swapped_mixer_forward:
         return False
 
 
+def fast_scan(model) -> swapped_mixer_forward:
+    """The whole model's forward (and backward) through the project's fast scan: inside the block every
+    Mamba-1 / FalconMamba mixer runs `mixer_forward` (float32 projections, `selective_scan_fast`), no cache.
+    The efficiency stage times the model with it beside the model's own forward."""
+    return swapped_mixer_forward(model, _fast_mixer_call)
+
+
 def fast_scan_training(model) -> swapped_mixer_forward:
     """Every mixer runs `mixer_forward` (fast scan, cheap backward) inside the block; what is saved
     afterwards is a plain MambaForCausalLM checkpoint. Caching (generation) is not supported inside."""
-    return swapped_mixer_forward(model, _fast_mixer_call)
+    return fast_scan(model)
 
 
 # --------------------------------------------------------------------------------------------------

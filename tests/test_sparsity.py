@@ -67,13 +67,23 @@ def test_streamed_statistics_equal_in_memory():
     a[:, 5] = 0.0  # a dead neuron
     a[:, 9] = 1e-7  # ties at a tiny value
     a[17] = 0.0  # an all-zero token
-    ref = sp.comprehensive_sparsity(a, threshold=0.01, eps=1e-6)
     for size in (1, 64, 1013):
-        got = sp.stream_sparsity(lambda: (a[i:i + size] for i in range(0, len(a), size)), 48, 0.01, 1e-6)
+        lengths = [len(a[i:i + size]) for i in range(0, len(a), size)]  # each chunk is one text of the intervals
+        ref = sp.comprehensive_sparsity(a, threshold=0.01, eps=1e-6, lengths=lengths, n_resamples=200)
+        got = sp.stream_sparsity(lambda: (a[i:i + size] for i in range(0, len(a), size)), 48, 0.01, 1e-6,
+                                 n_resamples=200)
         for key in ("percentile", "optimal_threshold", "traditional"):
             assert got[key] == ref[key], key  # exact order statistics and counts
         for key in ("gini", "hoyer"):
             assert got[key] == pytest.approx(ref[key], rel=1e-12)
+        assert got["n_texts"] == ref["n_texts"] == len(lengths)
+        for family, names in (("population", ("normalised_entropy", "entropy_sparsity", "gini", "hoyer")),
+                              ("usage", ("gini", "hoyer"))):
+            for m in names:
+                assert_leaves_close(got[family][m], ref[family][m], 1e-12, f"{family}.{m}")
+        assert got["population"]["n_tokens_defined"] == ref["population"]["n_tokens_defined"]
+        for m in sp.POPULATION:
+            np.testing.assert_array_equal(got["population"]["histograms"][m], ref["population"]["histograms"][m])
         np.testing.assert_allclose(got["neuron_mean_abs"], ref["neuron_mean_abs"], rtol=1e-12)
         np.testing.assert_allclose(got["neuron_variance"], ref["neuron_variance"], rtol=1e-10, atol=1e-30)
         assert got["entropy"]["sparsity"] == pytest.approx(ref["entropy"]["sparsity"], rel=1e-12)
@@ -81,6 +91,7 @@ def test_streamed_statistics_equal_in_memory():
         np.testing.assert_array_equal(got["entropy"]["histogram_counts"], ref["entropy"]["histogram_counts"])
         np.testing.assert_array_equal(got["dead_neurons"]["indices"], ref["dead_neurons"]["indices"])
     assert list(ref["dead_neurons"]["indices"]) == [5, 9]
+    assert ref["population"]["n_tokens_defined"] == {m: len(a) - 1 for m in sp.POPULATION}  # the zero token
     np.testing.assert_allclose(ref["neuron_variance"], a.var(0), rtol=1e-12, atol=1e-30)
 
 
@@ -90,7 +101,7 @@ def test_second_pass_reads_the_kept_bits_within_the_budget_and_recomputes_past_i
     statistics."""
     rng = np.random.default_rng(5)
     a = rng.standard_normal((600, 32)) * rng.gamma(0.5, 1.0, 32)
-    ref = sp.comprehensive_sparsity(a, threshold=0.01, eps=1e-6)
+    ref = sp.comprehensive_sparsity(a, threshold=0.01, eps=1e-6, lengths=[100] * 6)  # the chunks are the texts
     for budget, calls_expected in ((a.size * 4, 1), (a.size * 4 - 1, 2), (0, 2)):
         calls = []
 
@@ -102,6 +113,8 @@ def test_second_pass_reads_the_kept_bits_within_the_budget_and_recomputes_past_i
         assert len(calls) == calls_expected, budget
         for key in ("percentile", "optimal_threshold", "traditional"):
             assert got[key] == ref[key], (budget, key)
+        assert_leaves_close(got["usage"], ref["usage"], 1e-12, "usage")
+        assert got["n_texts"] == 6  # a second pass does not count the texts again
 
 
 @pytest.mark.parametrize("kind", ["mamba_a", "gpt2"])
@@ -313,17 +326,29 @@ def test_undefined_measures_are_none_with_their_reason_in_memory_and_streamed():
     one = np.abs(np.random.default_rng(4).standard_normal((6, 1))) + 0.1
     assert sp.entropy(zeros) is None and sp.entropy(one) is None
     assert sp.hoyer(one) is None and sp.gini(one) == 0.0
-    for a, undefined in ((zeros, {"entropy": sp.UNDEFINED["no_energy"], "gini": sp.UNDEFINED["all_zero"],
-                                  "hoyer": sp.UNDEFINED["all_zero"]}),
-                         (one, {"entropy": sp.UNDEFINED["one_neuron_entropy"],
-                                "hoyer": sp.UNDEFINED["one_neuron_hoyer"]})):
-        for got in (sp.comprehensive_sparsity(a, 0.01), sp.stream_sparsity(lambda: [a[:2], a[2:]], a.shape[1], 0.01)):
+    no_energy = dict.fromkeys(("population.normalised_entropy", "population.gini", "population.hoyer",
+                               "population.entropy_sparsity"), sp.UNDEFINED["no_energy"])
+    for a, undefined in ((zeros, {**no_energy, "usage.gini": sp.UNDEFINED["all_zero"],
+                                  "usage.hoyer": sp.UNDEFINED["all_zero"]}),
+                         (one, {"population.normalised_entropy": sp.UNDEFINED["one_neuron_entropy"],
+                                "population.entropy_sparsity": sp.UNDEFINED["one_neuron_entropy"],
+                                "population.hoyer": sp.UNDEFINED["one_neuron_hoyer"],
+                                "usage.hoyer": sp.UNDEFINED["one_neuron_hoyer"]})):
+        for got in (sp.comprehensive_sparsity(a, 0.01, lengths=[2, 4]),
+                    sp.stream_sparsity(lambda: [a[:2], a[2:]], a.shape[1], 0.01)):
             assert got["undefined"] == undefined
             assert got["entropy"]["sparsity"] is None and got["entropy"]["mean_entropy"] is None
             assert got["hoyer"] is None and (got["gini"] is None) == (a is zeros)
             assert got["entropy"]["n_zero_tokens"] == (6 if a is zeros else 0)
+            for key in undefined:  # every undefined measure is None at its place, not NaN
+                family, m = key.split(".")
+                assert got[family][m] is None, key
+            if a is one:  # the Gini of one value is 0, per token and in usage
+                assert got["population"]["gini"]["value"] == 0.0 and got["usage"]["gini"]["value"] == 0.0
             table = sp.multilayer_table({0: {**got, "relative_depth": 0.0}})
-            assert table["Hoyer"] == [None] and table["entropy"] == [None]
+            assert table["usage Hoyer"] == [None] and table["population Hoyer"] == [None]
+            assert table["population H (normalised entropy, lower = sparser)"] == [None]
+            assert table["intervals"]["usage Hoyer"] == [None]
     defined = sp.comprehensive_sparsity(np.random.default_rng(5).standard_normal((8, 6)), 0.01)
     assert defined["undefined"] == {} and all(isinstance(defined[k], float) for k in ("gini", "hoyer"))
 
@@ -350,6 +375,9 @@ def test_streamed_float32_activations_near_the_top_of_the_range(k):
     for key in ("gini", "hoyer"):
         assert got[key] == ref[key], key
     assert got["entropy"]["sparsity"] == ref["entropy"]["sparsity"]
+    for m in ("normalised_entropy", "entropy_sparsity", "gini", "hoyer"):  # scale-free, exactly
+        assert got["population"][m] == ref["population"][m], m
+    assert got["usage"] == ref["usage"]
     assert got["percentile"]["sparsity"] == ref["percentile"]["sparsity"]
     np.testing.assert_array_equal(got["percentile"]["thresholds"], np.asarray(ref["percentile"]["thresholds"]) * 2.0 ** k)
     np.testing.assert_array_equal(got["neuron_mean_abs"], ref["neuron_mean_abs"] * 2.0 ** k)

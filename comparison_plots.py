@@ -10,12 +10,10 @@ import efficiency as ef
 import sparsity as sp
 from utils import save_figure
 
-METHODS = (("traditional", lambda s: s["traditional"]["sparsity"]),
-           ("percentile p50", lambda s: s["percentile"]["sparsity"][s["percentile"]["percentiles"].index(50)]),
-           ("entropy", lambda s: s["entropy"]["sparsity"]), ("Gini", lambda s: s["gini"]),
-           ("Hoyer", lambda s: s["hoyer"]),
-           ("optimal τ(50%)\nneuron sparsity", lambda s: s["optimal_threshold"]["neuron_sparsity"][0]),
-           ("dead fraction", lambda s: s["dead_neurons"]["fraction"]))
+# every sparsity measure under its own name (sparsity.MULTILAYER_METRICS: population vs usage, H vs 1 − H), and
+# the optimal-threshold neuron sparsity
+METHODS = (*((name.replace(" (", "\n("), f) for name, f in sp.MULTILAYER_METRICS),
+           ("optimal τ(50%)\nneuron sparsity", lambda s: s["optimal_threshold"]["neuron_sparsity"][0]))
 
 
 def methods_table(comparison: dict) -> dict:
@@ -30,7 +28,7 @@ def plot_methods(comparison: dict, plots_dir, name: str) -> str:
     import matplotlib.pyplot as plt
 
     sides = comparison["models"]
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    fig, ax = plt.subplots(figsize=(17, 5))
     w = 0.8 / len(sides)
     for i, s in enumerate(sides):
         st = s["sparsity_by_layer"][s["layer"]]
@@ -39,7 +37,7 @@ def plot_methods(comparison: dict, plots_dir, name: str) -> str:
         bars = ax.bar(np.arange(len(METHODS)) + (i - (len(sides) - 1) / 2) * w, heights, width=w, color=f"C{i}",
                       label=f"{s['label']} (layer {s['layer']}, depth {s['relative_depth']:.2f})")
         ax.bar_label(bars, labels=["undefined" if v is None else f"{v:.3f}" for v in vals], fontsize=7)
-    ax.set_xticks(range(len(METHODS)), [m for m, _ in METHODS], fontsize=8)
+    ax.set_xticks(range(len(METHODS)), [m for m, _ in METHODS], fontsize=7)
     ax.set(ylabel="sparsity (0 dense … 1 sparse)", title="Every sparsity method at the matched layers "
                                                          "(traditional is scale-dependent)")
     ax.legend(fontsize=8)
@@ -51,18 +49,28 @@ def plot_causal(comparison: dict, plots_dir, name: str) -> str:
     """Distribution (complementary CDF) of the per-dimension causal impacts of both models."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     c = comparison["causal"]
     for i, s in enumerate(comparison["models"]):
         e = c[s["label"]]
         v = np.sort(np.asarray(e["scores"], dtype=float))[::-1]
+        n_zero = len(v) - int((v > 0).sum())
         v = v[v > 0]
         if len(v):
             ax.plot(v, np.arange(1, len(v) + 1) / len(e["scores"]), color=f"C{i}",
-                    label=f"{s['label']} {e['site']} layer {e['layer']} ({len(e['scores'])} dims)")
-    ax.set(xscale="log", xlabel="impact: mean KL(p_clean ‖ p_ablated)", ylabel="fraction of dims with impact ≥ x",
-           title="Causal-impact distributions at the matched layers")
-    ax.legend(fontsize=8)
+                    label=f"{s['label']}: {e['site']} ({e.get('site_kind', '?')}), layer {e['layer']}, "
+                          f"{len(e['scores'])} dims" + (f", {n_zero} with impact 0 not drawn" if n_zero else ""))
+        m = e.get("max_impact")
+        if m is not None and m.get("low") is not None:  # the max's interval over prompts, at the top of the curve
+            ax.errorbar([m["value"]], [1 / len(e["scores"])], xerr=[[m["value"] - m["low"]], [m["high"] - m["value"]]],
+                        fmt="o", color=f"C{i}", ms=4, capsize=3)
+    sites = " vs ".join(f"{c[s['label']]['site']}" for s in comparison["models"])
+    kinds = "same kind" if c.get("note") is None else "different kinds: see the note"
+    ax.set(xscale="log", xlabel="impact: mean KL(p_clean ‖ p_ablated) over prompts",
+           ylabel="fraction of dims with impact ≥ x",
+           title=f"Causal-impact distributions at the matched layers\n{sites} ({kinds}); "
+                 "bar: the largest impact's 95% interval over prompts")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, plots_dir, name)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import stats
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,16 +80,30 @@ def side_profile(side: Side) -> dict:
             "multilayer": sp.multilayer_table(side.sparsity_by_layer), "efficiency": side.efficiency}
 
 
+def _shown_interval(f, layer: dict) -> str | None:
+    """'value [low, high]' of one sparsity measure's interval dict at a layer (None where undefined or absent)."""
+    try:
+        d = f(layer)
+    except (KeyError, TypeError):
+        return None
+    return None if d is None or d.get("value") is None else stats.shown(d, ".4g")
+
+
 ATTENTION_NOTE = ("units: Mamba's channels (hidden attention α^c) and a Transformer's attention-output dims (their "
-                  "head's softmax weights), scored by the same formulas; diversity is scale-free and compares "
-                  "directly, mean activations are of the same kind but their scale is model-specific")
+                  "head's softmax weights), scored by the same formulas on row-scaled maps (each query row summing "
+                  "to 1 in absolute value, as softmax attention does); diversity is scale-free and compares directly; "
+                  "attention_weighted's mean activation is an attention-weighted mean |x| on both sides, in the units "
+                  "of each model's own x; rollout's has the same bounds for both")
 
 
-def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: str | None = None) -> dict:
+def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: str | None = None,
+                 site_note: str | None = None, n_resamples: int = stats.DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """The comparison of two models' stage results on the same texts, with layers matched by relative
     depth (a pure function of the two sides). `sparsity_layers`: the main run's --sparsity_layers (each
-    side lists those it has); the causal part is there when both sides have causal results, the attention
-    part when both have attention results (or {"skipped": `attention_skipped`})."""
+    side lists those it has); the causal part is there when both sides have causal results (each side's
+    site stated; `site_note`: why the sites are not of the same kind, from `paired_site`; intervals over
+    the prompts, `n_resamples` draws with `seed`), the attention part when both have attention results
+    (or {"skipped": `attention_skipped`})."""
     import attention_neurons as an
 
     sides = [side_profile(main), side_profile(other)]
@@ -97,10 +113,7 @@ def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: st
            "threshold_note": "each model's traditional threshold is its family default unless "
                              "--sparsity_threshold was given (then the same for both)"}
     if main.causal is not None and other.causal is not None:
-        out["causal"] = {
-            main.label: {"layer": main.layer, "site": main.causal["site"], "scores": np.asarray(main.causal["scores"])},
-            other.label: {"layer": other.layer, "site": other.causal["site"], "scores": other.causal["scores"]},
-            "prompts": main.causal["prompts"], "ablation": main.causal.get("ablation", "zero")}
+        out["causal"] = causal_side_by_side(main, other, site_note, n_resamples, seed)
     if attention_skipped is not None:
         out["attention"] = {"skipped": attention_skipped}
     elif main.attention is not None and other.attention is not None:
@@ -119,6 +132,96 @@ def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: st
     return out
 
 
+def paired_site(main_adapter, main_site: str, other_adapter) -> tuple[str, str | None]:
+    """(the other model's causal site, note or None): the other model's site of the same kind as `main_site`
+    (models.SITE_KINDS: the block's write to the residual stream, the residual stream, the inner neurons).
+    A site of a kind the other family lacks (a Transformer's attn_out or mlp_out, one part of its block's
+    write, beside a Mamba, whose block writes one part) is paired with the other model's block write, and
+    the note says so."""
+    from models import SITE_KINDS
+
+    kind = main_adapter.sites[main_site].kind
+    same = other_adapter.sites.get(main_site)
+    if same is not None and same.kind == kind:  # the same site (two Transformers: the same component)
+        return main_site, None
+    other = other_adapter.site_of_kind(kind)
+    if other is not None:
+        return other, None
+    other = other_adapter.site_of_kind("write")
+    return other, (f"{main_adapter.display_name}'s {main_site} is of kind '{kind}' ({SITE_KINDS[kind]}); "
+                   f"{other_adapter.display_name} has no site of that kind, so its whole block write, {other}, "
+                   f"stands beside it: not like with like (run --causal_site {main_adapter.site_of_kind('write')} "
+                   "for the block write on both sides)")
+
+
+def site_entry(adapter, site: str) -> dict:
+    """What one side's causal site is: its name, kind and description."""
+    spec = adapter.sites[site]
+    return {"site": site, "site_kind": spec.kind, "site_description": spec.description}
+
+
+def causal_side_by_side(main: Side, other: Side, site_note: str | None = None,
+                        n_resamples: int = stats.DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """Each side's causal site (name, kind, description), layer and per-dimension mean KL with its interval,
+    and the max and median over dimensions of the mean KL with intervals over the prompts (the statistic on
+    each resample of the prompts' per-prompt KL; both sides use the same prompts and the same draws). A side
+    without per-prompt scores (a result of an older run) has its max and median without interval."""
+    out = {"pairing": "same kind" if site_note is None else "different kinds", "note": site_note,
+           "prompts": main.causal["prompts"], "ablation": main.causal.get("ablation", "zero")}
+    res = None
+    for side in (main, other):
+        c = side.causal
+        scores = np.asarray(c["scores"], dtype=np.float64)
+        entry = {"layer": side.layer, **site_entry(side.adapter, c["site"]), "n_dims": int(scores.shape[0]),
+                 "scores": scores, "scores_low": c.get("scores_low"), "scores_high": c.get("scores_high")}
+        per_prompt = c.get("scores_per_prompt")
+        if per_prompt is not None:
+            kl = np.asarray(per_prompt, dtype=np.float64)  # (n_prompts, n_dims)
+            res = res if res is not None and res.n == kl.shape[0] else stats.Resamples.draw(
+                kl.shape[0], n_resamples, seed, "prompts")
+            means = res.means(kl)  # (R, n_dims)
+            entry["max_impact"] = stats.interval(scores.max(), means.max(1), res)
+            entry["median_impact"] = stats.interval(float(np.median(scores)), np.median(means, axis=1), res)
+        else:
+            entry["max_impact"] = {"value": float(scores.max()), "low": None, "high": None}
+            entry["median_impact"] = {"value": float(np.median(scores)), "low": None, "high": None}
+        out[side.label] = entry
+    out["interval_method"] = None if res is None else res.method()
+    out["definitions"] = {
+        "scores": "per dimension of the side's site: the mean over prompts of KL(p_clean ‖ p_ablated) at the "
+                  "last position (the causal stage's), with scores_low/high its 95% interval",
+        "max_impact, median_impact": "the max and the median over the site's dimensions of the mean KL; "
+                                     "interval: the same statistic of the resampled per-prompt means",
+        "site_kind": "what the site is (models.SITE_KINDS): the block's write to the residual stream, the "
+                     "residual stream, the inner neurons, or one component of a Transformer block's write",
+    }
+    return out
+
+
+def _at(d, *keys):
+    """d[k1][k2]...: None where a key is missing (an older result, or a stage that changed its keys)."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _time_rows(add, sides, points_of, what: str, memory: bool) -> None:
+    """Forward time (and peak memory, GFLOP/s) at the longest length measured on both sides' `points_of`."""
+    measured = [{p["seq_len"]: p for p in (points_of(s) or [])} for s in sides]
+    common = set.intersection(*(set(m) for m in measured))
+    if not common:
+        return
+    L = max(common)
+    add(f"forward time at L={L} (ms), {what}", lambda s: round(measured[sides.index(s)][L]["time_s"] * 1e3, 2))
+    if memory:
+        add(f"peak activation memory at L={L} (MiB)",
+            lambda s: round(measured[sides.index(s)][L]["peak_memory_bytes"] / 2 ** 20, 2))
+    add(f"achieved GFLOP/s at L={L}, {what}",
+        lambda s: None if (g := measured[sides.index(s)][L].get("achieved_gflops_per_s")) is None else round(g, 3))
+
+
 def _rounded(value, digits: int = 4):
     """A measure for the summary table, rounded; None (undefined: the entry's "undefined" says why) stays None."""
     return None if value is None else round(value, digits)
@@ -128,6 +231,8 @@ def summary_rows(comparison: dict) -> list[dict]:
     """The numbers of the summary table, one row per metric with one value per model. A measure undefined
     for a model (entropy sparsity, Gini, Hoyer, an attention method's diversity or mean activation) is
     None in its row."""
+    import sparsity as sp
+
     rows = []
     sides = comparison["models"]
 
@@ -144,24 +249,30 @@ def summary_rows(comparison: dict) -> list[dict]:
     layer_stats = {s["label"]: s["sparsity_by_layer"][s["layer"]] for s in sides}
     add("traditional sparsity (threshold)", lambda s: f"{layer_stats[s['label']]['traditional']['sparsity']:.3f} "
                                                       f"({layer_stats[s['label']]['traditional']['threshold']:g})")
-    add("entropy sparsity", lambda s: _rounded(layer_stats[s["label"]]["entropy"]["sparsity"]))
-    add("Gini", lambda s: _rounded(layer_stats[s["label"]]["gini"]))
-    add("Hoyer", lambda s: _rounded(layer_stats[s["label"]]["hoyer"]))
+    for metric, f in sp.MULTILAYER_METRICS:  # each measure under its own name (population vs usage, H vs 1 − H)
+        if metric in sp.MULTILAYER_INTERVALS:
+            add(metric + " [95%]", lambda s, m=metric: _shown_interval(sp.MULTILAYER_INTERVALS[m],
+                                                                       layer_stats[s["label"]]))
     add("dead neurons", lambda s: layer_stats[s["label"]]["dead_neurons"]["count"])
     add("mean activation variance", lambda s: f"{layer_stats[s['label']]['activation_variance']['mean']:.3g}")
 
-    measured = [{p["seq_len"]: p for p in s["efficiency"]["scaling"]["points"]} for s in sides]
-    common = set.intersection(*(set(m) for m in measured))
-    if common:  # the longest length measured on both models
-        L = max(common)
-        add(f"forward time at L={L} (ms)", lambda s: round(measured[sides.index(s)][L]["time_s"] * 1e3, 2))
-        add(f"peak activation memory at L={L} (MiB)",
-            lambda s: round(measured[sides.index(s)][L]["peak_memory_bytes"] / 2 ** 20, 2))
+    eff = {s["label"]: s["efficiency"] for s in sides}
+    add("timed implementation", lambda s: _at(eff[s["label"]], "scaling", "implementation", "name"))
+    curves = {s["label"]: _at(eff[s["label"]], "architecture_curve", "curve") or "scaling" for s in sides}
+    if any(c != "scaling" for c in curves.values()):
+        add("architecture curve (implementation)",
+            lambda s: f"{curves[s['label']]} ({_at(eff[s['label']], curves[s['label']], 'implementation', 'name')})")
+    _time_rows(add, sides, lambda s: _at(eff[s["label"]], "scaling", "points"), "the model's own forward", True)
+    if any(c != "scaling" for c in curves.values()):
+        _time_rows(add, sides, lambda s: _at(eff[s["label"]], curves[s["label"]], "points"), "architecture curve",
+                   False)
     add("FLOPs per token at L=256 (M)", lambda s: round(s["efficiency"]["flops_per_token_at_256"]["total"] / 1e6, 2))
     if "causal" in comparison:
         c = comparison["causal"]
-        add("max causal impact (mean KL)", lambda s: f"{np.max(c[s['label']]['scores']):.3e}")
-        add("median causal impact (mean KL)", lambda s: f"{np.median(c[s['label']]['scores']):.3e}")
+        add("causal site (kind, layer)", lambda s: f"{c[s['label']]['site']} ({c[s['label']]['site_kind']}, "
+                                                   f"layer {c[s['label']]['layer']})")
+        add("max causal impact (mean KL)", lambda s: stats.shown(c[s["label"]]["max_impact"], ".3e"))
+        add("median causal impact (mean KL)", lambda s: stats.shown(c[s["label"]]["median_impact"], ".3e"))
     att = comparison.get("attention")
     if att is not None and "skipped" not in att:
         at = {s["label"]: att["models"][s["label"]]["by_layer"][att["matched_layers"][s["label"]]] for s in sides}
@@ -169,8 +280,10 @@ def summary_rows(comparison: dict) -> list[dict]:
                                                   f"({att['models'][s['label']]['units']['n_units']} "
                                                   f"{att['models'][s['label']]['units']['unit']}s)")
         for m in att["methods"]:
-            add(f"attention {m}: mean activation",
-                lambda s: None if (v := at[s["label"]]["methods"][m]["mean_activation"]) is None else f"{v:.3e}")
+            add(f"attention {m}: mean activation [95%]",
+                lambda s: None if (a := at[s["label"]]["methods"][m])["mean_activation"] is None else stats.shown(
+                    {"value": a["mean_activation"], "low": a.get("mean_activation_low"),
+                     "high": a.get("mean_activation_high")}, ".3e"))
             add(f"attention {m}: diversity", lambda s: _rounded(at[s["label"]]["methods"][m]["neuron_diversity"]))
     return rows
 
@@ -207,8 +320,9 @@ def _stage_reader(ctx):
 
 def other_options(opts, main_adapter, other_adapter, layer: int, stages, prefix: str):
     """The options of the other model's run: the main run's, with its layers at the same relative depths
-    (the attention stage's too), every layer's sparsity, the other model's default causal site and every
-    one of its dimensions, and no layers of the main model's shape."""
+    (the attention stage's too), every layer's sparsity, the other model's causal site of the same kind as
+    the main run's (`paired_site`) and every one of its dimensions, and no layers of the main model's
+    shape."""
     import dataclasses
 
     import attention_neurons as an
@@ -220,7 +334,9 @@ def other_options(opts, main_adapter, other_adapter, layer: int, stages, prefix:
     return dataclasses.replace(
         opts, layer=matched(layer), layers=None, prefix=prefix, max_length=min(opts.max_length, limit or opts.max_length),
         attention_layers=tuple(sorted({matched(la) for la in an.stage_layers(opts, layer)})) if "attention" in stages
-        else None, causal_site=None, causal_dims=None, sparsity_layers=tuple(range(other_adapter.n_layers)))
+        else None, causal_site=paired_site(main_adapter, opts.causal_site or main_adapter.default_causal_site,
+                                           other_adapter)[0],
+        causal_dims=None, sparsity_layers=tuple(range(other_adapter.n_layers)))
 
 
 def _stage_run(ctx, read: dict):
@@ -270,7 +386,10 @@ def _stage_run(ctx, read: dict):
                                            efficiency_budget=o.efficiency_budget, progress=ctx.progress)
     main = Side(ctx.prefix, ctx.adapter, "main", ctx.layer, ctx.results["texts"], main_sparsity,
                 read["measured_in"], efficiency, causal, attention)
-    comp = side_by_side(main, other, _sparsity_layers(ctx), skipped)
+    site_note = None
+    if causal is not None:
+        site_note = paired_site(ctx.adapter, causal["site"], other_adapter)[1]
+    comp = side_by_side(main, other, _sparsity_layers(ctx), skipped, site_note, o.bootstrap_resamples, o.seed)
     comp["compare_model"] = {"requested": source.requested, "source": source.origin,
                              "resolved_path": source.resolved_path, "warning": compare.warning}
     comp["methods_at_matched_layers"] = cp.methods_table(comp)
@@ -288,9 +407,17 @@ def comparison_summary(r: dict) -> str:
     c = r["compare_model"]
     lines = [f"    compared with {c['requested']} ({c['source']})" + (f"; {c['warning']}" if c["warning"] else "")]
     width = max(len(row["metric"]) for row in r["summary"])
-    lines.append("    " + " " * width + " | " + " | ".join(f"{lab:>24}" for lab in labels))
-    lines += [f"    {row['metric']:<{width}} | " + " | ".join(f"{str(row[lab]):>24}" for lab in labels)
+    col = max(24, *(len(str(row[lab])) for row in r["summary"] for lab in labels), *(len(lab) for lab in labels))
+    lines.append("    " + " " * width + " | " + " | ".join(f"{lab:>{col}}" for lab in labels))
+    lines += [f"    {row['metric']:<{width}} | " + " | ".join(f"{str(row[lab]):>{col}}" for lab in labels)
               for row in r["summary"]]
+    cz = r.get("causal")
+    if cz is not None:
+        sites = "; ".join(f"{lab}: {cz[lab]['site']} at layer {cz[lab]['layer']} ({cz[lab]['site_description']})"
+                          for lab in labels)
+        lines.append(f"    causal sites ({cz['pairing']}): {sites}")
+        if cz.get("note"):
+            lines.append(f"    causal note: {cz['note']}")
     att = r.get("attention")
     if att is not None:
         lines.append(f"    attention: {att['skipped'] if 'skipped' in att else att['note']}")

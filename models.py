@@ -31,12 +31,25 @@ DEFAULT_MODELS = {"mamba": ("state-spaces/mamba-130m-hf", REFERENCE_DIR / "mamba
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
+# What a site is, so that sites of two architectures can be paired like with like (the comparison):
+SITE_KINDS = {
+    "write": "the block's write to the residual stream (block output − block input): Mamba mixer_out, a "
+             "Transformer's block_out (= attn_out + mlp_out in GPT-2; the parallel sum in GPT-NeoX)",
+    "residual": "the residual stream after the block",
+    "inner": "the layer's inner neurons: Mamba ssm (the gated scan output, e), a Transformer's mlp (after the "
+             "activation)",
+    "component": "one part of a Transformer block's write (attn_out or mlp_out); a Mamba block has one part, "
+                 "its mixer, so it has no counterpart there",
+}
+
+
 @dataclass(frozen=True)
 class SiteSpec:
-    path: str  # module path template with {layer}
-    capture: str  # "output" or "input" of that module
+    path: str  # module path template with {layer}; "P#write" (utils.WRITE_SUFFIX): module P's output − input
+    capture: str  # "output" or "input" of that module (of a #write path: "output", the write)
     size_attr: str  # adapter attribute holding the site's width
     description: str
+    kind: str = "component"  # a key of SITE_KINDS
 
 
 @dataclass(frozen=True)
@@ -111,13 +124,19 @@ class ArchitectureAdapter:
         return Site(name, self.check_layer(layer), spec.path.format(layer=layer), spec.capture,
                     int(getattr(self, spec.size_attr)))
 
+    def site_of_kind(self, kind: str) -> str | None:
+        """The name of this family's site of `kind` (a key of SITE_KINDS), or None when it has none."""
+        if kind not in SITE_KINDS:
+            raise ValueError(f"site kind {kind!r}: choose one of {', '.join(SITE_KINDS)}")
+        return next((n for n, s in self.sites.items() if s.kind == kind), None)
+
     def describe(self) -> dict:
         return {"family": self.family, "display_name": self.display_name, "ssm_kind": self.ssm_kind,
                 "n_layers": self.n_layers,
                 "hidden_size": self.hidden_size,
                 "inner_size": self.inner_size,
                 "sites": {n: {"path": s.path, "capture": s.capture, "size": int(getattr(self, s.size_attr)),
-                              "description": s.description} for n, s in self.sites.items()}}
+                              "kind": s.kind, "description": s.description} for n, s in self.sites.items()}}
 
 
 class MambaAdapter(ArchitectureAdapter):
@@ -129,11 +148,12 @@ class MambaAdapter(ArchitectureAdapter):
     default_causal_site = "mixer_out"
     sites = {
         "mixer_out": SiteSpec("backbone.layers.{layer}.mixer", "output", "hidden_size",
-                              "mixer output before the residual add (d)"),
+                              "mixer output before the residual add (d): the block's write to the residual "
+                              "stream (block = h + mixer(norm(h)))", "write"),
         "ssm": SiteSpec("backbone.layers.{layer}.mixer.out_proj", "input", "inner_size",
-                        "u = y * SiLU(z), the gated scan output entering out_proj (e)"),
+                        "u = y * SiLU(z), the gated scan output entering out_proj (e)", "inner"),
         "residual": SiteSpec("backbone.layers.{layer}", "output", "hidden_size",
-                             "residual stream after the block (d)"),
+                             "residual stream after the block (d)", "residual"),
     }
 
     @property
@@ -188,12 +208,19 @@ class Mamba2Adapter(MambaAdapter):
         return f"{self.mixer_path(layer)}.norm"
 
 
-def _transformer_sites(block: str, attn: str) -> dict[str, SiteSpec]:
+def _transformer_sites(block: str, attn: str, write: str) -> dict[str, SiteSpec]:
+    from utils import WRITE_SUFFIX
+
     return {
-        "mlp": SiteSpec(block + ".mlp.act", "output", "inner_size", "MLP hidden units after the activation"),
+        "mlp": SiteSpec(block + ".mlp.act", "output", "inner_size", "MLP hidden units after the activation",
+                        "inner"),
         "attn_out": SiteSpec(block + "." + attn, "output", "hidden_size", "attention output (d)"),
         "mlp_out": SiteSpec(block + ".mlp", "output", "hidden_size", "MLP output (d)"),
-        "residual": SiteSpec(block, "output", "hidden_size", "residual stream after the block (d)"),
+        "block_out": SiteSpec(block + WRITE_SUFFIX, "output", "hidden_size",
+                              f"the block's write to the residual stream: block output − block input = {write} "
+                              "(d); ablating dim k sets the block's output to input + s·(output − input) there",
+                              "write"),
+        "residual": SiteSpec(block, "output", "hidden_size", "residual stream after the block (d)", "residual"),
     }
 
 
@@ -254,7 +281,7 @@ class GPT2Adapter(TransformerAdapter):
     layers_path = "transformer.h"
     default_causal_site = "mlp_out"
     position_embedding_path = "transformer.wpe"
-    sites = _transformer_sites("transformer.h.{layer}", "attn")
+    sites = _transformer_sites("transformer.h.{layer}", "attn", "attn_out + mlp_out")
     block, attention_name, qkv_name, out_proj_name = "transformer.h.{layer}", "attn", "c_attn", "c_proj"
 
     @property
@@ -272,7 +299,9 @@ class GPTNeoXAdapter(TransformerAdapter):
     display_name = "GPT-NeoX"
     layers_path = "gpt_neox.layers"
     default_causal_site = "mlp_out"
-    sites = _transformer_sites("gpt_neox.layers.{layer}", "attention")
+    sites = _transformer_sites("gpt_neox.layers.{layer}", "attention",
+                               "attn_out + mlp_out (with use_parallel_residual the MLP reads the block input; "
+                               "otherwise the input plus attn_out)")
     block, attention_name, qkv_name, out_proj_name = "gpt_neox.layers.{layer}", "attention", "query_key_value", "dense"
 
     @property

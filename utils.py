@@ -115,6 +115,35 @@ def _clone(value, index: int | None = None):
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
+WRITE_SUFFIX = "#write"  # a trace path "P#write": what module P adds to its input (output − input)
+
+
+def _replace_first(value, new):
+    """`value` (a tensor, or a tuple/list whose first element is one) with its first tensor replaced."""
+    if isinstance(value, tuple):
+        return (new, *value[1:])
+    if isinstance(value, list):
+        return [new, *value[1:]]
+    return new
+
+
+def _write_edit(edit_output, path, inp, output):
+    """For a write path: (the module's new output, the edited write). The edit sees the write w = output −
+    input (as the output's first tensor); its edit w' is added back to the input, out' = input + w', where it
+    changed anything, and elsewhere the module's own output is kept bit for bit (input + w rounds)."""
+    import torch
+
+    out = _first_tensor(output)
+    write = out - inp
+    if edit_output is None:
+        return output, write
+    new = edit_output(path, _replace_first(output, write))
+    if new is None:
+        return output, write
+    edited = _first_tensor(new)
+    return _replace_first(output, torch.where(edited == write, out, inp + edited)), edited
+
+
 @contextlib.contextmanager
 def trace(
     model,
@@ -139,28 +168,48 @@ def trace(
     is not a module raises LookupError before anything is registered; on a normal exit, a hook that
     never fired raises RuntimeError (so a wrong path can never yield silently empty results). A path given
     twice raises ValueError (its hook would run, and its edit apply, twice).
+
+    A path `P#write` (`WRITE_SUFFIX`: a block's write to the residual stream) hooks module P, whose output
+    must have its input's shape, and sees what P adds to its input: its Trace's `output` is w = output −
+    input (the first tensors), `edit_output(path, w)` edits w and the module then returns input + w' where
+    the edit changed anything (its own output, bit for bit, elsewhere). `P` and `P#write` may be traced
+    together (two hooks on one module). A write path takes no `edit_input` (edit P's input at path P).
     """
     repeated = sorted({p for p in paths if list(paths).count(p) > 1})
     if repeated:  # a second hook on the same module would apply an edit twice
         raise ValueError(f"trace: path {repeated[0]!r} given more than once; give each module once")
     modules = dict(model.named_modules())
-    missing = [p for p in paths if p not in modules]
+
+    def module_of(path: str) -> str:
+        return path[:-len(WRITE_SUFFIX)] if path.endswith(WRITE_SUFFIX) else path
+
+    missing = [p for p in paths if module_of(p) not in modules]
     if missing:
         raise LookupError(f"no module named {missing} in {type(model).__name__}")
+    if edit_input is not None and any(p.endswith(WRITE_SUFFIX) for p in paths):
+        raise ValueError(f"trace: edit_input on a {WRITE_SUFFIX} path; edit the module's input at its plain path")
     traces = {p: Trace(p) for p in paths}
     handles = []
 
     def make_hook(path):
+        writes = path.endswith(WRITE_SUFFIX)
+
         def hook(module, args, kwargs, output):
             t = traces[path]
             t.calls += 1
+            first_in = args[0] if args else next(iter(kwargs.values()), None)
             if retain_input:
-                t.input = _clone(args[0] if args else next(iter(kwargs.values()), None))
-            if edit_output is not None:
-                new = edit_output(path, output)
-                output = output if new is None else new
-            if retain_output is not False:
-                t.output = _clone(output, None if retain_output is True else retain_output)
+                t.input = _clone(first_in)
+            if writes:
+                output, write = _write_edit(edit_output, path, _first_tensor(first_in), output)
+                if retain_output is not False:
+                    t.output = write.detach().clone()
+            else:
+                if edit_output is not None:
+                    new = edit_output(path, output)
+                    output = output if new is None else new
+                if retain_output is not False:
+                    t.output = _clone(output, None if retain_output is True else retain_output)
             if stop and all(tr.calls for tr in traces.values()):
                 raise StopForward
             return output if edit_output is not None else None
@@ -178,9 +227,10 @@ def trace(
 
     try:
         for p in paths:
+            module = modules[module_of(p)]
             if edit_input is not None:
-                handles.append(modules[p].register_forward_pre_hook(make_pre_hook(p), with_kwargs=True))
-            handles.append(modules[p].register_forward_hook(make_hook(p), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(make_pre_hook(p), with_kwargs=True))
+            handles.append(module.register_forward_hook(make_hook(p), with_kwargs=True))
         try:
             yield traces
         except StopForward:

@@ -9,6 +9,7 @@ import pytest
 
 import comparison_plots as cp
 import sparsity as sp
+import stats
 from comparison_wrapper import matched_layer, relative_depth
 from test_cli import run_main
 
@@ -40,7 +41,7 @@ def test_every_claimed_plot_is_a_png(comparison_run):
     tmp, res, _ = comparison_run
     claimed = [p for s in ("sparsity", "efficiency", "comparison") for p in res[s]["plots"]]
     assert len(claimed) == 7 + 2 + 13
-    kinds = {"percentile", "entropy", "gini", "optimal_threshold", "traditional", "multilayer",
+    kinds = {"percentile", "population", "usage", "optimal_threshold", "traditional", "multilayer",
              "activation_variance", "efficiency", "scaling", "summary_table", "layer_dynamics", "causal_distributions",
              "sparsity_methods"}
     assert all(any(k in p for p in claimed) for k in kinds)
@@ -57,11 +58,24 @@ def test_sparsity_stage_json_holds_the_plotted_numbers(comparison_run):
     assert single["n_neurons"] == 72 and len(single["neuron_mean_abs"]) == 72  # e = 3 x 24
     # the multi-layer table is the per-layer numbers
     layers = {int(k): v for k, v in r["layers"].items()}
-    assert r["multilayer"]["Gini"] == [layers[0]["gini"], layers[2]["gini"]]
+    ml = r["multilayer"]
+    assert ml["layers"] == [0, 2]
+    for name, (part, key) in {"usage Gini": ("usage", "gini"), "usage Hoyer": ("usage", "hoyer"),
+                              "population Gini": ("population", "gini"), "population Hoyer": ("population", "hoyer"),
+                              "population H (normalised entropy, lower = sparser)": ("population", "normalised_entropy"),
+                              "population 1-H (entropy sparsity, higher = sparser)": ("population", "entropy_sparsity"),
+                              }.items():
+        assert ml[name] == [layers[la][part][key]["value"] for la in (0, 2)], name
+        assert ml["intervals"][name] == [layers[la][part][key] for la in (0, 2)], name
+    # the legacy keys are the usage measures and 1 − H, never the population ones
+    assert ml["usage Gini"] == [layers[la]["gini"] for la in (0, 2)]
+    assert ml["population 1-H (entropy sparsity, higher = sparser)"] == [layers[la]["entropy"]["sparsity"] for la in (0, 2)]
+    assert ml["population H (normalised entropy, lower = sparser)"] == [layers[la]["entropy"]["mean_entropy"]
+                                                                        for la in (0, 2)]
     # Gini / Hoyer / traditional recomputed from the stored per-neuron means
     c = np.array(single["neuron_mean_abs"])
-    assert single["gini"] == pytest.approx(sp.gini(c), rel=1e-12)
-    assert single["hoyer"] == pytest.approx(sp.hoyer(c), rel=1e-12)
+    assert single["gini"] == single["usage"]["gini"]["value"] == pytest.approx(sp.gini(c), rel=1e-12)
+    assert single["hoyer"] == single["usage"]["hoyer"]["value"] == pytest.approx(sp.hoyer(c), rel=1e-12)
     assert single["traditional"]["sparsity"] == pytest.approx((c < 0.01).mean())
     assert "scale" in r["note"] and "not comparable across architectures" in stdout
 
@@ -78,7 +92,10 @@ def test_comparison_json_and_matching(comparison_run):
     for side in (mamba, gpt2):
         st = side["sparsity_by_layer"][str(side["layer"])]
         bars = comp["methods_at_matched_layers"][side["label"]]
-        assert bars["Gini"] == st["gini"] and bars["entropy"] == st["entropy"]["sparsity"]
+        assert bars["usage Gini"] == st["usage"]["gini"]["value"] == st["gini"]
+        assert bars["population Gini"] == st["population"]["gini"]["value"]
+        assert bars["population 1-H (entropy sparsity, higher = sparser)"] == st["entropy"]["sparsity"]
+        assert bars["population H (normalised entropy, lower = sparser)"] == st["entropy"]["mean_entropy"]
         assert bars["dead fraction"] == st["dead_neurons"]["fraction"]
     assert gpt2["sparsity_by_layer"]["1"]["site"] == "mlp" and gpt2["sparsity_by_layer"]["1"]["n_neurons"] == 128
     assert gpt2["sparsity_by_layer"]["1"]["traditional"]["threshold"] == 1e-5
@@ -87,20 +104,62 @@ def test_comparison_json_and_matching(comparison_run):
     pts = gpt2["efficiency"]["scaling"]["points"]
     assert [p["seq_len"] for p in pts] == [16, 32, 64]
     # causal distributions: the main model's scores are the causal stage's; the other model's site is d wide
+    # like with like: Mamba's mixer_out is its block's write to the residual stream; GPT-2's counterpart is block_out
     c = comp["causal"]
     assert c[mamba["label"]]["scores"] == res["causal"]["results"]["scores"]
-    assert c[gpt2["label"]]["site"] == "mlp_out" and len(c[gpt2["label"]]["scores"]) == 32
-    assert c[gpt2["label"]]["layer"] == 1
+    assert (c[mamba["label"]]["site"], c[mamba["label"]]["site_kind"]) == ("mixer_out", "write")
+    assert (c[gpt2["label"]]["site"], c[gpt2["label"]]["site_kind"]) == ("block_out", "write")
+    assert c["pairing"] == "same kind" and c["note"] is None
+    assert len(c[gpt2["label"]]["scores"]) == 32 and c[gpt2["label"]]["layer"] == 1
+    for side in (mamba, gpt2):  # the max and median over dims, with intervals over the prompts
+        e = c[side["label"]]
+        for key, f in (("max_impact", np.max), ("median_impact", np.median)):
+            assert e[key]["value"] == pytest.approx(f(e["scores"]), rel=1e-12)
+            assert e[key]["low"] <= e[key]["value"] <= e[key]["high"]
+    assert c["interval_method"].startswith("percentile bootstrap over prompts")
+    assert "causal sites (same kind)" in stdout and "block_out at layer 1" in stdout
     # the summary table printed is the JSON's
     rows = {r["metric"]: r for r in comp["summary"]}
     assert rows["layers"][mamba["label"]] == 3 and rows["layers"][gpt2["label"]] == 2
-    assert rows["Gini"][gpt2["label"]] == round(gpt2["sparsity_by_layer"]["1"]["gini"], 4)
-    assert rows["forward time at L=64 (ms)"][gpt2["label"]] == round(pts[-1]["time_s"] * 1e3, 2)
-    assert "Gini" in stdout and gpt2["label"] in stdout
+    st = gpt2["sparsity_by_layer"]["1"]
+    for name, d in (("usage Gini", st["usage"]["gini"]), ("population Gini", st["population"]["gini"])):
+        assert rows[name + " [95%]"][gpt2["label"]] == stats.shown(d, ".4g")
+    assert not any(r in rows for r in ("Gini", "Hoyer", "entropy"))  # no measure without its kind
+    assert rows["forward time at L=64 (ms), the model's own forward"][gpt2["label"]] == round(pts[-1]["time_s"] * 1e3, 2)
+    assert rows["causal site (kind, layer)"][gpt2["label"]] == "block_out (write, layer 1)"
+    assert rows["max causal impact (mean KL)"][gpt2["label"]] == stats.shown(c[gpt2["label"]]["max_impact"], ".3e")
+    assert "usage Gini [95%]" in stdout and "population Gini [95%]" in stdout and gpt2["label"] in stdout
+
+
+def test_the_other_models_causal_site_is_of_the_same_kind(model_dirs):
+    """paired_site: write ↔ write, residual ↔ residual, inner neurons ↔ inner neurons; a Transformer's
+    attn_out / mlp_out (one part of its block's write) has no Mamba counterpart: the block write, with a note."""
+    from transformers import AutoConfig
+
+    from comparison_wrapper import paired_site
+    from models import config_adapter
+
+    mamba, gpt2, neox = (config_adapter(AutoConfig.from_pretrained(model_dirs[k])) for k in ("mamba_b", "gpt2", "gpt_neox"))
+    for a, b in ((mamba, gpt2), (mamba, neox)):
+        assert [paired_site(a, s, b) for s in ("mixer_out", "residual", "ssm")] == [
+            ("block_out", None), ("residual", None), ("mlp", None)]
+        assert [paired_site(b, s, a) for s in ("block_out", "residual", "mlp")] == [
+            ("mixer_out", None), ("residual", None), ("ssm", None)]
+        for part in ("mlp_out", "attn_out"):
+            site, note = paired_site(b, part, a)
+            assert site == "mixer_out" and f"{part} is of kind 'component'" in note and "not like with like" in note
+            assert "--causal_site block_out" in note
+    assert paired_site(gpt2, "mlp_out", neox) == ("mlp_out", None)  # two Transformers: the same component
 
 
 def test_methods_table_matches_plotted_methods():
-    assert [m for m, _ in cp.METHODS][0] == "traditional" and len(cp.METHODS) == 7
+    """The side-by-side bars are the multi-layer table's measures, each under its own name (no bare "Gini" or
+    "entropy": population vs usage, H vs 1 − H), and the optimal-threshold neuron sparsity."""
+    import sparsity as sp
+
+    names = [m.replace("\n", " ") for m, _ in cp.METHODS]
+    assert names[:-1] == [m for m, _ in sp.MULTILAYER_METRICS] and names[-1].startswith("optimal")
+    assert not {"Gini", "Hoyer", "entropy"} & set(names)
 
 
 def test_the_comparison_reuses_the_sparsity_stage_and_gets_the_same_numbers(model_dirs, tmp_path, monkeypatch):
@@ -184,8 +243,10 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
         row = rows[f"attention {m}: diversity"]
         assert row[main_label] == round(stage["by_layer"][2]["methods"][m]["neuron_diversity"], 4)
         assert row[other_label] == round(expect[1]["methods"][m]["neuron_diversity"], 4)
-        assert float(rows[f"attention {m}: mean activation"][other_label]) == pytest.approx(
-            expect[1]["methods"][m]["mean_activation"], rel=1e-3)
+        shown = rows[f"attention {m}: mean activation [95%]"][other_label]  # "value [low, high]"
+        e = expect[1]["methods"][m]
+        assert [float(v) for v in shown.replace("[", "").replace("]", "").replace(",", "").split()] == pytest.approx(
+            [e["mean_activation"], e["mean_activation_low"], e["mean_activation_high"]], rel=1e-3)
     names = [p.rsplit("/", 1)[-1] for p in res["comparison"]["plots"]]
     assert any(n.endswith("_attention_by_depth.png") for n in names)
     assert any(n.endswith("_attention_maps.png") for n in names)
@@ -288,3 +349,30 @@ def test_the_sparsity_stage_reads_the_attention_stages_forwards(model_dirs, tmp_
     assert re.fullmatch(r"the text pass's capture forwards \(the model's own; the gradient forwards' sites differed "
                         r"by \S+, relative, > 1e-30\)", res["sparsity"]["results"]["measured_in"])
     assert_sparsity_close(res["sparsity"]["results"]["single"], alone["single"])
+
+
+def test_the_causal_part_states_each_site_and_a_pairing_of_different_kinds(model_dirs):
+    """A GPT-2 main run at mlp_out beside a Mamba: the Mamba side runs its block write (mixer_out) and the
+    causal part says the pairing is of different kinds, with the note; the intervals are over the prompts
+    (the same draws for both sides), and a side without per-prompt scores has none (never invented)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from comparison_wrapper import causal_side_by_side, paired_site
+    from models import config_adapter
+
+    gpt2, mamba = (config_adapter(AutoConfig.from_pretrained(model_dirs[k])) for k in ("gpt2", "mamba_b"))
+    site, note = paired_site(gpt2, "mlp_out", mamba)
+    rng = np.random.default_rng(0)
+    kl = rng.exponential(1e-3, size=(6, 32))
+    main = SimpleNamespace(label="g", layer=1, adapter=gpt2, causal={
+        "site": "mlp_out", "scores": kl.mean(0), "scores_per_prompt": kl, "prompts": ["p"] * 6, "ablation": "zero"})
+    other = SimpleNamespace(label="m", layer=2, adapter=mamba, causal={"site": site, "scores": kl[:, :24].mean(0)})
+    c = causal_side_by_side(main, other, note, n_resamples=200, seed=3)
+    assert c["pairing"] == "different kinds" and c["note"] == note
+    assert (c["g"]["site"], c["g"]["site_kind"], c["m"]["site"], c["m"]["site_kind"]) == (
+        "mlp_out", "component", "mixer_out", "write")
+    res = stats.Resamples.draw(6, 200, 3, "prompts")
+    assert c["g"]["max_impact"] == stats.interval(kl.mean(0).max(), res.means(kl).max(1), res)
+    assert c["m"]["max_impact"] == {"value": kl[:, :24].mean(0).max(), "low": None, "high": None}

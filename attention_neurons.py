@@ -30,17 +30,27 @@ units), so `AttentionNeurons.text_scores` (what the attention stage runs) scores
 time, as the groups are computed, and never holds α whole; it equals the reference path
 (`extract_attention_vectors` + `create_neurons`) to float rounding (tested). It forms each unit's row sums
 from matrix products of α⁺ = max(α, 0) and α⁻ = max(−α, 0) with x⁺ and x⁻ (`_fast_parts`: every term
-non-negative, nothing cancels) and rollout's from |α| scaled by its maximum, instead of a (units, L, L)
+non-negative, nothing cancels) and rollout's from |α| and its row sums, instead of a (units, L, L)
 product per method; once per head where a head's units share α; and the (L, L) token maps only for the
 texts whose maps are kept.
 
+**Scores per query token, texts weighted by tokens.** A unit's activation in one text is the mean over
+query positions i of what it moves into token i (a contribution method's row sum Σ_j contrib^c[i, j];
+rollout's share of token i's relevance from other tokens), so it does not shrink or grow with the text's
+length; over the texts it is the token-weighted mean (every query token counts once), with a 95%
+percentile-bootstrap interval over the texts (`stats`) and, for each unit of a top-k list, its rank
+stability. gradient_guided's gradient is of `--attention_target` (`TARGETS`): by default the text's own
+log-likelihood of its next tokens summed over every position, so that every query token has a target
+(the argmax at the last position is the other choice: one token, far from most query positions). Each
+text's target is recorded.
+
 **Undefined scores are said, never shown as numbers.** Rollout's activation (the share of a token's
-relevance from other tokens) is undefined for a one-token text, and every method's importance (a std over
-query positions) needs at least 2 positions: such a text gives None for them (`NeuronScores`), and
-`attention_profile` averages each over the texts where it is defined (`n_texts_averaged`). With no text
-left, or when every unit's averaged activation is 0 (no ranking, no distribution over the units), the
-method's entry has None / [] in the fields concerned and `undefined` maps each such field to its reason
-(`UNDEFINED`); `undefined` is an empty dict when everything is defined.
+relevance from other tokens) is undefined for a one-token text, and so is gradient_guided's under the
+likelihood target (a one-token text has no next token of its own): such a text gives None (`NeuronScores`)
+and is left out of that method's mean (`n_texts_averaged`). With no text left, or when every unit's
+averaged activation is 0 (no ranking, no distribution over the units), the method's entry has None / [] in
+the fields concerned and `undefined` maps each such field to its reason (`UNDEFINED`); `undefined` is an
+empty dict when everything is defined.
 """
 from __future__ import annotations
 
@@ -54,6 +64,7 @@ import torch.nn.functional as F
 
 from causal_analysis import check_layer, check_layers, check_token_ids, check_top_k
 from models import NotApplicable, get_adapter, require_mamba
+from passes import DEFAULT_TARGET, TARGETS, check_target
 from ssm import (ReconstructionCheck, apply_hidden_attention, channel_D, check_reconstruction,
                  gate_output, hidden_attention_by_channel, project_out, ssm_projections)
 
@@ -74,35 +85,36 @@ UNITS = {
 UNDEFINED = {
     "rollout_one_token": "undefined: rollout needs a text of at least 2 tokens (in a one-token text no other token "
                          "carries relevance to it)",
-    "importance_one_token": "undefined: importance is a std over query positions, which needs a text of at least "
-                            "2 tokens",
     "all_zero": "undefined: every unit's activation is 0 (no ranking of the units and no distribution over them)",
     "one_unit": "undefined: one unit (diversity is normalised by log(number of units) = 0)",
 }
 
 
+# Rollout's weight of the identity (the residual path): Abnar & Zuidema's 0.5.
+IDENTITY_WEIGHT = 0.5
+
+
 @dataclass
 class NeuronScores:
-    """One method's scores for one layer. `neuron_activations` / `neuron_importance` are None where
-    undefined (rollout on a one-token text; importance on a one-token text), with the reason in
-    `undefined` / `importance_undefined`."""
+    """One method's scores for one layer: `neuron_activations` (e,) per query token (module doc), None
+    where undefined, with the reason in `undefined`."""
 
     method: str
     neuron_activations: np.ndarray | None  # (e,)
-    neuron_importance: np.ndarray | None  # (e,)
     token_map: np.ndarray | None  # (L, L) [query i, key j]; None where not formed (`score_groups`)
     undefined: str | None = None  # why neuron_activations is None
-    importance_undefined: str | None = None  # why neuron_importance is None
 
 
 @dataclass
 class TextScores:
     """`AttentionNeurons.text_scores` for one batch of texts at one layer."""
 
-    scores: dict  # {method: NeuronScores}: activations and importance averaged over the batch, first example's map
+    scores: dict  # {method: NeuronScores}: activations averaged over the batch, first example's map
     attention_vectors: torch.Tensor | None  # (b, L, L): mean over channels of α (None without maps)
     reconstruction: ReconstructionCheck  # (α x + D x) through the gate and out_proj against the mixer's output
     rollout_R: list | None = None  # per example, the rolled-out map R_ℓ (L, L) when rollout was scored
+    targets: list | None = None  # per example, the gradient's target record (`passes.target_value`); None: no g
+    n_tokens: int = 0  # L, each example's tokens
 
 
 class MixerProjections(NamedTuple):
@@ -118,18 +130,12 @@ class MixerProjections(NamedTuple):
     D: torch.Tensor  # (e,)
 
 
-def _mean_defined(arrays: list) -> np.ndarray | None:
-    """The mean of the arrays that are not None (None when all are)."""
-    arrays = [a for a in arrays if a is not None]
-    return np.mean(arrays, axis=0) if arrays else None
-
-
 def _batch_mean(method: str, per: list[NeuronScores]) -> NeuronScores:
-    """Activations and importance averaged over the examples of a batch (those where defined; the examples
-    of a batch have one length, so all or none are); the first example's token map."""
-    acts, imp = _mean_defined([p.neuron_activations for p in per]), _mean_defined([p.neuron_importance for p in per])
-    return NeuronScores(method, acts, imp, per[0].token_map, None if acts is not None else per[0].undefined,
-                        None if imp is not None else per[0].importance_undefined)
+    """Activations averaged over the examples of a batch (those where defined; the examples of a batch
+    have one length, so all or none are); the first example's token map."""
+    acts = [p.neuron_activations for p in per if p.neuron_activations is not None]
+    return NeuronScores(method, np.mean(acts, axis=0) if acts else None, per[0].token_map,
+                        None if acts else per[0].undefined)
 
 
 def _contribution_parts(contrib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,105 +144,106 @@ def _contribution_parts(contrib: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return contrib.sum(-1), contrib.sum(0)
 
 
-def _contribution_scores(method: str, rows: torch.Tensor, map_sum: torch.Tensor, e: int) -> NeuronScores:
-    """From the joined parts of all e channels: activation_c = mean of contrib^c over the L(L+1)/2 causal
-    entries; importance_c = std (ddof=0) over query positions i of the row sums Σ_j contrib^c[i, j] (None
-    for L = 1: a std over one position is no measurement); token map = mean over channels of contrib^c."""
-    L = rows.shape[-1]
-    activations = rows.sum(-1) / (L * (L + 1) / 2)  # (e,)
-    importance = rows.std(-1, unbiased=False).cpu().numpy() if L >= 2 else None  # (e,)
+def _contribution_scores(method: str, rows: torch.Tensor, map_sum: torch.Tensor | None, e: int) -> NeuronScores:
+    """From the joined parts of all e channels: activation_c = (1/L) Σ_i Σ_j contrib^c[i, j], the mean over
+    query positions of what unit c moves into token i; token map = mean over channels of contrib^c."""
+    activations = rows.mean(-1)  # (e,)
     token_map = None if map_sum is None else (map_sum / e).cpu().numpy()
-    return NeuronScores(method, activations.cpu().numpy(), importance, token_map,
-                        importance_undefined=None if L >= 2 else UNDEFINED["importance_one_token"])
+    return NeuronScores(method, activations.cpu().numpy(), token_map)
+
+
+def _row_inverse(rows: torch.Tensor) -> torch.Tensor:
+    """1 / r for the row sums r = Σ_j |α_ij| (..., L); 0 where r = 0 (a row that carries nothing)."""
+    zero = rows == 0
+    return torch.where(zero, 0.0, 1.0 / torch.where(zero, 1.0, rows))
+
+
+def row_scaled(alpha: torch.Tensor) -> torch.Tensor:
+    """α̂ = α with each query row divided by Σ_j |α_ij| (..., L, L): a distribution over the keys up to
+    sign, as softmax attention already is (α̂ = A there, exactly up to rounding); an all-zero row stays 0."""
+    return alpha * _row_inverse(alpha.abs().sum(-1))[..., None]
 
 
 def _weighted_contrib(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.mul(alpha, x.T[:, None, :]).abs_()  # (c, L, L): |α^c[i, j] x^c_j|, one new tensor
+    return torch.mul(row_scaled(alpha), x.T[:, None, :]).abs_()  # (c, L, L): |α̂^c[i, j] x^c_j|
 
 
 def _gradient_contrib(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return torch.mul(alpha, g.T[:, :, None]).mul_(x.T[:, None, :]).relu_()  # (c, L, L): ReLU(g_i α_ij x_j)
+    return torch.mul(row_scaled(alpha), g.T[:, :, None]).mul_(x.T[:, None, :]).relu_()  # (c, L, L): ReLU(g_i α̂_ij x_j)
 
 
 def attention_weighted(alpha: torch.Tensor, x: torch.Tensor) -> NeuronScores:
-    """contrib^c[i, j] = |α^c[i, j] · x^c_j|: what token j sends to token i through channel c.
-    Scores as in `_contribution_scores`. α (e, L, L), x (L, e)."""
+    """contrib^c[i, j] = |α̂^c[i, j] · x^c_j| (`row_scaled`): the share of token i's attention that unit c
+    gives token j, times |x^c_j|. Scores as in `_contribution_scores`. α (e, L, L), x (L, e)."""
     return _contribution_scores("attention_weighted", *_contribution_parts(_weighted_contrib(alpha, x)),
                                 alpha.shape[0])
 
 
 def gradient_guided(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> NeuronScores:
-    """contrib^c[i, j] = ReLU(g^c_i · α^c[i, j] · x^c_j) with g^c_i = ∂ logit[target] / ∂ y^c_i (autograd;
-    target = the model's predicted next token at the last position). Scores as in
-    `_contribution_scores`. α (e, L, L), x and g (L, e)."""
+    """contrib^c[i, j] = ReLU(g^c_i · α̂^c[i, j] · x^c_j) with g^c_i = ∂ T / ∂ y^c_i (autograd; the target T:
+    `passes.TARGETS`, chosen by the caller of the gradient forward). Scores as in `_contribution_scores`.
+    α (e, L, L), x and g (L, e)."""
     return _contribution_scores("gradient_guided", *_contribution_parts(_gradient_contrib(alpha, x, g)),
                                 alpha.shape[0])
-
-
-def _normalise(m: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation of non-negative (..., L, L) maps over their last two dims; the masked upper
-    triangle makes the minimum 0, so this is m / max(m) (an all-zero map stays zero)."""
-    lo = m.amin((-1, -2), keepdim=True)
-    span = m.amax((-1, -2), keepdim=True) - lo
-    return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(m))
-
-
-def _normalised_abs(alpha: torch.Tensor) -> torch.Tensor:
-    """`_normalise(alpha.abs())` with one new tensor and fewer passes over it: when every map's minimum
-    is 0 (any causal map with L >= 2) the normalisation is a per-map scale, applied in place."""
-    m = alpha.abs()
-    lo, hi = m.amin((-1, -2), keepdim=True), m.amax((-1, -2), keepdim=True)
-    if bool((lo == 0).all()):
-        return m.mul_(torch.where(hi > 0, 1.0 / torch.where(hi > 0, hi, 1.0), 0.0))
-    return _normalise(m)
 
 
 def _rownorm(m: torch.Tensor) -> torch.Tensor:
     return m / m.sum(-1, keepdim=True)
 
 
+def _unit_rows(alpha: torch.Tensor) -> torch.Tensor:
+    """P = rownorm(|α|) (..., L, L): each query row of |α| as a distribution over its keys; an all-zero row
+    (the unit carries nothing into token i) becomes the identity's row (token i keeps its own relevance)."""
+    m = alpha.abs()
+    rows = m.sum(-1, keepdim=True)  # (..., L, 1)
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    return torch.where(rows > 0, m / torch.where(rows > 0, rows, 1.0), eye)
+
+
 def rollout_step(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
-    """R_ℓ = Â_ℓ · R_{ℓ-1} with Â_ℓ = rownorm(mean_c normalise(|α^c_ℓ|) + I) and R_{-1} = I. α (e, L, L)."""
+    """R_ℓ = Â_ℓ · R_{ℓ-1} with Â_ℓ = w I + (1 − w) mean_c rownorm(|α^c_ℓ|), w = IDENTITY_WEIGHT, and
+    R_{-1} = I. α (e, L, L)."""
     L = alpha.shape[-1]
     eye = torch.eye(L, dtype=alpha.dtype, device=alpha.device)
     previous = eye if previous is None else previous
-    return _rownorm(_normalised_abs(alpha).mean(0) + eye) @ previous  # (L, L)
+    w = IDENTITY_WEIGHT
+    return (w * eye + (1 - w) * _unit_rows(alpha).mean(0)) @ previous  # (L, L)
 
 
 def _rollout_parts(alpha: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For channels α (c, L, L) and R_{ℓ-1} (L, L): carried (c, L) = 1 − Ĉ^c[i, i] (see `rollout_layer`) and
-    Σ_c N^c (L, L), N^c = normalise(|α^c|). Channel-local, so channel groups can be done apart and joined."""
-    # only the diagonal of Ĉ^c is used: Ĉ^c[i, i] = Σ_k (N^c[i, k] + δ_ik) R[k, i] / Σ_k (N^c[i, k] + δ_ik):
+    Σ_c P^c (L, L), P^c = rownorm(|α^c|). Channel-local, so channel groups can be done apart and joined."""
+    # only the diagonal of Ĉ^c is used: Ĉ^c[i, i] = w R[i, i] + (1 − w) Σ_k P^c[i, k] R[k, i]:
     # c·L² work instead of the c·L³ of forming every Ĉ^c
-    N = _normalised_abs(alpha)  # (c, L, L)
-    own = (N * previous.T).sum(-1) + torch.diagonal(previous)  # (c, L)
-    carried = 1.0 - own / (N.sum(-1) + 1.0)  # (c, L)
-    return carried, N.sum(0)
+    P = _unit_rows(alpha)  # (c, L, L)
+    w = IDENTITY_WEIGHT
+    own = w * torch.diagonal(previous) + (1 - w) * (P * previous.T).sum(-1)  # (c, L)
+    return 1.0 - own, P.sum(0)
 
 
-def _rollout_scores(carried: torch.Tensor, n_sum: torch.Tensor, e: int, previous: torch.Tensor
+def _rollout_scores(carried: torch.Tensor, p_sum: torch.Tensor, e: int, previous: torch.Tensor
                     ) -> tuple[NeuronScores, torch.Tensor]:
-    """`rollout_layer`'s result from the joined parts of all e channels: carried (e, L), Σ_c N^c (L, L).
+    """`rollout_layer`'s result from the joined parts of all e channels: carried (e, L), Σ_c P^c (L, L).
     For L = 1 the scores are undefined (None, UNDEFINED["rollout_one_token"]); R is still formed."""
-    L = n_sum.shape[-1]
-    eye = torch.eye(L, dtype=n_sum.dtype, device=n_sum.device)
-    R = _rownorm(n_sum / e + eye) @ previous  # (L, L), = rollout_step(alpha, previous)
+    L = p_sum.shape[-1]
+    eye = torch.eye(L, dtype=p_sum.dtype, device=p_sum.device)
+    w = IDENTITY_WEIGHT
+    R = (w * eye + (1 - w) * p_sum / e) @ previous  # (L, L), = rollout_step(alpha, previous)
     if L < 2:
-        return NeuronScores("rollout", None, None, R.cpu().numpy(), UNDEFINED["rollout_one_token"],
-                            UNDEFINED["rollout_one_token"]), R
-    scores = NeuronScores("rollout", carried.mean(-1).cpu().numpy(), carried.std(-1, unbiased=False).cpu().numpy(),
-                          R.cpu().numpy())
-    return scores, R
+        return NeuronScores("rollout", None, R.cpu().numpy(), UNDEFINED["rollout_one_token"]), R
+    return NeuronScores("rollout", carried.mean(-1).cpu().numpy(), R.cpu().numpy()), R
 
 
 def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> tuple[NeuronScores, torch.Tensor]:
-    """One step of attention rollout (Abnar & Zuidema 2020, as in Mamba-Rollout).
+    """One step of attention rollout (Abnar & Zuidema 2020), on the same footing for every family.
 
-    Â_ℓ = rownorm(mean_c normalise(|α^c_ℓ|) + I);  R_ℓ = Â_ℓ · R_{ℓ-1}  (R_{-1} = I).
-    Channel c's end-to-end map: Ĉ^c = rownorm(normalise(|α^c_ℓ|) + I) · R_{ℓ-1}, rows summing to 1.
+    P^c = rownorm(|α^c_ℓ|) (each query row a distribution over the keys; for softmax attention P = A
+    exactly); Â^c = w I + (1 − w) P^c with w = IDENTITY_WEIGHT (the residual path); Â_ℓ = mean_c Â^c;
+    R_ℓ = Â_ℓ · R_{ℓ-1} (R_{-1} = I). Unit c's end-to-end map: Ĉ^c = Â^c · R_{ℓ-1}, rows summing to 1.
     activation_c = mean over query positions i of 1 − Ĉ^c[i, i], the share of token i's end-to-end
-    relevance that comes from *other* tokens; importance_c = its std (ddof=0) over i (both None for
-    L = 1: no other token). Token map = R_ℓ. Returns (scores, R_ℓ). α (e, L, L), previous (L, L).
+    relevance that comes from *other* tokens (None for L = 1: no other token). Bounds: 0 ≤ activation ≤ 1;
+    at layer 0 (R_{-1} = I) it is (1 − w)(1 − P^c[i, i]) ≤ 1 − w per position, for every family.
+    Token map = R_ℓ. Returns (scores, R_ℓ). α (e, L, L), previous (L, L).
     """
     L = alpha.shape[-1]
     previous = torch.eye(L, dtype=alpha.dtype, device=alpha.device) if previous is None else previous
@@ -281,15 +288,16 @@ class MethodSpec:
     METHOD_SPECS.
 
     `definition`: what it computes, in words (DEFINITIONS; the attention stage's JSON). `needs_gradient`:
-    it reads g = ∂ logit[target] / ∂ y (one gradient forward per text). `reference` (α (e, L, L), x (L, e),
+    it reads g = ∂ T / ∂ y (one gradient forward per text; T the target). `reference` (α (e, L, L), x (L, e),
     g (L, e) or None, R_{ℓ-1} (L, L) or None for the identity) -> NeuronScores: its whole-α scoring of one
     example (the reference path, `create_neurons`). `kind` says how the streamed path (`_fast_parts`,
     `score_groups`) scores it:
     - "contribution": a non-negative contribution contrib^c[i, j] per unit, scored by
-      `_contribution_scores`. `contribution` (α (c, L, L), x, g (L, c)) -> contrib (c, L, L) is its
-      whole-α form (and the streamed token map of units with their own α); `signed_rows` (P⁺, P⁻ of
-      `_signed_parts`, g) -> the row sums Σ_j contrib^c[i, j] (c, L), and `shared_map` (α⁺, α⁻ (L, L), x, g)
-      -> Σ_c contrib^c (L, L) for units that share one α, its forms without a (c, L, L) product.
+      `_contribution_scores`, a function of α̂ = `row_scaled(α)`. `contribution` (α (c, L, L), x, g (L, c))
+      -> contrib (c, L, L) is its whole-α form (and the streamed token map of units with their own α);
+      `signed_rows` (P⁺, P⁻ of `_signed_parts`, g) -> the row sums of the same contribution of α (not α̂;
+      the caller divides each row by Σ_j |α_ij|) (c, L), and `shared_map` (α̂⁺, α̂⁻ (L, L), x, g) -> Σ_c
+      contrib^c (L, L) for units that share one α, its forms without a (c, L, L) product.
     - "rollout": attention rollout (`_rollout_parts` / `_fast_rollout`, `_rollout_scores`), continuing
       R_{ℓ-1} from the layers below: it reads them (`reads_lower_layers`) and gives R_ℓ."""
 
@@ -315,30 +323,41 @@ class MethodSpec:
         return self.kind == "rollout"
 
 
+OVER_TEXTS = ("over the texts: the token-weighted mean of the per-text activations (each query token counts once), "
+              "with a 95% percentile-bootstrap interval over the texts")
+ROW_SCALED = ("alpha_hat^c[i,j] = alpha^c[i,j] / sum_k |alpha^c[i,k]|, each query row of the unit's map scaled to "
+              "sum 1 in absolute value (a distribution over the keys up to sign; for softmax attention alpha_hat = "
+              "A_h exactly; an all-zero row stays 0), so that Mamba's maps and softmax attention stand on the same "
+              "footing and a long memory does not add up with the text's length (the scale of alpha itself is not "
+              "in the score)")
 METHOD_SPECS = {spec.name: spec for spec in (
     MethodSpec("attention_weighted",
-               "contrib^c[i,j] = |alpha^c[i,j] x^c_j| for unit c; activation = mean of contrib^c over causal "
-               "entries (j <= i); importance = std over query positions i of row sums sum_j contrib^c[i,j]; "
-               "token map = mean over units of contrib^c; averaged over the texts (importance over those "
-               "of >= 2 tokens: undefined for one query position)",
+               f"{ROW_SCALED}; contrib^c[i,j] = |alpha_hat^c[i,j] x^c_j| for unit c (what token j sends to token i "
+               "through unit c); activation (one text of L tokens) = (1/L) sum_i sum_j contrib^c[i,j], the mean over "
+               "query tokens i of the attention-weighted |x^c| that unit c moves into token i (in units of x); "
+               f"token map = mean over units of contrib^c (first text); {OVER_TEXTS}",
                "contribution", needs_gradient=False,
                reference=lambda alpha, x, g, previous: attention_weighted(alpha, x),
                contribution=lambda alpha, x, g: _weighted_contrib(alpha, x),
                signed_rows=_weighted_rows, shared_map=_weighted_shared_map),
     MethodSpec("gradient_guided",
-               "contrib^c[i,j] = ReLU(g^c_i alpha^c[i,j] x^c_j), g^c_i = d logit[target] / d y^c_i by autograd, "
-               "target = predicted next token at the last position; activation, importance and token map "
-               "as for attention_weighted",
+               "contrib^c[i,j] = ReLU(g^c_i alpha_hat^c[i,j] x^c_j) (alpha_hat as for attention_weighted), "
+               "g^c_i = d T / d y^c_i by autograd, T the target "
+               "(target_definition: --attention_target; each text's target is recorded); activation = (1/L) "
+               f"sum_i sum_j contrib^c[i,j] as for attention_weighted; token map likewise; {OVER_TEXTS} (those "
+               "where the target is defined)",
                "contribution", needs_gradient=True,
                reference=lambda alpha, x, g, previous: gradient_guided(alpha, x, g),
                contribution=_gradient_contrib, signed_rows=_gradient_rows, shared_map=_gradient_shared_map),
     MethodSpec("rollout",
-               "R_l = rownorm(mean_c normalise(|alpha^c_l|) + I) R_{l-1}, R_{-1} = I (normalise = divide by the map's "
-               "max; for softmax attention this is Abnar & Zuidema's R_l = (A_l/2 + I/2) R_{l-1}, A_l the head mean); "
-               "unit map C^c = rownorm(normalise(|alpha^c_l|) + I) R_{l-1}; activation = mean over i of 1 - C^c[i,i] "
-               "(share of token i's end-to-end relevance from other tokens); importance = its std over i; "
-               "token map = R_l; activation and importance averaged over the texts of >= 2 tokens (undefined for "
-               "a one-token text: no other token)",
+               f"P^c = rownorm(|alpha^c_l|) (each query row a distribution over keys; = A_h exactly for softmax "
+               f"attention; an all-zero row: the identity's); A_l = w I + (1 - w) mean_c P^c, w = {IDENTITY_WEIGHT} "
+               "the identity (residual) weight; R_l = A_l R_{l-1}, R_{-1} = I (Abnar & Zuidema's (A/2 + I/2) for "
+               "softmax attention, the same for both families); unit map C^c = (w I + (1 - w) P^c) R_{l-1}; "
+               "activation = (1/L) sum_i (1 - C^c[i,i]), the share of token i's end-to-end relevance from other "
+               f"tokens, in [0, 1] (at layer 0 at most 1 - w = {1 - IDENTITY_WEIGHT}); units sharing one map (a "
+               "head's) have equal scores and are listed as ties; token map = R_l; undefined for a one-token text "
+               f"(no other token); {OVER_TEXTS} of >= 2 tokens",
                "rollout", needs_gradient=False,
                reference=lambda alpha, x, g, previous: rollout_layer(alpha, previous)[0]),
 )}
@@ -384,6 +403,15 @@ def neuron_diversity(activations: np.ndarray) -> float | None:
     return float(-(p * np.log(p)).sum() / np.log(a.size))
 
 
+def diversity_rows(activations) -> np.ndarray:
+    """`neuron_diversity` of each row of (R, e) non-negative activations (R,): NaN for an all-zero row."""
+    a = np.asarray(activations, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = a / a.sum(1, keepdims=True)  # (R, e)
+        h = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(1)
+        return np.where(a.sum(1) > 0, h / np.log(a.shape[1]), np.nan)
+
+
 def check_methods(methods) -> tuple:
     """`methods` as a tuple of METHODS names: a non-empty list (not one bare string, which would be read
     letter by letter) of known methods. ValueError otherwise."""
@@ -407,14 +435,16 @@ class LayerView(NamedTuple):
     groups: Iterator
     check: Callable[[], ReconstructionCheck]
     shared: bool = False
+    g_undefined: str | None = None  # why g is None where a method needs it (the target is undefined)
 
 
 def _signed_parts(alpha: torch.Tensor, x: torch.Tensor, shared: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(α⁺, α⁻, P⁺, P⁻) for the unit rows without a (c, L, L) product per method: α⁺ = max(α, 0) and
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(α⁺, α⁻, P⁺, P⁻, r) for the unit rows without a (c, L, L) product per method: α⁺ = max(α, 0) and
     α⁻ = max(−α, 0) (so |α| = α⁺ + α⁻ and α = α⁺ − α⁻, exactly), P^± [k, c, i] = Σ_j α^±[c, i, j] X_k[c, j]
-    with X_0 = x⁺ = max(x, 0) and X_1 = x⁻ = max(−x, 0) (2, c, L). One matrix product per sign: batched
-    per unit (α (c, L, L)), or one product for all units of a group that shares α ((L, L))."""
+    with X_0 = x⁺ = max(x, 0) and X_1 = x⁻ = max(−x, 0) (2, c, L), and r = Σ_j |α_ij| the row sums ((c, L),
+    or (L,) for a shared α). One matrix product per sign: batched per unit (α (c, L, L), r from a column of
+    ones beside x⁺ and x⁻), or one product for all units of a group that shares α ((L, L))."""
     xt = x.T  # (c, L)
     X = torch.stack(_pos_neg(xt))  # (2, c, L): x⁺, x⁻
     ap = torch.relu(alpha)  # (c, L, L) or (L, L): α⁺
@@ -423,31 +453,34 @@ def _signed_parts(alpha: torch.Tensor, x: torch.Tensor, shared: bool
     if shared:  # (L, L) @ (L, 2c): every unit's two columns in one product
         cols = X.reshape(2 * c, L).T  # (L, 2c)
         P = [(a @ cols).T.reshape(2, c, L) for a in (ap, an)]  # (2, c, L) each
-    else:
-        cols = X.permute(1, 2, 0)  # (c, L, 2)
-        P = [torch.bmm(a, cols).permute(2, 0, 1) for a in (ap, an)]  # (2, c, L) each
-    return ap, an, P[0], P[1]
+        return ap, an, P[0], P[1], ap.sum(-1) + an.sum(-1)
+    cols = torch.cat([X, torch.ones_like(X[:1])]).permute(1, 2, 0)  # (c, L, 3): x⁺, x⁻, 1
+    P = [torch.bmm(a, cols).permute(2, 0, 1) for a in (ap, an)]  # (3, c, L) each
+    return ap, an, P[0][:2], P[1][:2], P[0][2] + P[1][2]
 
 
-def _fast_rollout(pieces: list, c: int, shared: bool, previous: torch.Tensor | None
+def _fast_rollout(pieces: list, c: int, shared: bool, previous: torch.Tensor | None, rows=None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_rollout_parts` (carried (c, L), Σ_c N^c (L, L)) of a causal map with L >= 2 from non-negative
-    `pieces` that sum to |α| ([|α|], or [α⁺, α⁻]; (c, L, L) each, or (L, L) shared by the c units):
-    N^c = |α^c| / max|α^c|, so its row sums and diagonal term are those of |α^c| scaled, and Σ_c N^c is one
-    matrix-vector product over the units."""
-    hi = torch.stack([p.amax((-1, -2)) for p in pieces]).amax(0)  # (c,) or (): max |α| per map
-    scale = torch.where(hi > 0, 1.0 / torch.where(hi > 0, hi, 1.0), 0.0)  # normalise's 1 / max
-    rows = sum(p.sum(-1) for p in pieces)  # (c, L) or (L,): Σ_k |α_ik|
+    """`_rollout_parts` (carried (c, L), Σ_c P^c (L, L)) from non-negative `pieces` that sum to |α| ([|α|],
+    or [α⁺, α⁻]; (c, L, L) each, or (L, L) shared by the c units): P^c = |α^c| / r^c with r^c its row
+    sums (an all-zero row: the identity's), so its diagonal term is that of |α^c| scaled by 1 / r^c and
+    Σ_c P^c is the units' |α^c| scaled row by row and summed, without forming P^c apart. `rows`: the row
+    sums r when the caller has them."""
+    rows = sum(p.sum(-1) for p in pieces) if rows is None else rows  # (c, L) or (L,): r = Σ_k |α_ik|
+    zero = rows == 0  # rows carrying nothing: P's row is the identity's
+    inv = _row_inverse(rows)  # (c, L) or (L,)
     if previous is None:
         own, diag = sum(torch.diagonal(p, dim1=-2, dim2=-1) for p in pieces), 1.0  # |α_ii|
     else:
         own, diag = sum((p * previous.T).sum(-1) for p in pieces), torch.diagonal(previous)  # Σ_k |α_ik| R[k, i]
-    s = scale[..., None]  # (c, 1) or (1,)
-    carried = 1.0 - (s * own + diag) / (s * rows + 1.0)  # (c, L) or (L,)
+    w = IDENTITY_WEIGHT
+    own_p = inv * own + zero * diag  # (c, L) or (L,): Σ_k P[i, k] R[k, i]
+    carried = 1.0 - w * diag - (1 - w) * own_p  # (c, L) or (L,)
     if shared:  # the group's units share one map
-        return carried.expand(c, -1), sum(pieces) * (scale * c)
-    L = rows.shape[-1]
-    return carried, sum(scale @ p.reshape(c, L * L) for p in pieces).view(L, L)
+        P = sum(pieces) * inv[:, None] + torch.diag(zero.to(inv.dtype))  # (L, L)
+        return carried.expand(c, -1), P * c
+    p_sum = sum((p * inv[..., None]).sum(0) for p in pieces) + torch.diag(zero.sum(0).to(inv.dtype))  # (L, L)
+    return carried, p_sum
 
 
 def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, methods: tuple, shared: bool,
@@ -458,33 +491,29 @@ def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, me
     non-negative, so nothing cancels):
       Σ_j |α_ij x_j| = Σ_j (α⁺_ij + α⁻_ij)(x⁺_j + x⁻_j) (`_weighted_rows`);
       Σ_j ReLU(g_i α_ij x_j) = g⁺_i Σ_j (α⁺_ij x⁺_j + α⁻_ij x⁻_j) + g⁻_i Σ_j (α⁺_ij x⁻_j + α⁻_ij x⁺_j)
-      (`_gradient_rows`): a contribution method's `MethodSpec.signed_rows`;
-      rollout (`_fast_rollout`): normalise(|α|) = |α| / max|α| for a causal map (L >= 2: its upper triangle
-      makes the minimum 0).
+      (`_gradient_rows`): a contribution method's `MethodSpec.signed_rows`, each row divided by r_i =
+      Σ_j |α_ij| afterwards (α̂ = α / r is scaled row by row, and g_i is one number per row);
+      rollout (`_fast_rollout`): rownorm(|α|) from |α| = α⁺ + α⁻ and its row sums r.
     The (L, L) maps of the contribution methods are formed only with `maps` (the first text's); rollout's
-    Σ_c N^c is always formed (it is R_ℓ). `previous`: R_{ℓ-1} (L, L), None for the identity."""
-    c, L = x.shape[1], x.shape[0]
+    Σ_c P^c is always formed (it is R_ℓ). `previous`: R_{ℓ-1} (L, L), None for the identity."""
+    c = x.shape[1]
     specs = [METHOD_SPECS[m] for m in methods]
-    rollouts = tuple(sp.name for sp in specs if sp.kind == "rollout")
-    if rollouts and not (L >= 2 and bool((alpha[..., 0, 1] == 0).all())):
-        # L = 1 (normalise gives 0) or a map whose minimum is not 0: the per-entry parts
-        prev = torch.eye(L, dtype=x.dtype, device=x.device) if previous is None else previous
-        out = dict.fromkeys(rollouts, _rollout_parts(alpha.expand(c, L, L) if shared else alpha, prev))
-        rest = tuple(sp.name for sp in specs if sp.kind != "rollout")
-        return {**out, **(_fast_parts(alpha, x, g, rest, shared, previous, maps) if rest else {})}
-    if len(specs) == 1 and rollouts:  # rollout alone (the layers below the chosen one): |α| is all it needs
-        return dict.fromkeys(rollouts, _fast_rollout([alpha.abs()], c, shared, previous))
-    ap, an, Pp, Pn = _signed_parts(alpha, x, shared)
+    if len(specs) == 1 and specs[0].kind == "rollout":  # rollout alone (the layers below): |α| is all it needs
+        return {specs[0].name: _fast_rollout([alpha.abs()], c, shared, previous)}
+    ap, an, Pp, Pn, r = _signed_parts(alpha, x, shared)
+    inv = _row_inverse(r)  # (c, L) or (L,): α̂ = α / r row by row
     out = {}
     for sp in specs:
         if sp.kind == "rollout":
-            out[sp.name] = _fast_rollout([ap, an], c, shared, previous)
+            out[sp.name] = _fast_rollout([ap, an], c, shared, previous, r)
             continue
         part = None
         if maps:  # (L, L): Σ_c contrib^c
-            part = sp.shared_map(ap, an, x, g) if shared else sp.contribution(alpha, x, g).sum(0)
-        out[sp.name] = (sp.signed_rows(Pp, Pn, g), part)  # rows (c, L)
+            part = (sp.shared_map(ap * inv[:, None], an * inv[:, None], x, g) if shared
+                    else sp.contribution(alpha, x, g).sum(0))
+        out[sp.name] = (sp.signed_rows(Pp, Pn, g) * inv, part)  # rows (c, L) of α̂: each row of α's over r
     return out
+
 
 def score_groups(view: LayerView, methods: tuple, previous: list | None, maps: bool = True
                  ) -> tuple[dict, torch.Tensor | None, list | None]:
@@ -492,8 +521,14 @@ def score_groups(view: LayerView, methods: tuple, previous: list | None, maps: b
     (first example's map), the unit mean of α (b, L, L), per-example R_ℓ (L, L) if rollout is among
     `methods`, else None). `previous`: per-example R_{ℓ-1}, None for the identity. Without `maps` the
     contribution methods' token maps and the unit mean of α are not formed (None): the attention stage
-    keeps only the first text's. Unit rows by `_fast_parts`."""
+    keeps only the first text's. Unit rows by `_fast_parts`. A method that needs g where the view has none
+    (its target undefined: `view.g_undefined`) gets None with that reason."""
     b, L, e = view.x.shape
+    lacking = tuple(m for m in methods if METHOD_SPECS[m].needs_gradient and view.g is None)
+    if lacking and view.g_undefined is None:
+        raise ValueError(f"method {lacking[0]} needs the gradient g, and the layer view has none")
+    undefined = {m: NeuronScores(m, None, None, view.g_undefined) for m in lacking}
+    methods = tuple(m for m in methods if m not in lacking)
     eye = torch.eye(L, dtype=view.x.dtype, device=view.x.device)
     prev = [None] * b if previous is None else previous
     unit_sum = view.x.new_zeros(b, L, L) if maps else None  # (b, L, L): Σ_c α^c
@@ -521,7 +556,7 @@ def score_groups(view: LayerView, methods: tuple, previous: list | None, maps: b
         else:
             per[m] = [_contribution_scores(m, torch.cat(rows[m][k]), parts[m][k] if maps else None, e)
                       for k in range(b)]
-    return {m: _batch_mean(m, per[m]) for m in methods}, (unit_sum / e if maps else None), R
+    return {**{m: _batch_mean(m, per[m]) for m in methods}, **undefined}, (unit_sum / e if maps else None), R
 
 
 class AttentionNeurons:
@@ -531,9 +566,11 @@ class AttentionNeurons:
 
     unit = "unit"  # what the units are called in summaries and plots
 
-    def __init__(self, model):
+    def __init__(self, model, target: str = DEFAULT_TARGET):
+        """`target`: what gradient_guided's gradient is of (`passes.TARGETS`)."""
         self.model = model
         self.adapter = get_adapter(model)
+        self.target = check_target(target)
 
     @staticmethod
     def _ids(inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -602,18 +639,20 @@ class AttentionNeurons:
         gradient_layers = layers if needs_gradient(methods) else []
         if captured is None:
             ios = self.capture(ids, mask, needed)
-            grads = self.site_gradients(ids, mask, gradient_layers)
+            grads, targets = self.site_gradients(ids, mask, gradient_layers)
         else:
-            ios, grads = self.captured_io(captured), captured.gradients
+            ios, grads, targets = self.captured_io(captured), captured.gradients, [captured.target]
+        why = None if not gradient_layers else targets[0].get("undefined")
         for la in needed:
             chosen = la in layers
             view = self.layer_view(mask, la, ios[la], grads[la] if chosen and la in gradient_layers else None)
+            view = view._replace(g_undefined=why)
             scores, vectors, R = score_groups(view, methods if chosen else lower_layer_methods(methods), previous,
                                               maps and chosen)
             check = view.check()
             previous = R
             if chosen:
-                yield la, TextScores(scores, vectors, check, R)
+                yield la, TextScores(scores, vectors, check, R, targets if gradient_layers else None, ids.shape[1])
 
     @staticmethod
     def layers_read(layers, methods, start: int = -1) -> list[int]:
@@ -626,21 +665,23 @@ class AttentionNeurons:
         """{layer: what `layer_view` reads} from a `passes.TextCapture`."""
         raise NotImplementedError
 
-    def site_gradients(self, ids, mask, layers) -> dict:
-        """{layer: the gradient at the gradient path's input} from one gradient forward (none for no layers)."""
+    def site_gradients(self, ids, mask, layers) -> tuple[dict, list | None]:
+        """({layer: the gradient of `self.target` at the gradient path's input, None where the target is
+        undefined}, per-example target records) from one gradient forward (({}, None) for no layers)."""
         from passes import gradient_pass
 
         if not layers:
-            return {}
+            return {}, None
         if mask is not None and not bool(mask.bool().all()):
             raise ValueError("padded batches are not supported")
-        return gradient_pass(self.model, self.adapter, ids, layers)[0]
+        grads, targets, _ = gradient_pass(self.model, self.adapter, ids, layers, target=self.target)
+        return grads, targets
 
     def create_neurons(self, attention_data: dict, method: str, layers=None) -> dict:
         """{layer: NeuronScores} for `method` (METHODS) at `layers` (default: every layer in the data), from
-        whole α (the reference path); activations and importance are averaged over the batch, the token map
-        is the first example's. Rollout computes any lower layer missing from the data on the fly.
-        Scores undefined for the data (one-token texts) are None with the reason (`NeuronScores`)."""
+        whole α (the reference path); activations are averaged over the batch, the token map is the first
+        example's. Rollout computes any lower layer missing from the data on the fly. Scores undefined for
+        the data (one-token texts) are None with the reason (`NeuronScores`)."""
         spec = method_spec(method)
         layers = list(attention_data) if layers is None else check_layers(self.adapter, layers)
         missing = [la for la in layers if la not in attention_data]
@@ -652,8 +693,11 @@ class AttentionNeurons:
             d = attention_data[layer]
             alpha, x = d["attention_matrix"], d["x"]  # (b, e, L, L), (b, L, e)
             b = alpha.shape[0]
-            g = (self.output_gradient(d["input_ids"], layer, d["attention_mask"])[0] if spec.needs_gradient
-                 else [None] * b)  # (b, L, e)
+            g, targets = (self.output_gradient(d["input_ids"], layer, d["attention_mask"]) if spec.needs_gradient
+                          else ([None] * b, None))  # (b, L, e)
+            if g is None:  # the target is undefined for these texts
+                out[layer] = NeuronScores(method, None, None, targets[0]["undefined"])
+                continue
             R = self._rolled_below(attention_data, layer) if spec.reads_lower_layers else [None] * b
             out[layer] = _batch_mean(method, [spec.reference(alpha[k], x[k], g[k], R[k]) for k in range(b)])
         return out
@@ -673,47 +717,68 @@ class AttentionNeurons:
     def extract_attention_vectors(self, inputs, layer_indices) -> dict:
         raise NotImplementedError
 
-    def analyze_neuron_behavior(self, neurons: dict, layer_idx: int, top_k: int = 10) -> dict:
-        """{"method", "layer", "num_neurons", "mean_activation", "activation_std", "top_neurons" (the `top_k`
-        most active units, highest first, ties in unit order: [{"channel", ("head"), "activation",
-        "importance"}]), "neuron_diversity", "undefined"}. Where a field is undefined it is None (or [] for
+    def analyze_neuron_behavior(self, neurons: dict, layer_idx: int, top_k: int = 10, resampled=None,
+                                res=None) -> dict:
+        """{"method", "layer", "num_neurons", "mean_activation", "activation_std" (over the units),
+        "top_neurons" (the `top_k` most active units, highest first: [{"channel", ("head"), "activation",
+        "rank" (competition rank; units within stats.TIE_RTOL share it), "tied"}]), "ties" (a line naming tied
+        units, or None), "neuron_diversity", "undefined"}. With `resampled` (R, e), the activations on R
+        bootstrap draws of the texts, and `res` (their `stats.Resamples`): each top unit's "low", "high" (95%
+        interval) and "stability" (share of draws in which it stays in the top k), and "mean_activation" and
+        "neuron_diversity" each with "_low" / "_high". Where a field is undefined it is None (or [] for
         top_neurons) and "undefined" maps it to its reason (UNDEFINED): activations undefined (rollout on
-        one-token texts) -> mean_activation, activation_std, top_neurons, neuron_diversity; every activation 0
-        -> top_neurons and neuron_diversity (the mean and std, 0, are measured); importance undefined ->
-        each top neuron's "importance" is None, under the key "neuron_importance". `top_k`: a whole number
-        >= 1."""
+        one-token texts; gradient_guided without a target) -> mean_activation, activation_std,
+        top_neurons, neuron_diversity; every activation 0 -> top_neurons and neuron_diversity (the mean and
+        std, 0, are measured). `top_k`: a whole number >= 1."""
+        import stats
+
         top_k = check_top_k(top_k)
         s: NeuronScores = neurons[layer_idx]
         out = {"method": s.method, "layer": layer_idx, "num_neurons": int(self.describe_units()["n_units"])}
         undefined = {}
-        if s.neuron_importance is None:
-            undefined["neuron_importance"] = s.importance_undefined
         if s.neuron_activations is None:
             undefined.update(dict.fromkeys(("mean_activation", "activation_std", "top_neurons", "neuron_diversity"),
                                            s.undefined))
-            return {**out, "mean_activation": None, "activation_std": None, "top_neurons": [],
+            return {**out, "mean_activation": None, "activation_std": None, "top_neurons": [], "ties": None,
                     "neuron_diversity": None, "undefined": undefined}
         a = np.asarray(s.neuron_activations, dtype=np.float64)
         why = diversity_undefined(a)
         if why is not None:
             undefined["neuron_diversity"] = why
-        order = np.argsort(-a, kind="stable")[:top_k]
-        if not (a > 0).any():  # no ranking: an ordering of zeros is not one
-            undefined["top_neurons"], order = UNDEFINED["all_zero"], []
-        imp = s.neuron_importance
-        return {**out, "num_neurons": int(a.size), "mean_activation": float(a.mean()), "activation_std": float(a.std()),
-                "top_neurons": [{"channel": int(c), **self.unit_location(int(c)), "activation": float(a[c]),
-                                 "importance": None if imp is None else float(imp[c])} for c in order],
-                "neuron_diversity": neuron_diversity(a), "undefined": undefined}
+        drawn = resampled is not None and res is not None and res.defined
+        top = []
+        if (a > 0).any():
+            top = stats.ranked(a, top_k, resampled if drawn else None, res if drawn else None, key="channel")
+            for e in top:
+                e["activation"] = e.pop("score")
+                e.update(self.unit_location(e["channel"]))
+        else:  # no ranking: an ordering of zeros is not one
+            undefined["top_neurons"] = UNDEFINED["all_zero"]
+        result = {**out, "num_neurons": int(a.size), "mean_activation": float(a.mean()),
+                  "activation_std": float(a.std()), "top_neurons": top, "ties": stats.ties_note(top, "channel"),
+                  "neuron_diversity": neuron_diversity(a), "undefined": undefined}
+        if drawn:
+            r = np.asarray(resampled, dtype=np.float64)  # (R, e)
+            low, high = stats.percentile_interval(r.mean(1))
+            result.update(mean_activation_low=float(low), mean_activation_high=float(high))
+            if why is None:
+                d = diversity_rows(r)  # (R,), NaN on a draw whose activations are all 0
+                low, high = stats.percentile_interval(d[np.isfinite(d)]) if np.isfinite(d).any() else (None, None)
+                result.update(neuron_diversity_low=None if low is None else float(low),
+                              neuron_diversity_high=None if high is None else float(high))
+        return result
 
     def unit_location(self, c: int) -> dict:
         """Where unit c sits beyond its index (a Transformer's head), for the top-neuron tables."""
         return {}
 
-    def visualize_neurons(self, neurons: dict, layer_idx: int, plots_dir, prefix: str = "model", top_k: int = 10) -> str:
-        """The 6-panel figure: activation histogram, top neurons, activation vs importance, token map,
-        diversity (cumulative share of activation), statistics table. Returns the PNG path. A panel whose
-        numbers are undefined (`analyze_neuron_behavior`'s "undefined") shows the reason instead."""
+    def visualize_neurons(self, neurons: dict, layer_idx: int, plots_dir, prefix: str = "model", top_k: int = 10,
+                          analysis: dict | None = None, per_text: dict | None = None) -> str:
+        """The 6-panel figure: activation histogram, top units (with their 95% intervals when `analysis`, the
+        attention stage's entry, has them), the top units' activation in each text (`per_text`: {unit:
+        per-text activations}), token map, diversity (cumulative share of activation), statistics table.
+        Returns the PNG path. A panel whose numbers are undefined (`analyze_neuron_behavior`'s "undefined")
+        shows the reason instead."""
         import textwrap
 
         import matplotlib.pyplot as plt
@@ -729,30 +794,21 @@ class AttentionNeurons:
             return "undefined" if v is None else format(v, fmt)
 
         s: NeuronScores = neurons[layer_idx]
-        stats = self.analyze_neuron_behavior(neurons, layer_idx, top_k)
+        stats = analysis if analysis is not None else self.analyze_neuron_behavior(neurons, layer_idx, top_k)
         why = stats["undefined"]
         a = None if s.neuron_activations is None else np.asarray(s.neuron_activations)
-        imp = None if s.neuron_importance is None else np.asarray(s.neuron_importance)
         fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-        fig.suptitle(f"Attention neurons ({self.unit}s), layer {layer_idx}, method {s.method}")
+        fig.suptitle(f"Attention neurons ({self.unit}s), layer {layer_idx}, method {s.method}: activation per query "
+                     "token")
         top = stats["top_neurons"]
         if a is None:
-            for ax, title in ((axes[0, 0], "activation distribution"), (axes[0, 2], "activation vs importance"),
-                              (axes[1, 1], "diversity")):
+            for ax, title in ((axes[0, 0], "activation distribution"), (axes[1, 1], "diversity")):
                 say(ax, title, s.undefined)
         else:
             ax = axes[0, 0]
             ax.hist(a, bins=min(50, max(5, a.size // 4)), color="tab:blue")
             ax.set(title="activation distribution", xlabel="activation", ylabel=f"{self.unit}s")
-            if imp is None:
-                say(axes[0, 2], "activation vs importance", why["neuron_importance"])
-            else:
-                ax = axes[0, 2]
-                ax.scatter(a, imp, s=6, alpha=0.6)
-                ax.set(title="activation vs importance", xlabel="activation", ylabel="importance")
-            for ax_ in (axes[0, 0], axes[0, 2]):
-                if ax_.axison:
-                    ax_.ticklabel_format(axis="both", style="sci", scilimits=(-3, 3))
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
             if stats["neuron_diversity"] is None:
                 say(axes[1, 1], "diversity", why["neuron_diversity"])
             else:
@@ -762,22 +818,49 @@ class AttentionNeurons:
                 ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
                 ax.set(title=f"diversity {stats['neuron_diversity']:.3f} (1 = uniform)",
                        xlabel=f"fraction of {self.unit}s (most active first)", ylabel="share of total activation")
+        labels = [str(t["channel"]) + ("=" if t.get("tied") else "") for t in top]
         if top:
             ax = axes[0, 1]
-            ax.bar(range(len(top)), [t["activation"] for t in top], color="tab:red")
-            ax.set_xticks(range(len(top)), [str(t["channel"]) for t in top], rotation=45)
-            ax.set(title=f"top {len(top)} {self.unit}s", xlabel=self.unit, ylabel="activation")
+            values = np.array([t["activation"] for t in top])
+            err = None
+            if all(t.get("low") is not None for t in top):
+                err = np.clip(np.stack([values - [t["low"] for t in top], [t["high"] for t in top] - values]), 0, None)
+            ax.bar(range(len(top)), values, color="tab:red", yerr=err, capsize=3)
+            ax.set_xticks(range(len(top)), labels, rotation=45)
+            ax.set(title=f"top {len(top)} {self.unit}s" + (" (95% interval over texts)" if err is not None else "")
+                   + ("; '=' tied" if any(t.get("tied") for t in top) else ""), xlabel=self.unit, ylabel="activation")
         else:
             say(axes[0, 1], f"top {self.unit}s", why["top_neurons"])
+        if top and per_text:
+            ax = axes[0, 2]
+            for k, t in enumerate(top):
+                v = np.asarray(per_text.get(str(t["channel"]), per_text.get(t["channel"], [])), dtype=np.float64)
+                jitter = (np.arange(v.size) % 7 - 3) * 0.04
+                ax.scatter(k + jitter, v, s=6, alpha=0.5, color="tab:red")
+            ax.set_xticks(range(len(top)), labels, rotation=45)
+            ax.set(title=f"top {self.unit}s: activation in each text", xlabel=self.unit, ylabel="activation")
+        else:
+            say(axes[0, 2], f"top {self.unit}s: activation in each text",
+                "per-text activations come with the attention stage (attention_profile)" if top else
+                why.get("top_neurons", "no ranking"))
         ax = axes[1, 0]
-        im = ax.imshow(s.token_map, cmap="viridis", interpolation="nearest")
-        fig.colorbar(im, ax=ax)
-        ax.set(title="token map (first text)", xlabel="key token j", ylabel="query token i")
+        if s.token_map is None:
+            say(ax, "token map (first text)", s.undefined or "not formed")
+        else:
+            im = ax.imshow(s.token_map, cmap="viridis", interpolation="nearest")
+            fig.colorbar(im, ax=ax)
+            ax.set(title="token map (first text)", xlabel="key token j", ylabel="query token i")
         ax = axes[1, 2]
         ax.axis("off")
-        rows = [["neurons", f"{stats['num_neurons']}"], ["mean activation", shown(stats["mean_activation"], ".4g")],
-                ["activation std", shown(stats["activation_std"], ".4g")],
-                ["diversity", shown(stats["neuron_diversity"], ".4f")],
+
+        def with_interval(key: str, fmt: str) -> str:
+            v, lo = stats.get(key), stats.get(f"{key}_low")
+            return shown(v, fmt) + ("" if v is None or lo is None else
+                                    f" [{format(lo, fmt)}, {format(stats[key + '_high'], fmt)}]")
+
+        rows = [["neurons", f"{stats['num_neurons']}"], ["mean activation", with_interval("mean_activation", ".4g")],
+                ["activation std (units)", shown(stats["activation_std"], ".4g")],
+                ["diversity", with_interval("neuron_diversity", ".4f")],
                 [f"top {self.unit}", f"{top[0]['channel']} ({top[0]['activation']:.4g})" if top else "undefined"]]
         ax.table(cellText=rows, colLabels=["statistic", "value"], loc="center").scale(1, 1.6)
         ax.set(title="statistics")
@@ -793,8 +876,8 @@ class MambaAttentionNeurons(AttentionNeurons):
 
     unit = "channel"
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, target: str = DEFAULT_TARGET):
+        super().__init__(model, target)
         require_mamba(self.adapter, "hidden attention exists only in Mamba layers")
         self.mamba2 = self.adapter.ssm_kind == "mamba2"
 
@@ -861,16 +944,18 @@ class MambaAttentionNeurons(AttentionNeurons):
 
     def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g = ∂ logit[target] / ∂ y (b, L, e) at layer `layer`'s scan output y (before the gate or gated
-        norm), target (b,) the predicted next token at the last position), from one gradient forward
+        """(g = ∂ T / ∂ y (b, L, e) at layer `layer`'s scan output y (before the gate or gated norm), T the
+        analyzer's target summed over the batch (None where undefined), per-example target records
+        (`passes.target_value`)), from one gradient forward
         (`passes.gradient_pass`: Mamba-1 / FalconMamba mixers run the fast scan there, tested against the
         reference scan, for its O(b L e n) backward)."""
         from passes import gradient_pass
 
         ids, _ = self._device_ids(input_ids if attention_mask is None else
                                   {"input_ids": input_ids, "attention_mask": attention_mask})
-        grads, target, _ = gradient_pass(self.model, self.adapter, ids, [check_layer(self.adapter, layer)])
-        return grads[layer].float(), target
+        grads, targets, _ = gradient_pass(self.model, self.adapter, ids, [check_layer(self.adapter, layer)],
+                                          target=self.target)
+        return (None if grads[layer] is None else grads[layer].float()), targets
 
 
 class TransformerAttentionNeurons(AttentionNeurons):
@@ -879,8 +964,8 @@ class TransformerAttentionNeurons(AttentionNeurons):
 
     unit = "dim"
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, target: str = DEFAULT_TARGET):
+        super().__init__(model, target)
         if self.adapter.is_ssm:
             raise NotApplicable("a Mamba model: use MambaAttentionNeurons")
 
@@ -959,20 +1044,21 @@ class TransformerAttentionNeurons(AttentionNeurons):
 
     def output_gradient(self, input_ids: torch.Tensor, layer: int, attention_mask=None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g = ∂ logit[target] / ∂ y (b, L, d) at layer `layer`'s output-projection input y (the heads'
-        concatenated output), target (b,) the predicted next token at the last position), from one
-        gradient forward (`passes.gradient_pass`)."""
+        """(g = ∂ T / ∂ y (b, L, d) at layer `layer`'s output-projection input y (the heads' concatenated
+        output), T the analyzer's target summed over the batch (None where undefined), per-example target
+        records (`passes.target_value`)), from one gradient forward (`passes.gradient_pass`)."""
         from passes import gradient_pass
 
         ids, _ = self._device_ids(input_ids if attention_mask is None else
                                   {"input_ids": input_ids, "attention_mask": attention_mask})
-        grads, target, _ = gradient_pass(self.model, self.adapter, ids, [check_layer(self.adapter, layer)])
-        return grads[layer].float(), target
+        grads, targets, _ = gradient_pass(self.model, self.adapter, ids, [check_layer(self.adapter, layer)],
+                                          target=self.target)
+        return (None if grads[layer] is None else grads[layer].float()), targets
 
 
-def attention_neurons_for(model) -> AttentionNeurons:
-    """The attention-neuron analyser of the model's family."""
-    return (MambaAttentionNeurons if get_adapter(model).is_ssm else TransformerAttentionNeurons)(model)
+def attention_neurons_for(model, target: str = DEFAULT_TARGET) -> AttentionNeurons:
+    """The attention-neuron analyser of the model's family (`target`: gradient_guided's, `passes.TARGETS`)."""
+    return (MambaAttentionNeurons if get_adapter(model).is_ssm else TransformerAttentionNeurons)(model, target)
 
 
 def plot_attention_vector(vector: np.ndarray, layer: int, plots_dir, prefix: str, family: str = "mamba") -> str:
@@ -1001,12 +1087,14 @@ def draw_attention_map(ax, fig, vector: np.ndarray, family: str) -> None:
            xlabel="key token j", ylabel="query token i")
 
 
-def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHODS, top_k: int = 10) -> dict:
+def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHODS, top_k: int = 10,
+                                target: str = DEFAULT_TARGET) -> dict:
     """The reference path at `layer_indices` for either family: whole α, every method's neurons and their
     analysis: {"attention_data", "neurons": {method: {layer: NeuronScores}}, "analysis_results":
     {method: {layer: dict}}, "analyzer"}. `layer_indices` (a non-empty list of layer indices), `methods`
-    (`check_methods`) and `top_k` (a whole number >= 1) are checked before any forward (ValueError)."""
-    analyzer = attention_neurons_for(model)
+    (`check_methods`), `top_k` (a whole number >= 1) and `target` (`passes.TARGETS`) are checked before any
+    forward (ValueError)."""
+    analyzer = attention_neurons_for(model, target)
     layer_indices = list(dict.fromkeys(check_layers(analyzer.adapter, layer_indices, "layer_indices")))
     methods, top_k = check_methods(methods), check_top_k(top_k)
     data = analyzer.extract_attention_vectors(inputs, layer_indices)
@@ -1017,19 +1105,29 @@ def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHO
 
 
 class AttentionProfile:
-    """The running sums of `attention_profile`: `add(k, scored)` with text k's [(layer, TextScores)] (in
+    """The running record of `attention_profile`: `add(k, scored)` with text k's [(layer, TextScores)] (in
     text order, k = 0 first: its maps are kept), `result()` the profile. Also the attention stage's reader
-    of the text pass (`request`, `read`, `finish`): it scores each text from the pass's captures."""
+    of the text pass (`request`, `read`, `finish`): it scores each text from the pass's captures. Each
+    text's activations (e,) per layer and method are kept (the bootstrap over texts resamples them), with
+    its number of tokens (its weight) and its gradient target."""
 
-    def __init__(self, analyzer: "AttentionNeurons", layers, methods=METHODS, top_k: int = 10, maps_at=None):
+    def __init__(self, analyzer: "AttentionNeurons", layers, methods=METHODS, top_k: int = 10, maps_at=None,
+                 n_resamples: int | None = None, seed: int = 0):
+        import stats
+
         self.analyzer = analyzer
         self.layers = sorted(set(check_layers(analyzer.adapter, layers)))
         self.methods, self.top_k = check_methods(methods), check_top_k(top_k)
         self.maps_at = maps_at
-        # per layer and method: [Σ activations, texts in it, Σ importance, texts in it, first reason of each left out]
-        self.sums = {la: {m: [0.0, 0, 0.0, 0, None, None] for m in self.methods} for la in self.layers}
+        self.n_resamples = stats.DEFAULT_RESAMPLES if n_resamples is None else n_resamples
+        self.seed = seed
+        # per layer and method: per text, (activations (e,) or None, tokens); the first reason a text was left out
+        self.per_text = {la: {m: [] for m in self.methods} for la in self.layers}
+        self.why = {la: dict.fromkeys(self.methods) for la in self.layers}
         self.first = {la: {} for la in self.layers}  # the first text's token maps
         self.vectors, self.worst = {}, dict.fromkeys(self.layers, 0.0)
+        self.targets = []  # per text, the gradient's target record (with gradient_guided)
+        self.tokens = []  # per text, its tokens (its weight)
         self.n = 0
 
     @property
@@ -1038,50 +1136,65 @@ class AttentionProfile:
 
         read = frozenset(self.analyzer.layers_read(self.layers, self.methods))
         grad = frozenset(self.layers if needs_gradient(self.methods) else ())
-        return (TextRequest(mixer_io=read, gradient=grad) if self.analyzer.adapter.is_ssm
-                else TextRequest(attention_io=read, gradient=grad))
+        target = self.analyzer.target if grad else None
+        return (TextRequest(mixer_io=read, gradient=grad, target=target) if self.analyzer.adapter.is_ssm
+                else TextRequest(attention_io=read, gradient=grad, target=target))
 
     def read(self, text) -> None:
         self.add(text.index, self.analyzer.scores_by_layer(text.ids, self.layers, self.methods, maps=text.index == 0,
                                                            captured=text))
 
     def add(self, k: int, scored) -> None:
+        target, tokens = None, None
         for la, ts in scored:  # α by group, verified
             self.worst[la] = max(self.worst[la], ts.reconstruction.relative_error)
+            tokens = ts.n_tokens
             for m in self.methods:
-                s, acc = ts.scores[m], self.sums[la][m]
-                if s.neuron_activations is not None:
-                    acc[0], acc[1] = acc[0] + s.neuron_activations, acc[1] + 1
-                else:
-                    acc[4] = acc[4] or s.undefined
-                if s.neuron_importance is not None:
-                    acc[2], acc[3] = acc[2] + s.neuron_importance, acc[3] + 1
-                else:
-                    acc[5] = acc[5] or s.importance_undefined
+                s = ts.scores[m]
+                if s.neuron_activations is None:
+                    self.why[la][m] = self.why[la][m] or s.undefined
+                self.per_text[la][m].append(s.neuron_activations)
                 if k == 0:
                     self.first[la][m] = s.token_map
             if k == 0:
                 self.vectors[la] = ts.attention_vectors[0].cpu().numpy()  # (L, L)
+            target = target or (ts.targets[0] if ts.targets else None)
+        if target is not None:
+            self.targets.append(target)
+        self.tokens.append(tokens)
         self.n += 1
 
     def finish(self) -> dict:
         return self.result()
 
     def result(self) -> dict:
+        import stats
+
         out = {}
+        weights = np.asarray(self.tokens, dtype=np.float64)  # (n_texts,)
         for la in self.layers:
             maps = self.maps_at is None or la in self.maps_at
-            entry = {"layer": la, "n_texts": self.n, "max_reconstruction_error": self.worst[la], "methods": {}}
+            entry = {"layer": la, "n_texts": self.n, "n_tokens": int(weights.sum()),
+                     "max_reconstruction_error": self.worst[la], "methods": {},
+                     "gradient_targets": list(self.targets) if needs_gradient(self.methods) else None}
             if maps:
                 entry["attention_vector_first_text"] = self.vectors[la]
             for m in self.methods:
-                acts, n_acts, imp, n_imp, why_acts, why_imp = self.sums[la][m]
-                scores = NeuronScores(m, acts / n_acts if n_acts else None, imp / n_imp if n_imp else None,
-                                      self.first[la][m], None if n_acts else why_acts, None if n_imp else why_imp)
-                entry["methods"][m] = {**self.analyzer.analyze_neuron_behavior({la: scores}, la, self.top_k),
-                                       "neuron_activations": scores.neuron_activations,
-                                       "neuron_importance": scores.neuron_importance,
-                                       "n_texts_averaged": {"activations": n_acts, "importance": n_imp}}
+                texts = [i for i, a in enumerate(self.per_text[la][m]) if a is not None]  # where defined
+                acts = resampled = res = None
+                if texts:
+                    x = np.stack([self.per_text[la][m][i] for i in texts]).astype(np.float64)  # (n', e)
+                    w = weights[texts]
+                    acts = stats.weighted_mean(x, w)  # (e,)
+                    res = stats.Resamples.draw(len(texts), self.n_resamples, self.seed, "texts")
+                    resampled = res.means(x, w)  # (R, e)
+                scores = NeuronScores(m, acts, self.first[la][m], None if texts else self.why[la][m])
+                analysis = self.analyzer.analyze_neuron_behavior({la: scores}, la, self.top_k, resampled, res)
+                entry["methods"][m] = {**analysis, "neuron_activations": acts,
+                                       "n_texts_averaged": len(texts), "n_tokens_averaged": int(weights[texts].sum()),
+                                       "interval_method": None if res is None or not res.defined else res.method(),
+                                       "activation_per_text": {str(t["channel"]): x[:, t["channel"]]
+                                                               for t in analysis["top_neurons"]} if texts else {}}
                 if maps:
                     entry["methods"][m]["token_map_first_text"] = self.first[la][m]
             out[la] = entry
@@ -1089,25 +1202,27 @@ class AttentionProfile:
 
 
 def attention_profile(analyzer: AttentionNeurons, texts_ids, layers, methods=METHODS, top_k: int = 10,
-                      progress: bool = False, desc: str = "attention", maps_at=None) -> dict:
-    """Each method's scores at every one of `layers`, averaged over the texts (one text at a time, every
-    layer from one forward per text and one gradient forward, rollout continuing from layer to layer):
+                      progress: bool = False, desc: str = "attention", maps_at=None, n_resamples: int | None = None,
+                      seed: int = 0) -> dict:
+    """Each method's scores at every one of `layers` over the texts (one text at a time, every layer from
+    one forward per text and one gradient forward, rollout continuing from layer to layer):
     {layer: {"layer", "n_texts", "max_reconstruction_error", "attention_vector_first_text" (L, L) the unit
-    mean of α of the first text, "methods": {method: `analyze_neuron_behavior`'s dict + the averaged
-    "neuron_activations" and "neuron_importance" (e,) and "token_map_first_text" (L, L), and
-    "n_texts_averaged": {"activations", "importance"}}}}.
-    Each score is averaged over the texts where it is defined: rollout's activations and every method's
-    importance over the texts of at least 2 tokens (a one-token text has no other token, and one query
-    position). With none, that array is None and the entry's "undefined" says why (`analyze_neuron_behavior`).
-    `maps_at`: the layers whose entries keep the first text's (L, L) maps (default: every layer); the other
-    entries leave them out (at 24 layers they would make the JSON a hundred MB).
+    mean of α of the first text, "methods": {method: `analyze_neuron_behavior`'s dict with its intervals +
+    "neuron_activations" (e,) the token-weighted mean over the texts of each text's activation per query
+    token, "activation_per_text" {unit: (n_texts_averaged,)} for the top units, "token_map_first_text"
+    (L, L), "n_texts_averaged", "n_tokens_averaged", "interval_method"}}}.
+    Each score is averaged over the texts where it is defined (rollout over the texts of at least 2 tokens;
+    gradient_guided over those whose target is defined), each text weighted by its tokens; the intervals
+    are a percentile bootstrap over those texts (`n_resamples` draws, `seed`). With none, that array is None
+    and the entry's "undefined" says why (`analyze_neuron_behavior`). `maps_at`: the layers whose entries
+    keep the first text's (L, L) maps (default: every layer).
     Refused before any forward (ValueError): `texts_ids` not a non-empty list of (1, L_i) token-id tensors,
     `layers` not a non-empty list of layer indices (a layer given twice is scored once), unknown or no
     `methods`, a `top_k` that is not a whole number >= 1."""
     from tqdm.auto import tqdm
 
     texts_ids = check_token_ids(texts_ids)
-    profile = AttentionProfile(analyzer, layers, methods, top_k, maps_at)
+    profile = AttentionProfile(analyzer, layers, methods, top_k, maps_at, n_resamples, seed)
     for k, ids in enumerate(tqdm(texts_ids, desc=desc, disable=not progress)):
         profile.add(k, analyzer.scores_by_layer(ids, profile.layers, profile.methods, maps=k == 0))
     return profile.result()
@@ -1118,13 +1233,10 @@ def neuron_scores(entry: dict, method: str) -> dict:
     undefined arrays stay None, with their reasons."""
     m = entry["methods"][method]
     why = m.get("undefined") or {}
-
-    def array(key):
-        return None if m[key] is None else np.asarray(m[key])
-
-    return {entry["layer"]: NeuronScores(method, array("neuron_activations"), array("neuron_importance"),
-                                         np.asarray(m["token_map_first_text"]), why.get("mean_activation"),
-                                         why.get("neuron_importance"))}
+    acts = m["neuron_activations"]
+    tmap = m.get("token_map_first_text")
+    return {entry["layer"]: NeuronScores(method, None if acts is None else np.asarray(acts),
+                                         None if tmap is None else np.asarray(tmap), why.get("mean_activation"))}
 
 
 def plot_attention_depth(series: list, plots_dir, name: str) -> str:
@@ -1172,27 +1284,40 @@ def attention_by_layer(results: dict) -> dict:
 
 def _stage_reader(ctx):
     layers = sorted({la for layer in ctx.layers for la in stage_layers(ctx.opts, layer)})
-    return AttentionProfile(attention_neurons_for(ctx.model), layers, ctx.opts.attention_methods, ctx.top_k,
-                            maps_at=set(ctx.layers))
+    o = ctx.opts
+    return AttentionProfile(attention_neurons_for(ctx.model, o.attention_target), layers, o.attention_methods,
+                            ctx.top_k, maps_at=set(ctx.layers), n_resamples=o.bootstrap_resamples, seed=o.seed)
 
 
 def _stage_run(ctx, profile: dict):
     """Attention neurons at --layer (and every --attention_layers layer) over every text: each method's unit
-    scores averaged over texts. Mamba: hidden attention of the channels; Transformer: the attention
-    weights of the attention-output dims (UNITS)."""
+    scores per query token, token-weighted over the texts, with intervals. Mamba: hidden attention of the
+    channels; Transformer: the attention weights of the attention-output dims (UNITS)."""
     from functools import partial
 
     from naming import layer_tag
 
-    analyzer = attention_neurons_for(ctx.model)
-    layer, methods, layers = ctx.layer, ctx.opts.attention_methods, stage_layers(ctx.opts, ctx.layer)
+    o = ctx.opts
+    analyzer = attention_neurons_for(ctx.model, o.attention_target)
+    layer, methods, layers = ctx.layer, o.attention_methods, stage_layers(o, ctx.layer)
     by_layer = {la: profile[la] for la in layers}
+    for entry in by_layer.values():  # each last_argmax target's token, as the tokenizer writes it
+        for t in entry.get("gradient_targets") or []:
+            if "token_id" in t and "token" not in t:
+                t["token"] = ctx.tokenizer.decode([t["token_id"]])
     family = "mamba" if ctx.adapter.is_ssm else "transformer"
     results = {**by_layer[layer], "units": analyzer.describe_units(),
+               "ranked_by": "activation: per unit, the token-weighted mean over the texts of its activation per "
+                            "query token (definitions); rank stability: the share of bootstrap draws of the texts in "
+                            "which the unit stays in the top k",
                "definitions": {m: DEFINITIONS[m] for m in methods}}
+    if needs_gradient(methods):
+        results["target"] = o.attention_target
+        results["target_definition"] = TARGETS[o.attention_target]
     d, p, k = ctx.plots_dir, ctx.prefix, ctx.top_k
     plots = [partial(plot_attention_vector, results["attention_vector_first_text"], layer, d, p, family)]
-    plots += [partial(analyzer.visualize_neurons, neuron_scores(results, m), layer, d, p, k) for m in methods]
+    plots += [partial(analyzer.visualize_neurons, neuron_scores(results, m), layer, d, p, k, results["methods"][m],
+                      results["methods"][m]["activation_per_text"]) for m in methods]
     if len(layers) > 1:
         results["attention_layers"] = layers
         results["by_layer"] = by_layer
@@ -1222,15 +1347,49 @@ def attention_summary(r: dict) -> str:
         lines = [f"    attention over {r['n_texts']} texts; units: the {units['n_units']} attention-output dims "
                  f"({units['n_heads']} heads x {units['head_dim']}), each mixed by its head's weights; (A v) through "
                  f"the output projection: max rel. error {r['max_reconstruction_error']:.2e}"]
+    lines.append("    activation per query token, texts weighted by tokens; [95% interval over texts]; top units with "
+                 "their top-k stability ('=' tied)")
+    targets = r.get("gradient_targets")
+    if targets:
+        lines.append("    " + _targets_line(r.get("target"), targets))
     for la, e in attention_by_layer(r).items():
         where = f"layer {la} " if "by_layer" in r else ""
         for m, a in e["methods"].items():
-            top = ", ".join(_unit_label(t) + f" ({t['activation']:.3g})" for t in a["top_neurons"][:5])
-            lines.append(f"    {where}{m}: {a['num_neurons']} {unit}s, mean activation "
-                         f"{shown(a['mean_activation'], '.4g')} (std {shown(a['activation_std'], '.3g')}), diversity "
-                         f"{shown(a['neuron_diversity'], '.3f')}; top: {top or 'none (no ranking)'}")
+            top = ", ".join(_unit_label(t) + ("=" if t.get("tied") else "") + f" ({t['activation']:.3g}"
+                            + ("" if t.get("stability") is None else f", {100 * t['stability']:.0f}%") + ")"
+                            for t in a["top_neurons"][:5])
+            mean = {"value": a["mean_activation"], "low": a.get("mean_activation_low"),
+                    "high": a.get("mean_activation_high")}
+            div = {"value": a["neuron_diversity"], "low": a.get("neuron_diversity_low"),
+                   "high": a.get("neuron_diversity_high")}
+            lines.append(f"    {where}{m}: {a['num_neurons']} {unit}s, {a['n_texts_averaged']} texts; mean activation "
+                         f"{_shown(mean, '.4g')}, diversity {_shown(div, '.3f')}; top: {top or 'none (no ranking)'}")
+            if a.get("ties"):
+                lines.append(f"      ties: {a['ties']}")
             lines += [f"      {field}: {why}" for field, why in (a.get("undefined") or {}).items()]
     return "".join(line + "\n" for line in lines)
+
+
+def _shown(d: dict, spec: str) -> str:
+    import stats
+
+    return "undefined" if d["value"] is None else stats.shown(d, spec)
+
+
+def _targets_line(target: str | None, targets: list) -> str:
+    """One line on gradient_guided's targets over the texts (each text's record is in the JSON)."""
+    defined = [t for t in targets if "undefined" not in t]
+    left = len(targets) - len(defined)
+    tail = f"; {left} texts without a target (one token)" if left else ""
+    if not defined:
+        return f"gradient_guided target: {target}: none defined{tail}"
+    if "p" in defined[0]:
+        p = np.array([t["p"] for t in defined])
+        return (f"gradient_guided target: {target} (log p of the last position's most likely token): p median "
+                f"{np.median(p):.2f}, range {p.min():.2f}-{p.max():.2f} over {len(defined)} texts{tail}")
+    lp = np.array([t["mean_logp"] for t in defined])
+    return (f"gradient_guided target: {target} (the texts' own next tokens, every position): mean log p per token "
+            f"median {np.median(lp):.2f} nats over {len(defined)} texts{tail}")
 
 
 def _register() -> None:

@@ -52,11 +52,16 @@ class TextRequest:
     attention_io: frozenset = frozenset()  # Transformer attention: (A (1, H, L, L), values (1, H, L, d/H),
     # out_proj input (1, L, d), out_proj output (1, L, d)), under eager attention
     sites: frozenset = frozenset()  # the neuron site (`sparsity.neuron_site`): (L, N) float32 numpy
-    gradient: frozenset = frozenset()  # ∂ logit[target] / ∂ (the input of `adapter.gradient_path(layer)`)
+    gradient: frozenset = frozenset()  # ∂ target / ∂ (the input of `adapter.gradient_path(layer)`)
+    target: str | None = None  # what the gradient is of (TARGETS); None: the reader reads no gradient
 
     def __or__(self, other: "TextRequest") -> "TextRequest":
+        if self.target and other.target and self.target != other.target:
+            raise ValueError(f"two readers ask for gradients of different targets ({self.target}, {other.target}); "
+                             "the text pass has one gradient forward")
         return TextRequest(*(getattr(self, f) | getattr(other, f) for f in ("mixer_io", "attention_io", "sites",
-                                                                             "gradient")))
+                                                                             "gradient")),
+                           target=self.target or other.target)
 
 
 @dataclass
@@ -68,8 +73,8 @@ class TextCapture:
     mixer_io: dict = field(default_factory=dict)  # {layer: (input, output)}
     attention_io: dict = field(default_factory=dict)  # {layer: (A, values, y, out)}
     sites: dict = field(default_factory=dict)  # {layer: (L, N) numpy}
-    gradients: dict = field(default_factory=dict)  # {layer: (1, L, ·)}
-    target: torch.Tensor | None = None  # (1,) the token the gradients are of
+    gradients: dict = field(default_factory=dict)  # {layer: (1, L, ·)}, or {layer: None} where the target is undefined
+    target: dict | None = None  # what the gradients are of (`gradient_pass`'s record of this text)
     sites_from: str | None = None  # which forward `sites` come from, and how it was checked
 
 
@@ -167,19 +172,60 @@ def _checked_blocked(model, layers):
     return ssm.swapped_mixer_forward(model, checked, layers)
 
 
-def gradient_pass(model, adapter, ids, layers, sites=()) -> tuple[dict, torch.Tensor, dict]:
-    """Step 2 for one text `ids` (1, L): ({layer: g (1, L, e)}, target (1,), {layer: site (L, N)}), g =
-    ∂ logit[target] / ∂ y with y the layer's unit outputs (every layer's g from one backward: a y below
-    another is differentiated through it), target = the model's predicted next token at the last position.
-    Mamba-1 / FalconMamba: every mixer runs the fast scan (`ssm.mixer_forward`: the same recurrence,
-    tested against the reference scan) for its cheap backward, and y is its float32 scan output before the
-    gate. Mamba-2 and Transformers: y is the first input of `adapter.gradient_path(layer)` (the gated
-    norm; the attention's output projection). Where y needs no gradient of its own (below every
+# What a gradient can be of: {name: definition} (the attention stage's --attention_target).
+TARGETS = {
+    "likelihood": "sum over positions t = 0..L-2 of log p(x_{t+1} | x_<=t): the text's own log-likelihood of its "
+                  "next tokens (natural log), every query position a target; undefined for a one-token text",
+    "last_argmax": "log p(v* | x) at the last position, v* its most probable next token: one target token, so the "
+                   "gradient is concentrated on the last positions and the score depends on the text's length and "
+                   "on a token that may be one of several near-equally likely ones",
+}
+DEFAULT_TARGET = "likelihood"
+TARGET_UNDEFINED = {"likelihood": "undefined: the likelihood target needs a text of at least 2 tokens (a one-token "
+                                  "text has no next token of its own)"}
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
+    return target
+
+
+def target_value(logits: torch.Tensor, ids: torch.Tensor, target: str) -> tuple[torch.Tensor, list[dict]]:
+    """(the scalar the gradient is of: the target summed over the batch, per-example records) from the
+    logits (b, L', V) of `ids` (b, L) (L' = L, or 1 for `last_argmax`, which reads the last position only).
+    Records: likelihood {"target", "n_tokens" (L − 1), "mean_logp" (nats per predicted token)};
+    last_argmax {"target", "token_id", "p"}. None for an undefined target (`TARGET_UNDEFINED`)."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # (b, L', V)
+    if check_target(target) == "last_argmax":
+        last = logp[:, -1]  # (b, V)
+        top = last.argmax(-1)  # (b,)
+        chosen = last.gather(1, top[:, None])[:, 0]  # (b,)
+        return chosen.sum(), [{"target": target, "token_id": int(t), "p": float(v.exp())}
+                              for t, v in zip(top.tolist(), chosen.detach())]
+    if ids.shape[1] < 2:
+        return None, [{"target": target, "undefined": TARGET_UNDEFINED[target]} for _ in range(ids.shape[0])]
+    own = logp[:, :-1].gather(2, ids[:, 1:, None])[..., 0]  # (b, L − 1): log p(x_{t+1} | x_<=t)
+    return own.sum(), [{"target": target, "n_tokens": int(ids.shape[1] - 1), "mean_logp": float(v)}
+                       for v in own.detach().mean(1)]
+
+
+def gradient_pass(model, adapter, ids, layers, sites=(), target: str = DEFAULT_TARGET
+                  ) -> tuple[dict, list[dict], dict]:
+    """Step 2 for `ids` (b, L; one text in the text pass): ({layer: g (b, L, e)}, per-example target records
+    (`target_value`), {layer: site (L, N)}), g = ∂ T / ∂ y with y the layer's unit outputs (every layer's g
+    from one backward: a y below another is differentiated through it) and T the `target` (TARGETS) summed
+    over the batch; where T is undefined (the likelihood of a one-token text) every g is None and the
+    record says why. Mamba-1 / FalconMamba: every mixer runs the fast scan (`ssm.mixer_forward`: the same
+    recurrence, tested against the reference scan) for its cheap backward, and y is its float32 scan output
+    before the gate. Mamba-2 and Transformers: y is the first input of `adapter.gradient_path(layer)` (the
+    gated norm; the attention's output projection). Where y needs no gradient of its own (below every
     differentiated layer) it becomes a leaf. The weights leave the graph for this pass and get their
     requires_grad back afterwards, also on error. `sites`: layers whose neuron site is read here."""
     import ssm
     from utils import trace
 
+    check_target(target)
     layers = sorted(set(layers))
     seen = {}
 
@@ -205,19 +251,20 @@ def gradient_pass(model, adapter, ids, layers, sites=()) -> tuple[dict, torch.Te
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    keep = 1 if target == "last_argmax" else 0  # 0: every position's logits
     try:
         with torch.enable_grad(), swap, hooks, _reading_sites(model, _site_paths(adapter, sites), site_out):
-            logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits  # (1, 1, V)
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits  # (b, L or 1, V)
         missing = [la for la in layers if la not in seen]
         if missing:
             raise RuntimeError(f"the gradient forward never reached layer {missing[0]}'s unit outputs")
-        last = logits[:, -1].float()  # (1, V)
-        target = last.argmax(-1)  # (1,)
-        grads = torch.autograd.grad(last.gather(1, target[:, None]).sum(), [seen[la] for la in layers])
+        value, records = target_value(logits, ids, target)
+        grads = (dict.fromkeys(layers) if value is None else
+                 {la: g.detach() for la, g in zip(layers, torch.autograd.grad(value, [seen[la] for la in layers]))})
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return {la: g.detach() for la, g in zip(layers, grads)}, target, site_out
+    return grads, records, site_out
 
 
 def site_difference(reference: dict, other: dict) -> float:
@@ -286,8 +333,10 @@ def run_text_pass(model, adapter, input_ids, readers: dict, progress: bool = Fal
         text.index = k
         if grad_layers:
             try:
-                text.gradients, text.target, grad_sites = gradient_pass(
-                    model, adapter, ids, grad_layers, want.sites if from_gradient else ())
+                text.gradients, targets, grad_sites = gradient_pass(
+                    model, adapter, ids, grad_layers, want.sites if from_gradient else (),
+                    want.target or DEFAULT_TARGET)
+                text.target = targets[0]
             except Exception as exc:
                 needs = [n for n in live if requests[n].gradient or (from_gradient and requests[n].sites)]
                 fail(needs, exc, f"the gradient forward of text {k}")

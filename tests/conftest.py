@@ -124,7 +124,7 @@ def assert_streamed_equals_reference(an, ids, layers, methods=None, label: str =
         torch.testing.assert_close(ts.attention_vectors, data[layer]["attention_vectors"], rtol=1e-5, atol=1e-7)
         for m in methods:
             ref, got = an.create_neurons(data, m)[layer], ts.scores[m]
-            for field in ("neuron_activations", "neuron_importance", "token_map"):
+            for field in ("neuron_activations", "token_map"):
                 r, g = np.asarray(getattr(ref, field)), np.asarray(getattr(got, field))
                 rel = np.abs(r - g).max() / np.abs(r).max()
                 print(f"{label} layer {layer} {m} {field}: max relative difference {rel:.2e}")

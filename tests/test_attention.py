@@ -72,23 +72,20 @@ def test_hand_built_three_token_case():
     alpha = torch.tensor([[[1.0, 0, 0], [0.5, 0.25, 0], [-0.2, 0.4, 0.1]]], dtype=torch.float64)  # (e=1, 3, 3)
     x = torch.tensor([[2.0], [-1.0], [4.0]], dtype=torch.float64)  # (L, e)
     g = torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
-    # attention_weighted: |α x_j| = [[2], [1, .25], [.4, .4, .4]]; sum 4.45 over 6 causal entries;
-    # row sums (2, 1.25, 1.2): std 0.365908
+    # α̂: rows over Σ_j |α_ij| = (1, .75, .7): [[1], [2/3, 1/3], [-2/7, 4/7, 1/7]]
+    # attention_weighted: |α̂ x_j| = [[2], [4/3, 1/3], [4/7, 4/7, 4/7]]; row sums (2, 5/3, 12/7): per query
+    # token their mean (not over the 6 causal entries: that would shrink with the text's length)
     aw = attention_weighted(alpha, x)
-    assert aw.neuron_activations[0] == pytest.approx(4.45 / 6)
-    assert aw.neuron_importance[0] == pytest.approx(0.3659083, rel=1e-6)
-    np.testing.assert_allclose(aw.token_map, [[2, 0, 0], [1, 0.25, 0], [0.4, 0.4, 0.4]])
-    # gradient_guided: ReLU(g_i α_ij x_j) = [[2], [0, .5], [0, 0, .2]]; sum 2.7 / 6; row sums (2, .5, .2)
+    assert aw.neuron_activations[0] == pytest.approx((2 + 5 / 3 + 12 / 7) / 3)
+    np.testing.assert_allclose(aw.token_map, [[2, 0, 0], [4 / 3, 1 / 3, 0], [4 / 7, 4 / 7, 4 / 7]])
+    # gradient_guided: ReLU(g_i α̂_ij x_j) = [[2], [0, 2/3], [0, 0, 2/7]]; row sums (2, 2/3, 2/7)
     gg = gradient_guided(alpha, x, g)
-    assert gg.neuron_activations[0] == pytest.approx(0.45)
-    assert gg.neuron_importance[0] == pytest.approx(0.7874008, rel=1e-6)
-    # rollout: normalise(|α|) = |α| (max 1); + I, row-normalised:
-    # [[1, 0, 0], [2/7, 5/7, 0], [2/17, 4/17, 11/17]]; carried = 1 - diag = (0, 2/7, 6/17)
+    assert gg.neuron_activations[0] == pytest.approx((2 + 2 / 3 + 2 / 7) / 3)
+    # rollout: rownorm(|α|) = [[1, 0, 0], [2/3, 1/3, 0], [2/7, 4/7, 1/7]]; Â = I/2 + that/2 =
+    # [[1, 0, 0], [1/3, 2/3, 0], [1/7, 2/7, 4/7]]; carried = 1 - diag = (0, 1/3, 3/7)
     ro, R = rollout_layer(alpha)
-    np.testing.assert_allclose(R, [[1, 0, 0], [2 / 7, 5 / 7, 0], [2 / 17, 4 / 17, 11 / 17]], rtol=1e-12)
-    carried = np.array([0, 2 / 7, 6 / 17])
-    assert ro.neuron_activations[0] == pytest.approx(carried.mean())
-    assert ro.neuron_importance[0] == pytest.approx(carried.std())
+    np.testing.assert_allclose(R, [[1, 0, 0], [1 / 3, 2 / 3, 0], [1 / 7, 2 / 7, 4 / 7]], rtol=1e-12)
+    assert ro.neuron_activations[0] == pytest.approx(np.mean([0, 1 / 3, 3 / 7]))
 
 
 def test_rollout_of_identity_attention_is_identity():
@@ -110,29 +107,34 @@ def test_rollout_rows_are_distributions_and_causal(mamba):
     assert np.all(np.triu(R, 1) == 0) and np.all(R >= 0)
 
 
-def test_gradient_equals_finite_difference():
+@pytest.mark.parametrize("target", ["likelihood", "last_argmax"])
+def test_gradient_equals_finite_difference(target):
+    """g = ∂ T / ∂ y at the scan output for either target T (passes.TARGETS), against central differences of
+    T computed from the model's hidden states in float64; the target is recorded."""
+    from passes import target_value
+
     model = make_model("mamba_a").double()
-    with torch.no_grad():  # away from init, so the logit depends on y noticeably
+    with torch.no_grad():  # away from init, so the target depends on y noticeably
         for blk in model.backbone.layers:
             blk.mixer.dt_proj.bias.add_(2.0)
             blk.mixer.out_proj.weight.mul_(5.0)
-    an = MambaAttentionNeurons(model)
+    an = MambaAttentionNeurons(model, target)
     ids = _ids(L=9, b=1)
     layer = 0
-    g, target = an.output_gradient(ids, layer)
+    g, records = an.output_gradient(ids, layer)
     mixer = model.backbone.layers[layer].mixer
     h_in, _ = capture_mixer_io(model, layer, ids)
     it = recompute_mixer(mixer, h_in)
     path = an.adapter.mixer_path(layer)
 
-    def logit(y):
+    def value(y):
         with torch.no_grad(), trace(model, [path], retain_output=False,
                                     edit_output=lambda n, o: project_out(mixer, y * F.silu(it.z))):
             # the LM head by hand, in float64 (transformers casts the model's logits to float32)
-            last = model.backbone(input_ids=ids, use_cache=False).last_hidden_state[0, -1]  # (d,)
-            return (last @ model.lm_head.weight[target[0]]).item()
+            h = model.backbone(input_ids=ids, use_cache=False).last_hidden_state  # (1, L, d)
+            return target_value(h @ model.lm_head.weight.T, ids, target)[0].item()
 
-    # HF's RMSNorm computes in float32 even in a float64 model, so the logit carries float32 rounding:
+    # HF's RMSNorm computes in float32 even in a float64 model, so the target carries float32 rounding:
     # a central difference with eps = 1e-3 is accurate to about 1e-4 relative (a wrong gradient, e.g.
     # without the SiLU(z) gate factor, is off by order one).
     eps = 1e-3
@@ -140,11 +142,20 @@ def test_gradient_equals_finite_difference():
     for i, c in positions:
         bump = torch.zeros_like(it.y)
         bump[0, i, c] = eps
-        fd = (logit(it.y + bump) - logit(it.y - bump)) / (2 * eps)
-        print(f"g[{i},{c}] autograd {g[0, i, c].item():.8e} finite difference {fd:.8e}")
+        fd = (value(it.y + bump) - value(it.y - bump)) / (2 * eps)
+        print(f"{target} g[{i},{c}] autograd {g[0, i, c].item():.8e} finite difference {fd:.8e}")
         assert g[0, i, c].item() == pytest.approx(fd, rel=1e-3, abs=1e-5)
     assert g[0, :, :].abs().sum() > 0
     assert all(p.requires_grad for p in model.parameters())  # the pass froze the weights and gave them back
+    (rec,) = records
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)  # (L, V)
+    if target == "last_argmax":
+        assert rec["token_id"] == int(logp[-1].argmax()) and rec["p"] == pytest.approx(logp[-1].max().exp().item(),
+                                                                                        rel=1e-5)
+    else:
+        own = logp[:-1].gather(1, ids[0, 1:, None]).mean().item()
+        assert rec["n_tokens"] == 8 and rec["mean_logp"] == pytest.approx(own, rel=1e-5)
 
 
 def test_gradient_pass_gives_the_weights_back_on_error(monkeypatch):
@@ -182,7 +193,7 @@ def test_diversity_and_ranking_of_all_zero_activations_are_undefined():
     assert neuron_diversity(np.ones(1)) is None and diversity_undefined(np.ones(1)) == UNDEFINED["one_unit"]
     analyzer = MambaAttentionNeurons(make_model("mamba_b"))
     e = analyzer.describe_units()["n_units"]
-    stats = analyzer.analyze_neuron_behavior({0: NeuronScores("rollout", np.zeros(e), np.zeros(e), None)}, 0)
+    stats = analyzer.analyze_neuron_behavior({0: NeuronScores("rollout", np.zeros(e), None)}, 0)
     assert stats["top_neurons"] == [] and stats["neuron_diversity"] is None
     assert stats["mean_activation"] == 0.0 and stats["activation_std"] == 0.0
     assert stats["undefined"] == {"top_neurons": UNDEFINED["all_zero"], "neuron_diversity": UNDEFINED["all_zero"]}
@@ -209,40 +220,73 @@ def test_not_applicable_to_transformers():
         MambaAttentionNeurons(make_model("gpt2"))
 
 
+def _unit_rows_by_hand(alpha):
+    """rownorm(|α|) per unit, an all-zero row the identity's: written out here, not attention_neurons'."""
+    L = alpha.shape[-1]
+    out = torch.zeros_like(alpha)
+    for c in range(alpha.shape[0]):
+        for i in range(L):
+            r = alpha[c, i].abs().sum()
+            out[c, i] = alpha[c, i].abs() / r if r > 0 else torch.eye(L, dtype=alpha.dtype)[i]
+    return out
+
+
 @pytest.mark.parametrize("L", [1, 2, 9])
 def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
-    """rollout_layer reads only the diagonal of Ĉ^c = rownorm(normalise(|α^c|) + I) · R; it must equal
-    the diagonal of that product formed in full (the plain reference). For L = 1 (one token: no other token
+    """rollout_layer reads only the diagonal of Ĉ^c = (w I + (1 − w) rownorm(|α^c|)) · R; it must equal the
+    diagonal of that product formed in full (the plain reference). For L = 1 (one token: no other token
     carries relevance) the scores are undefined, said so (None and the reason), and R_ℓ is still formed."""
-    from attention_neurons import UNDEFINED, _normalise, _rownorm, rollout_layer
+    from attention_neurons import IDENTITY_WEIGHT as w
+    from attention_neurons import UNDEFINED, _rownorm, rollout_layer
 
     g = torch.Generator().manual_seed(L)
     alpha = torch.randn(5, L, L, generator=g, dtype=torch.float64).tril()  # (e, L, L)
-    alpha[3] = 0.0  # an all-zero channel stays zero
+    alpha[3] = 0.0  # an all-zero channel: every row the identity's
     R = _rownorm(torch.rand(L, L, generator=g, dtype=torch.float64).tril() + torch.eye(L, dtype=torch.float64))
     eye = torch.eye(L, dtype=torch.float64)
-    full = _rownorm(_normalise(alpha.abs()) + eye) @ R  # (e, L, L)
+    P = _unit_rows_by_hand(alpha)  # (e, L, L)
+    full = (w * eye + (1 - w) * P) @ R  # (e, L, L)
     carried = 1.0 - torch.diagonal(full, dim1=-2, dim2=-1)  # (e, L)
     scores, R_next = rollout_layer(alpha, R)
     if L == 1:
-        assert scores.neuron_activations is None and scores.neuron_importance is None
-        assert scores.undefined == scores.importance_undefined == UNDEFINED["rollout_one_token"]
+        assert scores.neuron_activations is None and scores.undefined == UNDEFINED["rollout_one_token"]
     else:
         np.testing.assert_allclose(scores.neuron_activations, carried.mean(-1).numpy(), rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(scores.neuron_importance, carried.std(-1, unbiased=False).numpy(), rtol=1e-10,
-                                   atol=1e-15)
-    np.testing.assert_allclose(R_next.numpy(), (_rownorm(_normalise(alpha.abs()).mean(0) + eye) @ R).numpy(),
-                               rtol=1e-12)
+    np.testing.assert_allclose(R_next.numpy(), ((w * eye + (1 - w) * P.mean(0)) @ R).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(R_next.sum(-1).numpy(), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mamba_b", "gpt2"])
+def test_rollout_bounds_are_the_same_for_both_families(kind):
+    """At layer 0 (R_{-1} = I) a unit's rollout activation per position is (1 − w)(1 − P^c[i, i]): 0 for a
+    unit that attends only to its own token, (1 − w)(L − 1)/L for one that never does (row 0 has only its
+    own token), whatever the scale of α, for a Mamba channel and a Transformer head alike; on a real model's
+    maps the scores lie in [0, 1 − w] at layer 0 and in [0, 1] above it."""
+    from attention_neurons import IDENTITY_WEIGHT as w
+    from attention_neurons import attention_neurons_for, rollout_layer
+
+    L = 6
+    own = torch.eye(L, dtype=torch.float64)[None] * 7.5  # (1, L, L): only the diagonal, any scale
+    others = torch.ones(L, L, dtype=torch.float64).tril(-1)
+    others[0, 0] = 3.0  # row 0 can only hold its own token
+    for alpha, expected in ((own, 0.0), (others[None] * 1e-4, (1 - w) * (L - 1) / L)):
+        scores, _ = rollout_layer(alpha)
+        assert scores.neuron_activations[0] == pytest.approx(expected, abs=1e-15)
+    an = attention_neurons_for(make_model(kind))
+    for layer, bound in ((0, 1 - w), (1, 1.0)):
+        a = an.text_scores(_ids(L=13, b=1), layer, ("rollout",)).scores["rollout"].neuron_activations
+        print(f"{kind} layer {layer}: rollout activations in [{a.min():.3f}, {a.max():.3f}], bound {bound}")
+        assert a.min() >= 0 and a.max() <= bound + 1e-12
 
 
 @pytest.mark.parametrize("L", [1, 2, 9])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("identity", [True, False])
 def test_fast_unit_parts_equal_the_per_entry_products(L, shared, identity):
-    """`_fast_parts` (rows from matrix products of α⁺, α⁻ with x⁺, x⁻; rollout from |α| scaled; once per
-    head for shared α) equals the per-entry products of `_contribution_parts` / `_rollout_parts`, in float64
-    to 1e-12, for signed α, R_{ℓ-1} the identity or not, L = 1 (rollout's minimum is not 0 there), and
-    rollout with the other methods or alone. A row whose every contribution is negative comes out exactly
+    """`_fast_parts` (rows from matrix products of α⁺, α⁻ with x⁺, x⁻; rollout from |α| and its row sums;
+    once per head for shared α) equals the per-entry products of `_contribution_parts` / `_rollout_parts`,
+    in float64 to 1e-12, for signed α, R_{ℓ-1} the identity or not, L = 1, an all-zero row, and rollout
+    with the other methods or alone. A row whose every contribution is negative comes out exactly
     0 (no cancellation)."""
     from attention_neurons import (METHODS, _contribution_parts, _fast_parts, _gradient_contrib, _rollout_parts,
                                    _rownorm, _weighted_contrib)
@@ -255,6 +299,7 @@ def test_fast_unit_parts_equal_the_per_entry_products(L, shared, identity):
     if L > 1:  # the last row of unit 0 (every j is causal there): every g α x < 0
         alpha[0, L - 1] = -(alpha[0, L - 1].abs() + 0.1)
         x[:, 0], g[L - 1, 0] = x[:, 0].abs() + 0.1, 1.0
+        alpha[0, 0] = 0.0  # an all-zero row: rollout's P row is the identity's
     full = alpha.expand(c, L, L)  # what the reference sees: one α per unit
     R = None if identity else _rownorm(torch.rand(L, L, **f64).tril() + torch.eye(L, dtype=torch.float64))
     got = _fast_parts(alpha[0] if shared else alpha, x, g, METHODS, shared, R, maps=True)
@@ -291,7 +336,6 @@ def test_scores_without_maps_equal_the_scores_with_them():
             for m, s in with_maps[la].scores.items():
                 t = without[la].scores[m]
                 np.testing.assert_array_equal(t.neuron_activations, s.neuron_activations)
-                np.testing.assert_array_equal(t.neuron_importance, s.neuron_importance)
                 assert (t.token_map is None) == (m != "rollout")
 
 
@@ -311,8 +355,10 @@ def test_streamed_text_scores_equal_the_reference_path(group_elements, methods, 
 @pytest.mark.parametrize("L", [1, 2, 8])  # one token (no off-diagonal entry), a partial chunk, exactly one chunk
 def test_streamed_text_scores_on_short_texts(L):
     """The streamed and the reference path agree on short texts; on one token, what is undefined (rollout's
-    scores, every method's importance) is None with the reason on both, never NaN or zeros."""
+    scores; gradient_guided's under the likelihood target, which has no next token) is None with the reason
+    on both, never NaN or zeros."""
     from attention_neurons import UNDEFINED
+    from passes import TARGET_UNDEFINED
 
     model = make_model("mamba_b")
     an = MambaAttentionNeurons(model)
@@ -322,8 +368,8 @@ def test_streamed_text_scores_on_short_texts(L):
     data = an.extract_attention_vectors(ids, [top])
     for m in ts.scores:
         ref = an.create_neurons(data, m)[top]
-        for field in ("neuron_activations", "neuron_importance", "token_map"):
-            undefined = L == 1 and (field == "neuron_importance" or (m == "rollout" and field != "token_map"))
+        for field in ("neuron_activations", "token_map"):
+            undefined = L == 1 and (m == "gradient_guided" or (m == "rollout" and field != "token_map"))
             if undefined:
                 assert getattr(ts.scores[m], field) is None and getattr(ref, field) is None, (m, field)
                 continue
@@ -331,8 +377,8 @@ def test_streamed_text_scores_on_short_texts(L):
             assert np.isfinite(got).all()
             np.testing.assert_allclose(got, getattr(ref, field), rtol=1e-5, atol=1e-9)
         if L == 1:
-            assert ts.scores[m].importance_undefined == ref.importance_undefined is not None
-            assert (ts.scores[m].undefined == ref.undefined == UNDEFINED["rollout_one_token"]) == (m == "rollout")
+            why = {"rollout": UNDEFINED["rollout_one_token"], "gradient_guided": TARGET_UNDEFINED["likelihood"]}
+            assert ts.scores[m].undefined == ref.undefined == why.get(m)
 
 
 def test_streamed_rollout_captures_every_lower_layer_in_one_forward():
@@ -357,7 +403,7 @@ def test_rollout_continues_from_an_earlier_layers_map():
     for layer in (1, 2):
         whole = an.text_scores(ids, layer, ("rollout",))
         cont = an.text_scores(ids, layer, ("rollout",), rolled=(0, first.rollout_R))
-        for field in ("neuron_activations", "neuron_importance", "token_map"):
+        for field in ("neuron_activations", "token_map"):
             np.testing.assert_array_equal(getattr(cont.scores["rollout"], field), getattr(whole.scores["rollout"], field))
         for a, b in zip(cont.rollout_R, whole.rollout_R):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -388,39 +434,36 @@ def test_streamed_text_scores_refuse_a_wrong_reconstruction(kind, monkeypatch):
 @pytest.mark.parametrize("kind", ["mamba_b", "gpt2"])
 def test_one_token_texts_say_what_is_undefined(kind, tmp_path):
     """attention_profile on one-token texts: rollout's scores are undefined (no other token carries relevance)
-    and every method's importance (a std over one query position): None / [] with the reason, never NaN or
-    a list of zeros; attention_weighted and gradient_guided still rank the units by activation. Beside a
-    longer text, each undefined score is averaged over the texts where it is defined, so it equals the
-    longer text's alone. The figures draw the undefined entries."""
+    and so are gradient_guided's under the likelihood target (no next token): None / [] with the reason,
+    never NaN or a list of zeros; attention_weighted still ranks the units. Beside a longer text, each
+    undefined score is averaged over the texts where it is defined, so it equals the longer text's alone.
+    The figures draw the undefined entries."""
     from attention_neurons import UNDEFINED, attention_neurons_for, attention_profile, neuron_scores, plot_attention_depth
+    from passes import TARGET_UNDEFINED
 
     model = make_model(kind)
     analyzer = attention_neurons_for(model)
     one = [_ids(L=1, b=1, seed=s) for s in (1, 2)]
     entry = attention_profile(analyzer, one, [1])[1]
-    ro = entry["methods"]["rollout"]
-    assert ro["neuron_activations"] is None and ro["neuron_importance"] is None
-    assert ro["top_neurons"] == [] and ro["neuron_diversity"] is None and ro["mean_activation"] is None
-    assert ro["undefined"]["neuron_diversity"] == ro["undefined"]["top_neurons"] == UNDEFINED["rollout_one_token"]
-    assert ro["n_texts_averaged"] == {"activations": 0, "importance": 0}
-    for m in ("attention_weighted", "gradient_guided"):
+    for m, why in (("rollout", UNDEFINED["rollout_one_token"]), ("gradient_guided", TARGET_UNDEFINED["likelihood"])):
         r = entry["methods"][m]
-        assert r["neuron_importance"] is None and r["undefined"] == {"neuron_importance": UNDEFINED["importance_one_token"]}
-        assert np.isfinite(r["neuron_activations"]).all() and 0 <= r["neuron_diversity"] <= 1
-        assert r["top_neurons"] and all(t["importance"] is None and t["activation"] > 0 for t in r["top_neurons"])
-        assert r["n_texts_averaged"] == {"activations": 2, "importance": 0}
+        assert r["neuron_activations"] is None and r["top_neurons"] == [] and r["neuron_diversity"] is None
+        assert r["mean_activation"] is None and r["n_texts_averaged"] == 0
+        assert r["undefined"]["neuron_diversity"] == r["undefined"]["top_neurons"] == why
+    assert entry["gradient_targets"] == [{"target": "likelihood", "undefined": TARGET_UNDEFINED["likelihood"]}] * 2
+    r = entry["methods"]["attention_weighted"]
+    assert np.isfinite(r["neuron_activations"]).all() and 0 <= r["neuron_diversity"] <= 1
+    assert r["top_neurons"] and all(t["activation"] > 0 for t in r["top_neurons"]) and r["n_texts_averaged"] == 2
     for m in entry["methods"]:
-        path = analyzer.visualize_neurons(neuron_scores(entry, m), 1, tmp_path, f"{kind}_{m}")
+        path = analyzer.visualize_neurons(neuron_scores(entry, m), 1, tmp_path, f"{kind}_{m}", 10, entry["methods"][m],
+                                          entry["methods"][m]["activation_per_text"])
         assert open(path, "rb").read(4) == b"\x89PNG"
     plot_attention_depth([(kind, 2, {1: entry})], tmp_path, f"{kind}_depth")
 
     longer = _ids(L=9, b=1, seed=3)
     mixed = attention_profile(analyzer, [one[0], longer], [1])[1]["methods"]
     alone = attention_profile(analyzer, [longer], [1])[1]["methods"]
-    np.testing.assert_allclose(mixed["rollout"]["neuron_activations"], alone["rollout"]["neuron_activations"],
-                               rtol=1e-12)
-    assert mixed["rollout"]["n_texts_averaged"] == {"activations": 1, "importance": 1}
-    assert mixed["rollout"]["undefined"] == {}
-    np.testing.assert_allclose(mixed["attention_weighted"]["neuron_importance"],
-                               alone["attention_weighted"]["neuron_importance"], rtol=1e-12)
-    assert mixed["attention_weighted"]["n_texts_averaged"] == {"activations": 2, "importance": 1}
+    for m in ("rollout", "gradient_guided"):
+        np.testing.assert_allclose(mixed[m]["neuron_activations"], alone[m]["neuron_activations"], rtol=1e-12)
+        assert mixed[m]["n_texts_averaged"] == 1 and mixed[m]["undefined"] == {}
+    assert mixed["attention_weighted"]["n_texts_averaged"] == 2

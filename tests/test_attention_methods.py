@@ -48,3 +48,13 @@ def test_the_command_lines_light_copy_of_the_names_is_the_registrys():
             copies[name] = tuple(module.ATTENTION_METHODS)
     assert copies, "no ATTENTION_METHODS in options.py or pipeline.py"
     assert copies == dict.fromkeys(copies, an.METHODS)
+
+
+def test_the_command_lines_light_copy_of_the_targets_is_the_gradient_passs():
+    """options.py names gradient_guided's targets without importing torch: they are passes.TARGETS, and the
+    default is passes.DEFAULT_TARGET."""
+    import options
+    import passes
+
+    assert tuple(options.ATTENTION_TARGETS) == tuple(passes.TARGETS)
+    assert options.Options().attention_target == passes.DEFAULT_TARGET

@@ -89,31 +89,35 @@ def _uniform_gpt2(beta: torch.Tensor):
     return model
 
 
-def test_a_hand_set_attention_pattern_gives_the_expected_scores():
-    """Uniform causal attention over constant values: contrib^c[i, j] = |β_c| / (i + 1) for j <= i, so
-    activation_c = L |β_c| / (L (L + 1) / 2), importance_c = 0 (every row sums to |β_c|), the token map is
-    mean_c |β_c| / (i + 1); rollout at layer 0 is Abnar & Zuidema's (A + I) / 2, and unit c carries
-    1 − (1/(i+1) + 1)/2 of token i's relevance from other tokens."""
-    L, d = 6, 32
+@pytest.mark.parametrize("L", [3, 6, 24])
+def test_a_hand_set_attention_pattern_gives_the_expected_scores(L):
+    """Uniform causal attention over constant values: contrib^c[i, j] = |β_c| / (i + 1) for j <= i, every row
+    sums to |β_c|, so activation_c = |β_c| per query token at every length (the score does not scale with
+    L); the token map is mean_c |β_c| / (i + 1); rollout at layer 0 is Abnar & Zuidema's (A + I) / 2, and
+    unit c carries 1 − (1/(i+1) + 1)/2 of token i's relevance from other tokens; every unit's rollout score
+    is the same, so every listed unit is a tie."""
+    d = 32
     beta = torch.linspace(-1.0, 2.0, d)
     model = _uniform_gpt2(beta)
-    ts = attention_neurons_for(model).text_scores(_ids(L=L, b=1), 0)
+    an = attention_neurons_for(model)
+    ts = an.text_scores(_ids(L=L, b=1), 0)
     i = np.arange(L)
     A = np.tril(np.ones((L, L))) / (i + 1)[:, None]  # (L, L)
     aw = ts.scores["attention_weighted"]
-    np.testing.assert_allclose(aw.neuron_activations, np.abs(beta.numpy()) * L / (L * (L + 1) / 2), rtol=1e-5)
-    np.testing.assert_allclose(aw.neuron_importance, 0.0, atol=1e-6)
+    np.testing.assert_allclose(aw.neuron_activations, np.abs(beta.numpy()), rtol=1e-5)
     np.testing.assert_allclose(aw.token_map, np.abs(beta.numpy()).mean() * A, rtol=1e-5, atol=1e-7)
     ro = ts.scores["rollout"]
     np.testing.assert_allclose(ro.token_map, (A + np.eye(L)) / 2, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ro.neuron_activations, np.mean(1 - (1 / (i + 1) + 1) / 2), rtol=1e-6)
     np.testing.assert_allclose(ts.attention_vectors[0].numpy(), A, rtol=1e-6, atol=1e-7)
+    top = an.analyze_neuron_behavior({0: ro}, 0, 5)
+    assert all(t["tied"] and t["rank"] == 1 for t in top["top_neurons"]) and top["ties"].startswith("rank 1:")
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_rollout_is_abnar_and_zuidema_on_the_models_own_attention(kind):
-    """For softmax attention normalise(A_h) = A_h (row 0 is [1, 0, ...]), so the shared rollout formula is
-    R_l = (mean_h A_l / 2 + I / 2) R_{l-1}: checked against transformers' output_attentions."""
+    """For softmax attention rownorm(A_h) = A_h, so the shared rollout formula is R_l = (mean_h A_l / 2 + I / 2)
+    R_{l-1}: checked against transformers' output_attentions."""
     model = make_model(kind)
     ids = _ids(b=1)
     own = _eager_attentions(model, ids)
@@ -125,25 +129,27 @@ def test_rollout_is_abnar_and_zuidema_on_the_models_own_attention(kind):
         np.testing.assert_allclose(got, R.numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_gradient_is_the_derivative_of_the_target_logit():
-    """g = ∂ logit[target] / ∂ y at the output projection's input, against central differences on a float64
-    model (y is edited at the projection's input)."""
+def test_gradient_is_the_derivative_of_the_target():
+    """g = ∂ T / ∂ y at the output projection's input (T the default target, the text's own log-likelihood),
+    against central differences on a float64 model (y is edited at the projection's input)."""
+    from passes import target_value
+
     model = make_model("gpt2").double()
     an = attention_neurons_for(model)
     ids, layer = _ids(L=7, b=1), 0
-    g, target = an.output_gradient(ids, layer)
+    g, _ = an.output_gradient(ids, layer)
     path = an.adapter.attention_paths(layer).out_proj
     eps = 1e-6
     for i, c in [(0, 3), (4, 17), (6, 31)]:
-        logit = []
+        value = []
         for sign in (1, -1):
             def bump(name, y):
                 y = y.clone()
                 y[0, i, c] += sign * eps
                 return y
             with torch.no_grad(), trace(model, [path], retain_output=False, edit_input=bump):
-                logit.append(model(input_ids=ids).logits[0, -1, target[0]].item())
-        fd = (logit[0] - logit[1]) / (2 * eps)
+                value.append(target_value(model(input_ids=ids).logits, ids, "likelihood")[0].item())
+        fd = (value[0] - value[1]) / (2 * eps)
         print(f"(i={i}, c={c}): autograd {g[0, i, c].item():.6e}, central difference {fd:.6e}")
         assert g[0, i, c].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)
     assert (g[0, :, :].abs().sum() > 0)
@@ -159,7 +165,7 @@ def test_profile_over_layers_equals_one_layer_at_a_time():
     for layer in (0, 1):
         alone = attention_profile(an, texts, [layer])[layer]
         for m, entry in alone["methods"].items():
-            for key in ("neuron_activations", "neuron_importance", "token_map_first_text"):
+            for key in ("neuron_activations", "token_map_first_text"):
                 np.testing.assert_allclose(both[layer]["methods"][m][key], entry[key], rtol=1e-6, atol=1e-9)
             assert both[layer]["methods"][m]["top_neurons"][0]["head"] == entry["top_neurons"][0]["channel"] // 16
 

@@ -66,7 +66,7 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     from delta_extraction import find_delta_sensitive_neurons
 
     expected = find_delta_sensitive_neurons(make_model("mamba_b").to(DEVICE), tokenizer, texts, 1, 4, max_length=20)
-    got = [(n["channel"], n["variance"]) for n in delta["results"]["top_neurons"]]
+    got = [(n["channel"], n["score"]) for n in delta["results"]["top_neurons"]]  # η², the default ranking
     assert [c for c, _ in got] == [c for c, _ in expected]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-9)
     for c, _ in got:
@@ -138,7 +138,7 @@ def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_fil
         scores = many["layers"][str(layer)]["causal"]["results"]["scores"]
         assert prof["metrics"]["causal: max impact"][i] == max(scores)
         sp = many["layers"][str(layer)]["sparsity"]["results"]["single"]
-        assert prof["metrics"]["sparsity: Gini"][i] == sp["gini"]
+        assert prof["metrics"]["sparsity: usage Gini"][i] == sp["usage"]["gini"]["value"] == sp["gini"]
     plot = many["depth_profiles"]["plots"][0]
     assert plot.endswith(f"{name}_depth_profiles_layers0-2.png") and (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     page = (tmp_path / "out" / f"{name}_layers0-2_report.html").read_text()
@@ -166,6 +166,17 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
     merged = json.loads((tmp_path / "out" / f"{name}_layers0_2_merged_results.json").read_text())
     assert merged["run"]["merged_from"] == files and merged["run"]["layers"] == [0, 2]
     assert merged["depth_profiles"]["results"]["metrics"] == together["depth_profiles"]["results"]["metrics"]
+    prof = together["depth_profiles"]["results"]["metrics"]
+    for i, layer in enumerate(("0", "2")):  # the delta profile is of the default ranking, η², the raw variance beside it
+        r = together["layers"][layer]["delta"]["results"]
+        assert r["ranked_by"] == "eta_squared"
+        eta = [v for v in r["per_channel"]["eta_squared"] if v is not None]
+        assert prof["delta: max η²"][i] == max(eta) == r["top_neurons"][0]["score"]
+        assert prof["delta: median η²"][i] == pytest.approx(np.median(eta), rel=1e-12)
+        assert prof["delta: max text variance"][i] == max(r["per_channel"]["text_variance"])
+        sp = together["layers"][layer]["sparsity"]["results"]["single"]
+        assert prof["sparsity: usage Gini"][i] == sp["usage"]["gini"]["value"]
+        assert prof["sparsity: population Gini"][i] == sp["population"]["gini"]["value"]
     page = (tmp_path / "out" / f"{name}_layers0_2_merged_report.html").read_text()
     assert 'id="stage-delta-layer2"' in page and "data:image/png;base64," in page
     # refusals: a layer twice; two models
@@ -470,14 +481,13 @@ def test_failed_stage_is_recorded_listed_and_exits_1(model_dirs, texts_file, tmp
     model = AutoModelForCausalLM.from_pretrained(model_dirs["mamba_a"]).eval()
     tok = AutoTokenizer.from_pretrained(model_dirs["mamba_a"])
     an = MambaAttentionNeurons(model)
+    texts_ids = tokenize_texts(tok, read_texts_file(texts_file)[:2], 256).input_ids
     scores = [an.create_neurons(an.extract_attention_vectors(ids, [0]), m)[0]
-              for ids in tokenize_texts(tok, read_texts_file(texts_file)[:2], 256).input_ids
-              for m in ("attention_weighted", "gradient_guided", "rollout")]
+              for ids in texts_ids for m in ("attention_weighted", "gradient_guided", "rollout")]
+    n = [ids.shape[1] for ids in texts_ids]  # each text weighs its tokens
     for i, (method, r) in enumerate(res["attention"]["results"]["methods"].items()):
-        a = (scores[i].neuron_activations + scores[i + 3].neuron_activations) / 2
-        imp = (scores[i].neuron_importance + scores[i + 3].neuron_importance) / 2
+        a = (n[0] * scores[i].neuron_activations + n[1] * scores[i + 3].neuron_activations) / sum(n)
         np.testing.assert_allclose(r["neuron_activations"], a, rtol=1e-5)
-        np.testing.assert_allclose(r["neuron_importance"], imp, rtol=1e-5, atol=1e-12)
 
 
 def test_repeated_causal_dims_are_scanned_once(model_dirs, texts_file, tmp_path, monkeypatch, capsys):

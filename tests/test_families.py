@@ -144,12 +144,14 @@ def test_streamed_attention_neurons_equal_the_reference_path(kind):
 
 @pytest.mark.parametrize("kind", ["falcon_mamba", "mamba2"])
 def test_gradient_equals_central_differences(kind):
-    """g = ∂ logit[target] / ∂ y at the scan output, against central differences through the model with
-    the mixer's output rebuilt from a bumped y."""
+    """g = ∂ T / ∂ y at the scan output (T the default target, the text's own log-likelihood), against
+    central differences through the model with the mixer's output rebuilt from a bumped y."""
+    from passes import target_value
+
     model = make_model(kind).double()
     an = attention_neurons_for(model)
     ids, layer = _ids(L=9, b=1), 0
-    g, target = an.output_gradient(ids, layer)
+    g, _ = an.output_gradient(ids, layer)
     mixer = model.backbone.layers[layer].mixer
     it, _ = mixer_internals(model, layer, ids)
     rebuild = (lambda y: project_out(mixer, gated_rms_norm(mixer, y, it.z))) if kind == "mamba2" else \
@@ -158,8 +160,8 @@ def test_gradient_equals_central_differences(kind):
     def logit(y):
         with torch.no_grad(), trace(model, [an.adapter.mixer_path(layer)], retain_output=False,
                                     edit_output=lambda n, o: rebuild(y)):
-            last = model.backbone(input_ids=ids, use_cache=False).last_hidden_state[0, -1]  # (d,)
-            return (last @ model.lm_head.weight[target[0]]).item()
+            h = model.backbone(input_ids=ids, use_cache=False).last_hidden_state  # (1, L, d)
+            return target_value(h @ model.lm_head.weight.T, ids, "likelihood")[0].item()  # the default target
 
     # the models' norms compute in float32, so the logit carries float32 rounding (noise ~1e-7 / eps), and
     # the gated norm curves sharply (error ~eps²): the eps that balances them, measured, gives central

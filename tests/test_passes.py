@@ -32,7 +32,7 @@ def test_one_gradient_pass_for_several_layers_equals_a_pass_per_layer(kind, toke
         alone, t_alone, _ = gradient_pass(model, adapter, ids, [la])
         rel = float((together[la] - alone[la]).abs().max() / alone[la].abs().max())
         print(f"{kind} layer {la}: max relative difference {rel:.2e}")
-        assert torch.equal(target, t_alone) and together[la].shape == alone[la].shape and rel < 1e-5
+        assert target == t_alone and together[la].shape == alone[la].shape and rel < 1e-5
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -163,3 +163,30 @@ def test_the_blocked_mixers_are_checked_on_the_first_text(tokenizer, monkeypatch
     monkeypatch.setattr(ssm, "mixer_forward_blocked", lambda *a, **k: real(*a, **k) * 1.01)
     done = passes.run_text_pass(model, adapter, _ids(tokenizer), {"delta": de.DeltaProfile(model, tokenizer, [2])})
     assert "ReconstructionError" in done.errors["delta"] and "blocked mixer forward differs" in done.errors["delta"]
+
+
+@pytest.mark.parametrize("target", ["likelihood", "last_argmax"])
+def test_the_attention_stage_records_each_texts_target(tokenizer, tmp_path, target):
+    """--attention_target chooses what gradient_guided's gradient is of; the stage records each text's target
+    (last_argmax: the token, its id and p, the argmax of the model's own last-position distribution;
+    likelihood: the number of predicted tokens and their mean log p, the model's own), and the results say
+    which target and what it means."""
+    from passes import TARGETS
+    from pipeline import Options, run_pipeline
+    from utils import tokenize_texts
+
+    model = make_model("mamba_b")
+    opts = Options(plots_dir=str(tmp_path), progress=False, attention_target=target, bootstrap_resamples=100)
+    r = run_pipeline(model, tokenizer, TEXTS, opts, ["attention"])["attention"]["results"]
+    assert r["target"] == target and r["target_definition"] == TARGETS[target]
+    ids = tokenize_texts(tokenizer, TEXTS, opts.max_length).input_ids
+    assert len(r["gradient_targets"]) == len(TEXTS) == len(ids)
+    for rec, x in zip(r["gradient_targets"], ids):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)  # (L, V)
+        if target == "last_argmax":
+            assert rec["token_id"] == int(logp[-1].argmax()) and rec["token"] == tokenizer.decode([rec["token_id"]])
+            assert rec["p"] == pytest.approx(float(logp[-1].max().exp()), rel=1e-4)
+        else:
+            own = logp[:-1].gather(1, x[0, 1:, None]).mean()
+            assert rec["n_tokens"] == x.shape[1] - 1 and rec["mean_logp"] == pytest.approx(float(own), rel=1e-4)

@@ -10,9 +10,10 @@ import efficiency as ef
 import sparsity as sp
 from utils import save_figure
 
-# every sparsity measure under its own name (sparsity.MULTILAYER_METRICS: population vs usage, H vs 1 − H), and
-# the optimal-threshold neuron sparsity
-METHODS = (*((name.replace(" (", "\n("), f) for name, f in sp.MULTILAYER_METRICS),
+# every sparsity measure that reads "higher = sparser" under its own short name (sparsity.MULTILAYER_METRICS:
+# population vs usage; entropy as 1 − H; H itself, lower = sparser, would invert on this axis), and the
+# optimal-threshold neuron sparsity
+METHODS = (*((name.split(" (")[0], f) for name, f in sp.MULTILAYER_METRICS if "lower = sparser" not in name),
            ("optimal τ(50%)\nneuron sparsity", lambda s: s["optimal_threshold"]["neuron_sparsity"][0]))
 
 

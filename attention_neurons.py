@@ -153,34 +153,28 @@ def _contribution_scores(method: str, rows: torch.Tensor, map_sum: torch.Tensor 
 
 
 def _row_inverse(rows: torch.Tensor) -> torch.Tensor:
-    """1 / r for the row sums r = Σ_j |α_ij| (..., L); 0 where r = 0 (a row that carries nothing)."""
+    """1 / r for row sums r = Σ_j |α_ij| (..., L); 0 where r = 0 (a row that carries nothing)."""
     zero = rows == 0
     return torch.where(zero, 0.0, 1.0 / torch.where(zero, 1.0, rows))
 
 
-def row_scaled(alpha: torch.Tensor) -> torch.Tensor:
-    """α̂ = α with each query row divided by Σ_j |α_ij| (..., L, L): a distribution over the keys up to
-    sign, as softmax attention already is (α̂ = A there, exactly up to rounding); an all-zero row stays 0."""
-    return alpha * _row_inverse(alpha.abs().sum(-1))[..., None]
-
-
 def _weighted_contrib(alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.mul(row_scaled(alpha), x.T[:, None, :]).abs_()  # (c, L, L): |α̂^c[i, j] x^c_j|
+    return torch.mul(alpha, x.T[:, None, :]).abs_()  # (c, L, L): |α^c[i, j] x^c_j|, one new tensor
 
 
 def _gradient_contrib(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return torch.mul(row_scaled(alpha), g.T[:, :, None]).mul_(x.T[:, None, :]).relu_()  # (c, L, L): ReLU(g_i α̂_ij x_j)
+    return torch.mul(alpha, g.T[:, :, None]).mul_(x.T[:, None, :]).relu_()  # (c, L, L): ReLU(g_i α_ij x_j)
 
 
 def attention_weighted(alpha: torch.Tensor, x: torch.Tensor) -> NeuronScores:
-    """contrib^c[i, j] = |α̂^c[i, j] · x^c_j| (`row_scaled`): the share of token i's attention that unit c
-    gives token j, times |x^c_j|. Scores as in `_contribution_scores`. α (e, L, L), x (L, e)."""
+    """contrib^c[i, j] = |α^c[i, j] · x^c_j|: what token j sends to token i through channel c.
+    Scores as in `_contribution_scores`. α (e, L, L), x (L, e)."""
     return _contribution_scores("attention_weighted", *_contribution_parts(_weighted_contrib(alpha, x)),
                                 alpha.shape[0])
 
 
 def gradient_guided(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> NeuronScores:
-    """contrib^c[i, j] = ReLU(g^c_i · α̂^c[i, j] · x^c_j) with g^c_i = ∂ T / ∂ y^c_i (autograd; the target T:
+    """contrib^c[i, j] = ReLU(g^c_i · α^c[i, j] · x^c_j) with g^c_i = ∂ T / ∂ y^c_i (autograd; the target T:
     `passes.TARGETS`, chosen by the caller of the gradient forward). Scores as in `_contribution_scores`.
     α (e, L, L), x and g (L, e)."""
     return _contribution_scores("gradient_guided", *_contribution_parts(_gradient_contrib(alpha, x, g)),
@@ -211,14 +205,14 @@ def rollout_step(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> t
 
 
 def _rollout_parts(alpha: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For channels α (c, L, L) and R_{ℓ-1} (L, L): carried (c, L) = 1 − Ĉ^c[i, i] (see `rollout_layer`) and
+    """For channels α (c, L, L) and R_{ℓ-1} (L, L): carried (c, L) = (1 − w)(1 − (P^c R)[i, i]) (see
+    `rollout_layer`) and
     Σ_c P^c (L, L), P^c = rownorm(|α^c|). Channel-local, so channel groups can be done apart and joined."""
-    # only the diagonal of Ĉ^c is used: Ĉ^c[i, i] = w R[i, i] + (1 − w) Σ_k P^c[i, k] R[k, i]:
-    # c·L² work instead of the c·L³ of forming every Ĉ^c
+    # only the diagonal of P^c R is used: (P^c R)[i, i] = Σ_k P^c[i, k] R[k, i]: c·L² work instead of the
+    # c·L³ of forming every P^c R
     P = _unit_rows(alpha)  # (c, L, L)
-    w = IDENTITY_WEIGHT
-    own = w * torch.diagonal(previous) + (1 - w) * (P * previous.T).sum(-1)  # (c, L)
-    return 1.0 - own, P.sum(0)
+    own = (P * previous.T).sum(-1)  # (c, L): (P^c R)[i, i]
+    return (1 - IDENTITY_WEIGHT) * (1.0 - own), P.sum(0)
 
 
 def _rollout_scores(carried: torch.Tensor, p_sum: torch.Tensor, e: int, previous: torch.Tensor
@@ -239,10 +233,11 @@ def rollout_layer(alpha: torch.Tensor, previous: torch.Tensor | None = None) -> 
 
     P^c = rownorm(|α^c_ℓ|) (each query row a distribution over the keys; for softmax attention P = A
     exactly); Â^c = w I + (1 − w) P^c with w = IDENTITY_WEIGHT (the residual path); Â_ℓ = mean_c Â^c;
-    R_ℓ = Â_ℓ · R_{ℓ-1} (R_{-1} = I). Unit c's end-to-end map: Ĉ^c = Â^c · R_{ℓ-1}, rows summing to 1.
-    activation_c = mean over query positions i of 1 − Ĉ^c[i, i], the share of token i's end-to-end
-    relevance that comes from *other* tokens (None for L = 1: no other token). Bounds: 0 ≤ activation ≤ 1;
-    at layer 0 (R_{-1} = I) it is (1 − w)(1 − P^c[i, i]) ≤ 1 − w per position, for every family.
+    R_ℓ = Â_ℓ · R_{ℓ-1} (R_{-1} = I). Unit c's end-to-end map: Ĉ^c = Â^c · R_{ℓ-1}, rows summing to 1, of
+    which its own part (1 − w) P^c R_{ℓ-1} carries (1 − w) of each row. activation_c = mean over query
+    positions i of (1 − w)(1 − (P^c R_{ℓ-1})[i, i]), the share of token i's end-to-end relevance that the
+    unit's own part carries from *other* tokens (the identity part, the same for every unit, is left out;
+    None for L = 1: no other token). Bounds: 0 ≤ activation ≤ 1 − w at every layer, for every family.
     Token map = R_ℓ. Returns (scores, R_ℓ). α (e, L, L), previous (L, L).
     """
     L = alpha.shape[-1]
@@ -293,11 +288,10 @@ class MethodSpec:
     example (the reference path, `create_neurons`). `kind` says how the streamed path (`_fast_parts`,
     `score_groups`) scores it:
     - "contribution": a non-negative contribution contrib^c[i, j] per unit, scored by
-      `_contribution_scores`, a function of α̂ = `row_scaled(α)`. `contribution` (α (c, L, L), x, g (L, c))
-      -> contrib (c, L, L) is its whole-α form (and the streamed token map of units with their own α);
-      `signed_rows` (P⁺, P⁻ of `_signed_parts`, g) -> the row sums of the same contribution of α (not α̂;
-      the caller divides each row by Σ_j |α_ij|) (c, L), and `shared_map` (α̂⁺, α̂⁻ (L, L), x, g) -> Σ_c
-      contrib^c (L, L) for units that share one α, its forms without a (c, L, L) product.
+      `_contribution_scores`. `contribution` (α (c, L, L), x, g (L, c)) -> contrib (c, L, L) is its
+      whole-α form (and the streamed token map of units with their own α); `signed_rows` (P⁺, P⁻ of
+      `_signed_parts`, g) -> the row sums Σ_j contrib^c[i, j] (c, L), and `shared_map` (α⁺, α⁻ (L, L), x, g)
+      -> Σ_c contrib^c (L, L) for units that share one α, its forms without a (c, L, L) product.
     - "rollout": attention rollout (`_rollout_parts` / `_fast_rollout`, `_rollout_scores`), continuing
       R_{ℓ-1} from the layers below: it reads them (`reads_lower_layers`) and gives R_ℓ."""
 
@@ -325,27 +319,25 @@ class MethodSpec:
 
 OVER_TEXTS = ("over the texts: the token-weighted mean of the per-text activations (each query token counts once), "
               "with a 95% percentile-bootstrap interval over the texts")
-ROW_SCALED = ("alpha_hat^c[i,j] = alpha^c[i,j] / sum_k |alpha^c[i,k]|, each query row of the unit's map scaled to "
-              "sum 1 in absolute value (a distribution over the keys up to sign; for softmax attention alpha_hat = "
-              "A_h exactly; an all-zero row stays 0), so that Mamba's maps and softmax attention stand on the same "
-              "footing and a long memory does not add up with the text's length (the scale of alpha itself is not "
-              "in the score)")
 METHOD_SPECS = {spec.name: spec for spec in (
     MethodSpec("attention_weighted",
-               f"{ROW_SCALED}; contrib^c[i,j] = |alpha_hat^c[i,j] x^c_j| for unit c (what token j sends to token i "
-               "through unit c); activation (one text of L tokens) = (1/L) sum_i sum_j contrib^c[i,j], the mean over "
-               "query tokens i of the attention-weighted |x^c| that unit c moves into token i (in units of x); "
-               f"token map = mean over units of contrib^c (first text); {OVER_TEXTS}",
+               "contrib^c[i,j] = |alpha^c[i,j] x^c_j| for unit c (what token j sends to token i through unit c); "
+               "activation (one text of L tokens) = (1/L) sum_i sum_j contrib^c[i,j], the mean over query tokens i "
+               "of what unit c moves into token i (in units of its output y), not the mean over the L(L+1)/2 causal "
+               "entries, which falls as 2/(L+1); a unit with a long memory (Mamba) still adds up more tokens at later "
+               "positions, so its score grows with the text's length until its memory is full; token map = mean "
+               f"over units of contrib^c (first text); {OVER_TEXTS}",
                "contribution", needs_gradient=False,
                reference=lambda alpha, x, g, previous: attention_weighted(alpha, x),
                contribution=lambda alpha, x, g: _weighted_contrib(alpha, x),
                signed_rows=_weighted_rows, shared_map=_weighted_shared_map),
     MethodSpec("gradient_guided",
-               "contrib^c[i,j] = ReLU(g^c_i alpha_hat^c[i,j] x^c_j) (alpha_hat as for attention_weighted), "
+               "contrib^c[i,j] = ReLU(g^c_i alpha^c[i,j] x^c_j) (Chefer et al.'s (A . grad A)+ per unit), "
                "g^c_i = d T / d y^c_i by autograd, T the target "
                "(target_definition: --attention_target; each text's target is recorded); activation = (1/L) "
-               f"sum_i sum_j contrib^c[i,j] as for attention_weighted; token map likewise; {OVER_TEXTS} (those "
-               "where the target is defined)",
+               f"sum_i sum_j contrib^c[i,j] as for attention_weighted (under the likelihood target g at the last "
+               "position is exactly 0, no target depends on it, and it counts as a query token with 0); token map "
+               f"likewise; {OVER_TEXTS} (those where the target is defined)",
                "contribution", needs_gradient=True,
                reference=lambda alpha, x, g, previous: gradient_guided(alpha, x, g),
                contribution=_gradient_contrib, signed_rows=_gradient_rows, shared_map=_gradient_shared_map),
@@ -353,9 +345,10 @@ METHOD_SPECS = {spec.name: spec for spec in (
                f"P^c = rownorm(|alpha^c_l|) (each query row a distribution over keys; = A_h exactly for softmax "
                f"attention; an all-zero row: the identity's); A_l = w I + (1 - w) mean_c P^c, w = {IDENTITY_WEIGHT} "
                "the identity (residual) weight; R_l = A_l R_{l-1}, R_{-1} = I (Abnar & Zuidema's (A/2 + I/2) for "
-               "softmax attention, the same for both families); unit map C^c = (w I + (1 - w) P^c) R_{l-1}; "
-               "activation = (1/L) sum_i (1 - C^c[i,i]), the share of token i's end-to-end relevance from other "
-               f"tokens, in [0, 1] (at layer 0 at most 1 - w = {1 - IDENTITY_WEIGHT}); units sharing one map (a "
+               "softmax attention, the same for both families); activation = (1/L) sum_i (1 - w)(1 - (P^c R_{l-1})"
+               "[i,i]), the share of token i's end-to-end relevance that the unit's own part (1 - w) P^c R_{l-1} "
+               f"carries from other tokens, in [0, 1 - w] = [0, {1 - IDENTITY_WEIGHT}] at every layer for every "
+               "family (row 0 always 0: the first token has no other); units sharing one map (a "
                "head's) have equal scores and are listed as ties; token map = R_l; undefined for a one-token text "
                f"(no other token); {OVER_TEXTS} of >= 2 tokens",
                "rollout", needs_gradient=False,
@@ -473,9 +466,8 @@ def _fast_rollout(pieces: list, c: int, shared: bool, previous: torch.Tensor | N
         own, diag = sum(torch.diagonal(p, dim1=-2, dim2=-1) for p in pieces), 1.0  # |α_ii|
     else:
         own, diag = sum((p * previous.T).sum(-1) for p in pieces), torch.diagonal(previous)  # Σ_k |α_ik| R[k, i]
-    w = IDENTITY_WEIGHT
     own_p = inv * own + zero * diag  # (c, L) or (L,): Σ_k P[i, k] R[k, i]
-    carried = 1.0 - w * diag - (1 - w) * own_p  # (c, L) or (L,)
+    carried = (1 - IDENTITY_WEIGHT) * (1.0 - own_p)  # (c, L) or (L,)
     if shared:  # the group's units share one map
         P = sum(pieces) * inv[:, None] + torch.diag(zero.to(inv.dtype))  # (L, L)
         return carried.expand(c, -1), P * c
@@ -491,8 +483,7 @@ def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, me
     non-negative, so nothing cancels):
       Σ_j |α_ij x_j| = Σ_j (α⁺_ij + α⁻_ij)(x⁺_j + x⁻_j) (`_weighted_rows`);
       Σ_j ReLU(g_i α_ij x_j) = g⁺_i Σ_j (α⁺_ij x⁺_j + α⁻_ij x⁻_j) + g⁻_i Σ_j (α⁺_ij x⁻_j + α⁻_ij x⁺_j)
-      (`_gradient_rows`): a contribution method's `MethodSpec.signed_rows`, each row divided by r_i =
-      Σ_j |α_ij| afterwards (α̂ = α / r is scaled row by row, and g_i is one number per row);
+      (`_gradient_rows`): a contribution method's `MethodSpec.signed_rows`;
       rollout (`_fast_rollout`): rownorm(|α|) from |α| = α⁺ + α⁻ and its row sums r.
     The (L, L) maps of the contribution methods are formed only with `maps` (the first text's); rollout's
     Σ_c P^c is always formed (it is R_ℓ). `previous`: R_{ℓ-1} (L, L), None for the identity."""
@@ -501,7 +492,6 @@ def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, me
     if len(specs) == 1 and specs[0].kind == "rollout":  # rollout alone (the layers below): |α| is all it needs
         return {specs[0].name: _fast_rollout([alpha.abs()], c, shared, previous)}
     ap, an, Pp, Pn, r = _signed_parts(alpha, x, shared)
-    inv = _row_inverse(r)  # (c, L) or (L,): α̂ = α / r row by row
     out = {}
     for sp in specs:
         if sp.kind == "rollout":
@@ -509,9 +499,8 @@ def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, me
             continue
         part = None
         if maps:  # (L, L): Σ_c contrib^c
-            part = (sp.shared_map(ap * inv[:, None], an * inv[:, None], x, g) if shared
-                    else sp.contribution(alpha, x, g).sum(0))
-        out[sp.name] = (sp.signed_rows(Pp, Pn, g) * inv, part)  # rows (c, L) of α̂: each row of α's over r
+            part = sp.shared_map(ap, an, x, g) if shared else sp.contribution(alpha, x, g).sum(0)
+        out[sp.name] = (sp.signed_rows(Pp, Pn, g), part)  # rows (c, L)
     return out
 
 

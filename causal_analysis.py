@@ -814,10 +814,11 @@ def causal_summary(r: dict) -> str:
              f"{r['ablation']} ablation; {r['n_zero']} dims with impact exactly 0\n"]
     tops = [c["top"][0] for c in r["clean_predictions"]]
     ps = np.array([t["p"] for t in tops])
-    lines.append(f"    clean top-1 next token per prompt (p_clean; median {np.median(ps):.2f}, "
-                 f"{int((ps >= 0.5).sum())} of {len(ps)} at p >= 0.5; all top-5 in the JSON):\n")
-    for j in range(0, len(tops), 6):
-        lines.append("      " + ", ".join(f"{t['token']!r} {t['p']:.2f}" for t in tops[j:j + 6]) + "\n")
+    lines.append(f"    clean top-5 next tokens per prompt with p_clean (top-1 p: median {np.median(ps):.2f}, "
+                 f"{int((ps >= 0.5).sum())} of {len(ps)} at p >= 0.5):\n")
+    for c in r["clean_predictions"]:
+        prompt = c["prompt"] if len(c["prompt"]) <= 44 else "…" + c["prompt"][-43:]
+        lines.append(f"      {prompt!r:>48} -> " + ", ".join(f"{t['token']!r} {t['p']:.2f}" for t in c["top"]) + "\n")
     k = len(r["top_neurons"])
     lines.append(f"    top causal dims by mean KL (nats) [95% interval over prompts], top-{k} stability; "
                  "mean Δ log p(clean top-1):\n")

@@ -80,6 +80,15 @@ def side_profile(side: Side) -> dict:
             "multilayer": sp.multilayer_table(side.sparsity_by_layer), "efficiency": side.efficiency}
 
 
+def _efficiency_ratio(neurons: dict) -> str | None:
+    """The efficiency ratio with its note where it is uninformative at its threshold (None where absent)."""
+    r = neurons.get("efficiency_ratio")
+    if r is None:
+        return None
+    return f"{r:.4g}" + ("" if neurons.get("efficiency_ratio_informative", True) else
+                         f" ({neurons.get('efficiency_ratio_note') or 'uninformative at its threshold'})")
+
+
 def _shown_interval(f, layer: dict) -> str | None:
     """'value [low, high]' of one sparsity measure's interval dict at a layer (None where undefined or absent)."""
     try:
@@ -180,18 +189,24 @@ def causal_side_by_side(main: Side, other: Side, site_note: str | None = None,
             res = res if res is not None and res.n == kl.shape[0] else stats.Resamples.draw(
                 kl.shape[0], n_resamples, seed, "prompts")
             means = res.means(kl)  # (R, n_dims)
-            entry["max_impact"] = stats.interval(scores.max(), means.max(1), res)
+            top = int(np.argmax(scores))  # the top dimension, held fixed: a bootstrap of the max over dims is
+            # biased upward (its point sits below its own interval), so the interval is the top dim's own
+            entry["max_impact"] = {**stats.interval(scores[top], means[:, top], res), "dim": top}
             entry["median_impact"] = stats.interval(float(np.median(scores)), np.median(means, axis=1), res)
         else:
-            entry["max_impact"] = {"value": float(scores.max()), "low": None, "high": None}
+            entry["max_impact"] = {"value": float(scores.max()), "low": None, "high": None,
+                                   "dim": int(np.argmax(scores))}
             entry["median_impact"] = {"value": float(np.median(scores)), "low": None, "high": None}
         out[side.label] = entry
     out["interval_method"] = None if res is None else res.method()
     out["definitions"] = {
         "scores": "per dimension of the side's site: the mean over prompts of KL(p_clean ‖ p_ablated) at the "
                   "last position (the causal stage's), with scores_low/high its 95% interval",
-        "max_impact, median_impact": "the max and the median over the site's dimensions of the mean KL; "
-                                     "interval: the same statistic of the resampled per-prompt means",
+        "max_impact": "the largest mean KL over the site's dimensions, at dimension `dim`; its interval is that "
+                      "dimension's own over the prompts (the dimension held fixed: a bootstrap of the max over "
+                      "dimensions is biased upward and would not cover it)",
+        "median_impact": "the median over the site's dimensions of the mean KL; interval: the median of the "
+                         "resampled per-prompt means",
         "site_kind": "what the site is (models.SITE_KINDS): the block's write to the residual stream, the "
                      "residual stream, the inner neurons, or one component of a Transformer block's write",
     }
@@ -245,12 +260,17 @@ def summary_rows(comparison: dict) -> list[dict]:
     add("parameters (M)", lambda s: round(s["efficiency"]["parameters"]["total"] / 1e6, 3))
     add("neurons per layer", lambda s: s["efficiency"]["neurons"]["per_layer"])
     add("active neurons", lambda s: s["efficiency"]["neurons"].get("active"))
-    add("efficiency ratio", lambda s: round(s["efficiency"]["neurons"].get("efficiency_ratio", float("nan")), 4))
+    add("efficiency ratio", lambda s: _efficiency_ratio(s["efficiency"]["neurons"]))
     layer_stats = {s["label"]: s["sparsity_by_layer"][s["layer"]] for s in sides}
-    add("traditional sparsity (threshold)", lambda s: f"{layer_stats[s['label']]['traditional']['sparsity']:.3f} "
-                                                      f"({layer_stats[s['label']]['traditional']['threshold']:g})")
+
+    def traditional(s) -> str:
+        t = layer_stats[s["label"]]["traditional"]
+        return f"{t['sparsity']:.3f} ({t['threshold']:g})" + ("" if t.get("informative", True) else
+                                                             f": uninformative at threshold {t['threshold']:g}")
+
+    add("traditional sparsity (threshold)", traditional)
     for metric, f in sp.MULTILAYER_METRICS:  # each measure under its own name (population vs usage, H vs 1 − H)
-        if metric in sp.MULTILAYER_INTERVALS:
+        if metric in sp.MULTILAYER_INTERVALS and metric != "traditional":  # traditional: the row above
             add(metric + " [95%]", lambda s, m=metric: _shown_interval(sp.MULTILAYER_INTERVALS[m],
                                                                        layer_stats[s["label"]]))
     add("dead neurons", lambda s: layer_stats[s["label"]]["dead_neurons"]["count"])
@@ -271,7 +291,8 @@ def summary_rows(comparison: dict) -> list[dict]:
         c = comparison["causal"]
         add("causal site (kind, layer)", lambda s: f"{c[s['label']]['site']} ({c[s['label']]['site_kind']}, "
                                                    f"layer {c[s['label']]['layer']})")
-        add("max causal impact (mean KL)", lambda s: stats.shown(c[s["label"]]["max_impact"], ".3e"))
+        add("max causal impact (mean KL; top dim's interval)",
+            lambda s: f"{stats.shown(c[s['label']]['max_impact'], '.3e')} (dim {c[s['label']]['max_impact']['dim']})")
         add("median causal impact (mean KL)", lambda s: stats.shown(c[s["label"]]["median_impact"], ".3e"))
     att = comparison.get("attention")
     if att is not None and "skipped" not in att:
@@ -284,7 +305,10 @@ def summary_rows(comparison: dict) -> list[dict]:
                 lambda s: None if (a := at[s["label"]]["methods"][m])["mean_activation"] is None else stats.shown(
                     {"value": a["mean_activation"], "low": a.get("mean_activation_low"),
                      "high": a.get("mean_activation_high")}, ".3e"))
-            add(f"attention {m}: diversity", lambda s: _rounded(at[s["label"]]["methods"][m]["neuron_diversity"]))
+            add(f"attention {m}: diversity [95%]",
+                lambda s: None if (a := at[s["label"]]["methods"][m])["neuron_diversity"] is None else stats.shown(
+                    {"value": a["neuron_diversity"], "low": a.get("neuron_diversity_low"),
+                     "high": a.get("neuron_diversity_high")}, ".4f"))
     return rows
 
 

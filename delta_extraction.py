@@ -90,7 +90,11 @@ DEFINITIONS = {
                                "mean if its tokens were independent: var_null = (n−1)/n · mean over texts of at "
                                "least 2 tokens of v_ic/(n_i − 1), η²_null = var_null / (var_null + var_within). "
                                "Δ is autocorrelated along a text, so the real noise is larger: a lower bound",
-    "n_above_noise_floor": "channels whose η² 95% interval lies wholly above their η²_null",
+    "n_above_noise_floor": "channels whose η² 95% interval lies wholly above their η²_null: a one-sided test at "
+                           "2.5% per channel, uncorrected for testing every channel (expected_above_by_chance = "
+                           "2.5% of them would pass with no text effect at all), against a floor that ignores Δ's "
+                           "autocorrelation (a lower bound): a count near expected_above_by_chance is no evidence "
+                           "of channels that tell texts apart",
     "score": "a top list entry's ranking score (`ranked_by`), with its 95% interval (low, high) and rank "
              "stability (share of resamples in which the channel stays in the top k)",
     "spearman_with_mean_delta": "Spearman's rank correlation over channels of each ranking score with mean Δ: "
@@ -222,6 +226,7 @@ class DeltaStats:
             "median_eta_squared": None if eta is None else float(np.median(eta)),
             "median_eta_squared_noise_floor": None if floor is None else float(np.median(floor)),
             "n_above_noise_floor": above,
+            "expected_above_by_chance": None if above is None else 0.025 * int(self.mean_delta.shape[0]),
             "per_channel": {"eta_squared": eta, "eta_squared_noise_floor": floor, "mean_delta": self.mean_delta, "text_variance": self.text_variance,
                             "token_variance": tv},
             "n_token_variance_texts": self.n_texts if self.n_token_variance_texts is None
@@ -490,9 +495,12 @@ def delta_summary(r: dict) -> str:
                      f"raw between-text variance {_fmt(rho.get('text_variance'))}")
         floor = r.get("median_eta_squared_noise_floor")
         above = r.get("n_above_noise_floor")
+        chance = r.get("expected_above_by_chance")
         lines.append(f"    η² from token sampling noise alone (independent tokens, a lower bound): median {floor:.3g}; "
-                     + (f"{above} of {r['n_channels']} {unit}s have their η² interval above it" if above is not None
-                        else "no interval with one text"))
+                     + (f"{above} of {r['n_channels']} {unit}s have their η² interval above it (about {chance:.0f} "
+                        "would by chance alone, uncorrected, and more since the floor ignores autocorrelation: a "
+                        "count near that is no evidence that any channel tells the texts apart)"
+                        if above is not None else "no interval with one text"))
     else:
         lines.append(f"    ranked by the raw between-text variance (η² undefined; Spearman with mean Δ "
                      f"{_fmt(rho.get('text_variance'))})")

@@ -279,7 +279,7 @@ class GPT2Adapter(TransformerAdapter):
     family = "gpt2"
     display_name = "GPT-2"
     layers_path = "transformer.h"
-    default_causal_site = "mlp_out"
+    default_causal_site = "block_out"  # the block's write, as Mamba's mixer_out (like with like)
     position_embedding_path = "transformer.wpe"
     sites = _transformer_sites("transformer.h.{layer}", "attn", "attn_out + mlp_out")
     block, attention_name, qkv_name, out_proj_name = "transformer.h.{layer}", "attn", "c_attn", "c_proj"
@@ -298,7 +298,7 @@ class GPTNeoXAdapter(TransformerAdapter):
     family = "gpt_neox"
     display_name = "GPT-NeoX"
     layers_path = "gpt_neox.layers"
-    default_causal_site = "mlp_out"
+    default_causal_site = "block_out"  # the block's write, as Mamba's mixer_out (like with like)
     sites = _transformer_sites("gpt_neox.layers.{layer}", "attention",
                                "attn_out + mlp_out (with use_parallel_residual the MLP reads the block input; "
                                "otherwise the input plus attn_out)")

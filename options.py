@@ -79,7 +79,8 @@ class Options:
     prompts: tuple | None = option(None, "the causal stages' prompts (default: causal_analysis.DEFAULT_PROMPTS)",
                                    flag=False)
     causal_site: str | None = option(None, "site to ablate: Mamba mixer_out (default), ssm, residual; Transformers "
-                                           "mlp, attn_out, mlp_out (default), block_out (the block's write: output − input), residual",
+                                           "mlp, attn_out, mlp_out, block_out (default: the block's write, output − input, the counterpart of "
+                                           "Mamba's mixer_out), residual",
                                      "causal (ablation)",
                                      stages=CAUSAL)
     causal_dims: tuple | None = option(

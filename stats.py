@@ -118,16 +118,22 @@ def ranks(scores) -> np.ndarray:
 
 
 def top_k_stability(resampled, k: int) -> np.ndarray:
-    """(U,) the share of draws in which each unit's score is at least the draw's k-th largest score."""
+    """(U,) each unit's expected share of the top k over the draws: 1 in a draw where its score is clearly
+    above the draw's k-th largest, and where it ties with the k-th largest (within TIE_RTOL) its share of the
+    slots left, (k − units clearly above) / (units tied there), so that units tied across the cut share
+    the k places instead of all counting as in (the shares of a draw sum to k)."""
     r = np.asarray(resampled, dtype=np.float64)  # (R, U)
     k = min(k, r.shape[1])
-    kth = np.partition(r, r.shape[1] - k, axis=1)[:, r.shape[1] - k]  # (R,)
-    return (r >= kth[:, None]).mean(0)
+    kth = np.partition(r, r.shape[1] - k, axis=1)[:, r.shape[1] - k][:, None]  # (R, 1)
+    tol = TIE_RTOL * np.maximum(np.abs(kth), np.finfo(np.float64).tiny)
+    above, at = r > kth + tol, np.abs(r - kth) <= tol  # (R, U) each
+    slots = (k - above.sum(1, keepdims=True)) / np.maximum(at.sum(1, keepdims=True), 1)  # (R, 1)
+    return (above + at * slots).mean(0)
 
 
 def ranked(scores, k: int, resampled=None, res: Resamples | None = None, ids=None, key: str = "unit") -> list[dict]:
     """The top `k` units by `scores` (U,), highest first (ties keep index order), each as {key: id, "score",
-    "rank" (shared by ties), "tied": bool} and, with `resampled` (R, U) and `res`, "low", "high" (its 95%
+    "rank" (shared by ties), "tied": bool, "n_tied" (how many of all U units share its rank)} and, with `resampled` (R, U) and `res`, "low", "high" (its 95%
     interval) and "stability" (share of draws in which it stays in the top k). Ranks and ties are over all U."""
     s = np.asarray(scores, dtype=np.float64)
     ids = np.arange(len(s)) if ids is None else np.asarray(ids)
@@ -140,7 +146,8 @@ def ranked(scores, k: int, resampled=None, res: Resamples | None = None, ids=Non
         stab = top_k_stability(resampled, k)
     out = []
     for i in order:
-        entry = {key: int(ids[i]), "score": float(s[i]), "rank": int(rk[i]), "tied": bool(counts[rk[i]] > 1)}
+        entry = {key: int(ids[i]), "score": float(s[i]), "rank": int(rk[i]), "tied": bool(counts[rk[i]] > 1),
+                 "n_tied": int(counts[rk[i]])}  # units sharing this rank, over all U
         if stab is not None:
             entry.update(low=float(low[i]), high=float(high[i]), stability=float(stab[i]))
         out.append(entry)
@@ -150,12 +157,15 @@ def ranked(scores, k: int, resampled=None, res: Resamples | None = None, ids=Non
 def ties_note(entries: list[dict], key: str = "unit") -> str | None:
     """A line naming the tied units of a ranked list, or None when no listed unit is tied."""
     groups: dict[int, list] = {}
+    total: dict[int, int] = {}
     for e in entries:
         if e.get("tied"):
             groups.setdefault(e["rank"], []).append(e[key])
+            total[e["rank"]] = e.get("n_tied", 0)
     if not groups:
         return None
-    return "; ".join(f"rank {r}: {', '.join(map(str, u))} tied" + (" (and more beyond the list)" if len(u) < 2 else "")
+    return "; ".join(f"rank {r}: {', '.join(map(str, u))} tied"
+                     + (f" ({total[r]} units share this rank, {len(u)} listed)" if total[r] > len(u) else "")
                      for r, u in groups.items())
 
 

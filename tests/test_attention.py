@@ -72,17 +72,17 @@ def test_hand_built_three_token_case():
     alpha = torch.tensor([[[1.0, 0, 0], [0.5, 0.25, 0], [-0.2, 0.4, 0.1]]], dtype=torch.float64)  # (e=1, 3, 3)
     x = torch.tensor([[2.0], [-1.0], [4.0]], dtype=torch.float64)  # (L, e)
     g = torch.tensor([[1.0], [-2.0], [0.5]], dtype=torch.float64)
-    # α̂: rows over Σ_j |α_ij| = (1, .75, .7): [[1], [2/3, 1/3], [-2/7, 4/7, 1/7]]
-    # attention_weighted: |α̂ x_j| = [[2], [4/3, 1/3], [4/7, 4/7, 4/7]]; row sums (2, 5/3, 12/7): per query
-    # token their mean (not over the 6 causal entries: that would shrink with the text's length)
+    # attention_weighted: |α x_j| = [[2], [1, .25], [.4, .4, .4]]; row sums (2, 1.25, 1.2): per query token
+    # 4.45 / 3 (not / 6, the causal entries: that would shrink with the text's length)
     aw = attention_weighted(alpha, x)
-    assert aw.neuron_activations[0] == pytest.approx((2 + 5 / 3 + 12 / 7) / 3)
-    np.testing.assert_allclose(aw.token_map, [[2, 0, 0], [4 / 3, 1 / 3, 0], [4 / 7, 4 / 7, 4 / 7]])
-    # gradient_guided: ReLU(g_i α̂_ij x_j) = [[2], [0, 2/3], [0, 0, 2/7]]; row sums (2, 2/3, 2/7)
+    assert aw.neuron_activations[0] == pytest.approx(4.45 / 3)
+    np.testing.assert_allclose(aw.token_map, [[2, 0, 0], [1, 0.25, 0], [0.4, 0.4, 0.4]])
+    # gradient_guided: ReLU(g_i α_ij x_j) = [[2], [0, .5], [0, 0, .2]]; row sums (2, .5, .2): 2.7 / 3
     gg = gradient_guided(alpha, x, g)
-    assert gg.neuron_activations[0] == pytest.approx((2 + 2 / 3 + 2 / 7) / 3)
+    assert gg.neuron_activations[0] == pytest.approx(0.9)
     # rollout: rownorm(|α|) = [[1, 0, 0], [2/3, 1/3, 0], [2/7, 4/7, 1/7]]; Â = I/2 + that/2 =
-    # [[1, 0, 0], [1/3, 2/3, 0], [1/7, 2/7, 4/7]]; carried = 1 - diag = (0, 1/3, 3/7)
+    # [[1, 0, 0], [1/3, 2/3, 0], [1/7, 2/7, 4/7]]; carried by the unit's own half from other tokens:
+    # (1/2)(1 - P_ii) = (0, 1/3, 3/7)
     ro, R = rollout_layer(alpha)
     np.testing.assert_allclose(R, [[1, 0, 0], [1 / 3, 2 / 3, 0], [1 / 7, 2 / 7, 4 / 7]], rtol=1e-12)
     assert ro.neuron_activations[0] == pytest.approx(np.mean([0, 1 / 3, 3 / 7]))
@@ -233,8 +233,8 @@ def _unit_rows_by_hand(alpha):
 
 @pytest.mark.parametrize("L", [1, 2, 9])
 def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
-    """rollout_layer reads only the diagonal of Ĉ^c = (w I + (1 − w) rownorm(|α^c|)) · R; it must equal the
-    diagonal of that product formed in full (the plain reference). For L = 1 (one token: no other token
+    """rollout_layer reads only the diagonal of P^c R, P^c = rownorm(|α^c|); the score (1 − w)(1 − that diagonal)
+    must equal the one from the product formed in full (the plain reference). For L = 1 (one token: no other token
     carries relevance) the scores are undefined, said so (None and the reason), and R_ℓ is still formed."""
     from attention_neurons import IDENTITY_WEIGHT as w
     from attention_neurons import UNDEFINED, _rownorm, rollout_layer
@@ -245,8 +245,8 @@ def test_rollout_channel_scores_equal_the_full_per_channel_product(L):
     R = _rownorm(torch.rand(L, L, generator=g, dtype=torch.float64).tril() + torch.eye(L, dtype=torch.float64))
     eye = torch.eye(L, dtype=torch.float64)
     P = _unit_rows_by_hand(alpha)  # (e, L, L)
-    full = (w * eye + (1 - w) * P) @ R  # (e, L, L)
-    carried = 1.0 - torch.diagonal(full, dim1=-2, dim2=-1)  # (e, L)
+    full = P @ R  # (e, L, L)
+    carried = (1 - w) * (1.0 - torch.diagonal(full, dim1=-2, dim2=-1))  # (e, L)
     scores, R_next = rollout_layer(alpha, R)
     if L == 1:
         assert scores.neuron_activations is None and scores.undefined == UNDEFINED["rollout_one_token"]
@@ -261,7 +261,7 @@ def test_rollout_bounds_are_the_same_for_both_families(kind):
     """At layer 0 (R_{-1} = I) a unit's rollout activation per position is (1 − w)(1 − P^c[i, i]): 0 for a
     unit that attends only to its own token, (1 − w)(L − 1)/L for one that never does (row 0 has only its
     own token), whatever the scale of α, for a Mamba channel and a Transformer head alike; on a real model's
-    maps the scores lie in [0, 1 − w] at layer 0 and in [0, 1] above it."""
+    maps the scores lie in [0, 1 − w] at every layer."""
     from attention_neurons import IDENTITY_WEIGHT as w
     from attention_neurons import attention_neurons_for, rollout_layer
 
@@ -273,7 +273,7 @@ def test_rollout_bounds_are_the_same_for_both_families(kind):
         scores, _ = rollout_layer(alpha)
         assert scores.neuron_activations[0] == pytest.approx(expected, abs=1e-15)
     an = attention_neurons_for(make_model(kind))
-    for layer, bound in ((0, 1 - w), (1, 1.0)):
+    for layer, bound in ((0, 1 - w), (1, 1 - w)):
         a = an.text_scores(_ids(L=13, b=1), layer, ("rollout",)).scores["rollout"].neuron_activations
         print(f"{kind} layer {layer}: rollout activations in [{a.min():.3f}, {a.max():.3f}], bound {bound}")
         assert a.min() >= 0 and a.max() <= bound + 1e-12

@@ -100,9 +100,10 @@ def test_planted_dominant_dimension_ranks_first_and_dead_dimension_scores_zero(k
             proj.weight[:, planted] *= 30.0
             proj.weight[:, dead] = 0.0
             proj.bias[dead] = 0.0
-    top = ca.find_causal_neurons(model, tokenizer, PROMPTS, layer_idx=1, top_k=3, progress=False)
+    site = "mixer_out" if adapter.is_ssm else "mlp_out"  # the site the weights were planted in
+    top = ca.find_causal_neurons(model, tokenizer, PROMPTS, layer_idx=1, top_k=3, progress=False, site=site)
     assert top[0][0] == planted and top[0][1] > 3 * top[1][1]
-    scores = ca.causal_impact_scores(model, tokenizer, PROMPTS, 1, progress=False)
+    scores = ca.causal_impact_scores(model, tokenizer, PROMPTS, 1, site=site, progress=False)
     print(f"{kind}: planted {scores[planted]:.3e}, dead {scores[dead]:.3e}, median {np.median(scores):.3e}")
     assert scores[dead] < 1e-12 < np.median(scores)
 

@@ -126,7 +126,8 @@ def test_comparison_json_and_matching(comparison_run):
     assert not any(r in rows for r in ("Gini", "Hoyer", "entropy"))  # no measure without its kind
     assert rows["forward time at L=64 (ms), the model's own forward"][gpt2["label"]] == round(pts[-1]["time_s"] * 1e3, 2)
     assert rows["causal site (kind, layer)"][gpt2["label"]] == "block_out (write, layer 1)"
-    assert rows["max causal impact (mean KL)"][gpt2["label"]] == stats.shown(c[gpt2["label"]]["max_impact"], ".3e")
+    mx = c[gpt2["label"]]["max_impact"]
+    assert rows["max causal impact (mean KL; top dim's interval)"][gpt2["label"]] == f"{stats.shown(mx, '.3e')} (dim {mx['dim']})"
     assert "usage Gini [95%]" in stdout and "population Gini [95%]" in stdout and gpt2["label"] in stdout
 
 
@@ -240,9 +241,10 @@ def test_the_comparison_holds_both_models_attention_neurons(attention_comparison
             assert got["neuron_diversity"] == pytest.approx(e["neuron_diversity"], rel=1e-6)
     rows = {r["metric"]: r for r in comp["summary"]}
     for m in an.METHODS:
-        row = rows[f"attention {m}: diversity"]
-        assert row[main_label] == round(stage["by_layer"][2]["methods"][m]["neuron_diversity"], 4)
-        assert row[other_label] == round(expect[1]["methods"][m]["neuron_diversity"], 4)
+        row = rows[f"attention {m}: diversity [95%]"]
+        for label, a in ((main_label, stage["by_layer"][2]["methods"][m]), (other_label, expect[1]["methods"][m])):
+            assert row[label] == stats.shown({"value": a["neuron_diversity"], "low": a["neuron_diversity_low"],
+                                              "high": a["neuron_diversity_high"]}, ".4f")
         shown = rows[f"attention {m}: mean activation [95%]"][other_label]  # "value [low, high]"
         e = expect[1]["methods"][m]
         assert [float(v) for v in shown.replace("[", "").replace("]", "").replace(",", "").split()] == pytest.approx(
@@ -374,5 +376,8 @@ def test_the_causal_part_states_each_site_and_a_pairing_of_different_kinds(model
     assert (c["g"]["site"], c["g"]["site_kind"], c["m"]["site"], c["m"]["site_kind"]) == (
         "mlp_out", "component", "mixer_out", "write")
     res = stats.Resamples.draw(6, 200, 3, "prompts")
-    assert c["g"]["max_impact"] == stats.interval(kl.mean(0).max(), res.means(kl).max(1), res)
-    assert c["m"]["max_impact"] == {"value": kl[:, :24].mean(0).max(), "low": None, "high": None}
+    top = int(np.argmax(kl.mean(0)))  # the top dimension's own interval, the dimension held fixed
+    assert c["g"]["max_impact"] == {**stats.interval(kl.mean(0)[top], res.means(kl)[:, top], res), "dim": top}
+    assert c["g"]["max_impact"]["low"] <= c["g"]["max_impact"]["value"] <= c["g"]["max_impact"]["high"]
+    assert c["m"]["max_impact"] == {"value": kl[:, :24].mean(0).max(), "low": None, "high": None,
+                                    "dim": int(np.argmax(kl[:, :24].mean(0)))}

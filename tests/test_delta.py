@@ -78,6 +78,7 @@ def test_a_small_scale_text_dependent_channel_ranks_first_by_eta_squared_not_by_
     assert st.top(6, "text_variance")[-1][0] == 3  # last by raw variance
     out = st.to_dict(3, n_resamples=200)
     assert out["top_neurons"][0]["channel"] == 3 and out["top_neurons"][0]["stability"] == 1.0
+    assert out["expected_above_by_chance"] == pytest.approx(0.025 * out["n_channels"])
     assert out["n_above_noise_floor"] >= 1 and out["per_channel"]["eta_squared_noise_floor"][3] < 0.05
 
 

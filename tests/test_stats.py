@@ -64,6 +64,21 @@ def test_ties_share_a_rank_and_are_reported():
     assert stats.ties_note(stats.ranked(np.array([3.0, 2.0, 1.0]), 3)) is None
 
 
+def test_units_tied_across_the_cut_share_the_top_k_places():
+    """48 units tied at the top (one head's units under rollout) and a top 10: each unit is in the top 10 in
+    10/48 of the places, not in all of them; a unit clearly above keeps 1; the note says how many share the
+    rank and how many are listed."""
+    scores = np.r_[np.full(48, 0.4), 0.9, np.linspace(0.1, 0.2, 20)]  # (69,): one clear top, 48 tied below it
+    res = stats.Resamples.draw(5, 100, 0)
+    resampled = np.tile(scores, (100, 1))  # every draw the same: the ties stay ties
+    stab = stats.top_k_stability(resampled, 10)
+    assert stab[48] == 1.0 and np.allclose(stab[:48], 9 / 48) and stab.sum() == pytest.approx(10)
+    top = stats.ranked(scores, 10, resampled, res)
+    assert top[0]["n_tied"] == 1 and all(e["n_tied"] == 48 and e["rank"] == 2 for e in top[1:])
+    note = stats.ties_note(top)
+    assert "48 units share this rank, 9 listed" in note
+
+
 def test_one_item_has_no_interval():
     res = stats.Resamples.draw(1, 100)
     assert not res.defined

@@ -208,13 +208,17 @@ class Mamba2Adapter(MambaAdapter):
         return f"{self.mixer_path(layer)}.norm"
 
 
-def _transformer_sites(block: str, attn: str, write: str) -> dict[str, SiteSpec]:
+def _transformer_sites(block: str, attn: str, out_proj: str, write: str) -> dict[str, SiteSpec]:
     from utils import WRITE_SUFFIX
 
     return {
         "mlp": SiteSpec(block + ".mlp.act", "output", "inner_size", "MLP hidden units after the activation",
                         "inner"),
         "attn_out": SiteSpec(block + "." + attn, "output", "hidden_size", "attention output (d)"),
+        "attn_heads": SiteSpec(f"{block}.{attn}.{out_proj}", "input", "hidden_size",
+                               "the heads' concatenated outputs entering the attention's output projection (d = H "
+                               "heads x d/H; dim k: head k // (d/H)): the attention neurons' units, where y = A v "
+                               "holds dimension by dimension"),
         "mlp_out": SiteSpec(block + ".mlp", "output", "hidden_size", "MLP output (d)"),
         "block_out": SiteSpec(block + WRITE_SUFFIX, "output", "hidden_size",
                               f"the block's write to the residual stream: block output − block input = {write} "
@@ -281,7 +285,7 @@ class GPT2Adapter(TransformerAdapter):
     layers_path = "transformer.h"
     default_causal_site = "block_out"  # the block's write, as Mamba's mixer_out (like with like)
     position_embedding_path = "transformer.wpe"
-    sites = _transformer_sites("transformer.h.{layer}", "attn", "attn_out + mlp_out")
+    sites = _transformer_sites("transformer.h.{layer}", "attn", "c_proj", "attn_out + mlp_out")
     block, attention_name, qkv_name, out_proj_name = "transformer.h.{layer}", "attn", "c_attn", "c_proj"
 
     @property
@@ -299,7 +303,7 @@ class GPTNeoXAdapter(TransformerAdapter):
     display_name = "GPT-NeoX"
     layers_path = "gpt_neox.layers"
     default_causal_site = "block_out"  # the block's write, as Mamba's mixer_out (like with like)
-    sites = _transformer_sites("gpt_neox.layers.{layer}", "attention",
+    sites = _transformer_sites("gpt_neox.layers.{layer}", "attention", "dense",
                                "attn_out + mlp_out (with use_parallel_residual the MLP reads the block input; "
                                "otherwise the input plus attn_out)")
     block, attention_name, qkv_name, out_proj_name = "gpt_neox.layers.{layer}", "attention", "query_key_value", "dense"

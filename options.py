@@ -79,7 +79,8 @@ class Options:
     prompts: tuple | None = option(None, "the causal stages' prompts (default: causal_analysis.DEFAULT_PROMPTS)",
                                    flag=False)
     causal_site: str | None = option(None, "site to ablate: Mamba mixer_out (default), ssm, residual; Transformers "
-                                           "mlp, attn_out, mlp_out, block_out (default: the block's write, output − input, the counterpart of "
+                                           "mlp, attn_out, attn_heads (the attention neurons' units), mlp_out, block_out (default: the block's "
+                                           "write, output − input, the counterpart of "
                                            "Mamba's mixer_out), residual",
                                      "causal (ablation)",
                                      stages=CAUSAL)

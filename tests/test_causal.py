@@ -59,7 +59,8 @@ def reference_scores(model, tokenizer, layer, site, dims, scale=0.0, mean=False)
 
 
 CASES = [("mamba_b", "mixer_out", 1, {}), ("mamba_b", "ssm", 2, {}), ("mamba_a", "residual", 0, {"scale": 0.5}),
-         ("gpt2", "mlp", 1, {}), ("gpt2", "mlp_out", 0, {"mean": True}), ("gpt_neox", "attn_out", 1, {})]
+         ("gpt2", "mlp", 1, {}), ("gpt2", "mlp_out", 0, {"mean": True}), ("gpt_neox", "attn_out", 1, {}),
+         ("gpt2", "attn_heads", 1, {"mean": True}), ("gpt_neox", "attn_heads", 0, {})]
 
 
 @pytest.mark.parametrize("kind, site, layer, opts", CASES)

@@ -134,3 +134,38 @@ def test_ablating_block_out_through_the_causal_machinery_equals_an_independent_r
     kl = float((clean.exp() * (clean - ablated)).sum())
     assert kl > 0
     assert float(np.asarray(got).ravel()[0]) == pytest.approx(kl, rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox"])
+def test_ablating_the_attention_units_equals_an_independent_recomputation(kind, tokenizer):
+    """attn_heads is the attention neurons' unit space (the output projection's input, the heads'
+    concatenated A v): the causal machinery's zero ablation of dim k gives the KL of a forward with a plain
+    pre-hook zeroing that input's dim k, and its path is the one the attention stage reads."""
+    import causal_analysis as ca
+
+    model = make_model(kind)
+    adapter = get_adapter(model)
+    prompt, layer, k = "The cat sat on the mat because", 1, 5
+    assert adapter.site("attn_heads", layer).path == adapter.attention_paths(layer).out_proj
+    assert adapter.site("attn_heads", layer).size == adapter.hidden_size
+    proj = model.get_submodule(adapter.attention_paths(layer).out_proj)
+    with torch.no_grad():  # make dim k matter (GPT-2's Conv1D weight is (in, out), GPT-NeoX's Linear (out, in))
+        (proj.weight[k] if kind == "gpt2" else proj.weight[:, k]).mul_(50.0)
+    got = ca.causal_impact_scores(model, tokenizer, [prompt], layer, site="attn_heads", dims=[k], progress=False)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+    def independent(module, args):
+        y = args[0].clone()
+        y[..., k] = 0.0
+        return (y, *args[1:])
+
+    with torch.no_grad():
+        clean = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+        handle = proj.register_forward_pre_hook(independent)
+        try:
+            ablated = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+        finally:
+            handle.remove()
+    expected = float((clean.exp() * (clean - ablated)).sum())
+    print(f"{kind}: machinery {got[0]:.6e}, independent {expected:.6e}")
+    assert expected > 0 and got[0] == pytest.approx(expected, rel=1e-4, abs=1e-10)

@@ -81,14 +81,20 @@ def _with_first(value, new):
 
 def _ablator(dims: torch.Tensor, scale: float, values: torch.Tensor | None, first_row: int = 0):
     """Edit function for `trace`: in row first_row + i of the batch, dimension dims[i] (every position) is
-    multiplied by `scale`, or set to values[i] when `values` is given. A one-row activation (1, L, W) is
-    first expanded to first_row + K rows (K = len(dims)), so the part of the model before the site runs
-    once, not once per ablation."""
+    multiplied by `scale`, or set to values[i] when `values` is given. `dims` may instead be a (K, W)
+    boolean mask: row i's dimensions set in mask i are ablated together (values: (W,), one per dimension).
+    A one-row activation (1, L, W) is first expanded to first_row + K rows (K = len(dims)), so the part of
+    the model before the site runs once, not once per ablation."""
     def edit(name, value):
         act = _first(value)  # (B, L, W)
         if act.shape[0] == 1:
             act = act.expand(first_row + len(dims), -1, -1)
         act = act.clone()  # (B, L, W)
+        if dims.dim() == 2:  # sets of dimensions, one per row
+            part = act[first_row:first_row + len(dims)]  # (K, L, W)
+            new = part * scale if values is None else values.to(act.device, act.dtype).expand_as(part)
+            act[first_row:first_row + len(dims)] = torch.where(dims.to(act.device)[:, None, :], new, part)
+            return _with_first(value, act)
         rows = torch.arange(first_row, first_row + len(dims), device=act.device)
         cols = dims.to(act.device)
         if values is None:
@@ -410,6 +416,62 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
                                  "smaller intervention scale")
     return CausalEffects(kls[:, :, back].numpy(), dlogp[:, :, back].numpy(),  # in the order asked, repeats included
                          np.array([int(c.logp.argmax()) for c in cleans]))
+
+
+def set_ablation_effects(model, tokenizer, prompts, layer: int, masks, site: str | None = None,
+                         intervention_scale: float = 0.0, ablation: str = "zero", batch_size: int | None = None,
+                         progress: bool = True, cleans=None) -> CausalEffects:
+    """Per prompt, the effect of ablating each *set* of the site's dimensions together at `layer`: masks
+    (K, W) booleans, row k the set (W the site's width); `CausalEffects` with kl and delta_logp
+    (n_prompts, 1, K). The same machinery as `causal_effects_by_layer` (clean runs kept, ablated rows from
+    the layer on, the unablated pass checked against each clean run first), so a one-dimension set gives
+    exactly its single-dimension effect. Refused before any forward (ValueError): `masks` not a non-empty
+    (K, W) boolean array, and what `causal_effects_by_layer` refuses."""
+    from tqdm.auto import tqdm
+
+    prompts = text_list(prompts, "prompts")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation {ablation!r} is unknown; choose one of {', '.join(ABLATIONS)}")
+    batch_size = _check_batch_size(batch_size)
+    finite_number("intervention_scale", intervention_scale)
+    adapter = get_adapter(model)
+    site_name = site or adapter.default_causal_site
+    layer = check_layer(adapter, layer)
+    width = adapter.site(site_name, layer).size
+    m = np.asarray(masks)
+    if m.dtype != bool or m.ndim != 2 or m.shape[0] == 0 or m.shape[1] != width:
+        raise ValueError(f"masks must be a non-empty (sets, {width}) boolean array for site {site_name}; got "
+                         f"{m.dtype} {m.shape}")
+    masks = torch.from_numpy(m.copy())  # (K, W)
+    device = next(model.parameters()).device
+    if cleans is None:
+        cleans = clean_runs(model, tokenizer, prompts, [layer], site_name)
+    elif len(cleans) != len(prompts) or any(layer not in c.resid_in for c in cleans):
+        raise ValueError("cleans: give one clean run per prompt, each keeping the layer asked for")
+    means = None
+    if ablation == "mean":  # (W,) over every position of every prompt
+        means = torch.cat([c.site_act[layer][0] for c in cleans]).double().mean(0).to(device)
+    K = masks.shape[0]
+    kls = torch.zeros(len(cleans), 1, K, dtype=torch.float64)
+    dlogp = torch.zeros_like(kls)
+    bar = tqdm(total=K * len(cleans), desc=f"ablate sets of {site_name} L{layer}", disable=not progress)
+    with torch.no_grad():
+        for n, c in enumerate(cleans):
+            bs = batch_size or _auto_batch_size(adapter, c.input_ids.shape[1], K, device)
+            with run_from_layer(model, adapter, layer):
+                _check_start_from_layer(model, c, layer)
+                for k0 in range(0, K, bs):
+                    chunk = masks[k0:k0 + bs].to(device)  # (k, W)
+                    logits = _ablated_pass(model, adapter, c, site_name, [(layer, chunk, means)],
+                                           intervention_scale)  # (k, V)
+                    kl, dl = (e.cpu() for e in _effects(c.logp, logits))
+                    kls[n, 0, k0:k0 + len(chunk)], dlogp[n, 0, k0:k0 + len(chunk)] = kl, dl
+                    bar.update(len(chunk))
+    bar.close()
+    if not (torch.isfinite(kls).all() and torch.isfinite(dlogp).all()):
+        raise FloatingPointError(f"the ablated forward gave non-finite logits (scale {intervention_scale:g}); use a "
+                                 "smaller intervention scale")
+    return CausalEffects(kls.numpy(), dlogp.numpy(), np.array([int(c.logp.argmax()) for c in cleans]))
 
 
 def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None = None,

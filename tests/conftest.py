@@ -129,3 +129,21 @@ def assert_streamed_equals_reference(an, ids, layers, methods=None, label: str =
                 rel = np.abs(r - g).max() / np.abs(r).max()
                 print(f"{label} layer {layer} {m} {field}: max relative difference {rel:.2e}")
                 assert r.shape == g.shape and rel < (1e-5 if m == "gradient_guided" else 1e-6)
+
+
+def kl_with_input_zeroed(model, module, ids, dims) -> float:
+    """KL(p_clean ‖ p_ablated) at the last position (float64) of a forward of `ids` (1, L) whose `module` gets
+    its first input with `dims` zeroed, by a plain pre-hook: an independent check of the causal machinery."""
+    def zeroed(mod, args):
+        y = args[0].clone()
+        y[..., dims] = 0.0
+        return (y, *args[1:])
+
+    with torch.no_grad():
+        clean = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+        handle = module.register_forward_pre_hook(zeroed)
+        try:
+            ablated = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+        finally:
+            handle.remove()
+    return float((clean.exp() * (clean - ablated)).sum())

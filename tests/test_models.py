@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import kl_with_input_zeroed, make_model
 from models import get_adapter, load_model_and_tokenizer
 from utils import UserInputError, trace
 
@@ -153,19 +153,6 @@ def test_ablating_the_attention_units_equals_an_independent_recomputation(kind, 
         (proj.weight[k] if kind == "gpt2" else proj.weight[:, k]).mul_(50.0)
     got = ca.causal_impact_scores(model, tokenizer, [prompt], layer, site="attn_heads", dims=[k], progress=False)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-
-    def independent(module, args):
-        y = args[0].clone()
-        y[..., k] = 0.0
-        return (y, *args[1:])
-
-    with torch.no_grad():
-        clean = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
-        handle = proj.register_forward_pre_hook(independent)
-        try:
-            ablated = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
-        finally:
-            handle.remove()
-    expected = float((clean.exp() * (clean - ablated)).sum())
+    expected = kl_with_input_zeroed(model, proj, ids, [k])
     print(f"{kind}: machinery {got[0]:.6e}, independent {expected:.6e}")
     assert expected > 0 and got[0] == pytest.approx(expected, rel=1e-4, abs=1e-10)

@@ -99,10 +99,10 @@ def _shown_interval(f, layer: dict) -> str | None:
 
 
 ATTENTION_NOTE = ("units: Mamba's channels (hidden attention α^c) and a Transformer's attention-output dims (their "
-                  "head's softmax weights), scored by the same formulas on row-scaled maps (each query row summing "
-                  "to 1 in absolute value, as softmax attention does); diversity is scale-free and compares directly; "
-                  "attention_weighted's mean activation is an attention-weighted mean |x| on both sides, in the units "
-                  "of each model's own x; rollout's has the same bounds for both")
+                  "head's softmax weights), scored by the same formulas, per query token; diversity is scale-free and "
+                  "compares directly; mean activations are of the same kind but their scale is each model's own (a "
+                  "Δ-weighted decay times a Mamba channel's scan input against a convex mix of a Transformer's "
+                  "values); rollout scores lie in [0, 0.5] on both sides")
 
 
 def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: str | None = None,

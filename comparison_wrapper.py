@@ -281,7 +281,9 @@ def summary_rows(comparison: dict) -> list[dict]:
     curves = {s["label"]: _at(eff[s["label"]], "architecture_curve", "curve") or "scaling" for s in sides}
     if any(c != "scaling" for c in curves.values()):
         add("architecture curve (implementation)",
-            lambda s: f"{curves[s['label']]} ({_at(eff[s['label']], curves[s['label']], 'implementation', 'name')})")
+            lambda s: f"{curves[s['label']]} ({_at(eff[s['label']], curves[s['label']], 'implementation', 'name')})"
+                      + ("" if _at(eff[s["label"]], "architecture_curve", "exact") is not False else
+                         ": the closest, still a Python loop"))
     _time_rows(add, sides, lambda s: _at(eff[s["label"]], "scaling", "points"), "the model's own forward", True)
     if any(c != "scaling" for c in curves.values()):
         _time_rows(add, sides, lambda s: _at(eff[s["label"]], curves[s["label"]], "points"), "architecture curve",

@@ -431,13 +431,14 @@ class LayerView(NamedTuple):
     g_undefined: str | None = None  # why g is None where a method needs it (the target is undefined)
 
 
-def _signed_parts(alpha: torch.Tensor, x: torch.Tensor, shared: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _signed_parts(alpha: torch.Tensor, x: torch.Tensor, shared: bool, rows: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(α⁺, α⁻, P⁺, P⁻, r) for the unit rows without a (c, L, L) product per method: α⁺ = max(α, 0) and
     α⁻ = max(−α, 0) (so |α| = α⁺ + α⁻ and α = α⁺ − α⁻, exactly), P^± [k, c, i] = Σ_j α^±[c, i, j] X_k[c, j]
-    with X_0 = x⁺ = max(x, 0) and X_1 = x⁻ = max(−x, 0) (2, c, L), and r = Σ_j |α_ij| the row sums ((c, L),
-    or (L,) for a shared α). One matrix product per sign: batched per unit (α (c, L, L), r from a column of
-    ones beside x⁺ and x⁻), or one product for all units of a group that shares α ((L, L))."""
+    with X_0 = x⁺ = max(x, 0) and X_1 = x⁻ = max(−x, 0) (2, c, L), and with `rows` (rollout needs them)
+    r = Σ_j |α_ij| the row sums ((c, L), or (L,) for a shared α), else None. One matrix product per sign:
+    batched per unit (α (c, L, L), r from a column of ones beside x⁺ and x⁻), or one product for all units of
+    a group that shares α ((L, L))."""
     xt = x.T  # (c, L)
     X = torch.stack(_pos_neg(xt))  # (2, c, L): x⁺, x⁻
     ap = torch.relu(alpha)  # (c, L, L) or (L, L): α⁺
@@ -446,10 +447,10 @@ def _signed_parts(alpha: torch.Tensor, x: torch.Tensor, shared: bool
     if shared:  # (L, L) @ (L, 2c): every unit's two columns in one product
         cols = X.reshape(2 * c, L).T  # (L, 2c)
         P = [(a @ cols).T.reshape(2, c, L) for a in (ap, an)]  # (2, c, L) each
-        return ap, an, P[0], P[1], ap.sum(-1) + an.sum(-1)
-    cols = torch.cat([X, torch.ones_like(X[:1])]).permute(1, 2, 0)  # (c, L, 3): x⁺, x⁻, 1
-    P = [torch.bmm(a, cols).permute(2, 0, 1) for a in (ap, an)]  # (3, c, L) each
-    return ap, an, P[0][:2], P[1][:2], P[0][2] + P[1][2]
+        return ap, an, P[0], P[1], (ap.sum(-1) + an.sum(-1)) if rows else None
+    cols = (torch.cat([X, torch.ones_like(X[:1])]) if rows else X).permute(1, 2, 0)  # (c, L, 2 or 3): x⁺, x⁻(, 1)
+    P = [torch.bmm(a, cols).permute(2, 0, 1) for a in (ap, an)]  # (2 or 3, c, L) each
+    return ap, an, P[0][:2], P[1][:2], (P[0][2] + P[1][2]) if rows else None
 
 
 def _fast_rollout(pieces: list, c: int, shared: bool, previous: torch.Tensor | None, rows=None
@@ -491,7 +492,7 @@ def _fast_parts(alpha: torch.Tensor, x: torch.Tensor, g: torch.Tensor | None, me
     specs = [METHOD_SPECS[m] for m in methods]
     if len(specs) == 1 and specs[0].kind == "rollout":  # rollout alone (the layers below): |α| is all it needs
         return {specs[0].name: _fast_rollout([alpha.abs()], c, shared, previous)}
-    ap, an, Pp, Pn, r = _signed_parts(alpha, x, shared)
+    ap, an, Pp, Pn, r = _signed_parts(alpha, x, shared, rows=any(sp.kind == "rollout" for sp in specs))
     out = {}
     for sp in specs:
         if sp.kind == "rollout":

@@ -202,6 +202,16 @@ def _ablation_dims(dims, width: int, where: str, intervention_scale) -> tuple[to
     return distinct, back
 
 
+def _ablation_setup(model, prompts, ablation: str, batch_size, site: str | None):
+    """The checks every ablation scan makes before any forward: (prompts as a list, batch size, the model's
+    adapter, the site's name: `site` or the family's default). ValueError on bad input."""
+    prompts = text_list(prompts, "prompts")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation {ablation!r} is unknown; choose one of {', '.join(ABLATIONS)}")
+    adapter = get_adapter(model)
+    return prompts, _check_batch_size(batch_size), adapter, site or adapter.default_causal_site
+
+
 def _edit_kwargs(capture: str, edit) -> dict:
     return {"edit_input": edit} if capture == "input" else {"edit_output": edit}
 
@@ -360,12 +370,7 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
     A dimension given more than once is ablated once; its score appears at each position it was asked."""
     from tqdm.auto import tqdm
 
-    prompts = text_list(prompts, "prompts")
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation {ablation!r} is unknown; choose one of {', '.join(ABLATIONS)}")
-    batch_size = _check_batch_size(batch_size)
-    adapter = get_adapter(model)
-    site_name = site or adapter.default_causal_site
+    prompts, batch_size, adapter, site_name = _ablation_setup(model, prompts, ablation, batch_size, site)
     layers = check_layers(adapter, layers, distinct=True)
     width = adapter.site(site_name, layers[0]).size
     dims, back = _ablation_dims(range(width) if dims is None else dims, width, f"site {site_name}",
@@ -429,13 +434,8 @@ def set_ablation_effects(model, tokenizer, prompts, layer: int, masks, site: str
     (K, W) boolean array, and what `causal_effects_by_layer` refuses."""
     from tqdm.auto import tqdm
 
-    prompts = text_list(prompts, "prompts")
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation {ablation!r} is unknown; choose one of {', '.join(ABLATIONS)}")
-    batch_size = _check_batch_size(batch_size)
+    prompts, batch_size, adapter, site_name = _ablation_setup(model, prompts, ablation, batch_size, site)
     finite_number("intervention_scale", intervention_scale)
-    adapter = get_adapter(model)
-    site_name = site or adapter.default_causal_site
     layer = check_layer(adapter, layer)
     width = adapter.site(site_name, layer).size
     m = np.asarray(masks)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import stats
+from utils import nested
 
 logger = logging.getLogger(__name__)
 
@@ -213,15 +214,6 @@ def causal_side_by_side(main: Side, other: Side, site_note: str | None = None,
     return out
 
 
-def _at(d, *keys):
-    """d[k1][k2]...: None where a key is missing (an older result, or a stage that changed its keys)."""
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
 def _time_rows(add, sides, points_of, what: str, memory: bool) -> None:
     """Forward time (and peak memory, GFLOP/s) at the longest length measured on both sides' `points_of`."""
     measured = [{p["seq_len"]: p for p in (points_of(s) or [])} for s in sides]
@@ -277,16 +269,16 @@ def summary_rows(comparison: dict) -> list[dict]:
     add("mean activation variance", lambda s: f"{layer_stats[s['label']]['activation_variance']['mean']:.3g}")
 
     eff = {s["label"]: s["efficiency"] for s in sides}
-    add("timed implementation", lambda s: _at(eff[s["label"]], "scaling", "implementation", "name"))
-    curves = {s["label"]: _at(eff[s["label"]], "architecture_curve", "curve") or "scaling" for s in sides}
+    add("timed implementation", lambda s: nested(eff[s["label"]], "scaling", "implementation", "name"))
+    curves = {s["label"]: nested(eff[s["label"]], "architecture_curve", "curve") or "scaling" for s in sides}
     if any(c != "scaling" for c in curves.values()):
         add("architecture curve (implementation)",
-            lambda s: f"{curves[s['label']]} ({_at(eff[s['label']], curves[s['label']], 'implementation', 'name')})"
-                      + ("" if _at(eff[s["label"]], "architecture_curve", "exact") is not False else
+            lambda s: f"{curves[s['label']]} ({nested(eff[s['label']], curves[s['label']], 'implementation', 'name')})"
+                      + ("" if nested(eff[s["label"]], "architecture_curve", "exact") is not False else
                          ": the closest, still a Python loop"))
-    _time_rows(add, sides, lambda s: _at(eff[s["label"]], "scaling", "points"), "the model's own forward", True)
+    _time_rows(add, sides, lambda s: nested(eff[s["label"]], "scaling", "points"), "the model's own forward", True)
     if any(c != "scaling" for c in curves.values()):
-        _time_rows(add, sides, lambda s: _at(eff[s["label"]], curves[s["label"]], "points"), "architecture curve",
+        _time_rows(add, sides, lambda s: nested(eff[s["label"]], curves[s["label"]], "points"), "architecture curve",
                    False)
     add("FLOPs per token at L=256 (M)", lambda s: round(s["efficiency"]["flops_per_token_at_256"]["total"] / 1e6, 2))
     if "causal" in comparison:

@@ -4,6 +4,8 @@ are imported inside the functions.
 """
 from __future__ import annotations
 
+from utils import nested  # light: utils imports torch only inside its functions
+
 
 def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
     """({metric: value}, {metric: why it is left out}): the headline numbers of one per-layer stage's
@@ -17,11 +19,7 @@ def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
     missing = object()
 
     def at(d, *keys):
-        for k in keys:
-            if not isinstance(d, dict) or k not in d:
-                return missing
-            d = d[k]
-        return d
+        return nested(d, *keys, default=missing)
 
     def number(v) -> bool:  # a finite int or float (numpy's too), not a bool
         return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))

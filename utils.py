@@ -45,6 +45,16 @@ def _is_bool(value) -> bool:
     return isinstance(value, bool) or type(value).__name__ == "bool_"  # Python's or numpy's
 
 
+def nested(d, *keys, default=None):
+    """d[k1][k2]...: `default` where a key is missing or a level is not a dict (results of an older run, or of a
+    stage that changed its keys)."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
 def whole_number(name: str, value, low: int | None = None, high: int | None = None, context: str = "") -> int:
     """`value` as an int: an integer (Python or numpy) within low..high (either bound optional). A bool
     and any float (1.5, and 1.0 too: an index or a count is never read from a float) are refused, not

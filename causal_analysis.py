@@ -690,8 +690,9 @@ def _site(ctx) -> str:
     return ctx.opts.causal_site or ctx.adapter.default_causal_site
 
 
-def _scale(ctx) -> float:
-    return 0.0 if ctx.opts.intervention_scale is None else ctx.opts.intervention_scale
+def scale_of(opts) -> float:
+    """The zero ablation's factor of a run's options: --intervention_scale, default 0."""
+    return 0.0 if opts.intervention_scale is None else opts.intervention_scale
 
 
 def _prompt_resamples(ctx, n: int) -> stats.Resamples:
@@ -712,7 +713,7 @@ def _run_causal(ctx):
     o, site = ctx.opts, _site(ctx)
     cleans = ctx.clean_runs(site)
     eff = causal_effects_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, [ctx.layer], site=site,
-                                  intervention_scale=_scale(ctx), ablation=o.ablation, dims=o.causal_dims,
+                                  intervention_scale=scale_of(ctx.opts), ablation=o.ablation, dims=o.causal_dims,
                                   batch_size=o.causal_batch_size, progress=ctx.progress, cleans=cleans)
     kl, dlp = eff.kl[:, 0], eff.delta_logp[:, 0]  # (n_prompts, n_dims) each
     scores, dl = kl.mean(0), dlp.mean(0)  # (n_dims,)
@@ -729,7 +730,7 @@ def _run_causal(ctx):
                  delta_logp_top1_high=None if dl_high is None else float(dl_high[i]))
     predictions = clean_top_tokens(cleans, ctx.tokenizer, 5)
     results = {"layer": ctx.layer, "site": site, "ablation": o.ablation,
-               "intervention_scale": _scale(ctx) if o.ablation == "zero" else None,  # mean: not used
+               "intervention_scale": scale_of(ctx.opts) if o.ablation == "zero" else None,  # mean: not used
                "prompts": o.prompt_list, "n_prompts": int(kl.shape[0]), "n_dims": int(kl.shape[1]),
                "clean_predictions": [{"prompt": p, "top": t} for p, t in zip(o.prompt_list, predictions)],
                "ranked_by": "scores (the mean KL over prompts); delta_logp_top1 is shown beside, not used to rank",
@@ -782,7 +783,7 @@ def _run_inter_layer(ctx):
     n_layers = ctx.adapter.n_layers
     # the prompt pass's clean runs for every layer; (layer, dim) ablations share passes
     eff = causal_effects_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, range(n_layers), site=site,
-                                  intervention_scale=_scale(ctx), ablation=o.ablation, dims=dims,
+                                  intervention_scale=scale_of(ctx.opts), ablation=o.ablation, dims=dims,
                                   batch_size=o.causal_batch_size, progress=ctx.progress,
                                   cleans=ctx.clean_runs(site))  # kl, delta_logp: (n_prompts, n_layers, n_dims)
     res = _prompt_resamples(ctx, eff.kl.shape[0])
@@ -825,7 +826,7 @@ def _run_cross_layer(ctx):
     dims = [d for d in chosen if d < a.hidden_size]
     if not dims:
         raise ValueError(f"no chosen dimension lies in the residual stream (width {a.hidden_size})")
-    per = [cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site=site, intervention_scale=_scale(ctx),
+    per = [cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site=site, intervention_scale=scale_of(ctx.opts),
                               batch_size=o.causal_batch_size) for p in o.prompt_list]
     stacked = {k: np.stack([x[k] for x in per]) for k in ("clean", "ablated", "change")}  # (n_prompts, ...)
     m = {k: v.mean(0) for k, v in stacked.items()}  # clean (K, T); ablated, change (K, S, T)

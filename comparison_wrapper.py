@@ -67,6 +67,8 @@ class Side:
     efficiency: dict
     causal: dict | None = None
     attention: dict | None = None
+    faithfulness: dict | None = None
+    faithfulness_skipped: str | None = None  # why the other model has no faithfulness results
 
 
 def side_profile(side: Side) -> dict:
@@ -138,8 +140,32 @@ def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: st
                                   "by_layer": by_layer}
         out["attention"] = {"methods": list(main.attention["definitions"]), "note": ATTENTION_NOTE, "models": models,
                             "matched_layers": {main.label: main.layer, other.label: other.layer}}
+    if main.faithfulness is not None and other.faithfulness is not None:
+        out["faithfulness"] = faithfulness_side_by_side(main, other)
+    elif main.faithfulness is not None:
+        out["faithfulness"] = {"skipped": f"{other.label}: {other.faithfulness_skipped or 'no faithfulness results'}"}
     out["summary"] = summary_rows(out)
     return out
+
+
+def faithfulness_side_by_side(main: Side, other: Side) -> dict:
+    """Each side's faithfulness table (every ranking of its units against its own ground truth: Spearman,
+    precision@k, normalised deletion area) and its spaces (site, unit, units), set side by side by ranking
+    name: which method finds the units that matter on each model."""
+    sides = {}
+    for side in (main, other):
+        f = side.faithfulness
+        sides[side.label] = {"layer": side.layer, "table": f["table"], "left_out": f["left_out"],
+                             "spaces": {n: {"site": s["site"], "unit": s["unit"], "n_units": s["n_units"],
+                                            "ground_truth_from": s["ground_truth"]["from"],
+                                            "n_sets_ablated": s["n_sets_ablated"]} for n, s in f["spaces"].items()}}
+    names = list(dict.fromkeys(row["ranking"] for side in sides.values() for row in side["table"]))
+    rows = [{"ranking": n, **{label: next((r for r in side["table"] if r["ranking"] == n), None)
+                              for label, side in sides.items()}} for n in names]
+    return {"models": sides, "rankings": rows,
+            "note": "each model's rankings against its own ground truth (its units ablated one at a time at its own "
+                    "unit site, on the same prompts): the normalised area is scale-free (1 = as good as that "
+                    "model's ground truth ranking, 0 = random) and compares across the models"}
 
 
 def paired_site(main_adapter, main_site: str, other_adapter) -> tuple[str, str | None]:
@@ -303,7 +329,23 @@ def summary_rows(comparison: dict) -> list[dict]:
                 lambda s: None if (a := at[s["label"]]["methods"][m])["neuron_diversity"] is None else stats.shown(
                     {"value": a["neuron_diversity"], "low": a.get("neuron_diversity_low"),
                      "high": a.get("neuron_diversity_high")}, ".4f"))
+    fz = comparison.get("faithfulness")
+    if fz is not None and "skipped" not in fz:
+        for row in fz["rankings"]:
+            add(f"faithfulness {row['ranking']}: ρ; normalised area [95%]",
+                lambda s, row=row: _faithfulness_cell(row.get(s["label"])))
     return rows
+
+
+def _faithfulness_cell(row: dict | None) -> str | None:
+    """One side's faithfulness of one ranking, 'ρ … ; area …' (or that the model has no such ranking)."""
+    if row is None:
+        return "no such ranking"
+
+    def show(d):
+        return "undefined" if d["value"] is None else stats.shown(d, ".2f")
+
+    return f"ρ {show(row['spearman'])}; area {show(row['normalised_area'])} ({row['space']})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,19 +423,26 @@ def _stage_run(ctx, read: dict):
         label += "_compare"
     other_adapter = get_adapter(model)
     causal, attention = ctx.upstream("causal"), ctx.upstream("attention")
+    faithfulness = ctx.upstream("faithfulness")
     skipped = None
     if "attention" in ctx.stages and attention is None:
         skipped = "the attention stage did not succeed (its error is listed with it)"
-    stages = ["sparsity", "efficiency", *(["causal"] if causal is not None else []),
-              *(["attention"] if attention is not None else [])]
+    stages = [*(["delta"] if faithfulness is not None and other_adapter.is_ssm else []),  # a ranking it checks
+              "sparsity", "efficiency", *(["causal"] if causal is not None else []),
+              *(["attention"] if attention is not None else []), *(["faithfulness"] if faithfulness is not None else [])]
     opts = other_options(o, ctx.adapter, other_adapter, ctx.layer, stages, label)
     res = run_pipeline(model, tokenizer, list(ctx.texts), opts, stages, write_plots=False)
-    failed = [f"{n}: {res[n].get('error') or res[n].get('reason')}" for n in stages if res[n]["status"] != "ok"]
+    # on the other model, delta is there only as a ranking for faithfulness (which says when it is missing), and
+    # faithfulness may find no ranking to check (the comparison says so)
+    failed = [f"{n}: {res[n].get('error') or res[n].get('reason')}" for n in stages
+              if res[n]["status"] != "ok" and n != "delta" and not (n == "faithfulness" and
+                                                                     res[n]["status"] == "not_applicable")]
     if failed:
         raise ValueError(f"the other model's {failed[0]}")
     other = Side(label, other_adapter, source.origin, opts.layer, res["texts"], res["sparsity"]["results"]["layers"],
                  res["sparsity"]["results"]["measured_in"], res["efficiency"]["results"],
-                 res.get("causal", {}).get("results"), res.get("attention", {}).get("results"))
+                 res.get("causal", {}).get("results"), res.get("attention", {}).get("results"),
+                 res.get("faithfulness", {}).get("results"), res.get("faithfulness", {}).get("reason"))
     efficiency = ctx.upstream("efficiency")
     if efficiency is None:  # not in this run: measured as the efficiency stage would
         import torch
@@ -403,7 +452,7 @@ def _stage_run(ctx, read: dict):
                                            seq_lengths=o.seq_lengths or ef.SEQ_LENGTHS,
                                            efficiency_budget=o.efficiency_budget, progress=ctx.progress)
     main = Side(ctx.prefix, ctx.adapter, "main", ctx.layer, ctx.results["texts"], main_sparsity,
-                read["measured_in"], efficiency, causal, attention)
+                read["measured_in"], efficiency, causal, attention, faithfulness)
     site_note = None
     if causal is not None:
         site_note = paired_site(ctx.adapter, causal["site"], other_adapter)[1]
@@ -439,6 +488,9 @@ def comparison_summary(r: dict) -> str:
     att = r.get("attention")
     if att is not None:
         lines.append(f"    attention: {att['skipped'] if 'skipped' in att else att['note']}")
+    fz = r.get("faithfulness")
+    if fz is not None:
+        lines.append(f"    faithfulness: {fz['skipped'] if 'skipped' in fz else fz['note']}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -446,7 +498,7 @@ def _register() -> None:
     from pipeline import Stage, register
 
     register(Stage("comparison", _stage_run, comparison_summary, reader=_stage_reader,
-                   needs=("causal", "sparsity", "efficiency", "attention")))
+                   needs=("causal", "sparsity", "faithfulness", "efficiency", "attention")))
 
 
 _register()

@@ -95,6 +95,19 @@ def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
             else:
                 left[f"attention: diversity, {m}"] = why_not_number(d, f"methods.{m}.neuron_diversity")
         return out, left
+    if stage == "faithfulness":  # each ranking's normalised deletion area (1 = the ground truth's own, 0 = random)
+        table = at(r, "table")
+        if not isinstance(table, list) or not table:
+            return {}, {"faithfulness: normalised area": "table is missing or not a non-empty list"}
+        out, left = {}, {}
+        for row in table:
+            name = f"faithfulness: normalised area, {nested(row, 'ranking', default='?')}"
+            v = nested(row, "normalised_area", "value", default=missing)
+            if number(v):
+                out[name] = float(v)
+            else:
+                left[name] = why_not_number(v, "normalised_area.value")
+        return out, left
     if stage != "sparsity":
         return {}, {}
     import sparsity as sp
@@ -125,6 +138,8 @@ PROFILE_DEFINITIONS = {
              "(var_between, which follows Δ's scale)",
     "causal": "max and median over the site's dimensions of the causal impact (mean KL over the prompts)",
     "attention": "neuron diversity of each method (normalised entropy of the channel activations, 1 = uniform)",
+    "faithfulness": "each ranking's normalised deletion area at the layer (1 = as good as the ground truth's own "
+                    "ranking, 0 = random; undefined where the ground truth's curve does not rise above random)",
     "sparsity": "each sparsity measure of the layer's neuron site, named as in the sparsity stage's multi-layer "
                 "table (population: per token across the neurons, mean over tokens; usage: per neuron, its mean "
                 "|a| over the corpus); point values, without their intervals",

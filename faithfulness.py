@@ -16,6 +16,8 @@ Shapes: n prompts, U units, R bootstrap resamples of the prompts.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 import stats
@@ -25,7 +27,11 @@ DEFINITIONS = {
                     "the unit ablated alone (zero) at its own site at every position",
     "spearman": "Spearman's rank correlation between the ranking's scores and the ground truth over the units "
                 "(average ranks for ties); its 95% interval: the prompts resampled, the ground truth's mean "
-                "recomputed on each draw, the ranking held fixed",
+                "recomputed on each draw, the ranking held fixed, and the basic (reverse-percentile) bootstrap "
+                "interval [2 rho - q97.5, 2 rho - q2.5] of rho over the draws, clipped to [-1, 1]: a draw's ground "
+                "truth is the observed one plus sampling noise, so rho on the draws is pulled towards 0 (as the "
+                "observed rho is, against the mean over all prompts of this kind) and a percentile interval would "
+                "sit below the estimate",
     "precision_at_k": "the expected share of the ranking's top k that lies in the ground truth's top k, units tied "
                       "across either cut sharing its places (stats.top_k_stability): k / U for a random ranking",
     "normalised_area": "(area - random) / (ground truth - random), each area the mean of a deletion curve over the k "
@@ -62,8 +68,11 @@ def rank_agreement(effects, scores, res: stats.Resamples, ks=(1, 5, 10)) -> dict
         drawn = [stats.spearman(s, t) for t in res.means(e)]  # (R,): the ranking fixed, the truth resampled
         drawn = np.array([np.nan if d is None else d for d in drawn])
         if np.isfinite(drawn).any():
-            low, high = stats.percentile_interval(drawn[np.isfinite(drawn)])
-            spearman.update(low=float(low), high=float(high))
+            # the basic interval (DEFINITIONS): ρ on a draw is attenuated by the draw's extra noise, so the
+            # percentile interval would sit below the estimate; reflected about it, the shift is corrected
+            q_low, q_high = stats.percentile_interval(drawn[np.isfinite(drawn)])
+            spearman.update(low=float(np.clip(2 * rho - q_high, -1.0, 1.0)),
+                            high=float(np.clip(2 * rho - q_low, -1.0, 1.0)))
     return {"spearman": spearman, "precision_at_k": {int(k): precision_at_k(s, truth, k) for k in ks},
             "n_units": int(s.shape[0]), "n_prompts": int(e.shape[0])}
 
@@ -131,3 +140,412 @@ def normalised_area(curve, truth_curve, random_curve) -> float | None:
     t = float(np.mean([p["value"] for p in truth_curve]))
     r = float(np.mean([p["mean"] for p in random_curve]))
     return None if not t > r else (a - r) / (t - r)
+
+
+def normalised_area_interval(kl, truth_kl, random_kl, res: stats.Resamples) -> dict:
+    """`normalised_area` from the per-prompt KL of the ranking's sets (n, G), the ground truth's (n, G) and
+    the random sets' (n, G * draws), with its interval over the prompts (the three resampled together):
+    {"value", "low", "high"}; value None when the ground truth's curve does not rise above random, low and
+    high None also when it does not on some draw (the ratio is then unbounded there)."""
+    a, t = (np.asarray(x, dtype=np.float64).mean(1) for x in (kl, truth_kl))  # (n,) each: the area per prompt
+    r = np.asarray(random_kl, dtype=np.float64).mean(1)  # (n,): every draw at every k, the same mean
+    gap = t.mean() - r.mean()
+    if not gap > 0:
+        return {"value": None, "low": None, "high": None}
+    value = (a.mean() - r.mean()) / gap
+    if not res.defined:
+        return {"value": float(value), "low": None, "high": None}
+    da, dt, dr = (res.means(x) for x in (a, t, r))  # (R,) each
+    if not (dt > dr).all():
+        return {"value": float(value), "low": None, "high": None}
+    return stats.interval(value, (da - dr) / (dt - dr), res)
+
+
+# --------------------------------------------------------------------------------------------------
+# The faithfulness stage: every ranking of a run's units at --layer against the ground truth
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Space:
+    """The units a set of rankings orders and how one is ablated: at the layer's `site`, unit u is the site's
+    dimension u (`groups` None) or the dimensions groups[u] (groups: (U, W) booleans) ablated together."""
+
+    name: str  # "channels", "heads" or "dims"
+    site: str
+    unit: str  # what one unit is called: "channel", "head", "dim"
+    n_units: int
+    description: str
+    groups: np.ndarray | None = None
+
+    def site_masks(self, masks) -> np.ndarray:
+        """(K, U) sets of units as (K, W) sets of the site's dimensions."""
+        m = np.asarray(masks, dtype=bool)
+        return m if self.groups is None else (m.astype(np.int64) @ self.groups.astype(np.int64)) > 0
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One ranking of a space's units: `scores` (U,), higher first; `n_undefined` units had no score (an
+    undefined η²) and are ranked last."""
+
+    name: str
+    stage: str
+    space: str
+    scores: np.ndarray
+    ranks_by: str
+    label: str  # the score's short name (a plot's axis)
+    n_undefined: int = 0
+
+
+def unit_spaces(adapter) -> dict[str, Space]:
+    """The spaces whose units the run's rankings order, by family: Mamba-1 and FalconMamba the channels of
+    the inner width at `ssm` (Δ, the attention channels, the activation variance); Mamba-2 those and its heads
+    (Δ is one value per head: a head is its head_dim channels of `ssm` ablated together); a Transformer the
+    dimensions of the attention output before the output projection (`attn_heads`, the attention neurons'
+    units)."""
+    if adapter.is_ssm:
+        out = {"channels": Space("channels", "ssm", "channel", adapter.inner_size,
+                                 "the channels of the inner width at ssm (the gated scan output entering out_proj)")}
+        if adapter.ssm_kind == "mamba2":
+            H, P = adapter.n_heads, adapter.inner_size // adapter.n_heads
+            out["heads"] = Space("heads", "ssm", "head", H, f"the {H} heads, each its {P} channels of ssm ablated "
+                                 "together", np.kron(np.eye(H, dtype=bool), np.ones((1, P), dtype=bool)))
+        return out
+    return {"dims": Space("dims", "attn_heads", "dim", adapter.hidden_size,
+                          "the dimensions of the heads' concatenated output entering the attention's output "
+                          "projection (attn_heads)")}
+
+
+def _ranking(name, stage, space: Space, scores, ranks_by: str, label: str) -> Ranking:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape != (space.n_units,):
+        raise ValueError(f"{name} scores {s.shape[0] if s.ndim == 1 else s.shape} units; the {space.name} space "
+                         f"has {space.n_units}")
+    bad = ~np.isfinite(s)
+    if bad.any():  # undefined for those units: ranked last
+        s = np.where(bad, (s[~bad].min() if (~bad).any() else 0.0) - 1.0, s)
+    return Ranking(name, stage, space.name, s, ranks_by, label, int(bad.sum()))
+
+
+def collect_rankings(ctx, spaces: dict[str, Space]) -> tuple[list[Ranking], dict[str, str]]:
+    """(the rankings of this run's stages at the layer, {ranking: why it is left out}). A stage that is not
+    in the run or does not apply to the family contributes nothing; one that failed is named."""
+    from pipeline import STAGES
+
+    rankings, left = [], {}
+    family = ctx.adapter.family
+
+    def ran(stage: str):
+        if stage not in ctx.stages or not STAGES[stage].applies_to(family):
+            return None
+        r = ctx.upstream(stage)
+        if r is None:
+            left[stage] = f"the {stage} stage did not succeed at this layer (its entry says why)"
+        return r
+
+    delta = ran("delta")
+    if delta is not None:
+        space = spaces["channels" if delta["unit"] == "channel" else "heads"]
+        for key, what, label in (("eta_squared", "η², the between-text share of Δ's variance", "Δ's η²"),
+                                 ("text_variance", "the raw variance across texts of the text's mean Δ",
+                                  "variance across texts of mean Δ")):
+            v = delta["per_channel"].get(key)
+            if v is None:
+                left[f"delta.{key}"] = f"undefined: {(delta.get('undefined') or {}).get(key, 'not computed')}"
+            else:
+                rankings.append(_ranking(f"delta.{key}", "delta", space, v, f"per {space.unit}: {what}", label))
+    att = ran("attention")
+    if att is not None:
+        space = spaces["channels" if ctx.adapter.is_ssm else "dims"]
+        for m, entry in att["methods"].items():
+            acts = entry.get("neuron_activations")
+            if acts is None:
+                left[f"attention.{m}"] = f"undefined: {(entry.get('undefined') or {}).get('mean_activation')}"
+            else:
+                rankings.append(_ranking(f"attention.{m}", "attention", space, acts,
+                                         f"per {space.unit}: the method's mean activation per query token",
+                                         "mean activation per query token"))
+    sp = ran("sparsity")
+    if sp is not None:
+        space = next((s for s in spaces.values() if s.site == sp["site"] and s.groups is None), None)
+        if space is None:
+            left["sparsity.activation_variance"] = (
+                f"ranks the neurons of {sp['site']} ({sp['single']['n_neurons']} units), a site without a ground "
+                f"truth here (that is {', '.join(s.site for s in spaces.values())}): a different space")
+        else:
+            rankings.append(_ranking("sparsity.activation_variance", "sparsity", space, sp["single"]["neuron_variance"],
+                                     f"per {space.unit}: the variance of its activation over every token",
+                                     "activation variance over tokens"))
+    return rankings, left
+
+
+def ground_truth(ctx, space: Space) -> tuple[np.ndarray, str]:
+    """(per-prompt KL (n, U) of each unit ablated alone at the layer, where it came from): the causal stage's
+    own scan when it ran at this space's site over every dimension, else a scan here with the causal stages'
+    ablation, prompts and clean runs."""
+    import causal_analysis as ca
+
+    o = ctx.opts
+    causal = ctx.upstream("causal")
+    if space.groups is None and causal is not None and causal["site"] == space.site and o.causal_dims is None:
+        return np.asarray(causal["scores_per_prompt"], dtype=np.float64), "the causal stage's scan of this site"
+    kw = dict(intervention_scale=ca.scale_of(o), ablation=o.ablation, batch_size=o.causal_batch_size,
+              progress=ctx.progress, cleans=ctx.clean_runs(space.site))
+    if space.groups is None:
+        eff = ca.causal_effects_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, [ctx.layer], site=space.site, **kw)
+    else:
+        eff = ca.set_ablation_effects(ctx.model, ctx.tokenizer, o.prompt_list, ctx.layer, space.groups,
+                                      site=space.site, **kw)
+    return eff.kl[:, 0], "scanned here"
+
+
+def random_spearman(truth, n_draws: int, seed: int) -> dict:
+    """The chance level of Spearman's ρ against `truth` (U,): 0, and the central 95% of ρ over `n_draws`
+    uniformly random rankings (seeded)."""
+    rng = np.random.default_rng(seed)
+    t = stats.average_ranks(truth)
+    if t.std() == 0:
+        return {"value": None, "low": None, "high": None}
+    perms = rng.permuted(np.tile(np.arange(t.size, dtype=np.float64), (n_draws, 1)), axis=1)  # (draws, U)
+    t = (t - t.mean()) / t.std()
+    p = (perms - perms.mean(1, keepdims=True)) / perms.std(1, keepdims=True)
+    rho = (p * t).mean(1)  # (draws,)
+    low, high = np.percentile(rho, [2.5, 97.5])
+    return {"value": 0.0, "low": float(low), "high": float(high)}
+
+
+def precision_ks(top_k: int, n_units: int) -> list[int]:
+    """The k of precision@k: 1, 5 and --top_k, those at most the units."""
+    return sorted(k for k in {1, 5, int(top_k)} if k <= n_units)
+
+
+def check_space(ctx, space: Space, rankings: list[Ranking], res: stats.Resamples) -> dict:
+    """The ground truth of one space and every ranking of it against it (module doc, DEFINITIONS)."""
+    import causal_analysis as ca
+
+    o = ctx.opts
+    truth_kl, source = ground_truth(ctx, space)  # (n, U)
+    truth = truth_kl.mean(0)  # (U,)
+    U = space.n_units
+    drawn = res.means(truth_kl)  # (R, U)
+    low, high = stats.intervals(truth, drawn, res)
+    top = stats.ranked(truth, o.top_k, drawn, res, key=space.unit)
+    ks, pks, D = k_grid(U, o.faithfulness_max_k), precision_ks(o.top_k, U), o.faithfulness_draws
+    parts = [top_sets(truth, ks), *(top_sets(r.scores, ks) for r in rankings), random_sets(U, ks, D, o.seed)]
+    sets = np.concatenate(parts)  # (K, U)
+    distinct, back = np.unique(sets, axis=0, return_inverse=True)  # every set once (all U: shared by every ranking)
+    one = distinct.sum(1) == 1  # a set of one unit: its effect is the ground truth's, already measured
+    set_kl = np.empty((truth_kl.shape[0], len(distinct)))  # (n, K')
+    set_kl[:, one] = truth_kl[:, distinct[one].argmax(1)]
+    if (~one).any():
+        set_kl[:, ~one] = ca.set_ablation_effects(
+            ctx.model, ctx.tokenizer, o.prompt_list, ctx.layer, space.site_masks(distinct[~one]), site=space.site,
+            intervention_scale=ca.scale_of(o), ablation=o.ablation, batch_size=o.causal_batch_size,
+            progress=ctx.progress, cleans=ctx.clean_runs(space.site)).kl[:, 0]
+    kl = set_kl[:, back.reshape(-1)]  # (n, K) in the order of `sets`
+    G = len(ks)
+    truth_sets, rand_kl = kl[:, :G], kl[:, G * (1 + len(rankings)):]
+    truth_curve, band = deletion_curve(truth_sets, ks, res), random_band(rand_kl, ks, D)
+    rank_of = stats.ranks(truth)
+    entries = {}
+    for i, r in enumerate(rankings):
+        own = kl[:, G * (1 + i):G * (2 + i)]  # (n, G)
+        order = np.argsort(-r.scores, kind="stable")[:o.top_k]
+        entries[r.name] = {
+            "stage": r.stage, "ranks_by": r.ranks_by, "score_label": r.label, "n_undefined": r.n_undefined,
+            **rank_agreement(truth_kl, r.scores, res, pks),
+            "deletion": deletion_curve(own, ks, res),
+            "normalised_area": normalised_area_interval(own, truth_sets, rand_kl, res),
+            "top_units": [{space.unit: int(u), "score": float(r.scores[u]),
+                           "effect": {"value": float(truth[u]), "low": None if low is None else float(low[u]),
+                                      "high": None if high is None else float(high[u])},
+                           "effect_rank": int(rank_of[u])} for u in order],
+            "scores": r.scores}
+    return {"site": space.site, "unit": space.unit, "n_units": U, "description": space.description,
+            "ground_truth": {"from": source, "scores": truth, "low": low, "high": high, "per_prompt": truth_kl,
+                             "top": top, "ties": stats.ties_note(top, space.unit), "deletion": truth_curve},
+            "random": {"spearman": random_spearman(truth, o.bootstrap_resamples, o.seed),
+                       "precision_at_k": {k: k / U for k in pks}, "deletion": band, "n_draws": D},
+            "ks": ks, "precision_ks": pks, "n_sets_ablated": int((~one).sum()), "rankings": entries}
+
+
+STAGE_DEFINITIONS = {
+    **DEFINITIONS, "deletion": DELETION_DEFINITION,
+    "normalised_area": DEFINITIONS["normalised_area"] + "; its interval: the prompts resampled (the ranking's, the "
+                       "ground truth's and the random curves together); None where the ground truth's curve does "
+                       "not rise above random (on some draw, for the interval)",
+    "random": "the baseline: Spearman's chance level 0 with the central 95% of rho over random rankings (low, high); "
+              "precision@k k / U; the deletion band of random sets",
+    "top_units": "a ranking's top --top_k units, each with its score, its causal effect (the ground truth's mean "
+                 "KL with its 95% interval over prompts) and that effect's rank among every unit (1 = largest): "
+                 "an attention method's 'importance' is this measured effect",
+    "n_undefined": "units the ranking has no score for (an undefined η²: Δ constant), ranked last",
+}
+
+
+def _run_faithfulness(ctx):
+    """Every ranking of the layer's units that ran (Δ, each attention method, the activation variance) against
+    the ground truth of ablating each unit alone: Spearman, precision@k, deletion curves beside the ground
+    truth's own and random sets', and the normalised area."""
+    from functools import partial
+
+    import causal_analysis as ca
+    from models import NotApplicable
+
+    o = ctx.opts
+    spaces = unit_spaces(ctx.adapter)
+    rankings, left = collect_rankings(ctx, spaces)
+    if not rankings:
+        why = "; ".join(f"{k}: {v}" for k, v in left.items()) or "none of delta, attention, sparsity is in the run"
+        raise NotApplicable(f"no ranking of units to check ({why})")
+    res = stats.Resamples.draw(len(o.prompt_list), o.bootstrap_resamples, o.seed, "prompts")
+    checked = {name: check_space(ctx, space, [r for r in rankings if r.space == name], res)
+               for name, space in spaces.items() if any(r.space == name for r in rankings)}
+    table = [{"ranking": name, "space": sn, "spearman": e["spearman"], "precision_at_k": e["precision_at_k"],
+              "normalised_area": e["normalised_area"]} for sn, s in checked.items() for name, e in s["rankings"].items()]
+    table.sort(key=lambda row: -np.inf if row["normalised_area"]["value"] is None else -row["normalised_area"]["value"])
+    results = {"layer": ctx.layer, "ablation": o.ablation,
+               "intervention_scale": ca.scale_of(o) if o.ablation == "zero" else None,
+               "prompts": o.prompt_list, "n_prompts": len(o.prompt_list), "spaces": checked, "table": table,
+               "left_out": left, "interval_method": res.method(),
+               "ranked_by": "table: by normalised area (1 = as good as the ground truth's own ranking, 0 = random)",
+               "definitions": STAGE_DEFINITIONS}
+    name = f"{ctx.prefix}_faithfulness_layer{ctx.layer}"
+    return results, [partial(plot_deletion_curves, results, ctx.plots_dir, f"{name}_deletion"),
+                     partial(plot_score_vs_effect, results, ctx.plots_dir, f"{name}_score_vs_effect")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary and plots (they only read the results)
+# --------------------------------------------------------------------------------------------------
+def _precision(p: dict) -> str:
+    return " ".join(f"@{k} {v:.3f}" for k, v in p.items())
+
+
+def table_rows(r: dict) -> list[dict]:
+    """The stage's table as flat rows (the report's): ranking, space, ρ and its interval, precision@k, the
+    normalised area and its interval; best area first."""
+    rows = []
+    for row in r["table"]:
+        rho, area = row["spearman"], row["normalised_area"]
+        rows.append({"ranking": row["ranking"], "space": row["space"], "Spearman rho": rho["value"],
+                     "rho low": rho["low"], "rho high": rho["high"],
+                     **{f"precision@{k}": v for k, v in row["precision_at_k"].items()},
+                     "normalised area": area["value"], "area low": area["low"], "area high": area["high"]})
+    return rows
+
+
+def faithfulness_summary(r: dict) -> str:
+    how = "zero" if r["ablation"] == "zero" and not r["intervention_scale"] else r["ablation"]
+    if r["ablation"] == "zero" and r["intervention_scale"]:
+        how = f"scaled by {r['intervention_scale']:g}"
+    lines = [f"    every ranking of the units at layer {r['layer']} against the ground truth: each unit ablated alone "
+             f"({how}), mean KL over {r['n_prompts']} prompts; ρ: Spearman [95% over prompts]; p: precision@k; area: "
+             "deletion curve's area normalised, 1 = the ground truth's own ranking, 0 = random [95%]\n",
+             "    (ρ's interval is the basic bootstrap's: ρ against a ground truth measured on a sample of prompts is "
+             "pulled towards 0 by its noise, so the interval may lie on one side of ρ; docs/reference.md)\n"]
+    for sn, s in r["spaces"].items():
+        g = s["ground_truth"]
+        best = g["top"][0]
+        lines.append(f"    {s['n_units']} {s['unit']}s of {s['site']} ({sn}; ground truth {g['from']}): top {s['unit']} "
+                     f"{best[s['unit']]}, KL {stats.shown({'value': best['score'], 'low': best.get('low'), 'high': best.get('high')})}"
+                     f" nats\n")
+        rows = sorted(s["rankings"].items(), key=lambda kv: -np.inf if kv[1]["normalised_area"]["value"] is None
+                      else -kv[1]["normalised_area"]["value"])
+        width = max(len(n) for n, _ in rows) + 2
+        for name, e in rows:
+            rho = "undefined (a constant ranking)" if e["spearman"]["value"] is None else stats.shown(e["spearman"], ".2f")
+            area = e["normalised_area"]
+            area = "undefined" if area["value"] is None else stats.shown(area, ".2f")
+            tops = ", ".join(f"{t[s['unit']]} (#{t['effect_rank']})" for t in e["top_units"][:3])
+            lines.append(f"      {name:<{width}} ρ {rho}; p {_precision(e['precision_at_k'])}; area {area}; its top "
+                         f"{s['unit']}s' causal ranks: {tops}\n")
+        rs = s["random"]["spearman"]
+        null = "" if rs["low"] is None else f" (95% of random rankings: [{rs['low']:.2f}, {rs['high']:.2f}])"
+        lines.append(f"      {'random':<{width}} ρ 0{null}; p {_precision(s['random']['precision_at_k'])}; area 0\n")
+    for name, why in r["left_out"].items():
+        lines.append(f"    left out: {name}: {why}\n")
+    return "".join(lines)
+
+
+def _area_label(e: dict) -> str:
+    a = e["normalised_area"]["value"]
+    return "area undefined" if a is None else f"area {a:.2f}"
+
+
+def plot_deletion_curves(r: dict, plots_dir, name: str) -> str:
+    """Per space: the mean KL when the top k units are ablated together against k, for the ground truth's
+    ranking (with its 95% interval), each ranking, and random sets (their mean and central 95%)."""
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    spaces = r["spaces"]
+    fig, axes = plt.subplots(1, len(spaces), figsize=(7.5 * len(spaces), 5), squeeze=False, constrained_layout=True)
+    for ax, (sn, s) in zip(axes[0], spaces.items()):
+        ks = s["ks"]
+        band = s["random"]["deletion"]
+        ax.fill_between(ks, [b["low"] for b in band], [b["high"] for b in band], color="grey", alpha=0.25,
+                        label=f"random sets (central 95% of {s['random']['n_draws']} draws)")
+        ax.plot(ks, [b["mean"] for b in band], color="grey", ls="--", label="random sets (mean)")
+        g = s["ground_truth"]["deletion"]
+        values = np.array([p["value"] for p in g])
+        err = None
+        if all(p["low"] is not None for p in g):
+            err = np.clip(np.stack([values - [p["low"] for p in g], [p["high"] for p in g] - values]), 0, None)
+        ax.errorbar(ks, values, yerr=err, color="black", lw=2.5, marker="o", capsize=3,
+                    label="ground truth's ranking" + ("" if err is None else " (95% interval over prompts)"))
+        for i, (rn, e) in enumerate(s["rankings"].items()):
+            ax.plot(ks, [p["value"] for p in e["deletion"]], marker="s", ms=4, color=f"C{i}",
+                    label=f"{rn} ({_area_label(e)})")
+        positive = [p["value"] for p in g if p["value"] > 0]
+        ax.set_yscale("symlog", linthresh=min(positive) if positive else 1e-6)  # linear below the first point
+        ax.set(xscale="log", xlabel=f"k ({s['unit']}s ablated together, top k of each ranking)",
+               ylabel="mean KL(p_clean ‖ p_ablated), nats",
+               title=f"{s['n_units']} {s['unit']}s of {s['site']}, layer {r['layer']}")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Deletion curves over {r['n_prompts']} prompts: the higher a ranking's curve, the more its top "
+                 "units matter to the output")
+    return save_figure(fig, plots_dir, name)
+
+
+def plot_score_vs_effect(r: dict, plots_dir, name: str) -> str:
+    """One panel per ranking: each unit's score against its measured causal effect (the ground truth's mean KL),
+    the ground truth's top --top_k units marked; Spearman's ρ with its interval in the title."""
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    panels = [(sn, s, rn, e) for sn, s in r["spaces"].items() for rn, e in s["rankings"].items()]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False, constrained_layout=True)
+    for ax, (sn, s, rn, e) in zip(axes.flat, panels):
+        effect = np.asarray(s["ground_truth"]["scores"], dtype=np.float64)
+        score = np.asarray(e["scores"], dtype=np.float64)
+        top = [t[s["unit"]] for t in s["ground_truth"]["top"]]
+        ax.scatter(score, effect, s=6, alpha=0.5, color="tab:blue", label=f"{s['unit']}s")
+        ax.scatter(score[top], effect[top], s=14, color="tab:red", label=f"ground truth's top {len(top)}")
+        positive = effect[effect > 0]
+        ax.set_yscale("symlog", linthresh=float(positive.min()) if positive.size else 1e-6)
+        spread = score[score > 0]
+        if score.min() >= 0 and spread.size and np.percentile(spread, 99) > 1e3 * np.percentile(spread, 1):
+            ax.set_xscale("symlog", linthresh=float(np.percentile(spread, 1)))  # a heavy right tail
+        rho = e["spearman"]
+        title = "ρ undefined (constant ranking)" if rho["value"] is None else f"ρ = {stats.shown(rho, '.2f')}"
+        ax.set(title=f"{rn} ({sn})\n{title}", xlabel=f"{e['score_label']} (the ranking's score)", ylabel="causal effect: mean KL (nats)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Each ranking's score against the unit's causal effect, layer {r['layer']}")
+    return save_figure(fig, plots_dir, name)
+
+
+def _register() -> None:
+    from pipeline import Stage, register
+
+    register(Stage("faithfulness", _run_faithfulness, faithfulness_summary,
+                   needs=("delta", "causal", "attention", "sparsity"), per_layer=True))
+
+
+_register()

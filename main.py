@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "comparison, also both models' attention side by side")
     g = groups["causal (ablation)"] = p.add_argument_group("causal (ablation)")
     g.add_argument("--prompts_file", default=None,
-                   help="prompts for the causal stages, one per line; default: the 24 of data/default_prompts.txt")
+                   help="prompts for the causal and faithfulness stages, one per line; default: the 24 of data/default_prompts.txt")
     groups["sparsity, efficiency, comparison"] = p.add_argument_group("sparsity, efficiency, comparison")
     g = groups["merging saved runs"] = p.add_argument_group("merging saved runs")
     g.add_argument("--report", nargs="+", default=None, metavar="JSON",
@@ -378,7 +378,7 @@ def _main(args, argv) -> int:
     json_path, html_path = check_result_paths(output_dir, args.save_results, prefix, opts.layer, opts.layers)
     replacing = check_replacing(json_path, stages, output_dir) if args.save_results else None
     where = f"--prompts_file {prompts_file}" if prompts else "the default prompts"
-    if {"causal", "inter_layer", "cross_layer"} & set(stages):
+    if set(op.PROMPT_STAGES) & set(stages):
         check_prompts(files.tokenizer, opts.prompt_list, files.config, where)
 
     if texts_file is None:  # the default corpus: from the datasets cache or hub, else the shipped texts
@@ -394,7 +394,8 @@ def _main(args, argv) -> int:
         compare_source, compare_warning = resolve_compare_model(opts.compare_model, adapter.family)
         warnings["compare"] = compare_warning
         compare_files = inspect_model(compare_source, "--compare_model")
-        if {"causal", "comparison"} <= set(stages):  # the comparison scores the same prompts on the other model
+        if "comparison" in stages and {"causal", "faithfulness"} & set(stages):
+            # the comparison runs these on the other model, on the same prompts
             check_prompts(compare_files.tokenizer, opts.prompt_list, compare_files.config,
                           f"{where} on --compare_model {compare_source.requested}")
         if "comparison" in stages:

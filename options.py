@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")  # attention_neurons.METHODS (tested)
 ATTENTION_TARGETS = ("likelihood", "last_argmax")  # attention_neurons.TARGETS (tested)
-INTERVAL_STAGES = ("delta", "causal", "inter_layer", "attention", "sparsity", "comparison")
+INTERVAL_STAGES = ("delta", "causal", "inter_layer", "attention", "sparsity", "faithfulness", "comparison")
 DEFAULT_MAX_LENGTH = 256
-PER_LAYER = ("delta", "causal", "attention", "sparsity")
+PER_LAYER = ("delta", "causal", "attention", "sparsity", "faithfulness")
 CAUSAL = ("causal", "inter_layer", "cross_layer")
+PROMPT_STAGES = (*CAUSAL, "faithfulness")  # the stages that ablate over the prompts
 
 
 def option(default, help: str, group: str = "analysis", stages=(), flag: bool = True, **parse):
@@ -57,7 +58,8 @@ class Options:
               "prompt pass; the others (inter_layer, cross_layer, efficiency, comparison) run once, at the first "
               "of them; depth profiles over relative depth are added. Not together with --layer (default: --layer "
               "only)", stages=PER_LAYER, nargs="+", metavar="LAYERS")
-    top_k: int = option(10, "how many top neurons to report", stages=("delta", "causal", "attention"), type=int)
+    top_k: int = option(10, "how many top neurons to report", stages=("delta", "causal", "attention", "faithfulness"),
+                        type=int)
     max_length: int = option(DEFAULT_MAX_LENGTH, f"truncate each text to this many tokens (default {DEFAULT_MAX_LENGTH},"
                                                  " or a Transformer's positions when it has fewer; more than its "
                                                  "positions is an error)", "texts", stages=("all",), type=int)
@@ -89,12 +91,18 @@ class Options:
               "dimensions of inter_layer / cross_layer (default: the causal stage's top 3)", "causal (ablation)",
         stages=CAUSAL, type=int, nargs="+", metavar="DIM")
     ablation: str = option("zero", "zero (multiply by --intervention_scale) or mean", "causal (ablation)",
-                           stages=CAUSAL)
+                           stages=PROMPT_STAGES)
     intervention_scale: float | None = option(None, "factor for --ablation zero (default 0: the dimension is set to "
-                                                    "0); not with --ablation mean", "causal (ablation)", stages=CAUSAL,
+                                                    "0); not with --ablation mean", "causal (ablation)", stages=PROMPT_STAGES,
                                               type=_finite_float)
     causal_batch_size: int | None = option(None, "ablations per forward pass (default: chosen from free memory)",
-                                           "causal (ablation)", stages=CAUSAL, type=int)
+                                           "causal (ablation)", stages=PROMPT_STAGES, type=int)
+    faithfulness_max_k: int | None = option(
+        None, "the largest k of the deletion curves (k = 1, 2, 4, ... up to it; default: every unit)", "faithfulness",
+        stages=("faithfulness",), type=int, metavar="K")
+    faithfulness_draws: int = option(50, "random sets of k units drawn for each k of the deletion curves' random "
+                                         "baseline (its mean and central 95%%)", "faithfulness",
+                                     stages=("faithfulness",), type=int, metavar="N")
     sparsity_layers: tuple | None = option(None, "layers of the multi-layer sparsity analysis (default: 0 1 2, those "
                                                  "the model has)", "sparsity, efficiency, comparison",
                                            stages=("sparsity", "comparison"), type=int, nargs="+", metavar="LAYER")
@@ -161,7 +169,7 @@ def given(args) -> dict:
 
 
 _WHOLE_AT_LEAST = {"layer": 0, "top_k": 1, "max_length": 1, "causal_batch_size": 1, "text_limit": 1,
-                   "bootstrap_resamples": 100, "seed": 0}
+                   "bootstrap_resamples": 100, "seed": 0, "faithfulness_max_k": 1, "faithfulness_draws": 20}
 _WHOLE_LISTS = {"layers": 0, "attention_layers": 0, "causal_dims": 0, "sparsity_layers": 0, "seq_lengths": 1}
 _FLOATS = {"intervention_scale": None, "sparsity_threshold": "at_least_0", "dead_eps": "positive",
            "efficiency_budget": "positive"}

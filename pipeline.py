@@ -328,7 +328,7 @@ class Stage:
 # is a function in its analysis module, a `register(Stage(...))` there, and its name here.
 STAGE_MODULES = {"delta": "delta_extraction", "causal": "causal_analysis", "inter_layer": "causal_analysis",
                  "cross_layer": "causal_analysis", "attention": "attention_neurons", "sparsity": "sparsity",
-                 "efficiency": "efficiency", "comparison": "comparison_wrapper"}
+                 "faithfulness": "faithfulness", "efficiency": "efficiency", "comparison": "comparison_wrapper"}
 ALL_STAGES = tuple(STAGE_MODULES)
 
 

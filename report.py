@@ -252,6 +252,10 @@ def _stage_section(label: str, name: str, entry: dict, summary: str, folder, lef
     results = entry.get("results") if isinstance(entry.get("results"), dict) else {}
     if name == "comparison" and results.get("summary"):
         parts.append("<h3>comparison table</h3>" + _table(results["summary"]))
+    if name == "faithfulness" and results.get("table"):
+        from faithfulness import table_rows
+
+        parts.append("<h3>rankings against the ground truth</h3>" + _table(table_rows(results)))
     if name == "depth_profiles" and results.get("left_out"):
         parts.append("<h3>values left out of the profiles</h3>" + _table(results["left_out"], numeric=False))
     for title, rows in _top_tables(results):

@@ -180,13 +180,14 @@ def shown(d: dict | None, spec: str = ".3g") -> str:
 
 def spearman(a, b) -> float | None:
     """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
-    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = average_ranks(a), average_ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return None
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _average_ranks(x) -> np.ndarray:
+def average_ranks(x) -> np.ndarray:
+    """Ranks 0..U−1 in ascending order of `x` (U,), tied values sharing their average rank (Spearman's)."""
     x = np.asarray(x, dtype=np.float64)
     order = np.argsort(x, kind="stable")
     r = np.empty(len(x))

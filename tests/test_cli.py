@@ -414,6 +414,8 @@ REFUSALS = [  # (arguments, a fragment of the one-line message)
     (["--model", M, "--dead_eps", "NaN"], "argument --dead_eps: 'NaN' is not a finite number"),
     (["--model", M, "--efficiency_budget", "inf"], "argument --efficiency_budget: 'inf' is not a finite"),
     (["--model", M, "--bootstrap_resamples", "5"], "--bootstrap_resamples 5: must be at least 100"),
+    (["--model", M, "--faithfulness_draws", "5"], "--faithfulness_draws 5: must be at least 20"),
+    (["--model", M, "--faithfulness_max_k", "0"], "--faithfulness_max_k 0: must be at least 1"),
     (["--model", M, "--attention_target", "first"], "--attention_target first: unknown; choose likelihood or"),
 ]
 

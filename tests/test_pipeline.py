@@ -16,7 +16,7 @@ def test_each_module_registers_its_stages_in_run_order():
     """Every stage is registered by its analysis module (loaded when first asked for), runs after the stages
     it needs, and a registration that breaks either rule is refused."""
     assert pipeline.ALL_STAGES == ("delta", "causal", "inter_layer", "cross_layer", "attention", "sparsity",
-                                   "efficiency", "comparison")
+                                   "faithfulness", "efficiency", "comparison")
     for name in pipeline.ALL_STAGES:
         stage = pipeline.STAGES[name]
         assert stage.name == name and stage.run.__module__ == pipeline.STAGE_MODULES[name]

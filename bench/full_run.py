@@ -29,9 +29,11 @@ machine's matmul rate, and how many times the floor the stage took:
   with rollout at every layer below it too (rollout reads each one's α); the methods' elementwise passes
   over α are not counted;
 - sparsity: its reading of the pass (the streamed statistics; no FLOP floor);
+- faithfulness: the causal floor for each ablated row per prompt: every unit of its site (unless the causal
+  stage's scan was its ground truth) and every distinct set of two or more units of its deletion curves;
 - efficiency: a measurement within --efficiency_budget seconds (no floor);
-- comparison: the other model's attention (as above, at its matched layer) and causal scan, and its
-  efficiency measurement (the budget counted as its floor).
+- comparison: the other model's attention (as above, at its matched layer), causal scan and faithfulness
+  rows, and its efficiency measurement (the budget counted as its floor).
 
     python bench/full_run.py [--texts_file F | --join 5] [--text_limit 100] [--max_length 256] [--layer 0]
                              [--device cpu|cuda] [-- EXTRA main.py ARGS]
@@ -109,6 +111,8 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
     floors["cross_layer"] = (sum(len(cl["dims"]) * n * L * n * layer_flops("main", L) for L in prompt_lengths["main"])
                              if cl else None)
     floors["attention"] = attention("main", layer, ok("attention")["methods"]) if ok("attention") else None
+    f = ok("faithfulness")
+    floors["faithfulness"] = sum(causal("main", layer, faithfulness_rows(s)) for s in f["spaces"].values()) if f else None
     floors["sparsity"] = None
     floors["efficiency"] = None
     cmp = ok("comparison")
@@ -119,8 +123,19 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
                 if "skipped" not in att else 0.0)
         if "causal" in cmp:
             part += causal("other", other_layer, len(cmp["causal"][cmp["models"][1]["label"]]["scores"]))
+        fz = cmp.get("faithfulness", {})
+        if "models" in fz:
+            part += sum(causal("other", other_layer, faithfulness_rows(s))
+                        for s in fz["models"][cmp["models"][1]["label"]]["spaces"].values())
         floors["comparison"] = part
     return floors
+
+
+def faithfulness_rows(space: dict) -> int:
+    """The ablated rows per prompt of one faithfulness space: its units (unless the causal stage's scan was its
+    ground truth) and its sets of two or more units."""
+    scanned = space.get("ground_truth_from", space.get("ground_truth", {}).get("from")) == "scanned here"
+    return (space["n_units"] if scanned else 0) + space["n_sets_ablated"]
 
 
 def matmul_rate(device: str = "cpu", repeats: int = 5) -> float:

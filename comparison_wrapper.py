@@ -164,8 +164,10 @@ def faithfulness_side_by_side(main: Side, other: Side) -> dict:
                               for label, side in sides.items()}} for n in names]
     return {"models": sides, "rankings": rows,
             "note": "each model's rankings against its own ground truth (its units ablated one at a time at its own "
-                    "unit site, on the same prompts): the normalised area is scale-free (1 = as good as that "
-                    "model's ground truth ranking, 0 = random) and compares across the models"}
+                    "unit site, on the same prompts); the normalised area is scale-free (1 = as good as that model's "
+                    "ground truth ranking, 0 = random), but the units differ (a Mamba's channels of ssm, a "
+                    "Transformer's attention-output dims) and so do their number and the k grid: read a difference "
+                    "between the models as one of methods on different units, not on like units"}
 
 
 def paired_site(main_adapter, main_site: str, other_adapter) -> tuple[str, str | None]:
@@ -332,7 +334,7 @@ def summary_rows(comparison: dict) -> list[dict]:
     fz = comparison.get("faithfulness")
     if fz is not None and "skipped" not in fz:
         for row in fz["rankings"]:
-            add(f"faithfulness {row['ranking']}: ρ; normalised area [95%]",
+            add(f"faithfulness: {row['ranking']} (ρ; area)",
                 lambda s, row=row: _faithfulness_cell(row.get(s["label"])))
     return rows
 
@@ -342,10 +344,10 @@ def _faithfulness_cell(row: dict | None) -> str | None:
     if row is None:
         return "no such ranking"
 
-    def show(d):
-        return "undefined" if d["value"] is None else stats.shown(d, ".2f")
+    from faithfulness import shown
 
-    return f"ρ {show(row['spearman'])}; area {show(row['normalised_area'])} ({row['space']})"
+    where = f" ({row['space']})" if row["space"] == "heads" else ""  # Mamba-2's Δ ranks heads, the rest channels
+    return f"ρ {shown(row['spearman'])}; area {shown(row['normalised_area'])}{where}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,22 +429,22 @@ def _stage_run(ctx, read: dict):
     skipped = None
     if "attention" in ctx.stages and attention is None:
         skipped = "the attention stage did not succeed (its error is listed with it)"
-    stages = [*(["delta"] if faithfulness is not None and other_adapter.is_ssm else []),  # a ranking it checks
+    stages = [*(["delta"] if faithfulness is not None and other_adapter.is_ssm and "delta" in ctx.stages else []),
               "sparsity", "efficiency", *(["causal"] if causal is not None else []),
               *(["attention"] if attention is not None else []), *(["faithfulness"] if faithfulness is not None else [])]
     opts = other_options(o, ctx.adapter, other_adapter, ctx.layer, stages, label)
     res = run_pipeline(model, tokenizer, list(ctx.texts), opts, stages, write_plots=False)
     # on the other model, delta is there only as a ranking for faithfulness (which says when it is missing), and
-    # faithfulness may find no ranking to check (the comparison says so)
+    # faithfulness failing or finding no ranking to check leaves the rest of the comparison (which says so)
     failed = [f"{n}: {res[n].get('error') or res[n].get('reason')}" for n in stages
-              if res[n]["status"] != "ok" and n != "delta" and not (n == "faithfulness" and
-                                                                     res[n]["status"] == "not_applicable")]
+              if res[n]["status"] != "ok" and n not in ("delta", "faithfulness")]
     if failed:
         raise ValueError(f"the other model's {failed[0]}")
     other = Side(label, other_adapter, source.origin, opts.layer, res["texts"], res["sparsity"]["results"]["layers"],
                  res["sparsity"]["results"]["measured_in"], res["efficiency"]["results"],
                  res.get("causal", {}).get("results"), res.get("attention", {}).get("results"),
-                 res.get("faithfulness", {}).get("results"), res.get("faithfulness", {}).get("reason"))
+                 res.get("faithfulness", {}).get("results"),
+                 res.get("faithfulness", {}).get("reason") or res.get("faithfulness", {}).get("error"))
     efficiency = ctx.upstream("efficiency")
     if efficiency is None:  # not in this run: measured as the efficiency stage would
         import torch

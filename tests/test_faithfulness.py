@@ -22,10 +22,10 @@ def test_the_ground_truths_own_ranking_agrees_fully_and_its_reverse_disagrees():
     assert own["spearman"]["value"] == pytest.approx(1.0)
     # the basic interval reflects the draws (all below 1) about the estimate 1: clipped to 1 at both ends
     assert own["spearman"]["low"] == own["spearman"]["high"] == 1.0
-    assert own["precision_at_k"] == {1: 1.0, 5: 1.0, 10: 1.0}
+    assert {k: v["value"] for k, v in own["precision_at_k"].items()} == {1: 1.0, 5: 1.0, 10: 1.0}
     rev = rank_agreement(e, -e.mean(0), res)
     assert rev["spearman"]["value"] == pytest.approx(-1.0) and rev["spearman"]["high"] < 0
-    assert rev["precision_at_k"][1] == 0.0
+    assert rev["precision_at_k"][1]["value"] == 0.0
 
 
 def test_a_planted_dominant_unit_ranked_first_has_precision_at_1_of_1():
@@ -34,10 +34,10 @@ def test_a_planted_dominant_unit_ranked_first_has_precision_at_1_of_1():
     scores = np.zeros(e.shape[1])
     scores[17] = 1.0  # a ranking that knows only unit 17: the other 39 tie below it
     r = rank_agreement(e, scores, stats.Resamples.draw(e.shape[0], 100, 0, "prompts"), ks=(1, 5))
-    assert r["precision_at_k"][1] == 1.0
+    assert r["precision_at_k"][1]["value"] == 1.0
     # top 5: unit 17 is in both; the other 4 places of the ranking are shared by 39 tied units, of which the
     # truth's next 4 hold 4: expected overlap 1 + 4 * 4/39
-    assert r["precision_at_k"][5] == pytest.approx((1 + 4 * 4 / 39) / 5)
+    assert r["precision_at_k"][5]["value"] == pytest.approx((1 + 4 * 4 / 39) / 5)
 
 
 def test_random_rankings_score_k_over_units_and_a_constant_ranking_exactly_that():
@@ -48,7 +48,10 @@ def test_random_rankings_score_k_over_units_and_a_constant_ranking_exactly_that(
     assert np.mean(draws) == pytest.approx(10 / 50, abs=0.01)
     assert precision_at_k(np.ones(50), truth, 10) == pytest.approx(10 / 50)  # every unit tied: exactly k/U
     r = rank_agreement(e, np.ones(50), stats.Resamples.draw(e.shape[0], 100, 0, "prompts"))
-    assert r["spearman"] == {"value": None, "low": None, "high": None}  # undefined for a constant ranking
+    assert r["spearman"]["value"] is None and "same score" in r["spearman"]["note"]  # a constant ranking
+    flat = rank_agreement(np.zeros_like(e), truth, stats.Resamples.draw(e.shape[0], 100, 0, "prompts"))
+    assert flat["spearman"]["value"] is None and "ground truth is the same" in flat["spearman"]["note"]
+    assert flat["precision_at_k"][10]["value"] is None  # no top 10 to compare with
 
 
 def test_one_prompt_has_no_interval_and_bad_input_is_refused():
@@ -94,6 +97,35 @@ def test_normalised_area_is_1_for_the_truth_0_for_random_and_undefined_without_a
     assert normalised_area(truth, as_random, band) is None  # the truth no better than random: nothing to scale by
 
 
+def test_area_interval_ties_halves_and_the_table_order():
+    from faithfulness import Space, _by_area, _halves, _ranking, normalised_area_interval, top_sets
+
+    rng = np.random.default_rng(0)
+    res = stats.Resamples.draw(8, 200, 0, "prompts")
+    truth = np.array([1.0, 1.5, 2.0]) * rng.lognormal(0, 0.1, size=(8, 1))  # (n, G)
+    rand = np.repeat(np.array([0.1, 0.2, 0.4]), 4)[None, :] * rng.lognormal(0, 0.1, size=(8, 12))  # (n, G * 4)
+    own = truth * 0.5 + rand.reshape(8, 3, 4).mean(2) * 0.5  # halfway between
+    a = normalised_area_interval(own, truth, rand, 4, res)
+    assert a["value"] == pytest.approx(0.5) and a["low"] < 0.5 < a["high"]
+    assert normalised_area_interval(own, truth, rand, 4, stats.Resamples.draw(8, 200, 0, "prompts"))["low"] == a["low"]
+    none = normalised_area_interval(own, rand.reshape(8, 3, 4).mean(2), rand, 4, res)
+    assert none["value"] is None and "does not rise above random" in none["note"]
+    # equal scores: index order without a seed, a seeded random order with one (the same for the same seed)
+    tied = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 0.5])
+    assert top_sets(tied, [2])[0].nonzero()[0].tolist() == [1, 2]
+    picks = {tuple(top_sets(tied, [2], seed)[0].nonzero()[0]) for seed in range(20)}
+    assert len(picks) > 1 and all(set(p) <= {1, 2, 3, 4} for p in picks)
+    assert (top_sets(tied, [2], 3) == top_sets(tied, [2], 3)).all()
+    assert [h.tolist() for pair in _halves(5) for h in pair] == [[0, 2, 4], [1, 3], [1, 3], [0, 2, 4]]
+    assert [h.tolist() for pair in _halves(1) for h in pair] == [[0], [0]]
+    rows = [{"normalised_area": {"value": v}} for v in (0.3, None, 0.1, -0.2)]
+    assert [r["normalised_area"]["value"] for r in sorted(rows, key=_by_area)] == [0.3, 0.1, -0.2, None]
+    # a unit without a score (an undefined η²) is ordered last and shown as no score, never as a number
+    r = _ranking("delta.eta_squared", "delta", Space("channels", "ssm", "channel", 4, ""), [0.2, np.nan, 0.5, 0.1],
+                 "η²", "η²")
+    assert r.n_undefined == 1 and np.argsort(-r.scores)[-1] == 1 and np.isnan(r.shown_scores()[1])
+
+
 def test_on_a_model_the_planted_units_deletion_beats_random(tokenizer):
     """A tiny Mamba whose inner channel 7 drives out_proj 40x: the ground truth (each channel of the ssm site
     ablated alone) puts it first, a ranking that knows it has precision@1 = 1, and its deletion curve starts
@@ -109,7 +141,7 @@ def test_on_a_model_the_planted_units_deletion_beats_random(tokenizer):
     truth = ca.causal_effects_by_layer(model, tokenizer, prompts, [1], site="ssm", progress=False).kl[:, 0]  # (n, U)
     assert int(np.argmax(truth.mean(0))) == 7
     res = stats.Resamples.draw(len(prompts), 100, 0, "prompts")
-    assert rank_agreement(truth, truth.mean(0), res)["precision_at_k"][1] == 1.0
+    assert rank_agreement(truth, truth.mean(0), res)["precision_at_k"][1]["value"] == 1.0
     ks = k_grid(truth.shape[1], 4)
     curve_kl = ca.set_ablation_effects(model, tokenizer, prompts, 1, top_sets(truth.mean(0), ks), site="ssm",
                                        progress=False).kl[:, 0]
@@ -127,7 +159,7 @@ def test_on_a_model_the_planted_units_deletion_beats_random(tokenizer):
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A second text, a little longer than the first one is.",
          "Numbers: one, two, three, four, five, six.", "In 1870 the town had a mill and a church."]
 PROMPTS = ["The cat sat on the mat because", "Numbers: one, two, three,", "In 1870 the town"]
-FAST = dict(prompts=PROMPTS, bootstrap_resamples=200, faithfulness_draws=20, progress=False)
+FAST = dict(prompts=PROMPTS, bootstrap_resamples=100, faithfulness_draws=20, progress=False)
 
 
 def _stage(model, tokenizer, tmp_path, stages, **kw):
@@ -139,16 +171,32 @@ def _stage(model, tokenizer, tmp_path, stages, **kw):
     return res["faithfulness"]
 
 
-def test_the_stage_finds_a_planted_channel_and_its_curves_are_consistent(tokenizer, tmp_path):
+def test_the_stage_finds_a_planted_channel_and_its_curves_are_consistent(tokenizer, tmp_path, monkeypatch):
     """Mamba-1, channel 7 of layer 1 driving out_proj 40x: the ground truth's top channel; every ranking of the
     run checked; each curve's first point is the single effect of the ranking's top unit, and its last (every
     unit ablated) is the same set for every ranking and for random."""
     from conftest import make_model
 
+    import faithfulness as fa
+
     model = make_model("mamba_b")
     with torch.no_grad():
         model.backbone.layers[1].mixer.out_proj.weight[:, 7] *= 40.0
+    real = fa.collect_rankings
+
+    def with_a_constant_one(ctx, spaces):  # the run's rankings and one that scores every channel alike
+        rankings, left = real(ctx, spaces)
+        return [*rankings, fa._ranking("constant", "test", spaces["channels"], np.ones(72), "1", "1")], left
+
+    monkeypatch.setattr(fa, "collect_rankings", with_a_constant_one)
     entry = _stage(model, tokenizer, tmp_path, ["delta", "attention", "sparsity", "faithfulness"], layer=1)
+    constant = entry["results"]["spaces"]["channels"]["rankings"].pop("constant")
+    assert constant["deletion"] is None and constant["normalised_area"]["value"] is None
+    assert "constant" in constant["normalised_area"]["note"] and constant["spearman"]["value"] is None
+    assert constant["precision_at_k"][1]["value"] is None and constant["top_units"] == []  # no order, no top
+    table = entry["results"]["table"]
+    assert table[-1]["ranking"] == "constant"  # undefined area: last
+    entry["results"]["table"] = table[:-1]
     assert entry["status"] == "ok" and entry["results"]["left_out"] == {}
     s = entry["results"]["spaces"]["channels"]
     assert set(entry["results"]["spaces"]) == {"channels"} and s["site"] == "ssm" and s["n_units"] == 72
@@ -158,18 +206,23 @@ def test_the_stage_finds_a_planted_channel_and_its_curves_are_consistent(tokeniz
                                   "attention.gradient_guided", "attention.rollout", "sparsity.activation_variance"}
     assert s["ks"] == [1, 2, 4, 8, 16, 32, 64, 72]
     assert s["random"]["precision_at_k"] == {1: 1 / 72, 5: 5 / 72, 10: 10 / 72}
+    assert s["ground_truth"]["deletion_cross_fitted"] and s["n_sets_ablated"] > 0
     full = s["ground_truth"]["deletion"][-1]["value"]
-    assert s["random"]["deletion"][-1]["mean"] == pytest.approx(full, rel=1e-12)
+    # the set of every unit: measured once for the rankings and random, and per half for the cross-fitted truth
+    # (batches of another shape: float rounding)
+    assert s["random"]["deletion"][-1]["mean"] == pytest.approx(full, rel=1e-6)
     for name, e in s["rankings"].items():
         top = e["top_units"][0]
         assert e["deletion"][0]["value"] == pytest.approx(truth[top["channel"]], rel=1e-6, abs=1e-12), name
         assert top["effect"]["value"] == truth[top["channel"]] and top["effect_rank"] >= 1
-        assert e["deletion"][-1]["value"] == pytest.approx(full, rel=1e-12)
+        assert e["deletion"][-1]["value"] == s["random"]["deletion"][-1]["mean"]  # the same set, measured once
         assert e["normalised_area"]["value"] is None or e["normalised_area"]["value"] <= 1.0 + 1e-9
     assert s["ground_truth"]["deletion"][0]["value"] > s["random"]["deletion"][0]["high"]
     table = entry["results"]["table"]
     areas = [row["normalised_area"]["value"] for row in table]
-    assert len(table) == 6 and areas == sorted(areas, reverse=True)  # sorted by area
+    assert len(table) == 6 and [a for a in areas if a is not None] == sorted((a for a in areas if a is not None),
+                                                                            reverse=True)  # sorted by area
+    assert all(a is None for a in areas[areas.index(None):]) if None in areas else True  # undefined last
     assert all(Path(p).is_file() for p in entry["plots"]) and len(entry["plots"]) == 2
     from faithfulness import faithfulness_summary
 
@@ -260,13 +313,15 @@ def test_on_an_additive_model_the_ground_truths_deletion_curve_is_the_sum_of_sin
 
 def test_the_comparison_sets_both_models_faithfulness_side_by_side(model_dirs, tmp_path):
     """A Transformer beside a Mamba: each model's rankings against its own ground truth, by ranking name; the
-    Mamba side (the other model) also runs delta, whose rankings it checks; the summary table has a row per
+    Mamba side (the other model) also runs delta (asked for, not applicable to the main model), whose rankings it
+    checks; the summary table has a row per
     ranking, and a ranking a model lacks says so."""
     from models import load_model_and_tokenizer
     from pipeline import run_comprehensive_analysis
 
     model, tok, _ = load_model_and_tokenizer(str(model_dirs["gpt2"]))
-    res = run_comprehensive_analysis(model, tok, TEXTS, stages=["attention", "sparsity", "faithfulness", "comparison"],
+    res = run_comprehensive_analysis(model, tok, TEXTS, stages=["delta", "attention", "sparsity", "faithfulness",
+                                                                "comparison"],
                                      plots_dir=tmp_path, compare_model=str(model_dirs["mamba_a"]), seq_lengths=[16],
                                      efficiency_budget=2.0, **FAST)
     assert res["comparison"]["status"] == "ok", res["comparison"].get("error")
@@ -279,5 +334,17 @@ def test_the_comparison_sets_both_models_faithfulness_side_by_side(model_dirs, t
     assert by["attention.rollout"][main] == next(r for r in res["faithfulness"]["results"]["table"]
                                                  if r["ranking"] == "attention.rollout")
     rows = {r["metric"]: r for r in res["comparison"]["results"]["summary"]}
-    row = rows["faithfulness delta.eta_squared: ρ; normalised area [95%]"]
+    row = rows["faithfulness: delta.eta_squared (ρ; area)"]
     assert row[main] == "no such ranking" and row[other].startswith("ρ ")
+
+
+def test_depth_profiles_follow_each_rankings_area_over_layers():
+    from depth_profiles import depth_profiles
+
+    def entry(v):
+        return {"status": "ok", "results": {"table": [{"ranking": "attention.rollout", "normalised_area": {"value": v}}]}}
+
+    p = depth_profiles({0: {"faithfulness": entry(0.5)}, 2: {"faithfulness": entry(None)}}, 3)
+    assert p["metrics"]["faithfulness: normalised area, attention.rollout"] == [0.5, None]
+    assert p["left_out"] == [{"layer": 2, "metric": "faithfulness: normalised area, attention.rollout",
+                              "reason": "normalised_area.value is undefined (null)"}]

@@ -184,7 +184,7 @@ def test_every_stage_runs_and_says_its_units(kind, tokenizer, tmp_path):
 
     model = make_model(kind)
     opts = Options(max_length=30, plots_dir=str(tmp_path), prefix=kind, progress=False, seq_lengths=(16,),
-                   efficiency_budget=3.0)
+                   efficiency_budget=3.0, prompts=("The cat sat on the mat because", "In 1870 the town"))
     stages = [s for s in ALL_STAGES if s != "comparison"]
     res = run_pipeline(model, tokenizer, read_texts_file(OFFLINE_TEXTS_PATH)[:4], opts, stages)
     for s in stages:

@@ -462,7 +462,22 @@ def _stage_run(ctx, read: dict):
     comp["compare_model"] = {"requested": source.requested, "source": source.origin,
                              "resolved_path": source.resolved_path, "warning": compare.warning}
     comp["methods_at_matched_layers"] = cp.methods_table(comp)
+    comp["parts_left_out"] = parts_left_out(ctx.stages, {"causal": causal, "attention": attention,
+                                                         "faithfulness": faithfulness})
     return comp, [partial(cp.comparison_plots, comp, ctx.plots_dir, f"{ctx.prefix}_vs_{label}")]
+
+
+PART_FLAGS = {"causal": "add causal to --stages", "attention": "add --enable_attention",
+              "faithfulness": "add faithfulness to --stages"}
+
+
+def parts_left_out(stages, results: dict) -> dict:
+    """{part: why} for each part of the comparison that reads a main-model stage (causal, attention,
+    faithfulness) and is not in it: the stage is not in the run (with the flag that adds it), or did not
+    succeed."""
+    return {part: (f"the {part} stage is not in this run ({PART_FLAGS[part]})" if part not in stages else
+                   f"the {part} stage did not succeed (its entry says why)")
+            for part, r in results.items() if r is None}
 
 
 def _sparsity_layers(ctx) -> list[int]:
@@ -493,6 +508,8 @@ def comparison_summary(r: dict) -> str:
     fz = r.get("faithfulness")
     if fz is not None:
         lines.append(f"    faithfulness: {fz['skipped'] if 'skipped' in fz else fz['note']}")
+    for part, why in (r.get("parts_left_out") or {}).items():
+        lines.append(f"    left out of the comparison: {part}: {why}")
     return "".join(line + "\n" for line in lines)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from models import DEFAULT_MODELS  # light: models.py imports torch/transformers only inside functions
 from naming import layer_tag, model_prefix, report_path, results_path  # light
 from options import check_plan  # light
-from pipeline import ALL_STAGES, resolve_stages, run_pipeline, stage_entries, stage_text, too_few_texts  # light
+from pipeline import ALL_STAGES, complete_plan, resolve_stages, run_pipeline, stage_entries, stage_text, too_few_texts  # light
 from pipeline import run_comprehensive_analysis  # noqa: F401  (the library entry point, kept importable from main)
 
 logger = logging.getLogger("mamba_neurons")
@@ -348,7 +348,8 @@ def _main(args, argv) -> int:
     texts_file, prompts_file, output_dir = files_given["texts_file"], files_given["prompts_file"], files_given["output_dir"]
     op.check_given(given)
     check_run_flags(args)
-    stages = resolve_stages(args.stages, enable_attention=args.enable_attention)
+    stages, _ = complete_plan(resolve_stages(args.stages, enable_attention=args.enable_attention),
+                              enable_attention=args.enable_attention)
     check_plan(stages, given.get("causal_dims"), "--")
     prompts = None if prompts_file is None else read_texts_file(prompts_file, flag="--prompts_file")
     if texts_file is not None:
@@ -371,8 +372,8 @@ def _main(args, argv) -> int:
         check_result_paths(output_dir, args.save_results, prefix, given.get("layer", 0), None)
     files = inspect_model(source, "--model")  # config, tokenizer, weight files: before the weights load
     adapter = config_adapter(files.config)
-    if args.stages is not None:
-        stages = resolve_stages(args.stages, adapter.family)
+    stages, added = complete_plan(resolve_stages(args.stages, adapter.family, args.enable_attention) if args.stages
+                                  is not None else stages, adapter.family, args.enable_attention)
     opts, notes = op.resolve(given, adapter, stages, prefix=prefix, progress=not args.no_progress, seed=args.seed,
                              prompts=None if prompts is None else tuple(prompts))
     json_path, html_path = check_result_paths(output_dir, args.save_results, prefix, opts.layer, opts.layers)
@@ -426,6 +427,7 @@ def _main(args, argv) -> int:
 
     results = {"run": run_metadata(args, argv, loaded, opts, device, dtype, start)}
     results["run"]["notes"] += [n for n in (warnings.get("model"), *notes, replacing) if n]
+    results["run"]["notes"] += [f"stage {name} added: {why}" for name, why in added.items()]
 
     def on_start(partial: dict) -> None:  # the header as soon as the texts are tokenized
         partial["texts"].update(source=textset.source, warning=textset.warning)
@@ -440,6 +442,7 @@ def _main(args, argv) -> int:
 
     results.update(run_pipeline(loaded.model, loaded.tokenizer, textset.texts, opts, stages, on_start, on_stage,
                                 compare))
+    results["stages_added"] = {**added, **results["stages_added"]}  # those added here (the run had every one)
     timings = results["run"]["stage_timings_s"] = {}  # per stage, summed over the layers of --layers
     for _, name, e in stage_entries(results):
         timings[name] = round(timings.get(name, 0.0) + e["wall_time_s"], 4)

@@ -88,6 +88,28 @@ def resolve_stages(requested: list[str] | None, family: str | None = None, enabl
     return [s for s in ALL_STAGES if s in names]
 
 
+# the stages whose rankings the faithfulness stage checks, by what the family has (added when none is in the run)
+RANKING_STAGES = {"ssm": ("delta", "sparsity"), "transformer": ("attention",)}
+
+
+def complete_plan(stages, family: str | None = None, enable_attention: bool = False) -> tuple[list[str], dict]:
+    """(the stages in run order, {stage added: why}): a stage asked for whose results another stage asked for
+    needs is added, never silently missing: the attention stage when `enable_attention` (--enable_attention)
+    asks for it, and, for a faithfulness stage with no ranking to check in the run, the stages whose rankings
+    it checks on `family` (`RANKING_STAGES`; none while the family is not known). The other needs are
+    optional parts (the comparison's causal part, say), and the stages that read them say when they are left
+    out."""
+    from models import SSM_FAMILIES
+
+    stages, added = list(stages), {}
+    if enable_attention and "attention" not in stages:
+        added["attention"] = "--enable_attention asks for the attention stage"
+    if "faithfulness" in stages and family is not None and not {"delta", "attention", "sparsity"} & {*stages, *added}:
+        for name in RANKING_STAGES["ssm" if family in SSM_FAMILIES else "transformer"]:
+            added[name] = "the faithfulness stage checks its ranking, and no stage with a ranking was asked for"
+    return [s for s in ALL_STAGES if s in stages or s in added], added
+
+
 def run_comprehensive_analysis(model, tokenizer, texts, stages=None, options: Options | None = None, on_start=None,
                                on_stage=None, compare=None, **fields) -> dict:
     """Run the stages in order on `texts` (strings) and return `analysis_results`:
@@ -134,7 +156,7 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
     check_option_values({f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
     adapter.check_layer(opts.layer)
     texts = text_list(texts)
-    stages = resolve_stages(stages)
+    stages, added = complete_plan(resolve_stages(stages), adapter.family)
     check_plan(stages, opts.causal_dims)
     short = too_few_texts(stages, adapter.family, len(texts))
     if short:
@@ -145,7 +167,7 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
         check_vocab_ids(ids[0].tolist(), vocab, f"text {i + 1} ({texts[i][:40]!r})")
     results: dict = {"texts": {"n_texts": len(texts), "n_tokens": int(sum(tokens.lengths)),
                                "max_length": opts.max_length, "n_truncated": tokens.n_truncated},
-                     "architecture": adapter.describe()}
+                     "architecture": adapter.describe(), "stages_added": added}
     layers = opts.layers
     if layers is not None:  # every per-layer stage at each layer, then the others once, at the first layer
         layers = tuple(sorted({adapter.check_layer(la) for la in layers}))

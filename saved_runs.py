@@ -22,6 +22,7 @@ def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
     `pipeline.STAGES`."""
     import math
 
+    from options import PER_LAYER
     from pipeline import STAGES  # at call time, so that pipeline may import this module without a cycle
 
     def kind(v) -> str:
@@ -94,8 +95,7 @@ def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
                     raise bad(f"layers[{k!r}] is {kind(by)}, not an object of stage entries")
                 for stage in by:
                     if stage not in STAGES or not STAGES[stage].per_layer:
-                        raise bad(f"layers[{k!r}] holds {show(stage)}, not a per-layer stage (delta, causal, "
-                                  "attention, sparsity)")
+                        raise bad(f"layers[{k!r}] holds {show(stage)}, not a per-layer stage ({', '.join(PER_LAYER)})")
                 found[la] = ({f"layers[{k!r}].{stage}": stage for stage in by}, by)
         else:  # a --layer run: its per-layer stages at the top level
             la = layer_number(run.get("layer"), "run.layer") if "layer" in run else None
@@ -104,7 +104,7 @@ def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
                 raise bad("run.layer is missing: the layer of its stage results is not recorded")
             found = {} if la is None else {la: ({stage: stage for stage in by}, by)}
         if not any(by for _, by in found.values()):
-            raise bad("holds no per-layer stage results (delta, causal, attention, sparsity)")
+            raise bad(f"holds no per-layer stage results ({', '.join(PER_LAYER)})")
         for la, (labels, by) in found.items():
             for where, stage in labels.items():
                 e = by[stage]

@@ -348,3 +348,22 @@ def test_depth_profiles_follow_each_rankings_area_over_layers():
     assert p["metrics"]["faithfulness: normalised area, attention.rollout"] == [0.5, None]
     assert p["left_out"] == [{"layer": 2, "metric": "faithfulness: normalised area, attention.rollout",
                               "reason": "normalised_area.value is undefined (null)"}]
+
+
+def test_the_command_line_adds_the_rankings_a_lone_faithfulness_stage_checks(model_dirs, tmp_path):
+    import json
+
+    from test_cli import run_main
+    from utils import OFFLINE_TEXTS_PATH, read_texts_file
+
+    (tmp_path / "texts.txt").write_text("\n".join(read_texts_file(OFFLINE_TEXTS_PATH)[:4]) + "\n")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    p = run_main(["--model", str(model_dirs["mamba_a"]), "--texts_file", "texts.txt", "--prompts_file", "prompts.txt",
+                  "--stages", "faithfulness", "--max_length", "24", "--faithfulness_draws", "20",
+                  "--bootstrap_resamples", "100", "--save_results", "--no_progress"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "note: stage delta added: the faithfulness stage checks its ranking" in p.stdout
+    res = json.loads(next((tmp_path / "analysis_outputs").glob("*.json")).read_text())
+    assert set(res["stages_added"]) == {"delta", "sparsity"} and res["faithfulness"]["status"] == "ok"
+    assert set(res["faithfulness"]["results"]["spaces"]["channels"]["rankings"]) == {
+        "delta.eta_squared", "delta.text_variance", "sparsity.activation_variance"}

@@ -72,3 +72,23 @@ def test_options_are_built_once_and_typed(monkeypatch, tokenizer):
     opts = Options(layer=1, prompts=("p q r",), progress=False)  # an Options object is used whole
     run_comprehensive_analysis(model, tokenizer, ["a text"], stages=["causal"], options=opts)
     assert seen["opts"] is opts and opts.prompt_list == ["p q r"]
+
+
+def test_a_stage_that_needs_another_gets_it_and_the_run_says_so():
+    """--enable_attention with --stages adds the attention stage; a faithfulness stage without a ranking in the
+    run gets the stages whose rankings it checks on the family (once the family is known); the comparison
+    names the parts it leaves out and the flag that adds each."""
+    from comparison_wrapper import parts_left_out
+    from pipeline import complete_plan
+
+    stages, added = complete_plan(["comparison"], "mamba", enable_attention=True)
+    assert stages == ["attention", "comparison"] and "--enable_attention" in added["attention"]
+    stages, added = complete_plan(["faithfulness"], "mamba")
+    assert stages == ["delta", "sparsity", "faithfulness"] and set(added) == {"delta", "sparsity"}
+    assert complete_plan(["faithfulness"], "gpt2")[0] == ["attention", "faithfulness"]
+    assert complete_plan(["faithfulness"], None) == (["faithfulness"], {})  # the family not known yet
+    assert complete_plan(["sparsity", "faithfulness"], "mamba") == (["sparsity", "faithfulness"], {})
+    left = parts_left_out(["sparsity", "causal", "comparison"], {"causal": None, "attention": None,
+                                                                 "faithfulness": {"table": []}})
+    assert left == {"causal": "the causal stage did not succeed (its entry says why)",
+                    "attention": "the attention stage is not in this run (add --enable_attention)"}

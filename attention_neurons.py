@@ -714,7 +714,7 @@ class AttentionNeurons:
         "rank" (competition rank; units within stats.TIE_RTOL share it), "tied"}]), "ties" (a line naming tied
         units, or None), "neuron_diversity", "undefined"}. With `resampled` (R, e), the activations on R
         bootstrap draws of the texts, and `res` (their `stats.Resamples`): each top unit's "low", "high" (95%
-        interval) and "stability" (share of draws in which it stays in the top k), and "mean_activation" and
+        interval) and "stability" (stats.STABILITY_DEFINITION), and "mean_activation" and
         "neuron_diversity" each with "_low" / "_high". Where a field is undefined it is None (or [] for
         top_neurons) and "undefined" maps it to its reason (UNDEFINED): activations undefined (rollout on
         one-token texts; gradient_guided without a target) -> mean_activation, activation_std,
@@ -1285,6 +1285,7 @@ def _stage_run(ctx, profile: dict):
     channels; Transformer: the attention weights of the attention-output dims (UNITS)."""
     from functools import partial
 
+    import stats
     from naming import layer_tag
 
     o = ctx.opts
@@ -1298,8 +1299,8 @@ def _stage_run(ctx, profile: dict):
     family = "mamba" if ctx.adapter.is_ssm else "transformer"
     results = {**by_layer[layer], "units": analyzer.describe_units(),
                "ranked_by": "activation: per unit, the token-weighted mean over the texts of its activation per "
-                            "query token (definitions); rank stability: the share of bootstrap draws of the texts in "
-                            "which the unit stays in the top k",
+                            "query token (definitions); rank stability, over draws of the texts: "
+                            f"{stats.STABILITY_DEFINITION}",
                "definitions": {m: DEFINITIONS[m] for m in methods}}
     if needs_gradient(methods):
         results["target"] = o.attention_target
@@ -1345,7 +1346,8 @@ def attention_summary(r: dict) -> str:
     for la, e in attention_by_layer(r).items():
         where = f"layer {la} " if "by_layer" in r else ""
         for m, a in e["methods"].items():
-            top = ", ".join(_unit_label(t) + ("=" if t.get("tied") else "") + f" ({t['activation']:.3g}"
+            top = ", ".join(_unit_label(t) + ("=" if t.get("tied") else "") + " ("
+                            + _shown({"value": t["activation"], "low": t.get("low"), "high": t.get("high")}, ".3g")
                             + ("" if t.get("stability") is None else f", {100 * t['stability']:.0f}%") + ")"
                             for t in a["top_neurons"][:5])
             mean = {"value": a["mean_activation"], "low": a.get("mean_activation_low"),

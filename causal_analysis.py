@@ -746,8 +746,7 @@ def _run_causal(ctx):
                                       "delta_logp_top1_per_prompt (n_prompts, n_dims) holds each prompt's value",
                    "ablation": ABLATION_DEFINITION,
                    "low/high": INTERVAL_DEFINITION + " (scores_low/high, delta_logp_top1_low/high: every dimension)",
-                   "stability": "share of bootstrap draws in which the dimension's resampled mean KL is at least the "
-                                "draw's top_k-th largest over every dimension (it stays in the top k)",
+                   "stability": f"by the resampled mean KL: {stats.STABILITY_DEFINITION}",
                    "rank": "competition rank by mean KL (1 = highest); scores within a relative 1e-6 share a rank "
                            "and are marked tied",
                    "clean_predictions": "each prompt's 5 most probable next tokens under the unablated model, "

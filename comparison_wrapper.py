@@ -212,6 +212,7 @@ def causal_side_by_side(main: Side, other: Side, site_note: str | None = None,
         scores = np.asarray(c["scores"], dtype=np.float64)
         entry = {"layer": side.layer, **site_entry(side.adapter, c["site"]), "n_dims": int(scores.shape[0]),
                  "scores": scores, "scores_low": c.get("scores_low"), "scores_high": c.get("scores_high")}
+        ids = np.asarray(c["dims"]) if c.get("dims") is not None else np.arange(scores.shape[0])  # --causal_dims
         per_prompt = c.get("scores_per_prompt")
         if per_prompt is not None:
             kl = np.asarray(per_prompt, dtype=np.float64)  # (n_prompts, n_dims)
@@ -220,11 +221,11 @@ def causal_side_by_side(main: Side, other: Side, site_note: str | None = None,
             means = res.means(kl)  # (R, n_dims)
             top = int(np.argmax(scores))  # the top dimension, held fixed: a bootstrap of the max over dims is
             # biased upward (its point sits below its own interval), so the interval is the top dim's own
-            entry["max_impact"] = {**stats.interval(scores[top], means[:, top], res), "dim": top}
+            entry["max_impact"] = {**stats.interval(scores[top], means[:, top], res), "dim": int(ids[top])}
             entry["median_impact"] = stats.interval(float(np.median(scores)), np.median(means, axis=1), res)
         else:
             entry["max_impact"] = {"value": float(scores.max()), "low": None, "high": None,
-                                   "dim": int(np.argmax(scores))}
+                                   "dim": int(ids[int(np.argmax(scores))])}
             entry["median_impact"] = {"value": float(np.median(scores)), "low": None, "high": None}
         out[side.label] = entry
     out["interval_method"] = None if res is None else res.method()
@@ -344,10 +345,8 @@ def _faithfulness_cell(row: dict | None) -> str | None:
     if row is None:
         return "no such ranking"
 
-    from faithfulness import shown
-
     where = f" ({row['space']})" if row["space"] == "heads" else ""  # Mamba-2's Δ ranks heads, the rest channels
-    return f"ρ {shown(row['spearman'])}; area {shown(row['normalised_area'])}{where}"
+    return f"ρ {stats.shown(row['spearman'], '.2f')}; area {stats.shown(row['normalised_area'], '.2f')}{where}"
 
 
 # --------------------------------------------------------------------------------------------------

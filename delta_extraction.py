@@ -96,7 +96,7 @@ DEFINITIONS = {
                            "autocorrelation (a lower bound): a count near expected_above_by_chance is no evidence "
                            "of channels that tell texts apart",
     "score": "a top list entry's ranking score (`ranked_by`), with its 95% interval (low, high) and rank "
-             "stability (share of resamples in which the channel stays in the top k)",
+             f"stability ({stats.STABILITY_DEFINITION})",
     "spearman_with_mean_delta": "Spearman's rank correlation over channels of each ranking score with mean Δ: "
                                 "how much a ranking follows Δ's scale",
     "intervals": "texts are resampled; on each resample var_between = mean(m²) − mean(m)², var_within = mean(v) "

@@ -85,7 +85,8 @@ def _constant(x) -> bool:
 def rank_agreement(effects, scores, res: stats.Resamples, ks=(1, 5, 10)) -> dict:
     """How well `scores` (U,) rank the units by their measured effect `effects` (n, U), per prompt:
     {"spearman": `basic_interval` (value None, with a "note", where a side is constant), "precision_at_k":
-    {k: `basic_interval`}, "n_units", "n_prompts"} (DEFINITIONS). `res`: the draws over the n prompts; on
+    {k: {"value", "low", "high", "mean_over_draws"}: its spread over the draws}, "n_units", "n_prompts"}
+    (DEFINITIONS). `res`: the draws over the n prompts; on
     each, the ground truth is the draw's mean and the ranking is held fixed."""
     e = np.asarray(effects, dtype=np.float64)  # (n, U)
     s = np.asarray(scores, dtype=np.float64)  # (U,)
@@ -110,8 +111,8 @@ def rank_agreement(effects, scores, res: stats.Resamples, ks=(1, 5, 10)) -> dict
         if rho is None:  # no order on one side: no top k to compare
             precision[k] = {"value": None, "low": None, "high": None, "note": spearman["note"]}
             continue
-        mine = top_k_weights(s, k)  # (U,): the ranking's top k, held fixed
-        point = float(mine @ top_k_weights(truth, k)) / k
+        point = precision_at_k(s, truth, k)
+        mine = top_k_weights(s, k)  # (U,): the ranking's top k, held fixed on the draws
         if not res.defined:
             precision[k] = {"value": point, "low": None, "high": None, "note": "one prompt: no interval"}
             continue
@@ -188,26 +189,18 @@ def random_band(kl, ks, n_draws: int) -> list[dict]:
             for i, k in enumerate(ks)]
 
 
-def normalised_area(curve, truth_curve, random_curve) -> float | None:
-    """(area − random) / (ground truth − random), each area the mean of the curve's values over the k grid: 1
-    for a ranking as good as the ground truth's own, 0 for one no better than random, negative for worse;
-    None when the ground truth's curve does not rise above random (nothing to normalise by)."""
-    a = float(np.mean([p["value"] for p in curve]))
-    t = float(np.mean([p["value"] for p in truth_curve]))
-    r = float(np.mean([p["mean"] for p in random_curve]))
-    return None if not t > r else (a - r) / (t - r)
-
-
 def normalised_area_interval(kl, truth_kl, random_kl, n_draws: int, res: stats.Resamples, seed: int = 0) -> dict:
-    """`normalised_area` from the per-prompt KL of the ranking's sets (n, G), the ground truth's (n, G) and
+    """(A − R) / (T − R) (DEFINITIONS["normalised_area"]) from the per-prompt KL of the ranking's sets (n, G), the
+    ground truth's (n, G) and
     the random sets' (n, G * n_draws, `random_sets`' order), with its interval: on each draw of the prompts
     the random sets are drawn again too (with replacement among the n_draws per k, seeded), so the interval
     carries the random baseline's own sampling error. {"value", "low", "high"}, and a "note" where value or
-    interval is undefined: the ground truth's curve not above random (on some draw: the ratio is unbounded)."""
+    interval is undefined: the ground truth's curve not above random, by more than float32's resolution
+    (`stats.TIE_RTOL`; on some draw: the ratio is unbounded)."""
     a, t = (np.asarray(x, dtype=np.float64).mean(1) for x in (kl, truth_kl))  # (n,) each: the area per prompt
     rk = np.asarray(random_kl, dtype=np.float64)  # (n, G * D)
     gap = t.mean() - rk.mean()
-    if not gap > 0:
+    if not gap > stats.TIE_RTOL * abs(rk.mean()):  # equal to float32 resolution: not above random
         return {"value": None, "low": None, "high": None,
                 "note": "the ground truth's curve does not rise above random: nothing to normalise by"}
     value = (a.mean() - rk.mean()) / gap
@@ -217,7 +210,7 @@ def normalised_area_interval(kl, truth_kl, random_kl, n_draws: int, res: stats.R
     per = res.means(rk).reshape(res.n_resamples, -1, n_draws)  # (R, G, D): each random set on each draw
     pick = np.random.default_rng(seed).integers(0, n_draws, size=per.shape)  # the random sets drawn again
     dr = np.take_along_axis(per, pick, axis=2).mean((1, 2))  # (R,)
-    below = int((dt <= dr).sum())
+    below = int((dt - dr <= stats.TIE_RTOL * np.abs(dr)).sum())
     if below:
         return {"value": float(value), "low": None, "high": None,
                 "note": f"the ground truth's curve is not above random on {below} of {res.n_resamples} draws"}
@@ -522,7 +515,7 @@ def _run_faithfulness(ctx):
     table = [{"ranking": name, "space": sn, "spearman": e["spearman"], "precision_at_k": e["precision_at_k"],
               "normalised_area": e["normalised_area"]} for sn, s in checked.items() for name, e in s["rankings"].items()]
     table.sort(key=_by_area)
-    results = {"layer": ctx.layer, "ablation": o.ablation,
+    results = {"layer": ctx.layer, "ablation": o.ablation, "ablated_as": ablation_text(o),
                "intervention_scale": ca.scale_of(o) if o.ablation == "zero" else None,
                "prompts": o.prompt_list, "n_prompts": len(o.prompt_list), "spaces": checked, "table": table,
                "left_out": left, "interval_method": res.method(),
@@ -537,17 +530,6 @@ def _run_faithfulness(ctx):
 # --------------------------------------------------------------------------------------------------
 # Summary and plots (they only read the results)
 # --------------------------------------------------------------------------------------------------
-def shown(d: dict, spec: str = ".2f", corrected: bool = True) -> str:
-    """An interval dict of this stage as text: 'value [low, high]', with the corrected estimate where there is
-    one (and `corrected`), 'value (no interval: why)', or 'undefined (why)'."""
-    if d["value"] is None:
-        return f"undefined ({d.get('note', 'not computed')})"
-    if d.get("low") is None:
-        return f"{d['value']:{spec}} (no interval: {d.get('note', 'not computed')})"
-    more = "" if d.get("corrected") is None or not corrected else f" (corrected {d['corrected']:{spec}})"
-    return f"{d['value']:{spec}} [{d['low']:{spec}}, {d['high']:{spec}}]{more}"
-
-
 def table_rows(r: dict) -> list[dict]:
     """The stage's table as flat rows (the report's): ranking, space, ρ with its interval and corrected
     estimate, precision@k, the normalised area and its interval; best area first."""
@@ -564,7 +546,7 @@ def table_rows(r: dict) -> list[dict]:
 
 
 def faithfulness_summary(r: dict) -> str:
-    how = r["definitions"]["ground_truth"].split("ablated alone (", 1)[-1].split(")", 1)[0]
+    how = r["ablated_as"]
     lines = [f"    every ranking of the units at layer {r['layer']} against the ground truth, each unit ablated alone "
              f"({how}), mean KL over {r['n_prompts']} prompts. ρ: Spearman; p@k: precision; area: the deletion "
              "curve's area normalised (1 = the ground truth's own ranking, cross-fitted; 0 = random); [intervals "
@@ -582,9 +564,10 @@ def faithfulness_summary(r: dict) -> str:
         width = max(len(n) for n, _ in rows) + 2
         for name, e in rows:
             tops = ", ".join(f"{t[s['unit']]} (#{t['effect_rank']})" for t in e["top_units"][:3]) or "none (no order)"
-            p = " ".join(f"@{k} {shown(v, corrected=False)}" for k, v in e["precision_at_k"].items())
+            p = " ".join(f"@{k} {stats.shown(v, '.2f', corrected=False)}" for k, v in e["precision_at_k"].items())
             missing = (f"; {e['n_undefined']} {s['unit']}s without a score, ordered last" if e["n_undefined"] else "")
-            lines.append(f"      {name:<{width}} ρ {shown(e['spearman'])}; area {shown(e['normalised_area'])}\n")
+            lines.append(f"      {name:<{width}} ρ {stats.shown(e['spearman'], '.2f')}; "
+                         f"area {stats.shown(e['normalised_area'], '.2f')}\n")
             lines.append(f"      {'':<{width}} p{p}; its top {s['unit']}s' causal ranks: {tops}{missing}\n")
         rs = s["random"]["spearman"]
         null = "" if rs["low"] is None else f" (95% of random rankings: [{rs['low']:.2f}, {rs['high']:.2f}])"
@@ -669,8 +652,9 @@ def plot_score_vs_effect(r: dict, plots_dir, name: str) -> str:
         if (score[scored] >= 0).all() and spread.size and np.percentile(spread, 99) > 1e3 * np.percentile(spread, 1):
             ax.set_xscale("symlog", linthresh=float(np.percentile(spread, 1)))  # a heavy right tail
         rho = e["spearman"]
-        title = f"ρ = {shown(rho)}"
-        ax.set(title=f"{rn} ({sn})\n{title}", xlabel=f"{e['score_label']} (the ranking's score)", ylabel="causal effect: mean KL (nats)")
+        title = f"ρ = {stats.shown(rho, '.2f')}"
+        ax.set(title=f"{rn} ({sn})\n{title}", xlabel=f"{e['score_label']} (the ranking's score)",
+               ylabel="causal effect: mean KL (nats)")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

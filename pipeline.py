@@ -104,7 +104,8 @@ def complete_plan(stages, family: str | None = None, enable_attention: bool = Fa
     stages, added = list(stages), {}
     if enable_attention and "attention" not in stages:
         added["attention"] = "--enable_attention asks for the attention stage"
-    if "faithfulness" in stages and family is not None and not {"delta", "attention", "sparsity"} & {*stages, *added}:
+    ranking = set().union(*RANKING_STAGES.values())
+    if "faithfulness" in stages and family is not None and not ranking & {*stages, *added}:
         for name in RANKING_STAGES["ssm" if family in SSM_FAMILIES else "transformer"]:
             added[name] = "the faithfulness stage checks its ranking, and no stage with a ranking was asked for"
     return [s for s in ALL_STAGES if s in stages or s in added], added

@@ -431,7 +431,7 @@ def _interval(point, resampled, res: stats.Resamples) -> dict | None:
     bad = int((~np.isfinite(resampled)).sum())
     if bad and res.defined:
         return {"value": float(point), "low": None, "high": None,
-                "note": f"no interval: undefined in {bad} of {len(resampled)} resamples"}
+                "note": f"undefined in {bad} of {len(resampled)} resamples"}
     return stats.interval(point, resampled, res)
 
 
@@ -1171,10 +1171,8 @@ def _stage_run(ctx, read: dict):
 
 
 def _iv(d, spec: str = ".3f") -> str:
-    """An interval dict as 'value [low, high]', 'undefined' for None, with its note when it has one."""
-    if d is None:
-        return "undefined"
-    return stats.shown(d, spec) + (f" ({d['note']})" if d.get("note") else "")
+    """An interval dict as 'value [low, high]' (without one: why, its note), 'undefined' for None."""
+    return "undefined" if d is None else stats.shown(d, spec)
 
 
 def sparsity_lines(s: dict) -> list[str]:

@@ -7,8 +7,9 @@ bootstrap). A draw is a row of `Resamples.counts` (how often each item was drawn
 of per-item values is one matrix product, and statistics made of means (a variance, a ratio, a Gini of
 per-neuron means) are computed from resampled means.
 
-Rank stability of a top-k list: for each listed unit, the share of draws in which it stays in the top k
-(its score at least the draw's k-th largest score). Ties (scores equal within `TIE_RTOL`, float32's
+Rank stability of a top-k list: for each listed unit, its expected share of the top-k places over the draws
+(`STABILITY_DEFINITION`: 1 where its score is above the draw's k-th largest on every draw; units tied with
+the k-th largest split the places left). Ties (scores equal within `TIE_RTOL`, float32's
 resolution) share a rank and are listed as ties.
 
 Shapes: n items (texts or prompts), R resamples, U units.
@@ -21,6 +22,9 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 1000
 LEVEL = 0.95
+STABILITY_DEFINITION = ("the unit's expected share of the top-k places over the bootstrap draws: 1 where it stays "
+                        "in the top k on every draw; units tied with a draw's k-th largest split the places left, so "
+                        "a tie group wider than the cut shares k places")
 TIE_RTOL = 1e-6  # scores this close (relative) are ties: float32 cannot order them
 METHOD = ("percentile bootstrap over {items}: {n_resamples} resamples with replacement (seed {seed}); "
           "the 95% interval is the 2.5th and 97.5th percentile of the resampled statistic")
@@ -134,7 +138,7 @@ def top_k_stability(resampled, k: int) -> np.ndarray:
 def ranked(scores, k: int, resampled=None, res: Resamples | None = None, ids=None, key: str = "unit") -> list[dict]:
     """The top `k` units by `scores` (U,), highest first (ties keep index order), each as {key: id, "score",
     "rank" (shared by ties), "tied": bool, "n_tied" (how many of all U units share its rank)} and, with `resampled` (R, U) and `res`, "low", "high" (its 95%
-    interval) and "stability" (share of draws in which it stays in the top k). Ranks and ties are over all U."""
+    interval) and "stability" (STABILITY_DEFINITION). Ranks and ties are over all U."""
     s = np.asarray(scores, dtype=np.float64)
     ids = np.arange(len(s)) if ids is None else np.asarray(ids)
     order = np.argsort(-s, kind="stable")[:k]
@@ -169,13 +173,18 @@ def ties_note(entries: list[dict], key: str = "unit") -> str | None:
                      for r, u in groups.items())
 
 
-def shown(d: dict | None, spec: str = ".3g") -> str:
-    """'value [low, high]' of an interval dict (or 'value' when undefined)."""
+def shown(d: dict | None, spec: str = ".3g", corrected: bool = True) -> str:
+    """An interval dict as text: 'value [low, high]', with ' (corrected c)' where the dict has a corrected
+    estimate (and `corrected`); 'value (no interval: why)' with the dict's "note" (default: one item); 'undefined
+    (why)' where its value is None."""
     if d is None:
         return "n/a"
+    if d["value"] is None:
+        return f"undefined ({d.get('note', 'not computed')})"
     if d.get("low") is None:
-        return f"{d['value']:{spec}} (no interval: one item)"
-    return f"{d['value']:{spec}} [{d['low']:{spec}}, {d['high']:{spec}}]"
+        return f"{d['value']:{spec}} (no interval: {d.get('note', 'one item')})"
+    more = f" (corrected {d['corrected']:{spec}})" if corrected and d.get("corrected") is not None else ""
+    return f"{d['value']:{spec}} [{d['low']:{spec}}, {d['high']:{spec}}]{more}"
 
 
 def spearman(a, b) -> float | None:

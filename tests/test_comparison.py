@@ -381,3 +381,22 @@ def test_the_causal_part_states_each_site_and_a_pairing_of_different_kinds(model
     assert c["g"]["max_impact"]["low"] <= c["g"]["max_impact"]["value"] <= c["g"]["max_impact"]["high"]
     assert c["m"]["max_impact"] == {"value": kl[:, :24].mean(0).max(), "low": None, "high": None,
                                     "dim": int(np.argmax(kl[:, :24].mean(0)))}
+
+
+def test_the_largest_causal_impact_names_the_dimension_asked_for_not_its_position():
+    """With --causal_dims the scores follow that list: the comparison's max_impact names the dimension itself."""
+    from comparison_wrapper import Side, causal_side_by_side
+    from conftest import make_model
+    from models import get_adapter
+
+    adapter = get_adapter(make_model("gpt2"))
+    kl = np.array([[0.1, 0.9, 0.2], [0.2, 0.7, 0.1]])  # (prompts, dims asked)
+    causal = {"site": "block_out", "dims": np.array([30, 5, 17]), "scores": kl.mean(0), "scores_per_prompt": kl,
+              "prompts": ["a", "b"]}
+    sides = [Side(label, adapter, "main", 0, {}, {}, "", {}, causal=causal) for label in ("one", "two")]
+    out = causal_side_by_side(*sides, n_resamples=100)
+    assert out["one"]["max_impact"]["dim"] == 5 and out["one"]["max_impact"]["value"] == pytest.approx(0.8)
+    no_per_prompt = {k: v for k, v in causal.items() if k != "scores_per_prompt"}
+    out = causal_side_by_side(*(Side(s.label, adapter, "main", 0, {}, {}, "", {}, causal=no_per_prompt)
+                                for s in sides))
+    assert out["one"]["max_impact"]["dim"] == 5

@@ -79,7 +79,7 @@ def test_the_deletion_grid_and_sets():
 
 
 def test_normalised_area_is_1_for_the_truth_0_for_random_and_undefined_without_a_gap():
-    from faithfulness import deletion_curve, normalised_area, random_band
+    from faithfulness import deletion_curve, normalised_area_interval, random_band
 
     ks = [1, 2, 4]
     res = stats.Resamples.draw(6, 100, 0, "prompts")
@@ -91,10 +91,12 @@ def test_normalised_area_is_1_for_the_truth_0_for_random_and_undefined_without_a
     rand_kl = np.repeat(np.array([0.1, 0.2, 0.4]), 3)[None, :] * np.ones((6, 1))  # 3 draws per k, all alike
     band = random_band(rand_kl, ks, 3)
     assert [b["mean"] for b in band] == pytest.approx([0.1, 0.2, 0.4]) and band[0]["low"] == pytest.approx(0.1)
-    assert normalised_area(truth, truth, band) == pytest.approx(1.0)
-    as_random = [{"k": b["k"], "value": b["mean"]} for b in band]
-    assert normalised_area(as_random, truth, band) == pytest.approx(0.0)
-    assert normalised_area(truth, as_random, band) is None  # the truth no better than random: nothing to scale by
+    own = normalised_area_interval(truth_kl, truth_kl, rand_kl, 3, res)
+    assert own["value"] == pytest.approx(1.0) and own["low"] == pytest.approx(1.0) == own["high"]
+    as_random = rand_kl.reshape(6, 3, 3).mean(2)  # (prompts, ks): each k's random mean
+    assert normalised_area_interval(as_random, truth_kl, rand_kl, 3, res)["value"] == pytest.approx(0.0, abs=1e-12)
+    none = normalised_area_interval(truth_kl, as_random, rand_kl, 3, res)  # the truth no better than random
+    assert none["value"] is None and "nothing to normalise by" in none["note"]
 
 
 def test_area_interval_ties_halves_and_the_table_order():
@@ -207,6 +209,9 @@ def test_the_stage_finds_a_planted_channel_and_its_curves_are_consistent(tokeniz
     assert s["ks"] == [1, 2, 4, 8, 16, 32, 64, 72]
     assert s["random"]["precision_at_k"] == {1: 1 / 72, 5: 5 / 72, 10: 10 / 72}
     assert s["ground_truth"]["deletion_cross_fitted"] and s["n_sets_ablated"] > 0
+    per = np.asarray(s["ground_truth"]["per_prompt"])  # (n, U): k = 1 of the ground truth's curve, cross-fitted:
+    own = [per[i, int(np.argmax(per[1 - i % 2::2].mean(0)))] for i in range(len(PROMPTS))]  # the other half's top
+    assert s["ground_truth"]["deletion"][0]["value"] == pytest.approx(np.mean(own), rel=1e-12)
     full = s["ground_truth"]["deletion"][-1]["value"]
     # the set of every unit: measured once for the rankings and random, and per half for the cross-fitted truth
     # (batches of another shape: float rounding)

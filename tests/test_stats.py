@@ -84,7 +84,13 @@ def test_one_item_has_no_interval():
     assert not res.defined
     d = stats.mean_interval([2.5], res)
     assert d == {"value": 2.5, "low": None, "high": None}
-    assert "no interval" in stats.shown(d)
+    assert "no interval: one item" in stats.shown(d)
+    assert stats.shown({**d, "note": "undefined on 3 draws"}) == "2.5 (no interval: undefined on 3 draws)"
+    assert stats.shown({"value": None, "low": None, "high": None, "note": "a constant ranking"}) == \
+        "undefined (a constant ranking)"
+    d = {"value": 0.5, "low": 0.4, "high": 0.7, "corrected": 0.6}
+    assert stats.shown(d, ".2f") == "0.50 [0.40, 0.70] (corrected 0.60)"
+    assert stats.shown(d, ".2f", corrected=False) == "0.50 [0.40, 0.70]"
     top = stats.ranked(np.array([1.0, 2.0]), 1, res.means(np.array([[1.0, 2.0]])), res)
     assert "stability" not in top[0]
 

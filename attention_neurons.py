@@ -692,6 +692,8 @@ class AttentionNeurons:
             out[layer] = _batch_mean(method, [spec.reference(alpha[k], x[k], g[k], R[k]) for k in range(b)])
         return out
 
+    create_mamba_neurons = create_neurons  # the design documents' name (every family)
+
     def _rolled_below(self, attention_data: dict, layer: int) -> list:
         """Per example, R_{ℓ-1} (L, L) of `layer` ℓ from whole α (None for ℓ = 0: the identity); a lower
         layer missing from the data is extracted on the fly."""
@@ -868,7 +870,8 @@ class MambaAttentionNeurons(AttentionNeurons):
 
     def __init__(self, model, target: str = DEFAULT_TARGET):
         super().__init__(model, target)
-        require_mamba(self.adapter, "hidden attention exists only in Mamba layers")
+        require_mamba(self.adapter, "MambaAttentionNeurons is the Mamba analyser (hidden attention exists only in "
+                                    "Mamba layers); use attention_neurons_for(model), which gives every family's")
         self.mamba2 = self.adapter.ssm_kind == "mamba2"
 
     def describe_units(self) -> dict:
@@ -1080,8 +1083,9 @@ def draw_attention_map(ax, fig, vector: np.ndarray, family: str) -> None:
 def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHODS, top_k: int = 10,
                                 target: str = DEFAULT_TARGET) -> dict:
     """The reference path at `layer_indices` for either family: whole α, every method's neurons and their
-    analysis: {"attention_data", "neurons": {method: {layer: NeuronScores}}, "analysis_results":
-    {method: {layer: dict}}, "analyzer"}. `layer_indices` (a non-empty list of layer indices), `methods`
+    analysis: {"attention_data", "neurons": {method: {layer: NeuronScores}}, "mamba_neurons" (the design
+    documents' name for "neurons", on every family), "analysis_results": {method: {layer: dict}},
+    "analyzer"}. `layer_indices` (a non-empty list of layer indices), `methods`
     (`check_methods`), `top_k` (a whole number >= 1) and `target` (`passes.TARGETS`) are checked before any
     forward (ValueError)."""
     analyzer = attention_neurons_for(model, target)
@@ -1091,7 +1095,11 @@ def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHO
     neurons = {m: analyzer.create_neurons(data, m) for m in methods}
     analysis = {m: {lay: analyzer.analyze_neuron_behavior(neurons[m], lay, top_k) for lay in layer_indices}
                 for m in methods}
-    return {"attention_data": data, "neurons": neurons, "analysis_results": analysis, "analyzer": analyzer}
+    return {"attention_data": data, "neurons": neurons, "mamba_neurons": neurons, "analysis_results": analysis,
+            "analyzer": analyzer}
+
+
+integrate_mamba_attention_neurons = integrate_attention_neurons  # the design documents' name (every family)
 
 
 class AttentionProfile:

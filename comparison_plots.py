@@ -127,6 +127,12 @@ def comparison_plots(comparison: dict, plots_dir, prefix: str) -> list[str]:
              plot_summary_table(comparison, plots_dir, f"{prefix}_summary_table")]
     if "causal" in comparison:
         paths.append(plot_causal(comparison, plots_dir, f"{prefix}_causal_distributions"))
+    cz = comparison.get("census")
+    if cz is not None and "skipped" not in cz:
+        from census import plot_by_depth
+
+        paths.append(plot_by_depth([(label, m["by_depth"]) for label, m in cz["models"].items()], plots_dir,
+                                   f"{prefix}_census_by_depth", cz["level"]))
     att = comparison.get("attention")
     if att is not None and "skipped" not in att:
         from attention_neurons import plot_attention_depth

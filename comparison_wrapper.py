@@ -69,6 +69,7 @@ class Side:
     attention: dict | None = None
     faithfulness: dict | None = None
     faithfulness_skipped: str | None = None  # why the other model has no faithfulness results
+    census: dict | None = None
 
 
 def side_profile(side: Side) -> dict:
@@ -144,8 +145,34 @@ def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: st
         out["faithfulness"] = faithfulness_side_by_side(main, other)
     elif main.faithfulness is not None:
         out["faithfulness"] = {"skipped": f"{other.label}: {other.faithfulness_skipped or 'no faithfulness results'}"}
+    if main.census is not None and other.census is not None:
+        out["census"] = census_side_by_side(main, other)
+    elif main.census is not None:
+        out["census"] = {"skipped": f"{other.label}: its census did not succeed"}
     out["summary"] = summary_rows(out)
     return out
+
+
+def census_side_by_side(main: Side, other: Side) -> dict:
+    """Each model's census over relative depth (the share of each layer's neurons of each kind), with the
+    level both were counted at and where positional neurons first appear."""
+    from census import positional_finding
+
+    models = {side.label: {"site": side.census["site"], "n_neurons": side.census["n_neurons"],
+                           "by_depth": side.census["by_depth"], "finding": positional_finding(side.census),
+                           "totals": census_totals(side.census)} for side in (main, other)}
+    return {"level": main.census["level"], "models": models,
+            "note": "each model's own neuron site (a Mamba's ssm channels, a Transformer's MLP neurons) on its own "
+                    "tokenization of the same texts, at the same level; layers set side by side by relative depth"}
+
+
+def census_totals(census: dict) -> dict:
+    """Each kind's share of every layer's neurons together."""
+    layers = census["layers"].values()
+    n = sum(e["n_neurons"] for e in layers)
+    return {"dead": sum(e["dead"]["count"] for e in layers) / n, "token": sum(e["token"]["count"] for e in layers) / n,
+            "positional": sum(e["position"]["count"] for e in layers) / n,
+            "positional_without_first": sum(e["position"]["count_without_first"] for e in layers) / n}
 
 
 def faithfulness_side_by_side(main: Side, other: Side) -> dict:
@@ -332,6 +359,12 @@ def summary_rows(comparison: dict) -> list[dict]:
                 lambda s: None if (a := at[s["label"]]["methods"][m])["neuron_diversity"] is None else stats.shown(
                     {"value": a["neuron_diversity"], "low": a.get("neuron_diversity_low"),
                      "high": a.get("neuron_diversity_high")}, ".4f"))
+    cz = comparison.get("census")
+    if cz is not None and "skipped" not in cz:
+        for kind, key in (("token", "token"), ("positional", "positional"),
+                          ("positional without position 0", "positional_without_first"), ("dead", "dead")):
+            add(f"census: {kind} neurons (share of all layers' neurons)",
+                lambda s, key=key: f"{100 * cz['models'][s['label']]['totals'][key]:.1f}%")
     fz = comparison.get("faithfulness")
     if fz is not None and "skipped" not in fz:
         for row in fz["rankings"]:
@@ -424,26 +457,29 @@ def _stage_run(ctx, read: dict):
         label += "_compare"
     other_adapter = get_adapter(model)
     causal, attention = ctx.upstream("causal"), ctx.upstream("attention")
-    faithfulness = ctx.upstream("faithfulness")
+    faithfulness, census = ctx.upstream("faithfulness"), ctx.upstream("census")
     skipped = None
     if "attention" in ctx.stages and attention is None:
         skipped = "the attention stage did not succeed (its error is listed with it)"
     stages = [*(["delta"] if faithfulness is not None and other_adapter.is_ssm and "delta" in ctx.stages else []),
               "sparsity", "efficiency", *(["causal"] if causal is not None else []),
-              *(["attention"] if attention is not None else []), *(["faithfulness"] if faithfulness is not None else [])]
+              *(["attention"] if attention is not None else []), *(["census"] if census is not None else []),
+              *(["faithfulness"] if faithfulness is not None else [])]
     opts = other_options(o, ctx.adapter, other_adapter, ctx.layer, stages, label)
     res = run_pipeline(model, tokenizer, list(ctx.texts), opts, stages, write_plots=False)
     # on the other model, delta is there only as a ranking for faithfulness (which says when it is missing), and
-    # faithfulness failing or finding no ranking to check leaves the rest of the comparison (which says so)
+    # faithfulness or the census failing (or faithfulness finding no ranking to check) leaves the rest of the
+    # comparison (which says so)
     failed = [f"{n}: {res[n].get('error') or res[n].get('reason')}" for n in stages
-              if res[n]["status"] != "ok" and n not in ("delta", "faithfulness")]
+              if res[n]["status"] != "ok" and n not in ("delta", "faithfulness", "census")]
     if failed:
         raise ValueError(f"the other model's {failed[0]}")
     other = Side(label, other_adapter, source.origin, opts.layer, res["texts"], res["sparsity"]["results"]["layers"],
                  res["sparsity"]["results"]["measured_in"], res["efficiency"]["results"],
                  res.get("causal", {}).get("results"), res.get("attention", {}).get("results"),
                  res.get("faithfulness", {}).get("results"),
-                 res.get("faithfulness", {}).get("reason") or res.get("faithfulness", {}).get("error"))
+                 res.get("faithfulness", {}).get("reason") or res.get("faithfulness", {}).get("error"),
+                 res.get("census", {}).get("results"))
     efficiency = ctx.upstream("efficiency")
     if efficiency is None:  # not in this run: measured as the efficiency stage would
         import torch
@@ -453,7 +489,7 @@ def _stage_run(ctx, read: dict):
                                            seq_lengths=o.seq_lengths or ef.SEQ_LENGTHS,
                                            efficiency_budget=o.efficiency_budget, progress=ctx.progress)
     main = Side(ctx.prefix, ctx.adapter, "main", ctx.layer, ctx.results["texts"], main_sparsity,
-                read["measured_in"], efficiency, causal, attention, faithfulness)
+                read["measured_in"], efficiency, causal, attention, faithfulness, census=census)
     site_note = None
     if causal is not None:
         site_note = paired_site(ctx.adapter, causal["site"], other_adapter)[1]
@@ -462,12 +498,12 @@ def _stage_run(ctx, read: dict):
                              "resolved_path": source.resolved_path, "warning": compare.warning}
     comp["methods_at_matched_layers"] = cp.methods_table(comp)
     comp["parts_left_out"] = parts_left_out(ctx.stages, {"causal": causal, "attention": attention,
-                                                         "faithfulness": faithfulness})
+                                                         "faithfulness": faithfulness, "census": census})
     return comp, [partial(cp.comparison_plots, comp, ctx.plots_dir, f"{ctx.prefix}_vs_{label}")]
 
 
 PART_FLAGS = {"causal": "add causal to --stages", "attention": "add --enable_attention",
-              "faithfulness": "add faithfulness to --stages"}
+              "faithfulness": "add faithfulness to --stages", "census": "add census to --stages"}
 
 
 def parts_left_out(stages, results: dict) -> dict:
@@ -507,6 +543,10 @@ def comparison_summary(r: dict) -> str:
     fz = r.get("faithfulness")
     if fz is not None:
         lines.append(f"    faithfulness: {fz['skipped'] if 'skipped' in fz else fz['note']}")
+    cz = r.get("census")
+    if cz is not None:
+        lines.append(f"    census: {cz['skipped']}" if "skipped" in cz else f"    census ({cz['level']}): "
+                     + "; ".join(f"{lab}: {m['finding']}" for lab, m in cz["models"].items()))
     for part, why in (r.get("parts_left_out") or {}).items():
         lines.append(f"    left out of the comparison: {part}: {why}")
     return "".join(line + "\n" for line in lines)
@@ -516,7 +556,7 @@ def _register() -> None:
     from pipeline import Stage, register
 
     register(Stage("comparison", _stage_run, comparison_summary, reader=_stage_reader,
-                   needs=("causal", "sparsity", "faithfulness", "efficiency", "attention")))
+                   needs=("causal", "sparsity", "census", "faithfulness", "efficiency", "attention")))
 
 
 _register()

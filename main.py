@@ -282,9 +282,9 @@ def merge_reports(args) -> int:
     written, or 2 for unusable files."""
     from saved_runs import merge_saved_runs
 
-    from options import Options
+    from options import CLI_PLOTS_DIR
 
-    return merge_saved_runs(args.report, args.output_dir, getattr(args, "plots_dir", Options.plots_dir))
+    return merge_saved_runs(args.report, args.output_dir, getattr(args, "plots_dir", CLI_PLOTS_DIR))
 
 
 def check_result_paths(output_dir, save: bool, prefix: str, layer: int, layers) -> tuple[Path, Path]:
@@ -343,8 +343,7 @@ def _main(args, argv) -> int:
     # "--plots_dir=~/x" reaches us as is
     files_given = {flag: None if (v := getattr(args, flag)) is None else str(expand_path(v, f"--{flag}"))
                    for flag in ("texts_file", "prompts_file", "output_dir")}
-    if "plots_dir" in given:
-        given["plots_dir"] = str(expand_path(given["plots_dir"], "--plots_dir"))
+    given["plots_dir"] = str(expand_path(given["plots_dir"], "--plots_dir")) if "plots_dir" in given else op.CLI_PLOTS_DIR
     texts_file, prompts_file, output_dir = files_given["texts_file"], files_given["prompts_file"], files_given["output_dir"]
     op.check_given(given)
     check_run_flags(args)
@@ -354,8 +353,7 @@ def _main(args, argv) -> int:
     prompts = None if prompts_file is None else read_texts_file(prompts_file, flag="--prompts_file")
     if texts_file is not None:
         textset = load_texts(texts_file, args.text_limit)  # missing / empty / not UTF-8: fail now
-    plots_dir = given.get("plots_dir", op.Options.plots_dir)
-    check_writable_dir(plots_dir, "--plots_dir")
+    check_writable_dir(given["plots_dir"], "--plots_dir")
     if args.save_results:
         check_writable_dir(output_dir, "--output_dir")
 

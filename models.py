@@ -70,6 +70,8 @@ class ArchitectureAdapter:
     sites: dict[str, SiteSpec] = {}
     default_causal_site: str = "residual"
     position_embedding_path: str | None = None  # absolute position embeddings added to the input embeddings
+    # how the model is told positions: None (a Mamba: only through the order of its recurrence)
+    position_encoding: str | None = None
     # the state-space math of the layers: "mamba1" (Mamba-1 and FalconMamba: Δ and A per channel, ssm.py's
     # recomputation, blocked forward and fast scan) or "mamba2"; None for a Transformer
     ssm_kind: str | None = None
@@ -285,6 +287,7 @@ class GPT2Adapter(TransformerAdapter):
     layers_path = "transformer.h"
     default_causal_site = "block_out"  # the block's write, as Mamba's mixer_out (like with like)
     position_embedding_path = "transformer.wpe"
+    position_encoding = "learned absolute position embeddings, added to the input"
     sites = _transformer_sites("transformer.h.{layer}", "attn", "c_proj", "attn_out + mlp_out")
     block, attention_name, qkv_name, out_proj_name = "transformer.h.{layer}", "attn", "c_attn", "c_proj"
 
@@ -306,6 +309,7 @@ class GPTNeoXAdapter(TransformerAdapter):
     sites = _transformer_sites("gpt_neox.layers.{layer}", "attention", "dense",
                                "attn_out + mlp_out (with use_parallel_residual the MLP reads the block input; "
                                "otherwise the input plus attn_out)")
+    position_encoding = "rotary (relative positions, inside attention; no absolute position input)"
     block, attention_name, qkv_name, out_proj_name = "gpt_neox.layers.{layer}", "attention", "query_key_value", "dense"
 
     @property

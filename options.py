@@ -19,6 +19,7 @@ ATTENTION_METHODS = ("attention_weighted", "gradient_guided", "rollout")  # atte
 ATTENTION_TARGETS = ("likelihood", "last_argmax")  # attention_neurons.TARGETS (tested)
 INTERVAL_STAGES = ("delta", "causal", "inter_layer", "attention", "sparsity", "faithfulness", "comparison")
 DEFAULT_MAX_LENGTH = 256
+CLI_PLOTS_DIR = "plots"  # main.py's plots folder when --plots_dir is not given (the library writes none)
 PER_LAYER = ("delta", "causal", "attention", "sparsity", "faithfulness")
 CAUSAL = ("causal", "inter_layer", "cross_layer")
 PROMPT_STAGES = (*CAUSAL, "faithfulness")  # the stages that ablate over the prompts
@@ -63,7 +64,9 @@ class Options:
     max_length: int = option(DEFAULT_MAX_LENGTH, f"truncate each text to this many tokens (default {DEFAULT_MAX_LENGTH},"
                                                  " or a Transformer's positions when it has fewer; more than its "
                                                  "positions is an error)", "texts", stages=("all",), type=int)
-    plots_dir: str = option("plots", "folder for the PNG plots", "output", stages=("all",))
+    plots_dir: str | None = option(None, f"folder for the PNG plots (default: {CLI_PLOTS_DIR}; from the library, "
+                                         "run_comprehensive_analysis writes plots only when given a folder)", "output",
+                                   stages=("all",))
     prefix: str = option("model", "the model's label in output file names", flag=False)
     progress: bool = option(True, "show progress bars", flag=False)
     attention_methods: tuple = option(ATTENTION_METHODS, f"attention-neuron methods: {', '.join(ATTENTION_METHODS)}",
@@ -111,8 +114,15 @@ class Options:
               "1e-5; scale-dependent)", "sparsity, efficiency, comparison",
         stages=("sparsity", "efficiency", "comparison"), type=_finite_float)
     dead_eps: float = option(1e-6, "a neuron is dead when |a| < this on every token",
-                             "sparsity, efficiency, comparison", stages=("sparsity", "efficiency", "comparison"),
+                             "sparsity, efficiency, comparison", stages=("sparsity", "census", "efficiency", "comparison"),
                              type=_finite_float)
+    census_alpha: float = option(0.05, "the census's significance level per layer: a neuron is a token or positional "
+                                       "neuron when its F-test p-value is below census_alpha / N (Bonferroni over the "
+                                       "layer's N neurons)", "census", stages=("census",), type=_finite_float,
+                                 metavar="ALPHA")
+    census_min_share: float = option(0.5, "the census's least share of a neuron's within-text variance (adjusted η²) "
+                                          "that the token (or the position) must explain for it to count",
+                                     "census", stages=("census",), type=_finite_float, metavar="SHARE")
     compare_model: str | None = option(
         None, "the model the comparison stage holds the main model against: hub id or folder. Default beside a "
               "Mamba: gpt2, or the shipped reference Transformer (reference_models/transformer) when that is "
@@ -172,7 +182,7 @@ _WHOLE_AT_LEAST = {"layer": 0, "top_k": 1, "max_length": 1, "causal_batch_size":
                    "bootstrap_resamples": 100, "seed": 0, "faithfulness_max_k": 1, "faithfulness_draws": 20}
 _WHOLE_LISTS = {"layers": 0, "attention_layers": 0, "causal_dims": 0, "sparsity_layers": 0, "seq_lengths": 1}
 _FLOATS = {"intervention_scale": None, "sparsity_threshold": "at_least_0", "dead_eps": "positive",
-           "efficiency_budget": "positive"}
+           "efficiency_budget": "positive", "census_alpha": "probability", "census_min_share": "share"}
 _LAYER_SPECS = ("layers", "attention_layers")  # on the command line: numbers, ranges and "all"
 
 
@@ -213,6 +223,10 @@ def check_option_values(values: dict, flag: str = "") -> None:
                 raise UserInputError(f"{flag}{name} {v}: must be positive")
             if _FLOATS[name] == "at_least_0" and v < 0:
                 raise UserInputError(f"{flag}{name} {v}: must be at least 0")
+            if _FLOATS[name] == "probability" and not 0 < v < 1:
+                raise UserInputError(f"{flag}{name} {v}: must lie strictly between 0 and 1 (a significance level)")
+            if _FLOATS[name] == "share" and not 0 < v <= 1:
+                raise UserInputError(f"{flag}{name} {v}: must lie in (0, 1] (a share of the variance)")
         elif name == "attention_methods":
             methods = [v] if isinstance(v, str) else list(v)
             if not methods:

@@ -111,21 +111,37 @@ def complete_plan(stages, family: str | None = None, enable_attention: bool = Fa
     return [s for s in ALL_STAGES if s in stages or s in added], added
 
 
+# The documented names of the library call (the design documents' snippets), beside the primary ones
+DOCUMENTED_ANALYSES = {"attention_neurons": "attention"}  # results["analysis_results"][name] -> the stage's results
+
+
 def run_comprehensive_analysis(model, tokenizer, texts, stages=None, options: Options | None = None, on_start=None,
                                on_stage=None, compare=None, **fields) -> dict:
     """Run the stages in order on `texts` (strings) and return `analysis_results`:
     {"texts": {...}, STAGE: {"status": "ok"|"not_applicable"|"error", "wall_time_s", "results"|"reason"|
-    "error", "plots"}}. A failing stage is recorded and the others go on. Input that no stage could use
-    (a bare string for `texts`, too few texts for a stage asked for, a text without tokens, token ids
-    beyond the model's vocabulary) raises UserInputError before the first stage. `on_start(results)` is
-    called once the texts are tokenized, `on_stage(name, entry)` as each stage ends (main prints them).
+    "error", "plots"}, "analysis_results": {STAGE: its results (its entry when it did not succeed),
+    "attention_neurons": the attention stage's}}. A failing stage is recorded and the others go on. Input
+    that no stage could use (a bare string for `texts`, too few texts for a stage asked for, a text without
+    tokens, token ids beyond the model's vocabulary) raises UserInputError before the first stage.
+    `on_start(results)` is called once the texts are tokenized, `on_stage(name, entry)` as each stage ends.
+
+    `stages`: default the command line's default stages with the attention stage (`--enable_attention`); the
+    comparison among them only when its other model is given (`compare`) or named (`compare_model`):
+    otherwise it is left out and `stages_left_out` says why, and asking for it by name is refused. Plots
+    are written only to a folder given as `plots_dir`; no other model is loaded and nothing else written.
 
     The options: each `Options` field by its name (`layer=1, top_k=5, causal_dims=[3, 4],
-    sparsity_threshold=0.5, ...`: the command line's flag names), or `options`, an `Options` object holding
-    every option. `compare`: the comparison's other model (`comparison_wrapper.CompareModel`; default: the
-    model `compare_model` names, loaded when the comparison runs)."""
+    sparsity_threshold=0.5, ...`: the command line's flag names; `layer_idx` is the design documents' name
+    for `layer`), or `options`, an `Options` object holding every option. `compare`: the comparison's other
+    model (`comparison_wrapper.CompareModel`); otherwise the model `compare_model` names is loaded when the
+    comparison runs."""
     from options import FIELDS
+    from utils import UserInputError
 
+    if "layer_idx" in fields:
+        if "layer" in fields:
+            raise TypeError("give layer or layer_idx (its documented name), not both")
+        fields["layer"] = fields.pop("layer_idx")
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise TypeError(f"unknown option {unknown[0]!r}; the options are the fields of options.Options: "
@@ -134,17 +150,41 @@ def run_comprehensive_analysis(model, tokenizer, texts, stages=None, options: Op
         raise TypeError(f"give the options as an Options object or by name, not both ({', '.join(fields)})")
     if options is None:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-        if "plots_dir" in fields:
+        if fields.get("plots_dir") is not None:
             fields["plots_dir"] = str(fields["plots_dir"])  # a pathlib.Path too
         options = Options(**fields)
-    return run_pipeline(model, tokenizer, texts, options, stages, on_start, on_stage, compare)
+    left_out = {}
+    if compare is None and options.compare_model is None:
+        no_model = "its other model was not given: pass compare=comparison_wrapper.CompareModel(...) or compare_model="
+        if stages is None:
+            stages = [s for s in resolve_stages(None) if s != "comparison"]
+            left_out["comparison"] = no_model + "'gpt2' (a hub id or folder)"
+        elif "comparison" in resolve_stages(stages):
+            raise UserInputError(f"the comparison stage: {no_model}'gpt2' (a hub id or folder), or leave it out of "
+                                 "stages")
+    results = run_pipeline(model, tokenizer, texts, options, stages, on_start, on_stage, compare)
+    if left_out:
+        results["stages_left_out"] = left_out
+    results["analysis_results"] = _analysis_view(results, options.layers)
+    return results
+
+
+def _analysis_view(results: dict, layers) -> dict:
+    """{stage: its results, or its entry when it did not succeed}, at the first layer of a --layers run
+    (each layer's entries stay under results["layers"]), with the documented names beside the stages'."""
+    entries = dict(results["layers"][min(results["layers"])]) if layers is not None else {}
+    entries.update({k: v for k, v in results.items() if isinstance(v, dict) and "status" in v})
+    view = {name: e["results"] if e["status"] == "ok" else e for name, e in entries.items()}
+    view.update({alias: view[name] for alias, name in DOCUMENTED_ANALYSES.items() if name in view})
+    return view
 
 
 def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=None, on_stage=None,
                  compare=None, write_plots: bool = True) -> dict:
     """`run_comprehensive_analysis` with the options as one `Options` object. `compare`: the comparison's
     other model (`comparison_wrapper.CompareModel`), when the caller loaded it; `write_plots`: False for a
-    run whose plots nobody reads (the comparison's run on the other model).
+    run whose plots nobody reads (the comparison's run on the other model); none are written without
+    `opts.plots_dir`.
 
     The text stages (those with a `reader`) read one text pass (`passes.run_text_pass`) over every text;
     the causal stages share one prompt pass (`StageContext.clean_runs`); then each stage's entry is made
@@ -158,6 +198,7 @@ def run_pipeline(model, tokenizer, texts, opts: Options, stages=None, on_start=N
     adapter.check_layer(opts.layer)
     texts = text_list(texts)
     stages, added = complete_plan(resolve_stages(stages), adapter.family)
+    write_plots = write_plots and opts.plots_dir is not None
     check_plan(stages, opts.causal_dims)
     short = too_few_texts(stages, adapter.family, len(texts))
     if short:
@@ -351,7 +392,7 @@ class Stage:
 # is a function in its analysis module, a `register(Stage(...))` there, and its name here.
 STAGE_MODULES = {"delta": "delta_extraction", "causal": "causal_analysis", "inter_layer": "causal_analysis",
                  "cross_layer": "causal_analysis", "attention": "attention_neurons", "sparsity": "sparsity",
-                 "faithfulness": "faithfulness", "efficiency": "efficiency", "comparison": "comparison_wrapper"}
+                 "census": "census", "faithfulness": "faithfulness", "efficiency": "efficiency", "comparison": "comparison_wrapper"}
 ALL_STAGES = tuple(STAGE_MODULES)
 
 

@@ -256,6 +256,10 @@ def _stage_section(label: str, name: str, entry: dict, summary: str, folder, lef
         from faithfulness import table_rows
 
         parts.append("<h3>rankings against the ground truth</h3>" + _table(table_rows(results)))
+    if name == "census" and results.get("layers"):
+        from census import table_rows as census_rows
+
+        parts.append("<h3>neurons of each kind per layer</h3>" + _table(census_rows(results)))
     if name == "depth_profiles" and results.get("left_out"):
         parts.append("<h3>values left out of the profiles</h3>" + _table(results["left_out"], numeric=False))
     for title, rows in _top_tables(results):

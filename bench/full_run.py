@@ -29,6 +29,8 @@ machine's matmul rate, and how many times the floor the stage took:
   with rollout at every layer below it too (rollout reads each one's α); the methods' elementwise passes
   over α are not counted;
 - sparsity: its reading of the pass (the streamed statistics; no FLOP floor);
+- census: its reading of the pass at every layer (group sums; no FLOP floor; `bench/census.py` measures it
+  against a forward);
 - faithfulness: the causal floor for each ablated row per prompt: every unit of its site (unless the causal
   stage's scan was its ground truth) and every distinct set of two or more units of its deletion curves;
 - efficiency: a measurement within --efficiency_budget seconds (no floor);
@@ -114,6 +116,7 @@ def stage_floors(res: dict, adapters: dict, text_lengths: dict, prompt_lengths: 
     f = ok("faithfulness")
     floors["faithfulness"] = sum(causal("main", layer, faithfulness_rows(s)) for s in f["spaces"].values()) if f else None
     floors["sparsity"] = None
+    floors["census"] = None
     floors["efficiency"] = None
     cmp = ok("comparison")
     if cmp:

@@ -16,13 +16,13 @@ def test_each_module_registers_its_stages_in_run_order():
     """Every stage is registered by its analysis module (loaded when first asked for), runs after the stages
     it needs, and a registration that breaks either rule is refused."""
     assert pipeline.ALL_STAGES == ("delta", "causal", "inter_layer", "cross_layer", "attention", "sparsity",
-                                   "faithfulness", "efficiency", "comparison")
+                                   "census", "faithfulness", "efficiency", "comparison")
     for name in pipeline.ALL_STAGES:
         stage = pipeline.STAGES[name]
         assert stage.name == name and stage.run.__module__ == pipeline.STAGE_MODULES[name]
         assert all(pipeline.ALL_STAGES.index(n) < pipeline.ALL_STAGES.index(name) for n in stage.needs)
     text_stages = [n for n in pipeline.ALL_STAGES if pipeline.STAGES[n].reader is not None]
-    assert text_stages == ["delta", "attention", "sparsity", "efficiency", "comparison"]
+    assert text_stages == ["delta", "attention", "sparsity", "census", "efficiency", "comparison"]
     with pytest.raises(ValueError, match="stage x is not in pipeline.STAGE_MODULES"):
         register(Stage("x", _noop, str))
     with pytest.raises(ValueError, match="stage delta needs comparison, which is not a stage before it"):

@@ -3,32 +3,39 @@
 
 Shapes: T texts, read one at a time (L tokens each); N neurons of a layer's site (`sparsity.neuron_site`:
 a Mamba's ssm channels, the inner width e; a Transformer's MLP neurons); k groups (distinct tokens, or
-positions).
+positions); the texts split in two halves (texts 0, 2, 4, ... and 1, 3, 5, ...).
 
-Per neuron of every layer, streamed over the text pass (running sums only: `LayerCensus`):
-1. **dead**: |a| < --dead_eps on every token (as the sparsity stage counts them).
-2. **within-text deviations**: each text's own mean activation is subtracted (per neuron), so that a
-   neuron that tracks only which text it reads (its topic) is counted as neither kind.
-3. **token share**: how much of a neuron's within-text variance the current token's identity explains.
-   The one-way analysis of variance with the token as the group, over the positions whose token occurs
-   at least twice in the texts (a token seen once has no spread of its own). The share is the adjusted
-   η², ε² = 1 − (SS_within / df_within) / (SS_total / df_total): about 0 for a neuron the token does not
-   drive, however many distinct tokens there are (plain η² = SS_between / SS_total grows with the number
-   of groups: with k groups of pure noise its expectation is (k − 1) / (n − 1)). Its p-value is the
-   F-test's, P(F ≥ observed), F = (SS_between / df_between) / (SS_within / df_within), df_between =
-   k − 1, df_within = n − k − (T − 1) (the T text means removed cost T − 1 more).
-4. **position share**: the same with the absolute position (0, 1, ...) as the group, over the positions
-   at least two texts reach; and again without position 0 (the first token is special in every model:
-   no history in a Mamba, the attention sink in a Transformer).
-5. A neuron is a **token (positional) neuron** when its p-value is below --census_alpha / N (Bonferroni
-   over the layer's N neurons: at most a census_alpha chance of any false one in a layer) and its share
-   is at least --census_min_share. Counts per layer; a neuron can be both kinds.
+Per neuron of every layer, streamed over the text pass (running group sums only: `LayerCensus`), three
+tests, each over its own positions (`plan_groups`):
+- token: positions 1, 2, ... whose token occurs at least twice there in the texts (position 0 is left out:
+  the first token is special in every model, and a first-token neuron is not a token neuron);
+- position: positions 0 .. P − 1, those reached by at least two texts;
+- position without the first: positions 1 .. P − 1 (a position code, not a first-token detector).
+A text enters a test with at least two of its positions.
+1. **dead**: |a| < --dead_eps on every token (as the sparsity stage counts them); a dead neuron has no share.
+2. **within-text deviations**: in each test, each text's mean over that test's positions is subtracted, so
+   that a neuron that tracks only which text it reads (its topic) counts as neither kind, and a spike at a
+   position left out of a test cannot leak into it.
+3. **share**: how much of the deviations' variance the group (the token, or the position) explains: the
+   one-way analysis of variance's adjusted η², ε² = 1 − (SS_within / df_within) / (SS_total / df_total),
+   about 0 for a neuron the group does not drive however many groups there are (plain η² = SS_between /
+   SS_total grows with their number: with k groups of noise its expectation is (k − 1) / (n − 1)).
+   df_between = k − 1, df_within = n − k − (T − 1) (n positions; the T text means removed cost T − 1).
+4. **cross-fitted share**: the same share out of sample: the group means of one half of the texts
+   predict the other half's deviations, both ways: 1 − Σ (d − m_other half[g])² / Σ d². The texts are
+   independent, so this is about 0 or below without an effect however dependent the positions of one
+   text are (a Mamba channel's activations are autocorrelated along the text, which inflates the in-sample
+   share and the F-test); a group seen in one half only is predicted by 0.
+5. **p**: the F-test's P(F ≥ observed), F = (SS_between / df_between) / (SS_within / df_within). Nominal:
+   it assumes independent positions, and activations that drift along a text make it too small.
+6. A neuron is a **token (positional) neuron** when p < --census_alpha / N (Bonferroni over the layer's N
+   neurons, nominal), and both its share and its cross-fitted share are at least --census_min_share. Counts
+   per layer; a neuron can be of both kinds.
 
 Why the F-test rather than a permutation null: a permutation null needs every activation kept, or each
-permutation's group sums (draws × k × N per layer), while the F-test needs one set of group sums; for
-these sample sizes its p-value is what the permutation test approximates, and the suite checks its
-false-positive rate on shuffled activations. The statistics assume the positions within a group are
-independent; positions of one text are not (the text means removed take out their shared level).
+permutation's group sums (draws × k × N per layer), while the F-test needs one set of group sums; on
+independent (shuffled) activations its p-values are calibrated (the suite checks the false-positive rate),
+and the cross-fitted share guards the counts where positions are not independent.
 """
 from __future__ import annotations
 
@@ -42,118 +49,164 @@ import stats
 
 logger = logging.getLogger(__name__)
 
-CENSUS_BYTES = 1 << 30  # the group sums' memory (float64, every layer): the most frequent tokens that fit
+CENSUS_BYTES = 1 << 30  # the group sums' memory (float64, every layer, both halves): positions, then tokens
 TOP_TOKENS = 5  # each top token neuron's tokens listed
 PLOTTED_TOKENS = 20  # the strongest token neuron's tokens in its plot
 PLOTTED_POSITIONAL = 3  # the strongest positional neurons in their plot
+TESTS = ("token", "position", "position_without_first")
 
 DEFINITIONS = {
     "site": "each layer's neuron site: a Mamba's ssm channels (the inner width), a Transformer's MLP neurons",
-    "deviation": "a neuron's activation minus its mean over the text it is in (each text's own level removed)",
-    "token_share": "adjusted η² of the within-text deviation with the current token as the group, over the "
-                   "positions whose token occurs at least twice: 1 − (SS_within/df_within)/(SS_total/df_total); "
-                   "about 0 when the token does not drive the neuron, 1 when it determines it",
-    "position_share": "the same with the absolute position as the group, over the positions at least two texts "
-                      "reach; position_share_without_first leaves position 0 out",
+    "tests": "token: positions ≥ 1 whose token occurs at least twice there; position: positions 0..P−1 reached "
+             "by at least two texts; position_without_first: positions 1..P−1; a text enters a test with at "
+             "least two of its positions",
+    "deviation": "a neuron's activation minus its mean over the text's positions in the test",
+    "share": "adjusted η² of the deviations with the group (the token, or the position): 1 − (SS_within/df_within)"
+             "/(SS_total/df_total); about 0 when the group does not drive the neuron, 1 when it determines it",
+    "cross_share": "the share out of sample: each half of the texts' deviations predicted by the other half's group "
+                   "means, 1 − Σ(d − m_other[g])²/Σd²; about 0 or below without an effect, whatever the dependence "
+                   "between the positions of a text",
     "p": "the F-test's P(F ≥ observed), df_between = k − 1, df_within = n − k − (T − 1) (k groups, n positions, "
-         "T texts)",
-    "kind": "token (positional) neuron: p below alpha / N (Bonferroni over the layer's N neurons) and share at "
-            "least min_share; dead: |a| < eps on every token",
-    "top_tokens": "the tokens with the largest mean deviation in absolute value (count: the token's positions)",
+         "T texts); nominal: it assumes independent positions",
+    "kind": "token (positional) neuron: p below alpha / N (Bonferroni over the layer's N neurons, nominal), and "
+            "share and cross_share both at least min_share; dead: |a| < eps on every token (no share)",
+    "top_tokens": "the tokens with the largest mean deviation in absolute value (count: the token's positions in "
+                  "the test)",
 }
 
 
 @dataclass(frozen=True)
-class Groups:
-    """Which positions enter each test, known before the pass from the token ids: `token_of` {token id:
-    group} for the tokens seen at least twice (the most frequent first, as many as `CENSUS_BYTES` allows),
-    their counts `token_counts` (k,), `positions` P (the positions at least two texts reach, as many as
-    fit) with `position_counts` (P,)."""
+class Plan:
+    """One test's positions: per text, each position's group (L,) (−1: not in the test), the group sizes in
+    each half of the texts (2, k), and how many texts are in it."""
 
-    token_of: dict
-    token_ids: np.ndarray  # (k,) the token of each group
-    token_counts: np.ndarray  # (k,)
-    token_texts: int  # texts with at least one position in the token test
+    group_of: list  # per text, (L,) int64
+    counts: np.ndarray  # (2, k)
+    n_texts: int
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The three tests' plans (`TESTS`), known before the pass from the token ids, with the token of each
+    token group (k,) (the most frequent first, as many as `CENSUS_BYTES` allows), the positions P of the
+    position tests, the texts' tokens in all, and the repeated tokens left out for the memory budget."""
+
+    plans: dict  # {test: Plan}
+    token_ids: np.ndarray  # (k,)
     positions: int
-    position_counts: np.ndarray  # (P,)
     n_tokens: int
-    tokens_left_out: int  # repeated tokens beyond the memory budget (their positions leave the token test)
+    tokens_left_out: int
+
+
+def _plan(groups_of: list) -> Plan:
+    """A test's plan from each text's groups (−1 outside): a text with fewer than two positions in it
+    leaves it."""
+    groups_of = [g if (g >= 0).sum() >= 2 else np.full_like(g, -1) for g in groups_of]
+    k = max([int(g.max()) + 1 for g in groups_of if len(g)] + [0])
+    counts = np.zeros((2, k), dtype=np.int64)
+    for t, g in enumerate(groups_of):
+        counts[t % 2] += np.bincount(g[g >= 0], minlength=k)
+    return Plan(groups_of, counts, sum(int((g >= 0).any()) for g in groups_of))
 
 
 def plan_groups(input_ids, n_neurons: int, n_layers: int, budget: int = CENSUS_BYTES) -> Groups:
-    """The groups of both tests from the texts' token ids (a list of (1, L) tensors)."""
+    """The three tests' positions from the texts' token ids (a list of (1, L) tensors)."""
     seqs = [ids.reshape(-1).cpu().numpy() for ids in input_ids]
     lengths = np.array([len(s) for s in seqs])
-    per_group = n_neurons * n_layers * 8  # bytes of one group's sums, every layer
-    reach = np.array([(lengths > p).sum() for p in range(int(lengths.max()))])  # texts reaching position p
-    positions = int((reach >= 2).sum())
-    positions = min(positions, max(1, budget // 2 // per_group))
-    ids, counts = np.unique(np.concatenate(seqs), return_counts=True)
+    per_group = n_neurons * n_layers * 8 * 2  # bytes of one group's sums, every layer, both halves
+    long = lengths[lengths >= 2]
+    positions = int(sum((long > p).sum() >= 2 for p in range(int(lengths.max()))))
+    positions = min(positions, max(2, budget // 2 // (2 * per_group)))  # two position tests
+    position_of = [np.where(np.arange(L) < positions, np.arange(L), -1) for L in lengths]
+    later = [np.where(g >= 1, g - 1, -1) for g in position_of]
+    rest = np.concatenate([s[1:] for s in seqs]) if any(len(s) > 1 for s in seqs) else np.zeros(0, np.int64)
+    ids, counts = np.unique(rest, return_counts=True)
     order = np.argsort(-counts, kind="stable")
     repeated = order[counts[order] >= 2]
-    room = max(0, (budget - positions * per_group) // per_group)
-    kept = repeated[:room]
-    token_of = {int(ids[g]): i for i, g in enumerate(kept)}
-    texts = sum(any(int(t) in token_of for t in s) for s in seqs)
-    return Groups(token_of, ids[kept], counts[kept], texts, positions, reach[:positions], int(lengths.sum()),
-                  len(repeated) - len(kept))
+    kept = repeated[:max(0, (budget - 2 * positions * per_group) // per_group)]
+    token_of = np.full(int(max(ids.max() if len(ids) else 0, max(s.max() for s in seqs))) + 1, -1, dtype=np.int64)
+    token_of[ids[kept]] = np.arange(len(kept))
+    token_groups = [np.concatenate([[-1], token_of[s[1:]]]) if len(s) else s.astype(np.int64) for s in seqs]
+    return Groups({"token": _plan(token_groups), "position": _plan(position_of), "position_without_first":
+                   _plan(later)}, ids[kept], positions, int(lengths.sum()), len(repeated) - len(kept))
 
 
 class LayerCensus:
-    """One layer's running sums (float64): the max |a| (dead), and per test the group sums of the within-text
-    deviations S (k, N) and their sum of squares Q (N) over the positions in the test (and at position 0)."""
+    """One layer's running sums (float64): the largest |a| over every position and over positions ≥ 1, and per
+    test and half of the texts the group sums of the deviations S (2, k, N) and their sum of squares Q (2, N)."""
 
     def __init__(self, n_neurons: int, groups: Groups):
-        n = n_neurons
-        self.max_abs = torch.zeros(n, dtype=torch.float64)
-        self.tok_S = torch.zeros(len(groups.token_ids), n, dtype=torch.float64)
-        self.tok_Q = torch.zeros(n, dtype=torch.float64)
-        self.pos_S = torch.zeros(groups.positions, n, dtype=torch.float64)
-        self.pos_Q = torch.zeros(n, dtype=torch.float64)
-        self.first_Q = torch.zeros(n, dtype=torch.float64)  # at position 0
+        f64 = dict(dtype=torch.float64)
+        self.max_abs = torch.zeros(n_neurons, **f64)
+        self.max_rest = torch.zeros(n_neurons, **f64)  # over positions ≥ 1
+        self.S = {t: torch.zeros(2, groups.plans[t].counts.shape[1], n_neurons, **f64) for t in TESTS}
+        self.Q = {t: torch.zeros(2, n_neurons, **f64) for t in TESTS}
 
-    def add(self, a: torch.Tensor, token_group: torch.Tensor, positions: int) -> None:
-        """One text's activations a (L, N) float64, each position's token group (L,) (−1: not in the test)."""
+    def add(self, a: torch.Tensor, group_of: dict, half: int) -> None:
+        """One text's activations a (L, N) float64; `group_of` {test: (L,) long groups, −1 outside}."""
         self.max_abs = torch.maximum(self.max_abs, a.abs().amax(0))
-        dev = a - a.mean(0)  # (L, N) within-text deviations
-        inside = token_group >= 0
-        self.tok_S.index_add_(0, token_group[inside], dev[inside])
-        self.tok_Q += dev[inside].square().sum(0)
-        p = min(positions, dev.shape[0])
-        self.pos_S[:p] += dev[:p]
-        self.pos_Q += dev[:p].square().sum(0)
-        self.first_Q += dev[0].square()
+        if a.shape[0] > 1:
+            self.max_rest = torch.maximum(self.max_rest, a[1:].abs().amax(0))
+        for t, g in group_of.items():
+            inside = g >= 0
+            if not bool(inside.any()):
+                continue
+            x = a[inside]  # (n_t, N) the text's positions in the test
+            dev = x - x.mean(0)
+            if t == "token":
+                self.S[t][half].index_add_(0, g[inside], dev)
+            else:  # the position tests' groups are the positions in order: 0, 1, ... (n_t of them)
+                self.S[t][half][:dev.shape[0]] += dev
+            self.Q[t][half] += dev.square().sum(0)
 
 
 def group_test(S: np.ndarray, counts: np.ndarray, Q: np.ndarray, n_texts: int, scale: np.ndarray) -> dict:
-    """The one-way analysis of variance of each neuron's deviations by group, from the group sums S (k, N),
-    the group sizes `counts` (k,), the sum of squares Q (N) and the texts they come from; `scale` (N): each
-    neuron's largest |a| (a neuron with no spread on that scale has no share). {"share" (N) adjusted η²,
-    "eta_squared" (N), "p" (N) (NaN where undefined), "df": [between, within], "undefined": why or None}."""
-    k, n = len(counts), int(counts.sum())
+    """One test for every neuron, from each half's group sums of the deviations S (2, k, N), group sizes
+    `counts` (2, k) and sums of squares Q (2, N), and the texts in it; `scale` (N): each neuron's largest
+    |a| over the test's positions (a neuron with no spread on that scale has no share). {"share" (N)
+    adjusted η², "cross_share" (N), "eta_squared" (N), "p" (N) (NaN where undefined), "df": [between,
+    within], "undefined": why or None, "cross_undefined": why or None}."""
+    S, counts = S[:, counts.sum(0) > 0], counts[:, counts.sum(0) > 0]  # groups with positions
+    c = counts.sum(0)  # (k,)
+    k, n = len(c), int(c.sum())
     df_b, df_w = k - 1, n - k - (n_texts - 1)
-    nan = np.full(S.shape[1], np.nan)
+    nan = np.full(S.shape[2], np.nan)
+    out = {"share": nan, "cross_share": nan, "eta_squared": nan, "p": nan, "df": [df_b, df_w], "undefined": None,
+           "cross_undefined": None}
     if k < 2 or df_w < 1:
-        why = (f"{k} group{'s' if k != 1 else ''}: nothing to compare" if k < 2 else
-               f"{n} positions in {k} groups from {n_texts} texts leave no degrees of freedom within the groups")
-        return {"share": nan, "eta_squared": nan, "p": nan, "df": [df_b, df_w], "undefined": why}
-    total = S.sum(0)  # (N,)
-    ss_total = Q - total ** 2 / n
-    ss_between = (S ** 2 / counts[:, None]).sum(0) - total ** 2 / n
+        out["undefined"] = out["cross_undefined"] = (
+            f"{k} group{'s' if k != 1 else ''}: nothing to compare" if k < 2 else
+            f"{n} positions in {k} groups from {n_texts} texts leave no degrees of freedom within the groups")
+        return out
+    S_all, Q_all = S.sum(0), Q.sum(0)  # (k, N), (N,)
+    total = S_all.sum(0)
+    ss_total = Q_all - total ** 2 / n
+    ss_between = (S_all ** 2 / c[:, None]).sum(0) - total ** 2 / n
     ss_within = np.maximum(ss_total - ss_between, 0.0)
     defined = ss_total > 1e-12 * n * np.maximum(scale, 1e-300) ** 2  # a neuron with spread at its own scale
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(defined, 1.0 - (ss_within / df_w) / (ss_total / (df_b + df_w)), np.nan)
-        eta = np.where(defined, ss_between / ss_total, np.nan)
+        out["share"] = np.where(defined, 1.0 - (ss_within / df_w) / (ss_total / (df_b + df_w)), np.nan)
+        out["eta_squared"] = np.where(defined, ss_between / ss_total, np.nan)
         f = np.where(defined, (ss_between / df_b) / (ss_within / df_w), np.nan)
-    p = np.full_like(f, np.nan)
-    p[defined] = stats.f_survival(f[defined], df_b, df_w)
-    return {"share": share, "eta_squared": eta, "p": p, "df": [df_b, df_w], "undefined": None}
+    out["p"] = np.full_like(f, np.nan)
+    out["p"][defined] = stats.f_survival(f[defined], df_b, df_w)
+    if (counts.sum(1) == 0).any():
+        out["cross_undefined"] = "one half of the texts has no position in this test"
+        return out
+    residual = 0.0
+    for h in (0, 1):  # half h's means predict the other half's deviations
+        o = 1 - h
+        m = np.divide(S[h], counts[h][:, None], out=np.zeros_like(S[h]), where=counts[h][:, None] > 0)  # (k, N)
+        residual = residual + Q[o] - 2 * (S[o] * m).sum(0) + (counts[o][:, None] * m ** 2).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["cross_share"] = np.where(defined, 1.0 - residual / Q_all, np.nan)
+    return out
 
 
 class CensusReader:
     """The census stage's reader of the text pass: every layer's neuron site (`request`), each text's
-    activations into each layer's `LayerCensus` (`read`), the tests per layer (`finish`)."""
+    activations into each layer's `LayerCensus` (`read`, texts in order: text t is in half t % 2), the tests
+    per layer (`finish`)."""
 
     def __init__(self, adapter, input_ids, layers=None):
         import sparsity as sp
@@ -173,65 +226,82 @@ class CensusReader:
         return TextRequest(sites=frozenset(self.layers))
 
     def read(self, text) -> None:
-        ids = text.ids.reshape(-1).tolist()
-        group = torch.tensor([self.groups.token_of.get(t, -1) for t in ids], dtype=torch.long)  # (L,)
+        t = self.n_texts
+        group_of = {name: torch.from_numpy(plan.group_of[t]) for name, plan in self.groups.plans.items()}
         for la in self.layers:
             a = torch.from_numpy(np.asarray(text.sites[la])).to(torch.float64)  # (L, N)
-            self.census[la].add(a, group, self.groups.positions)
+            self.census[la].add(a, group_of, t % 2)
         self.n_texts += 1
 
     def finish(self) -> dict:
         g = self.groups
         out = {}
         for la, c in self.census.items():
-            scale = c.max_abs.numpy()
-            pos_S, first_Q = c.pos_S.numpy(), c.first_Q.numpy()
-            with_first = group_test(pos_S, g.position_counts, c.pos_Q.numpy(), self.n_texts, scale)
-            without = group_test(pos_S[1:], g.position_counts[1:], c.pos_Q.numpy() - first_Q,
-                                 int(g.position_counts[1]) if g.positions > 1 else 0, scale)
-            out[la] = {"max_abs": scale, "site": self.sites[la].name,
-                       "token": group_test(c.tok_S.numpy(), g.token_counts, c.tok_Q.numpy(), g.token_texts, scale),
-                       "position": with_first, "position_without_first": without,
-                       "token_means": c.tok_S.numpy() / np.maximum(g.token_counts, 1)[:, None],  # (k, N)
-                       "position_means": pos_S / np.maximum(g.position_counts, 1)[:, None]}  # (P, N)
+            scale = {"token": c.max_rest, "position": c.max_abs, "position_without_first": c.max_rest}
+            out[la] = {"max_abs": c.max_abs.numpy(), "site": self.sites[la].name,
+                       "sums": {t: (c.S[t].numpy(), g.plans[t].counts) for t in TESTS},
+                       **{t: group_test(c.S[t].numpy(), g.plans[t].counts, c.Q[t].numpy(), g.plans[t].n_texts,
+                                        scale[t].numpy()) for t in TESTS}}
         return {"layers": out, "groups": g, "n_texts": self.n_texts}
 
 
+def group_means(sums, neuron: int) -> np.ndarray:
+    """(k,) one neuron's mean deviation per group over both halves (NaN for a group without positions)."""
+    S, counts = sums
+    c = counts.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(c > 0, S[:, :, neuron].sum(0) / c, np.nan)
+
+
 def classify(test: dict, alpha: float, min_share: float, n_neurons: int, dead: np.ndarray) -> np.ndarray:
-    """(N,) bool: the neurons of the kind (p < alpha / N and share ≥ min_share; never a dead one)."""
+    """(N,) bool: the neurons of the kind (p < alpha / N, share and cross-fitted share ≥ min_share; never a
+    dead one)."""
     with np.errstate(invalid="ignore"):
-        return (test["p"] < alpha / n_neurons) & (test["share"] >= min_share) & ~dead
+        return ((test["p"] < alpha / n_neurons) & (test["share"] >= min_share) & (test["cross_share"] >= min_share)
+                & ~dead)
 
 
 def _decoded(tokenizer, token_id: int) -> str:
     return tokenizer.decode([int(token_id)])
 
 
-def _top_tokens(means: np.ndarray, groups: Groups, neuron: int, tokenizer, n: int) -> list[dict]:
-    col = means[:, neuron]  # (k,)
-    order = np.argsort(-np.abs(col), kind="stable")[:n]
+def _top_tokens(sums, groups: Groups, neuron: int, tokenizer, n: int) -> list[dict]:
+    col = group_means(sums, neuron)  # (k,)
+    count = sums[1].sum(0)
+    order = [g for g in np.argsort(-np.abs(np.nan_to_num(col, nan=0.0)), kind="stable") if count[g] > 0][:n]
     return [{"token": _decoded(tokenizer, groups.token_ids[g]), "token_id": int(groups.token_ids[g]),
-             "count": int(groups.token_counts[g]), "mean_deviation": float(col[g])} for g in order]
+             "count": int(count[g]), "mean_deviation": float(col[g])} for g in order]
 
 
 def _none_for_nan(a: np.ndarray) -> list:
     return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, dtype=np.float64)]
 
 
+def _float(v) -> float | None:
+    return None if not np.isfinite(v) else float(v)
+
+
+def _without_dead(test: dict, dead: np.ndarray) -> dict:
+    """The test with a dead neuron's share, cross-fitted share and p undefined (|a| below eps is not a code)."""
+    return {**test, **{f: np.where(dead, np.nan, test[f]) for f in ("share", "cross_share", "eta_squared", "p")}}
+
+
 def _kind_entry(test: dict, is_kind: np.ndarray, alpha: float, n: int, top_k: int, extra=None) -> dict:
-    """One kind at one layer: its count and share of the layer's neurons, how many pass the test at any
-    share, the top neurons by share, and the per-neuron shares and p-values."""
+    """One kind at one layer: its count and share of the layer's neurons, how many pass the nominal test at
+    any share, the top neurons by share, and the per-neuron shares, cross-fitted shares and p-values."""
     with np.errstate(invalid="ignore"):
-        significant = int((test["p"] < alpha / n).sum())
-    share = test["share"]
+        nominal = int((test["p"] < alpha / n).sum())
+    share, cross = test["share"], test["cross_share"]
     finite = np.isfinite(share)
     order = [int(i) for i in np.argsort(-np.where(finite, share, -np.inf), kind="stable")[:top_k] if finite[i]]
-    top = [{"neuron": i, "share": float(share[i]), "p": float(test["p"][i]), "is_kind": bool(is_kind[i]),
-            **(extra(i) if extra else {})} for i in order]
-    return {"count": int(is_kind.sum()), "fraction": float(is_kind.sum()) / n, "significant_any_share": significant,
+    top = [{"neuron": i, "share": float(share[i]), "cross_share": _float(cross[i]), "p": float(test["p"][i]),
+            "is_kind": bool(is_kind[i]), **(extra(i) if extra else {})} for i in order]
+    return {"count": int(is_kind.sum()), "fraction": float(is_kind.sum()) / n, "nominal_p_only": nominal,
             "undefined_neurons": int((~finite).sum()), "df": test["df"], "undefined": test["undefined"],
+            "cross_undefined": test["cross_undefined"],
             "median_share": None if not finite.any() else float(np.median(share[finite])), "top": top,
-            "share_per_neuron": _none_for_nan(share), "p_per_neuron": _none_for_nan(test["p"])}
+            "share_per_neuron": _none_for_nan(share), "cross_share_per_neuron": _none_for_nan(cross),
+            "p_per_neuron": _none_for_nan(test["p"])}
 
 
 def census_results(read: dict, adapter, tokenizer, alpha: float, min_share: float, dead_eps: float,
@@ -244,46 +314,49 @@ def census_results(read: dict, adapter, tokenizer, alpha: float, min_share: floa
     for la, r in read["layers"].items():
         n = len(r["max_abs"])
         dead = r["max_abs"] < dead_eps
-        token = classify(r["token"], alpha, min_share, n, dead)
-        pos = classify(r["position"], alpha, min_share, n, dead)
-        pos_wo = classify(r["position_without_first"], alpha, min_share, n, dead)
-        tokens = _kind_entry(r["token"], token, alpha, n, top_k,
-                             lambda i: {"top_tokens": _top_tokens(r["token_means"], g, i, tokenizer, TOP_TOKENS)})
-        without = r["position_without_first"]["share"]
-        position = _kind_entry(r["position"], pos, alpha, n, top_k,
-                               lambda i: {"share_without_first": None if not np.isfinite(without[i])
-                                          else float(without[i])})
-        position["count_without_first"] = int(pos_wo.sum())
-        position["fraction_without_first"] = float(pos_wo.sum()) / n
-        position["undefined_without_first"] = r["position_without_first"]["undefined"]
+        tests = {t: _without_dead(r[t], dead) for t in TESTS}
+        kinds = {t: classify(tests[t], alpha, min_share, n, dead) for t in TESTS}
+        tokens = _kind_entry(tests["token"], kinds["token"], alpha, n, top_k,
+                             lambda i: {"top_tokens": _top_tokens(r["sums"]["token"], g, i, tokenizer, TOP_TOKENS)})
+        wo = tests["position_without_first"]
+        position = _kind_entry(tests["position"], kinds["position"], alpha, n, top_k,
+                               lambda i: {"share_without_first": _float(wo["share"][i]),
+                                          "cross_share_without_first": _float(wo["cross_share"][i])})
+        position.update(count_without_first=int(kinds["position_without_first"].sum()),
+                        fraction_without_first=float(kinds["position_without_first"].sum()) / n,
+                        undefined_without_first=wo["undefined"],
+                        without_first=_kind_entry(wo, kinds["position_without_first"], alpha, n, 0))
         layers[la] = {"layer": la, "relative_depth": la / max(1, adapter.n_layers - 1), "site": r["site"],
                       "n_neurons": n, "dead": {"count": int(dead.sum()), "fraction": float(dead.sum()) / n,
                                                "indices": [int(i) for i in np.flatnonzero(dead)]},
                       "token": tokens, "position": position}
         if tokens["top"] and (strongest_token is None or tokens["top"][0]["share"] > strongest_token["share"]):
-            i = tokens["top"][0]["neuron"]
-            strongest_token = {"layer": la, "neuron": i, "share": tokens["top"][0]["share"],
-                               "p": tokens["top"][0]["p"], "is_kind": tokens["top"][0]["is_kind"],
-                               "tokens": _top_tokens(r["token_means"], g, i, tokenizer, PLOTTED_TOKENS)}
-        positional += [{"layer": la, "neuron": t["neuron"], "share": t["share"], "p": t["p"], "is_kind": t["is_kind"],
-                        "share_without_first": t["share_without_first"],
-                        "means_by_position": _none_for_nan(r["position_means"][:, t["neuron"]])}
+            top = tokens["top"][0]
+            strongest_token = {"layer": la, **{f: top[f] for f in ("neuron", "share", "cross_share", "p", "is_kind")},
+                               "tokens": _top_tokens(r["sums"]["token"], g, top["neuron"], tokenizer, PLOTTED_TOKENS)}
+        positional += [{"layer": la, **{f: t[f] for f in ("neuron", "share", "cross_share", "p", "is_kind",
+                                                           "share_without_first")},
+                        "means_by_position": _none_for_nan(group_means(r["sums"]["position"], t["neuron"]))}
                        for t in position["top"][:PLOTTED_POSITIONAL]]
     positional = sorted(positional, key=lambda t: -t["share"])[:PLOTTED_POSITIONAL]
     first = [la for la, e in layers.items() if e["position"]["count"]]
     first_wo = [la for la, e in layers.items() if e["position"]["count_without_first"]]
+    plans = g.plans
+    token_positions = int(plans["token"].counts.sum())
     return {"site": next(iter(layers.values()))["site"], "n_neurons": next(iter(layers.values()))["n_neurons"],
             "n_layers": len(layers), "n_texts": read["n_texts"], "n_tokens": g.n_tokens,
             "alpha": alpha, "min_share": min_share, "dead_eps": dead_eps,
-            "level": f"p < {alpha:g} / N per neuron (Bonferroni over a layer's N neurons: at most a {alpha:g} chance "
-                     f"of any false one per layer) and share ≥ {min_share:g}",
-            "token_test": {"groups": len(g.token_ids), "positions": int(g.token_counts.sum()),
-                           "positions_fraction": float(g.token_counts.sum()) / max(1, g.n_tokens),
-                           "tokens_left_out": g.tokens_left_out,
-                           "note": "positions whose token occurs at least twice" + (
+            "level": f"p < {alpha:g} / N (the F-test, Bonferroni over a layer's N neurons; nominal: it assumes "
+                     f"independent positions) and both the share and the cross-fitted share ≥ {min_share:g}",
+            "token_test": {"groups": int((plans["token"].counts.sum(0) > 0).sum()), "positions": token_positions,
+                           "positions_fraction": token_positions / max(1, g.n_tokens),
+                           "texts": plans["token"].n_texts, "tokens_left_out": g.tokens_left_out,
+                           "note": "positions 1, 2, ... whose token occurs at least twice there" + (
                                f"; {g.tokens_left_out} more repeated tokens left out (the group sums' memory budget)"
                                if g.tokens_left_out else "")},
-            "position_test": {"positions": g.positions, "note": "positions 0.. reached by at least two texts"},
+            "position_test": {"positions": g.positions, "texts": plans["position"].n_texts,
+                              "texts_without_first": plans["position_without_first"].n_texts,
+                              "note": "positions 0 .. P − 1 reached by at least two texts"},
             "position_encoding": adapter.position_encoding,
             "absolute_position_input": adapter.position_embedding_path is not None,
             "positional_from_layer": first[0] if first else None,
@@ -327,7 +400,8 @@ def plot_by_depth(series: list, plots_dir, name: str, level: str) -> str:
            title="Neuron census over depth")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.text(0.01, 0.0, textwrap.fill(f"A neuron is counted as a kind where {level}; share: adjusted η² of its "
-                                      "within-text deviations by token (or position).", 150),
+                                      "within-text deviations by token (or position); cross-fitted: across two "
+                                      "halves of the texts.", 150),
              fontsize=7, va="bottom")
     fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
     return save_figure(fig, plots_dir, name)
@@ -351,12 +425,13 @@ def plot_strongest(results: dict, plots_dir, name: str) -> str:
         ax0.set_xticks(range(len(toks)), [f"{x['token']!r} ({x['count']})" for x in toks], rotation=70, fontsize=7)
         ax0.axhline(0, color="grey", lw=0.8)
         ax0.set(ylabel="mean deviation from the text's mean",
-                title=f"strongest token neuron: layer {t['layer']} #{t['neuron']}, share {t['share']:.2f}"
+                title=f"strongest token neuron: layer {t['layer']} #{t['neuron']}, share {t['share']:.2f} "
+                      f"(cross-fitted {_cross(t['cross_share'])})"
                       + ("" if t["is_kind"] else " (below the level)"))
     for i, p in enumerate(results["strongest"]["positional"]):
         y = np.array([np.nan if v is None else v for v in p["means_by_position"]])
         wo = "undefined" if p["share_without_first"] is None else f"{p['share_without_first']:.2f}"
-        ax1.plot(range(len(y)), y, color=f"C{i + 3}", label=f"layer {p['layer']} #{p['neuron']}: share {p['share']:.2f} "
+        ax1.plot(range(len(y)), y, color=f"C{i + 3}", label=f"layer {p['layer']} #{p['neuron']}: share {p['share']:.2f}, cross-fitted {_cross(p['cross_share'])} "
                  f"({wo} without position 0)" + ("" if p["is_kind"] else "; below the level"))
     ax1.axhline(0, color="grey", lw=0.8)
     ax1.set(xlabel="position (token index in the text)", ylabel="mean deviation from the text's mean",
@@ -388,6 +463,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def _cross(v) -> str:
+    return "undefined" if v is None else f"{v:.2f}"
+
+
 def positional_finding(r: dict) -> str:
     """Where positional neurons appear, said for a model without a position embedding as a finding."""
     if not r["position_test"]["positions"]:
@@ -396,10 +475,9 @@ def positional_finding(r: dict) -> str:
     told = r["position_encoding"] or "no position input (positions only through the recurrence's order)"
     head = f"{told}: " if r["absolute_position_input"] else f"{told}, yet " if not none else f"{told}; "
     if none:
-        weaker = max(e["position"]["significant_any_share"] for e in r["layers"].values())
         top = r["strongest"]["positional"]
-        tail = ("" if not weaker else f" (the position test passes at smaller shares for up to {weaker} neurons of a "
-                f"layer; the largest share is {top[0]['share']:.2f}, layer {top[0]['layer']} #{top[0]['neuron']})")
+        tail = ("" if not top else f" (the largest position share is {top[0]['share']:.2f}, cross-fitted "
+                f"{_cross(top[0]['cross_share'])}: layer {top[0]['layer']} #{top[0]['neuron']})")
         return f"{head}positional neurons at the level at no layer{tail}"
     wo = r["positional_from_layer_without_first"]
     return (f"{head}positional neurons from layer {r['positional_from_layer']}; leaving position 0 out, "
@@ -407,15 +485,15 @@ def positional_finding(r: dict) -> str:
 
 
 def table_rows(r: dict) -> list[dict]:
-    """The census per layer, one row each (the report's table): each kind's count at the level, and in
-    brackets how many pass the test at any share."""
+    """The census per layer, one row each (the report's table): each kind's count at the level, and how many
+    pass the nominal F-test alone at any share."""
     rows = []
     for la, e in r["layers"].items():
         t, p = e["token"], e["position"]
         rows.append({"layer": la, "relative depth": round(e["relative_depth"], 3), "neurons": e["n_neurons"],
-                     "dead": e["dead"]["count"], "token": t["count"], "token (p only)": t["significant_any_share"],
+                     "dead": e["dead"]["count"], "token": t["count"], "token (nominal p only)": t["nominal_p_only"],
                      "median token share": t["median_share"], "positional": p["count"],
-                     "positional (p only)": p["significant_any_share"],
+                     "positional (nominal p only)": p["nominal_p_only"],
                      "positional without position 0": p["count_without_first"],
                      "median position share": p["median_share"]})
     return rows
@@ -428,26 +506,30 @@ def _p(p: float) -> str:
 def census_summary(r: dict) -> str:
     tt, pt = r["token_test"], r["position_test"]
     lines = [f"    site {r['site']} ({r['n_neurons']} neurons per layer, {r['n_layers']} layers), {r['n_tokens']} "
-             f"tokens, {r['n_texts']} texts; each neuron's within-text deviations (its text's mean removed)",
-             f"    a kind counts where {r['level']}; share: adjusted η² (definitions)",
-             f"    token test: {tt['groups']} tokens seen twice or more, {tt['positions']} positions "
-             f"({_pct(tt['positions_fraction'])} of the tokens){'; ' + tt['note'].split('; ', 1)[1] if tt['tokens_left_out'] else ''}; "
+             f"tokens, {r['n_texts']} texts; each neuron's deviations from its text's mean over each test's positions",
+             f"    a kind counts where {r['level']}; share: adjusted η²; cross-fitted: one half of the texts' group "
+             f"means predicting the other half's (definitions)",
+             f"    token test: {tt['groups']} tokens seen twice or more after the first position, {tt['positions']} "
+             f"positions ({_pct(tt['positions_fraction'])} of the tokens)"
+             f"{'; ' + tt['note'].split('; ', 1)[1] if tt['tokens_left_out'] else ''}; "
              + (f"position test: positions 0-{pt['positions'] - 1} (reached by at least two texts)" if pt["positions"]
                 else "position test: undefined (no position is reached by two texts)"),
-             "    layer | dead | token (p only) | positional (p only) | positional without position 0   [p only: the "
-             "neurons that pass the test at any share]"]
+             "    layer | dead | token (nominal p only) | positional (nominal p only) | positional without position 0"
+             "   [nominal p only: the F-test alone, at any share; it assumes independent positions]"]
     for row in table_rows(r):
-        lines.append(f"    {row['layer']:>5} | {row['dead']:>4} | {row['token']:>5} ({row['token (p only)']}) | "
-                     f"{row['positional']:>10} ({row['positional (p only)']}) | {row['positional without position 0']}")
+        lines.append(f"    {row['layer']:>5} | {row['dead']:>4} | {row['token']:>5} ({row['token (nominal p only)']}) | "
+                     f"{row['positional']:>10} ({row['positional (nominal p only)']}) | "
+                     f"{row['positional without position 0']}")
     lines.append(f"    {positional_finding(r)}")
     t = r["strongest"]["token"]
     if t is not None:
         toks = ", ".join(f"{x['token']!r} {x['mean_deviation']:+.3g} (n={x['count']})" for x in t["tokens"][:TOP_TOKENS])
-        lines.append(f"    strongest token neuron: layer {t['layer']} #{t['neuron']}, share {t['share']:.2f}, "
-                     f"p {_p(t['p'])}{'' if t['is_kind'] else ' (below the level)'}: {toks}")
+        lines.append(f"    strongest token neuron: layer {t['layer']} #{t['neuron']}, share {t['share']:.2f} (cross-"
+                     f"fitted {_cross(t['cross_share'])}), p {_p(t['p'])}{'' if t['is_kind'] else ' (below the level)'}: "
+                     f"{toks}")
     for p in r["strongest"]["positional"][:1]:
-        lines.append(f"    strongest positional neuron: layer {p['layer']} #{p['neuron']}, share {p['share']:.2f}, "
-                     f"p {_p(p['p'])}{'' if p['is_kind'] else ' (below the level)'}")
+        lines.append(f"    strongest positional neuron: layer {p['layer']} #{p['neuron']}, share {p['share']:.2f} (cross-"
+                     f"fitted {_cross(p['cross_share'])}), p {_p(p['p'])}{'' if p['is_kind'] else ' (below the level)'}")
     return "".join(line + "\n" for line in lines)
 
 

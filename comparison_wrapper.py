@@ -160,10 +160,13 @@ def census_side_by_side(main: Side, other: Side) -> dict:
 
     models = {side.label: {"site": side.census["site"], "n_neurons": side.census["n_neurons"],
                            "by_depth": side.census["by_depth"], "finding": positional_finding(side.census),
-                           "totals": census_totals(side.census)} for side in (main, other)}
+                           "token_test": side.census["token_test"], "totals": census_totals(side.census)}
+              for side in (main, other)}
     return {"level": main.census["level"], "models": models,
             "note": "each model's own neuron site (a Mamba's ssm channels, a Transformer's MLP neurons) on its own "
-                    "tokenization of the same texts, at the same level; layers set side by side by relative depth"}
+                    "tokenization of the same texts, with the same census_alpha and census_min_share (the "
+                    "Bonferroni level alpha / N uses each model's own N); layers set side by side by relative "
+                    "depth"}
 
 
 def census_totals(census: dict) -> dict:

@@ -36,6 +36,17 @@ def texts_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def few_prompts(tmp_path_factory):
+    """Four of the default prompts (one of each kind's first), for full runs whose prompts are not the point: the
+    causal, faithfulness and comparison stages cost in proportion to the prompts."""
+    from causal_analysis import DEFAULT_PROMPTS
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(DEFAULT_PROMPTS[::6]) + "\n")
+    return path
+
+
 def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts_file, tmp_path, tokenizer):
     args = ["--model", str(model_dirs["mamba_b"]), "--texts_file", str(texts_file), "--layer", "1",
             "--top_k", "4", "--max_length", "20", "--save_results", "--output_dir", "out",
@@ -104,12 +115,12 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     assert f"channel {got[0][0]:>5}" in page and "FAILED" not in page
 
 
-def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_file, tmp_path):
+def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_file, few_prompts, tmp_path):
     """--layers runs the per-layer stages at each layer in one process: every number equals the
     one-layer run's (--layer L, the per-layer file names kept); the other stages run once; the depth
     profiles are those numbers; one JSON and one report hold it all."""
     base = ["--model", str(model_dirs["mamba_b"]), "--texts_file", str(texts_file), "--max_length", "20",
-            "--top_k", "3", "--save_results", "--output_dir", "out", "--no_progress",
+            "--top_k", "3", "--save_results", "--output_dir", "out", "--no_progress", "--prompts_file", str(few_prompts),
             "--stages", "delta,causal,inter_layer,attention,sparsity"]
     p = run_main([*base, "--layers", "all"], tmp_path)
     assert p.returncode == 0, p.stderr
@@ -145,12 +156,12 @@ def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_fil
     assert 'id="stage-causal-layer2"' in page and 'id="stage-depth_profiles"' in page
 
 
-def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_file, tmp_path):
+def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_file, few_prompts, tmp_path):
     """`--report FILES` turns the JSON files of a loop over --layer into the depth profiles a --layers run
     gives, without a model; an earlier merge among the files is skipped; mixed models and repeated layers
     are refused in one line."""
     base = ["--texts_file", str(texts_file), "--max_length", "20", "--save_results", "--output_dir", "out",
-            "--no_progress", "--stages", "delta,causal,sparsity"]
+            "--no_progress", "--stages", "delta,causal,sparsity", "--prompts_file", str(few_prompts)]
     name = out_name(model_dirs["mamba_b"])
     for layer in ("0", "2"):
         assert run_main(["--model", str(model_dirs["mamba_b"]), *base, "--layer", layer], tmp_path).returncode == 0
@@ -532,12 +543,13 @@ def test_unknown_hub_id_offline_fails_fast(tmp_path):
     assert p.returncode == 2 and "hub is unreachable" in p.stderr and p.elapsed < 20
 
 
-def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_file, tmp_path):
+def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_file, few_prompts, tmp_path):
     """A GPT-2 run: delta does not apply, the attention stage runs on its heads' weights at every layer
     (--attention_layers all), and the comparison holds a Mamba's attention neurons beside them."""
     p = run_main(["--model", str(model_dirs["gpt2"]), "--texts_file", str(texts_file), "--save_results",
                   "--output_dir", "out", "--no_progress", "--seq_lengths", "16", "32", "--compare_model",
-                  str(model_dirs["mamba_a"]), "--enable_attention", "--attention_layers", "all"], tmp_path)
+                  str(model_dirs["mamba_a"]), "--enable_attention", "--attention_layers", "all", "--prompts_file",
+                  str(few_prompts)], tmp_path)
     assert p.returncode == 0, p.stderr
     res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     att = res["attention"]["results"]
@@ -570,10 +582,12 @@ def test_help_is_fast(tmp_path):
     assert q.returncode == 0 and "HEAVY []" in q.stdout, q.stdout[-300:] + q.stderr[-300:]
 
 
-def test_default_run_offline_uses_the_reference_mamba(tmp_path):
+def test_default_run_offline_uses_the_reference_mamba(tmp_path, few_prompts):
     """README's command with no hub and an empty cache: the shipped reference Mamba, one warning line
-    for the model and one for the texts, results recorded as such."""
-    p = run_main(["--enable_attention", "--save_results", "--no_progress"], tmp_path,
+    for the model and one for the texts, results recorded as such. (Four prompts and a 2 s efficiency
+    budget keep it to a third of the default run's time; what it checks does not depend on them.)"""
+    p = run_main(["--enable_attention", "--save_results", "--no_progress", "--prompts_file", str(few_prompts),
+                  "--efficiency_budget", "2"], tmp_path,
                  env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")})
     assert p.returncode == 0, p.stderr
     warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]

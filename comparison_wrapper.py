@@ -550,6 +550,13 @@ def comparison_summary(r: dict) -> str:
     if cz is not None:
         lines.append(f"    census: {cz['skipped']}" if "skipped" in cz else f"    census ({cz['level']}): "
                      + "; ".join(f"{lab}: {m['finding']}" for lab, m in cz["models"].items()))
+    for m in r["models"]:  # lengths a scaling curve did not run, and why (the summary table shows only times)
+        for curve in ("scaling", "scaling_fast_scan"):
+            skipped = (m["efficiency"].get(curve) or {}).get("skipped") or []
+            if skipped:
+                why = "; ".join(dict.fromkeys(sk["reason"] for sk in skipped))
+                lines.append(f"    efficiency, {m['label']} ({curve.replace('_', ' ')}): L = "
+                             f"{', '.join(str(sk['seq_len']) for sk in skipped)} not run: {why}")
     for part, why in (r.get("parts_left_out") or {}).items():
         lines.append(f"    left out of the comparison: {part}: {why}")
     return "".join(line + "\n" for line in lines)

@@ -5,8 +5,8 @@
 `main` checks every input before the first stage, builds one `options.Options` from the flags (whose
 schema generates them), runs the
 stages (`pipeline.run_pipeline`; `run_comprehensive_analysis`, the library entry point, is importable from
-here too), prints each stage's summary as it ends, and with --save_results writes the results as JSON
-and an HTML report. Exit status: 0 all stages ran (or did not apply), 1 a stage failed (listed in the
+here too), prints each stage's summary as it ends, writes the HTML report (and with --save_results the
+results as JSON), and ends with one line naming what it wrote and the report to open. Exit status: 0 all stages ran (or did not apply), 1 a stage failed (listed in the
 summary), 2 bad input.
 Heavy imports live inside functions so that `--help` answers at once.
 """
@@ -33,6 +33,16 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SEED_RANGE = (0, 2 ** 32 - 1)  # numpy's seed range (torch's is wider)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default once: added only where the help does not state it and there is one to state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, like every other bad input (main prints them, exit 2)."""
 
@@ -49,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         description="Open up a Mamba language model neuron by neuron (and hold it against a Transformer).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help=f"Hugging Face hub id or local save_pretrained folder. Supported: Mamba-1 "
@@ -81,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--layers runs) into depth profiles, a merged JSON and an HTML report in --output_dir; no "
                         "model is loaded")
     g = groups["output"] = p.add_argument_group("output")
-    g.add_argument("--save_results", action="store_true", help="write analysis_results as JSON to --output_dir")
-    g.add_argument("--output_dir", default="analysis_outputs", help="folder for the JSON results")
+    g.add_argument("--save_results", action="store_true", help="also write analysis_results as JSON to --output_dir "
+                                                                "(the HTML report is written on every run)")
+    g.add_argument("--output_dir", default="analysis_outputs", help="folder for the HTML report and the JSON results")
     g.add_argument("--seed", type=int, default=0,
                    help=f"random seed (torch, numpy, random), {SEED_RANGE[0]}..{SEED_RANGE[1]}")
     g.add_argument("--log_level", default="WARNING", help=", ".join(LOG_LEVELS))
@@ -288,14 +299,14 @@ def merge_reports(args) -> int:
 
 
 def check_result_paths(output_dir, save: bool, prefix: str, layer: int, layers) -> tuple[Path, Path]:
-    """The results JSON and HTML report paths; with --save_results (`save`), neither may be a folder or any
-    other non-regular file."""
+    """The results JSON and HTML report paths: the report (written on every run) and, with --save_results
+    (`save`), the JSON may not be a folder or any other non-regular file."""
     from utils import UserInputError
 
     tag = layer_tag(layer, layers)
     paths = results_path(output_dir, prefix, tag), report_path(output_dir, prefix, tag)
-    for kind, path in zip(("results file", "report"), paths):
-        if save and (path.exists() or path.is_symlink()) and not path.is_file():
+    for kind, path, written in zip(("results file", "report"), paths, (save, True)):
+        if written and (path.exists() or path.is_symlink()) and not path.is_file():
             raise UserInputError(f"--output_dir {output_dir}: the {kind} {path} is "
                                  f"{'a folder' if path.is_dir() else 'not a regular file'}; "
                                  "move it away or choose another --output_dir")
@@ -354,8 +365,7 @@ def _main(args, argv) -> int:
     if texts_file is not None:
         textset = load_texts(texts_file, args.text_limit)  # missing / empty / not UTF-8: fail now
     check_writable_dir(given["plots_dir"], "--plots_dir")
-    if args.save_results:
-        check_writable_dir(output_dir, "--output_dir")
+    check_writable_dir(output_dir, "--output_dir")  # the report, on every run
 
     from models import config_adapter, inspect_model, resolve_default_model, resolve_model_source
     from utils import resolve_device, resolve_dtype
@@ -372,7 +382,9 @@ def _main(args, argv) -> int:
     adapter = config_adapter(files.config)
     stages, added = complete_plan(resolve_stages(args.stages, adapter.family, args.enable_attention) if args.stages
                                   is not None else stages, adapter.family, args.enable_attention)
-    opts, notes = op.resolve(given, adapter, stages, prefix=prefix, progress=not args.no_progress, seed=args.seed,
+    # progress bars only on a terminal: redirected to a file they would run into the next line
+    opts, notes = op.resolve(given, adapter, stages, prefix=prefix, progress=not args.no_progress and _terminal(),
+                             seed=args.seed,
                              prompts=None if prompts is None else tuple(prompts))
     json_path, html_path = check_result_paths(output_dir, args.save_results, prefix, opts.layer, opts.layers)
     replacing = check_replacing(json_path, stages, output_dir) if args.save_results else None
@@ -450,19 +462,47 @@ def _main(args, argv) -> int:
     results["run"]["total_time_s"] = round(time.time() - start, 3)
     print_footer(results)
     failed = bool(failed_stages(results) or plots_not_written(results))
-    if args.save_results:
-        from report import write_report
+    from report import write_report
 
-        for kind, path, write in (("results", json_path, lambda p: write_json(p, results)),
-                                  ("report", html_path, lambda p: write_report(p, to_jsonable(results), summaries))):
-            try:
-                write(path)
-            except OSError as exc:  # e.g. the disk filled up during the run: say so in one line
-                print(f"error: {kind} not written to {path} ({exc.strerror or exc})", file=sys.stderr)
-                return 1
-        print(f"results: {json_path}\nreport: {html_path}")
+    outputs = [("results", json_path, lambda p: write_json(p, results))] if args.save_results else []
+    if args.save_results:
+        results["run"]["results_file"] = json_path.name  # the report links to it (the same folder)
+    outputs.append(("report", html_path, lambda p: write_report(p, to_jsonable(results), summaries)))
+    for kind, path, write in outputs:
+        try:
+            write(path)
+        except OSError as exc:  # e.g. the disk filled up during the run: say so in one line
+            print(f"error: {kind} not written to {path} ({exc.strerror or exc})", file=sys.stderr)
+            return 1
+    print(closing_line(results, html_path, json_path if args.save_results else None))
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
+def _terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def closing_line(results: dict, report: Path, results_file: Path | None) -> str:
+    """The run's last line: how the stages ended, what was written, and the one file to open."""
+    entries = stage_entries(results)
+    counts = {}
+    for _, _, e in entries:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    ended = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items())
+    plots = [p for _, _, e in entries for p in e.get("plots", [])]
+    folders = sorted({str(Path(p).parent) for p in plots})
+    wrote = (f"{len(plots)} plots in {', '.join(folders)}" if plots else "no plots") + (
+        f", the results {results_file}" if results_file else " (the JSON with --save_results)")
+    return f"done: {len(entries)} stage entries ({ended}); wrote {wrote}; open the report: {report}"
+
+
+def cli() -> None:
+    """The `mamba-neurons` console command (pyproject.toml): `main` with the process's arguments."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

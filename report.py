@@ -43,6 +43,17 @@ pre { background: #f7f7f7; padding: .6em; overflow-x: auto; font-size: .85em; }
 .errorbox { border: 2px solid #b00020; background: #fdecee; padding: .6em; margin: .6em 0; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .8em; color: #555; } .broken { border: 2px dashed #b00020; padding: 1em; }
+nav#contents { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ccc; padding: .4em 0;
+  z-index: 10; font-size: .85em; line-height: 1.7; }
+nav#contents a { margin-right: .7em; white-space: nowrap; }
+#findings { border: 2px solid #1a7f37; background: #f3faf4; padding: .4em 1em; margin-top: .8em; }
+#findings h2 { border: 0; margin-top: .3em; } #findings li { margin: .25em 0; }
+details { margin: .5em 0; } summary { cursor: pointer; color: #333; }
+dl.defs { font-size: .85em; } dl.defs dt { font-weight: bold; } dl.defs dd { margin: 0 0 .4em 1.2em; }
+table.sortable th { cursor: pointer; } table.sortable th:after { content: " ↕"; color: #aaa; }
+input.filter { margin: .3em 0; font-size: .85em; }
+@media print { nav#contents, input.filter { display: none; } figure, table, pre, dl, li { break-inside: avoid; }
+  h2, h3 { break-after: avoid; } details { display: block; } }
 """
 
 # on load: count the plots that decoded; a plot that did not is replaced by a visible notice
@@ -59,6 +70,34 @@ window.addEventListener("load", function () {
   });
   document.body.dataset.imagesOk = ok;
   document.body.dataset.imagesBroken = broken;
+  // tables: a click on a header sorts by that column (numbers as numbers, again to reverse); a box filters rows
+  document.querySelectorAll("table.sortable").forEach(function (table) {
+    var body = table.tBodies[0];
+    table.querySelectorAll("th").forEach(function (th, col) {
+      th.addEventListener("click", function () {
+        var up = th.dataset.order !== "up";
+        table.querySelectorAll("th").forEach(function (h) { delete h.dataset.order; });
+        th.dataset.order = up ? "up" : "down";
+        var rows = Array.prototype.slice.call(body.rows);
+        var key = function (r) { var t = r.cells[col] ? r.cells[col].textContent.trim() : "";
+                                 var x = parseFloat(t.replace(/\u2212/g, "-")); return isNaN(x) ? t : x; };
+        rows.sort(function (a, b) {
+          var x = key(a), y = key(b), c = (typeof x === typeof y) ? (x < y ? -1 : x > y ? 1 : 0)
+                                                                  : (typeof x === "number" ? -1 : 1);
+          return up ? c : -c; });
+        rows.forEach(function (r) { body.appendChild(r); });
+      });
+    });
+    var box = document.createElement("input");
+    box.className = "filter"; box.placeholder = "filter rows";
+    box.addEventListener("input", function () {
+      var q = box.value.toLowerCase();
+      Array.prototype.forEach.call(body.rows, function (r) {
+        r.style.display = r.textContent.toLowerCase().indexOf(q) >= 0 ? "" : "none"; });
+    });
+    table.parentNode.insertBefore(box, table);
+  });
+  document.body.dataset.ready = "1";
 });
 """
 
@@ -95,7 +134,7 @@ def _table(rows: list, numeric: bool = True) -> str:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(_cell(r.get(c, ""), numeric) for c in columns) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table class=\"sortable\"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -124,6 +163,61 @@ def _top_tables(stage_results: dict) -> list[tuple[str, list[dict]]]:
                 if isinstance(value, dict) and isinstance(value.get("top_neurons"), list):
                     found.append((f"top neurons: {key} {name}", value["top_neurons"]))
     return found
+
+
+def _flat_text(v) -> str:
+    return "; ".join(f"{k}: {x}" for k, x in _flat(v)) if isinstance(v, dict) else ", ".join(map(str, v))
+
+
+def _unit_space(results: dict) -> str | None:
+    """What a stage's units are (its unit space), from its results."""
+    units = results.get("units")
+    if isinstance(units, dict) and units.get("unit"):
+        return f"{units.get('n_units', '?')} {units['unit']}s" + (f": {units['definition']}" if units.get("definition") else "")
+    if results.get("site") and results.get("n_neurons"):
+        return f"the {results['n_neurons']} neurons of site {results['site']} (per layer)"
+    if results.get("site"):
+        return f"the dimensions of site {results['site']}"
+    if results.get("unit") and results.get("n_channels"):
+        return f"the {results['n_channels']} {results['unit']}s of Δ"
+    return None
+
+
+def _unit_tables(name: str, r: dict) -> list[tuple[str, list[dict]]]:
+    """Every unit's numbers as a full table (the top-k tables show the first few)."""
+    out = []
+    def columns(d: dict, keys, n: int) -> dict:  # the lists of length n among d's keys (a saved file may lack some)
+        return {k: d[k] for k in keys if isinstance(d.get(k), list) and len(d[k]) == n}
+
+    if name == "causal" and isinstance(r.get("dims"), list):
+        n = len(r["dims"])
+        cols = columns(r, ("scores", "scores_low", "scores_high", "delta_logp_top1"), n)
+        names = {"scores": "mean KL", "scores_low": "low", "scores_high": "high", "delta_logp_top1": "Δ log p top-1"}
+        if "scores" in cols:
+            out.append(("every dimension's causal effect (KL and Δ log p in nats)",
+                        [{"dim": d, **{names[k]: v[i] for k, v in cols.items()}} for i, d in enumerate(r["dims"])]))
+    if name == "delta" and isinstance(r.get("per_channel"), dict):
+        lists = [v for v in r["per_channel"].values() if isinstance(v, list)]
+        n = len(lists[0]) if lists else 0
+        cols = columns(r["per_channel"], list(r["per_channel"]), n)
+        unit = r.get("unit") if isinstance(r.get("unit"), str) else "channel"
+        if cols:
+            out.append((f"every {unit}'s Δ statistics", [{unit: i, **{k: v[i] for k, v in cols.items()}}
+                                                         for i in range(n)]))
+    if name == "census" and isinstance(r.get("layers"), dict) and r.get("n_neurons", 0) * len(r["layers"]) <= 20000:
+        for la, e in r["layers"].items():
+            t, p = (e.get("token"), e.get("position")) if isinstance(e, dict) else (None, None)
+            if not (isinstance(t, dict) and isinstance(p, dict)):
+                continue
+            if isinstance(t.get("share_per_neuron"), list) and isinstance(p.get("share_per_neuron"), list) and len(
+                    t["share_per_neuron"]) == len(p["share_per_neuron"]):
+                out.append((f"layer {la}: every neuron's shares", [
+                    {"neuron": i, "token share": t["share_per_neuron"][i],
+                     "token cross-fitted": (t.get("cross_share_per_neuron") or [None] * (i + 1))[i],
+                     "position share": p["share_per_neuron"][i],
+                     "position cross-fitted": (p.get("cross_share_per_neuron") or [None] * (i + 1))[i]}
+                    for i in range(len(t["share_per_neuron"]))]))
+    return out
 
 
 def _kind(mode: int) -> str:
@@ -247,9 +341,16 @@ def _stage_section(label: str, name: str, entry: dict, summary: str, folder, lef
         parts.append(f"<div class=\"errorbox\">{_esc(entry.get('error', ''))}</div>")
     elif status == "not_applicable":
         parts.append(f"<p>{_esc(entry.get('reason', ''))}</p>")
+    results = entry.get("results") if isinstance(entry.get("results"), dict) else {}
+    space = _unit_space(results)
+    if space:
+        parts.append(f"<p><b>units</b>: {_esc(space)}</p>")
     if summary:
         parts.append(f"<pre>{_esc(summary.rstrip())}</pre>")
-    results = entry.get("results") if isinstance(entry.get("results"), dict) else {}
+    if isinstance(results.get("definitions"), dict) and results["definitions"]:
+        items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v if not isinstance(v, (dict, list)) else _flat_text(v))}</dd>"
+                        for k, v in results["definitions"].items())
+        parts.append(f"<details><summary>definitions (as in the JSON)</summary><dl class=\"defs\">{items}</dl></details>")
     if name == "comparison" and results.get("summary"):
         parts.append("<h3>comparison table</h3>" + _table(results["summary"]))
     if name == "faithfulness" and results.get("table"):
@@ -264,9 +365,103 @@ def _stage_section(label: str, name: str, entry: dict, summary: str, folder, lef
         parts.append("<h3>values left out of the profiles</h3>" + _table(results["left_out"], numeric=False))
     for title, rows in _top_tables(results):
         parts.append(f"<h3>{_esc(title)}</h3>" + _table(rows))
+    if name == "causal" and isinstance(results.get("clean_predictions"), list):
+        parts.append("<h3>prompts and their clean predictions (top 3, p)</h3>" + _table(
+            [{"prompt": c.get("prompt"), "clean top-3": ", ".join(f"{t['token']!r} {t['p']:.2f}" for t in c.get("top", [])[:3])}
+             for c in results["clean_predictions"] if isinstance(c, dict)], numeric=False))
+    for title, rows in _unit_tables(name, results):
+        parts.append(f"<details><summary>{_esc(title)} ({len(rows)} rows: sort and filter)</summary>{_table(rows)}</details>")
     plots = entry.get("plots") or []
     parts += [_image(p, folder, left_out) for p in (plots if isinstance(plots, list) else [plots])]
     return "\n".join(parts)
+
+
+def _iv(d, spec: str = ".3g") -> str:
+    """An interval dict {"value", "low", "high"} as 'value [low, high]'."""
+    import stats
+
+    return "undefined" if not isinstance(d, dict) or d.get("value") is None else stats.shown(d, spec)
+
+
+def _top(t: dict, key: str, unit: str) -> str:
+    return f"{unit} {t.get('channel', t.get('dim', t.get('unit', '?')))}: {_iv({'value': t[key], 'low': t.get('low'), 'high': t.get('high')})}"
+
+
+def _headline_delta(r: dict) -> str:
+    t = r["top_neurons"][0]
+    return (f"Δ: top {r.get('unit', 'channel')} by η² (between-text share of Δ's variance) {_top(t, 'score', r.get('unit', 'channel'))}; "
+            f"{r['n_above_noise_floor']} of {r['n_channels']} above the noise floor ({r['expected_above_by_chance']:.3g} "
+            "expected by chance)")
+
+
+def _headline_causal(r: dict) -> str:
+    t = r["top_neurons"][0]
+    return (f"causal ({r['site']}, layer {r['layer']}, {r['n_prompts']} prompts): largest mean KL "
+            f"{_top(t, 'score', 'dim')} nats; Δ log p(clean top-1) {t['delta_logp_top1']:.3g} nats")
+
+
+def _headline_attention(r: dict) -> str:
+    parts = []
+    for m, a in r["methods"].items():
+        top = a["top_neurons"][0] if a.get("top_neurons") else None
+        parts.append(f"{m}: mean {_iv({'value': a['mean_activation'], 'low': a.get('mean_activation_low'), 'high': a.get('mean_activation_high')})}"
+                     + (f", top {_top(top, 'activation', r['units']['unit'])}" if top else ""))
+    return f"attention ({r['units']['n_units']} {r['units']['unit']}s): " + "; ".join(parts)
+
+
+def _headline_sparsity(r: dict) -> str:
+    s = r["single"]
+    return (f"sparsity ({r['site']}, layer {r['layer']}): population Gini {_iv(s['population']['gini'])}, usage Gini "
+            f"{_iv(s['usage']['gini'])}, dead {s['dead_neurons']['count']} of {s['n_neurons']}")
+
+
+def _headline_census(r: dict) -> str:
+    from census import positional_finding
+
+    totals = {k: sum(e[k]["count"] for e in r["layers"].values()) for k in ("token", "position")}
+    n = r["n_neurons"] * r["n_layers"]
+    return (f"census ({r['n_layers']} layers of {r['n_neurons']} {r['site']} neurons): token neurons {totals['token']} "
+            f"of {n}, positional {totals['position']}; {positional_finding(r)}")
+
+
+def _headline_faithfulness(r: dict) -> str:
+    rows = [t for t in r["table"] if t.get("normalised_area", {}).get("value") is not None]
+    if not rows:
+        return "faithfulness: no ranking has a defined area"
+    best = rows[0]
+    return (f"faithfulness (layer {r['layer']}): the ranking that best finds the units that matter is "
+            f"{best['ranking']} ({best['space']}): normalised deletion area {_iv(best['normalised_area'], '.2f')} "
+            f"(1 = the ground truth, 0 = random), Spearman ρ {_iv(best['spearman'], '.2f')}")
+
+
+def _headline_comparison(r: dict) -> str:
+    labels = [m["label"] for m in r["models"]]
+    rows = {row["metric"]: row for row in r["summary"]}
+    picks = [m for m in rows if m.startswith(("population Gini", "usage Gini", "census: token", "census: positional",
+                                              "max causal impact", "faithfulness"))][:6]
+    return f"comparison ({' vs '.join(labels)}): " + "; ".join(
+        f"{m}: " + " vs ".join(str(rows[m][lab]) for lab in labels) for m in picks)
+
+
+HEADLINES = {"delta": _headline_delta, "causal": _headline_causal, "attention": _headline_attention,
+             "sparsity": _headline_sparsity, "census": _headline_census, "faithfulness": _headline_faithfulness,
+             "comparison": _headline_comparison}
+
+
+def findings(entries) -> list[str]:
+    """The summary panel's lines: each stage's headline numbers with their intervals, and every failure."""
+    out = []
+    for label, name, e in entries:
+        status = e.get("status")
+        if status == "error":
+            out.append(f"FAILED: {label}: {e.get('error', '')}")
+        elif status == "ok" and name in HEADLINES and isinstance(e.get("results"), dict):
+            try:
+                line = HEADLINES[name](e["results"])
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError):  # an older version's results: see its section
+                continue
+            out.append(line if ", layer" not in label else f"[{label.split(', ', 1)[1]}] {line}")
+    return out
 
 
 def build_report(results: dict, summaries: dict | None = None, plots_dirs: dict | None = None
@@ -298,17 +493,31 @@ def build_report(results: dict, summaries: dict | None = None, plots_dirs: dict 
               "from this report; the other stages ran.</div>") if failed else ""
     notes = run.get("notes") if isinstance(run.get("notes"), list) else []
     notes = "".join(f"<li>{_esc(n)}</li>" for n in notes)
-    provenance = _table([{"field": k, "value": v} for k, v in _flat({**run, "texts": texts}) if k != "notes"],
-                        numeric=False)
+    provenance = _table([{"field": k, "value": v} for k, v in _flat({**run, "texts": texts}) if k != "notes"
+                         and v is not None], numeric=False)
     left_out: list[tuple[str, str]] = []
+    # a merge of saved runs: the depth profiles first
+    entries = sorted(entries, key=lambda x: x[1] != "depth_profiles") if "layer_plots_dirs" in run else entries
     sections = [_stage_section(lab, name, e, summaries.get(lab, ""), folders.get(lab), left_out)
                 for lab, name, e in entries]
     left = "".join(f"<li>{_esc(p)}: {_esc(why)}</li>" for p, why in left_out)
-    body = "\n".join([f"<h1>{_esc(title)}</h1>", banner, "<h2>stages</h2>", overview,
+    lines = findings(entries)
+    json_file = run.get("results_file")
+    panel = (f"<section id=\"findings\"><h2>What was found</h2><ul>{''.join(f'<li>{_esc(x)}</li>' for x in lines)}</ul>"
+             "<p>Intervals: [low, high] are 95% bootstrap intervals over texts or prompts. Every stage's section "
+             "below has its definitions, its full tables and its plots"
+             + (f"; the numbers are in <a href=\"{_esc(json_file)}\">{_esc(json_file)}</a>" if json_file else
+                "; run with --save_results for the JSON") + ".</p></section>")
+    nav = ("<nav id=\"contents\"><a href=\"#findings\">findings</a>"
+           + "".join(f"<a href=\"#stage-{_anchor(lab)}\">{_esc(lab)}</a>" for lab, _, _ in entries)
+           + "<a href=\"#stages\">stage table</a><a href=\"#provenance\">provenance</a></nav>")
+    body = "\n".join([f"<h1>{_esc(title)}</h1>", nav, banner, panel, *sections,
+                      "<h2 id=\"stages\">stages</h2>", overview,
                       f"<h2>notes</h2><ul>{notes}</ul>" if notes else "",
                       (f"<h2 id=\"plots-left-out\">plots left out</h2><p>This report embeds only the PNG plots of "
                        f"the runs it reports, from their plots folders.</p><ul>{left}</ul>") if left else "",
-                      "<h2>provenance</h2>", provenance, *sections])
+                      "<h2 id=\"provenance\">provenance</h2>",
+                      f"<details><summary>the run's settings, versions and texts</summary>{provenance}</details>"])
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
             f"<style>{STYLE}</style><script>{SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n")
     return page, left_out

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
+def merge_layer_results(runs: list[tuple[str, object]], said: list | None = None) -> tuple[dict, dict]:
     """({layer: {stage: entry}}, {layer: file}) from saved results [(file name, parsed JSON)]: one-layer
     runs (`--layer L`) and --layers runs alike, of one model. ValueError naming the file and what is wrong
     when one is not in the layout the merge reads (an object with "run" {"model", "model_class": strings;
@@ -17,7 +17,9 @@ def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
     {"n_layers": int >= 1}; its layers ints in 0..n_layers-1, from "layers" {"L": {stage: entry}} or
     run.layer; each per-layer stage entry an object with a "status" of ok (with "results", an object),
     error (with "error") or not_applicable (with "reason"), "plots" a list of paths), holds no per-layer
-    stage results, or when the files hold different models or the same layer twice. The values the depth
+    stage results, or when the files hold different models. A layer in two files is read once: from the
+    first when their values agree, else from the newer run (run.start_time); `said` gets a line for each.
+    The values the depth
     profiles read are checked there (`depth_profiles._profile_metrics`). Which stages are per-layer:
     `pipeline.STAGES`."""
     import math
@@ -36,7 +38,8 @@ def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    layers, source, first = {}, {}, None
+    layers, source, first, started = {}, {}, None, {}
+    said = [] if said is None else said
     for name, res in runs:
         def bad(what: str) -> ValueError:
             return ValueError(f"{name}: {what}")
@@ -128,10 +131,33 @@ def merge_layer_results(runs: list[tuple[str, object]]) -> tuple[dict, dict]:
                 if "layer" in e and not (is_int(e["layer"]) and e["layer"] == la):
                     raise bad(f"{where}.layer is {show(e['layer'])}, but the entry is filed under layer {la}")
         for la, (_, by) in found.items():
-            if la in layers:
-                raise ValueError(f"layer {la} is in both {source[la]} and {name}: give each layer once")
-            layers[la], source[la] = by, name
+            if la not in layers:
+                layers[la], source[la] = by, name
+                continue
+            # a layer in two files (a --layer run beside a --layers run): one value if they agree, else the newest
+            if _same_values(layers[la], by):
+                said.append(f"layer {la} is in both {source[la]} and {name} with the same values: read from "
+                             f"{source[la]}")
+                continue
+            here, there = str(run.get("start_time", "")), str(started[source[la]])
+            if here > there:
+                said.append(f"layer {la}: {source[la]} and {name} differ; kept the newer, {name} (started "
+                             f"{here}); dropped {source[la]}'s")
+                layers[la], source[la] = by, name
+            else:
+                said.append(f"layer {la}: {source[la]} and {name} differ; kept the newer, {source[la]} (started "
+                             f"{there}); dropped {name}'s")
+        started[name] = run.get("start_time", "")
     return dict(sorted(layers.items())), source
+
+
+def _same_values(a: dict, b: dict) -> bool:
+    """Two layers' stage entries hold the same results (their timings and plot paths aside)."""
+    def core(by: dict) -> dict:
+        return {n: {k: v for k, v in e.items() if k not in ("wall_time_s", "plots", "plots_not_written", "layer")}
+                for n, e in by.items()}
+
+    return core(a) == core(b)
 
 
 def merge_saved_runs(files: list[str], output_dir: str, plots_dir: str) -> int:
@@ -166,8 +192,9 @@ def merge_saved_runs(files: list[str], output_dir: str, plots_dir: str) -> int:
     runs = [(name, res) for name, res in runs if name not in merged_before]
     if not runs:
         raise UserInputError("--report: every file given is itself a merge; give the results files of the runs")
+    merge_notes = []
     try:
-        layers, source = merge_layer_results(runs)  # every file's layout, one model, each layer once
+        layers, source = merge_layer_results(runs, merge_notes)  # every file's layout, one model, each layer once
     except ValueError as exc:
         raise UserInputError(f"--report: {exc}") from None
     plots_dir = os.path.abspath(os.path.expanduser(plots_dir))
@@ -177,7 +204,7 @@ def merge_saved_runs(files: list[str], output_dir: str, plots_dir: str) -> int:
     by_name = dict(runs)
     first_name, first = runs[0]
     run = {**first["run"], "merged_from": [name for name, _ in runs], "layers": list(layers),
-           "layer_sources": {la: source[la] for la in layers}, "notes": first["run"].get("notes", []),
+           "layer_sources": {la: source[la] for la in layers}, "notes": [*first["run"].get("notes", []), *merge_notes],
            "plots_dir": plots_dir,  # the merge's own plot; each layer's plots: its file's plots folder
            "layer_plots_dirs": {str(la): by_name[source[la]]["run"].get("plots_dir") for la in layers}}
     try:
@@ -207,6 +234,8 @@ def merge_saved_runs(files: list[str], output_dir: str, plots_dir: str) -> int:
         print(f"error: merged report not written to {output_dir} ({exc.strerror or exc})", file=sys.stderr)
         return 1
     print(summary, end="")
+    for note in merge_notes:
+        print(f"note: {note}")
     for path, why in left_out:  # one line each, whatever a file's plot names hold
         line = f"note: left out {path}: {why}"
         print("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))

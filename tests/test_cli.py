@@ -1,5 +1,6 @@
 """main.py end to end, as a user runs it: results, JSON, plots, exit codes, one-line errors."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -190,12 +191,22 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
         assert prof["sparsity: population Gini"][i] == sp["population"]["gini"]["value"]
     page = (tmp_path / "out" / f"{name}_layers0_2_merged_report.html").read_text()
     assert 'id="stage-delta-layer2"' in page and "data:image/png;base64," in page
-    # refusals: a layer twice; two models
+    # README's sequence: a --layer 0 run beside a --layers run that holds layer 0 too: read once, with a note
+    both = f"both/{name}_layers0_2_results.json"
+    p = run_main(["--report", files[0], both, "--output_dir", "shared"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"note: layer 0 is in both {files[0]} and {both} with the same values" in p.stdout, p.stdout
+    # where the values differ, the newer run wins and the note names the file dropped
+    edited = json.loads((tmp_path / files[0]).read_text())
+    edited["delta"]["results"]["top_neurons"][0]["score"] += 1.0
+    edited["run"]["start_time"] = "2999-01-01T00:00:00Z"
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    p = run_main(["--report", "edited.json", both, "--output_dir", "shared"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"note: layer 0: edited.json and {both} differ; kept the newer, edited.json" in p.stdout, p.stdout
+    # refusals: a file twice; two models
     p = run_main(["--report", files[0], files[0]], tmp_path)
     assert p.returncode == 2 and p.stderr.startswith(f"error: --report {files[0]}: given twice")
-    both = f"both/{name}_layers0_2_results.json"
-    p = run_main(["--report", files[0], both], tmp_path)
-    assert p.returncode == 2 and p.stderr.startswith("error: --report: layer 0 is in both")
     assert run_main(["--model", str(model_dirs["mamba_a"]), *base, "--layer", "1", "--output_dir", "other"],
                     tmp_path).returncode == 0
     p = run_main(["--report", files[0], f"other/{out_name(model_dirs['mamba_a'])}_layer1_results.json"], tmp_path)
@@ -807,3 +818,12 @@ def test_a_full_stdout_is_one_line_on_stderr(model_dirs, texts_file, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [
         "error: the summary could not be written to standard output (No space left on device)"]
+
+
+def test_help_states_each_default_once():
+    from main import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for option in re.split(r" (?=--\w)", text):
+        assert len(re.findall(r"\bdefault\b", option, re.I)) <= 2, option  # "default 256, or ..." at most, stated once

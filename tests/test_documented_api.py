@@ -112,3 +112,19 @@ def test_library_refuses_a_comparison_without_its_model(tokenizer):
     with pytest.raises(TypeError, match="layer or layer_idx"):
         run_comprehensive_analysis(make_model("mamba_a"), tokenizer, ["one text"], stages=["delta"], layer=0,
                                    layer_idx=0)
+
+
+def test_readme_library_block_runs_from_another_folder(tmp_path):
+    """README's "As a library" block, as written, in a fresh Python started outside the clone (the install
+    makes the modules importable anywhere); its run writes nothing there. Stages cut to attention for the
+    suite's time (the block's call is `run_comprehensive_analysis(..., layer=0)`, tested in full above)."""
+    import re
+    import subprocess
+    import sys
+
+    block = re.search(r"## As a library\n\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    code = block.replace("layer=0)", "layer=0, stages=['attention'])", 1)
+    assert code != block
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -92,3 +92,26 @@ def test_a_stage_that_needs_another_gets_it_and_the_run_says_so():
                                                                  "faithfulness": {"table": []}})
     assert left == {"causal": "the causal stage did not succeed (its entry says why)",
                     "attention": "the attention stage is not in this run (add --enable_attention)"}
+
+
+def test_the_package_lists_every_module_and_imports_from_any_folder(tmp_path):
+    """pyproject.toml lists every flat module (a new one must be added there), and once installed (README's
+    install: `pip install -r requirements.txt`, which installs the clone in editable mode) the API imports
+    from any folder and the console command answers."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(pipeline.__file__).resolve().parent
+    listed = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(listed) == sorted(p.stem for p in repo.glob("*.py"))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", "import pipeline, census, main; print(pipeline.__file__)"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and Path(p.stdout.strip()).resolve() == repo / "pipeline.py", p.stderr
+    command = shutil.which("mamba-neurons", path=str(Path(sys.executable).parent))
+    assert command, "the console command is not installed beside this Python"
+    q = subprocess.run([command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0 and "usage: mamba-neurons" in q.stdout

@@ -108,11 +108,13 @@ def test_plots_are_checked_against_each_entrys_folder(tmp_path):
                               "results": {"left_out": [{"layer": 0, "metric": "m", "reason": "undefined (null)"}]}}}
     page, left_out = build_report(res)
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert embedded == [base64.b64encode(open(p, "rb").read()).decode() for p in (pa, pb)]
-    assert [p for p, _ in left_out] == [pb, pb, pa]
-    assert "no plots folder recorded" in left_out[1][1] and "values left out of the profiles" in page
+    # a merge's report puts the depth profiles first
+    assert page.index('id="stage-depth_profiles"') < page.index('id="stage-delta-layer0"')
+    assert embedded == [base64.b64encode(open(p, "rb").read()).decode() for p in (pb, pa)]
+    assert [p for p, _ in left_out] == [pa, pb, pb]
+    assert "no plots folder recorded" in left_out[2][1] and "values left out of the profiles" in page
     page, left_out = build_report(res, plots_dirs={"delta, layer 1": str(b)})
-    assert [p for p, _ in left_out] == [pb, pa]
+    assert [p for p, _ in left_out] == [pa, pb]
     assert render_report(res) == build_report(res)[0]
 
 
@@ -121,3 +123,36 @@ def test_rows_that_are_not_dicts_do_not_break_a_table(tmp_path):
     res["delta"]["results"]["top_neurons"] = [3, "x", None, {"channel": 1}]
     page = render_report(res)
     assert "<th>value</th>" in page and "<th>channel</th>" in page
+
+
+@needs_chromium
+def test_findings_lead_and_tables_sort_in_the_browser(tmp_path):
+    """In a 1400-px-wide window the findings panel is on the first screen; a click on a table header reorders
+    its rows (numbers as numbers); the contents bar stays in view; figures are kept whole in print."""
+    res = _results(tmp_path, [])
+    res["delta"]["results"]["top_neurons"] = [{"channel": c, "variance": v} for c, v in ((7, 2.0), (3, 10.0), (5, 1.0))]
+    page = write_report(tmp_path / "report.html", res)
+    html_text = page.read_text()
+    assert "break-inside: avoid" in html_text and "position: sticky" in html_text
+    # a test-only script, added to a copy of the page: after the page's own script, click the variance header
+    probe = """<script>window.addEventListener("load", function () { setTimeout(function () {
+      var f = document.getElementById("findings").getBoundingClientRect();
+      document.body.dataset.findingsTop = Math.round(f.top);
+      var table = document.querySelector("#stage-delta ~ table.sortable");
+      var th = Array.prototype.filter.call(table.querySelectorAll("th"), function (h) {
+        return h.textContent === "variance"; })[0];
+      th.click();
+      document.body.dataset.sorted = Array.prototype.map.call(table.tBodies[0].rows,
+        function (r) { return r.cells[0].textContent; }).join(",");
+      th.click();
+      document.body.dataset.reversed = Array.prototype.map.call(table.tBodies[0].rows,
+        function (r) { return r.cells[0].textContent; }).join(",");
+    }, 0); });</script></body>"""
+    probed = tmp_path / "probed.html"
+    probed.write_text(html_text.replace("</body>", probe))
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+                          "--virtual-time-budget=2000", "--dump-dom", probed.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    top = int(re.search(r'data-findings-top="(-?\d+)"', dom).group(1))
+    assert 0 <= top < 900, top
+    assert 'data-sorted="5,7,3"' in dom and 'data-reversed="3,7,5"' in dom, re.findall(r"data-\w+=\"[^\"]*\"", dom)

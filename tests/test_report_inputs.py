@@ -377,7 +377,8 @@ def test_report_merge_embeds_each_files_plots_from_its_own_folder(plot_files, tm
     page = next((tmp_path / "out").glob("*_merged_report.html")).read_text()
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     merged_plot = next((tmp_path / "merged_plots").glob("*_merged.png")).read_bytes()
-    assert embedded == [base64.b64encode(x).decode() for x in (*good.values(), own_b, merged_plot)]
+    # the merge's depth profiles first, then each layer's plots
+    assert embedded == [base64.b64encode(x).decode() for x in (merged_plot, *good.values(), own_b)]
     merged = json.loads(next((tmp_path / "out").glob("*_merged_results.json")).read_text())
     assert merged["run"]["layer_plots_dirs"] == {"0": str(plots), "1": str(plots_b), "2": None}
     assert merged["run"]["plots_dir"] == str(tmp_path / "merged_plots")

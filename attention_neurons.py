@@ -765,15 +765,18 @@ class AttentionNeurons:
         return {}
 
     def visualize_neurons(self, neurons: dict, layer_idx: int, plots_dir, prefix: str = "model", top_k: int = 10,
-                          analysis: dict | None = None, per_text: dict | None = None) -> str:
+                          analysis: dict | None = None, per_text: dict | None = None,
+                          tokens: list[str] | None = None) -> str:
         """The 6-panel figure: activation histogram, top units (with their 95% intervals when `analysis`, the
         attention stage's entry, has them), the top units' activation in each text (`per_text`: {unit:
-        per-text activations}), token map, diversity (cumulative share of activation), statistics table.
+        per-text activations}), token map (axes labelled with the first text's `tokens` when given; keys after
+        the query, not defined, in grey), diversity (cumulative share of activation), statistics table.
         Returns the PNG path. A panel whose numbers are undefined (`analyze_neuron_behavior`'s "undefined")
         shows the reason instead."""
         import textwrap
 
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         from utils import save_figure
 
@@ -799,7 +802,8 @@ class AttentionNeurons:
         else:
             ax = axes[0, 0]
             ax.hist(a, bins=min(50, max(5, a.size // 4)), color="tab:blue")
-            ax.set(title="activation distribution", xlabel="activation", ylabel=f"{self.unit}s")
+            ax.set(title="activation distribution", xlabel=_activation_unit(s.method), ylabel=f"{self.unit}s (count)")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
             if stats["neuron_diversity"] is None:
                 say(axes[1, 1], "diversity", why["neuron_diversity"])
@@ -820,7 +824,8 @@ class AttentionNeurons:
             ax.bar(range(len(top)), values, color="tab:red", yerr=err, capsize=3)
             ax.set_xticks(range(len(top)), labels, rotation=45)
             ax.set(title=f"top {len(top)} {self.unit}s" + (" (95% interval over texts)" if err is not None else "")
-                   + ("; '=' tied" if any(t.get("tied") for t in top) else ""), xlabel=self.unit, ylabel="activation")
+                   + ("; '=' tied" if any(t.get("tied") for t in top) else ""), xlabel=self.unit,
+                   ylabel=_activation_unit(s.method))
         else:
             say(axes[0, 1], f"top {self.unit}s", why["top_neurons"])
         if top and per_text:
@@ -830,7 +835,8 @@ class AttentionNeurons:
                 jitter = (np.arange(v.size) % 7 - 3) * 0.04
                 ax.scatter(k + jitter, v, s=6, alpha=0.5, color="tab:red")
             ax.set_xticks(range(len(top)), labels, rotation=45)
-            ax.set(title=f"top {self.unit}s: activation in each text", xlabel=self.unit, ylabel="activation")
+            ax.set(title=f"top {self.unit}s: activation in each text", xlabel=self.unit,
+                   ylabel=_activation_unit(s.method))
         else:
             say(axes[0, 2], f"top {self.unit}s: activation in each text",
                 "per-text activations come with the attention stage (attention_profile)" if top else
@@ -839,9 +845,15 @@ class AttentionNeurons:
         if s.token_map is None:
             say(ax, "token map (first text)", s.undefined or "not formed")
         else:
-            im = ax.imshow(s.token_map, cmap="viridis", interpolation="nearest")
-            fig.colorbar(im, ax=ax)
+            cmap = plt.get_cmap("viridis").with_extremes(bad=UNDEFINED_COLOUR)
+            tmap = causal_mask(s.token_map)
+            im = ax.imshow(np.ma.masked_invalid(tmap), cmap=cmap, interpolation="nearest")
+            fig.colorbar(im, ax=ax, label="R_l[i, j] (rolled-out relevance; each row sums to 1)"
+                         if method_spec(s.method).kind == "rollout" else
+                         f"mean over {self.unit}s of contrib^c[i, j]\n(units of the mixed output y)")
             ax.set(title="token map (first text)", xlabel="key token j", ylabel="query token i")
+            token_ticks(ax, tokens, tmap.shape[0])
+            undefined_legend(ax)
         ax = axes[1, 2]
         ax.axis("off")
 
@@ -1054,30 +1066,101 @@ def attention_neurons_for(model, target: str = DEFAULT_TARGET) -> AttentionNeuro
     return (MambaAttentionNeurons if get_adapter(model).is_ssm else TransformerAttentionNeurons)(model, target)
 
 
-def plot_attention_vector(vector: np.ndarray, layer: int, plots_dir, prefix: str, family: str = "mamba") -> str:
-    """The layer's attention vector for one text, |·| min-max normalised for display: Mamba's hidden
-    attention (channel mean of α), or a Transformer's head-mean attention weights."""
+def plot_attention_vector(vector: np.ndarray, layer: int, plots_dir, prefix: str, family: str = "mamba",
+                          tokens: list[str] | None = None) -> str:
+    """The layer's attention vector for one text (`draw_attention_map`: each query row normalised, log colour
+    scale, the undefined keys after the query in grey): Mamba's hidden attention (channel mean of α), or a
+    Transformer's head-mean attention weights; both axes labelled with the text's `tokens` when given."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
-    fig, ax = plt.subplots(figsize=(7, 6), constrained_layout=True)
-    draw_attention_map(ax, fig, vector, family)
-    ax.set_title(f"{ax.get_title()}, layer {layer}, first text")
+    L = np.asarray(vector).shape[0]
+    side = min(16.0, max(7.0, 0.22 * min(L, 64) + 3))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side), constrained_layout=True)
+    draw_attention_map(ax, fig, vector, family, tokens)
+    ax.set_title(f"{ax.get_title()}, layer {layer}, first text ({L} tokens)")
     stem = "hidden_attention" if family == "mamba" else "attention_map"
     return save_figure(fig, plots_dir, f"{prefix}_{stem}_layer{layer}_text0")
 
 
-def draw_attention_map(ax, fig, vector: np.ndarray, family: str) -> None:
-    """One (L, L) attention vector on `ax`, |·| min-max normalised, titled by what it is."""
-    shown = np.abs(np.asarray(vector, dtype=np.float64))
-    span = shown.max() - shown.min()
-    shown = (shown - shown.min()) / span if span > 0 else np.zeros_like(shown)
-    im = ax.imshow(shown, cmap="magma", interpolation="nearest")
+UNDEFINED_COLOUR = "lightgrey"
+MAX_TOKEN_LABELS = 64  # a longer text labels every k-th token (with its position)
+
+
+def causal_mask(m) -> np.ndarray:
+    """(L, L) [query i, key j] as float with NaN where j > i: a key after its query is not defined (both
+    families' token mixing is causal), never a 0."""
+    m = np.array(m, dtype=np.float64)
+    m[np.triu_indices(m.shape[0], 1)] = np.nan
+    return m
+
+
+def token_ticks(ax, tokens, L: int, x: bool = True, y: bool = True) -> None:
+    """Label the axes of an (L, L) token map with the text's tokens (`tokens`: their strings, as the
+    tokenizer decodes each id; escapes shown, e.g. '\\n'): every token up to MAX_TOKEN_LABELS, else every
+    k-th with its position. Without tokens (or a count that does not match), integer positions."""
+    from matplotlib.ticker import MaxNLocator
+
+    if tokens is None or len(tokens) != L:
+        for axis, on in ((ax.xaxis, x), (ax.yaxis, y)):
+            if on:
+                axis.set_major_locator(MaxNLocator(integer=True))
+        return
+    step = -(-L // MAX_TOKEN_LABELS)
+    at = list(range(0, L, step))
+    shown = [repr(str(tokens[i]))[1:-1] for i in at]
+    if step > 1:
+        shown = [f"{i}: {t}" for i, t in zip(at, shown)]
+    size = 8 if len(at) <= 20 else 7 if len(at) <= 32 else 6 if len(at) <= 48 else 5
+    if x:
+        ax.set_xticks(at, shown, rotation=90, fontsize=size)
+    if y:
+        ax.set_yticks(at, shown, fontsize=size)
+
+
+def undefined_legend(ax) -> None:
+    """A legend entry for the grey upper triangle of a causal token map."""
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor=UNDEFINED_COLOUR, edgecolor="grey",
+                             label="key j after query i: not defined (causal)")],
+              loc="upper right", fontsize=7, framealpha=0.9)
+
+
+def attention_shares(vector) -> np.ndarray:
+    """|vector| (L, L) with each query row divided by its sum over the keys j <= i (the row's share of its
+    attention on each key); NaN above the diagonal and on a row whose sum is 0 (no share defined)."""
+    a = np.abs(causal_mask(vector))
+    total = np.nansum(a, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, a / np.where(total > 0, total, 1.0), np.nan)
+
+
+def draw_attention_map(ax, fig, vector: np.ndarray, family: str, tokens: list[str] | None = None) -> None:
+    """One (L, L) attention vector on `ax`, titled by what it is: each query row's share of its |·| on each
+    key (row-normalised, so that a row spread over many keys shows beside an attention sink), on a log colour
+    scale clipped below at the 1st percentile of the positive shares, at least 1e-4 (four decades; a 0 is
+    drawn at that floor); keys after the query (not defined) in grey; axes labelled with the text's `tokens`
+    when given."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    share = attention_shares(vector)
+    defined = np.isfinite(share)
+    positive = share[defined & (share > 0)]
+    floor = min(max(float(np.percentile(positive, 1)) if positive.size else 1e-3, 1e-4), 0.5)
+    shown = np.where(defined, np.maximum(share, floor), np.nan)
+    cmap = plt.get_cmap("magma").with_extremes(bad=UNDEFINED_COLOUR)
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=LogNorm(vmin=floor, vmax=1.0),
+                   interpolation="nearest")
     what = "|mean_c α|" if family == "mamba" else "|mean_h A_h|"
-    fig.colorbar(im, ax=ax, label=f"{what} (min-max normalised)")
+    fig.colorbar(im, ax=ax, label=f"share of query row i's {what} on key j (row-normalised, no unit)\n"
+                                  f"log colour scale, clipped below at {floor:.2g} (the 1st percentile, at least 1e-4)")
     ax.set(title="Hidden attention (channel mean)" if family == "mamba" else "Attention (head mean)",
            xlabel="key token j", ylabel="query token i")
+    token_ticks(ax, tokens, share.shape[0])
+    undefined_legend(ax)
 
 
 def integrate_attention_neurons(model, inputs, layer_indices=(0,), methods=METHODS, top_k: int = 10,
@@ -1237,14 +1320,30 @@ def neuron_scores(entry: dict, method: str) -> dict:
                                          None if tmap is None else np.asarray(tmap), why.get("mean_activation"))}
 
 
+def _activation_label(method: str) -> str:
+    """The y label of a method's mean activation, with its unit."""
+    return "mean " + _activation_unit(method)
+
+
+def _activation_unit(method: str) -> str:
+    """'activation (its unit)' of a method: rollout's is a share, a contribution method's is in units of y."""
+    return ("activation (share of relevance, no unit)" if method_spec(method).kind == "rollout" else
+            "activation (units of the mixed output y)")
+
+
 def plot_attention_depth(series: list, plots_dir, name: str) -> str:
-    """Mean activation (top row, log scale) and diversity (bottom row) of each method over relative depth
-    (layer / (n_layers − 1)), one line per model. `series`: [(label, n_layers, {layer: profile entry})]."""
+    """Mean activation (top row, log scale) and diversity (bottom row, on all of [0, 1]) of each method over
+    relative depth (layer / (n_layers − 1)), one line per model. `series`: [(label, n_layers, {layer:
+    profile entry})].
+    With one layer per model (nothing to draw over depth): one bar per model and method, with its 95%
+    interval over the texts and its value, instead of the lines."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
     methods = list(dict.fromkeys(m for _, _, by in series for e in by.values() for m in e["methods"]))
+    if all(len(by) == 1 for _, _, by in series):
+        return _plot_attention_bars(series, methods, plots_dir, name)
     fig, axes = plt.subplots(2, len(methods), figsize=(4.6 * len(methods), 7), squeeze=False,
                              constrained_layout=True)
     for i, (label, n_layers, by) in enumerate(series):
@@ -1256,13 +1355,52 @@ def plot_attention_depth(series: list, plots_dir, name: str) -> str:
                 axes[row, col].plot(x, [np.nan if v is None else v for v in values], "o-", color=f"C{i}",
                                     label=f"{label} (layers {', '.join(map(str, layers))})")
     for col, m in enumerate(methods):
-        axes[0, col].set(title=m, ylabel="mean activation (log)", yscale="log")
-        axes[1, col].set(ylabel="diversity (1 = uniform)", xlabel="relative depth (layer / (layers - 1))")
+        axes[0, col].set(title=m, ylabel=_activation_label(m).replace(" (", ", log scale\n("), yscale="log")
+        axes[1, col].set(ylabel="diversity (1 = uniform, no unit)", xlabel="relative depth (layer / (layers - 1))",
+                         ylim=(0, 1.05))  # its whole range: a small difference does not look like a cliff
         for row in range(2):
             axes[row, col].set_xlim(-0.05, 1.05)
-        axes[1, col].ticklabel_format(axis="y", useOffset=False)
         axes[0, col].legend(fontsize=7)
     fig.suptitle("Attention neurons over depth: mean activation (scale is model-specific) and diversity")
+    return save_figure(fig, plots_dir, name)
+
+
+def _plot_attention_bars(series: list, methods: list, plots_dir, name: str) -> str:
+    """`plot_attention_depth` with one layer per model: per method, a bar per model of its mean activation
+    (top) and diversity (bottom) at that layer, with the 95% interval over the texts; an undefined value is
+    no bar, labelled so."""
+    import matplotlib.pyplot as plt
+
+    from utils import save_figure
+
+    fig, axes = plt.subplots(2, len(methods), figsize=(max(4.0, 1.2 * len(series) + 2.2) * len(methods), 7),
+                             squeeze=False, constrained_layout=True)
+    labels = [f"{label}\nlayer {la} (of {n_layers})" for label, n_layers, by in series for la in by]
+    for col, m in enumerate(methods):
+        for row, key in enumerate(("mean_activation", "neuron_diversity")):
+            ax = axes[row, col]
+            values, err = [], [[], []]
+            for _, _, by in series:
+                e = next(iter(by.values()))["methods"].get(m) or {}
+                v, lo, hi = e.get(key), e.get(f"{key}_low"), e.get(f"{key}_high")
+                values.append(v)
+                err[0].append(0.0 if v is None or lo is None else max(0.0, v - lo))
+                err[1].append(0.0 if v is None or hi is None else max(0.0, hi - v))
+            heights = [np.nan if v is None else v for v in values]
+            bars = ax.bar(range(len(series)), heights, yerr=err, capsize=4,
+                          color=[f"C{i}" for i in range(len(series))])
+            ax.bar_label(bars, labels=["" if v is None else f"{v:.4g}" for v in values], fontsize=8,
+                         label_type="center", color="white")
+            for i, v in enumerate(values):
+                if v is None:
+                    ax.text(i, 0, "undefined", ha="center", va="bottom", fontsize=8)
+            ax.set_xticks(range(len(series)), labels, fontsize=8)
+            if key == "neuron_diversity":
+                ax.set(ylabel="diversity (1 = uniform, no unit)", ylim=(0, 1.05))
+            else:
+                ax.set(title=m, ylabel=_activation_label(m))
+    fig.suptitle("Attention neurons at the one layer of each model (no depth to draw): mean activation (scale "
+                 "is model-specific) and diversity; bars: 95% interval over the texts")
     return save_figure(fig, plots_dir, name)
 
 
@@ -1290,7 +1428,9 @@ def _stage_reader(ctx):
 def _stage_run(ctx, profile: dict):
     """Attention neurons at --layer (and every --attention_layers layer) over every text: each method's unit
     scores per query token, token-weighted over the texts, with intervals. Mamba: hidden attention of the
-    channels; Transformer: the attention weights of the attention-output dims (UNITS)."""
+    channels; Transformer: the attention weights of the attention-output dims (UNITS). The entries that keep
+    the first text's maps also get "first_text_tokens", its tokens as the tokenizer decodes each id (the
+    maps' axis labels)."""
     from functools import partial
 
     import stats
@@ -1304,6 +1444,11 @@ def _stage_run(ctx, profile: dict):
         for t in entry.get("gradient_targets") or []:
             if "token_id" in t and "token" not in t:
                 t["token"] = ctx.tokenizer.decode([t["token_id"]])
+    # the first text's tokens, as the tokenizer writes each, beside the entries that keep its maps (their axes)
+    first = [ctx.tokenizer.decode([t]) for t in ctx.tokens.input_ids[0][0].tolist()]
+    for entry in by_layer.values():
+        if "attention_vector_first_text" in entry:
+            entry["first_text_tokens"] = first
     family = "mamba" if ctx.adapter.is_ssm else "transformer"
     results = {**by_layer[layer], "units": analyzer.describe_units(),
                "ranked_by": "activation: per unit, the token-weighted mean over the texts of its activation per "
@@ -1314,9 +1459,10 @@ def _stage_run(ctx, profile: dict):
         results["target"] = o.attention_target
         results["target_definition"] = TARGETS[o.attention_target]
     d, p, k = ctx.plots_dir, ctx.prefix, ctx.top_k
-    plots = [partial(plot_attention_vector, results["attention_vector_first_text"], layer, d, p, family)]
+    tokens = results.get("first_text_tokens")
+    plots = [partial(plot_attention_vector, results["attention_vector_first_text"], layer, d, p, family, tokens)]
     plots += [partial(analyzer.visualize_neurons, neuron_scores(results, m), layer, d, p, k, results["methods"][m],
-                      results["methods"][m]["activation_per_text"]) for m in methods]
+                      results["methods"][m]["activation_per_text"], tokens) for m in methods]
     if len(layers) > 1:
         results["attention_layers"] = layers
         results["by_layer"] = by_layer

@@ -615,6 +615,7 @@ def plot_causal_impacts(scores: np.ndarray, dims: np.ndarray, top_k: int, layer:
     """The top `top_k` mean KLs as bars (with their 95% intervals `low`..`high` (n_dims,) when given), and
     the distribution of every dimension's mean KL."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from utils import save_figure
 
@@ -626,48 +627,116 @@ def plot_causal_impacts(scores: np.ndarray, dims: np.ndarray, top_k: int, layer:
     ax.set_xticks(range(len(order)), [str(int(dims[i])) for i in order], rotation=45)
     ax.set(title=f"Top {len(order)} causal dimensions, {site} layer {layer}"
                  + ("" if low is None else " (95% bootstrap interval over prompts)"), xlabel="dimension",
-           ylabel="mean KL(p_clean ‖ p_ablated), nats")
+           ylabel="mean KL(p_clean ‖ p_ablated) (nats)")
     top = save_figure(fig, plots_dir, f"{prefix}_causal_top_{site}_layer{layer}")
     fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
     positive = scores[scores > 0]
     if positive.size:
         ax.hist(np.log10(positive), bins=50, color="tab:blue")
     ax.set(title=f"Impact distribution over {scores.size} dimensions ({scores.size - positive.size} exactly 0)",
-           xlabel="log10 mean KL", ylabel="dimensions")
+           xlabel="log10(mean KL(p_clean ‖ p_ablated) / 1 nat)", ylabel="dimensions (count)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     dist = save_figure(fig, plots_dir, f"{prefix}_causal_distribution_{site}_layer{layer}")
     return [top, dist]
 
 
+def _plain(value, _pos=None) -> str:
+    """A tick label as a plain number (0.001, 0.02, 1e-05), never as a power-of-ten product."""
+    return "0" if value == 0 else f"{value:.3g}"
+
+
 def plot_inter_layer(curves: dict, site: str, plots_dir, prefix: str) -> str:
-    """curves: dim -> [(layer, mean KL, low, high)] (low/high None: no band)."""
+    """curves: dim -> [(layer, mean KL, low, high)] (low/high None: no band), optionally followed by
+    (Δ log p(clean top-1), its low, its high): then a second panel shows it. The KL axis (≥ 0) starts at 0
+    and is linear up to the smallest positive value drawn and logarithmic above it, with plain tick labels."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     from utils import save_figure
 
-    fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
+    with_dlp = all(len(p) >= 7 for points in curves.values() for p in points) and bool(curves)
+    fig, axes = plt.subplots(1, 2 if with_dlp else 1, figsize=(15 if with_dlp else 9, 4.5), squeeze=False,
+                             constrained_layout=True)
+    ax = axes[0, 0]
+    drawn = []
     for dim, points in curves.items():
         layers = [p[0] for p in points]
         (line,) = ax.plot(layers, [p[1] for p in points], marker="o", label=f"dim {dim}")
+        drawn += [p[1] for p in points]
         if all(p[2] is not None for p in points):
-            ax.fill_between(layers, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.2)
+            ax.fill_between(layers, [max(0.0, p[2]) for p in points], [p[3] for p in points], color=line.get_color(),
+                            alpha=0.2)
+            drawn += [p[3] for p in points]
+        if with_dlp:
+            dax = axes[0, 1]
+            dax.plot(layers, [p[4] for p in points], marker="o", color=line.get_color(), label=f"dim {dim}")
+            if all(p[5] is not None for p in points):
+                dax.fill_between(layers, [p[5] for p in points], [p[6] for p in points], color=line.get_color(),
+                                 alpha=0.2)
+    positive = [v for v in drawn if v is not None and v > 0]
+    top = max(positive, default=1.0)
+    linthresh = 10.0 ** np.floor(np.log10(max(min(positive, default=1e-6), top * 1e-4)))
+    ax.set_yscale("symlog", linthresh=linthresh, linscale=0.5)
+    ax.set_ylim(0, top * 1.5)  # a KL is >= 0: the axis starts at 0 (a band's lower end is clipped there)
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, pos: ""))
     ax.set(title=f"Impact of ablating one {site} dimension at each layer (95% interval over prompts)",
-           xlabel="layer", ylabel="mean KL(p_clean ‖ p_ablated), nats", yscale="symlog")
+           xlabel="layer (ablated)", ylabel=f"mean KL(p_clean ‖ p_ablated) (nats)\nlinear below {_plain(linthresh)}, "
+                                            "log above")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
+    if with_dlp:
+        dax = axes[0, 1]
+        dax.axhline(0, color="grey", lw=0.8)
+        dax.set(title="Change of log p of the clean top-1 token (95% interval over prompts)", xlabel="layer (ablated)",
+                ylabel="mean Δ log p(clean top-1) (nats)")
+        dax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        dax.yaxis.set_major_formatter(FuncFormatter(_plain))
+        dax.legend()
     return save_figure(fig, plots_dir, f"{prefix}_inter_layer_{site}")
 
 
+CELL_NUMBERS_UP_TO = 12  # a cross-layer grid of at most this many layers a side has its values written in
+
+
 def plot_cross_layer(matrix: dict, site: str, plots_dir, prefix: str) -> str:
+    """Per chosen dimension k, the mean over prompts of (residual dim k after target layer t with k of the
+    site ablated at source layer s) − (the same, clean): one panel each, on one shared symmetric colour
+    scale with one labelled colour bar, the values written in the cells when the grid is at most
+    CELL_NUMBERS_UP_TO layers a side; targets before the source (exactly 0 by causality) in grey."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
     n = len(matrix["dims"])
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n + 1, 4), constrained_layout=True, squeeze=False)
-    for ax, k, change in zip(axes[0], matrix["dims"], matrix["change"]):
-        lim = float(np.abs(change).max()) or 1.0
-        im = ax.imshow(change, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set(title=f"dim {int(k)}: ablated − clean", xlabel="target layer t", ylabel="source layer s")
-        fig.colorbar(im, ax=ax)
+    changes = [np.asarray(c, dtype=np.float64) for c in matrix["change"]]
+    sources = np.asarray(matrix.get("sources", np.arange(changes[0].shape[0])))
+    targets = np.asarray(matrix.get("targets", np.arange(changes[0].shape[1])))
+    before = sources[:, None] > targets[None, :]  # target before the source: no effect by causality
+    lim = max((float(np.abs(c).max()) for c in changes), default=0.0) or 1.0
+    S, T = changes[0].shape
+    cell = max(0.45, min(0.9, 6.0 / max(S, T)))
+    fig, axes = plt.subplots(1, n, figsize=(cell * T * n + 1.8, cell * S + 1.4), constrained_layout=True,
+                             squeeze=False)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")
+    im = None
+    for ax, k, change in zip(axes[0], matrix["dims"], changes):
+        im = ax.imshow(np.ma.masked_where(before, change), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
+        ax.set(title=f"dim {int(k)}: ablated − clean", xlabel="target layer t", ylabel="source layer s (ablated)")
+        ax.set_xticks(range(T), [str(int(t)) for t in targets])
+        ax.set_yticks(range(S), [str(int(s)) for s in sources])
+        if max(S, T) <= CELL_NUMBERS_UP_TO:
+            for s in range(S):
+                for t in range(T):
+                    if not before[s, t]:
+                        v = change[s, t]
+                        ax.text(t, s, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                                color="white" if abs(v) > 0.6 * lim else "black")
+    fig.colorbar(im, ax=list(axes[0]), label=f"change of residual dim k after layer t (ablated − clean;\nthe "
+                                             "residual stream's activation units), one scale for every panel",
+                 shrink=0.9)
+    fig.suptitle(f"Cross-layer effect of ablating {site} dims, mean over prompts (grey: target before source, "
+                 "0 by causality)", fontsize=10)
     return save_figure(fig, plots_dir, f"{prefix}_cross_layer_{site}")
 
 
@@ -807,7 +876,8 @@ def _run_inter_layer(ctx):
                    "delta_logp_top1": f"the mean over prompts of {DELTA_LOGP_DEFINITION}",
                    "scores_per_prompt": "per dimension, (n_prompts, n_layers): each prompt's KL",
                    "ablation": ABLATION_DEFINITION, "low/high": INTERVAL_DEFINITION}}
-    plotted = {d: [(c["layer"], c["score"], c["low"], c["high"]) for c in curve] for d, curve in curves.items()}
+    plotted = {d: [(c["layer"], c["score"], c["low"], c["high"], c["delta_logp_top1"], c["delta_logp_top1_low"],
+                    c["delta_logp_top1_high"]) for c in curve] for d, curve in curves.items()}
     return results, [partial(plot_inter_layer, plotted, site, ctx.plots_dir, ctx.prefix)]
 
 

@@ -411,6 +411,7 @@ def plot_strongest(results: dict, plots_dir, name: str) -> str:
     """The strongest token neuron's mean deviation per token, and the strongest positional neurons' mean
     deviation per position."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from utils import save_figure
 
@@ -424,7 +425,7 @@ def plot_strongest(results: dict, plots_dir, name: str) -> str:
         ax0.bar(range(len(toks)), [x["mean_deviation"] for x in toks], color="C0")
         ax0.set_xticks(range(len(toks)), [f"{x['token']!r} ({x['count']})" for x in toks], rotation=70, fontsize=7)
         ax0.axhline(0, color="grey", lw=0.8)
-        ax0.set(ylabel="mean deviation from the text's mean",
+        ax0.set(ylabel="mean deviation from the text's mean\n(the site's activation units)",
                 title=f"strongest token neuron: layer {t['layer']} #{t['neuron']}, share {t['share']:.2f} "
                       f"(cross-fitted {_cross(t['cross_share'])})"
                       + ("" if t["is_kind"] else " (below the level)"))
@@ -434,8 +435,10 @@ def plot_strongest(results: dict, plots_dir, name: str) -> str:
         ax1.plot(range(len(y)), y, color=f"C{i + 3}", label=f"layer {p['layer']} #{p['neuron']}: share {p['share']:.2f}, cross-fitted {_cross(p['cross_share'])} "
                  f"({wo} without position 0)" + ("" if p["is_kind"] else "; below the level"))
     ax1.axhline(0, color="grey", lw=0.8)
-    ax1.set(xlabel="position (token index in the text)", ylabel="mean deviation from the text's mean",
+    ax1.set(xlabel="position (token index in the text)",
+            ylabel="mean deviation from the text's mean\n(the site's activation units)",
             title="strongest positional neurons")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     if results["strongest"]["positional"]:
         ax1.legend(fontsize=7)
     return save_figure(fig, plots_dir, name)

@@ -67,7 +67,7 @@ def plot_causal(comparison: dict, plots_dir, name: str) -> str:
                         fmt="o", color=f"C{i}", ms=4, capsize=3)
     sites = " vs ".join(f"{c[s['label']]['site']}" for s in comparison["models"])
     kinds = "same kind" if c.get("note") is None else "different kinds: see the note"
-    ax.set(xscale="log", xlabel="impact: mean KL(p_clean ‖ p_ablated) over prompts",
+    ax.set(xscale="log", xlabel="impact: mean KL(p_clean ‖ p_ablated) over prompts (nats)",
            ylabel="fraction of dims with impact ≥ x",
            title=f"Causal-impact distributions at the matched layers\n{sites} ({kinds}); "
                  "bar: the largest impact's 95% interval over prompts")
@@ -78,21 +78,30 @@ def plot_causal(comparison: dict, plots_dir, name: str) -> str:
 
 def plot_attention_maps(comparison: dict, plots_dir, name: str) -> str:
     """The first text's attention vector of each model at the matched layers side by side: Mamba's hidden
-    attention (channel mean of α) and a Transformer's head-mean attention weights, each over its own tokens."""
+    attention (channel mean of α) and a Transformer's head-mean attention weights, each over its own tokens
+    (its axes labelled with them where the results hold them), each query row normalised to its share on
+    each key and drawn on a log colour scale (`attention_neurons.draw_attention_map`), so that the structure
+    beyond a first-token (sink) column shows."""
     import matplotlib.pyplot as plt
 
     from attention_neurons import draw_attention_map
     from models import SSM_FAMILIES
 
     att = comparison["attention"]
-    fig, axes = plt.subplots(1, len(att["models"]), figsize=(7 * len(att["models"]), 6), squeeze=False,
-                             constrained_layout=True)
+    sizes = [np.asarray(side["by_layer"][att["matched_layers"][label]]["attention_vector_first_text"]).shape[0]
+             for label, side in att["models"].items()]
+    side_in = min(14.0, max(7.0, 0.22 * min(max(sizes), 64) + 3))
+    fig, axes = plt.subplots(1, len(att["models"]), figsize=((side_in + 1.5) * len(att["models"]), side_in),
+                             squeeze=False, constrained_layout=True)
     for ax, (label, side) in zip(axes[0], att["models"].items()):
         layer = att["matched_layers"][label]
-        vector = np.asarray(side["by_layer"][layer]["attention_vector_first_text"])
-        draw_attention_map(ax, fig, vector, "mamba" if side["family"] in SSM_FAMILIES else "transformer")
+        entry = side["by_layer"][layer]
+        vector = np.asarray(entry["attention_vector_first_text"])
+        draw_attention_map(ax, fig, vector, "mamba" if side["family"] in SSM_FAMILIES else "transformer",
+                           entry.get("first_text_tokens"))
         ax.set_title(f"{label}: {ax.get_title().lower()}, layer {layer}, {vector.shape[0]} tokens", fontsize=10)
-    fig.suptitle("The same first text through both models at the matched layers (each on its own tokens)")
+    fig.suptitle("The same first text through both models at the matched layers (each on its own tokens; "
+                 "each query row normalised, log colour scale)")
     return save_figure(fig, plots_dir, name)
 
 

@@ -393,21 +393,23 @@ def find_delta_sensitive_neurons(model, tokenizer, texts, layer_idx: int = 0, to
 # Plots (consume DeltaStats only)
 # --------------------------------------------------------------------------------------------------
 def plot_delta_variance(st: DeltaStats, top_k: int, plots_dir, prefix: str, top: list[dict] | None = None) -> str:
-    """Top: every channel's ranking score (η², or the raw variance when η² is undefined) in rank order, the top
-    k marked with their channel and (with `top`, the results' top list) their 95% intervals. Bottom: raw
-    between-text variance against mean Δ per channel (a scatter: channel numbers have no order), coloured
-    by η²: the raw variance follows Δ's scale, η² does not."""
+    """Top: every channel's ranking score (η², or the raw variance when η² is undefined: the summary table's
+    score column) in rank order, as points, the top k marked with their channel and (with `top`, the
+    results' top list) their 95% intervals. Bottom: raw between-text variance (the table's "raw between-text
+    var") against mean Δ per channel (a scatter: channel numbers have no order), coloured by η²: the raw
+    variance follows Δ's scale, η² does not. Δ is a step size without unit, so its variance has none."""
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
     key = st.ranked_by
     score = st.score(key)
-    label = "η² (between-text share of Δ's variance)" if key == "eta_squared" else "raw variance across texts of mean Δ"
+    raw = "raw between-text variance of mean Δ (no unit)"
+    label = "η² = between-text share of Δ's variance (0 … 1)" if key == "eta_squared" else raw
     order = np.argsort(-score, kind="stable")
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8), constrained_layout=True)
     ranks = np.arange(1, len(order) + 1)
-    ax1.plot(ranks, score[order], marker=".", ms=3, lw=0.6, color="tab:blue", label=f"every {st.unit}, by rank")
+    ax1.plot(ranks, score[order], ".", ms=3, color="tab:blue", label=f"every {st.unit}, by rank")
     entries = top if top is not None else [{"channel": c, "score": s} for c, s in st.top(top_k, key)]
     k = len(entries)
     y = np.array([t["score"] for t in entries])
@@ -430,7 +432,7 @@ def plot_delta_variance(st: DeltaStats, top_k: int, plots_dir, prefix: str, top:
     positive = (st.mean_delta > 0) & (st.text_variance > 0)
     if eta is not None:
         sc = ax2.scatter(st.mean_delta[positive], st.text_variance[positive], s=6, c=eta[positive], cmap="viridis")
-        fig.colorbar(sc, ax=ax2, label="η²")
+        fig.colorbar(sc, ax=ax2, label="η² (between-text share, 0 … 1)")
     else:
         ax2.scatter(st.mean_delta[positive], st.text_variance[positive], s=6, color="tab:blue")
     chosen = [t["channel"] for t in entries]
@@ -438,7 +440,7 @@ def plot_delta_variance(st: DeltaStats, top_k: int, plots_dir, prefix: str, top:
                 label=f"top {k} by {key}")
     rho = stats.spearman(st.text_variance, st.mean_delta)
     rho_eta = None if eta is None else stats.spearman(eta, st.mean_delta)
-    ax2.set(xscale="log", yscale="log", xlabel="mean Δ", ylabel="raw variance across texts of mean Δ",
+    ax2.set(xscale="log", yscale="log", xlabel="mean Δ (no unit: a step size)", ylabel=raw,
             title=f"raw variance follows Δ's scale (Spearman with mean Δ: raw {_fmt(rho)}, η² {_fmt(rho_eta)})")
     ax2.legend(loc="upper left", fontsize=8)
     return save_figure(fig, plots_dir, f"{prefix}_delta_variance_layer{st.layer}")
@@ -456,7 +458,7 @@ def plot_delta_heatmap(stats: DeltaStats, plots_dir, prefix: str) -> str:
     delta = stats.example_delta.T  # (e, L)
     fig, ax = plt.subplots(figsize=(11, 6), constrained_layout=True)
     im = ax.imshow(delta, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(im, ax=ax, label="Δ")
+    fig.colorbar(im, ax=ax, label="Δ (step size, no unit)")
     L = delta.shape[1]
     if L <= 48:
         ax.set_xticks(range(L), [repr(t)[1:-1] for t in stats.example_tokens], rotation=90, fontsize=7)

@@ -166,9 +166,28 @@ def depth_profiles(layer_results: dict, n_layers: int) -> dict:
             "definitions": PROFILE_DEFINITIONS}
 
 
+def axis_of(metric: str) -> tuple[str, tuple | None]:
+    """(y label with its unit, fixed y range or None) of a depth-profile metric, by its stage's prefix: a
+    measure in [0, 1] (η², diversity, every sparsity measure) always shows all of [0, 1], a KL starts at 0
+    (upper end None: the data's)."""
+    if metric.startswith("delta: ") and "η²" in metric:
+        return "η² (between-text share, 0 … 1)", (0.0, 1.0)
+    if metric.startswith("delta: "):
+        return "variance of mean Δ (no unit)", None
+    if metric.startswith("causal: "):
+        return "mean KL(p_clean ‖ p_ablated) (nats)", (0.0, None)  # a KL is >= 0
+    if metric.startswith("attention: "):
+        return "diversity (1 = uniform, 0 … 1)", (0.0, 1.0)
+    if metric.startswith("faithfulness: "):
+        return "normalised area (1 = ground truth, 0 = random)", None
+    if metric.startswith("sparsity: "):
+        return "0 … 1 (no unit)", (0.0, 1.0)
+    return "", None
+
+
 def plot_depth_profiles(profiles: dict, plots_dir, name: str) -> str:
-    """One panel per metric against relative depth; a layer where the metric's stage did not succeed is
-    left out of its panel."""
+    """One panel per metric against relative depth, its y axis labelled with its unit (`axis_of`); a layer
+    where the metric's stage did not succeed is left out of its panel."""
     import math
 
     import matplotlib.pyplot as plt
@@ -186,7 +205,14 @@ def plot_depth_profiles(profiles: dict, plots_dir, name: str) -> str:
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("relative depth (layer / (layers - 1))", fontsize=8)
         ax.set_xlim(-0.05, 1.05)
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ylabel, yrange = axis_of(metric)
+        ax.set_ylabel(ylabel, fontsize=8)
+        if yrange is not None and yrange[1] is not None:
+            ax.set_ylim(yrange[0] - 0.03, yrange[1] + 0.03)
+        else:
+            if yrange is not None:
+                ax.set_ylim(bottom=yrange[0])
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax in axes.ravel()[len(metrics):]:
         ax.axis("off")
     fig.suptitle(f"Depth profiles, layers {', '.join(map(str, profiles['layers']))}")

@@ -609,6 +609,7 @@ def plot_efficiency(entries: list[tuple[str, dict]], plots_dir, name: str) -> st
     """Bars of parameters, neurons per layer, total and active neurons, efficiency ratio, per model (a
     ratio uninformative at its threshold is marked so on its bar)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from utils import save_figure
 
@@ -631,6 +632,9 @@ def plot_efficiency(entries: list[tuple[str, dict]], plots_dir, name: str) -> st
                             fontsize=7, color="white")
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
+        if title.startswith(("neurons", "active neurons")):  # counts: whole-number ticks
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("neurons (count)")
     fig.suptitle("Efficiency metrics (active: mean |a| above each model's traditional threshold)")
     fig.tight_layout()
     return save_figure(fig, plots_dir, name)
@@ -639,51 +643,90 @@ def plot_efficiency(entries: list[tuple[str, dict]], plots_dir, name: str) -> st
 CURVE_KEYS = ("scaling", "scaling_fast_scan")
 
 
+def skipped_note(label: str, curve: dict) -> str | None:
+    """One line naming the lengths a curve did not run and why ("L = 512, 1024 not run: <reason>"), the
+    lengths that the budget stopped after a longer one's prediction given with that reason; None when it ran
+    every length."""
+    groups = []  # [(lengths, reason)] in order
+    for sk in curve.get("skipped") or []:
+        reason = sk["reason"]
+        if groups and (reason == groups[-1][1] or (reason.startswith("the budget stopped")
+                                                   and groups[-1][1].startswith("predicted"))):
+            groups[-1][0].append(sk["seq_len"])
+        else:
+            groups.append(([sk["seq_len"]], reason))
+    if not groups:
+        return None
+    parts = [f"L = {', '.join(map(str, lengths))} not run: " + (f"the time budget ran out ({reason})"
+                                                               if reason.startswith("predicted") else reason)
+             for lengths, reason in groups]
+    return f"{label}: " + "; ".join(parts)
+
+
 def plot_scaling(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
     """Measured forward time, peak memory and achieved GFLOP/s against sequence length (log-log), and the
     analytic FLOPs per token: per model its own forward (solid) and, where measured, the project's fast
     scan (dashed), each named by what was timed; "(architecture)" marks the curve that reflects the
-    architecture, and the caption says it per model."""
+    architecture, and the caption below says it per model, and names the lengths each curve did not run,
+    with the reason (`skipped_note`)."""
+    import textwrap
+
     import matplotlib.pyplot as plt
 
     from utils import save_figure
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
-    caption = []
+    caption, drawn = [], []  # drawn: (model index, curve key, style, label, points)
     for i, (lab, e) in enumerate(entries):
         arch = (e.get("architecture_curve") or {}).get("curve")
-        names = []
+        names, skipped = [], []
         for key, style in zip(CURVE_KEYS, ("o-", "s--")):
             curve = e.get(key)
             if not curve:
                 continue
             impl = (curve.get("implementation") or {}).get("name", "model's own forward")
             names.append(impl)
-            pts = curve["points"]
-            if not pts:
-                continue
-            legend = f"{lab}: {impl}{_arch_mark(e) if key == arch else ''}"
-            L = [p["seq_len"] for p in pts]
-            axes[0].plot(L, [p["time_s"] for p in pts], style, color=f"C{i}", label=legend)
-            axes[1].plot(L, [p["peak_memory_bytes"] / 2 ** 20 for p in pts], style, color=f"C{i}", label=legend)
-            axes[2].plot(L, [p.get("achieved_gflops_per_s", np.nan) for p in pts], style, color=f"C{i}", label=legend)
-            if key == "scaling":
-                axes[3].plot(L, [p["flops_per_token"] / 1e6 for p in pts], style, color=f"C{i}", label=lab)
+            note = skipped_note(f"{lab}, {impl}", curve)
+            if note:
+                skipped.append(note)
+            if curve["points"]:
+                drawn.append((i, key, style, f"{lab}: {impl}{_arch_mark(e) if key == arch else ''}", lab,
+                              curve["points"]))
         arch_name = (e.get(arch) or {}).get("implementation", {}).get("name") if arch else None
         caption.append(f"{lab}: timed {' and '.join(names)}; "
                        + (f"reflects the architecture: {arch_name}" if _exact(e) else
                           f"neither reflects the architecture on this device; closest: {arch_name or 'neither'}"))
-    for ax, title in zip(axes, ["forward time (s), batch 1", "peak activation memory (MiB)",
-                                "achieved GFLOP/s (analytic FLOPs / time)", "analytic FLOPs per token (M)"]):
+        caption += skipped
+    lines = [part for c in caption for part in textwrap.wrap(c, 210, subsequent_indent="    ")]
+    legend_rows = -(-max(1, len(drawn)) // 3)
+    fig = plt.figure(figsize=(19, 4.8 + 0.22 * legend_rows + 0.16 * len(lines) + 0.3), constrained_layout=True)
+    grid = fig.add_gridspec(3, 4, height_ratios=[4.8, 0.22 * legend_rows + 0.1, 0.16 * len(lines) + 0.1])
+    axes = [fig.add_subplot(grid[0, c]) for c in range(4)]
+    for i, key, style, legend, lab, pts in drawn:
+        L = [p["seq_len"] for p in pts]
+        axes[0].plot(L, [p["time_s"] for p in pts], style, color=f"C{i}", label=legend)
+        axes[1].plot(L, [p["peak_memory_bytes"] / 2 ** 20 for p in pts], style, color=f"C{i}", label=legend)
+        axes[2].plot(L, [p.get("achieved_gflops_per_s", np.nan) for p in pts], style, color=f"C{i}", label=legend)
+        if key == "scaling":
+            axes[3].plot(L, [p["flops_per_token"] / 1e6 for p in pts], style, color=f"C{i}", label=lab)
+    for ax, (title, ylabel) in zip(axes, [("forward time, batch 1", "time (s), log scale"),
+                                          ("peak activation memory", "memory (MiB), log scale"),
+                                          ("achieved GFLOP/s (analytic FLOPs / time)", "GFLOP/s, log scale"),
+                                          ("analytic FLOPs per token", "MFLOP per token")]):
         ax.set_xscale("log", base=2)
         if ax is not axes[3]:
             ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
+        ax.set_xlabel("sequence length L (tokens)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.text(0.01, 0.01, "\n".join(caption), fontsize=8, va="bottom")
-    fig.tight_layout(rect=(0, 0.04 * max(1, len(caption)), 1, 1))
+    if axes[3].get_legend_handles_labels()[0]:
+        axes[3].legend(fontsize=7)
+    legend_ax, note_ax = fig.add_subplot(grid[1, :]), fig.add_subplot(grid[2, :])
+    for ax in (legend_ax, note_ax):
+        ax.axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # one legend for the three measured panels, below them
+        legend_ax.legend(handles, labels, loc="upper left", fontsize=8, ncols=min(3, len(handles)), frameon=False)
+    note_ax.text(0.0, 1.0, "\n".join(lines), fontsize=8, va="top", ha="left", transform=note_ax.transAxes)
     return save_figure(fig, plots_dir, name)
 
 

@@ -617,7 +617,7 @@ def plot_deletion_curves(r: dict, plots_dir, name: str) -> str:
         positive = [v for v in values if v > 0]
         ax.set_yscale("symlog", linthresh=min(positive) if positive else 1e-6)  # log above the smallest value shown
         ax.set(xscale="log", xlabel=f"k ({s['unit']}s ablated together, top k of each ranking)",
-               ylabel="mean KL(p_clean ‖ p_ablated), nats",
+               ylabel="mean KL(p_clean ‖ p_ablated) (nats)",
                title=f"{s['n_units']} {s['unit']}s of {s['site']}, layer {r['layer']}")
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.legend(fontsize=7)

@@ -1082,18 +1082,33 @@ def multilayer_table(per_layer: dict) -> dict:
     return out
 
 
-def plot_multilayer(models: list[tuple[str, dict]], plots_dir, name: str, relative: bool = False) -> str:
-    """Every method against layer (or relative depth), one line per model, with the 95% interval over the
-    texts as a band where there is one: `models` = [(label, {layer: dict})]."""
-    import matplotlib.pyplot as plt
+MULTILAYER_YLABELS = {"traditional": "fraction of neurons with mean |a| < threshold",
+                      "percentile p50": "fraction of neurons with mean |a| < τ_50",
+                      "dead fraction": "fraction of neurons dead",
+                      "activation_variance_mean":
+                          "mean variance over tokens per neuron\n((activation units)², log scale)"}
 
+
+def plot_multilayer(models: list[tuple[str, dict]], plots_dir, name: str, relative: bool = False) -> str:
+    """Every method against layer, one line per model, with the 95% interval over the texts as a band where
+    there is one: `models` = [(label, {layer: dict})]. With `relative`, or with more than one model (their
+    depths may differ), against relative depth (layer / (layers − 1)). Each panel of a measure in [0, 1]
+    (fractions, H, 1 − H, Gini, Hoyer) shows all of [0, 1], so that a small difference does not look like
+    a cliff; the activation variance (no natural range) is on a log scale."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    relative = relative or len(models) > 1
     metrics = [m for m, _ in MULTILAYER_METRICS] + ["activation_variance_mean"]
     fig, axes = plt.subplots(3, 4, figsize=(17, 10.5))
     for i, (lab, per_layer) in enumerate(models):
         t = multilayer_table(per_layer)
         x = t["relative_depth"] if relative else t["layers"]
+        drawn = t["layers"]
+        which = (", ".join(map(str, drawn)) if len(drawn) <= 6 else
+                 f"{len(drawn)} layers, {drawn[0]}–{drawn[-1]}")
         for ax, m in zip(axes.ravel(), metrics):
-            ax.plot(x, _plotted(t[m]), "o-", color=f"C{i}", label=lab)
+            ax.plot(x, _plotted(t[m]), "o-", color=f"C{i}", label=f"{lab} (layer{'s' * (len(drawn) != 1)} {which})")
             ivs = t["intervals"].get(m)
             if ivs and any(d is not None and d.get("low") is not None for d in ivs):
                 ax.fill_between(x, _plotted([None if d is None else d.get("low") for d in ivs]),
@@ -1102,30 +1117,42 @@ def plot_multilayer(models: list[tuple[str, dict]], plots_dir, name: str, relati
     for ax, m in zip(axes.ravel(), metrics):
         ax.set_title(m.replace("_", " "), fontsize=9)
         ax.set_xlabel("relative depth (layer / (layers − 1))" if relative else "layer")
+        if relative:
+            ax.set_xlim(-0.05, 1.05)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if m == "activation_variance_mean":
+            ax.set_yscale("log")
+        else:  # every other measure lies in [0, 1]: the whole range, always
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_ylabel(MULTILAYER_YLABELS.get(m, "0 … 1 (no unit)"), fontsize=8)
         ax.legend(fontsize=7)
-    axes.ravel()[len(metrics) - 1].set_yscale("log")
     for ax in axes.ravel()[len(metrics):]:
         ax.axis("off")
     fig.suptitle("Sparsity across layers (population: per token across neurons; usage: per neuron over the corpus; "
-                 "bands: 95% interval over texts)")
+                 "bands: 95% interval over texts)" + ("; models of different depth over relative depth"
+                                                      if len(models) > 1 else ""))
     fig.tight_layout()
     from utils import save_figure
 
     return save_figure(fig, plots_dir, name)
 
 
-def sparsity_plots(entries, models_by_layer, plots_dir, prefix: str, tag: str = "", relative: bool = False
-                   ) -> list[str]:
+def sparsity_plots(entries, models_by_layer, plots_dir, prefix: str, tag: str = "", relative: bool = False,
+                   multilayer: bool = True) -> list[str]:
     """The full sparsity plot set: percentile, population sparsity, usage inequality, optimal threshold,
     traditional and activation variance for `entries` (one layer per model; file names end in `tag`), and
-    the multi-layer plot for `models_by_layer` = [(label, {layer: dict})]."""
-    return [plot_percentile(entries, plots_dir, f"{prefix}_sparsity_percentile{tag}"),
-            plot_population(entries, plots_dir, f"{prefix}_sparsity_population{tag}"),
-            plot_usage(entries, plots_dir, f"{prefix}_sparsity_usage{tag}"),
-            plot_optimal_threshold(entries, plots_dir, f"{prefix}_sparsity_optimal_threshold{tag}"),
-            plot_traditional(entries, plots_dir, f"{prefix}_sparsity_traditional{tag}"),
-            plot_activation_variance(entries, plots_dir, f"{prefix}_activation_variance{tag}"),
-            plot_multilayer(models_by_layer, plots_dir, f"{prefix}_sparsity_multilayer", relative)]
+    (with `multilayer`) the multi-layer plot for `models_by_layer` = [(label, {layer: dict})]."""
+    paths = [plot_percentile(entries, plots_dir, f"{prefix}_sparsity_percentile{tag}"),
+             plot_population(entries, plots_dir, f"{prefix}_sparsity_population{tag}"),
+             plot_usage(entries, plots_dir, f"{prefix}_sparsity_usage{tag}"),
+             plot_optimal_threshold(entries, plots_dir, f"{prefix}_sparsity_optimal_threshold{tag}"),
+             plot_traditional(entries, plots_dir, f"{prefix}_sparsity_traditional{tag}"),
+             plot_activation_variance(entries, plots_dir, f"{prefix}_activation_variance{tag}")]
+    if multilayer:
+        paths.append(plot_multilayer(models_by_layer, plots_dir, f"{prefix}_sparsity_multilayer", relative))
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1166,8 +1193,9 @@ def _stage_run(ctx, read: dict):
                "layers": chosen, "multilayer": multilayer_table(chosen), "note": SCALE_NOTE,
                "interval_method": interval_method(ctx.opts.bootstrap_resamples, ctx.opts.seed),
                "definitions": DEFINITIONS, "measured_in": read["measured_in"]}
+    # the multi-layer plot is the same at every layer of a --layers run: written once, at its first layer
     return results, [partial(sparsity_plots, [(ctx.prefix, single)], [(ctx.prefix, chosen)], ctx.plots_dir,
-                             ctx.prefix, tag=f"_layer{ctx.layer}")]
+                             ctx.prefix, tag=f"_layer{ctx.layer}", multilayer=ctx.layers[0] == ctx.layer)]
 
 
 def _iv(d, spec: str = ".3f") -> str:

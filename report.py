@@ -53,6 +53,7 @@ dl.defs { font-size: .85em; } dl.defs dt { font-weight: bold; } dl.defs dd { mar
 table.sortable th { cursor: pointer; } table.sortable th:after { content: " ↕"; color: #aaa; }
 input.filter { margin: .3em 0; font-size: .85em; }
 @media print { nav#contents, input.filter { display: none; } figure, table, pre, dl, li { break-inside: avoid; }
+  img { max-height: 8.5in; width: auto; max-width: 100%; }
   h2, h3 { break-after: avoid; } details { display: block; } }
 """
 
@@ -204,6 +205,20 @@ def _unit_tables(name: str, r: dict) -> list[tuple[str, list[dict]]]:
         if cols:
             out.append((f"every {unit}'s Δ statistics", [{unit: i, **{k: v[i] for k, v in cols.items()}}
                                                          for i in range(n)]))
+    if name == "attention" and isinstance(r.get("methods"), dict):
+        acts = {m: a.get("neuron_activations") for m, a in r["methods"].items() if isinstance(a, dict)}
+        acts = {m: v for m, v in acts.items() if isinstance(v, list)}
+        n = {len(v) for v in acts.values()}
+        unit = (r.get("units") or {}).get("unit", "unit") if isinstance(r.get("units"), dict) else "unit"
+        if len(n) == 1:
+            out.append((f"every {unit}'s activation per method (per query token, texts weighted by tokens)",
+                        [{unit: i, **{m: v[i] for m, v in acts.items()}} for i in range(n.pop())]))
+    if name == "sparsity" and isinstance(r.get("single"), dict):
+        cols = columns(r["single"], ("neuron_mean_abs", "neuron_variance"), len(r["single"].get("neuron_mean_abs") or []))
+        if cols:
+            out.append((f"every neuron's mean |a| and variance at layer {r.get('layer')}",
+                        [{"neuron": i, **{k.replace("neuron_", ""): v[i] for k, v in cols.items()}}
+                         for i in range(len(next(iter(cols.values()))))]))
     if name == "census" and isinstance(r.get("layers"), dict) and r.get("n_neurons", 0) * len(r["layers"]) <= 20000:
         for la, e in r["layers"].items():
             t, p = (e.get("token"), e.get("position")) if isinstance(e, dict) else (None, None)

@@ -156,3 +156,34 @@ def test_findings_lead_and_tables_sort_in_the_browser(tmp_path):
     top = int(re.search(r'data-findings-top="(-?\d+)"', dom).group(1))
     assert 0 <= top < 900, top
     assert 'data-sorted="5,7,3"' in dom and 'data-reversed="3,7,5"' in dom, re.findall(r"data-\w+=\"[^\"]*\"", dom)
+
+
+@needs_chromium
+def test_printed_report_splits_no_figure(tmp_path):
+    """Printed to PDF by Chromium, every embedded plot lies on one page, a tall one included (each image is
+    drawn from one page's resources only; a figure split across pages is drawn on both)."""
+    pypdf = pytest.importorskip("pypdf")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    for k, (w, h) in enumerate(((6, 4), (6, 10), (6, 4), (6, 9.7), (8, 3))):  # two taller than a page at full width
+        fig, ax = plt.subplots(figsize=(w, h))
+        ax.plot([0, 1], [0, k])
+        fig.savefig(tmp_path / f"p{k}.png", format="png", dpi=100)
+        plt.close(fig)
+        plots.append(str(tmp_path / f"p{k}.png"))
+    page = write_report(tmp_path / "report.html", _results(tmp_path, plots))
+    pdf = tmp_path / "report.pdf"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--print-to-pdf={pdf}", page.as_uri()],
+                   capture_output=True, timeout=120, cwd=tmp_path)
+    pages_of = {}
+    for i, p in enumerate(pypdf.PdfReader(pdf).pages):
+        resources = p.get("/Resources")
+        xobjects = resources.get_object().get("/XObject") if resources is not None else None
+        for ref in (xobjects.get_object().values() if xobjects is not None else ()):
+            if ref.get_object().get("/Subtype") == "/Image":
+                pages_of.setdefault(ref.idnum, set()).add(i)
+    assert len(pages_of) == len(plots) and all(len(v) == 1 for v in pages_of.values()), pages_of

@@ -444,9 +444,13 @@ def _headline_faithfulness(r: dict) -> str:
     if not rows:
         return "faithfulness: no ranking has a defined area"
     best = rows[0]
-    return (f"faithfulness (layer {r['layer']}): the ranking that best finds the units that matter is "
-            f"{best['ranking']} ({best['space']}): normalised deletion area {_iv(best['normalised_area'], '.2f')} "
-            f"(1 = the ground truth, 0 = random), Spearman ρ {_iv(best['spearman'], '.2f')}")
+    area = best["normalised_area"]
+    numbers = (f"{best['ranking']} ({best['space']}): normalised deletion area {_iv(area, '.2f')} (1 = the ground "
+               f"truth, 0 = random), Spearman ρ {_iv(best['spearman'], '.2f')}")
+    if area.get("low") is None or area["low"] <= 0:  # its interval reaches random: no verdict beyond that
+        return (f"faithfulness (layer {r['layer']}): no ranking is told apart from random by its interval; the "
+                f"largest area is {numbers}")
+    return f"faithfulness (layer {r['layer']}): the ranking that best finds the units that matter is {numbers}"
 
 
 def _headline_comparison(r: dict) -> str:

@@ -187,3 +187,15 @@ def test_printed_report_splits_no_figure(tmp_path):
             if ref.get_object().get("/Subtype") == "/Image":
                 pages_of.setdefault(ref.idnum, set()).add(i)
     assert len(pages_of) == len(plots) and all(len(v) == 1 for v in pages_of.values()), pages_of
+
+
+def test_the_faithfulness_verdict_needs_an_interval_above_random():
+    from report import findings
+
+    def entry(low):
+        row = {"ranking": "delta.eta_squared", "space": "channels", "spearman": {"value": 0.3, "low": 0.1, "high": 0.5},
+               "normalised_area": {"value": 0.4, "low": low, "high": 0.9}}
+        return [("faithfulness", "faithfulness", {"status": "ok", "results": {"layer": 0, "table": [row]}})]
+
+    assert "best finds the units that matter is delta.eta_squared" in findings(entry(0.2))[0]
+    assert "no ranking is told apart from random" in findings(entry(-0.1))[0]

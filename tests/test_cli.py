@@ -560,7 +560,7 @@ def test_transformer_run_continues_with_delta_not_applicable(model_dirs, texts_f
     p = run_main(["--model", str(model_dirs["gpt2"]), "--texts_file", str(texts_file), "--save_results",
                   "--output_dir", "out", "--no_progress", "--seq_lengths", "16", "32", "--compare_model",
                   str(model_dirs["mamba_a"]), "--enable_attention", "--attention_layers", "all", "--prompts_file",
-                  str(few_prompts)], tmp_path)
+                  str(few_prompts), "--faithfulness_max_k", "8", "--faithfulness_draws", "20"], tmp_path)
     assert p.returncode == 0, p.stderr
     res = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     att = res["attention"]["results"]
@@ -595,10 +595,11 @@ def test_help_is_fast(tmp_path):
 
 def test_default_run_offline_uses_the_reference_mamba(tmp_path, few_prompts):
     """README's command with no hub and an empty cache: the shipped reference Mamba, one warning line
-    for the model and one for the texts, results recorded as such. (Four prompts and a 2 s efficiency
-    budget keep it to a third of the default run's time; what it checks does not depend on them.)"""
+    for the model and one for the texts, results recorded as such. (Four prompts, a 2 s efficiency budget and
+    shorter deletion curves keep it to a fraction of the default run's time; what it checks does not depend
+    on them.)"""
     p = run_main(["--enable_attention", "--save_results", "--no_progress", "--prompts_file", str(few_prompts),
-                  "--efficiency_budget", "2"], tmp_path,
+                  "--efficiency_budget", "2", "--faithfulness_max_k", "16", "--faithfulness_draws", "20"], tmp_path,
                  env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")})
     assert p.returncode == 0, p.stderr
     warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]

@@ -72,7 +72,7 @@ def test_library_call_verbatim(reference, tmp_path, monkeypatch):
     """`run_comprehensive_analysis(model, tokenizer, texts, layer_idx=0)` as written: the command line's default
     stages with attention, no model it was not given (the comparison is left out, saying why), no plot
     anywhere (run from an empty folder), and the documented view of the results. (The default prompts cut to
-    three, for the suite's time.)"""
+    three and the efficiency budget to 1 s, for the suite's time.)"""
     model, tokenizer = reference
     texts = ["The river rose slowly through the night.", "She opened the window and the cold came in."]
     monkeypatch.chdir(tmp_path)
@@ -80,6 +80,11 @@ def test_library_call_verbatim(reference, tmp_path, monkeypatch):
     import comparison_wrapper
 
     monkeypatch.setattr(causal_analysis, "DEFAULT_PROMPTS", causal_analysis.DEFAULT_PROMPTS[:3])  # the suite's time
+    import functools
+
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "Options", functools.partial(pipeline.Options, efficiency_budget=1.0))  # likewise
 
     monkeypatch.setattr(comparison_wrapper, "load_compare_model", lambda *a, **k: pytest.fail("loaded a model"))
 

@@ -361,9 +361,18 @@ def census_results(read: dict, adapter, tokenizer, alpha: float, min_share: floa
             "absolute_position_input": adapter.position_embedding_path is not None,
             "positional_from_layer": first[0] if first else None,
             "positional_from_layer_without_first": first_wo[0] if first_wo else None,
-            "layers": layers, "by_depth": by_depth(layers),
+            "layers": layers, "by_depth": by_depth(layers), "totals": totals(layers),
             "strongest": {"token": strongest_token, "positional": positional},
             "definitions": DEFINITIONS}
+
+
+def totals(layers: dict) -> dict:
+    """Each kind's count over every layer's neurons together, and its share of them."""
+    rows = list(layers.values())
+    counts = {"neurons": sum(e["n_neurons"] for e in rows), "dead": sum(e["dead"]["count"] for e in rows),
+              "token": sum(e["token"]["count"] for e in rows), "positional": sum(e["position"]["count"] for e in rows),
+              "positional_without_first": sum(e["position"]["count_without_first"] for e in rows)}
+    return {**counts, "fractions": {k: v / counts["neurons"] for k, v in counts.items() if k != "neurons"}}
 
 
 def by_depth(layers: dict) -> dict:

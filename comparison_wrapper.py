@@ -160,22 +160,13 @@ def census_side_by_side(main: Side, other: Side) -> dict:
 
     models = {side.label: {"site": side.census["site"], "n_neurons": side.census["n_neurons"],
                            "by_depth": side.census["by_depth"], "finding": positional_finding(side.census),
-                           "token_test": side.census["token_test"], "totals": census_totals(side.census)}
+                           "token_test": side.census["token_test"], "totals": side.census["totals"]["fractions"]}
               for side in (main, other)}
     return {"level": main.census["level"], "models": models,
             "note": "each model's own neuron site (a Mamba's ssm channels, a Transformer's MLP neurons) on its own "
                     "tokenization of the same texts, with the same census_alpha and census_min_share (the "
                     "Bonferroni level alpha / N uses each model's own N); layers set side by side by relative "
                     "depth"}
-
-
-def census_totals(census: dict) -> dict:
-    """Each kind's share of every layer's neurons together."""
-    layers = census["layers"].values()
-    n = sum(e["n_neurons"] for e in layers)
-    return {"dead": sum(e["dead"]["count"] for e in layers) / n, "token": sum(e["token"]["count"] for e in layers) / n,
-            "positional": sum(e["position"]["count"] for e in layers) / n,
-            "positional_without_first": sum(e["position"]["count_without_first"] for e in layers) / n}
 
 
 def faithfulness_side_by_side(main: Side, other: Side) -> dict:

@@ -391,18 +391,15 @@ def _stage_section(label: str, name: str, entry: dict, summary: str, folder, lef
     return "\n".join(parts)
 
 
-def _iv(d, spec: str = ".3g") -> str:
-    """An interval dict {"value", "low", "high"} as 'value [low, high]'."""
+def _top(t: dict, key: str, unit: str) -> str:
     import stats
 
-    return "undefined" if not isinstance(d, dict) or d.get("value") is None else stats.shown(d, spec)
-
-
-def _top(t: dict, key: str, unit: str) -> str:
-    return f"{unit} {t.get('channel', t.get('dim', t.get('unit', '?')))}: {_iv({'value': t[key], 'low': t.get('low'), 'high': t.get('high')})}"
+    return f"{unit} {t.get('channel', t.get('dim', t.get('unit', '?')))}: {stats.shown({'value': t[key], 'low': t.get('low'), 'high': t.get('high')})}"
 
 
 def _headline_delta(r: dict) -> str:
+    import stats
+
     t = r["top_neurons"][0]
     return (f"Δ: top {r.get('unit', 'channel')} by η² (between-text share of Δ's variance) {_top(t, 'score', r.get('unit', 'channel'))}; "
             f"{r['n_above_noise_floor']} of {r['n_channels']} above the noise floor ({r['expected_above_by_chance']:.3g} "
@@ -416,37 +413,42 @@ def _headline_causal(r: dict) -> str:
 
 
 def _headline_attention(r: dict) -> str:
+    import stats
+
     parts = []
     for m, a in r["methods"].items():
         top = a["top_neurons"][0] if a.get("top_neurons") else None
-        parts.append(f"{m}: mean {_iv({'value': a['mean_activation'], 'low': a.get('mean_activation_low'), 'high': a.get('mean_activation_high')})}"
+        parts.append(f"{m}: mean {stats.shown({'value': a['mean_activation'], 'low': a.get('mean_activation_low'), 'high': a.get('mean_activation_high')})}"
                      + (f", top {_top(top, 'activation', r['units']['unit'])}" if top else ""))
     return f"attention ({r['units']['n_units']} {r['units']['unit']}s): " + "; ".join(parts)
 
 
 def _headline_sparsity(r: dict) -> str:
+    import stats
+
     s = r["single"]
-    return (f"sparsity ({r['site']}, layer {r['layer']}): population Gini {_iv(s['population']['gini'])}, usage Gini "
-            f"{_iv(s['usage']['gini'])}, dead {s['dead_neurons']['count']} of {s['n_neurons']}")
+    return (f"sparsity ({r['site']}, layer {r['layer']}): population Gini {stats.shown(s['population']['gini'])}, usage Gini "
+            f"{stats.shown(s['usage']['gini'])}, dead {s['dead_neurons']['count']} of {s['n_neurons']}")
 
 
 def _headline_census(r: dict) -> str:
     from census import positional_finding
 
-    totals = {k: sum(e[k]["count"] for e in r["layers"].values()) for k in ("token", "position")}
-    n = r["n_neurons"] * r["n_layers"]
-    return (f"census ({r['n_layers']} layers of {r['n_neurons']} {r['site']} neurons): token neurons {totals['token']} "
-            f"of {n}, positional {totals['position']}; {positional_finding(r)}")
+    t = r["totals"]
+    return (f"census ({r['n_layers']} layers of {r['n_neurons']} {r['site']} neurons): token neurons {t['token']} of "
+            f"{t['neurons']}, positional {t['positional']}; {positional_finding(r)}")
 
 
 def _headline_faithfulness(r: dict) -> str:
+    import stats
+
     rows = [t for t in r["table"] if t.get("normalised_area", {}).get("value") is not None]
     if not rows:
         return "faithfulness: no ranking has a defined area"
     best = rows[0]
     area = best["normalised_area"]
-    numbers = (f"{best['ranking']} ({best['space']}): normalised deletion area {_iv(area, '.2f')} (1 = the ground "
-               f"truth, 0 = random), Spearman ρ {_iv(best['spearman'], '.2f')}")
+    numbers = (f"{best['ranking']} ({best['space']}): normalised deletion area {stats.shown(area, '.2f')} (1 = the ground "
+               f"truth, 0 = random), Spearman ρ {stats.shown(best['spearman'], '.2f')}")
     if area.get("low") is None or area["low"] <= 0:  # its interval reaches random: no verdict beyond that
         return (f"faithfulness (layer {r['layer']}): no ranking is told apart from random by its interval; the "
                 f"largest area is {numbers}")

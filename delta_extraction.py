@@ -26,9 +26,9 @@ def capture_mixer_ios(model, layers, input_ids: torch.Tensor, attention_mask: to
     """{layer: (input, real output)} (b, L, d) each of the mixers of `layers`, all from one forward that
     stops after the last of them. The mixers of `layers` run the model's own forward, so each output is
     the model's own mixer on its input; on Mamba-1 / FalconMamba the mixers below that are not captured run
-    `ssm.blocked_inference` (transformers' slow-path operations in the same order, about half the time on a
-    CPU; the mixer inputs it gives are those of the model's own forward to float rounding, bitwise on this
-    project's 2-core CPU VMs)."""
+    `ssm.blocked_inference` (transformers' slow-path operations with the scan in chunks of positions, about
+    half the time on a CPU; the mixer inputs it gives are those of the model's own forward to float
+    rounding, checked on the first text by the text pass)."""
     adapter = get_adapter(model)
     require_mamba(adapter)
     paths = {layer: adapter.mixer_path(layer) for layer in check_layers(adapter, layers)}

@@ -252,12 +252,15 @@ def timed_implementation(model, adapter) -> dict:
 def fast_scan_implementation(adapter) -> dict | None:
     """The project's fast scan (`ssm.fast_scan`), for Mamba-1 / FalconMamba; None for other families (the
     project has no whole-model fast forward for them)."""
+    import ssm
+
     if adapter.ssm_kind != "mamba1":
         return None
     return {"name": "project fast scan", "description": "the project's fast scan (ssm.fast_scan: ssm.mixer_forward "
-            "with ssm.selective_scan_fast in every mixer, float32 inside): a Python loop over positions too, of "
-            "two in-place tensor operations per position and layer", "per_position_loop": True,
-            "detected_by": "ssm.fast_scan swaps every mixer's forward"}
+            "with ssm.selective_scan_fast in every mixer, float32 inside): the recurrence in chunks of "
+            f"{ssm.SCAN_CHUNK} positions (ssm.linear_scan_), its Python loops over the positions of one chunk and "
+            "the levels of chunks, so the tensor operations per layer grow with the logarithm of the length, not "
+            "with each position", "per_position_loop": False, "detected_by": "ssm.fast_scan swaps every mixer's forward"}
 
 
 def fast_scan_tolerance(dtype) -> float:
@@ -491,13 +494,12 @@ def architecture_curve(own: dict, fast: dict | None, n_layers: int) -> dict:
     """{"curve": the key of the curve that reflects the architecture ("scaling", "scaling_fast_scan") or
     None, "exact": whether it really does (no Python loop over positions) or is only the closest of the two,
     "reason"} from the two curves' results: the model's own where it runs no Python loop over positions
-    (CUDA kernels, a chunked scan, a Transformer: exact), else the fast scan where it passed its check (the
-    closest: it loops over positions too)."""
+    (CUDA kernels, a chunked scan, a Transformer: exact), else the fast scan where it passed its check
+    (exact too: it runs the recurrence in chunks of positions)."""
     impl = own["implementation"]
     if impl["per_position_loop"] is False:
         return {"curve": "scaling", "exact": True, "reason": f"the model's own forward ({impl['name']}) has no Python loop over "
-                                              "positions" + ("" if fast is None else
-                                                             "; the fast scan loops over positions in Python")}
+                                                             "positions"}
     if impl["per_position_loop"] is None:
         return {"curve": None, "exact": False, "reason": f"what the model's own forward runs could not be determined "
                                          f"({impl['description']})"}
@@ -508,13 +510,16 @@ def architecture_curve(own: dict, fast: dict | None, n_layers: int) -> dict:
         return {"curve": None, "exact": False, "reason": "the model's own forward is a Python loop over positions and the fast scan "
                                          "curve failed its logits check"}
     per = _ops_per_position(own["points"], fast["points"], n_layers)
-    ops = "" if per is None else (f" (about {per[0]:.0f} against {per[1]:.0f} aten operator calls per position and layer, "
+    ops = "" if per is None else (f" (about {per[0]:.0f} against {per[1]:.1f} aten operator calls per position and layer, "
                                   f"from the profiled calls at L={per[2]} and {per[3]})")
-    return {"curve": "scaling_fast_scan", "exact": False,
+    exact = fast["implementation"]["per_position_loop"] is False
+    how = ("computes the same forward (its logits checked against the model's) with the recurrence in chunks of "
+           "positions, no Python loop over them: its time follows the architecture's cost" if exact else
+           "loops over positions too, with fewer operations per position: its time is only the closer to the scan's "
+           "arithmetic")
+    return {"curve": "scaling_fast_scan", "exact": exact,
             "reason": f"transformers' slow path dispatches many tensor operations per position and layer in its Python "
-                      f"loop, the fast scan few{ops}: its time is the closer to the scan's arithmetic. Both loop over "
-                      "positions in Python and neither is a fused scan kernel, so on this device both overstate the "
-                      "time the architecture needs"}
+                      f"loop; the project's fast scan{ops} {how}"}
 
 
 def _exact(results: dict) -> bool:
@@ -584,8 +589,9 @@ DEFINITIONS = {
                       "or the PyTorch fallback; a Transformer: its attention implementation), or the project's "
                       "fast scan",
     "architecture_curve": "the curve whose time reflects the architecture rather than an implementation's Python "
-                          "overhead, with the reason; exact false: neither curve does on this device (both loop over "
-                          "positions in Python), and this one is only the closer",
+                          "overhead (no Python loop over positions: the model's own where it has none, else the "
+                          "project's fast scan, which runs the recurrence in chunks of positions), with the reason; "
+                          "exact false: neither curve does on this device, and this one is only the closer",
     "efficiency_ratio": "active / neurons of the analysed layer, active = neurons whose mean |a| over the texts' "
                         "tokens exceeds the sparsity threshold; at exactly 0 or 1 it says where the absolute threshold sits "
                         "against the activation scale, not what the model does: efficiency_ratio_informative False",

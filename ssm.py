@@ -313,6 +313,84 @@ def check_reconstruction(recomputed_out: torch.Tensor, real_out: torch.Tensor, r
 
 
 # --------------------------------------------------------------------------------------------------
+# The first-order linear recurrence, in chunks of positions (the scans' fast form)
+# --------------------------------------------------------------------------------------------------
+# Positions per chunk of `linear_scan_`: each level of the chunked scan costs about 7·SCAN_CHUNK tensor
+# operations and leaves a recurrence SCAN_CHUNK times shorter, so a 256-position scan takes three levels
+# (256, 32, 4), about 130 operations, against two per position (512) for a step loop.
+SCAN_CHUNK = 8
+
+
+def linear_scan_reference(a: torch.Tensor, u: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """The recurrence along dim 1 one position at a time, the reference `linear_scan_` is tested against:
+    h_t = a_t h_{t−1} + u_t (h_{−1} = 0), or with `reverse` h_t = a_{t+1} h_{t+1} + u_t (h_L = 0).
+    a, u (b, L, ...) of one shape; returns h (b, L, ...)."""
+    L = u.shape[1]
+    h = u.clone()
+    steps = range(L - 2, -1, -1) if reverse else range(1, L)
+    for t in steps:
+        h[:, t] += a[:, t + 1] * h[:, t + 1] if reverse else a[:, t] * h[:, t - 1]
+    return h
+
+
+def linear_scan_(a: torch.Tensor, h: torch.Tensor, reverse: bool = False, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """`linear_scan_reference` in place, in chunks of `chunk` positions: h (b, L, ...) holds u on entry and
+    the states on return (returned); a (b, L, ...) the decays, each in [0, 1] (a Mamba scan's exp(Δ A)).
+
+    With positions split into K chunks of Q = `chunk` (positions after the last whole chunk one at a time):
+    1. each chunk's recurrence from a zero state, all chunks at once: Q − 1 steps over (b, K, ...) slices;
+    2. the states carried between chunks: chunk k's decay across it D_k = Π_{t ∈ k} a_t and its local last
+       state E_k satisfy H_k = D_k H_{k−1} + E_k, a recurrence K = L/Q long: this function, recursively;
+    3. each chunk's states corrected by the carried state decayed to them: h_t += (Π_{s ≤ t in k} a_s) H_{k−1}
+       (the products by a loop over the chunk's Q positions beside step 1's).
+    (With `reverse`, the same from the other end: the carry into chunk k is its successor's first state.)
+    Every factor is a product of decays in [0, 1]: nothing overflows, and the result equals the step loop's
+    up to float rounding (in another order)."""
+    b, L = h.shape[:2]
+    Q = int(chunk)
+    if L <= 3 * Q:  # a short recurrence: the step loop itself (fewer operations than a chunked level)
+        hs, as_ = h.unbind(1), a.unbind(1)
+        for t in (range(L - 2, -1, -1) if reverse else range(1, L)):
+            hs[t].addcmul_(as_[t + 1], hs[t + 1]) if reverse else hs[t].addcmul_(as_[t], hs[t - 1])
+        return h
+    K, whole = L // Q, L - L % Q
+    if whole < L:  # the last L − whole positions one at a time, after the whole chunks (before them in reverse)
+        if not reverse:
+            linear_scan_(a[:, :whole], h[:, :whole], False, Q)
+        for t in (range(L - 2, whole - 2, -1) if reverse else range(whole, L)):
+            h[:, t].addcmul_(a[:, t + 1], h[:, t + 1]) if reverse else h[:, t].addcmul_(a[:, t], h[:, t - 1])
+        if reverse:  # position whole − 1 now holds its input plus what comes back from the rest
+            linear_scan_(a[:, :whole], h[:, :whole], True, Q)
+        return h
+    hv, av = h.unflatten(1, (K, Q)), a.unflatten(1, (K, Q))  # (b, K, Q, ...)
+    hs, as_ = hv.unbind(2), av.unbind(2)  # Q views (b, K, ...) each
+    if not reverse:
+        decay = torch.empty_like(av)  # (b, K, Q, ...): Π a from the chunk's first position to this one
+        ds = decay.unbind(2)
+        ds[0].copy_(as_[0])
+        for q in range(1, Q):  # 1. within each chunk (a product loop: a cumprod is slower on a CPU)
+            hs[q].addcmul_(as_[q], hs[q - 1])
+            torch.mul(as_[q], ds[q - 1], out=ds[q])
+        ends = linear_scan_(ds[Q - 1], hs[Q - 1].clone(), False, Q)  # 2. (b, K, ...): H_k
+        hv[:, 1:].addcmul_(decay[:, 1:], ends[:, :-1, None])  # 3. H_{k−1} decayed into chunk k's positions
+        return h
+    for q in range(Q - 2, -1, -1):  # 1. within each chunk, from its end
+        hs[q].addcmul_(as_[q + 1], hs[q + 1])
+    # S[k, q] = Π a over (q, the first position of chunk k+1]: products over the rest of the chunk and one step
+    # into the next (no next chunk after the last: 0)
+    decay = torch.empty_like(av)  # (b, K, Q, ...)
+    ds = decay.unbind(2)
+    ds[Q - 1][:, :-1] = as_[0][:, 1:]
+    ds[Q - 1][:, -1] = 0
+    for q in range(Q - 2, -1, -1):
+        torch.mul(as_[q + 1], ds[q + 1], out=ds[q])
+    # 2. G_{first of k} = E_k + S[k, 0] G_{first of k+1}: the recursion's decay at k+1 is S[k, 0] (at 0 unread)
+    firsts = linear_scan_(torch.cat([ds[0][:, :1], ds[0][:, :-1]], 1), hs[0].clone(), True, Q)  # (b, K, ...)
+    hv[:, :-1].addcmul_(decay[:, :-1], firsts[:, 1:, None])  # 3. G_{first of k+1} decayed back into chunk k
+    return h
+
+
+# --------------------------------------------------------------------------------------------------
 # Fast scan for training: the same recurrence, with a hand-written backward
 # --------------------------------------------------------------------------------------------------
 class _SelectiveScan(torch.autograd.Function):
@@ -322,19 +400,15 @@ class _SelectiveScan(torch.autograd.Function):
     tensor, and each of their backwards writes a full-size gradient: O(L²) memory traffic. Here the
     forward stores the states h (b, L, e, n) and the backward runs the adjoint recurrence
         G_t = C_t g_t + Ā_{t+1} G_{t+1}          (G_t = ∂loss/∂h_t, g_t = ∂loss/∂y_t)
-    once, then every parameter gradient is one vectorised expression. O(b L e n) time and memory.
+    once, then every parameter gradient is one vectorised expression. O(b L e n) time and memory. Both
+    recurrences run in chunks of positions (`linear_scan_`), not one position at a time.
     """
 
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D):
-        b, L, e = x.shape
         dA = torch.exp_(delta[..., None] * A)  # (b, L, e, n)
         h = (delta * x)[..., None] * B[:, :, None, :]  # (b, L, e, n): Δ_t B_t x_t, overwritten by h_t
-        hs, dAs = h.unbind(1), dA.unbind(1)  # L views (b, c, n) each
-        step = torch.empty_like(hs[0])  # (b, c, n)
-        for t in range(1, L):  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t: a multiply, then an add (not fused), as there
-            torch.mul(dAs[t], hs[t - 1], out=step)
-            hs[t].add_(step)
+        linear_scan_(dA, h)  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t, in chunks of positions
         y = torch.einsum("blen,bln->ble", h, C) + x * D  # (b, L, e)
         ctx.save_for_backward(x, delta, A, B, C, D, dA, h)
         return y
@@ -342,10 +416,8 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, delta, A, B, C, D, dA, h = ctx.saved_tensors
-        L = x.shape[1]
         G = gy[..., None] * C[:, :, None, :]  # (b, L, e, n): ∂loss/∂h_t through y_t, then through h_{t+1}
-        for t in range(L - 2, -1, -1):
-            G[:, t].addcmul_(dA[:, t + 1], G[:, t + 1])
+        linear_scan_(dA, G, reverse=True)  # G_t = C_t g_t + Ā_{t+1} G_{t+1}, in chunks of positions
         gC = torch.einsum("blen,ble->bln", h, gy)  # (b, L, n)
         GB = torch.einsum("blen,bln->ble", G, B)  # (b, L, e)
         gB = torch.einsum("blen,ble->bln", G, delta * x)  # (b, L, n)
@@ -428,18 +500,17 @@ CPU_BLOCK_ELEMENTS = 1 << 19
 
 def mixer_forward_blocked(mixer, hidden_states, cache_params=None, attention_mask=None,
                           block_elements: int | None = None, **kwargs) -> torch.Tensor:
-    """transformers' slow-path MambaMixer forward (no cache) with the same operations in the same
-    order and dtypes, so that it gives the same numbers to float rounding (bitwise on this project's 2-core
-    CPU VMs, but not by construction: its matrix products have other shapes than the model's, which a
-    CPU's kernels may round differently, and on a GPU machine's 16-core CPU with torch 2.11 FalconMamba's
-    were not bitwise equal), with the (b, e, L, n) scan tensors computed one channel chunk at a time in
-    (b, L, c, n) layout. On a CPU the slow path's full-size tensors fall out of cache, and at many rows
-    (ablation batches) that memory traffic costs as much as the matmuls. Forward only. Per step, as there:
-    h_t = Ā_t h_{t-1} + Δ_t B_t x_t (a multiply, then an add), y_t = h_t · C_t by matmul.
+    """transformers' slow-path MambaMixer forward (no cache): its projections, convolution and gate in the
+    same order and dtypes, with the scan in chunks of positions (`linear_scan_`) and its (b, L, c, n)
+    tensors computed one channel chunk at a time. On a CPU the slow path's full-size (b, e, L, n) tensors
+    fall out of cache, and at many rows (ablation batches) that memory traffic costs as much as the
+    matmuls; on a GPU its step loop's kernel launches cost more than the work. Forward only. The scan
+    rounds in another order than the slow path's step loop (h_t = Ā_t h_{t-1} + Δ_t B_t x_t), so the
+    result equals the model's to float rounding, not bitwise; y_t = h_t · C_t by matmul.
 
     `block_elements`: floats per chunk (default CPU_BLOCK_ELEMENTS on a CPU, all channels at once on an
     accelerator). Callers verify the result against the model's own forward (causal_analysis does, for
-    every prompt)."""
+    every prompt, against the float64 yardstick: `float64_yardstick`)."""
     if cache_params is not None:
         raise ValueError("mixer_forward_blocked runs without a cache (use_cache=False)")
     dtype = hidden_states.dtype
@@ -464,9 +535,7 @@ def mixer_forward_blocked(mixer, hidden_states, cache_params=None, attention_mas
     Cm = C[..., None]  # (b, L, n, 1)
     e = A.shape[0]
     budget = block_elements or (CPU_BLOCK_ELEMENTS if hidden_states.device.type == "cpu" else b * L * e * n)
-    # batch 1: all channels at once and y step by step, as there: a batch-1 matmul is a matrix-vector
-    # product whose rounding depends on its row count, so channel chunks would not give the same bits
-    chunk = e if b == 1 else max(1, min(e, budget // (b * L * n)))
+    chunk = max(1, min(e, budget // (b * L * n)))
     # y laid out (b, e, L) as there: out_proj then gets the same transposed view (a matmul rounds by layout)
     y = torch.empty(b, e, L, dtype=torch.promote_types(dtype, C.dtype), device=x.device)  # (b, e, L)
     for c0 in range(0, e, chunk):
@@ -475,16 +544,8 @@ def mixer_forward_blocked(mixer, hidden_states, cache_params=None, attention_mas
         dA = (A[cs] * dtc).exp_()  # (b, L, c, n): exp(A Δ), in place
         h = dtc * Bf  # (b, L, c, n): (Δ B) then · x, transformers' order; becomes the states h_t
         h.mul_(u[:, :, cs, None])
-        hs, dAs = h.unbind(1), dA.unbind(1)  # L views (b, c, n) each
-        step = torch.empty_like(hs[0])  # (b, c, n)
-        for t in range(1, L):  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t: a multiply, then an add (not fused), as there
-            torch.mul(dAs[t], hs[t - 1], out=step)
-            hs[t].add_(step)
-        if b == 1:
-            for t in range(L):
-                y[:, cs, t] = torch.matmul(hs[t].to(dtype), Cm[:, t])[..., 0]  # (1, c)
-        else:
-            y[:, cs] = torch.matmul(h.to(dtype), Cm)[..., 0].transpose(1, 2)  # (b, c, L)
+        linear_scan_(dA, h)  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t, in chunks of positions
+        y[:, cs] = torch.matmul(h.to(dtype), Cm)[..., 0].transpose(1, 2)  # (b, c, L): y_t = h_t · C_t
     y = y + x.transpose(1, 2) * mixer.D.float()[:, None]  # (b, e, L): the skip in the input dtype, as there
     y = y * F.silu(gate)  # (b, e, L)
     return mixer.out_proj(y.transpose(1, 2).to(dtype))  # (b, L, d)
@@ -539,10 +600,13 @@ def apply_hidden_attention(alpha: torch.Tensor, x: torch.Tensor, D: torch.Tensor
     return torch.einsum("bcij,bjc->bic", alpha, x.to(alpha.dtype)) + x * D
 
 
-# Floats in the largest intermediate of one channel group of `hidden_attention_groups`: 2^21 (8 MB)
-# keeps a group's α and its temporaries in a CPU's last-level cache while the consumers read them (of
-# 2^20 .. 2^24, 2^21 and 2^22 were the fastest for the attention stage at L = 149 and 256 on a 2-core CPU).
+# Floats in the largest intermediate of one channel group of `hidden_attention_groups`: on a CPU 2^21 (8 MB)
+# keeps a group's α and its temporaries in the last-level cache while the consumers read them (of
+# 2^20 .. 2^24, 2^21 and 2^22 were the fastest for the attention stage at L = 149 and 256 on a 2-core CPU);
+# on an accelerator 2^27 (512 MB), so that a layer's channels come in few groups (at mamba-130m's width
+# and 256 tokens, one): every group costs its own kernel launches.
 ATTENTION_GROUP_ELEMENTS = 1 << 21
+ACCELERATOR_GROUP_ELEMENTS = 1 << 27
 
 
 def hidden_attention_groups(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -570,7 +634,8 @@ def hidden_attention_groups(delta: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     Chunk 8 was the fastest of 4, 8, 16 and 32 on a 2-core CPU at e = 1536, n = 16, L = 256 (0.21 s against
     0.28, 0.25 and 0.42), and tied with 4 at L = 182 (0.12 s).
     Channels are grouped so that the largest intermediate (α itself or the diagonal blocks' exp argument)
-    stays under `max_chunk_elements` floats (default ATTENTION_GROUP_ELEMENTS). delta (b, L, e), A (e, n),
+    stays under `max_chunk_elements` floats (default ATTENTION_GROUP_ELEMENTS on a CPU,
+    ACCELERATOR_GROUP_ELEMENTS elsewhere). delta (b, L, e), A (e, n),
     B and C (b, L, n).
     """
     f32 = torch.promote_types(delta.dtype, torch.float32)
@@ -590,7 +655,9 @@ def hidden_attention_groups(delta: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     CB = torch.einsum("bkin,bkjn->bkijn", Cc, Bc)[:, None]  # (b, 1, K, Q, Q, n)
     idx = torch.arange(K, device=delta.device)
     per_channel = b * max(Lp * Lp, K * Q * Q * n)
-    group = max(1, min(e, (max_chunk_elements or ATTENTION_GROUP_ELEMENTS) // per_channel))
+    budget = max_chunk_elements or (ATTENTION_GROUP_ELEMENTS if delta.device.type == "cpu"
+                                    else ACCELERATOR_GROUP_ELEMENTS)
+    group = max(1, min(e, budget // per_channel))
     for c0 in range(0, e, group):
         cs = slice(c0, min(e, c0 + group))
         g = cs.stop - cs.start

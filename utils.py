@@ -257,6 +257,27 @@ def trace(
 # --------------------------------------------------------------------------------------------------
 # Seeding, device, dtype
 # --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def in_float64(model):
+    """Inside the block every floating-point parameter and buffer of `model` is float64, converted in place
+    (no second copy of the model is held); on exit each gets back its own dtype, value for value (a float32
+    or half-precision number is a float64 number, so the round trip is exact), also when the block raises."""
+    import torch
+
+    seen, tensors = set(), []
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point() and id(t) not in seen:  # tied weights once
+            seen.add(id(t))
+            tensors.append((t, t.dtype))
+    try:
+        for t, _ in tensors:
+            t.data = t.data.to(torch.float64)
+        yield model
+    finally:
+        for t, dtype in tensors:
+            t.data = t.data.to(dtype)
+
+
 def set_seed(seed: int) -> None:
     import numpy as np
     import torch

@@ -30,6 +30,21 @@ def run_main(args, cwd, env_extra=None, drop_offline=False):
     return p
 
 
+def main_here(args, cwd, monkeypatch, capsys):
+    """main.main in this process (no interpreter start, no second import of torch): an object with
+    returncode, stdout and stderr, as run_main's."""
+    import types
+
+    import main
+
+    if DEVICE.type != "cpu" and "--device" not in args and "--help" not in args and "--report" not in args:
+        args = [*args, "--device", DEVICE.type]
+    monkeypatch.chdir(cwd)
+    code = main.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 @pytest.fixture(scope="module")
 def texts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("texts") / "texts.txt"
@@ -116,22 +131,23 @@ def test_full_run_writes_json_and_plots_that_match_the_library(model_dirs, texts
     assert f"channel {got[0][0]:>5}" in page and "FAILED" not in page
 
 
-def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_file, few_prompts, tmp_path):
+def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_file, few_prompts, tmp_path,
+                                                            monkeypatch, capsys):
     """--layers runs the per-layer stages at each layer in one process: every number equals the
     one-layer run's (--layer L, the per-layer file names kept); the other stages run once; the depth
     profiles are those numbers; one JSON and one report hold it all."""
     base = ["--model", str(model_dirs["mamba_b"]), "--texts_file", str(texts_file), "--max_length", "20",
             "--top_k", "3", "--save_results", "--output_dir", "out", "--no_progress", "--prompts_file", str(few_prompts),
             "--stages", "delta,causal,inter_layer,attention,sparsity"]
-    p = run_main([*base, "--layers", "all"], tmp_path)
+    p = main_here([*base, "--layers", "all"], tmp_path, monkeypatch, capsys)
     assert p.returncode == 0, p.stderr
     name = out_name(model_dirs["mamba_b"])
     many = json.loads((tmp_path / "out" / f"{name}_layers0-2_results.json").read_text())
     assert many["run"]["layers"] == [0, 1, 2] and many["run"]["layer"] == 0 and set(many["layers"]) == {"0", "1", "2"}
     assert many["inter_layer"]["status"] == "ok" and "inter_layer" not in many["layers"]["0"]
     assert "[delta, layer 2] ok" in p.stdout and "[inter_layer] ok" in p.stdout
-    for layer in (1, 2):
-        q = run_main([*base, "--layer", str(layer)], tmp_path)
+    for layer in (2,):  # the deepest: the farthest from layer 0's
+        q = main_here([*base, "--layer", str(layer)], tmp_path, monkeypatch, capsys)
         assert q.returncode == 0, q.stderr
         one = json.loads((tmp_path / "out" / f"{name}_layer{layer}_results.json").read_text())
         got = many["layers"][str(layer)]
@@ -157,7 +173,8 @@ def test_several_layers_in_one_run_equal_one_run_per_layer(model_dirs, texts_fil
     assert 'id="stage-causal-layer2"' in page and 'id="stage-depth_profiles"' in page
 
 
-def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_file, few_prompts, tmp_path):
+def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_file, few_prompts, tmp_path,
+                                                          monkeypatch, capsys):
     """`--report FILES` turns the JSON files of a loop over --layer into the depth profiles a --layers run
     gives, without a model; an earlier merge among the files is skipped; mixed models and repeated layers
     are refused in one line."""
@@ -165,14 +182,15 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
             "--no_progress", "--stages", "delta,causal,sparsity", "--prompts_file", str(few_prompts)]
     name = out_name(model_dirs["mamba_b"])
     for layer in ("0", "2"):
-        assert run_main(["--model", str(model_dirs["mamba_b"]), *base, "--layer", layer], tmp_path).returncode == 0
-    assert run_main(["--model", str(model_dirs["mamba_b"]), *base, "--layers", "0,2", "--output_dir", "both"],
-                    tmp_path).returncode == 0
+        assert main_here(["--model", str(model_dirs["mamba_b"]), *base, "--layer", layer], tmp_path, monkeypatch,
+                         capsys).returncode == 0
+    assert main_here(["--model", str(model_dirs["mamba_b"]), *base, "--layers", "0,2", "--output_dir", "both"],
+                     tmp_path, monkeypatch, capsys).returncode == 0
     together = json.loads((tmp_path / "both" / f"{name}_layers0_2_results.json").read_text())
     files = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").glob("*.json"))
     for _ in range(2):  # the second time the first merge is among the files
-        p = run_main(["--report", *sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").glob("*.json")),
-                      "--output_dir", "out"], tmp_path)
+        p = main_here(["--report", *sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").glob("*.json")),
+                       "--output_dir", "out"], tmp_path, monkeypatch, capsys)
         assert p.returncode == 0, p.stderr
     assert "note: skipped out/" in p.stdout
     merged = json.loads((tmp_path / "out" / f"{name}_layers0_2_merged_results.json").read_text())
@@ -193,7 +211,7 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
     assert 'id="stage-delta-layer2"' in page and "data:image/png;base64," in page
     # README's sequence: a --layer 0 run beside a --layers run that holds layer 0 too: read once, with a note
     both = f"both/{name}_layers0_2_results.json"
-    p = run_main(["--report", files[0], both, "--output_dir", "shared"], tmp_path)
+    p = main_here(["--report", files[0], both, "--output_dir", "shared"], tmp_path, monkeypatch, capsys)
     assert p.returncode == 0, p.stderr
     assert f"note: layer 0 is in both {files[0]} and {both} with the same values" in p.stdout, p.stdout
     # where the values differ, the newer run wins and the note names the file dropped
@@ -201,15 +219,16 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
     edited["delta"]["results"]["top_neurons"][0]["score"] += 1.0
     edited["run"]["start_time"] = "2999-01-01T00:00:00Z"
     (tmp_path / "edited.json").write_text(json.dumps(edited))
-    p = run_main(["--report", "edited.json", both, "--output_dir", "shared"], tmp_path)
+    p = main_here(["--report", "edited.json", both, "--output_dir", "shared"], tmp_path, monkeypatch, capsys)
     assert p.returncode == 0, p.stderr
     assert f"note: layer 0: edited.json and {both} differ; kept the newer, edited.json" in p.stdout, p.stdout
     # refusals: a file twice; two models
-    p = run_main(["--report", files[0], files[0]], tmp_path)
+    p = main_here(["--report", files[0], files[0]], tmp_path, monkeypatch, capsys)
     assert p.returncode == 2 and p.stderr.startswith(f"error: --report {files[0]}: given twice")
-    assert run_main(["--model", str(model_dirs["mamba_a"]), *base, "--layer", "1", "--output_dir", "other"],
-                    tmp_path).returncode == 0
-    p = run_main(["--report", files[0], f"other/{out_name(model_dirs['mamba_a'])}_layer1_results.json"], tmp_path)
+    assert main_here(["--model", str(model_dirs["mamba_a"]), *base, "--layer", "1", "--output_dir", "other"],
+                     tmp_path, monkeypatch, capsys).returncode == 0
+    p = main_here(["--report", files[0], f"other/{out_name(model_dirs['mamba_a'])}_layer1_results.json"], tmp_path,
+                  monkeypatch, capsys)
     assert p.returncode == 2 and "merge the results of one model" in p.stderr and len(p.stderr.splitlines()) == 1
 
 
@@ -652,7 +671,10 @@ def test_ctrl_c_and_sigterm_end_in_one_line_and_no_partial_file(stages, expected
             "--seq_lengths", "64", "1024", "16384", "--efficiency_budget", "100"]
     if DEVICE.type != "cpu":
         args += ["--device", DEVICE.type]
-    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default action restored in the child: a shell runs background jobs with it ignored, and Python
+    # then installs no Ctrl-C handler of its own (the suite run in the background would fail here otherwise)
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stderr:
             if "stage efficiency: started" in line:

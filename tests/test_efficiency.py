@@ -156,11 +156,11 @@ def test_fast_scan_curve_beside_the_models_own():
     assert own["budget_share_s"] == fast["budget_share_s"] == 30 and r["timing_budget"]["total_s"] == 60
     summary = ef.efficiency_summary({"parameters": ef.parameter_counts(model, adapter),
                                      "neurons": ef.neuron_counts(adapter), **r})
-    if not _kernels_in_use(model):  # both curves loop over positions: the fast scan is only the closer one
-        assert r["architecture_curve"]["curve"] == "scaling_fast_scan" and r["architecture_curve"]["exact"] is False
+    if not _kernels_in_use(model):  # the slow path loops over positions, the fast scan runs them in chunks
+        assert r["architecture_curve"]["curve"] == "scaling_fast_scan" and r["architecture_curve"]["exact"] is True
+        assert "in chunks of positions, no Python loop over them" in r["architecture_curve"]["reason"]
         assert own["points"][0]["aten_ops"] > fast["points"][0]["aten_ops"]  # the slow path's loop dispatches more
-        assert "closest to the architecture (neither curve reflects it here): project fast scan" in summary
-        assert ef._arch_mark(r) == " (closest to the architecture; still a Python loop)"
+        assert "reflects the architecture" in summary and ef._arch_mark(r) == " (architecture)"
     else:
         assert r["architecture_curve"]["exact"] is True and "reflects the architecture" in summary
     assert "project fast scan" in summary

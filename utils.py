@@ -260,8 +260,13 @@ def trace(
 @contextlib.contextmanager
 def in_float64(model):
     """Inside the block every floating-point parameter and buffer of `model` is float64, converted in place
-    (no second copy of the model is held); on exit each gets back its own dtype, value for value (a float32
-    or half-precision number is a float64 number, so the round trip is exact), also when the block raises."""
+    (the model takes twice its float32 memory while the block runs; no second copy is held), and blocks
+    that keep their residual stream in float32 (`residual_in_fp32`, Mamba's default) keep it in float64. On
+    exit each tensor gets back its own dtype, value for value (a float32 or half-precision number is a
+    float64 number, so the round trip is exact), and each flag its value, also when the block raises. What
+    transformers still computes in float32 inside a float64 model stays so: for Mamba the RMS norms, A =
+    −exp(A_log) and the logits' last cast (at mamba-130m's shape their rounding is far below the float32
+    forward's own distance from this one)."""
     import torch
 
     seen, tensors = set(), []
@@ -269,13 +274,18 @@ def in_float64(model):
         if t.is_floating_point() and id(t) not in seen:  # tied weights once
             seen.add(id(t))
             tensors.append((t, t.dtype))
+    flags = [m for m in model.modules() if getattr(m, "residual_in_fp32", None) is True]
     try:
         for t, _ in tensors:
             t.data = t.data.to(torch.float64)
+        for m in flags:
+            m.residual_in_fp32 = False
         yield model
     finally:
         for t, dtype in tensors:
             t.data = t.data.to(dtype)
+        for m in flags:
+            m.residual_in_fp32 = True
 
 
 def set_seed(seed: int) -> None:

@@ -51,14 +51,18 @@ def count_ops(fn) -> tuple[int, int]:
 
 
 def step_loop_(a, h, reverse=False, chunk=None):
-    """`ssm.linear_scan_`'s contract by a step loop of two operations per position (a multiply into a buffer,
-    an add), the scan before the chunked one."""
+    """`ssm.linear_scan_`'s contract by the step loops it replaced: forwards two operations per position (a
+    multiply into a buffer, an add), backwards one (an addcmul_ on indexed slices), as the previous version."""
     import torch
 
+    if reverse:
+        for t in range(h.shape[1] - 2, -1, -1):
+            h[:, t].addcmul_(a[:, t + 1], h[:, t + 1])
+        return h
     hs, as_ = h.unbind(1), a.unbind(1)
     step = torch.empty_like(hs[0])
-    for t in (range(h.shape[1] - 2, -1, -1) if reverse else range(1, h.shape[1])):
-        torch.mul(as_[t + 1], hs[t + 1], out=step) if reverse else torch.mul(as_[t], hs[t - 1], out=step)
+    for t in range(1, h.shape[1]):
+        torch.mul(as_[t], hs[t - 1], out=step)
         hs[t].add_(step)
     return h
 

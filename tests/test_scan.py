@@ -1,13 +1,12 @@
 """The chunked linear recurrence (ssm.linear_scan_) against the step loop, and the float64 yardstick: a fast
 path is exact when it is no farther from the model's float64 forward than the model's own forward is."""
-import copy
-
 import pytest
 import torch
 
 import causal_analysis as ca
 import ssm
 from conftest import make_model
+from models import get_adapter
 from utils import in_float64
 
 
@@ -89,7 +88,8 @@ def test_fast_paths_are_as_exact_as_the_models_own_float32_forward(kind):
             fast = model(input_ids=ids, use_cache=False).logits
         with ssm.blocked_inference(model, block_elements=64):
             blocked = model(input_ids=ids, use_cache=False).logits
-        truth = copy.deepcopy(model).double()(input_ids=ids, use_cache=False).logits
+        with in_float64(model):
+            truth = model(input_ids=ids, use_cache=False).logits
     d_own, d_fast, d_blocked = (_logits_distance(t, truth) for t in (own, fast, blocked))
     print(f"{kind}: relative distance from float64: own {d_own:.1e}, fast scan {d_fast:.1e}, blocked {d_blocked:.1e}")
     for d in (d_fast, d_blocked):
@@ -138,20 +138,41 @@ def test_the_reproduction_check_allows_twice_the_models_own_distance_from_float6
         for factor, ok in ((1.9, True), (2.1, False)):
             cleans = [clean(err / factor), clean(err / factor / 10)]
             assert cleans[0].own_error == pytest.approx(err / factor)
-            allowed = ca.check_allowance(cleans)
-            for c in cleans:  # the same allowance on both prompts
+            for c in cleans:  # the same allowance on both prompts, as clean_runs gives it
+                c.allowance = ca.check_allowance(cleans)
                 if ok:
-                    ca._check_start_from_layer(_Logits(logits), c, 0, allowed)
+                    baseline = ca._check_start_from_layer(_Logits(logits), c, 0)
+                    torch.testing.assert_close(baseline, torch.log_softmax(logits, -1))
                 else:
                     with pytest.raises(ssm.ReconstructionError, match="float64 forward"):
-                        ca._check_start_from_layer(_Logits(logits), c, 0, allowed)
+                        ca._check_start_from_layer(_Logits(logits), c, 0)
 
 
 def test_clean_runs_carry_their_float64_log_p_and_leave_the_model_as_it_was(tokenizer):
+    """Each clean run has its float64 log p and the whole pass's allowance (also where a stage reads some of
+    the prompts); the model is as before; clean runs made without the yardstick are refused in one line."""
     model = make_model("mamba_b")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cleans = ca.clean_runs(model, tokenizer, ["the cat sat on the mat", "one two three"], [0, 1], "mixer_out")
+    prompts = ["the cat sat on the mat", "one two three"]
+    cleans = ca.clean_runs(model, tokenizer, prompts, [0, 1], "mixer_out")
     for c in cleans:
         assert c.logp_float64.dtype == torch.float64 and 0 < c.own_error < 1e-4
+        assert c.allowance == ca.check_allowance(cleans) == 2 * max(d.own_error for d in cleans) + ca.CHECK_FLOOR
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert next(model.parameters()).dtype == torch.float32
+    assert all(blk.residual_in_fp32 for blk in model.backbone.layers)
+    bare = [ca.clean_run(model, get_adapter(model), c.input_ids, [0, 1], "mixer_out") for c in cleans]
+    with pytest.raises(ValueError, match="make them with clean_runs"):
+        ca.causal_effects_by_layer(model, tokenizer, prompts, [0], site="mixer_out", dims=[0], cleans=bare,
+                                   progress=False)
+
+
+def test_an_ablation_that_changes_nothing_scores_zero(tokenizer):
+    """The effects are measured against the unablated pass along the same path, so scaling a dimension by 1
+    gives KL 0 and Δ log p 0 to the rounding of the batch's shape, not the two paths' difference."""
+    model = make_model("mamba_b")
+    prompts = ["the cat sat on the mat", "one two three four five six seven eight nine ten eleven twelve"]
+    eff = ca.causal_effects_by_layer(model, tokenizer, prompts, [0, 2], site="mixer_out", dims=range(6),
+                                     intervention_scale=1.0, progress=False)
+    print(f"largest KL {eff.kl.max():.1e}, largest |Δ log p| {abs(eff.delta_logp).max():.1e}")
+    assert abs(eff.kl).max() <= 1e-12 and abs(eff.delta_logp).max() <= 1e-6

@@ -341,11 +341,12 @@ def check_allowance(cleans) -> float:
     return CHECK_MARGIN * max(c.own_error for c in cleans) + CHECK_FLOOR
 
 
-def _check_start_from_layer(model, c: CleanRun, start: int) -> torch.Tensor:
+def _check_start_from_layer(model, c: CleanRun, start: int) -> tuple[torch.Tensor, float]:
     """Inside run_from_layer(start): the unablated one-row pass from the cached layer input must be as
     exact as the model's own forward, measured against the float64 forward: max |log p − log p_float64| at
-    most `c.allowance` (ReconstructionError otherwise). Returns its last-position log p (V,) float64: the
-    baseline of the effects of the ablations from this layer (the same path, so its rounding cancels)."""
+    most `c.allowance` (ReconstructionError otherwise). Returns its last-position log p (V,) float64, the
+    baseline of the effects of the ablations from this layer (the same path, so its rounding cancels), and
+    that distance."""
     logits = model(inputs_embeds=c.resid_in[start], use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
     logp = torch.log_softmax(logits.double(), -1)
     err, allowed = (logp - c.logp_float64).abs().max().item(), c.allowance
@@ -354,7 +355,7 @@ def _check_start_from_layer(model, c: CleanRun, start: int) -> torch.Tensor:
             f"the ablation path does not reproduce the clean run: it is {err:.3g} (max |Δ log p|) from the "
             f"model's float64 forward, more than the {allowed:.3g} allowed ({CHECK_MARGIN:g} x the model's own "
             f"largest distance on these prompts + {CHECK_FLOOR:g})")
-    return logp
+    return logp, err
 
 
 def _ablated_pass(model, adapter: ArchitectureAdapter, c: CleanRun, site_name: str, plan, scale: float
@@ -399,6 +400,19 @@ class CausalEffects:
     kl: np.ndarray
     delta_logp: np.ndarray
     clean_top: np.ndarray  # (n_prompts,) token ids
+    path_distance: float | None = None  # the reproduction check's largest max |log p_path − log p_float64|
+
+
+def reproduction_check(effects: CausalEffects, cleans) -> dict:
+    """The reproduction check of a scan, for its results: the ablation path's and the model's own largest
+    distance from the float64 forward over the prompts, and the allowance."""
+    return {"path_largest_distance": effects.path_distance,
+            "model_own_largest_distance": max(c.own_error for c in cleans), "allowance": cleans[0].allowance,
+            "definition": "max over prompts of max_v |log p(v) − log p_float64(v)| at the last position: of the "
+                          "unablated pass along the ablation path from the ablated layer (path) and of the model's "
+                          f"own forward in its dtype (model_own); the path must stay within allowance = "
+                          f"{CHECK_MARGIN:g} x model_own + {CHECK_FLOOR:g} on every prompt, else the stage fails; "
+                          "the effects are measured against that unablated pass"}
 
 
 def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
@@ -438,6 +452,7 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
     dlogp = torch.zeros_like(kls)
     pairs = [(i, j) for i in order for j in range(len(dims))]  # (layer index, dim index), by ascending layer
     where = f"L{layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
+    worst = 0.0  # the reproduction check's largest distance
     bar = tqdm(total=len(pairs) * len(cleans), desc=f"ablate {site_name} {where}", disable=not progress)
     with torch.no_grad():
         for n, c in enumerate(cleans):
@@ -454,7 +469,8 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
                 start = plan[0][0]
                 with run_from_layer(model, adapter, start):
                     if start not in baseline:
-                        baseline[start] = _check_start_from_layer(model, c, start)
+                        baseline[start], err = _check_start_from_layer(model, c, start)
+                        worst = max(worst, err)
                     logits = _ablated_pass(model, adapter, c, site_name, plan, intervention_scale)  # (R, V)
                 kl, dl = (e.cpu() for e in _effects(baseline[start], logits, int(c.logp.argmax())))  # (R,) each
                 rows_i = torch.tensor([i for i, _ in chunk])
@@ -469,7 +485,7 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
                                  f"(scale {intervention_scale:g} overflows {next(model.parameters()).dtype}); use a "
                                  "smaller intervention scale")
     return CausalEffects(kls[:, :, back].numpy(), dlogp[:, :, back].numpy(),  # in the order asked, repeats included
-                         np.array([int(c.logp.argmax()) for c in cleans]))
+                         np.array([int(c.logp.argmax()) for c in cleans]), worst)
 
 
 def set_ablation_effects(model, tokenizer, prompts, layer: int, masks, site: str | None = None,
@@ -503,12 +519,14 @@ def set_ablation_effects(model, tokenizer, prompts, layer: int, masks, site: str
     K = masks.shape[0]
     kls = torch.zeros(len(cleans), 1, K, dtype=torch.float64)
     dlogp = torch.zeros_like(kls)
+    worst = 0.0  # the reproduction check's largest distance
     bar = tqdm(total=K * len(cleans), desc=f"ablate sets of {site_name} L{layer}", disable=not progress)
     with torch.no_grad():
         for n, c in enumerate(cleans):
             bs = batch_size or _auto_batch_size(adapter, c.input_ids.shape[1], K, device)
             with run_from_layer(model, adapter, layer):
-                baseline = _check_start_from_layer(model, c, layer)  # (V,)
+                baseline, err = _check_start_from_layer(model, c, layer)  # (V,)
+                worst = max(worst, err)
                 for k0 in range(0, K, bs):
                     chunk = masks[k0:k0 + bs].to(device)  # (k, W)
                     logits = _ablated_pass(model, adapter, c, site_name, [(layer, chunk, means)],
@@ -520,7 +538,7 @@ def set_ablation_effects(model, tokenizer, prompts, layer: int, masks, site: str
     if not (torch.isfinite(kls).all() and torch.isfinite(dlogp).all()):
         raise FloatingPointError(f"the ablated forward gave non-finite logits (scale {intervention_scale:g}); use a "
                                  "smaller intervention scale")
-    return CausalEffects(kls.numpy(), dlogp.numpy(), np.array([int(c.logp.argmax()) for c in cleans]))
+    return CausalEffects(kls.numpy(), dlogp.numpy(), np.array([int(c.logp.argmax()) for c in cleans]), worst)
 
 
 def causal_impact_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
@@ -856,7 +874,7 @@ def _run_causal(ctx):
                "dims": dims, "scores": scores, "scores_low": low, "scores_high": high, "scores_per_prompt": kl,
                "delta_logp_top1": dl, "delta_logp_top1_low": dl_low, "delta_logp_top1_high": dl_high,
                "delta_logp_top1_per_prompt": dlp, "n_zero": int((scores == 0).sum()),
-               "interval_method": res.method(),
+               "interval_method": res.method(), "reproduction_check": reproduction_check(eff, cleans),
                "definitions": {
                    "scores": f"per dimension: the mean over prompts of {KL_DEFINITION}; scores_per_prompt "
                              "(n_prompts, n_dims) holds each prompt's KL, and its mean over prompts is scores",
@@ -1008,6 +1026,11 @@ def causal_summary(r: dict) -> str:
                      f"Δ log p {stats.shown(_interval(e, 'delta_logp_top1'))}\n")
     if r.get("ties"):
         lines.append(f"    ties: {r['ties']}\n")
+    check = r.get("reproduction_check")
+    if check:
+        lines.append(f"    reproduction check: the ablation path within {check['path_largest_distance']:.2g} of the model's "
+                     f"float64 log p (the model's own forward: {check['model_own_largest_distance']:.2g}; allowed "
+                     f"{check['allowance']:.2g})\n")
     return "".join(lines)
 
 

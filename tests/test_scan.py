@@ -141,8 +141,9 @@ def test_the_reproduction_check_allows_twice_the_models_own_distance_from_float6
             for c in cleans:  # the same allowance on both prompts, as clean_runs gives it
                 c.allowance = ca.check_allowance(cleans)
                 if ok:
-                    baseline = ca._check_start_from_layer(_Logits(logits), c, 0)
+                    baseline, distance = ca._check_start_from_layer(_Logits(logits), c, 0)
                     torch.testing.assert_close(baseline, torch.log_softmax(logits, -1))
+                    assert distance == pytest.approx(err)
                 else:
                     with pytest.raises(ssm.ReconstructionError, match="float64 forward"):
                         ca._check_start_from_layer(_Logits(logits), c, 0)
@@ -172,10 +173,14 @@ def test_an_ablation_that_changes_nothing_scores_zero(tokenizer):
     gives KL 0 and Δ log p 0 to the rounding of the batch's shape, not the two paths' difference."""
     model = make_model("mamba_b")
     prompts = ["the cat sat on the mat", "one two three four five six seven eight nine ten eleven twelve"]
+    cleans = ca.clean_runs(model, tokenizer, prompts, [0, 2], "mixer_out")
     eff = ca.causal_effects_by_layer(model, tokenizer, prompts, [0, 2], site="mixer_out", dims=range(6),
-                                     intervention_scale=1.0, progress=False)
+                                     intervention_scale=1.0, progress=False, cleans=cleans)
     print(f"largest KL {eff.kl.max():.1e}, largest |Δ log p| {abs(eff.delta_logp).max():.1e}")
     assert abs(eff.kl).max() <= 1e-12 and abs(eff.delta_logp).max() <= 1e-6
+    check = ca.reproduction_check(eff, cleans)  # what the causal stage's results carry
+    assert 0 <= check["path_largest_distance"] <= check["allowance"] == cleans[0].allowance
+    assert check["model_own_largest_distance"] == max(c.own_error for c in cleans) > 0
 
 
 def test_the_chunked_scan_runs_few_operations_however_long_the_recurrence():

@@ -404,15 +404,18 @@ class CausalEffects:
 
 
 def reproduction_check(effects: CausalEffects, cleans) -> dict:
-    """The reproduction check of a scan, for its results: the ablation path's and the model's own largest
-    distance from the float64 forward over the prompts, and the allowance."""
+    """The reproduction check of a scan, for its results (REPRODUCTION_CHECK_DEFINITION): the ablation path's
+    and the model's own largest distance from the float64 forward over the prompts, and the allowance."""
     return {"path_largest_distance": effects.path_distance,
-            "model_own_largest_distance": max(c.own_error for c in cleans), "allowance": cleans[0].allowance,
-            "definition": "max over prompts of max_v |log p(v) − log p_float64(v)| at the last position: of the "
-                          "unablated pass along the ablation path from the ablated layer (path) and of the model's "
-                          f"own forward in its dtype (model_own); the path must stay within allowance = "
-                          f"{CHECK_MARGIN:g} x model_own + {CHECK_FLOOR:g} on every prompt, else the stage fails; "
-                          "the effects are measured against that unablated pass"}
+            "model_own_largest_distance": max(c.own_error for c in cleans), "allowance": cleans[0].allowance}
+
+
+REPRODUCTION_CHECK_DEFINITION = (
+    "in nats: the largest over prompts of max_v |log p(v) - log p_float64(v)| at the last position, of the unablated "
+    "pass along the ablation path from the ablated layer (path_largest_distance) and of the model's own forward in "
+    f"its dtype (model_own_largest_distance), log p_float64 from the model run in float64; the path must stay "
+    f"within allowance = {CHECK_MARGIN:g} x model_own_largest_distance + {CHECK_FLOOR:g} on every prompt, else the "
+    "stage fails")
 
 
 def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
@@ -811,7 +814,9 @@ def plot_cross_layer(matrix: dict, site: str, plots_dir, prefix: str) -> str:
 # The causal stages (causal, inter_layer, cross_layer): they share the prompt pass's clean runs
 # --------------------------------------------------------------------------------------------------
 KL_DEFINITION = ("KL(p_clean || p_ablated) = sum_v p_clean(v) (log p_clean(v) - log p_ablated(v)) of the next-token "
-                 "distribution at the prompt's last position, natural log (nats)")
+                 "distribution at the prompt's last position, natural log (nats); p_clean is the unablated pass along "
+                 "the ablated rows' own path from the same layer (it reproduces the model's own clean run within "
+                 "reproduction_check's allowance), so that an ablation that changes nothing scores 0")
 DELTA_LOGP_DEFINITION = ("log p_ablated(t) - log p_clean(t), natural log, t = the prompt's clean top-1 next token "
                          "(clean_predictions[i][0]); negative: the ablation lowers the probability of the clean "
                          "prediction; from the same ablated forward as the KL")
@@ -880,7 +885,7 @@ def _run_causal(ctx):
                              "(n_prompts, n_dims) holds each prompt's KL, and its mean over prompts is scores",
                    "delta_logp_top1": f"per dimension: the mean over prompts of {DELTA_LOGP_DEFINITION}; "
                                       "delta_logp_top1_per_prompt (n_prompts, n_dims) holds each prompt's value",
-                   "ablation": ABLATION_DEFINITION,
+                   "ablation": ABLATION_DEFINITION, "reproduction_check": REPRODUCTION_CHECK_DEFINITION,
                    "low/high": INTERVAL_DEFINITION + " (scores_low/high, delta_logp_top1_low/high: every dimension)",
                    "stability": f"by the resampled mean KL: {stats.STABILITY_DEFINITION}",
                    "rank": "competition rank by mean KL (1 = highest); scores within a relative 1e-6 share a rank "
@@ -1028,8 +1033,8 @@ def causal_summary(r: dict) -> str:
         lines.append(f"    ties: {r['ties']}\n")
     check = r.get("reproduction_check")
     if check:
-        lines.append(f"    reproduction check: the ablation path within {check['path_largest_distance']:.2g} of the model's "
-                     f"float64 log p (the model's own forward: {check['model_own_largest_distance']:.2g}; allowed "
+        lines.append(f"    reproduction check: the ablation path within {check['path_largest_distance']:.2g} nats of the "
+                     f"model's float64 log p (the model's own forward: {check['model_own_largest_distance']:.2g}; allowed "
                      f"{check['allowance']:.2g})\n")
     return "".join(lines)
 

@@ -541,13 +541,13 @@ def comparison_summary(r: dict) -> str:
     if cz is not None:
         lines.append(f"    census: {cz['skipped']}" if "skipped" in cz else f"    census ({cz['level']}): "
                      + "; ".join(f"{lab}: {m['finding']}" for lab, m in cz["models"].items()))
+    from efficiency import CURVE_KEYS, skipped_note
+
     for m in r["models"]:  # lengths a scaling curve did not run, and why (the summary table shows only times)
-        for curve in ("scaling", "scaling_fast_scan"):
-            skipped = (m["efficiency"].get(curve) or {}).get("skipped") or []
-            if skipped:
-                why = "; ".join(dict.fromkeys(sk["reason"] for sk in skipped))
-                lines.append(f"    efficiency, {m['label']} ({curve.replace('_', ' ')}): L = "
-                             f"{', '.join(str(sk['seq_len']) for sk in skipped)} not run: {why}")
+        for curve in CURVE_KEYS:
+            note = skipped_note(f"efficiency, {m['label']} ({curve.replace('_', ' ')})", m["efficiency"].get(curve) or {})
+            if note:
+                lines.append(f"    {note}")
     for part, why in (r.get("parts_left_out") or {}).items():
         lines.append(f"    left out of the comparison: {part}: {why}")
     return "".join(line + "\n" for line in lines)

@@ -398,18 +398,21 @@ def _top(t: dict, key: str, unit: str) -> str:
 
 
 def _headline_delta(r: dict) -> str:
-    import stats
-
     t = r["top_neurons"][0]
-    return (f"Δ: top {r.get('unit', 'channel')} by η² (between-text share of Δ's variance) {_top(t, 'score', r.get('unit', 'channel'))}; "
-            f"{r['n_above_noise_floor']} of {r['n_channels']} above the noise floor ({r['expected_above_by_chance']:.3g} "
-            "expected by chance)")
+    floor = ("the noise floor undefined (texts of one token)" if r.get("n_above_noise_floor") is None else
+             f"{r['n_above_noise_floor']} of {r['n_channels']} above the noise floor, an upper bound (the floor assumes "
+             f"independent tokens; {r['expected_above_by_chance']:.3g} expected by chance)")
+    return (f"Δ: top {r.get('unit', 'channel')} by η² (between-text share of Δ's variance) "
+            f"{_top(t, 'score', r.get('unit', 'channel'))}; {floor}")
 
 
 def _headline_causal(r: dict) -> str:
+    import stats
+
     t = r["top_neurons"][0]
+    dl = {"value": t["delta_logp_top1"], "low": t.get("delta_logp_top1_low"), "high": t.get("delta_logp_top1_high")}
     return (f"causal ({r['site']}, layer {r['layer']}, {r['n_prompts']} prompts): largest mean KL "
-            f"{_top(t, 'score', 'dim')} nats; Δ log p(clean top-1) {t['delta_logp_top1']:.3g} nats")
+            f"{_top(t, 'score', 'dim')} nats; its Δ log p(clean top-1) {stats.shown(dl)} nats")
 
 
 def _headline_attention(r: dict) -> str:
@@ -442,24 +445,40 @@ def _headline_census(r: dict) -> str:
 def _headline_faithfulness(r: dict) -> str:
     import stats
 
-    rows = [t for t in r["table"] if t.get("normalised_area", {}).get("value") is not None]
+    rows = sorted((t for t in r["table"] if t.get("normalised_area", {}).get("value") is not None),
+                  key=lambda t: -t["normalised_area"]["value"])  # largest area first
     if not rows:
         return "faithfulness: no ranking has a defined area"
-    best = rows[0]
-    area = best["normalised_area"]
-    numbers = (f"{best['ranking']} ({best['space']}): normalised deletion area {stats.shown(area, '.2f')} (1 = the ground "
-               f"truth, 0 = random), Spearman ρ {stats.shown(best['spearman'], '.2f')}")
-    if area.get("low") is None or area["low"] <= 0:  # its interval reaches random: no verdict beyond that
-        return (f"faithfulness (layer {r['layer']}): no ranking is told apart from random by its interval; the "
-                f"largest area is {numbers}")
-    return f"faithfulness (layer {r['layer']}): the ranking that best finds the units that matter is {numbers}"
+
+    def numbers(t):
+        return (f"{t['ranking']} ({t['space']}): normalised deletion area {stats.shown(t['normalised_area'], '.2f')} "
+                f"(1 = the ground truth, 0 = random), Spearman ρ {stats.shown(t['spearman'], '.2f')}")
+
+    def low(t):
+        v = t["normalised_area"].get("low")
+        return -float("inf") if v is None else v
+
+    def high(t):
+        v = t["normalised_area"].get("high")
+        return float("inf") if v is None else v
+
+    above = [t for t in rows if low(t) > 0]  # intervals that lie above random
+    head = f"faithfulness (layer {r['layer']}): "
+    if not above:
+        return head + f"no ranking is told apart from random by its interval; the largest area is {numbers(rows[0])}"
+    best = above[0]
+    if all(low(best) > high(t) for t in rows if t is not best):  # its interval above every other ranking's
+        return head + f"the ranking that best finds the units that matter is {numbers(best)}"
+    return head + (f"{len(above)} of {len(rows)} rankings are told apart from random by their intervals "
+                   f"({', '.join(t['ranking'] for t in above)}), none from all the others; the largest area of "
+                   f"those is {numbers(best)}")
 
 
 def _headline_comparison(r: dict) -> str:
     labels = [m["label"] for m in r["models"]]
     rows = {row["metric"]: row for row in r["summary"]}
-    picks = [m for m in rows if m.startswith(("population Gini", "usage Gini", "census: token", "census: positional",
-                                              "max causal impact", "faithfulness"))][:6]
+    groups = ("population Gini", "usage Gini", "max causal impact", "census: token", "census: positional", "faithfulness")
+    picks = [m for g in groups for m in [next((m for m in rows if m.startswith(g)), None)] if m]  # each group's first row
     return f"comparison ({' vs '.join(labels)}): " + "; ".join(
         f"{m}: " + " vs ".join(str(rows[m][lab]) for lab in labels) for m in picks)
 

@@ -215,6 +215,7 @@ def merge_saved_runs(files: list[str], output_dir: str, plots_dir: str) -> int:
     tag = layer_tag(min(layers), list(layers))
     json_path = Path(output_dir) / f"{prefix}_{tag}_merged_results.json"
     html_path = Path(output_dir) / f"{prefix}_{tag}_merged_report.html"
+    run["results_file"] = json_path.name  # the merged report links to its own JSON (beside it), not the first run's
     plot_name = f"{prefix}_depth_profiles_{tag}_merged"
     if max(len(f"{n}.png".encode()) for n in (plot_name, html_path.name, json_path.name)) > 240:
         raise UserInputError(f"--report {first_name}: the merged files' names ({plot_name}.png) would be too long "

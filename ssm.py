@@ -333,6 +333,16 @@ def linear_scan_reference(a: torch.Tensor, u: torch.Tensor, reverse: bool = Fals
     return h
 
 
+def _steps_(a: torch.Tensor, h: torch.Tensor, ts: range, reverse: bool) -> torch.Tensor:
+    """The step loop in place over the positions `ts` (a range, each t ≥ 1): h_t += a_t h_{t−1} in increasing
+    t; with `reverse`, h_{t−1} += a_t h_t in decreasing t. Returns h."""
+    lo = ts.start - 1
+    hs, as_ = h[:, lo:ts.stop].unbind(1), a[:, lo:ts.stop].unbind(1)  # views (b, ...) of positions lo..
+    for i in (range(len(ts), 0, -1) if reverse else range(1, len(ts) + 1)):  # i = t − lo
+        hs[i - 1].addcmul_(as_[i], hs[i]) if reverse else hs[i].addcmul_(as_[i], hs[i - 1])
+    return h
+
+
 def linear_scan_(a: torch.Tensor, h: torch.Tensor, reverse: bool = False, chunk: int = SCAN_CHUNK) -> torch.Tensor:
     """`linear_scan_reference` in place, in chunks of `chunk` positions: h (b, L, ...) holds u on entry and
     the states on return (returned); a (b, L, ...) the decays, each in [0, 1] (a Mamba scan's exp(Δ A)).
@@ -348,24 +358,20 @@ def linear_scan_(a: torch.Tensor, h: torch.Tensor, reverse: bool = False, chunk:
     up to float rounding (in another order). In place, so outside autograd (the fast scan's backward is
     written by hand). The Python loops run O(Q · log_Q L) times, plus up to Q − 1 positions after the last
     whole chunk of each level, one at a time; a recurrence of at most 3Q positions is the step loop itself."""
-    b, L = h.shape[:2]
+    L = h.shape[1]
     Q = int(chunk)
     if Q < 2:
         raise ValueError(f"chunk must be at least 2 positions, got {chunk}")
     if L <= 3 * Q:  # a short recurrence: the step loop itself (fewer operations than a chunked level)
-        hs, as_ = h.unbind(1), a.unbind(1)
-        for t in (range(L - 2, -1, -1) if reverse else range(1, L)):
-            hs[t].addcmul_(as_[t + 1], hs[t + 1]) if reverse else hs[t].addcmul_(as_[t], hs[t - 1])
-        return h
+        return _steps_(a, h, range(1, L), reverse)
     K, whole = L // Q, L - L % Q
     if whole < L:  # the last L − whole positions one at a time, after the whole chunks (before them in reverse)
-        if not reverse:
-            linear_scan_(a[:, :whole], h[:, :whole], False, Q)
-        for t in (range(L - 2, whole - 2, -1) if reverse else range(whole, L)):
-            h[:, t].addcmul_(a[:, t + 1], h[:, t + 1]) if reverse else h[:, t].addcmul_(a[:, t], h[:, t - 1])
-        if reverse:  # position whole − 1 now holds its input plus what comes back from the rest
+        if reverse:  # position whole − 1 takes in what comes back from the rest, then the whole chunks run
+            _steps_(a, h, range(whole, L), True)
             linear_scan_(a[:, :whole], h[:, :whole], True, Q)
-        return h
+            return h
+        linear_scan_(a[:, :whole], h[:, :whole], False, Q)
+        return _steps_(a, h, range(whole, L), False)
     hv, av = h.unflatten(1, (K, Q)), a.unflatten(1, (K, Q))  # (b, K, Q, ...)
     hs, as_ = hv.unbind(2), av.unbind(2)  # Q views (b, K, ...) each
     if not reverse:

@@ -265,8 +265,7 @@ def in_float64(model):
     exit each tensor gets back its own dtype, value for value (a float32 or half-precision number is a
     float64 number, so the round trip is exact), and each flag its value, also when the block raises. What
     transformers still computes in float32 inside a float64 model stays so: for Mamba the RMS norms, A =
-    −exp(A_log) and the logits' last cast (at mamba-130m's shape their rounding is far below the float32
-    forward's own distance from this one)."""
+    −exp(A_log) and the logits' last cast."""
     import torch
 
     seen, tensors = set(), []

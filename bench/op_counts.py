@@ -141,9 +141,12 @@ def main():
             with configured(False, step_loop):
                 scan(batch_size)()  # warm-up
                 total, compute = count_ops(scan(batch_size))
+            sizes = [batch_size or ca._auto_batch_size(adapter, c.input_ids.shape[1], args.dims, ids.device)
+                     for c in cleans]  # the tool's choice depends on this machine's free memory
             print(f"causal scan of mixer_out at layer 0, {what}, {'step loop' if step_loop else 'chunked scan'}: "
                   f"{total / n:,.0f} / {compute / n:,.0f} aten operations per (dim, prompt) (all / compute; {args.dims} "
-                  f"dims x {len(prompts)} prompts of {[c.input_ids.shape[1] for c in cleans]} tokens)")
+                  f"dims x {len(prompts)} prompts of {[c.input_ids.shape[1] for c in cleans]} tokens, batch sizes "
+                  f"{sizes})")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
 
 

@@ -195,6 +195,7 @@ def test_report_merges_a_shell_loop_into_the_same_profiles(model_dirs, texts_fil
     assert "note: skipped out/" in p.stdout
     merged = json.loads((tmp_path / "out" / f"{name}_layers0_2_merged_results.json").read_text())
     assert merged["run"]["merged_from"] == files and merged["run"]["layers"] == [0, 2]
+    assert merged["run"]["results_file"] == f"{name}_layers0_2_merged_results.json"  # its own JSON, not the first run's
     assert merged["depth_profiles"]["results"]["metrics"] == together["depth_profiles"]["results"]["metrics"]
     prof = together["depth_profiles"]["results"]["metrics"]
     for i, layer in enumerate(("0", "2")):  # the delta profile is of the default ranking, η², the raw variance beside it
@@ -644,6 +645,12 @@ def test_default_run_offline_uses_the_reference_mamba(tmp_path, few_prompts):
     for name in stages:
         for path in res[name].get("plots", []):
             assert (tmp_path / path).read_bytes()[:4] == b"\x89PNG"
+    # the report's findings: a line for every stage that has a headline, none dropped by a changed key
+    from pipeline import stage_entries
+    from report import HEADLINES, findings
+
+    lines = findings(stage_entries(res))
+    assert len(lines) == len([s for s in stages if s in HEADLINES]) >= 6, lines
 
 
 def test_a_named_model_is_never_substituted(tmp_path):

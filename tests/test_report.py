@@ -199,3 +199,31 @@ def test_the_faithfulness_verdict_needs_an_interval_above_random():
 
     assert "best finds the units that matter is delta.eta_squared" in findings(entry(0.2))[0]
     assert "no ranking is told apart from random" in findings(entry(-0.1))[0]
+
+    def two(a, b):
+        rows = [{"ranking": name, "space": "channels", "spearman": {"value": 0.3, "low": 0.1, "high": 0.5},
+                 "normalised_area": {"value": v, "low": lo, "high": hi}} for name, (v, lo, hi) in (("a", a), ("b", b))]
+        return findings([("faithfulness", "faithfulness", {"status": "ok", "results": {"layer": 0, "table": rows}})])[0]
+
+    # the largest point area reaches random, a smaller one lies above it: that one is named, not "none"
+    line = two((0.50, -0.10, 0.90), (0.45, 0.20, 0.70))
+    assert "1 of 2 rankings are told apart from random by their intervals (b)" in line and "area of those is b" in line
+    # both above random but overlapping: no "best"
+    line = two((0.50, 0.30, 0.90), (0.45, 0.20, 0.70))
+    assert "best" not in line and "2 of 2 rankings" in line and "none from all the others" in line
+    # one above random and above the other's interval: the best
+    assert "best finds the units that matter is a" in two((0.80, 0.60, 0.90), (0.20, -0.10, 0.50))
+
+
+def test_the_delta_and_causal_headlines_say_what_is_undefined_and_carry_intervals():
+    from report import findings
+
+    top = {"channel": 3, "score": 0.4, "low": 0.2, "high": 0.6}
+    delta = {"top_neurons": [top], "n_above_noise_floor": None, "n_channels": 8, "expected_above_by_chance": 0.4}
+    causal = {"site": "mixer_out", "layer": 0, "n_prompts": 4,
+              "top_neurons": [{"dim": 5, "score": 0.1, "low": 0.05, "high": 0.2, "delta_logp_top1": -0.3,
+                               "delta_logp_top1_low": -0.5, "delta_logp_top1_high": -0.1}]}
+    lines = findings([("delta", "delta", {"status": "ok", "results": delta}),
+                      ("causal", "causal", {"status": "ok", "results": causal})])
+    assert len(lines) == 2 and "noise floor undefined" in lines[0]
+    assert "Δ log p(clean top-1) -0.3 [-0.5, -0.1] nats" in lines[1]

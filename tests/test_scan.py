@@ -179,7 +179,14 @@ def test_an_ablation_that_changes_nothing_scores_zero(tokenizer):
     print(f"largest KL {eff.kl.max():.1e}, largest |Δ log p| {abs(eff.delta_logp).max():.1e}")
     assert abs(eff.kl).max() <= 1e-12 and abs(eff.delta_logp).max() <= 1e-6
     check = ca.reproduction_check(eff, cleans)  # what the causal stage's results carry
-    assert 0 <= check["path_largest_distance"] <= check["allowance"] == cleans[0].allowance
+    recomputed = 0.0  # the unablated pass from each start layer, against the float64 log p, by hand
+    for start in (0, 2):
+        with torch.no_grad(), ca.run_from_layer(model, get_adapter(model), start):
+            for c in cleans:
+                logits = model(inputs_embeds=c.resid_in[start], use_cache=False, logits_to_keep=1).logits[0, -1]
+                recomputed = max(recomputed, (torch.log_softmax(logits.double(), -1) - c.logp_float64).abs().max().item())
+    assert check["path_largest_distance"] == pytest.approx(recomputed, rel=1e-6) and recomputed > 0
+    assert check["path_largest_distance"] <= check["allowance"] == cleans[0].allowance
     assert check["model_own_largest_distance"] == max(c.own_error for c in cleans) > 0
 
 

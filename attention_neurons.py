@@ -969,8 +969,10 @@ class TransformerAttentionNeurons(AttentionNeurons):
 
     unit = "dim"
 
-    def __init__(self, model, target: str = DEFAULT_TARGET):
+    def __init__(self, model, target: str = DEFAULT_TARGET, adapter=None):
+        """`adapter`: a hybrid's `models.AttentionLayersView` (its attention layers); default the model's own."""
         super().__init__(model, target)
+        self.adapter = adapter or self.adapter
         if self.adapter.is_ssm:
             raise NotApplicable("a Mamba model: use MambaAttentionNeurons")
 
@@ -1421,8 +1423,82 @@ def attention_by_layer(results: dict) -> dict:
 def _stage_reader(ctx):
     layers = sorted({la for layer in ctx.layers for la in stage_layers(ctx.opts, layer)})
     o = ctx.opts
+    if ctx.adapter.hybrid:
+        return HybridAttentionRead(ctx, layers)
     return AttentionProfile(attention_neurons_for(ctx.model, o.attention_target), layers, o.attention_methods,
                             ctx.top_k, maps_at=set(ctx.layers), n_resamples=o.bootstrap_resamples, seed=o.seed)
+
+
+# Why a method is left out at a hybrid's layers, by method (the others run there)
+HYBRID_LEFT_OUT = {"rollout": "rollout multiplies the attention of every layer below, and a hybrid's layers below mix "
+                              "positions by different mechanisms (hidden attention, softmax heads, or none): not "
+                              "defined here"}
+
+
+class HybridAttentionRead:
+    """The attention stage's reader on a hybrid: the hidden attention at the layers with a state-space mixer
+    (`MambaAttentionNeurons`) and the softmax heads at the layers with attention (`TransformerAttentionNeurons`
+    on `models.AttentionLayersView`), from one text pass; Falcon-H1's layers have both, side by side. Methods
+    that are not defined on a hybrid, or that need a gradient where the layer has no module to take one at
+    (or, at a layer with both paths, on the attention path: the pass takes one gradient per layer, the
+    state-space path's), are left out with the reason (`left_out`)."""
+
+    def __init__(self, ctx, layers):
+        from models import NotApplicable
+
+        o, a = ctx.opts, ctx.adapter
+        self.left_out = {m: why for m, why in HYBRID_LEFT_OUT.items() if m in o.attention_methods}
+        methods = [m for m in o.attention_methods if m not in self.left_out]
+        self.profiles, self.analyzers, self.methods, self.skipped = {}, {}, {}, {}
+        parts = {"ssm": [la for la in layers if a.has_ssm(la)], "attention": []}
+        for la in layers:
+            if not a.has_attention(la):
+                continue
+            try:
+                a.attention_paths(la)
+                parts["attention"].append(la)
+            except NotApplicable as exc:
+                self.skipped[la] = str(exc)
+        for part, part_layers in parts.items():
+            if not part_layers:
+                continue
+            keep = list(methods)
+            if needs_gradient(keep):
+                try:
+                    for la in part_layers:
+                        if part == "attention" and a.has_ssm(la):
+                            raise NotApplicable("at a layer with both paths the text pass takes its one gradient on the "
+                                                "state-space path")
+                        a.gradient_path(la)
+                except NotApplicable as exc:
+                    keep = [m for m in keep if not METHOD_SPECS[m].needs_gradient]
+                    self.left_out.update({f"{m} ({part} layers)": str(exc) for m in methods if m not in keep})
+            if not keep:
+                continue
+            analyzer = _hybrid_analyzer(ctx, part)
+            self.analyzers[part], self.methods[part] = analyzer, tuple(keep)
+            self.profiles[part] = AttentionProfile(analyzer, part_layers, keep, ctx.top_k, maps_at=set(ctx.layers),
+                                                   n_resamples=o.bootstrap_resamples, seed=o.seed)
+        if not self.profiles:
+            raise NotApplicable(f"no layer of {layers} has a state-space mixer or attention whose units this version "
+                                f"reads ({'; '.join(self.skipped.values()) or 'feed-forward layers only'})")
+
+    @property
+    def request(self):
+        from passes import TextRequest
+
+        want = TextRequest()
+        for p in self.profiles.values():
+            want = want | p.request
+        return want
+
+    def read(self, text) -> None:
+        for p in self.profiles.values():
+            p.read(text)
+
+    def finish(self) -> dict:
+        return {"parts": {part: p.finish() for part, p in self.profiles.items()}, "left_out": self.left_out,
+                "skipped": self.skipped}
 
 
 def _stage_run(ctx, profile: dict):
@@ -1431,14 +1507,63 @@ def _stage_run(ctx, profile: dict):
     channels; Transformer: the attention weights of the attention-output dims (UNITS). The entries that keep
     the first text's maps also get "first_text_tokens", its tokens as the tokenizer decodes each id (the
     maps' axis labels)."""
+    o = ctx.opts
+    if ctx.adapter.hybrid:
+        return _hybrid_stage_run(ctx, profile)
+    analyzer = attention_neurons_for(ctx.model, o.attention_target)
+    return _stage_results(ctx, analyzer, profile, stage_layers(o, ctx.layer), o.attention_methods)
+
+
+def _hybrid_stage_run(ctx, read: dict):
+    """A hybrid's layer: the state-space path's hidden attention where the layer has a mixer, else the softmax
+    heads; at a layer with both (Falcon-H1), the attention path's entry beside it (`attention_path`)."""
+    from models import NotApplicable
+
+    a, layer, parts = ctx.adapter, ctx.layer, read["parts"]
+    if layer in read["skipped"]:
+        raise NotApplicable(read["skipped"][layer])
+    found = [part for part in ("ssm", "attention") if layer in parts.get(part, {})]
+    if not found:
+        if a.has_ssm(layer) or a.has_attention(layer):
+            raise NotApplicable(f"layer {layer}: no attention method applies here ({read['left_out']})")
+        raise a._lacks(layer, "state-space mixer or attention")
+    entries = []
+    for part in found:
+        profile = parts[part]
+        analyzer = _hybrid_analyzer(ctx, part)
+        layers = [la for la in stage_layers(ctx.opts, layer) if la in profile]
+        results, plots = _stage_results(ctx, analyzer, profile, layers, tuple(profile[layer]["methods"]),
+                                        prefix=ctx.prefix if part == found[0] else f"{ctx.prefix}_attention_path")
+        results["path"] = part
+        entries.append((results, plots))
+    results, plots = entries[0]
+    results["layer_kind"] = a.layer_kind(layer)
+    if read["left_out"]:
+        results["methods_left_out"] = read["left_out"]
+    if len(entries) > 1:  # Falcon-H1: the attention path of the same layer, side by side
+        results["attention_path"] = entries[1][0]
+        plots = plots + entries[1][1]
+    return results, plots
+
+
+def _hybrid_analyzer(ctx, part: str) -> "AttentionNeurons":
+    """The analyser of a hybrid's `part` ("ssm": its state-space layers, "attention": its attention layers)."""
+    from models import AttentionLayersView
+
+    if part == "ssm":
+        return MambaAttentionNeurons(ctx.model, ctx.opts.attention_target)
+    return TransformerAttentionNeurons(ctx.model, ctx.opts.attention_target, adapter=AttentionLayersView(ctx.adapter))
+
+
+def _stage_results(ctx, analyzer, profile: dict, layers: list, methods, prefix: str | None = None):
+    """The attention stage's results at ctx.layer (and its plots) from one analyser's profile over `layers`."""
     from functools import partial
 
     import stats
     from naming import layer_tag
 
     o = ctx.opts
-    analyzer = attention_neurons_for(ctx.model, o.attention_target)
-    layer, methods, layers = ctx.layer, o.attention_methods, stage_layers(o, ctx.layer)
+    layer = ctx.layer
     by_layer = {la: profile[la] for la in layers}
     for entry in by_layer.values():  # each last_argmax target's token, as the tokenizer writes it
         for t in entry.get("gradient_targets") or []:
@@ -1449,7 +1574,7 @@ def _stage_run(ctx, profile: dict):
     for entry in by_layer.values():
         if "attention_vector_first_text" in entry:
             entry["first_text_tokens"] = first
-    family = "mamba" if ctx.adapter.is_ssm else "transformer"
+    family = "mamba" if analyzer.adapter.is_ssm else "transformer"
     results = {**by_layer[layer], "units": analyzer.describe_units(),
                "ranked_by": "activation: per unit, the token-weighted mean over the texts of its activation per "
                             "query token (definitions); rank stability, over draws of the texts: "
@@ -1458,7 +1583,7 @@ def _stage_run(ctx, profile: dict):
     if needs_gradient(methods):
         results["target"] = o.attention_target
         results["target_definition"] = TARGETS[o.attention_target]
-    d, p, k = ctx.plots_dir, ctx.prefix, ctx.top_k
+    d, p, k = ctx.plots_dir, prefix or ctx.prefix, ctx.top_k
     tokens = results.get("first_text_tokens")
     plots = [partial(plot_attention_vector, results["attention_vector_first_text"], layer, d, p, family, tokens)]
     plots += [partial(analyzer.visualize_neurons, neuron_scores(results, m), layer, d, p, k, results["methods"][m],
@@ -1513,7 +1638,11 @@ def attention_summary(r: dict) -> str:
             if a.get("ties"):
                 lines.append(f"      ties: {a['ties']}")
             lines += [f"      {field}: {why}" for field, why in (a.get("undefined") or {}).items()]
-    return "".join(line + "\n" for line in lines)
+    lines += [f"    left out here: {m}: {why}" for m, why in (r.get("methods_left_out") or {}).items()]
+    text = "".join(line + "\n" for line in lines)
+    if "attention_path" in r:  # a layer with both paths (Falcon-H1): the softmax heads of the same layer
+        text += "    the same layer's attention path (softmax heads):\n" + attention_summary(r["attention_path"])
+    return text
 
 
 def _shown(d: dict, spec: str) -> str:

@@ -54,24 +54,46 @@ ABLATIONS = ("zero", "mean")
 # --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def run_from_layer(model, adapter: ArchitectureAdapter, layer: int):
-    """Inside the block, `model(inputs_embeds=h)` runs layers `layer`.. only, with `h` (b, L, d) the
-    residual stream entering `layer` (absolute position embeddings are switched off, so h is used as
-    is). Layer paths inside the block are relative: the first block is `LAYERS.0`. Mamba mixers run
-    `ssm.mixer_forward_blocked` (transformers' operations, cache-blocked for many-row batches); callers
-    check that the unablated pass reproduces the model's own clean run (`_check_start_from_layer`) and
-    measure the ablations' effects against that pass. Restored on exit."""
+    """Inside the block, `forward_from(model, adapter, c, layer)` runs the model from `layer` on, with the
+    residual stream entering `layer` that clean run `c` kept. A pure family's model runs layers `layer`..
+    only (`model(inputs_embeds=h)`, absolute position embeddings switched off, so h is used as is; Mamba-1
+    mixers in `ssm.mixer_forward_blocked`), and layer paths inside the block are relative: the first block
+    is `LAYERS.0`. A hybrid's layers read more than the residual stream (the masks of their kind, Zamba2's
+    embeddings, Granite's embedding multiplier), so its model runs whole from the prompt's tokens, each row
+    of the batch from the embeddings, and paths stay absolute (`layer_offset`). Callers check that the
+    unablated pass reproduces the model's own clean run (`_check_start_from_layer`) and measure the
+    ablations' effects against that pass. Restored on exit."""
+    if adapter.hybrid:
+        adapter.check_layer(layer)
+        yield
+        return
     parent_path, attr = adapter.layers_path.rsplit(".", 1)
     parent = model.get_submodule(parent_path)
     full = getattr(parent, attr)
     with contextlib.ExitStack() as stack:
         setattr(parent, attr, torch.nn.ModuleList(list(full)[adapter.check_layer(layer):]))
         stack.callback(setattr, parent, attr, full)
-        if adapter.ssm_kind == "mamba1":
+        if adapter.blocked_forward:
             stack.enter_context(blocked_inference(model))
         if adapter.position_embedding_path is not None:
             stack.enter_context(trace(model, [adapter.position_embedding_path], retain_output=False,
                                       edit_output=lambda name, out: torch.zeros_like(out)))
         yield
+
+
+def layer_offset(adapter: ArchitectureAdapter, start: int) -> int:
+    """What to subtract from a layer index to name its module inside `run_from_layer(start)`."""
+    return 0 if adapter.hybrid else start
+
+
+def forward_from(model, adapter: ArchitectureAdapter, c: "CleanRun", start: int, rows: int = 1) -> torch.Tensor:
+    """Inside `run_from_layer(start)`: the last position's logits (rows, V) of the pass from layer `start` of
+    clean run `c` (one row from the cached layer input, which edits may expand; a hybrid's `rows` rows from
+    the prompt's tokens)."""
+    if adapter.hybrid:
+        ids = c.input_ids.expand(rows, -1)  # (rows, L)
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+    return model(inputs_embeds=c.resid_in[start], use_cache=False, logits_to_keep=1).logits[:, -1]
 
 
 def _first(value):
@@ -341,13 +363,13 @@ def check_allowance(cleans) -> float:
     return CHECK_MARGIN * max(c.own_error for c in cleans) + CHECK_FLOOR
 
 
-def _check_start_from_layer(model, c: CleanRun, start: int) -> tuple[torch.Tensor, float]:
+def _check_start_from_layer(model, adapter: ArchitectureAdapter, c: CleanRun, start: int) -> tuple[torch.Tensor, float]:
     """Inside run_from_layer(start): the unablated one-row pass from the cached layer input must be as
     exact as the model's own forward, measured against the float64 forward: max |log p − log p_float64| at
     most `c.allowance` (ReconstructionError otherwise). Returns its last-position log p (V,) float64, the
     baseline of the effects of the ablations from this layer (the same path, so its rounding cancels), and
     that distance."""
-    logits = model(inputs_embeds=c.resid_in[start], use_cache=False, logits_to_keep=1).logits[0, -1]  # (V,)
+    logits = forward_from(model, adapter, c, start)[0]  # (V,)
     logp = torch.log_softmax(logits.double(), -1)
     err, allowed = (logp - c.logp_float64).abs().max().item(), c.allowance
     if err > allowed:
@@ -367,21 +389,22 @@ def _ablated_pass(model, adapter: ArchitectureAdapter, c: CleanRun, site_name: s
     rows join the batch only at that layer (copies of row 0 appended at the layer's input; the first
     layer's at its site), so each ablated row runs from its own layer on and no further back."""
     start = plan[0][0]
+    shift = layer_offset(adapter, start)  # paths are relative inside run_from_layer (a pure family's)
     base = 1 if len(plan) > 1 else 0  # later layers copy row 0, which must then stay unablated
     site_edits, grow, offset = {}, {}, base
     for layer, dims, values in plan:
-        local = adapter.site(site_name, layer - start)  # paths are relative inside run_from_layer
+        local = adapter.site(site_name, layer - shift)
         site_edits[local.path] = _ablator(dims, scale, values, offset)
         if layer != start:
-            grow[adapter.layer_path(layer - start)] = offset + len(dims)
+            grow[adapter.layer_path(layer - shift)] = offset + len(dims)
         offset += len(dims)
-    capture = adapter.site(site_name, 0).capture
+    capture = adapter.site(site_name, start - shift).capture
     with contextlib.ExitStack() as stack:
         stack.enter_context(trace(model, list(site_edits), retain_output=False,
                                   **_edit_kwargs(capture, lambda path, v: site_edits[path](path, v))))
         if grow:
             stack.enter_context(trace(model, list(grow), retain_output=False, edit_input=_grower(grow)))
-        logits = model(inputs_embeds=c.resid_in[start], use_cache=False, logits_to_keep=1).logits[:, -1]
+        logits = forward_from(model, adapter, c, start, rows=offset)  # (offset, V)
     return logits[base:]  # (R, V)
 
 
@@ -472,7 +495,7 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
                 start = plan[0][0]
                 with run_from_layer(model, adapter, start):
                     if start not in baseline:
-                        baseline[start], err = _check_start_from_layer(model, c, start)
+                        baseline[start], err = _check_start_from_layer(model, adapter, c, start)
                         worst = max(worst, err)
                     logits = _ablated_pass(model, adapter, c, site_name, plan, intervention_scale)  # (R, V)
                 kl, dl = (e.cpu() for e in _effects(baseline[start], logits, int(c.logp.argmax())))  # (R,) each
@@ -528,7 +551,7 @@ def set_ablation_effects(model, tokenizer, prompts, layer: int, masks, site: str
         for n, c in enumerate(cleans):
             bs = batch_size or _auto_batch_size(adapter, c.input_ids.shape[1], K, device)
             with run_from_layer(model, adapter, layer):
-                baseline, err = _check_start_from_layer(model, c, layer)  # (V,)
+                baseline, err = _check_start_from_layer(model, adapter, c, layer)  # (V,)
                 worst = max(worst, err)
                 for k0 in range(0, K, bs):
                     chunk = masks[k0:k0 + bs].to(device)  # (k, W)
@@ -634,7 +657,7 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
     def run(n_sources, edits=None):  # (n_sources·K, n_layers) readouts: row j·K + i reads dims[i]
         rows = torch.arange(n_sources * K, device=device)
         cols = dims.to(device).repeat(n_sources)
-        swap = blocked_inference(model) if adapter.ssm_kind == "mamba1" else contextlib.nullcontext()
+        swap = blocked_inference(model) if adapter.blocked_forward else contextlib.nullcontext()
         with torch.no_grad(), swap, contextlib.ExitStack() as stack:
             if edits:  # registered first, so a readout on the same module (residual source) sees the edit
                 stack.enter_context(trace(model, list(edits), retain_output=False,
@@ -892,8 +915,44 @@ def _run_causal(ctx):
                            "and are marked tied",
                    "clean_predictions": "each prompt's 5 most probable next tokens under the unablated model, "
                                         "with p_clean (the tokenizer's decoding of each token id)"}}
+    if ctx.adapter.hybrid and ctx.adapter.path_sites:
+        results["path_effects"] = path_effects(ctx)
+        results["definitions"]["path_effects"] = PATH_EFFECTS_DEFINITION
     return results, [partial(plot_causal_impacts, scores, dims, ctx.top_k, ctx.layer, site, ctx.plots_dir,
                              ctx.prefix, low, high)]
+
+
+PATH_EFFECTS_DEFINITION = (
+    "a layer with parallel paths (Falcon-H1: the state-space mixer and attention read the same input): each path's "
+    "whole output ablated at once (every dimension of its site, ssm_path or attn_path, with the stage's ablation), "
+    "per prompt KL(p_clean ‖ p_ablated) and Δ log p(clean top-1) as for one dimension; mean over prompts [95% "
+    "interval]. Per unit: run the causal stage with --causal_site ssm_path or attn_path")
+
+
+def path_effects(ctx) -> dict:
+    """{path site: its whole output's effect at ctx.layer}: KL and Δ log p(clean top-1) per prompt, their means
+    with intervals over prompts, and the reproduction check (`PATH_EFFECTS_DEFINITION`)."""
+    o = ctx.opts
+    out = {}
+    for site in ctx.adapter.path_sites:
+        cleans = ctx.clean_runs(site)
+        mask = np.ones((1, ctx.adapter.site(site, ctx.layer).size), dtype=bool)  # (1, d): the whole path
+        eff = set_ablation_effects(ctx.model, ctx.tokenizer, o.prompt_list, ctx.layer, mask, site=site,
+                                   intervention_scale=scale_of(o), ablation=o.ablation, batch_size=o.causal_batch_size,
+                                   progress=False, cleans=cleans)
+        kl, dlp = eff.kl[:, 0, 0], eff.delta_logp[:, 0, 0]  # (n_prompts,) each
+        res = _prompt_resamples(ctx, kl.shape[0])
+        out[site] = {"kl": _mean_interval(kl, res), "delta_logp_top1": _mean_interval(dlp, res), "kl_per_prompt": kl, "delta_logp_top1_per_prompt": dlp,
+                     "reproduction_check": reproduction_check(eff, cleans),
+                     "description": ctx.adapter.sites[site].description}
+    return out
+
+
+def _mean_interval(per_prompt: np.ndarray, res: stats.Resamples) -> dict:
+    """{"value": the mean of per-prompt values (n,), "low", "high": its interval (None where undefined)}."""
+    low, high = _bounds(per_prompt[:, None], res)  # (1,) each, or None
+    return {"value": float(per_prompt.mean()), "low": None if low is None else float(low[0]),
+            "high": None if high is None else float(high[0])}
 
 
 def _chosen_dims(ctx, n: int = 3) -> list[int]:
@@ -1031,6 +1090,8 @@ def causal_summary(r: dict) -> str:
                      f"Δ log p {stats.shown(_interval(e, 'delta_logp_top1'))}\n")
     if r.get("ties"):
         lines.append(f"    ties: {r['ties']}\n")
+    for path, e in (r.get("path_effects") or {}).items():
+        lines.append(f"    {path} ablated whole: KL {stats.shown(e['kl'])} nats, Δ log p {stats.shown(e['delta_logp_top1'])}\n")
     check = r.get("reproduction_check")
     if check:
         lines.append(f"    reproduction check: the ablation path within {check['path_largest_distance']:.2g} nats of the "

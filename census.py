@@ -212,11 +212,16 @@ class CensusReader:
         import sparsity as sp
 
         self.adapter = adapter
-        self.layers = list(range(adapter.n_layers)) if layers is None else list(layers)
+        # a hybrid's layers without a neuron site (a mixture of experts, attention alone) are left out, with why
+        self.layers, self.skipped = sp.site_layers(adapter, range(adapter.n_layers) if layers is None else layers)
+        if not self.layers:
+            from models import NotApplicable
+
+            raise NotApplicable(next(iter(self.skipped.values())))
         self.sites = sp.site_map(adapter, self.layers)
-        self.n_neurons = next(iter(self.sites.values())).size
+        self.n_neurons = max(s.size for s in self.sites.values())  # the widest layer's, for the memory budget
         self.groups = plan_groups(input_ids, self.n_neurons, len(self.layers))
-        self.census = {la: LayerCensus(self.n_neurons, self.groups) for la in self.layers}
+        self.census = {la: LayerCensus(self.sites[la].size, self.groups) for la in self.layers}
         self.n_texts = 0
 
     @property
@@ -242,7 +247,7 @@ class CensusReader:
                        "sums": {t: (c.S[t].numpy(), g.plans[t].counts) for t in TESTS},
                        **{t: group_test(c.S[t].numpy(), g.plans[t].counts, c.Q[t].numpy(), g.plans[t].n_texts,
                                         scale[t].numpy()) for t in TESTS}}
-        return {"layers": out, "groups": g, "n_texts": self.n_texts}
+        return {"layers": out, "groups": g, "n_texts": self.n_texts, "layers_without_site": self.skipped}
 
 
 def group_means(sums, neuron: int) -> np.ndarray:
@@ -327,6 +332,7 @@ def census_results(read: dict, adapter, tokenizer, alpha: float, min_share: floa
                         undefined_without_first=wo["undefined"],
                         without_first=_kind_entry(wo, kinds["position_without_first"], alpha, n, 0))
         layers[la] = {"layer": la, "relative_depth": la / max(1, adapter.n_layers - 1), "site": r["site"],
+                      "layer_kind": adapter.layer_kind(la),
                       "n_neurons": n, "dead": {"count": int(dead.sum()), "fraction": float(dead.sum()) / n,
                                                "indices": [int(i) for i in np.flatnonzero(dead)]},
                       "token": tokens, "position": position}
@@ -343,8 +349,10 @@ def census_results(read: dict, adapter, tokenizer, alpha: float, min_share: floa
     first_wo = [la for la, e in layers.items() if e["position"]["count_without_first"]]
     plans = g.plans
     token_positions = int(plans["token"].counts.sum())
-    return {"site": next(iter(layers.values()))["site"], "n_neurons": next(iter(layers.values()))["n_neurons"],
-            "n_layers": len(layers), "n_texts": read["n_texts"], "n_tokens": g.n_tokens,
+    widths = {e["n_neurons"] for e in layers.values()}
+    return {"site": next(iter(layers.values()))["site"],
+            "n_neurons": widths.pop() if len(widths) == 1 else None,  # None: the layers differ (each layer's entry)
+            "n_layers": len(layers), "layers_without_site": read.get("layers_without_site") or {}, "n_texts": read["n_texts"], "n_tokens": g.n_tokens,
             "alpha": alpha, "min_share": min_share, "dead_eps": dead_eps,
             "level": f"p < {alpha:g} / N (the F-test, Bonferroni over a layer's N neurons; nominal: it assumes "
                      f"independent positions) and both the share and the cross-fitted share ≥ {min_share:g}",
@@ -517,7 +525,8 @@ def _p(p: float) -> str:
 
 def census_summary(r: dict) -> str:
     tt, pt = r["token_test"], r["position_test"]
-    lines = [f"    site {r['site']} ({r['n_neurons']} neurons per layer, {r['n_layers']} layers), {r['n_tokens']} "
+    per_layer = "neurons per layer" if r["n_neurons"] is not None else "neurons: each layer's own width"
+    lines = [f"    site {r['site']} ({r['n_neurons'] or ''} {per_layer}, {r['n_layers']} layers), {r['n_tokens']} "
              f"tokens, {r['n_texts']} texts; each neuron's deviations from its text's mean over each test's positions",
              f"    a kind counts where {r['level']}; share: adjusted η²; cross-fitted: one half of the texts' group "
              f"means predicting the other half's (definitions)",
@@ -532,6 +541,7 @@ def census_summary(r: dict) -> str:
         lines.append(f"    {row['layer']:>5} | {row['dead']:>4} | {row['token']:>5} ({row['token (nominal p only)']}) | "
                      f"{row['positional']:>10} ({row['positional (nominal p only)']}) | "
                      f"{row['positional without position 0']}")
+    lines += [f"    layer {la}: not in the census ({why})" for la, why in (r.get("layers_without_site") or {}).items()]
     lines.append(f"    {positional_finding(r)}")
     t = r["strongest"]["token"]
     if t is not None:

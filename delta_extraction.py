@@ -33,7 +33,7 @@ def capture_mixer_ios(model, layers, input_ids: torch.Tensor, attention_mask: to
     require_mamba(adapter)
     paths = {layer: adapter.mixer_path(layer) for layer in check_layers(adapter, layers)}
     below = [la for la in range(max(paths, default=0)) if la not in paths]  # the uncaptured mixers before the last
-    swap = blocked_inference(model, layers=below) if below and adapter.ssm_kind == "mamba1" else nullcontext()
+    swap = blocked_inference(model, layers=below) if below and adapter.blocked_forward else nullcontext()
     with torch.no_grad(), swap, trace(model, list(paths.values()), retain_input=True, stop=True) as traces:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return {layer: (traces[p].input, traces[p].output) for layer, p in paths.items()}
@@ -471,12 +471,20 @@ def plot_delta_heatmap(stats: DeltaStats, plots_dir, prefix: str) -> str:
 # The delta stage (a text stage: it reads the mixers' captures of the text pass)
 # --------------------------------------------------------------------------------------------------
 def _stage_reader(ctx):
-    return DeltaProfile(ctx.model, ctx.tokenizer, ctx.layers)
+    from models import require_ssm_layer, ssm_layers
+
+    layers = ssm_layers(ctx.adapter, ctx.layers)
+    if not layers:
+        require_ssm_layer(ctx.adapter, ctx.layers[0])
+    return DeltaProfile(ctx.model, ctx.tokenizer, layers)
 
 
 def _stage_run(ctx, stats_by_layer: dict):
     from functools import partial
 
+    from models import require_ssm_layer
+
+    require_ssm_layer(ctx.adapter, ctx.layer)  # a hybrid's attention layer has no Δ
     st = stats_by_layer[ctx.layer]
     out = st.to_dict(ctx.top_k, ctx.opts.bootstrap_resamples, ctx.opts.seed)
     return out, [partial(plot_delta_variance, st, ctx.top_k, ctx.plots_dir, ctx.prefix, out["top_neurons"]),

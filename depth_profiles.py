@@ -80,9 +80,17 @@ def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
     if stage == "causal":
         names = ("causal: max impact", "causal: median impact")
         v, why = numbers(at(r, "scores"), "scores")
-        if why is not None:
-            return {}, dict.fromkeys(names, why)
-        return {names[0]: float(v.max()), names[1]: float(np.median(v))}, {}
+        out, left = ({}, dict.fromkeys(names, why)) if why is not None else (
+            {names[0]: float(v.max()), names[1]: float(np.median(v))}, {})
+        paths = at(r, "path_effects")
+        for path, e in (paths.items() if isinstance(paths, dict) else ()):  # Falcon-H1's parallel paths, each whole
+            kl = nested(e, "kl", "value", default=missing)
+            name = f"causal: {path} ablated whole"
+            if number(kl):
+                out[name] = float(kl)
+            else:
+                left[name] = why_not_number(kl, f"path_effects.{path}.kl.value")
+        return out, left
     if stage == "attention":
         methods = at(r, "methods")
         if not isinstance(methods, dict) or not methods:
@@ -94,6 +102,10 @@ def _profile_metrics(stage: str, r) -> tuple[dict, dict]:
                 out[f"attention: diversity, {m}"] = float(d)
             else:
                 left[f"attention: diversity, {m}"] = why_not_number(d, f"methods.{m}.neuron_diversity")
+        if isinstance(at(r, "attention_path"), dict):  # Falcon-H1: the same layer's softmax heads
+            got, why = _profile_metrics("attention", r["attention_path"])
+            out.update({k.replace("attention: ", "attention path: "): v for k, v in got.items()})
+            left.update({k.replace("attention: ", "attention path: "): v for k, v in why.items()})
         return out, left
     if stage == "faithfulness":  # each ranking's normalised deletion area (1 = the ground truth's own, 0 = random)
         table = at(r, "table")
@@ -146,11 +158,14 @@ PROFILE_DEFINITIONS = {
 }
 
 
-def depth_profiles(layer_results: dict, n_layers: int) -> dict:
+def depth_profiles(layer_results: dict, n_layers: int, layer_kinds: list | None = None) -> dict:
     """{"layers", "relative_depth", "metrics": {metric: [value per layer, None where its stage did not
     succeed or the value is left out]}, "left_out": [{"layer", "metric", "reason"}] (values that are
     missing, undefined or not finite numbers: `_profile_metrics`), "definitions"} from {layer: {stage:
-    entry}} (the per-layer stages of a --layers run)."""
+    entry}} (the per-layer stages of a --layers run). A hybrid's profiles also carry each layer's kind
+    ("layer_kinds", from `layer_kinds`: every layer's kind by index) and, per metric, its values split by
+    kind ("by_kind": {metric: {kind: {"layers", "values"}}}), so that its state-space and attention layers
+    are read apart."""
     layers = sorted(layer_results)
     per = {la: {} for la in layers}
     left_out = []
@@ -161,9 +176,17 @@ def depth_profiles(layer_results: dict, n_layers: int) -> dict:
                 per[la].update(got)
                 left_out += [{"layer": la, "metric": m, "reason": w} for m, w in why.items()]
     names = list(dict.fromkeys([*(m for la in layers for m in per[la]), *(x["metric"] for x in left_out)]))
-    return {"layers": layers, "relative_depth": [la / max(1, n_layers - 1) for la in layers],
-            "metrics": {m: [per[la].get(m) for la in layers] for m in names}, "left_out": left_out,
-            "definitions": PROFILE_DEFINITIONS}
+    out = {"layers": layers, "relative_depth": [la / max(1, n_layers - 1) for la in layers],
+           "metrics": {m: [per[la].get(m) for la in layers] for m in names}, "left_out": left_out,
+           "definitions": PROFILE_DEFINITIONS}
+    if layer_kinds is not None:
+        kinds = [layer_kinds[la] for la in layers]
+        out["layer_kinds"] = kinds
+        out["by_kind"] = {m: {k: {"layers": [la for la, kk in zip(layers, kinds) if kk == k and per[la].get(m) is not None],
+                                  "values": [per[la][m] for la, kk in zip(layers, kinds)
+                                             if kk == k and per[la].get(m) is not None]}
+                              for k in dict.fromkeys(kinds)} for m in names}
+    return out
 
 
 def axis_of(metric: str) -> tuple[str, tuple | None]:
@@ -176,7 +199,7 @@ def axis_of(metric: str) -> tuple[str, tuple | None]:
         return "variance of mean Δ (no unit)", None
     if metric.startswith("causal: "):
         return "mean KL(p_clean ‖ p_ablated) (nats)", (0.0, None)  # a KL is >= 0
-    if metric.startswith("attention: "):
+    if metric.startswith(("attention: ", "attention path: ")):
         return "diversity (1 = uniform, 0 … 1)", (0.0, 1.0)
     if metric.startswith("faithfulness: "):
         return "normalised area (1 = ground truth, 0 = random)", None
@@ -199,9 +222,14 @@ def plot_depth_profiles(profiles: dict, plots_dir, name: str) -> str:
     rows = max(1, math.ceil(len(metrics) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, constrained_layout=True)
     x = profiles["relative_depth"]
+    kinds = profiles.get("layer_kinds") or [None] * len(x)  # a hybrid's: one series per layer kind
     for ax, (metric, values) in zip(axes.ravel(), metrics.items()):
-        pts = [(xi, v) for xi, v in zip(x, values) if v is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
+        for i, kind in enumerate(dict.fromkeys(kinds)):
+            pts = [(xi, v) for xi, v, k in zip(x, values, kinds) if v is not None and k == kind]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if kind is None else "o--", color=f"C{i}",
+                    label=None if kind is None else f"{kind} layers")
+        if kinds[0] is not None:
+            ax.legend(fontsize=7)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("relative depth (layer / (layers - 1))", fontsize=8)
         ax.set_xlim(-0.05, 1.05)
@@ -223,6 +251,9 @@ def depth_profiles_text(results: dict) -> str:
     """The summary of the depth profiles `results` (as main prints it under the entry's head line): the
     layers line, then one line per metric, each line ending in a newline."""
     lines = [f"    over layers {', '.join(map(str, results['layers']))}:\n"]
+    if results.get("layer_kinds"):
+        lines.append("      layer kinds: " + ", ".join(f"{la} {k}" for la, k in zip(results["layers"],
+                                                                              results["layer_kinds"])) + "\n")
     for metric, values in results["metrics"].items():
         shown = ", ".join("-" if v is None else f"{v:.3g}" for v in values)
         lines.append(f"      {metric}: {shown}\n")

@@ -260,23 +260,41 @@ class Ranking:
         return np.where(self.defined, self.scores, np.nan)
 
 
-def unit_spaces(adapter) -> dict[str, Space]:
-    """The spaces whose units the run's rankings order, by family: Mamba-1 and FalconMamba the channels of
-    the inner width at `ssm` (Δ, the attention channels, the activation variance); Mamba-2 those and its heads
-    (Δ is one value per head: a head is its head_dim channels of `ssm` ablated together); a Transformer the
-    dimensions of the attention output before the output projection (`attn_heads`, the attention neurons'
-    units)."""
-    if adapter.is_ssm:
-        out = {"channels": Space("channels", "ssm", "channel", adapter.inner_size,
-                                 "the channels of the inner width at ssm (the gated scan output entering out_proj)")}
+def unit_spaces(adapter, layer: int) -> dict[str, Space]:
+    """The spaces whose units the run's rankings order at `layer`, by family: Mamba-1 and FalconMamba the
+    channels of the inner width at `ssm` (Δ, the attention channels, the activation variance); Mamba-2 those
+    and its heads (Δ is one value per head: a head is its head_dim channels of `ssm` ablated together); a
+    Transformer the dimensions of the attention output before the output projection (`attn_heads`, the
+    attention neurons' units). A hybrid's layer: a state-space layer's as Mamba's, at its `neurons` site (the
+    same module as `ssm`); an attention layer's attention dimensions, and its dense MLP's hidden units where
+    it has one (`neurons`, the sparsity stage's)."""
+    from models import NotApplicable
+
+    ssm_site = "neurons" if adapter.hybrid else "ssm"
+    if adapter.is_ssm and adapter.has_ssm(layer):
+        out = {"channels": Space("channels", ssm_site, "channel", adapter.inner_size,
+                                 f"the channels of the inner width at {ssm_site} (the gated scan output entering "
+                                 "out_proj)")}
         if adapter.ssm_kind == "mamba2":
             H, P = adapter.n_heads, adapter.inner_size // adapter.n_heads
-            out["heads"] = Space("heads", "ssm", "head", H, f"the {H} heads, each its {P} channels of ssm ablated "
-                                 "together", np.kron(np.eye(H, dtype=bool), np.ones((1, P), dtype=bool)))
+            out["heads"] = Space("heads", ssm_site, "head", H, f"the {H} heads, each its {P} channels of "
+                                 f"{ssm_site} ablated together", np.kron(np.eye(H, dtype=bool), np.ones((1, P), dtype=bool)))
         return out
-    return {"dims": Space("dims", "attn_heads", "dim", adapter.hidden_size,
-                          "the dimensions of the heads' concatenated output entering the attention's output "
-                          "projection (attn_heads)")}
+    out = {}
+    if adapter.has_attention(layer):
+        try:
+            out["dims"] = Space("dims", "attn_heads", "dim", adapter.site("attn_heads", layer).size,
+                                "the dimensions of the heads' concatenated output entering the attention's output "
+                                "projection (attn_heads)")
+        except NotApplicable:  # Zamba2's shared attention
+            pass
+    if adapter.hybrid:
+        try:
+            out["neurons"] = Space("neurons", "neurons", "neuron", adapter.site("neurons", layer).size,
+                                   "the dense MLP's hidden units entering its down projection (neurons)")
+        except NotApplicable:  # a mixture of experts or no MLP
+            pass
+    return out
 
 
 def _ranking(name, stage, space: Space, scores, ranks_by: str, label: str) -> Ranking:
@@ -319,8 +337,8 @@ def collect_rankings(ctx, spaces: dict[str, Space]) -> tuple[list[Ranking], dict
                 rankings.append(_ranking(f"delta.{key}", "delta", space, v, f"per {space.unit}: {what}", label))
     att = ran("attention")
     if att is not None:
-        space = spaces["channels" if ctx.adapter.is_ssm else "dims"]
-        for m, entry in att["methods"].items():
+        space = spaces.get("channels") or spaces.get("dims")
+        for m, entry in att["methods"].items() if space is not None else ():
             acts = entry.get("neuron_activations")
             if acts is None:
                 left[f"attention.{m}"] = f"undefined: {(entry.get('undefined') or {}).get('mean_activation')}"
@@ -504,7 +522,7 @@ def _run_faithfulness(ctx):
     from models import NotApplicable
 
     o = ctx.opts
-    spaces = unit_spaces(ctx.adapter)
+    spaces = unit_spaces(ctx.adapter, ctx.layer)
     rankings, left = collect_rankings(ctx, spaces)
     if not rankings:
         why = "; ".join(f"{k}: {v}" for k, v in left.items()) or "none of delta, attention, sparsity is in the run"

@@ -79,6 +79,8 @@ class ArchitectureAdapter:
     mixer_class: str | None = None
     # the mixer divides Δ's low-rank input (dt_low), B and C by a weightless RMS norm (eps `mixer.rms_eps`)
     normalises_scan_inputs: bool = False
+    # the mixer passes Δ's low-rank input, B and C through weighted RMS norms (Jamba's dt/b/c_layernorm)
+    weighted_scan_input_norms: bool = False
     # what transformers computes in float32 in the mixer even in a float64 model, so that the model's own
     # output carries float32 rounding there (`ssm.computes_partly_in_float32`)
     float32_parts: tuple[str, ...] = ()
@@ -105,8 +107,31 @@ class ArchitectureAdapter:
 
     @property
     def is_ssm(self) -> bool:
-        """A state-space family (Δ, hidden attention, the `ssm` site): Mamba-1, FalconMamba, Mamba-2."""
+        """A family with state-space layers (Δ, hidden attention, the `ssm` site): Mamba-1, FalconMamba,
+        Mamba-2, and the hybrids (at their state-space layers: `has_ssm`)."""
         return self.ssm_kind is not None
+
+    hybrid = False  # layers of different kinds (HybridAdapter)
+
+    def layer_kind(self, layer: int) -> str:
+        """What layer `layer` computes (a key of LAYER_KINDS): every layer of a pure family is of one kind."""
+        self.check_layer(layer)
+        return "ssm" if self.is_ssm else "attention"
+
+    def has_ssm(self, layer: int) -> bool:
+        return "ssm" in self.layer_kind(layer)
+
+    def has_attention(self, layer: int) -> bool:
+        return "attention" in self.layer_kind(layer)
+
+    def _lacks(self, layer: int, what: str) -> NotApplicable:
+        return NotApplicable(f"not applicable to {self.family}: its layers have no {what}")
+
+    @property
+    def blocked_forward(self) -> bool:
+        """Its mixers may run `ssm.mixer_forward_blocked` (transformers' Mamba-1 slow path, cache-blocked):
+        Mamba-1 and FalconMamba."""
+        return self.ssm_kind == "mamba1" and not self.hybrid
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:
@@ -322,11 +347,367 @@ class GPTNeoXAdapter(TransformerAdapter):
         return qkv_out.reshape(b, L, self.n_heads, 3 * hd)[..., 2 * hd:].transpose(1, 2)  # (b, H, L, d/H)
 
 
+# --------------------------------------------------------------------------------------------------
+# Hybrid models: layers of different kinds in one network
+# --------------------------------------------------------------------------------------------------
+# What a layer of a hybrid computes, by kind (`HybridAdapter.layer_kind`): the analyses that apply there
+LAYER_KINDS = {
+    "ssm": "a state-space (Mamba) mixer: Δ, the hidden attention and the ssm neurons are defined here",
+    "attention": "softmax attention: the attention heads are defined here (no Δ)",
+    "ssm+attention": "a state-space mixer and attention in one layer (Falcon-H1: in parallel on the same input; "
+                     "Zamba2's hybrid layers: a shared attention block, then the layer's own Mamba)",
+    "feed_forward": "an MLP or mixture-of-experts block with no mixing across positions (Nemotron-H)",
+}
+# transformers' names of a layer's kind (config.layer_types), old and new, by our kind
+_LAYER_TYPES = {"mamba": "ssm", "linear_attention": "ssm", "attention": "attention", "full_attention": "attention",
+                "hybrid": "ssm+attention", "mlp": "feed_forward", "moe": "feed_forward"}
+
+
+class HybridAdapter(ArchitectureAdapter):
+    """A model whose layers differ in kind (LAYER_KINDS), read from the config's `layer_types`. Every layer
+    has the block sites `block_out` (its write to the residual stream) and `residual`; a layer with a
+    state-space mixer also has `ssm` (the gated scan output entering out_proj) and the analyses of Δ and
+    the hidden attention; `neurons` is each layer's own neuron site (`neuron_path`). A site or module a
+    layer lacks raises NotApplicable naming the layer and its kind."""
+
+    hybrid = True
+    layers_path = "model.layers"
+    default_causal_site = "block_out"
+    mixer_class = None  # the state-space mixer's transformers class, set by each family
+    ssm_name = "mamba"  # the state-space mixer within a block
+    attention_name = "self_attn"  # the attention within a block
+    qkv_name, out_proj_name = "v_proj", "o_proj"
+    ssm_inner_attr = "mamba_d_ssm"  # config attribute of the mixer's inner width (else mamba_expand x d)
+
+    @property
+    def layer_types(self) -> list[str]:
+        return list(self.config.layer_types)
+
+    def layer_kind(self, layer: int) -> str:
+        """The kind of `layer` (a key of LAYER_KINDS)."""
+        kind = self.layer_types[self.check_layer(layer)]
+        if kind not in _LAYER_TYPES:
+            raise UserInputError(f"layer {layer} of this {self.family} model has kind {kind!r}, which this version "
+                                 f"does not know; known: {', '.join(_LAYER_TYPES)}")
+        return _LAYER_TYPES[kind]
+
+    def has_ssm(self, layer: int) -> bool:
+        return "ssm" in self.layer_kind(layer)
+
+    def has_attention(self, layer: int) -> bool:
+        return "attention" in self.layer_kind(layer)
+
+    def layers_of_kind(self, part: str) -> list[int]:
+        """The layers with a state-space mixer (`part` "ssm") or attention ("attention")."""
+        return [la for la in range(self.n_layers) if part in self.layer_kind(la)]
+
+    def _lacks(self, layer: int, what: str) -> NotApplicable:
+        kind = self.layer_kind(layer)
+        return NotApplicable(f"layer {layer} of this {self.display_name} model has no {what}: it is of kind {kind} "
+                             f"({LAYER_KINDS[kind]})")
+
+    @property
+    def inner_size(self) -> int:  # the state-space mixer's inner width I
+        value = getattr(self.config, self.ssm_inner_attr, None)
+        return int(value) if value else int(self.config.mamba_expand * self.hidden_size)
+
+    @property
+    def n_heads(self) -> int:  # H of the state-space mixer
+        return int(self.config.mamba_n_heads)
+
+    def ssm_module_path(self, layer: int) -> str:
+        """The state-space mixer within block `layer` (relative to the block)."""
+        return self.ssm_name
+
+    def mixer_path(self, layer: int) -> str:
+        if not self.has_ssm(layer):
+            raise self._lacks(layer, "state-space mixer")
+        return f"{self.layer_path(layer)}.{self.ssm_module_path(layer)}"
+
+    def mixer(self, layer: int):
+        return self.model.get_submodule(self.mixer_path(layer))
+
+    def attention_module_path(self, layer: int) -> str:
+        return self.attention_name
+
+    def neuron_path(self, layer: int) -> tuple[str, str]:
+        """(path, description) of the module whose input is layer `layer`'s neurons: the state-space mixer's
+        out_proj (its gated scan output) where the layer has one, else its dense MLP's down projection (the
+        hidden units after the activation and any gating). NotApplicable where the layer has neither."""
+        if self.has_ssm(layer):
+            return f"{self.mixer_path(layer)}.out_proj", "the state-space mixer's gated scan output entering out_proj"
+        mlp = self.mlp_down_path(layer)
+        if mlp is None:
+            raise self._lacks(layer, "state-space mixer and no dense MLP (its neurons would be " + self.no_mlp_why(layer)
+                              + ")")
+        return f"{self.layer_path(layer)}.{mlp}", "the dense MLP's hidden units entering its down projection"
+
+    def mlp_down_path(self, layer: int) -> str | None:
+        """The dense MLP's down projection within block `layer`, or None."""
+        return "feed_forward.down_proj"
+
+    def mlp_width(self, layer: int) -> int:
+        return int(self.config.intermediate_size)
+
+    def no_mlp_why(self, layer: int) -> str:
+        return "the experts' units of a mixture of experts, which this version does not read"
+
+    def site(self, name: str, layer: int) -> Site:
+        from utils import WRITE_SUFFIX
+
+        layer = self.check_layer(layer)
+        block = self.layer_path(layer)
+        if name == "block_out":
+            return Site(name, layer, block + WRITE_SUFFIX, "output", self.hidden_size)
+        if name == "residual":
+            return Site(name, layer, block, "output", self.hidden_size)
+        if name == "ssm":
+            return Site(name, layer, f"{self.mixer_path(layer)}.out_proj", "input", self.inner_size)
+        if name == "neurons":
+            path, _ = self.neuron_path(layer)
+            return Site(name, layer, path, "input", self.inner_size if self.has_ssm(layer) else self.mlp_width(layer))
+        if name == "attn_heads":
+            paths = self.attention_paths(layer)
+            return Site(name, layer, paths.out_proj, "input", self.attention_heads * self.attention_head_dim)
+        if name in self.path_sites:
+            part = self.ssm_name if name == "ssm_path" else self.attention_name
+            return Site(name, layer, f"{block}.{part}", "output", self.hidden_size)
+        raise UserInputError(f"site {name!r} does not exist for {self.family}; choose one of {', '.join(self.sites)}")
+
+    path_sites: tuple = ()
+
+    @property
+    def sites(self) -> dict[str, SiteSpec]:
+        from utils import WRITE_SUFFIX
+
+        block = self.layers_path + ".{layer}"
+        out = {
+            "block_out": SiteSpec(block + WRITE_SUFFIX, "output", "hidden_size",
+                                  "the block's write to the residual stream: block output − block input (d), at every "
+                                  "layer whatever its kind", "write"),
+            "residual": SiteSpec(block, "output", "hidden_size", "residual stream after the block (d)", "residual"),
+            "neurons": SiteSpec(block + ".<the layer's neuron module>", "input", "inner_size",
+                                "each layer's neurons: at a layer with a state-space mixer its gated scan output "
+                                "entering out_proj (I), elsewhere the dense MLP's hidden units entering its down "
+                                "projection", "inner"),
+            "ssm": SiteSpec(block + "." + self.ssm_name + ".out_proj", "input", "inner_size",
+                            "the state-space mixer's gated scan output entering out_proj (I); state-space layers only"),
+            "attn_heads": SiteSpec(block + "." + self.attention_name + "." + self.out_proj_name, "input", "hidden_size",
+                                   "the heads' concatenated outputs entering the attention's output projection (H x "
+                                   "d_h): the softmax attention neurons' units; attention layers only"),
+        }
+        if "ssm_path" in self.path_sites:
+            out["ssm_path"] = SiteSpec(block + "." + self.ssm_name, "output", "hidden_size",
+                                       "the state-space path's output (d), before its multiplier: beside attn_path, the "
+                                       "two parallel paths of one layer")
+            out["attn_path"] = SiteSpec(block + "." + self.attention_name, "output", "hidden_size",
+                                        "the attention path's output (d), before its multiplier")
+        return out
+
+    def attention_paths(self, layer: int) -> AttentionPaths:
+        if not self.has_attention(layer):
+            raise self._lacks(layer, "attention")
+        attn = f"{self.layer_path(layer)}.{self.attention_module_path(layer)}"
+        return AttentionPaths(attn, f"{attn}.{self.qkv_name}", f"{attn}.{self.out_proj_name}")
+
+    @property
+    def attention_heads(self) -> int:  # H of the attention layers
+        return int(self.config.num_attention_heads)
+
+    @property
+    def attention_head_dim(self) -> int:  # d_h of the attention layers
+        return int(getattr(self.config, "head_dim", None) or self.hidden_size // self.attention_heads)
+
+    def split_values(self, v_out):
+        """The values per attention head (b, H, L, d_h) from v_proj's output (b, L, H_kv d_h): with grouped-query
+        attention head h reads key/value head h // (H / H_kv), as transformers' repeat_kv gives it."""
+        b, L, _ = v_out.shape
+        hd = self.attention_head_dim
+        v = v_out.reshape(b, L, -1, hd).transpose(1, 2)  # (b, H_kv, L, d_h)
+        return v.repeat_interleave(self.attention_heads // v.shape[1], dim=1)  # (b, H, L, d_h)
+
+    eager_attention = TransformerAdapter.eager_attention
+
+    def gradient_path(self, layer: int) -> str:
+        """Where the gradient pass takes ∂ target / ∂ (unit outputs) at `layer`: a state-space layer's gated
+        RMS norm (its first input is the scan output y; Mamba-2 mixers), an attention layer's output projection
+        (its input is the heads' concatenated output)."""
+        if not self.has_ssm(layer):
+            return self.attention_paths(layer).out_proj
+        if self.ssm_kind != "mamba2":
+            raise NotApplicable(f"the {self.display_name} mixer's scan output is inside its forward, with no module of "
+                                "its own to take a gradient at")
+        return f"{self.mixer_path(layer)}.norm"
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["layer_kinds"] = [self.layer_kind(la) for la in range(self.n_layers)]
+        out["layer_kind_definitions"] = {k: LAYER_KINDS[k] for k in dict.fromkeys(out["layer_kinds"])}
+        return out
+
+
+class AttentionLayersView:
+    """A hybrid's attention layers seen as a Transformer's, for the softmax attention neurons
+    (`attention_neurons.TransformerAttentionNeurons`): the units are the heads' concatenated outputs (H x d_h
+    of them) entering each attention layer's output projection. Everything else is the hybrid's adapter."""
+
+    is_ssm = False
+
+    def __init__(self, hybrid: HybridAdapter):
+        self.hybrid = hybrid
+
+    def __getattr__(self, name):
+        return getattr(self.hybrid, name)
+
+    n_heads = property(lambda self: self.hybrid.attention_heads)
+    head_dim = property(lambda self: self.hybrid.attention_head_dim)
+    hidden_size = property(lambda self: self.hybrid.attention_heads * self.hybrid.attention_head_dim)
+
+
+class JambaAdapter(HybridAdapter):
+    """Jamba: Mamba-1 mixers (`.mamba`) whose Δ input, B and C pass through weighted RMS norms, and one
+    attention layer in `attn_layer_period`; the feed-forward is a mixture of experts at every
+    `expert_layer_period`-th layer, a gated MLP elsewhere."""
+
+    family = "jamba"
+    display_name = "Jamba"
+    ssm_kind = "mamba1"
+    mixer_class = "JambaMambaMixer"
+    weighted_scan_input_norms = True
+    float32_parts = ("the RMS norms of Δ's input, B and C", "the scan")
+    position_encoding = "none: attention layers without position embeddings, positions only through the Mamba layers"
+
+    @property
+    def inner_size(self) -> int:
+        return int(self.config.mamba_expand * self.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        raise NotApplicable("Jamba's Mamba-1 mixers have one Δ per channel, no heads")
+
+    def mlp_down_path(self, layer: int) -> str | None:
+        c = self.config
+        moe = c.num_experts > 1 and layer % c.expert_layer_period == c.expert_layer_offset
+        return None if moe else "feed_forward.down_proj"
+
+
+class BambaAdapter(HybridAdapter):
+    family = "bamba"
+    display_name = "Bamba"
+    ssm_kind = "mamba2"
+    mixer_class = "BambaMixer"
+    float32_parts = ("the scan", "the gated RMS norm")
+    position_encoding = "rotary on half of each attention head's dimensions (attention layers only)"
+
+
+class GraniteMoeHybridAdapter(HybridAdapter):
+    """Granite 4.0: Mamba-2 or attention layers, each followed by a sparse mixture of experts plus a shared
+    dense MLP; the layers' writes are scaled by `residual_multiplier`, the embeddings by
+    `embedding_multiplier`, the logits divided by `logits_scaling`."""
+
+    family = "granitemoehybrid"
+    display_name = "Granite 4.0 (GraniteMoeHybrid)"
+    ssm_kind = "mamba2"
+    mixer_class = "GraniteMoeHybridMambaLayer"
+    float32_parts = ("the scan", "the gated RMS norm")
+    position_encoding = "per config.position_embedding_type: rotary inside attention, or none"
+
+    def mlp_down_path(self, layer: int) -> str | None:
+        return "shared_mlp.output_linear"
+
+    def mlp_width(self, layer: int) -> int:
+        return int(self.config.shared_intermediate_size)
+
+    def neuron_path(self, layer: int) -> tuple[str, str]:
+        path, what = super().neuron_path(layer)
+        return path, what if self.has_ssm(layer) else ("the shared dense MLP's hidden units entering its output "
+                                                        "projection (the sparse experts' units are not included)")
+
+
+class Zamba2Adapter(HybridAdapter):
+    """Zamba2: Mamba-2 layers, and hybrid layers in which a shared attention block (its weights shared
+    among the hybrid layers) reads the residual stream beside the embeddings, then the layer's own Mamba-2
+    mixer (`.mamba_decoder.mamba`) runs."""
+
+    family = "zamba2"
+    display_name = "Zamba2"
+    ssm_kind = "mamba2"
+    mixer_class = "Zamba2MambaMixer"
+    float32_parts = ("the scan", "the gated RMS norm")
+    position_encoding = "rotary in the shared attention when use_mem_rope, else none"
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.n_mamba_heads)
+
+    def ssm_module_path(self, layer: int) -> str:
+        return "mamba_decoder.mamba" if self.layer_kind(layer) == "ssm+attention" else "mamba"
+
+    def attention_paths(self, layer: int) -> AttentionPaths:
+        if not self.has_attention(layer):
+            raise self._lacks(layer, "attention")
+        raise NotApplicable(f"layer {layer}: Zamba2's attention block is shared among its hybrid layers (one module at "
+                            "several depths), so its heads are not one layer's; this version does not read them")
+
+
+class NemotronHAdapter(HybridAdapter):
+    """Nemotron-H: every block is one norm and one `.mixer`, which is Mamba-2, attention, an MLP or a mixture
+    of experts."""
+
+    family = "nemotron_h"
+    display_name = "Nemotron-H"
+    ssm_kind = "mamba2"
+    mixer_class = "NemotronHMamba2Mixer"
+    float32_parts = ("the scan", "the gated RMS norm")
+    ssm_name = attention_name = "mixer"
+    position_encoding = "none: attention layers without position embeddings"
+
+    @property
+    def inner_size(self) -> int:
+        return int(self.config.mamba_num_heads) * int(self.config.mamba_head_dim)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.mamba_num_heads)
+
+    def mlp_down_path(self, layer: int) -> str | None:
+        return "mixer.down_proj" if self.layer_types[layer] == "mlp" else None
+
+    def no_mlp_why(self, layer: int) -> str:
+        if self.layer_types[layer] == "moe":
+            return "the experts' units of a mixture of experts, which this version does not read"
+        return "its attention heads, the attention stage's units"
+
+
+class FalconH1Adapter(HybridAdapter):
+    """Falcon-H1: in every layer a Mamba-2 mixer (`.mamba`) and attention (`.self_attn`) read the same normed
+    input in parallel, and the layer writes mamba_out · ssm_out_multiplier + attn_out · attention_out_multiplier;
+    the mixer scales its input by `ssm_in_multiplier` and in_proj's output by `mup_vector` (one multiplier
+    each for z, x, B, C and Δ's input), and its gated RMS norm may be absent (`mamba_rms_norm`)."""
+
+    family = "falcon_h1"
+    display_name = "Falcon-H1"
+    ssm_kind = "mamba2"
+    mixer_class = "FalconH1Mixer"
+    float32_parts = ("the scan", "the gated RMS norm")
+    position_encoding = "rotary inside attention"
+    path_sites = ("ssm_path", "attn_path")
+
+    def gradient_path(self, layer: int) -> str:
+        if self.has_ssm(layer) and not self.config.mamba_rms_norm:
+            raise NotApplicable("this Falcon-H1 mixer has no gated RMS norm (mamba_rms_norm false): its scan output "
+                                "is gated inside the forward, with no module of its own to take a gradient at")
+        return super().gradient_path(layer)
+
+
+HYBRID_ADAPTERS = {a.family: a for a in (JambaAdapter, BambaAdapter, GraniteMoeHybridAdapter, Zamba2Adapter,
+                                         NemotronHAdapter, FalconH1Adapter)}
 ADAPTERS = {"mamba": MambaAdapter, "falcon_mamba": FalconMambaAdapter, "mamba2": Mamba2Adapter,
-            "gpt2": GPT2Adapter, "gpt_neox": GPTNeoXAdapter}
+            "gpt2": GPT2Adapter, "gpt_neox": GPTNeoXAdapter, **HYBRID_ADAPTERS}
 SSM_FAMILIES = frozenset(f for f, a in ADAPTERS.items() if a.ssm_kind is not None)
 SUPPORTED = ("Mamba-1 (MambaForCausalLM), FalconMamba (FalconMambaForCausalLM), Mamba-2 (Mamba2ForCausalLM), "
-             "GPT-2 (GPT2LMHeadModel), GPT-NeoX/Pythia (GPTNeoXForCausalLM)")
+             "GPT-2 (GPT2LMHeadModel), GPT-NeoX/Pythia (GPTNeoXForCausalLM), and the hybrids Jamba, Bamba, Granite 4.0 "
+             "(GraniteMoeHybrid), Zamba2, Nemotron-H, Falcon-H1")
 
 
 def mixer_adapter(mixer) -> type[ArchitectureAdapter]:
@@ -353,6 +734,18 @@ def max_positions(config) -> int | None:
 def require_mamba(adapter: ArchitectureAdapter, why: str = "Δ exists only in Mamba layers") -> None:
     if not adapter.is_ssm:
         raise NotApplicable(f"not applicable to {adapter.family}: {why}")
+
+
+def require_ssm_layer(adapter: ArchitectureAdapter, layer: int) -> None:
+    """NotApplicable unless `layer` has a state-space mixer (every layer of a Mamba; some of a hybrid's)."""
+    require_mamba(adapter)
+    if not adapter.has_ssm(layer):
+        raise adapter._lacks(layer, "state-space mixer")
+
+
+def ssm_layers(adapter: ArchitectureAdapter, layers) -> list[int]:
+    """Those of `layers` that have a state-space mixer, in their order."""
+    return [la for la in layers if adapter.has_ssm(la)]
 
 
 def check_supported(config, flag: str = "--model", name: str = "") -> str:
@@ -553,6 +946,7 @@ def load_model_and_tokenizer(name_or_path, device="cpu", dtype="float32", flag: 
     checks is checked first (`files`: its result, when the caller has it already); every failure is a
     one-line UserInputError naming `flag`.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     from utils import resolve_device, resolve_dtype
@@ -570,6 +964,8 @@ def load_model_and_tokenizer(name_or_path, device="cpu", dtype="float32", flag: 
     if source.origin == "hub":
         source.resolved_path = _cached_folder(source.requested)
     model.to(device=device, dtype=dtype)
+    if dtype == torch.float64 and getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")  # torch's grouped matrix product of the experts has no float64
     model.eval()
     logger.info("loaded %s (%s) from %s on %s as %s", source.requested, type(model).__name__,
                 source.resolved_path, device, dtype)

@@ -133,7 +133,7 @@ def capture_forward(model, adapter, ids, mixer_io=(), attention_io=(), sites=(),
     site_map = _site_paths(adapter, sites)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        if adapter.ssm_kind == "mamba1":  # mixers in which nothing is read run cache-blocked
+        if adapter.blocked_forward:  # mixers in which nothing is read run cache-blocked
             idle = [la for la in range(deepest + 1) if la not in mixer_io and la not in sites]
             if idle:
                 stack.enter_context(_checked_blocked(model, idle) if check_blocked
@@ -235,7 +235,7 @@ def gradient_pass(model, adapter, ids, layers, sites=(), target: str = DEFAULT_T
         seen[layer] = y
         return y
 
-    if adapter.ssm_kind == "mamba1":
+    if adapter.blocked_forward:
         chosen = {id(adapter.mixer(la)): la for la in layers}
 
         def fast(mixer, hidden_states, cache_params=None, attention_mask=None, **kwargs):

@@ -57,13 +57,15 @@ class StageContext:
         return entry["results"] if entry.get("status") == "ok" else None
 
     def clean_runs(self, site: str) -> list:
-        """The prompt pass: one clean run per prompt keeping every layer's input and `site`'s activations,
-        made once per run and site and read by every causal stage."""
+        """The prompt pass: one clean run per prompt keeping the input and `site`'s activations of every layer
+        that has the site (every layer but a hybrid's of another kind), made once per run and site and read by
+        every causal stage."""
         if site not in self._cleans:
             import causal_analysis as ca
+            from sparsity import site_layers
 
-            self._cleans[site] = ca.clean_runs(self.model, self.tokenizer, self.opts.prompt_list,
-                                               range(self.adapter.n_layers), site)
+            layers, _ = site_layers(self.adapter, range(self.adapter.n_layers), site)  # a hybrid's: those with it
+            self._cleans[site] = ca.clean_runs(self.model, self.tokenizer, self.opts.prompt_list, layers, site)
         return self._cleans[site]
 
 
@@ -334,7 +336,8 @@ def too_few_texts(stages, family: str, n_texts: int) -> tuple[str, int] | None:
 def _depth_profiles_stage(results: dict, adapter, opts: Options):
     from functools import partial
 
-    profiles = depth_profiles(results["layers"], adapter.n_layers)
+    kinds = [adapter.layer_kind(la) for la in range(adapter.n_layers)] if adapter.hybrid else None
+    profiles = depth_profiles(results["layers"], adapter.n_layers, kinds)
     if not profiles["metrics"]:
         raise ValueError("no per-layer stage succeeded at any layer: nothing to profile")
     name = f"{opts.prefix}_depth_profiles_{layer_tag(opts.layer, list(profiles['layers']))}"

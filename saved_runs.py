@@ -220,7 +220,7 @@ def merge_saved_runs(files: list[str], output_dir: str, plots_dir: str) -> int:
     if max(len(f"{n}.png".encode()) for n in (plot_name, html_path.name, json_path.name)) > 240:
         raise UserInputError(f"--report {first_name}: the merged files' names ({plot_name}.png) would be too long "
                              "for a file system; merge fewer layers, or a model of a shorter name")
-    profiles = depth_profiles(layers, first["architecture"]["n_layers"])
+    profiles = depth_profiles(layers, first["architecture"]["n_layers"], first["architecture"].get("layer_kinds"))
     use_agg_backend()
     try:
         plot = plot_depth_profiles(profiles, plots_dir, plot_name)

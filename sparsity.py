@@ -130,8 +130,27 @@ def default_threshold(family: str) -> float:
 
 
 def neuron_site(adapter) -> str:
-    """The inner neuron site of a family: Mamba `ssm` (e), Transformers `mlp`."""
+    """The inner neuron site of a family: Mamba `ssm` (e), Transformers `mlp`, a hybrid's `neurons` (each
+    layer's own: `models.HybridAdapter.neuron_path`)."""
+    if adapter.hybrid:
+        return "neurons"
     return "ssm" if adapter.is_ssm else "mlp"
+
+
+def site_layers(adapter, layers, site: str | None = None) -> tuple[list[int], dict]:
+    """(those of `layers` that have the site (default `neuron_site`), {layer without it: why}): a hybrid's
+    layers may lack one (a mixture-of-experts or attention-only block has no dense neurons)."""
+    from models import NotApplicable
+
+    site = site or neuron_site(adapter)
+    kept, skipped = [], {}
+    for la in layers:
+        try:
+            adapter.site(site, la)
+            kept.append(la)
+        except NotApplicable as exc:
+            skipped[la] = str(exc)
+    return kept, skipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,8 +664,8 @@ class SparsityStream:
     without the source. So a loop that computes the activations for another purpose (the attention
     stage's gradient forward) can feed them, and the sparsity numbers need no forward of their own."""
 
-    def __init__(self, n_neurons: int, cache_bytes: int | None = None):
-        self.n_neurons = n_neurons
+    def __init__(self, n_neurons: int | None, cache_bytes: int | None = None):
+        self.n_neurons = n_neurons  # None: each key's width is its first chunk's (a hybrid's layers differ)
         self.budget = default_cache_bytes() if cache_bytes is None else int(cache_bytes)
         self.accs: dict = {}
         self.keyed = None  # whether chunks are {key: array} dicts
@@ -666,7 +685,8 @@ class SparsityStream:
         c = chunk if keyed else {None: chunk}
         if self.finished:
             raise ValueError("the stream is finished: its second pass has run")
-        row = {key: self.accs.setdefault(key, SparsityAccumulator(self.n_neurons)).update(a) for key, a in c.items()}
+        row = {key: self.accs.setdefault(key, SparsityAccumulator(self.n_neurons or a.shape[1])).update(a)
+               for key, a in c.items()}
         if self.kept is not None:
             self.used += sum(b.nbytes for b in row.values())
             if self.used > self.budget:
@@ -799,7 +819,7 @@ def layer_activation_chunks(model, adapter, input_ids, layers, site: str | None 
 
     input_ids = check_token_ids(input_ids, "input_ids")
     sites = site_map(adapter, list(dict.fromkeys(check_layers(adapter, layers))), site)
-    blocked = adapter.ssm_kind == "mamba1"  # Mamba-1 mixers run the blocked forward, checked once
+    blocked = adapter.blocked_forward  # Mamba-1 mixers run the blocked forward, checked once
     verified = [not blocked]  # the others run their own forward
 
     def chunks():
@@ -830,7 +850,8 @@ class SparsityProfile:
         self.eps = _finite_number("dead_eps", dead_eps)
         self.n_resamples, self.seed = int(n_resamples), int(seed)
         self.sites = site_map(adapter, self.layers)
-        self.stream = SparsityStream(next(iter(self.sites.values())).size)
+        widths = {s.size for s in self.sites.values()}
+        self.stream = SparsityStream(widths.pop() if len(widths) == 1 else None)
         self.sites_from = None  # the text pass's forward the sites came from
 
     @property
@@ -1171,7 +1192,11 @@ class SparsityRead(SparsityProfile):
 
 
 def _stage_reader(ctx):
-    layers = sorted({*ctx.layers, *chosen_layers(ctx)})
+    from models import NotApplicable
+
+    layers, skipped = site_layers(ctx.adapter, sorted({*ctx.layers, *chosen_layers(ctx)}))
+    if not layers:
+        raise NotApplicable(next(iter(skipped.values())))
     return SparsityRead(ctx.model, ctx.adapter, layers, ctx.tokens.input_ids, ctx.opts.sparsity_threshold,
                         ctx.opts.dead_eps, n_resamples=ctx.opts.bootstrap_resamples, seed=ctx.opts.seed)
 
@@ -1181,12 +1206,14 @@ def _stage_run(ctx, read: dict):
     pass's sites (`passes`: where they came from is recorded as "measured_in")."""
     from functools import partial
 
-    multi = chosen_layers(ctx)
+    multi, skipped = site_layers(ctx.adapter, chosen_layers(ctx))
     per_layer = read["stats"]
+    if ctx.layer not in per_layer:
+        ctx.adapter.site(neuron_site(ctx.adapter), ctx.layer)  # raises NotApplicable: the layer has no neuron site
     single = per_layer[ctx.layer]
     chosen = {la: per_layer[la] for la in multi}
     results = {"site": single["site"], "layer": ctx.layer, "sparsity_layers": multi, "single": single,
-               "layers": chosen, "multilayer": multilayer_table(chosen), "note": SCALE_NOTE,
+               **({"sparsity_layers_without_site": skipped} if skipped else {}), "layers": chosen, "multilayer": multilayer_table(chosen), "note": SCALE_NOTE,
                "interval_method": interval_method(ctx.opts.bootstrap_resamples, ctx.opts.seed),
                "definitions": DEFINITIONS, "measured_in": read["measured_in"]}
     # the multi-layer plot is the same at every layer of a --layers run: written once, at its first layer

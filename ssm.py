@@ -64,10 +64,20 @@ def weightless_rms_norm(v: torch.Tensor, eps: float) -> torch.Tensor:
     return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).type_as(v)
 
 
+def weighted_rms_norm(v: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight · (v / sqrt(mean(v², last dim) + eps)), the norm in float32 and cast back to v's dtype before the
+    weight (as transformers' RMS norms compute it)."""
+    return weight.to(v.dtype) * weightless_rms_norm(v, eps)
+
+
 def input_norms(mixer, dt_low: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
     """(dt_low, B, C) as the scan uses them: FalconMamba's mixer (its adapter's `normalises_scan_inputs`)
-    normalises each with a weightless RMS norm over its last dim (eps `mixer.rms_eps`) before use; a Mamba-1
-    mixer uses them as they are."""
+    normalises each with a weightless RMS norm over its last dim (eps `mixer.rms_eps`), Jamba's with weighted
+    RMS norms (`dt_layernorm`, `b_layernorm`, `c_layernorm`: their weights and eps); a Mamba-1 mixer uses
+    them as they are."""
+    if mixer_adapter(mixer).weighted_scan_input_norms:
+        norms = (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm)
+        return tuple(weighted_rms_norm(v, n.weight, n.variance_epsilon) for v, n in zip((dt_low, B, C), norms))
     if not mixer_adapter(mixer).normalises_scan_inputs:
         return dt_low, B, C
     return tuple(weightless_rms_norm(v, mixer.rms_eps) for v in (dt_low, B, C))
@@ -207,7 +217,11 @@ def mamba2_projections(mixer, hidden_states: torch.Tensor, attention_mask: torch
         h = h * mask
     I, G, N, H = int(mixer.intermediate_size), int(mixer.n_groups), int(mixer.ssm_state_size), int(mixer.num_heads)
     b_in = None if mixer.in_proj.bias is None else mixer.in_proj.bias.to(f32)
-    z, xBC, dt = torch.split(F.linear(h, mixer.in_proj.weight.to(f32), b_in), [I, I + 2 * G * N, H], dim=-1)
+    h = h * getattr(mixer, "ssm_in_multiplier", 1.0)  # Falcon-H1's µP multiplier of the mixer input
+    projected = F.linear(h, mixer.in_proj.weight.to(f32), b_in)  # (b, L, I + I + 2GN + H)
+    if getattr(mixer, "mup_vector", None) is not None:  # Falcon-H1: one multiplier each for z, x, B, C and dt
+        projected = projected * mixer.mup_vector.to(f32)  # (1, 1, I + I + 2GN + H)
+    z, xBC, dt = torch.split(projected, [I, I + 2 * G * N, H], dim=-1)
     L = h.shape[1]
     conv_w = mixer.conv1d.weight.to(f32)  # (I + 2GN, 1, k)
     conv_b = None if mixer.conv1d.bias is None else mixer.conv1d.bias.to(f32)
@@ -245,12 +259,21 @@ def mamba2_scan_reference(x, delta, A, B, C, D):
 
 
 def gated_rms_norm(mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Step 6: weight · RMSnorm(y · SiLU(z)) over groups of `mixer.norm.group_size` channels, (b, L, I), in
-    float32 as transformers computes it (also in a float64 model), returned in y's dtype."""
+    """Step 6: weight · RMSnorm(y · SiLU(z)) over groups of channels (`mixer.norm.group_size`, or I / its
+    `n_groups`), in float32 as transformers computes it (also in a float64 model), returned in y's dtype.
+    Falcon-H1's mixer may instead gate after the norm (`norm.norm_before_gate`: weight · RMSnorm(y) · SiLU(z)),
+    or have no norm (`mamba_rms_norm` false: y · SiLU(z))."""
     norm = mixer.norm
-    v = (y.float() * F.silu(z.float())).unflatten(-1, (-1, int(norm.group_size)))  # (b, L, groups, I / groups)
-    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight.to(y.dtype) * v.flatten(2).to(y.dtype)  # (b, L, I)
+    if getattr(mixer, "mamba_rms_norm", True) is False:
+        return y * F.silu(z)
+    before = getattr(norm, "norm_before_gate", False)
+    group = int(getattr(norm, "group_size", 0) or y.shape[-1] // int(norm.n_groups))
+    v = y.float() if before else y.float() * F.silu(z.float())  # (b, L, I)
+    v = v.unflatten(-1, (-1, group))  # (b, L, groups, I / groups)
+    v = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).flatten(2)  # (b, L, I)
+    if before:  # Falcon-H1's order: weight · norm(y) in float32, then the gate
+        return (norm.weight.float() * v * F.silu(z.float())).to(y.dtype)
+    return norm.weight.to(y.dtype) * v.to(y.dtype)  # (b, L, I)
 
 
 def hidden_attention_heads(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):

@@ -265,9 +265,11 @@ def in_float64(model):
     exit each tensor gets back its own dtype, value for value (a float32 or half-precision number is a
     float64 number, so the round trip is exact), and each flag its value, also when the block raises. What
     transformers still computes in float32 inside a float64 model stays so: for Mamba the RMS norms, A =
-    −exp(A_log) and the logits' last cast."""
+    −exp(A_log) and the logits' last cast. A mixture of experts runs its plain ("eager") expert loop
+    inside (torch's grouped matrix product has no float64), its own implementation restored on exit."""
     import torch
 
+    experts = getattr(model.config, "_experts_implementation", None)
     seen, tensors = set(), []
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point() and id(t) not in seen:  # tied weights once
@@ -279,12 +281,16 @@ def in_float64(model):
             t.data = t.data.to(torch.float64)
         for m in flags:
             m.residual_in_fp32 = False
+        if experts not in (None, "eager"):
+            model.set_experts_implementation("eager")
         yield model
     finally:
         for t, dtype in tensors:
             t.data = t.data.to(dtype)
         for m in flags:
             m.residual_in_fp32 = True
+        if experts not in (None, "eager"):
+            model.set_experts_implementation(experts)
 
 
 def set_seed(seed: int) -> None:

@@ -45,6 +45,44 @@ MAMBA_SHAPES = {
 }
 
 
+# The hybrid families (issue 31): several heads in several groups of B and C, chunks of 5 positions (the
+# texts are longer), and every multiplier a family has set away from 1; both layer kinds in every model.
+HYBRID_CONFIGS = {
+    "jamba": ("JambaConfig", "JambaForCausalLM", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=4,
+        num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4)),
+    "bamba": ("BambaConfig", "BambaForCausalLM", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=5, time_step_limit=(0.0, 10.0))),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(
+        hidden_size=32, intermediate_size=16, shared_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["mamba", "attention", "mamba", "attention"], num_local_experts=4,
+        num_experts_per_tok=2, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
+        mamba_expand=2, mamba_chunk_size=5, embedding_multiplier=2.0, logits_scaling=3.0, residual_multiplier=0.5,
+        attention_multiplier=0.3, position_embedding_type="rope", time_step_limit=(0.0, 10.0))),
+    "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=5,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"], num_attention_heads=4,
+        num_key_value_heads=4, n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        chunk_size=5, num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True)),
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        hidden_size=32, layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "linear_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=8,
+        mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=5, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, moe_latent_size=16,
+        n_group=1, topk_group=1, routed_scaling_factor=2.5, time_step_min=0.01)),
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
+        mamba_chunk_size=5, mamba_rms_norm=True, mamba_norm_before_gate=False, lm_head_multiplier=0.7,
+        embedding_multiplier=1.5, mlp_multipliers=[0.8, 1.3], key_multiplier=0.9, attention_out_multiplier=1.1,
+        attention_in_multiplier=0.6, ssm_multipliers=[0.5, 1.2, 0.7, 1.4, 0.9], ssm_in_multiplier=1.25,
+        ssm_out_multiplier=0.8, time_step_limit=(0.0, 10.0))),
+}
+
+
 def out_name(folder) -> str:
     """The name part of a local model folder's output files (its name and a hash of its path)."""
     from naming import model_prefix
@@ -66,6 +104,14 @@ def make_model(kind: str, seed: int = 0):
                                               use_conv_bias=True)).eval()
     if kind == "falcon_mamba":  # Mamba-1 with RMS-normalised Δ input, B and C
         return FalconMambaForCausalLM(FalconMambaConfig(**common, **MAMBA_SHAPES["mamba_b"])).eval()
+    if kind in HYBRID_CONFIGS or kind.split(":")[0] in HYBRID_CONFIGS:  # "falcon_h1:key=value,..." overrides
+        import transformers
+
+        name, _, extra = kind.partition(":")
+        config_class, model_class, kwargs = HYBRID_CONFIGS[name]
+        kwargs = {**kwargs, **{k: eval(v) for k, v in (kv.split("=") for kv in extra.split(",") if kv)}}
+        config = getattr(transformers, config_class)(**common, **kwargs)
+        return getattr(transformers, model_class)(config).eval()
     if kind == "gpt2":
         return GPT2LMHeadModel(GPT2Config(**common, n_layer=2, n_embd=32, n_head=2, n_positions=512)).eval()
     if kind == "gpt_neox":

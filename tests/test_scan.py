@@ -1,5 +1,7 @@
 """The chunked linear recurrence (ssm.linear_scan_) against the step loop, and the float64 yardstick: a fast
 path is exact when it is no farther from the model's float64 forward than the model's own forward is."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -141,12 +143,12 @@ def test_the_reproduction_check_allows_twice_the_models_own_distance_from_float6
             for c in cleans:  # the same allowance on both prompts, as clean_runs gives it
                 c.allowance = ca.check_allowance(cleans)
                 if ok:
-                    baseline, distance = ca._check_start_from_layer(_Logits(logits), c, 0)
+                    baseline, distance = ca._check_start_from_layer(_Logits(logits), SimpleNamespace(hybrid=False), c, 0)
                     torch.testing.assert_close(baseline, torch.log_softmax(logits, -1))
                     assert distance == pytest.approx(err)
                 else:
                     with pytest.raises(ssm.ReconstructionError, match="float64 forward"):
-                        ca._check_start_from_layer(_Logits(logits), c, 0)
+                        ca._check_start_from_layer(_Logits(logits), SimpleNamespace(hybrid=False), c, 0)
 
 
 def test_clean_runs_carry_their_float64_log_p_and_leave_the_model_as_it_was(tokenizer):

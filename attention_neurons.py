@@ -1520,10 +1520,10 @@ def _hybrid_stage_run(ctx, read: dict):
     from models import NotApplicable
 
     a, layer, parts = ctx.adapter, ctx.layer, read["parts"]
-    if layer in read["skipped"]:
-        raise NotApplicable(read["skipped"][layer])
     found = [part for part in ("ssm", "attention") if layer in parts.get(part, {})]
     if not found:
+        if layer in read["skipped"]:
+            raise NotApplicable(read["skipped"][layer])
         if a.has_ssm(layer) or a.has_attention(layer):
             raise NotApplicable(f"layer {layer}: no attention method applies here ({read['left_out']})")
         raise a._lacks(layer, "state-space mixer or attention")
@@ -1540,6 +1540,8 @@ def _hybrid_stage_run(ctx, read: dict):
     results["layer_kind"] = a.layer_kind(layer)
     if read["left_out"]:
         results["methods_left_out"] = read["left_out"]
+    if layer in read["skipped"]:  # Zamba2's hybrid layers: the shared attention is not this layer's
+        results["attention_path_not_read"] = read["skipped"][layer]
     if len(entries) > 1:  # Falcon-H1: the attention path of the same layer, side by side
         results["attention_path"] = entries[1][0]
         plots = plots + entries[1][1]

@@ -299,10 +299,12 @@ def summary_rows(comparison: dict) -> list[dict]:
     add("family", lambda s: s["family"])
     add("layers", lambda s: s["n_layers"])
     add("matched layer (relative depth)", lambda s: f"{s['layer']} ({s['relative_depth']:.2f})")
-    add("parameters (M)", lambda s: round(s["efficiency"]["parameters"]["total"] / 1e6, 3))
-    add("neurons per layer", lambda s: s["efficiency"]["neurons"]["per_layer"])
-    add("active neurons", lambda s: s["efficiency"]["neurons"].get("active"))
-    add("efficiency ratio", lambda s: _efficiency_ratio(s["efficiency"]["neurons"]))
+    timed = all(s["efficiency"] for s in sides)  # without: the comparison's parts_left_out says why
+    if timed:
+        add("parameters (M)", lambda s: round(s["efficiency"]["parameters"]["total"] / 1e6, 3))
+        add("neurons per layer", lambda s: s["efficiency"]["neurons"]["per_layer"])
+        add("active neurons", lambda s: s["efficiency"]["neurons"].get("active"))
+        add("efficiency ratio", lambda s: _efficiency_ratio(s["efficiency"]["neurons"]))
     layer_stats = {s["label"]: s["sparsity_by_layer"][s["layer"]] for s in sides}
 
     def traditional(s) -> str:
@@ -318,19 +320,20 @@ def summary_rows(comparison: dict) -> list[dict]:
     add("dead neurons", lambda s: layer_stats[s["label"]]["dead_neurons"]["count"])
     add("mean activation variance", lambda s: f"{layer_stats[s['label']]['activation_variance']['mean']:.3g}")
 
-    eff = {s["label"]: s["efficiency"] for s in sides}
-    add("timed implementation", lambda s: nested(eff[s["label"]], "scaling", "implementation", "name"))
-    curves = {s["label"]: nested(eff[s["label"]], "architecture_curve", "curve") or "scaling" for s in sides}
-    if any(c != "scaling" for c in curves.values()):
-        add("architecture curve (implementation)",
-            lambda s: f"{curves[s['label']]} ({nested(eff[s['label']], curves[s['label']], 'implementation', 'name')})"
-                      + ("" if nested(eff[s["label"]], "architecture_curve", "exact") is not False else
-                         ": the closest, still a Python loop"))
-    _time_rows(add, sides, lambda s: nested(eff[s["label"]], "scaling", "points"), "the model's own forward", True)
-    if any(c != "scaling" for c in curves.values()):
-        _time_rows(add, sides, lambda s: nested(eff[s["label"]], curves[s["label"]], "points"), "architecture curve",
-                   False)
-    add("FLOPs per token at L=256 (M)", lambda s: round(s["efficiency"]["flops_per_token_at_256"]["total"] / 1e6, 2))
+    if timed:
+        eff = {s["label"]: s["efficiency"] for s in sides}
+        add("timed implementation", lambda s: nested(eff[s["label"]], "scaling", "implementation", "name"))
+        curves = {s["label"]: nested(eff[s["label"]], "architecture_curve", "curve") or "scaling" for s in sides}
+        if any(c != "scaling" for c in curves.values()):
+            add("architecture curve (implementation)",
+                lambda s: f"{curves[s['label']]} ({nested(eff[s['label']], curves[s['label']], 'implementation', 'name')})"
+                          + ("" if nested(eff[s["label"]], "architecture_curve", "exact") is not False else
+                             ": the closest, still a Python loop"))
+        _time_rows(add, sides, lambda s: nested(eff[s["label"]], "scaling", "points"), "the model's own forward", True)
+        if any(c != "scaling" for c in curves.values()):
+            _time_rows(add, sides, lambda s: nested(eff[s["label"]], curves[s["label"]], "points"), "architecture curve",
+                       False)
+        add("FLOPs per token at L=256 (M)", lambda s: round(s["efficiency"]["flops_per_token_at_256"]["total"] / 1e6, 2))
     if "causal" in comparison:
         c = comparison["causal"]
         add("causal site (kind, layer)", lambda s: f"{c[s['label']]['site']} ({c[s['label']]['site_kind']}, "
@@ -402,8 +405,8 @@ def _stage_reader(ctx):
     import sparsity as sp
 
     o = ctx.opts
-    return sp.SparsityRead(ctx.model, ctx.adapter, range(ctx.adapter.n_layers), ctx.tokens.input_ids,
-                           o.sparsity_threshold, o.dead_eps)
+    layers, _ = sp.site_layers(ctx.adapter, range(ctx.adapter.n_layers))  # a hybrid's: those with neurons
+    return sp.SparsityRead(ctx.model, ctx.adapter, layers, ctx.tokens.input_ids, o.sparsity_threshold, o.dead_eps)
 
 
 def other_options(opts, main_adapter, other_adapter, layer: int, stages, prefix: str):
@@ -437,12 +440,15 @@ def _stage_run(ctx, read: dict):
 
     import comparison_plots as cp
     import efficiency as ef
-    from models import get_adapter
+    import sparsity as sp
+    from models import NotApplicable, get_adapter
     from naming import model_prefix
     from pipeline import run_pipeline
 
     o = ctx.opts
     main_sparsity = read["stats"]
+    if ctx.layer not in main_sparsity:  # a hybrid's layer without neurons of its own: nothing to pair
+        ctx.adapter.site(sp.neuron_site(ctx.adapter), ctx.layer)  # raises NotApplicable with the layer's kind
     weight = next(ctx.model.parameters())  # the other model goes where the main model is, in its dtype
     compare = ctx.compare or load_compare_model(o.compare_model, ctx.adapter.family, weight.device, weight.dtype)
     model, tokenizer, source = compare.loaded
@@ -455,8 +461,10 @@ def _stage_run(ctx, read: dict):
     skipped = None
     if "attention" in ctx.stages and attention is None:
         skipped = "the attention stage did not succeed (its error is listed with it)"
+    # the efficiency stage has no hybrid models yet: left out on both sides, so that no row pairs one side's alone
+    timed = not (ctx.adapter.hybrid or other_adapter.hybrid)
     stages = [*(["delta"] if faithfulness is not None and other_adapter.is_ssm and "delta" in ctx.stages else []),
-              "sparsity", "efficiency", *(["causal"] if causal is not None else []),
+              "sparsity", *(["efficiency"] if timed else []), *(["causal"] if causal is not None else []),
               *(["attention"] if attention is not None else []), *(["census"] if census is not None else []),
               *(["faithfulness"] if faithfulness is not None else [])]
     opts = other_options(o, ctx.adapter, other_adapter, ctx.layer, stages, label)
@@ -464,18 +472,21 @@ def _stage_run(ctx, read: dict):
     # on the other model, delta is there only as a ranking for faithfulness (which says when it is missing), and
     # faithfulness or the census failing (or faithfulness finding no ranking to check) leaves the rest of the
     # comparison (which says so)
+    if res["sparsity"]["status"] == "not_applicable":  # a hybrid's matched layer without neurons of its own
+        raise NotApplicable(f"the other model's layer matched by depth has no neuron site to pair: "
+                            f"{res['sparsity']['reason']}; choose another --layer")
     failed = [f"{n}: {res[n].get('error') or res[n].get('reason')}" for n in stages
               if res[n]["status"] != "ok" and n not in ("delta", "faithfulness", "census")]
     if failed:
         raise ValueError(f"the other model's {failed[0]}")
     other = Side(label, other_adapter, source.origin, opts.layer, res["texts"], res["sparsity"]["results"]["layers"],
-                 res["sparsity"]["results"]["measured_in"], res["efficiency"]["results"],
+                 res["sparsity"]["results"]["measured_in"], res["efficiency"]["results"] if timed else None,
                  res.get("causal", {}).get("results"), res.get("attention", {}).get("results"),
                  res.get("faithfulness", {}).get("results"),
                  res.get("faithfulness", {}).get("reason") or res.get("faithfulness", {}).get("error"),
                  res.get("census", {}).get("results"))
     efficiency = ctx.upstream("efficiency")
-    if efficiency is None:  # not in this run: measured as the efficiency stage would
+    if efficiency is None and timed:  # not in this run: measured as the efficiency stage would
         import torch
 
         pool = torch.cat([ids[0] for ids in ctx.tokens.input_ids]).cpu().numpy()
@@ -493,6 +504,8 @@ def _stage_run(ctx, read: dict):
     comp["methods_at_matched_layers"] = cp.methods_table(comp)
     comp["parts_left_out"] = parts_left_out(ctx.stages, {"causal": causal, "attention": attention,
                                                          "faithfulness": faithfulness, "census": census})
+    if not timed:
+        comp["parts_left_out"]["efficiency"] = ef.HYBRID_NOT_YET
     return comp, [partial(cp.comparison_plots, comp, ctx.plots_dir, f"{ctx.prefix}_vs_{label}")]
 
 
@@ -510,9 +523,10 @@ def parts_left_out(stages, results: dict) -> dict:
 
 
 def _sparsity_layers(ctx) -> list[int]:
+    """--sparsity_layers of the main model, those with a neuron site (a hybrid's may lack one)."""
     import sparsity as sp
 
-    return sp.chosen_layers(ctx)
+    return sp.site_layers(ctx.adapter, sp.chosen_layers(ctx))[0]
 
 
 def comparison_summary(r: dict) -> str:
@@ -544,7 +558,7 @@ def comparison_summary(r: dict) -> str:
     from efficiency import CURVE_KEYS, skipped_note
 
     for m in r["models"]:  # lengths a scaling curve did not run, and why (the summary table shows only times)
-        for curve in CURVE_KEYS:
+        for curve in CURVE_KEYS if m["efficiency"] else ():
             note = skipped_note(f"efficiency, {m['label']} ({curve.replace('_', ' ')})", m["efficiency"].get(curve) or {})
             if note:
                 lines.append(f"    {note}")

@@ -543,6 +543,14 @@ class HybridAdapter(ArchitectureAdapter):
         out = super().describe()
         out["layer_kinds"] = [self.layer_kind(la) for la in range(self.n_layers)]
         out["layer_kind_definitions"] = {k: LAYER_KINDS[k] for k in dict.fromkeys(out["layer_kinds"])}
+        out["neuron_sites"] = []  # each layer's `neurons` site: its module, width and meaning, or why it has none
+        for la in range(self.n_layers):
+            try:
+                path, what = self.neuron_path(la)
+                out["neuron_sites"].append({"layer": la, "path": path, "size": self.site("neurons", la).size,
+                                            "description": what})
+            except NotApplicable as exc:
+                out["neuron_sites"].append({"layer": la, "not_applicable": str(exc)})
         return out
 
 

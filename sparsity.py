@@ -685,7 +685,7 @@ class SparsityStream:
         c = chunk if keyed else {None: chunk}
         if self.finished:
             raise ValueError("the stream is finished: its second pass has run")
-        row = {key: self.accs.setdefault(key, SparsityAccumulator(self.n_neurons or a.shape[1])).update(a)
+        row = {key: self.accs.setdefault(key, SparsityAccumulator(a.shape[1] if self.n_neurons is None else self.n_neurons)).update(a)
                for key, a in c.items()}
         if self.kept is not None:
             self.used += sum(b.nbytes for b in row.values())

@@ -47,6 +47,23 @@ def falcon_reference(mixer, h):
     return delta, torch.stack(ys, 1) * F.silu(z) @ mixer.out_proj.weight.T
 
 
+def mamba2_scan_written_out(x, delta, A, B, C, D, G: int, P: int):
+    """The Mamba-2 scan head by head, position by position: x (b, L, H·P), Δ (b, L, H), A and D (H,), B and C
+    (b, L, G·N) with head h reading group h // (H / G) -> y (b, L, H·P), the D skip included."""
+    H, N = delta.shape[-1], B.shape[-1] // G
+    y = torch.zeros_like(x)
+    for hd in range(H):
+        g = hd // (H // G)
+        Bg, Cg = B[..., g * N:(g + 1) * N], C[..., g * N:(g + 1) * N]  # (b, L, N)
+        s = torch.zeros(x.shape[0], P, N, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            xt = x[:, t, hd * P:(hd + 1) * P]  # (b, P)
+            s = torch.exp(delta[:, t, hd] * A[hd])[:, None, None] * s + \
+                delta[:, t, hd, None, None] * xt[:, :, None] * Bg[:, t, None, :]
+            y[:, t, hd * P:(hd + 1) * P] = (s * Cg[:, t, None, :]).sum(-1) + D[hd] * xt
+    return y
+
+
 def mamba2_reference(mixer, h):
     """Mamba-2's mixer in float64, written out head by head, step by step."""
     I, G, N, H, P = mixer.intermediate_size, mixer.n_groups, mixer.ssm_state_size, mixer.num_heads, mixer.head_dim
@@ -55,17 +72,7 @@ def mamba2_reference(mixer, h):
     x, B, C = xBC.split([I, G * N, G * N], dim=-1)
     lo, hi = mixer.time_step_limit
     delta = torch.log1p(torch.exp(dt + mixer.dt_bias)).clamp(lo, hi)  # (b, L, H)
-    A = -torch.exp(mixer.A_log)
-    y = torch.zeros_like(x)
-    for hd in range(H):
-        g = hd // (H // G)
-        Bg, Cg = B[..., g * N:(g + 1) * N], C[..., g * N:(g + 1) * N]  # (b, L, N)
-        s = torch.zeros(h.shape[0], P, N, dtype=h.dtype)
-        for t in range(h.shape[1]):
-            xt = x[:, t, hd * P:(hd + 1) * P]  # (b, P)
-            s = torch.exp(delta[:, t, hd] * A[hd])[:, None, None] * s + \
-                delta[:, t, hd, None, None] * xt[:, :, None] * Bg[:, t, None, :]
-            y[:, t, hd * P:(hd + 1) * P] = (s * Cg[:, t, None, :]).sum(-1) + mixer.D[hd] * xt
+    y = mamba2_scan_written_out(x, delta, -torch.exp(mixer.A_log), B, C, mixer.D, G, P)
     v = y * F.silu(z)
     gs = mixer.norm.group_size
     v = torch.cat([c / torch.sqrt((c * c).mean(-1, keepdim=True) + mixer.norm.variance_epsilon)

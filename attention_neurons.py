@@ -1447,12 +1447,15 @@ class HybridAttentionRead:
         from models import NotApplicable
 
         o, a = ctx.opts, ctx.adapter
-        self.left_out = {m: why for m, why in HYBRID_LEFT_OUT.items() if m in o.attention_methods}
-        methods = [m for m in o.attention_methods if m not in self.left_out]
+        dropped = {m: why for m, why in HYBRID_LEFT_OUT.items() if m in o.attention_methods}
+        methods = [m for m in o.attention_methods if m not in dropped]
+        self.left_out = {"ssm": dict(dropped), "attention": dict(dropped)}  # per part: {method: why}
         self.profiles, self.analyzers, self.methods, self.skipped = {}, {}, {}, {}
         parts = {"ssm": [la for la in layers if a.has_ssm(la)], "attention": []}
         for la in layers:
             if not a.has_attention(la):
+                if not a.has_ssm(la):  # a feed-forward block: nothing mixes positions there
+                    self.skipped[la] = str(a._lacks(la, "state-space mixer or attention"))
                 continue
             try:
                 a.attention_paths(la)
@@ -1472,7 +1475,7 @@ class HybridAttentionRead:
                         a.gradient_path(la)
                 except NotApplicable as exc:
                     keep = [m for m in keep if not METHOD_SPECS[m].needs_gradient]
-                    self.left_out.update({f"{m} ({part} layers)": str(exc) for m in methods if m not in keep})
+                    self.left_out[part].update({m: str(exc) for m in methods if m not in keep})
             if not keep:
                 continue
             analyzer = _hybrid_analyzer(ctx, part)
@@ -1524,9 +1527,8 @@ def _hybrid_stage_run(ctx, read: dict):
     if not found:
         if layer in read["skipped"]:
             raise NotApplicable(read["skipped"][layer])
-        if a.has_ssm(layer) or a.has_attention(layer):
-            raise NotApplicable(f"layer {layer}: no attention method applies here ({read['left_out']})")
-        raise a._lacks(layer, "state-space mixer or attention")
+        part = "ssm" if a.has_ssm(layer) else "attention"
+        raise NotApplicable(f"layer {layer}: no attention method applies here ({read['left_out'][part]})")
     entries = []
     for part in found:
         profile = parts[part]
@@ -1535,13 +1537,19 @@ def _hybrid_stage_run(ctx, read: dict):
         results, plots = _stage_results(ctx, analyzer, profile, layers, tuple(profile[layer]["methods"]),
                                         prefix=ctx.prefix if part == found[0] else f"{ctx.prefix}_attention_path")
         results["path"] = part
+        if part != found[0] and read["left_out"][part]:
+            results["methods_left_out"] = read["left_out"][part]
         entries.append((results, plots))
     results, plots = entries[0]
     results["layer_kind"] = a.layer_kind(layer)
-    if read["left_out"]:
-        results["methods_left_out"] = read["left_out"]
+    if read["left_out"][found[0]]:
+        results["methods_left_out"] = read["left_out"][found[0]]
     if layer in read["skipped"]:  # Zamba2's hybrid layers: the shared attention is not this layer's
         results["attention_path_not_read"] = read["skipped"][layer]
+    others = {la: read["skipped"].get(la) or f"not a layer of this path (kind {a.layer_kind(la)})"
+              for la in stage_layers(ctx.opts, layer) if la not in parts[found[0]]}
+    if others:  # --attention_layers of another kind or without mixing: said, not dropped
+        results["attention_layers_not_read"] = others
     if len(entries) > 1:  # Falcon-H1: the attention path of the same layer, side by side
         results["attention_path"] = entries[1][0]
         plots = plots + entries[1][1]
@@ -1641,6 +1649,7 @@ def attention_summary(r: dict) -> str:
                 lines.append(f"      ties: {a['ties']}")
             lines += [f"      {field}: {why}" for field, why in (a.get("undefined") or {}).items()]
     lines += [f"    left out here: {m}: {why}" for m, why in (r.get("methods_left_out") or {}).items()]
+    lines += [f"    --attention_layers {la} not read here: {why}" for la, why in (r.get("attention_layers_not_read") or {}).items()]
     text = "".join(line + "\n" for line in lines)
     if "attention_path" in r:  # a layer with both paths (Falcon-H1): the softmax heads of the same layer
         text += "    the same layer's attention path (softmax heads):\n" + attention_summary(r["attention_path"])

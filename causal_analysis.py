@@ -61,8 +61,9 @@ def run_from_layer(model, adapter: ArchitectureAdapter, layer: int):
     is `LAYERS.0`. A hybrid's layers read more than the residual stream (the masks of their kind, Zamba2's
     embeddings, Granite's embedding multiplier), so its model runs whole from the prompt's tokens, each row
     of the batch from the embeddings, and paths stay absolute (`layer_offset`). Callers check that the
-    unablated pass reproduces the model's own clean run (`_check_start_from_layer`) and measure the
-    ablations' effects against that pass. Restored on exit."""
+    unablated pass reproduces the model's own clean run (`_check_start_from_layer`; a hybrid's: the
+    unablated row kept in each ablated batch, `_ablated_pass`) and measure the ablations' effects against
+    that pass. Restored on exit."""
     if adapter.hybrid:
         adapter.check_layer(layer)
         yield
@@ -245,7 +246,7 @@ def _auto_batch_size(adapter: ArchitectureAdapter, L: int, n_dims: int, device) 
     """How many ablations fit in a quarter of the free memory, by a generous per-row estimate
     (L positions × the widest per-layer activations: Mamba's (e, n) scan tensors, MLP width)."""
     free = free_memory_bytes(device)
-    state = int(getattr(adapter.config, "state_size", 1))
+    state = int(getattr(adapter, "state_size", None) or getattr(adapter.config, "state_size", 1))
     per_row = L * adapter.inner_size * (state + 8) * 4 * 4 + adapter.config.vocab_size * 16
     cap = 256 if device.type == "cuda" else 32  # on a CPU, larger batches fall out of cache (measured)
     return int(max(1, min(n_dims, cap, free // 4 // max(1, per_row))))
@@ -371,26 +372,35 @@ def _check_start_from_layer(model, adapter: ArchitectureAdapter, c: CleanRun, st
     that distance."""
     logits = forward_from(model, adapter, c, start)[0]  # (V,)
     logp = torch.log_softmax(logits.double(), -1)
+    return logp, _checked_distance(logp, c)
+
+
+def _checked_distance(logp: torch.Tensor, c: CleanRun) -> float:
+    """max |logp − c's float64 log p| (logp (V,) float64: an unablated pass along the ablation path), at most
+    `c.allowance` (ReconstructionError otherwise)."""
     err, allowed = (logp - c.logp_float64).abs().max().item(), c.allowance
     if err > allowed:
         raise ReconstructionError(
             f"the ablation path does not reproduce the clean run: it is {err:.3g} (max |Δ log p|) from the "
             f"model's float64 forward, more than the {allowed:.3g} allowed ({CHECK_MARGIN:g} x the model's own "
             f"largest distance on these prompts + {CHECK_FLOOR:g})")
-    return logp, err
+    return err
 
 
 def _ablated_pass(model, adapter: ArchitectureAdapter, c: CleanRun, site_name: str, plan, scale: float
-                  ) -> torch.Tensor:
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (R, V) at the last position of R = Σ K_ℓ ablated rows, for `plan` = [(layer ℓ, dims (K_ℓ,),
     values (K_ℓ,) or None)] with ascending layers. Call inside `run_from_layer(model, adapter, start)`
     with start = the first plan layer: the pass starts from c.resid_in[start] as one row. Rows are laid
     out [an unablated row 0 when the plan has several layers] + each layer's K_ℓ rows, and a layer's
     rows join the batch only at that layer (copies of row 0 appended at the layer's input; the first
-    layer's at its site), so each ablated row runs from its own layer on and no further back."""
+    layer's at its site), so each ablated row runs from its own layer on and no further back. A hybrid's batch
+    runs whole from the tokens with the unablated row 0 always in it: returned beside the ablated rows
+    (None for a pure family), the baseline of their effects, checked against the float64 yardstick."""
     start = plan[0][0]
     shift = layer_offset(adapter, start)  # paths are relative inside run_from_layer (a pure family's)
-    base = 1 if len(plan) > 1 else 0  # later layers copy row 0, which must then stay unablated
+    # later layers copy row 0, which must then stay unablated; a hybrid's batch keeps it always: its baseline
+    base = 1 if len(plan) > 1 or adapter.hybrid else 0
     site_edits, grow, offset = {}, {}, base
     for layer, dims, values in plan:
         local = adapter.site(site_name, layer - shift)
@@ -405,7 +415,7 @@ def _ablated_pass(model, adapter: ArchitectureAdapter, c: CleanRun, site_name: s
         if grow:
             stack.enter_context(trace(model, list(grow), retain_output=False, edit_input=_grower(grow)))
         logits = forward_from(model, adapter, c, start, rows=offset)  # (offset, V)
-    return logits[base:]  # (R, V)
+    return logits[base:], (logits[0] if adapter.hybrid else None)  # (R, V), the unablated row (V,) or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +448,8 @@ REPRODUCTION_CHECK_DEFINITION = (
     "pass along the ablation path from the ablated layer (path_largest_distance) and of the model's own forward in "
     f"its dtype (model_own_largest_distance), log p_float64 from the model run in float64; the path must stay "
     f"within allowance = {CHECK_MARGIN:g} x model_own_largest_distance + {CHECK_FLOOR:g} on every prompt, else the "
-    "stage fails")
+    "stage fails. On a hybrid the ablated batch runs whole from the tokens and keeps an unablated row, the baseline "
+    "of its effects: that row is what is checked, in every batch")
 
 
 def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None = None,
@@ -494,10 +505,13 @@ def causal_effects_by_layer(model, tokenizer, prompts, layers, site: str | None 
                     plan.append((layers[i], d, None if means is None else means[layers[i]][d]))
                 start = plan[0][0]
                 with run_from_layer(model, adapter, start):
-                    if start not in baseline:
+                    if start not in baseline and not adapter.hybrid:
                         baseline[start], err = _check_start_from_layer(model, adapter, c, start)
                         worst = max(worst, err)
-                    logits = _ablated_pass(model, adapter, c, site_name, plan, intervention_scale)  # (R, V)
+                    logits, row0 = _ablated_pass(model, adapter, c, site_name, plan, intervention_scale)  # (R, V)
+                if row0 is not None:  # a hybrid: the unablated row of the same batch is the baseline, checked
+                    baseline[start] = torch.log_softmax(row0.double(), -1)
+                    worst = max(worst, _checked_distance(baseline[start], c))
                 kl, dl = (e.cpu() for e in _effects(baseline[start], logits, int(c.logp.argmax())))  # (R,) each
                 rows_i = torch.tensor([i for i, _ in chunk])
                 rows_j = torch.tensor([j for _, j in chunk])
@@ -551,12 +565,16 @@ def set_ablation_effects(model, tokenizer, prompts, layer: int, masks, site: str
         for n, c in enumerate(cleans):
             bs = batch_size or _auto_batch_size(adapter, c.input_ids.shape[1], K, device)
             with run_from_layer(model, adapter, layer):
-                baseline, err = _check_start_from_layer(model, adapter, c, layer)  # (V,)
-                worst = max(worst, err)
+                if not adapter.hybrid:
+                    baseline, err = _check_start_from_layer(model, adapter, c, layer)  # (V,)
+                    worst = max(worst, err)
                 for k0 in range(0, K, bs):
                     chunk = masks[k0:k0 + bs].to(device)  # (k, W)
-                    logits = _ablated_pass(model, adapter, c, site_name, [(layer, chunk, means)],
-                                           intervention_scale)  # (k, V)
+                    logits, row0 = _ablated_pass(model, adapter, c, site_name, [(layer, chunk, means)],
+                                                 intervention_scale)  # (k, V)
+                    if row0 is not None:  # a hybrid: the unablated row of the same batch, checked
+                        baseline = torch.log_softmax(row0.double(), -1)
+                        worst = max(worst, _checked_distance(baseline, c))
                     kl, dl = (e.cpu() for e in _effects(baseline, logits, int(c.logp.argmax())))
                     kls[n, 0, k0:k0 + len(chunk)], dlogp[n, 0, k0:k0 + len(chunk)] = kl, dl
                     bar.update(len(chunk))
@@ -642,15 +660,15 @@ def cross_layer_matrix(model, tokenizer, prompt: str, dims, site: str = "residua
         raise ValueError(f"prompt must be one string; got {type(prompt).__name__} (call once per prompt)")
     dims, back = _ablation_dims(dims, adapter.hidden_size, "the residual stream", intervention_scale)  # (K,), (K0,)
     batch_size = _check_batch_size(batch_size)
-    if adapter.site(site, 0).size != adapter.hidden_size:
+    sources = list(range(adapter.n_layers)) if sources is None else check_layers(adapter, sources, "sources")
+    if adapter.site(site, sources[0]).size != adapter.hidden_size:
         raise ValueError(f"cross-layer influence reads the residual stream (width {adapter.hidden_size}); "
                          f"site {site!r} has a different width")
-    sources = list(range(adapter.n_layers)) if sources is None else check_layers(adapter, sources, "sources")
     device = next(model.parameters()).device
     ids = _tokenize(tokenizer, [prompt], device)[0]  # (1, L)
     K = len(dims)
     readouts = [adapter.site("residual", t).path for t in range(adapter.n_layers)]
-    capture = adapter.site(site, 0).capture
+    capture = adapter.site(site, sources[0]).capture
     per_pass = max(1, (batch_size or _auto_batch_size(adapter, ids.shape[1], K * len(sources), device)) // K)
     per_pass = math.ceil(len(sources) / math.ceil(len(sources) / per_pass))  # even passes: fewer clean twins
 
@@ -977,11 +995,19 @@ def _run_inter_layer(ctx):
     prompts with its bootstrap interval at every layer (Δ log p(clean top-1) beside it)."""
     from functools import partial
 
+    from models import NotApplicable
+    from sparsity import site_layers
+
     o, site = ctx.opts, _site(ctx)
     dims = _chosen_dims(ctx)
     n_layers = ctx.adapter.n_layers
-    # the prompt pass's clean runs for every layer; (layer, dim) ablations share passes
-    eff = causal_effects_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, range(n_layers), site=site,
+    layers, skipped = site_layers(ctx.adapter, range(n_layers), site)  # a hybrid's layers may lack the site
+    if ctx.adapter.hybrid and site == "neurons":
+        raise NotApplicable("the neurons site is each layer's own (a state-space mixer's channels or a dense MLP's "
+                            "units, of different widths): one dimension is not one unit across this hybrid's layers; "
+                            "choose --causal_site block_out, residual or ssm")
+    # the prompt pass's clean runs for every layer with the site; (layer, dim) ablations share passes
+    eff = causal_effects_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, layers, site=site,
                                   intervention_scale=scale_of(ctx.opts), ablation=o.ablation, dims=dims,
                                   batch_size=o.causal_batch_size, progress=ctx.progress,
                                   cleans=ctx.clean_runs(site))  # kl, delta_logp: (n_prompts, n_layers, n_dims)
@@ -993,12 +1019,13 @@ def _run_inter_layer(ctx):
     def at(a, la, i):
         return None if a is None else float(a[la, i])
 
-    curves = {str(d): [{"layer": la, "relative_depth": la / max(1, n_layers - 1), "score": float(mean[la, i]),
-                        "low": at(low, la, i), "high": at(high, la, i),
-                        "delta_logp_top1": float(dl[la, i]), "delta_logp_top1_low": at(dl_low, la, i),
-                        "delta_logp_top1_high": at(dl_high, la, i)} for la in range(n_layers)]
+    curves = {str(d): [{"layer": la, "relative_depth": la / max(1, n_layers - 1), "score": float(mean[j, i]),
+                        "low": at(low, j, i), "high": at(high, j, i),
+                        "delta_logp_top1": float(dl[j, i]), "delta_logp_top1_low": at(dl_low, j, i),
+                        "delta_logp_top1_high": at(dl_high, j, i)} for j, la in enumerate(layers)]
               for i, d in enumerate(dims)}
     results = {"site": site, "dims": dims, "n_prompts": int(eff.kl.shape[0]), "curves": curves,
+               **({"layers_without_site": skipped} if skipped else {}),
                "scores_per_prompt": {str(d): eff.kl[:, :, i] for i, d in enumerate(dims)},
                "delta_logp_top1_per_prompt": {str(d): eff.delta_logp[:, :, i] for i, d in enumerate(dims)},
                "note": _selection_note(ctx), "interval_method": res.method(),
@@ -1019,15 +1046,19 @@ def _run_cross_layer(ctx):
     (`cross_layer_matrix`), not the prompt pass's clean runs."""
     from functools import partial
 
+    from sparsity import site_layers
+
     o, a = ctx.opts, ctx.adapter
     site = _site(ctx)
-    site = site if a.site(site, 0).size == a.hidden_size else "residual"
+    sources, _ = site_layers(a, range(a.n_layers), site)  # a hybrid's layers may lack the site
+    if not sources or any(a.site(site, la).size != a.hidden_size for la in sources):
+        site, sources = "residual", list(range(a.n_layers))
     chosen = _chosen_dims(ctx)
     dims = [d for d in chosen if d < a.hidden_size]
     if not dims:
         raise ValueError(f"no chosen dimension lies in the residual stream (width {a.hidden_size})")
     per = [cross_layer_matrix(ctx.model, ctx.tokenizer, p, dims, site=site, intervention_scale=scale_of(ctx.opts),
-                              batch_size=o.causal_batch_size) for p in o.prompt_list]
+                              sources=sources, batch_size=o.causal_batch_size) for p in o.prompt_list]
     stacked = {k: np.stack([x[k] for x in per]) for k in ("clean", "ablated", "change")}  # (n_prompts, ...)
     m = {k: v.mean(0) for k, v in stacked.items()}  # clean (K, T); ablated, change (K, S, T)
     m.update(dims=per[0]["dims"], sources=per[0]["sources"], targets=per[0]["targets"])

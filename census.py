@@ -56,7 +56,9 @@ PLOTTED_POSITIONAL = 3  # the strongest positional neurons in their plot
 TESTS = ("token", "position", "position_without_first")
 
 DEFINITIONS = {
-    "site": "each layer's neuron site: a Mamba's ssm channels (the inner width), a Transformer's MLP neurons",
+    "site": "each layer's neuron site: a Mamba's ssm channels (the inner width), a Transformer's MLP neurons; a "
+            "hybrid's neurons: at a layer with a state-space mixer its ssm channels, elsewhere its dense MLP's "
+            "hidden units (each layer's entry: layer_kind, site_description)",
     "tests": "token: positions ≥ 1 whose token occurs at least twice there; position: positions 0..P−1 reached "
              "by at least two texts; position_without_first: positions 1..P−1; a text enters a test with at "
              "least two of its positions",
@@ -333,6 +335,7 @@ def census_results(read: dict, adapter, tokenizer, alpha: float, min_share: floa
                         without_first=_kind_entry(wo, kinds["position_without_first"], alpha, n, 0))
         layers[la] = {"layer": la, "relative_depth": la / max(1, adapter.n_layers - 1), "site": r["site"],
                       "layer_kind": adapter.layer_kind(la),
+                      **({"site_description": adapter.neuron_path(la)[1]} if adapter.hybrid else {}),
                       "n_neurons": n, "dead": {"count": int(dead.sum()), "fraction": float(dead.sum()) / n,
                                                "indices": [int(i) for i in np.flatnonzero(dead)]},
                       "token": tokens, "position": position}

@@ -102,11 +102,13 @@ def _shown_interval(f, layer: dict) -> str | None:
     return None if d is None or d.get("value") is None else stats.shown(d, ".4g")
 
 
-ATTENTION_NOTE = ("units: Mamba's channels (hidden attention α^c) and a Transformer's attention-output dims (their "
-                  "head's softmax weights), scored by the same formulas, per query token; diversity is scale-free and "
+ATTENTION_NOTE = ("units: a state-space layer's channels (hidden attention α^c) or an attention layer's output dims "
+                  "(their head's softmax weights), each side's by the kind of its matched layer, scored by the same "
+                  "formulas, per query token; diversity is scale-free and "
                   "compares directly; mean activations are of the same kind but their scale is each model's own (a "
                   "Δ-weighted decay times a Mamba channel's scan input against a convex mix of a Transformer's "
-                  "values); rollout scores lie in [0, 0.5] on both sides")
+                  "values); rollout scores lie in [0, 0.5] (a hybrid has no rollout: its layers below mix by different "
+                  "mechanisms); methods only one side has are left out of the rows")
 
 
 def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: str | None = None,
@@ -122,7 +124,8 @@ def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: st
     sides = [side_profile(main), side_profile(other)]
     out = {"models": sides, "matched_layers": {main.label: main.layer, other.label: other.layer},
            "relative_depth": relative_depth(main.layer, main.adapter.n_layers),
-           "sparsity_layers": {s["label"]: [la for la in sparsity_layers if la < s["n_layers"]] for s in sides},
+           # each side lists those it has neurons at (a hybrid's layer may have none)
+           "sparsity_layers": {s["label"]: [la for la in sparsity_layers if la in s["sparsity_by_layer"]] for s in sides},
            "threshold_note": "each model's traditional threshold is its family default unless "
                              "--sparsity_threshold was given (then the same for both)"}
     if main.causal is not None and other.causal is not None:
@@ -139,8 +142,19 @@ def side_by_side(main: Side, other: Side, sparsity_layers, attention_skipped: st
                                   "n_layers": side.adapter.n_layers, "layers": layers,
                                   "relative_depth": [relative_depth(la, side.adapter.n_layers) for la in layers],
                                   "by_layer": by_layer}
-        out["attention"] = {"methods": list(main.attention["definitions"]), "note": ATTENTION_NOTE, "models": models,
+        both = [m for m in main.attention["definitions"] if m in other.attention["definitions"]]
+        out["attention"] = {"methods": both, "note": ATTENTION_NOTE, "models": models,
                             "matched_layers": {main.label: main.layer, other.label: other.layer}}
+        one_side = {m: f"only {side.label} has it" for side in (main, other) for m in side.attention["definitions"]
+                    if m not in both}
+        if one_side:  # e.g. rollout, which a hybrid does not run
+            out["attention"]["methods_left_out"] = one_side
+        paths = {side.label: "the matched layer's attention path (Falcon-H1: the softmax heads beside its state-space "
+                             "mixer) is in that model's own attention section, not in these rows (its state-space "
+                             "path's hidden attention is)"
+                 for side in (main, other) if "attention_path" in side.attention}
+        if paths:
+            out["attention"]["not_compared"] = paths
     if main.faithfulness is not None and other.faithfulness is not None:
         out["faithfulness"] = faithfulness_side_by_side(main, other)
     elif main.faithfulness is not None:
@@ -163,7 +177,8 @@ def census_side_by_side(main: Side, other: Side) -> dict:
                            "token_test": side.census["token_test"], "totals": side.census["totals"]["fractions"]}
               for side in (main, other)}
     return {"level": main.census["level"], "models": models,
-            "note": "each model's own neuron site (a Mamba's ssm channels, a Transformer's MLP neurons) on its own "
+            "note": "each model's own neuron site (a Mamba's ssm channels, a Transformer's MLP neurons, a hybrid's "
+                    "neurons: each layer's ssm channels or dense MLP units by its kind) on its own "
                     "tokenization of the same texts, with the same census_alpha and census_min_share (the "
                     "Bonferroni level alpha / N uses each model's own N); layers set side by side by relative "
                     "depth"}
@@ -186,8 +201,8 @@ def faithfulness_side_by_side(main: Side, other: Side) -> dict:
     return {"models": sides, "rankings": rows,
             "note": "each model's rankings against its own ground truth (its units ablated one at a time at its own "
                     "unit site, on the same prompts); the normalised area is scale-free (1 = as good as that model's "
-                    "ground truth ranking, 0 = random), but the units differ (a Mamba's channels of ssm, a "
-                    "Transformer's attention-output dims) and so do their number and the k grid: read a difference "
+                    "ground truth ranking, 0 = random), but the units differ (a state-space layer's channels, an "
+                    "attention layer's output dims) and so do their number and the k grid: read a difference "
                     "between the models as one of methods on different units, not on like units"}
 
 
@@ -472,11 +487,14 @@ def _stage_run(ctx, read: dict):
     # on the other model, delta is there only as a ranking for faithfulness (which says when it is missing), and
     # faithfulness or the census failing (or faithfulness finding no ranking to check) leaves the rest of the
     # comparison (which says so)
+    if "attention" in stages and res["attention"]["status"] == "not_applicable":  # a hybrid's feed-forward layer
+        skipped = f"{label}: {res['attention']['reason']}"
     if res["sparsity"]["status"] == "not_applicable":  # a hybrid's matched layer without neurons of its own
         raise NotApplicable(f"the other model's layer matched by depth has no neuron site to pair: "
                             f"{res['sparsity']['reason']}; choose another --layer")
     failed = [f"{n}: {res[n].get('error') or res[n].get('reason')}" for n in stages
-              if res[n]["status"] != "ok" and n not in ("delta", "faithfulness", "census")]
+              if res[n]["status"] != "ok" and n not in ("delta", "faithfulness", "census")
+              and not (n == "attention" and res[n]["status"] == "not_applicable")]
     if failed:
         raise ValueError(f"the other model's {failed[0]}")
     other = Side(label, other_adapter, source.origin, opts.layer, res["texts"], res["sparsity"]["results"]["layers"],
@@ -523,10 +541,10 @@ def parts_left_out(stages, results: dict) -> dict:
 
 
 def _sparsity_layers(ctx) -> list[int]:
-    """--sparsity_layers of the main model, those with a neuron site (a hybrid's may lack one)."""
+    """--sparsity_layers (each side keeps those it has neurons at: `side_by_side`)."""
     import sparsity as sp
 
-    return sp.site_layers(ctx.adapter, sp.chosen_layers(ctx))[0]
+    return sp.chosen_layers(ctx)
 
 
 def comparison_summary(r: dict) -> str:
@@ -548,6 +566,8 @@ def comparison_summary(r: dict) -> str:
     att = r.get("attention")
     if att is not None:
         lines.append(f"    attention: {att['skipped'] if 'skipped' in att else att['note']}")
+        lines += [f"    attention {m}: left out of the rows ({why})" for m, why in (att.get("methods_left_out") or {}).items()]
+        lines += [f"    attention, {lab}: {why}" for lab, why in (att.get("not_compared") or {}).items()]
     fz = r.get("faithfulness")
     if fz is not None:
         lines.append(f"    faithfulness: {fz['skipped'] if 'skipped' in fz else fz['note']}")

@@ -154,7 +154,9 @@ PROFILE_DEFINITIONS = {
                     "ranking, 0 = random; undefined where the ground truth's curve does not rise above random)",
     "sparsity": "each sparsity measure of the layer's neuron site, named as in the sparsity stage's multi-layer "
                 "table (population: per token across the neurons, mean over tokens; usage: per neuron, its mean "
-                "|a| over the corpus); point values, without their intervals",
+                "|a| over the corpus); point values, without their intervals. On a hybrid each layer's neurons are "
+                "its own (a state-space layer's mixer channels, elsewhere the dense MLP's units): its series by "
+                "layer kind are series by neuron kind",
 }
 
 

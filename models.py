@@ -40,6 +40,8 @@ SITE_KINDS = {
              "activation)",
     "component": "one part of a Transformer block's write (attn_out or mlp_out); a Mamba block has one part, "
                  "its mixer, so it has no counterpart there",
+    "path": "one of the parallel paths of a layer (Falcon-H1's ssm_path and attn_path, each before its "
+            "multiplier); no other family has parallel paths",
 }
 
 
@@ -415,6 +417,11 @@ class HybridAdapter(ArchitectureAdapter):
     def n_heads(self) -> int:  # H of the state-space mixer
         return int(self.config.mamba_n_heads)
 
+    @property
+    def state_size(self) -> int:  # N of the state-space mixer
+        c = self.config
+        return int(getattr(c, "mamba_d_state", None) or getattr(c, "ssm_state_size", None) or c.state_size)
+
     def ssm_module_path(self, layer: int) -> str:
         """The state-space mixer within block `layer` (relative to the block)."""
         return self.ssm_name
@@ -468,7 +475,7 @@ class HybridAdapter(ArchitectureAdapter):
             return Site(name, layer, path, "input", self.inner_size if self.has_ssm(layer) else self.mlp_width(layer))
         if name == "attn_heads":
             paths = self.attention_paths(layer)
-            return Site(name, layer, paths.out_proj, "input", self.attention_heads * self.attention_head_dim)
+            return Site(name, layer, paths.out_proj, "input", self.attention_width)
         if name in self.path_sites:
             part = self.ssm_name if name == "ssm_path" else self.attention_name
             return Site(name, layer, f"{block}.{part}", "output", self.hidden_size)
@@ -491,17 +498,18 @@ class HybridAdapter(ArchitectureAdapter):
                                 "entering out_proj (I), elsewhere the dense MLP's hidden units entering its down "
                                 "projection", "inner"),
             "ssm": SiteSpec(block + "." + self.ssm_name + ".out_proj", "input", "inner_size",
-                            "the state-space mixer's gated scan output entering out_proj (I); state-space layers only"),
-            "attn_heads": SiteSpec(block + "." + self.attention_name + "." + self.out_proj_name, "input", "hidden_size",
-                                   "the heads' concatenated outputs entering the attention's output projection (H x "
-                                   "d_h): the softmax attention neurons' units; attention layers only"),
+                            "the state-space mixer's gated scan output entering out_proj (I); state-space layers only "
+                            "(each layer's mixer path: architecture.mixer_paths)", "inner"),
+            "attn_heads": SiteSpec(block + "." + self.attention_name + "." + self.out_proj_name, "input",
+                                   "attention_width", "the heads' concatenated outputs entering the attention's output "
+                                   "projection (H x d_h): the softmax attention neurons' units; attention layers only"),
         }
         if "ssm_path" in self.path_sites:
             out["ssm_path"] = SiteSpec(block + "." + self.ssm_name, "output", "hidden_size",
                                        "the state-space path's output (d), before its multiplier: beside attn_path, the "
-                                       "two parallel paths of one layer")
+                                       "two parallel paths of one layer", "path")
             out["attn_path"] = SiteSpec(block + "." + self.attention_name, "output", "hidden_size",
-                                        "the attention path's output (d), before its multiplier")
+                                        "the attention path's output (d), before its multiplier", "path")
         return out
 
     def attention_paths(self, layer: int) -> AttentionPaths:
@@ -513,6 +521,10 @@ class HybridAdapter(ArchitectureAdapter):
     @property
     def attention_heads(self) -> int:  # H of the attention layers
         return int(self.config.num_attention_heads)
+
+    @property
+    def attention_width(self) -> int:  # H x d_h: the width of the attention's output projection's input
+        return self.attention_heads * self.attention_head_dim
 
     @property
     def attention_head_dim(self) -> int:  # d_h of the attention layers
@@ -543,6 +555,8 @@ class HybridAdapter(ArchitectureAdapter):
         out = super().describe()
         out["layer_kinds"] = [self.layer_kind(la) for la in range(self.n_layers)]
         out["layer_kind_definitions"] = {k: LAYER_KINDS[k] for k in dict.fromkeys(out["layer_kinds"])}
+        out["sites"]["neurons"]["size"] = None  # each layer's own: neuron_sites
+        out["mixer_paths"] = {la: self.mixer_path(la) for la in range(self.n_layers) if self.has_ssm(la)}
         out["neuron_sites"] = []  # each layer's `neurons` site: its module, width and meaning, or why it has none
         for la in range(self.n_layers):
             try:
@@ -569,7 +583,12 @@ class AttentionLayersView:
 
     n_heads = property(lambda self: self.hybrid.attention_heads)
     head_dim = property(lambda self: self.hybrid.attention_head_dim)
-    hidden_size = property(lambda self: self.hybrid.attention_heads * self.hybrid.attention_head_dim)
+    hidden_size = property(lambda self: self.hybrid.attention_width)
+
+    def gradient_path(self, layer: int) -> str:
+        """The attention's output projection, whose input is the heads' concatenated output (also at a layer
+        that has a state-space mixer beside it, where the hybrid's own gradient path is the mixer's)."""
+        return self.hybrid.attention_paths(layer).out_proj
 
 
 class JambaAdapter(HybridAdapter):

@@ -177,6 +177,9 @@ def _unit_space(results: dict) -> str | None:
         return f"{units.get('n_units', '?')} {units['unit']}s" + (f": {units['definition']}" if units.get("definition") else "")
     if results.get("site") and results.get("n_neurons"):
         return f"the {results['n_neurons']} neurons of site {results['site']} (per layer)"
+    if results.get("site") == "neurons":  # a hybrid's census: each layer's own neurons, of its own width
+        return "each layer's own neurons (site neurons: a state-space layer's gated scan output, elsewhere the dense " \
+               "MLP's hidden units), each layer of its own width"
     if results.get("site"):
         return f"the dimensions of site {results['site']}"
     if results.get("unit") and results.get("n_channels"):
@@ -219,7 +222,9 @@ def _unit_tables(name: str, r: dict) -> list[tuple[str, list[dict]]]:
             out.append((f"every neuron's mean |a| and variance at layer {r.get('layer')}",
                         [{"neuron": i, **{k.replace("neuron_", ""): v[i] for k, v in cols.items()}}
                          for i in range(len(next(iter(cols.values()))))]))
-    if name == "census" and isinstance(r.get("layers"), dict) and r.get("n_neurons", 0) * len(r["layers"]) <= 20000:
+    widths = [e.get("n_neurons") for e in r.get("layers", {}).values() if isinstance(e, dict)] \
+        if name == "census" and isinstance(r.get("layers"), dict) else []
+    if name == "census" and all(isinstance(w, int) for w in widths) and sum(widths) <= 20000:
         for la, e in r["layers"].items():
             t, p = (e.get("token"), e.get("position")) if isinstance(e, dict) else (None, None)
             if not (isinstance(t, dict) and isinstance(p, dict)):
@@ -411,8 +416,10 @@ def _headline_causal(r: dict) -> str:
 
     t = r["top_neurons"][0]
     dl = {"value": t["delta_logp_top1"], "low": t.get("delta_logp_top1_low"), "high": t.get("delta_logp_top1_high")}
+    paths = "".join(f"; {path} ablated whole: KL {stats.shown(e['kl'])} nats"
+                    for path, e in (r.get("path_effects") or {}).items())  # Falcon-H1's parallel paths
     return (f"causal ({r['site']}, layer {r['layer']}, {r['n_prompts']} prompts): largest mean KL "
-            f"{_top(t, 'score', 'dim')} nats; its Δ log p(clean top-1) {stats.shown(dl)} nats")
+            f"{_top(t, 'score', 'dim')} nats; its Δ log p(clean top-1) {stats.shown(dl)} nats{paths}")
 
 
 def _headline_attention(r: dict) -> str:
@@ -423,7 +430,12 @@ def _headline_attention(r: dict) -> str:
         top = a["top_neurons"][0] if a.get("top_neurons") else None
         parts.append(f"{m}: mean {stats.shown({'value': a['mean_activation'], 'low': a.get('mean_activation_low'), 'high': a.get('mean_activation_high')})}"
                      + (f", top {_top(top, 'activation', r['units']['unit'])}" if top else ""))
-    return f"attention ({r['units']['n_units']} {r['units']['unit']}s): " + "; ".join(parts)
+    kind = (f", {'softmax heads' if r.get('path') == 'attention' else 'hidden attention'} of a layer of kind "
+            f"{r['layer_kind']}") if "layer_kind" in r else ""  # a hybrid's layer
+    line = f"attention ({r['units']['n_units']} {r['units']['unit']}s{kind}): " + "; ".join(parts)
+    if "attention_path" in r:  # Falcon-H1: the same layer's softmax heads
+        line += " | the same layer's attention path: " + _headline_attention(r["attention_path"])
+    return line
 
 
 def _headline_sparsity(r: dict) -> str:
@@ -438,7 +450,9 @@ def _headline_census(r: dict) -> str:
     from census import positional_finding
 
     t = r["totals"]
-    return (f"census ({r['n_layers']} layers of {r['n_neurons']} {r['site']} neurons): token neurons {t['token']} of "
+    width = f"{r['n_neurons']} {r['site']} neurons" if r.get("n_neurons") else \
+        f"{r['site']} neurons, each layer's own width"  # a hybrid's layers differ
+    return (f"census ({r['n_layers']} layers of {width}): token neurons {t['token']} of "
             f"{t['neurons']}, positional {t['positional']}; {positional_finding(r)}")
 
 
@@ -542,6 +556,10 @@ def build_report(results: dict, summaries: dict | None = None, plots_dirs: dict 
                 for lab, name, e in entries]
     left = "".join(f"<li>{_esc(p)}: {_esc(why)}</li>" for p, why in left_out)
     lines = findings(entries)
+    kinds = arch.get("layer_kinds")
+    if isinstance(kinds, list) and kinds:  # a hybrid: which layer is which, before the numbers
+        lines.insert(0, f"layer kinds ({family}): " + ", ".join(f"{la} {k}" for la, k in enumerate(kinds))
+                     + "; a stage is not applicable at a layer of a kind it does not apply to (its entry says why)")
     json_file = run.get("results_file")
     panel = (f"<section id=\"findings\"><h2>What was found</h2><ul>{''.join(f'<li>{_esc(x)}</li>' for x in lines)}</ul>"
              "<p>Intervals: [low, high] are 95% bootstrap intervals over texts or prompts. Every stage's section "

@@ -129,6 +129,14 @@ def default_threshold(family: str) -> float:
     return TRADITIONAL_THRESHOLDS["mamba" if family in SSM_FAMILIES else "transformer"]
 
 
+def default_thresholds(adapter, layers) -> float | dict:
+    """The traditional threshold by default: the family's, or on a hybrid each layer's by what its neurons
+    are ({layer: threshold}: Mamba's at a state-space layer's channels, a Transformer's at a dense MLP's)."""
+    if not adapter.hybrid:
+        return default_threshold(adapter.family)
+    return {la: TRADITIONAL_THRESHOLDS["mamba" if adapter.has_ssm(la) else "transformer"] for la in layers}
+
+
 def neuron_site(adapter) -> str:
     """The inner neuron site of a family: Mamba `ssm` (e), Transformers `mlp`, a hybrid's `neurons` (each
     layer's own: `models.HybridAdapter.neuron_path`)."""
@@ -698,7 +706,8 @@ class SparsityStream:
 
     def finish(self, threshold: float, eps: float = DEAD_EPS, percentiles=PERCENTILES, targets=TARGET_FRACTIONS,
                again=None, n_resamples: int = stats.DEFAULT_RESAMPLES, seed: int = 0) -> dict:
-        """Pass 2 and the results ({key: dict} for keyed chunks, else one dict). `again`: a function
+        """Pass 2 and the results ({key: dict} for keyed chunks, else one dict); `threshold`: one for every key,
+        or {key: threshold} (a hybrid's layers). `again`: a function
         returning the chunks once more, needed only when not `kept_all`. Intervals: `n_resamples` draws
         over the chunks fed (the texts), seeded by `seed` (the same draws for every key)."""
         if self.finished:  # the kept patterns are gone: a second pass 2 would count nothing
@@ -718,7 +727,8 @@ class SparsityStream:
                 for key, a in (c if self.keyed else {None: c}).items():
                     self.accs[key].refine(a)
         self.kept, self.finished = [], True  # the patterns are read: free them
-        out = {key: acc.result(threshold, eps, percentiles, targets, n_resamples, seed)
+        out = {key: acc.result(threshold[key] if isinstance(threshold, dict) else threshold, eps, percentiles,
+                               targets, n_resamples, seed)
                for key, acc in self.accs.items()}
         return out if self.keyed else out[None]
 
@@ -845,8 +855,9 @@ class SparsityProfile:
 
         self.model, self.adapter, self.input_ids = model, adapter, input_ids
         self.layers = list(dict.fromkeys(check_layers(adapter, layers)))
-        self.threshold = (default_threshold(adapter.family) if sparsity_threshold is None
+        self.threshold = (default_thresholds(adapter, self.layers) if sparsity_threshold is None
                           else _finite_number("sparsity_threshold", sparsity_threshold))
+        self.given_threshold = sparsity_threshold  # None: each layer's default (`default_thresholds`)
         self.eps = _finite_number("dead_eps", dead_eps)
         self.n_resamples, self.seed = int(n_resamples), int(seed)
         self.sites = site_map(adapter, self.layers)
@@ -869,14 +880,16 @@ class SparsityProfile:
             self.stream = None
             self.sites_from = ("its own forwards (the first pass's |a| did not fit in memory, so both passes ran "
                                "again, over forwards of its own)")
-            return layer_sparsity(self.model, self.adapter, self.input_ids, self.layers, self.threshold, self.eps,
+            return layer_sparsity(self.model, self.adapter, self.input_ids, self.layers, self.given_threshold, self.eps,
                                   n_resamples=self.n_resamples, seed=self.seed)
         return _layer_entries(self.adapter, self.sites, self.stream.finish(
             self.threshold, self.eps, n_resamples=self.n_resamples, seed=self.seed))
 
 
 def _layer_entries(adapter, sites: dict, per_layer: dict) -> dict:
-    return {la: {"layer": la, "relative_depth": la / max(1, adapter.n_layers - 1), "site": s.name, **per_layer[la]}
+    return {la: {"layer": la, "relative_depth": la / max(1, adapter.n_layers - 1), "site": s.name,
+                 **({"layer_kind": adapter.layer_kind(la), "site_description": adapter.neuron_path(la)[1]}
+                    if adapter.hybrid and s.name == "neurons" else {}), **per_layer[la]}
             for la, s in sites.items()}
 
 
@@ -895,12 +908,13 @@ def layer_sparsity(model, adapter, input_ids, layers, sparsity_threshold: float 
     from causal_analysis import check_layers, check_token_ids
 
     input_ids = check_token_ids(input_ids, "input_ids")
-    threshold = (default_threshold(adapter.family) if sparsity_threshold is None
-                 else _finite_number("sparsity_threshold", sparsity_threshold))
     eps = _finite_number("dead_eps", dead_eps)
     layers = list(dict.fromkeys(check_layers(adapter, layers)))
+    threshold = (default_thresholds(adapter, layers) if sparsity_threshold is None
+                 else _finite_number("sparsity_threshold", sparsity_threshold))
     sites = site_map(adapter, layers, site)
-    n = next(iter(sites.values())).size
+    widths = {s.size for s in sites.values()}
+    n = widths.pop() if len(widths) == 1 else None  # None: a hybrid's layers differ
     per_layer = stream_sparsity(layer_activation_chunks(model, adapter, input_ids, layers, site, progress), n,
                                 threshold, eps, n_resamples=n_resamples, seed=seed)
     return _layer_entries(adapter, sites, per_layer)
@@ -1268,8 +1282,11 @@ def sparsity_summary(r: dict) -> str:
     per_layer = {**r["layers"], r["layer"]: s}
     for la in order:
         first, *rest = sparsity_lines(per_layer[la])
-        lines.append(f"    layer {la}: {first}")
+        what = per_layer[la].get("site_description")  # a hybrid's: what this layer's neurons are
+        lines.append(f"    layer {la}" + (f" ({per_layer[la]['n_neurons']} neurons: {what})" if what else "") + f": {first}")
         lines += [f"      {line}" for line in rest]
+    lines += [f"    --sparsity_layers {la}: not measured ({why})" for la, why in
+              (r.get("sparsity_layers_without_site") or {}).items()]
     informative = [st["traditional"].get("informative", True) for st in per_layer.values()]
     if not any(informative):
         lines.append(f"    traditional sparsity is uninformative at threshold {s['traditional']['threshold']:g} at "

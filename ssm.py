@@ -264,7 +264,7 @@ def gated_rms_norm(mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     Falcon-H1's mixer may instead gate after the norm (`norm.norm_before_gate`: weight · RMSnorm(y) · SiLU(z)),
     or have no norm (`mamba_rms_norm` false: y · SiLU(z))."""
     norm = mixer.norm
-    if getattr(mixer, "mamba_rms_norm", True) is False:
+    if not getattr(mixer, "mamba_rms_norm", True):  # Falcon-H1 without its norm (transformers tests truthiness)
         return y * F.silu(z)
     before = getattr(norm, "norm_before_gate", False)
     group = int(getattr(norm, "group_size", 0) or y.shape[-1] // int(norm.n_groups))

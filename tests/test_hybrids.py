@@ -331,3 +331,89 @@ def test_a_hybrid_from_its_folder_on_the_command_line_beside_a_mamba(model_dirs,
                                                                for r in comp["summary"])
     assert [m["family"] for m in comp["models"]] == ["jamba", "mamba"]
     assert "efficiency] not_applicable" in p.stdout
+
+
+def test_the_report_of_a_hybrid_whose_layers_differ_in_width(tokenizer):
+    """Bamba's census has neurons of two widths (the Mamba channels, the MLP's units): the report renders,
+    says each layer's own width, and leads with the layers' kinds."""
+    from pipeline import Options, run_pipeline
+    from report import build_report
+
+    model = make_model("bamba")
+    opts = Options(max_length=20, progress=False, layers=(0, 1), bootstrap_resamples=100,
+                   prompts=("The cat sat on the mat because",))
+    res = run_pipeline(model, tokenizer, ["one text here and there", "and another text", "a third one"], opts,
+                       ["sparsity", "census"])
+    census = res["census"]["results"]
+    assert census["n_neurons"] is None and {e["n_neurons"] for e in census["layers"].values()} == {64, 48}
+    assert census["layers"][1]["site_description"].startswith("the dense MLP")
+    sp = {la: res["layers"][la]["sparsity"]["results"]["single"] for la in (0, 1)}
+    assert (sp[0]["traditional"]["threshold"], sp[1]["traditional"]["threshold"]) == (1e-2, 1e-5)  # by neuron kind
+    from utils import to_jsonable
+
+    html, _ = build_report(to_jsonable(res))  # as main.py gives it: the results as their JSON
+    assert "each layer&#x27;s own width" in html or "each layer's own width" in html
+    assert "layer kinds (Bamba): 0 ssm, 1 attention, 2 ssm, 3 attention" in html
+
+
+def test_a_hybrid_as_the_other_model_of_the_comparison(tokenizer):
+    """A Mamba beside Nemotron-H: the attention rows are the methods both have (rollout only on the Mamba,
+    said), each side's sparsity layers are those it has neurons at, the efficiency rows are left out; at a
+    depth where Nemotron-H's layer has no neurons of its own, the comparison says so."""
+    from comparison_wrapper import CompareModel
+    from models import LoadedModel, ModelSource
+    from pipeline import Options, run_pipeline
+
+    other = LoadedModel(make_model("nemotron_h"), tokenizer, ModelSource("nemotron_h", None, "local"))
+    stages = ["causal", "attention", "sparsity", "census", "comparison"]
+    texts = ["one text here and there", "and another text", "a third one"]
+    kw = dict(max_length=20, progress=False, bootstrap_resamples=100, prompts=("The cat sat on the mat because",),
+              causal_dims=(0, 1))
+    res = run_pipeline(make_model("mamba_b"), tokenizer, texts, Options(layer=0, **kw), stages,
+                       compare=CompareModel(other, None))
+    assert res["comparison"]["status"] == "ok", res["comparison"].get("error")
+    comp = res["comparison"]["results"]
+    att = comp["attention"]
+    assert "rollout" not in att["methods"] and "rollout" in att["methods_left_out"]
+    label = comp["models"][1]["label"]
+    assert comp["models"][1]["family"] == "nemotron_h"
+    assert comp["sparsity_layers"][label] == [0]  # layers 1 (MoE) and 2 (attention) have no neurons
+    assert "efficiency" in comp["parts_left_out"]
+    res = run_pipeline(make_model("mamba_b"), tokenizer, texts, Options(layer=1, **kw), stages,
+                       compare=CompareModel(other, None))  # depth 0.5: Nemotron-H's attention block
+    assert res["comparison"]["status"] == "not_applicable" and "choose another --layer" in res["comparison"]["reason"]
+
+
+def test_heads_narrower_than_the_model_and_a_site_on_some_layers(tokenizer):
+    """Nemotron-H with head_dim 6 (4 heads: 24 attention dims in a 32-wide model): the attention layer's units
+    and site are 24 wide. inter_layer at `ssm` runs at the layers that have it (the others said), and at the
+    per-layer `neurons` site it is not applicable."""
+    from pipeline import Options, run_pipeline
+
+    model = make_model("nemotron_h:head_dim=6")
+    adapter = get_adapter(model)
+    assert adapter.site("attn_heads", 2).size == 24
+    kw = dict(max_length=20, progress=False, bootstrap_resamples=100, prompts=("The cat sat on the mat because",))
+    res = run_pipeline(model, tokenizer, ["one text here and there", "and another"], Options(layer=2, **kw),
+                       ["attention"])
+    r = res["attention"]["results"]
+    assert r["units"]["n_units"] == 24 and r["max_reconstruction_error"] < 1e-4
+    res = run_pipeline(model, tokenizer, ["one text"], Options(layer=0, causal_site="ssm", causal_dims=(3,), **kw),
+                       ["causal", "inter_layer"])
+    inter = res["inter_layer"]["results"]
+    assert [c["layer"] for c in inter["curves"]["3"]] == [0, 4] and set(inter["layers_without_site"]) == {1, 2, 3}
+    res = run_pipeline(model, tokenizer, ["one text"], Options(layer=0, causal_site="neurons", causal_dims=(3,), **kw),
+                       ["causal", "inter_layer"])
+    assert res["inter_layer"]["status"] == "not_applicable"
+
+
+def test_a_falcon_h1_mixer_without_its_norm_has_no_gradient_method_and_says_so(tokenizer):
+    from pipeline import Options, run_pipeline
+
+    model = make_model("falcon_h1:mamba_rms_norm=False")
+    opts = Options(layer=1, max_length=20, progress=False, bootstrap_resamples=100)
+    r = run_pipeline(model, tokenizer, ["one text here and there", "and another"], opts,
+                     ["delta", "attention"])["attention"]["results"]
+    assert set(r["methods"]) == {"attention_weighted"}
+    assert "gradient_guided" in r["methods_left_out"] and "mamba_rms_norm" in r["methods_left_out"]["gradient_guided"]
+    assert r["attention_path"]["path"] == "attention" and "gradient_guided" in r["attention_path"]["methods_left_out"]

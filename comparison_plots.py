@@ -132,7 +132,7 @@ def comparison_plots(comparison: dict, plots_dir, prefix: str) -> list[str]:
              *sp.sparsity_plots(at_layer, chosen, plots_dir, prefix),
              sp.plot_multilayer(every, plots_dir, f"{prefix}_layer_dynamics", relative=True),
              plot_summary_table(comparison, plots_dir, f"{prefix}_summary_table")]
-    if all(s["efficiency"] for s in sides):  # without (a hybrid): the comparison's parts_left_out says why
+    if all(s["efficiency"] for s in sides):
         paths += [ef.plot_efficiency([(s["label"], s["efficiency"]) for s in sides], plots_dir, f"{prefix}_efficiency"),
                   ef.plot_scaling([(s["label"], s["efficiency"]) for s in sides], plots_dir, f"{prefix}_scaling")]
     if "causal" in comparison:

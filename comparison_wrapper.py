@@ -314,10 +314,10 @@ def summary_rows(comparison: dict) -> list[dict]:
     add("family", lambda s: s["family"])
     add("layers", lambda s: s["n_layers"])
     add("matched layer (relative depth)", lambda s: f"{s['layer']} ({s['relative_depth']:.2f})")
-    timed = all(s["efficiency"] for s in sides)  # without: the comparison's parts_left_out says why
+    timed = all(s["efficiency"] for s in sides)  # (saved comparisons of an earlier version may lack it)
     if timed:
         add("parameters (M)", lambda s: round(s["efficiency"]["parameters"]["total"] / 1e6, 3))
-        add("neurons per layer", lambda s: s["efficiency"]["neurons"]["per_layer"])
+        add("neurons per layer (a hybrid: at its matched layer)", lambda s: s["efficiency"]["neurons"]["per_layer"])
         add("active neurons", lambda s: s["efficiency"]["neurons"].get("active"))
         add("efficiency ratio", lambda s: _efficiency_ratio(s["efficiency"]["neurons"]))
     layer_stats = {s["label"]: s["sparsity_by_layer"][s["layer"]] for s in sides}
@@ -476,10 +476,8 @@ def _stage_run(ctx, read: dict):
     skipped = None
     if "attention" in ctx.stages and attention is None:
         skipped = "the attention stage did not succeed (its error is listed with it)"
-    # the efficiency stage has no hybrid models yet: left out on both sides, so that no row pairs one side's alone
-    timed = not (ctx.adapter.hybrid or other_adapter.hybrid)
     stages = [*(["delta"] if faithfulness is not None and other_adapter.is_ssm and "delta" in ctx.stages else []),
-              "sparsity", *(["efficiency"] if timed else []), *(["causal"] if causal is not None else []),
+              "sparsity", "efficiency", *(["causal"] if causal is not None else []),
               *(["attention"] if attention is not None else []), *(["census"] if census is not None else []),
               *(["faithfulness"] if faithfulness is not None else [])]
     opts = other_options(o, ctx.adapter, other_adapter, ctx.layer, stages, label)
@@ -498,13 +496,13 @@ def _stage_run(ctx, read: dict):
     if failed:
         raise ValueError(f"the other model's {failed[0]}")
     other = Side(label, other_adapter, source.origin, opts.layer, res["texts"], res["sparsity"]["results"]["layers"],
-                 res["sparsity"]["results"]["measured_in"], res["efficiency"]["results"] if timed else None,
+                 res["sparsity"]["results"]["measured_in"], res["efficiency"]["results"],
                  res.get("causal", {}).get("results"), res.get("attention", {}).get("results"),
                  res.get("faithfulness", {}).get("results"),
                  res.get("faithfulness", {}).get("reason") or res.get("faithfulness", {}).get("error"),
                  res.get("census", {}).get("results"))
     efficiency = ctx.upstream("efficiency")
-    if efficiency is None and timed:  # not in this run: measured as the efficiency stage would
+    if efficiency is None:  # not in this run: measured as the efficiency stage would
         import torch
 
         pool = torch.cat([ids[0] for ids in ctx.tokens.input_ids]).cpu().numpy()
@@ -522,8 +520,6 @@ def _stage_run(ctx, read: dict):
     comp["methods_at_matched_layers"] = cp.methods_table(comp)
     comp["parts_left_out"] = parts_left_out(ctx.stages, {"causal": causal, "attention": attention,
                                                          "faithfulness": faithfulness, "census": census})
-    if not timed:
-        comp["parts_left_out"]["efficiency"] = ef.HYBRID_NOT_YET
     return comp, [partial(cp.comparison_plots, comp, ctx.plots_dir, f"{ctx.prefix}_vs_{label}")]
 
 

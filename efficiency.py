@@ -22,6 +22,12 @@ and activation functions left out), d = hidden size, V = vocabulary, per layer:
 - Transformer at context L (causal, averaged over positions): QKV 6·d² + scores and weighted sum
   2·d·(L + 1) + output 2·d² + MLP 4·d·f;
 plus the LM head 2·d·V.
+- A hybrid (Jamba, Bamba, Granite 4.0, Zamba2, Nemotron-H, Falcon-H1), layer by layer from its weights: 2 per
+  weight of every matrix the layer applies to each token (every projection, router and shared block, its
+  conv 2·k per channel; a mixture of experts' expert weights × k / E, k of its E experts per token; biases,
+  norms and A_log left out), plus at a state-space mixer the scan and gate terms above (Mamba-1 7·e·n + 3·e,
+  Mamba-2 6·I·N + 2·H + 3·I) and at attention 2·H·d_h·(L + 1) (scores and weighted sum). On a pure
+  family's layer this rule gives the formulas above exactly (tested).
 """
 from __future__ import annotations
 
@@ -79,10 +85,17 @@ def neuron_counts(adapter, site_stats: dict | None = None) -> dict:
     mean |a| above the threshold) or 0 (none) it reflects where the absolute threshold sits against the
     activation scale, not the model, and "efficiency_ratio_informative" is False with the reason in
     "efficiency_ratio_note" (None when informative)."""
-    from sparsity import neuron_site
+    from sparsity import neuron_site, site_layers
 
-    per_layer = adapter.site(neuron_site(adapter), 0).size
-    out = {"site": neuron_site(adapter), "per_layer": per_layer, "total": per_layer * adapter.n_layers}
+    if adapter.hybrid:  # each layer's own neurons, of its own width; per_layer: the analysed layer's
+        have, _ = site_layers(adapter, range(adapter.n_layers))
+        per_layer = None if site_stats is None else int(len(site_stats["neuron_mean_abs"]))
+        out = {"site": neuron_site(adapter), "per_layer": per_layer,
+               "total": sum(adapter.site(neuron_site(adapter), la).size for la in have),
+               "layers_with_neurons": have}
+    else:
+        per_layer = adapter.site(neuron_site(adapter), 0).size
+        out = {"site": neuron_site(adapter), "per_layer": per_layer, "total": per_layer * adapter.n_layers}
     if site_stats is not None:
         means = np.asarray(site_stats["neuron_mean_abs"])
         thr = site_stats["traditional"]["threshold"]
@@ -107,6 +120,10 @@ def forward_bytes_estimate(adapter, seq_len: int) -> int:
     L·(f + 4d)·16 and its attention scores 3·h·L²·4 (a few tensors of each kind live at once)."""
     c, L = adapter.config, int(seq_len)
     logits = L * int(c.vocab_size) * 4
+    if adapter.hybrid:  # the larger of a state-space layer's and an attention layer's
+        mlp = max((adapter.mlp_width(la) for la in range(adapter.n_layers) if adapter.mlp_down_path(la)), default=0)
+        return logits + max(L * adapter.inner_size * (adapter.state_size + 8) * 16,
+                            L * (mlp + 4 * adapter.hidden_size) * 16 + 3 * adapter.attention_heads * L * L * 4)
     if adapter.is_ssm:  # Mamba-2's chunked scan holds tensors of the same order, (L, I, N) at most
         return logits + L * adapter.inner_size * (int(c.state_size) + 8) * 16
     heads = int(getattr(c, "n_head", None) or c.num_attention_heads)
@@ -117,6 +134,10 @@ def flops_per_token(adapter, seq_len: int) -> dict:
     """Analytic forward FLOPs per token at context `seq_len` (formulas in the module doc)."""
     c = adapter.config
     d, V = adapter.hidden_size, int(c.vocab_size)
+    if adapter.hybrid:
+        layers = [layer_flops_from_weights(adapter, la, seq_len) for la in range(adapter.n_layers)]
+        return {"per_layer": layers, "attention_per_layer": [x["attention"] for x in layers],
+                "head": int(2 * d * V), "total": int(sum(x["total"] for x in layers) + 2 * d * V)}
     if adapter.ssm_kind == "mamba2":
         I, n, k, G, H = adapter.inner_size, int(c.state_size), int(c.conv_kernel), int(c.n_groups), adapter.n_heads
         layer = 2 * d * (2 * I + 2 * G * n + H) + 2 * k * (I + 2 * G * n) + 6 * I * n + 2 * H + 3 * I + 2 * I * d
@@ -132,6 +153,34 @@ def flops_per_token(adapter, seq_len: int) -> dict:
     head = 2 * d * V
     return {"per_layer": int(layer), "attention_per_layer": int(attention), "head": int(head),
             "total": int(adapter.n_layers * layer + head)}
+
+
+def layer_flops_from_weights(adapter, layer: int, seq_len: int) -> dict:
+    """One layer's forward FLOPs per token from its weights (module doc, "A hybrid"): {"weights": 2 per
+    weight applied to each token (a mixture of experts' expert weights × k / E), "scan": the state-space
+    mixer's scan and gate terms, "attention": scores and weighted sum at context `seq_len`, "total"}."""
+    model, c = adapter.model, adapter.config
+    block = model.get_submodule(adapter.layer_path(layer))
+    k = int(getattr(c, "num_experts_per_tok", 1) or 1)
+    weights = 0.0
+    for mod in block.modules():  # a shared block (Zamba2's) counted at every layer it runs in
+        experts = "Experts" in type(mod).__name__
+        for name, p in mod.named_parameters(recurse=False):
+            if name == "A_log" or p.dim() < 2:  # biases, norms, D, dt_bias: left out; A_log: not a matrix applied
+                continue
+            if experts and p.dim() == 3:  # (E, out, in): k of the E experts per token
+                weights += 2 * p.numel() * k / p.shape[0]
+            else:  # a projection, a router, the conv (C, 1, k): 2 per weight
+                weights += 2 * p.numel()
+    scan = attention = 0
+    if adapter.has_ssm(layer):
+        mixer = adapter.mixer(layer)
+        I, N = int(mixer.intermediate_size), int(mixer.ssm_state_size)
+        scan = 7 * I * N + 3 * I if adapter.ssm_kind == "mamba1" else 6 * I * N + 2 * int(mixer.num_heads) + 3 * I
+    if adapter.has_attention(layer):
+        attention = 2 * adapter.attention_width * (int(seq_len) + 1)
+    return {"weights": int(weights), "scan": int(scan), "attention": int(attention),
+            "total": int(weights + scan + attention)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +303,7 @@ def fast_scan_implementation(adapter) -> dict | None:
     project has no whole-model fast forward for them)."""
     import ssm
 
-    if adapter.ssm_kind != "mamba1":
+    if not adapter.blocked_forward:  # a hybrid's Jamba mixers are Mamba-1 too, but not the project's fast path
         return None
     return {"name": "project fast scan", "description": "the project's fast scan (ssm.fast_scan: ssm.mixer_forward "
             "with ssm.selective_scan_fast in every mixer, float32 inside): the recurrence in chunks of "
@@ -621,7 +670,8 @@ def plot_efficiency(entries: list[tuple[str, dict]], plots_dir, name: str) -> st
 
     labels = [lab for lab, _ in entries]
     panels = [("parameters (M)", [e["parameters"]["total"] / 1e6 for _, e in entries]),
-              ("neurons per layer", [e["neurons"]["per_layer"] for _, e in entries]),
+              ("neurons per layer (a hybrid: the analysed layer's)",
+               [np.nan if e["neurons"]["per_layer"] is None else e["neurons"]["per_layer"] for _, e in entries]),
               ("neurons, all layers", [e["neurons"]["total"] for _, e in entries]),
               ("active neurons (analysed layer)", [e["neurons"].get("active", np.nan) for _, e in entries]),
               ("efficiency ratio (active / neurons)", [e["neurons"].get("efficiency_ratio", np.nan) for _, e in entries]),
@@ -739,23 +789,11 @@ def plot_scaling(entries: list[tuple[str, dict]], plots_dir, name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # The efficiency stage
 # --------------------------------------------------------------------------------------------------
-HYBRID_NOT_YET = ("the efficiency stage's analytic FLOPs and memory estimate are written per family (one layer kind); "
-                  "a hybrid's mixed layers (and its mixtures of experts) are not in them in this version")
-
-
-def _require_pure(adapter) -> None:
-    from models import NotApplicable
-
-    if adapter.hybrid:
-        raise NotApplicable(HYBRID_NOT_YET)
-
-
 def _stage_reader(ctx):
     """Without the sparsity stage in the run, the neuron site at --layer from the text pass (its active
     neurons); with it, nothing: its numbers are read (`needs`)."""
     import sparsity as sp
 
-    _require_pure(ctx.adapter)
     if "sparsity" in ctx.stages:
         return None
     return sp.SparsityRead(ctx.model, ctx.adapter, [ctx.layer], ctx.tokens.input_ids, ctx.opts.sparsity_threshold,
@@ -811,8 +849,10 @@ def _curve_lines(title: str, c: dict) -> list[str]:
 def efficiency_summary(r: dict) -> str:
     p, n = r["parameters"], r["neurons"]
     lines = [f"    parameters {p['total']:,} (embeddings {p['embeddings']:,}, layers {p['layers']:,}, head "
-             f"{p['lm_head']:,}{', tied' if p['tied_embeddings'] else ''}); {n['per_layer']} neurons per layer "
-             f"({n['site']}), {n['total']} in all"]
+             f"{p['lm_head']:,}{', tied' if p['tied_embeddings'] else ''}); "
+             + (f"{n['per_layer']} neurons per layer ({n['site']}), {n['total']} in all" if "layers_with_neurons" not in n
+                else f"{n['per_layer'] or '?'} neurons at layer {n.get('layer', '?')} ({n['site']}: each layer's own, of "
+                     f"its own width), {n['total']} in all over layers {', '.join(map(str, n['layers_with_neurons']))}")]
     if "active" in n:
         lines.append(f"    layer {n['layer']}: {n['active']} active (mean |a| > {n['threshold']:g}), efficiency ratio "
                      f"{n['efficiency_ratio']:.3f}" + ("" if n.get("efficiency_ratio_informative", True) else

@@ -205,7 +205,7 @@ def test_every_stage_at_every_layer(kind, tokenizer, tmp_path):
     n = model.config.num_hidden_layers
     opts = Options(max_length=24, prefix=kind, progress=False,
                    layers=tuple(range(n)), prompts=("The cat sat on the mat because", "In 1870 the town"),
-                   bootstrap_resamples=200)
+                   bootstrap_resamples=200, seq_lengths=(16,), efficiency_budget=2.0)
     res = run_pipeline(model, tokenizer, read_texts_file(OFFLINE_TEXTS_PATH)[:3], opts, STAGES)
     for la in range(n):
         got = {s: e["status"] for s, e in res["layers"][la].items()}
@@ -238,7 +238,13 @@ def test_every_stage_at_every_layer(kind, tokenizer, tmp_path):
                 assert "attention path" in stage_text("attention", att)
     for s in ("inter_layer", "cross_layer", "census"):
         assert res[s]["status"] == "ok", res[s].get("error")
-    assert res["efficiency"]["status"] == "not_applicable" and "hybrid" in res["efficiency"]["reason"]
+    eff = res["efficiency"]["results"]
+    assert res["efficiency"]["status"] == "ok", res["efficiency"].get("error")
+    per = eff["flops_per_token_at_256"]["per_layer"]
+    assert [x["scan"] > 0 for x in per] == ["ssm" in k for k in KINDS[kind]]  # the scan where a mixer is
+    assert [x["attention"] > 0 for x in per] == ["attention" in k for k in KINDS[kind]]
+    assert eff["neurons"]["total"] == sum(res["layers"][la]["sparsity"]["results"]["single"]["n_neurons"]
+                                          for la in range(n) if res["layers"][la]["sparsity"]["status"] == "ok")
     census = res["census"]["results"]
     assert set(census["layers"]) | set(census["layers_without_site"]) == set(range(n))
     profiles = res["depth_profiles"]["results"]
@@ -304,8 +310,7 @@ def test_softmax_attention_of_a_hybrid_layer_is_read_with_grouped_query_heads():
 def test_a_hybrid_from_its_folder_on_the_command_line_beside_a_mamba(model_dirs, tokenizer, tmp_path, monkeypatch,
                                                                      capsys):
     """`main.py --model <a save_pretrained Jamba> --compare_model <a Mamba>` in one run: the model loads whole,
-    every default stage runs (efficiency not applicable, said so), the comparison pairs the layers with the
-    efficiency rows left out on both sides, and the JSON records each layer's kind."""
+    every default stage runs, the comparison pairs the layers, and the JSON records each layer's kind."""
     import json
 
     from test_cli import main_here
@@ -325,12 +330,10 @@ def test_a_hybrid_from_its_folder_on_the_command_line_beside_a_mamba(model_dirs,
     assert res["architecture"]["family"] == "jamba" and res["architecture"]["layer_kinds"] == KINDS["jamba"]
     statuses = {s: res[s]["status"] for s in ("delta", "causal", "attention", "sparsity", "census", "faithfulness",
                                               "comparison", "efficiency")}
-    assert statuses == {**dict.fromkeys(statuses, "ok"), "efficiency": "not_applicable"}, statuses
+    assert statuses == dict.fromkeys(statuses, "ok"), statuses
     comp = res["comparison"]["results"]
-    assert "efficiency" in comp["parts_left_out"] and not any(r["metric"].startswith("parameters")
-                                                               for r in comp["summary"])
     assert [m["family"] for m in comp["models"]] == ["jamba", "mamba"]
-    assert "efficiency] not_applicable" in p.stdout
+    assert any(r["metric"].startswith("FLOPs per token") for r in comp["summary"])
 
 
 def test_the_report_of_a_hybrid_whose_layers_differ_in_width(tokenizer):
@@ -358,8 +361,8 @@ def test_the_report_of_a_hybrid_whose_layers_differ_in_width(tokenizer):
 
 def test_a_hybrid_as_the_other_model_of_the_comparison(tokenizer):
     """A Mamba beside Nemotron-H: the attention rows are the methods both have (rollout only on the Mamba,
-    said), each side's sparsity layers are those it has neurons at, the efficiency rows are left out; at a
-    depth where Nemotron-H's layer has no neurons of its own, the comparison says so."""
+    said), each side's sparsity layers are those it has neurons at; at a depth where Nemotron-H's layer has
+    no neurons of its own, the comparison says so."""
     from comparison_wrapper import CompareModel
     from models import LoadedModel, ModelSource
     from pipeline import Options, run_pipeline
@@ -368,7 +371,7 @@ def test_a_hybrid_as_the_other_model_of_the_comparison(tokenizer):
     stages = ["causal", "attention", "sparsity", "census", "comparison"]
     texts = ["one text here and there", "and another text", "a third one"]
     kw = dict(max_length=20, progress=False, bootstrap_resamples=100, prompts=("The cat sat on the mat because",),
-              causal_dims=(0, 1))
+              causal_dims=(0, 1), seq_lengths=(16,), efficiency_budget=2.0)
     res = run_pipeline(make_model("mamba_b"), tokenizer, texts, Options(layer=0, **kw), stages,
                        compare=CompareModel(other, None))
     assert res["comparison"]["status"] == "ok", res["comparison"].get("error")
@@ -378,7 +381,7 @@ def test_a_hybrid_as_the_other_model_of_the_comparison(tokenizer):
     label = comp["models"][1]["label"]
     assert comp["models"][1]["family"] == "nemotron_h"
     assert comp["sparsity_layers"][label] == [0]  # layers 1 (MoE) and 2 (attention) have no neurons
-    assert "efficiency" in comp["parts_left_out"]
+    assert comp["models"][1]["efficiency"]["neurons"]["layers_with_neurons"] == [0, 3, 4]
     res = run_pipeline(make_model("mamba_b"), tokenizer, texts, Options(layer=1, **kw), stages,
                        compare=CompareModel(other, None))  # depth 0.5: Nemotron-H's attention block
     assert res["comparison"]["status"] == "not_applicable" and "choose another --layer" in res["comparison"]["reason"]
@@ -417,3 +420,55 @@ def test_a_falcon_h1_mixer_without_its_norm_has_no_gradient_method_and_says_so(t
     assert set(r["methods"]) == {"attention_weighted"}
     assert "gradient_guided" in r["methods_left_out"] and "mamba_rms_norm" in r["methods_left_out"]["gradient_guided"]
     assert r["attention_path"]["path"] == "attention" and "gradient_guided" in r["attention_path"]["methods_left_out"]
+
+
+def test_layer_kinds_of_the_published_default_configs():
+    """transformers' default configs (Jamba's is Jamba-v0.1's: attention at layer 4 of every 8; Zamba2's hybrid
+    layers are its config's hybrid_layer_ids): the kinds from the config alone, no weights."""
+    import transformers
+
+    jamba = config_adapter(transformers.JambaConfig())
+    assert [la for la in range(32) if jamba.layer_kind(la) == "attention"] == [4, 12, 20, 28]
+    zamba = config_adapter(transformers.Zamba2Config())
+    assert [la for la in range(zamba.n_layers) if zamba.layer_kind(la) == "ssm+attention"] == \
+        list(transformers.Zamba2Config().hybrid_layer_ids)
+    falcon = config_adapter(transformers.FalconH1Config())
+    assert {falcon.layer_kind(la) for la in range(falcon.n_layers)} == {"ssm+attention"}
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_flops_from_the_weights_are_the_matrix_products_the_forward_runs(kind):
+    """Each hybrid's analytic FLOPs per token from its weights (every projection, router, shared block and
+    conv; k of E experts) equal the matrix products and convolutions torch's flop counter sees in one forward
+    (experts in their plain loop, so that each routed token's products are counted; the counter's convolution
+    includes the k − 1 padded outputs, taken out here)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import efficiency as ef
+
+    model = make_model(kind)
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")
+    adapter = get_adapter(model)
+    L = 16
+    fl = ef.flops_per_token(adapter, L)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(_ids(L=L, b=1), use_cache=False)
+    counts = {str(op): v for op, v in counter.get_flop_counts()["Global"].items()}
+    k = adapter.mixer(next(la for la in range(adapter.n_layers) if adapter.has_ssm(la))).conv1d.kernel_size[0]
+    counted = (counts.get("aten.mm", 0) + counts.get("aten.addmm", 0) + counts.get("aten.convolution", 0) * L / (L + k - 1)) / L
+    analytic = sum(x["weights"] for x in fl["per_layer"]) + fl["head"]
+    print(f"{kind}: from the weights {analytic}, counted {counted:.1f} per token")
+    assert analytic == pytest.approx(counted, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["mamba_b", "mamba2"])
+def test_the_rule_from_the_weights_gives_a_pure_familys_formula(kind):
+    """On Mamba-1's and Mamba-2's layers the per-weight rule equals the pure families' written formulas."""
+    import efficiency as ef
+
+    model = make_model(kind)
+    adapter = get_adapter(model)
+    rule = sum(ef.layer_flops_from_weights(adapter, la, 256)["total"] for la in range(adapter.n_layers))
+    formula = ef.flops_per_token(adapter, 256)
+    assert rule == formula["per_layer"] * adapter.n_layers

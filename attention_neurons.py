@@ -1546,10 +1546,14 @@ def _hybrid_stage_run(ctx, read: dict):
         results["methods_left_out"] = read["left_out"][found[0]]
     if layer in read["skipped"]:  # Zamba2's hybrid layers: the shared attention is not this layer's
         results["attention_path_not_read"] = read["skipped"][layer]
-    others = {la: read["skipped"].get(la) or f"not a layer of this path (kind {a.layer_kind(la)})"
-              for la in stage_layers(ctx.opts, layer) if la not in parts[found[0]]}
-    if others:  # --attention_layers of another kind or without mixing: said, not dropped
-        results["attention_layers_not_read"] = others
+    others = [la for la in stage_layers(ctx.opts, layer) if la not in parts[found[0]]]
+    elsewhere = {la: {**parts[p][la], "path": p, "units": _hybrid_analyzer(ctx, p).describe_units()}
+                 for la in others for p in parts if p != found[0] and la in parts[p]}
+    if elsewhere:  # --attention_layers of the other kind: their entries, with their own units
+        results["other_path_layers"] = elsewhere
+    missing = {la: read["skipped"].get(la) or f"kind {a.layer_kind(la)}" for la in others if la not in elsewhere}
+    if missing:  # --attention_layers without mixing (a feed-forward block) or not read: said, not dropped
+        results["attention_layers_not_read"] = missing
     if len(entries) > 1:  # Falcon-H1: the attention path of the same layer, side by side
         results["attention_path"] = entries[1][0]
         plots = plots + entries[1][1]
@@ -1650,6 +1654,8 @@ def attention_summary(r: dict) -> str:
             lines += [f"      {field}: {why}" for field, why in (a.get("undefined") or {}).items()]
     lines += [f"    left out here: {m}: {why}" for m, why in (r.get("methods_left_out") or {}).items()]
     lines += [f"    --attention_layers {la} not read here: {why}" for la, why in (r.get("attention_layers_not_read") or {}).items()]
+    lines += [f"    --attention_layers {la}: a layer of the other path ({e['path']}, units: {e['units']['unit']}s), its "
+              "entry under other_path_layers" for la, e in (r.get("other_path_layers") or {}).items()]
     text = "".join(line + "\n" for line in lines)
     if "attention_path" in r:  # a layer with both paths (Falcon-H1): the softmax heads of the same layer
         text += "    the same layer's attention path (softmax heads):\n" + attention_summary(r["attention_path"])

@@ -1002,10 +1002,11 @@ def _run_inter_layer(ctx):
     dims = _chosen_dims(ctx)
     n_layers = ctx.adapter.n_layers
     layers, skipped = site_layers(ctx.adapter, range(n_layers), site)  # a hybrid's layers may lack the site
-    if ctx.adapter.hybrid and site == "neurons":
-        raise NotApplicable("the neurons site is each layer's own (a state-space mixer's channels or a dense MLP's "
-                            "units, of different widths): one dimension is not one unit across this hybrid's layers; "
-                            "choose --causal_site block_out, residual or ssm")
+    kinds = {(ctx.adapter.has_ssm(la), ctx.adapter.site(site, la).size) for la in layers}
+    if ctx.adapter.hybrid and site == "neurons" and len(kinds) > 1:
+        raise NotApplicable("the neurons site is each layer's own, here of different kinds (a state-space mixer's "
+                            "channels at some layers, a dense MLP's units at others): one dimension is not one unit "
+                            "across this hybrid's layers; choose --causal_site block_out, residual or ssm")
     # the prompt pass's clean runs for every layer with the site; (layer, dim) ablations share passes
     eff = causal_effects_by_layer(ctx.model, ctx.tokenizer, o.prompt_list, layers, site=site,
                                   intervention_scale=scale_of(ctx.opts), ablation=o.ablation, dims=dims,

@@ -528,8 +528,9 @@ def _p(p: float) -> str:
 
 def census_summary(r: dict) -> str:
     tt, pt = r["token_test"], r["position_test"]
-    per_layer = "neurons per layer" if r["n_neurons"] is not None else "neurons: each layer's own width"
-    lines = [f"    site {r['site']} ({r['n_neurons'] or ''} {per_layer}, {r['n_layers']} layers), {r['n_tokens']} "
+    per_layer = (f"{r['n_neurons']} neurons per layer" if r["n_neurons"] is not None else
+                 "each layer's own neurons, of its own width")
+    lines = [f"    site {r['site']} ({per_layer}, {r['n_layers']} layers), {r['n_tokens']} "
              f"tokens, {r['n_texts']} texts; each neuron's deviations from its text's mean over each test's positions",
              f"    a kind counts where {r['level']}; share: adjusted η²; cross-fitted: one half of the texts' group "
              f"means predicting the other half's (definitions)",

@@ -794,7 +794,7 @@ def _stage_reader(ctx):
     neurons); with it, nothing: its numbers are read (`needs`)."""
     import sparsity as sp
 
-    if "sparsity" in ctx.stages:
+    if "sparsity" in ctx.stages or not sp.site_layers(ctx.adapter, [ctx.layer])[0]:  # (a hybrid's layer may have none)
         return None
     return sp.SparsityRead(ctx.model, ctx.adapter, [ctx.layer], ctx.tokens.input_ids, ctx.opts.sparsity_threshold,
                            ctx.opts.dead_eps)
@@ -811,7 +811,9 @@ def _stage_run(ctx, read: dict | None):
 
     o = ctx.opts
     done = ctx.upstream("sparsity")
-    if done is not None:
+    if not sp.site_layers(ctx.adapter, [ctx.layer])[0]:  # a hybrid's layer without neurons: no active count
+        stats = None
+    elif done is not None:
         stats = done["single"]
     elif read is not None:
         stats = read["stats"][ctx.layer]

@@ -58,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     from options import add_flags
 
     p = _Parser(
-        description="Open up a Mamba language model neuron by neuron (and hold it against a Transformer).",
+        description="Open up a state-space language model (Mamba, or a hybrid of state-space and attention layers) "
+                    "neuron by neuron, and hold it against a Transformer.",
         formatter_class=_Help)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help=f"Hugging Face hub id or local save_pretrained folder. Supported: Mamba-1 "
-                        f"(MambaForCausalLM), FalconMamba, Mamba-2, GPT-2, GPT-NeoX/Pythia. Default: {DEFAULT_MODEL}, or the "
+                        f"(MambaForCausalLM), FalconMamba, Mamba-2, GPT-2, GPT-NeoX/Pythia, and the hybrids Jamba, Bamba, "
+                        f"Granite 4.0, Zamba2, Nemotron-H, Falcon-H1. Default: {DEFAULT_MODEL}, or the "
                         "shipped reference Mamba (reference_models/mamba) when that is neither cached nor reachable")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (analyses compute in float32)")

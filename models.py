@@ -602,7 +602,8 @@ class JambaAdapter(HybridAdapter):
     mixer_class = "JambaMambaMixer"
     weighted_scan_input_norms = True
     float32_parts = ("the RMS norms of Δ's input, B and C", "the scan")
-    position_encoding = "none: attention layers without position embeddings, positions only through the Mamba layers"
+    position_encoding = ("no position input (attention layers without position embeddings; positions only through the "
+                         "Mamba layers' recurrence)")
 
     @property
     def inner_size(self) -> int:
@@ -687,7 +688,8 @@ class NemotronHAdapter(HybridAdapter):
     mixer_class = "NemotronHMamba2Mixer"
     float32_parts = ("the scan", "the gated RMS norm")
     ssm_name = attention_name = "mixer"
-    position_encoding = "none: attention layers without position embeddings"
+    position_encoding = ("no position input (attention layers without position embeddings; positions only through the "
+                         "Mamba layers' recurrence)")
 
     @property
     def inner_size(self) -> int:

@@ -86,7 +86,9 @@ class Options:
     causal_site: str | None = option(None, "site to ablate: Mamba mixer_out (default), ssm, residual; Transformers "
                                            "mlp, attn_out, attn_heads (the attention neurons' units), mlp_out, block_out (default: the block's "
                                            "write, output − input, the counterpart of "
-                                           "Mamba's mixer_out), residual",
+                                           "Mamba's mixer_out), residual; hybrids, as Transformers, block_out and residual at every layer, plus "
+                                           "ssm and neurons (the layers that have them), attn_heads "
+                                           "(attention layers), Falcon-H1's ssm_path and attn_path",
                                      "causal (ablation)",
                                      stages=CAUSAL)
     causal_dims: tuple | None = option(
@@ -339,14 +341,31 @@ def resolve(values: dict, adapter, stages, flag: str = "--", **fixed) -> tuple[O
         v["attention_layers"] = tuple(parse_layers(v["attention_layers"], adapter.n_layers, f"{flag}attention_layers"))
     layer = adapter.check_layer(v.get("layer", 0) if v.get("layer") is not None else 0)
     v["layer"] = layer
-    site = v.get("causal_site")
-    if site is not None:
-        adapter.site(site, layer)  # unknown site for this family: UserInputError
-    width = adapter.site(site or adapter.default_causal_site, layer).size
-    bad_dims = [d for d in v.get("causal_dims") or () if not 0 <= d < width]
-    if bad_dims:
-        raise UserInputError(f"{flag}causal_dims {bad_dims[0]}: out of range for this site of width {width}; "
-                             f"valid dims are 0..{width - 1}")
+    from models import NotApplicable
+
+    site = v.get("causal_site") or adapter.default_causal_site
+    asked = v.get("layers") or (layer,)  # every layer of the run: a hybrid's may differ in width, or lack the site
+    which = f"{flag}layers {' '.join(map(str, asked))}" if v.get("layers") else f"{flag}layer {layer}"
+    widths, why = {}, {}
+    for la in asked:
+        try:
+            widths[la] = adapter.site(site, la).size  # an unknown site: UserInputError
+        except NotApplicable as exc:  # a hybrid's layer without that site (e.g. ssm at an attention layer)
+            why[la] = str(exc)
+    if not widths:
+        from sparsity import site_layers
+
+        have, _ = site_layers(adapter, range(adapter.n_layers), site)
+        there = (f"choose layers among {', '.join(map(str, have))}" if have else
+                 "no layer of this model has it in this version")
+        raise UserInputError(f"{flag}causal_site {site}: not at {which}: {next(iter(why.values()))}; {there}, or "
+                             "another --causal_site (block_out and residual exist at every layer)") from None
+    for la, width in widths.items():
+        bad_dims = [d for d in v.get("causal_dims") or () if not 0 <= d < width]
+        if bad_dims:
+            where = f" at layer {la}" if len(set(widths.values())) > 1 else ""
+            raise UserInputError(f"{flag}causal_dims {bad_dims[0]}: out of range for site {site} of width {width}{where}; "
+                                 f"valid dims are 0..{width - 1}")
     d = adapter.hidden_size
     if "cross_layer" in stages and v.get("causal_dims") and min(v["causal_dims"]) >= d:
         raise UserInputError(f"{flag}causal_dims {v['causal_dims'][0]}: cross_layer reads the residual stream, of "

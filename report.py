@@ -450,8 +450,8 @@ def _headline_census(r: dict) -> str:
     from census import positional_finding
 
     t = r["totals"]
-    width = f"{r['n_neurons']} {r['site']} neurons" if r.get("n_neurons") else \
-        f"{r['site']} neurons, each layer's own width"  # a hybrid's layers differ
+    site = "neurons" if r["site"] == "neurons" else f"{r['site']} neurons"  # a hybrid's site is named neurons
+    width = f"{r['n_neurons']} {site}" if r.get("n_neurons") else f"{site}, each layer's own width"
     return (f"census ({r['n_layers']} layers of {width}): token neurons {t['token']} of "
             f"{t['neurons']}, positional {t['positional']}; {positional_finding(r)}")
 

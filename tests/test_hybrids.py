@@ -472,3 +472,37 @@ def test_the_rule_from_the_weights_gives_a_pure_familys_formula(kind):
     rule = sum(ef.layer_flops_from_weights(adapter, la, 256)["total"] for la in range(adapter.n_layers))
     formula = ef.flops_per_token(adapter, 256)
     assert rule == formula["per_layer"] * adapter.n_layers
+
+
+def test_a_site_the_layer_lacks_is_one_line_before_any_stage(tokenizer, tmp_path, monkeypatch, capsys):
+    """`--causal_site ssm` at an attention layer of a hybrid: exit status 2, one line naming the layer's kind
+    and the layers that have the site, nothing written."""
+    from test_cli import main_here
+
+    folder = tmp_path / "bamba"
+    make_model("bamba").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    p = main_here(["--model", folder, "--layer", "1", "--causal_site", "ssm", "--stages", "causal"], tmp_path,
+                  monkeypatch, capsys)
+    assert p.returncode == 2
+    line = p.stderr.strip().splitlines()[-1]
+    assert "--causal_site ssm: not at --layer 1: layer 1" in line and "kind attention" in line
+    assert "choose layers among 0, 2" in line
+    assert not (tmp_path / "analysis_outputs").exists()
+
+
+def test_every_layer_of_a_run_is_checked_for_its_site_and_dims(tokenizer, tmp_path, monkeypatch, capsys):
+    """--layers: --causal_dims beyond the site's width at any of them (Nemotron-H's neurons: 64 at layer 0, 48 at
+    layer 3) is one line naming that layer; a site no layer has (Zamba2's shared attention heads) says so."""
+    from test_cli import main_here
+
+    for kind in ("nemotron_h", "zamba2"):
+        make_model(kind).save_pretrained(tmp_path / kind)
+        tokenizer.save_pretrained(tmp_path / kind)
+    p = main_here(["--model", tmp_path / "nemotron_h", "--layers", "0", "3", "4", "--causal_site", "neurons",
+                   "--causal_dims", "50", "--stages", "causal"], tmp_path, monkeypatch, capsys)
+    assert p.returncode == 2 and "--causal_dims 50: out of range for site neurons of width 48 at layer 3" in p.stderr
+    p = main_here(["--model", tmp_path / "zamba2", "--layers", "all", "--causal_site", "attn_heads", "--stages",
+                   "causal"], tmp_path, monkeypatch, capsys)
+    assert p.returncode == 2 and "no layer of this model has it" in p.stderr
+    assert not (tmp_path / "analysis_outputs").exists()
